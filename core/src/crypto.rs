@@ -1,0 +1,31 @@
+//! The one TLS crypto provider of the workspace: rustls on aws-lc-rs, TLS 1.3
+//! with X25519MLKEM768 preferred. Nothing else may be compiled in.
+
+use std::sync::{Arc, OnceLock};
+
+use rustls::crypto::CryptoProvider;
+
+/// The provider every Mesh config is built with.
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .clone()
+}
+
+/// Installs [`provider`] as the process default. Every binary calls this
+/// first, so a dependency that asks rustls for "the default" gets ours.
+/// Calling it twice is harmless.
+pub fn install_default_provider() {
+    // Err means a provider is already installed; with only aws-lc-rs
+    // compiled in, that is ours.
+    let _ = CryptoProvider::install_default((*provider()).clone());
+}
+
+/// Fills `buf` from the provider's CSPRNG.
+pub fn fill_random(buf: &mut [u8]) {
+    provider()
+        .secure_random
+        .fill(buf)
+        .expect("the system random generator failed; no key or serial can be made safely");
+}

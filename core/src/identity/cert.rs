@@ -1,0 +1,318 @@
+//! What we read out of X.509 certificates, and PEM in and out.
+//!
+//! Everything here is a plain parse: no trust decision is made. The
+//! verifier (`verify.rs`) and the CLI decide what the facts mean.
+
+use std::time::{Duration, SystemTime};
+
+use rustls::pki_types::{
+    CertificateDer, PrivateKeyDer, UnixTime,
+    pem::{self, PemObject},
+};
+use time::OffsetDateTime;
+use x509_parser::{
+    extensions::GeneralName, oid_registry as oids, prelude::FromDer, public_key::PublicKey,
+    x509::SubjectPublicKeyInfo,
+};
+
+/// A certificate that could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("not a DER X.509 certificate: {0}")]
+    Der(String),
+    #[error("a certificate extension is malformed: {0}")]
+    Extension(String),
+    #[error("no PEM `CERTIFICATE` block found")]
+    NoPemCertificate,
+    #[error("PEM is malformed: {0}")]
+    Pem(String),
+    #[error("no PEM private key block found (expected `PRIVATE KEY` in PKCS#8)")]
+    NoPemKey,
+}
+
+/// The facts about one certificate that Mesh cares about.
+#[derive(Clone, Debug)]
+pub struct CertInfo {
+    pub subject: String,
+    pub issuer: String,
+    /// Serial number in lower-case hex, as `openssl x509 -serial` prints it.
+    pub serial: String,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+    /// `basicConstraints cA=true`.
+    pub is_ca: bool,
+    /// Every URI SAN, in order (an SVID must have exactly one).
+    pub uri_sans: Vec<String>,
+    /// Key usage bits, when the extension is present.
+    pub key_usage: Option<KeyUsageBits>,
+    pub key_usage_critical: bool,
+    /// `(serverAuth, clientAuth)` when the EKU extension is present.
+    pub ext_key_usage: Option<(bool, bool)>,
+    pub key_algorithm: KeyAlgorithm,
+}
+
+/// The key usage bits we check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyUsageBits {
+    pub digital_signature: bool,
+    pub key_cert_sign: bool,
+    pub crl_sign: bool,
+}
+
+/// The public key types Mesh issues for and reads in bundles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyAlgorithm {
+    EcdsaP256,
+    EcdsaP384,
+    Ed25519,
+    Rsa,
+    Other,
+}
+
+impl CertInfo {
+    pub fn parse(der: &[u8]) -> Result<Self, CertError> {
+        let (rest, cert) =
+            x509_parser::parse_x509_certificate(der).map_err(|e| CertError::Der(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(CertError::Der(format!(
+                "{} trailing bytes after the certificate",
+                rest.len()
+            )));
+        }
+        let ext = |e: x509_parser::error::X509Error| CertError::Extension(e.to_string());
+        let uri_sans = cert
+            .subject_alternative_name()
+            .map_err(ext)?
+            .map(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        GeneralName::URI(uri) => Some((*uri).to_owned()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let ku = cert.key_usage().map_err(ext)?;
+        let key_usage_critical = ku.as_ref().is_some_and(|k| k.critical);
+        let key_usage = ku.map(|k| KeyUsageBits {
+            digital_signature: k.value.digital_signature(),
+            key_cert_sign: k.value.key_cert_sign(),
+            crl_sign: k.value.crl_sign(),
+        });
+        let ext_key_usage = cert
+            .extended_key_usage()
+            .map_err(ext)?
+            .map(|e| (e.value.server_auth, e.value.client_auth));
+        let is_ca = cert
+            .basic_constraints()
+            .map_err(ext)?
+            .is_some_and(|bc| bc.value.ca);
+        let validity = cert.validity();
+        let time = |t: i64| {
+            OffsetDateTime::from_unix_timestamp(t)
+                .map_err(|e| CertError::Der(format!("validity time out of range: {e}")))
+        };
+        Ok(Self {
+            subject: cert.subject().to_string(),
+            issuer: cert.issuer().to_string(),
+            serial: hex(cert.raw_serial()),
+            not_before: time(validity.not_before.timestamp())?,
+            not_after: time(validity.not_after.timestamp())?,
+            is_ca,
+            uri_sans,
+            key_usage,
+            key_usage_critical,
+            ext_key_usage,
+            key_algorithm: key_algorithm(cert.public_key()),
+        })
+    }
+
+    /// Time left until `not_after`, or `Err(time since)` when already expired.
+    pub fn remaining(&self, now: OffsetDateTime) -> Result<Duration, Duration> {
+        let left = self.not_after - now;
+        if left.is_negative() {
+            Err(left.unsigned_abs())
+        } else {
+            Ok(left.unsigned_abs())
+        }
+    }
+}
+
+/// Identifies a public key's type from its SubjectPublicKeyInfo.
+pub(crate) fn key_algorithm(spki: &SubjectPublicKeyInfo<'_>) -> KeyAlgorithm {
+    let alg = &spki.algorithm.algorithm;
+    if *alg == oids::OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok());
+        match curve {
+            Some(c) if c == oids::OID_EC_P256 => KeyAlgorithm::EcdsaP256,
+            Some(c) if c == oids::OID_NIST_EC_P384 => KeyAlgorithm::EcdsaP384,
+            _ => KeyAlgorithm::Other,
+        }
+    } else if *alg == oids::OID_SIG_ED25519 {
+        KeyAlgorithm::Ed25519
+    } else if *alg == oids::OID_PKCS1_RSAENCRYPTION {
+        KeyAlgorithm::Rsa
+    } else {
+        KeyAlgorithm::Other
+    }
+}
+
+/// The public key of a certificate in the parts a JWK needs.
+pub(crate) enum PublicKeyParts {
+    Ec {
+        curve: &'static str,
+        x: Vec<u8>,
+        y: Vec<u8>,
+    },
+    Okp {
+        curve: &'static str,
+        x: Vec<u8>,
+    },
+    Rsa {
+        n: Vec<u8>,
+        e: Vec<u8>,
+    },
+}
+
+/// Splits a certificate's public key into JWK parameters.
+pub(crate) fn public_key_parts(der: &[u8]) -> Result<PublicKeyParts, CertError> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        .map_err(|e| CertError::Der(e.to_string()))?;
+    let spki = cert.public_key();
+    let unsupported = || CertError::Der("unsupported public key type".into());
+    match key_algorithm(spki) {
+        alg @ (KeyAlgorithm::EcdsaP256 | KeyAlgorithm::EcdsaP384) => {
+            let (curve, width) = match alg {
+                KeyAlgorithm::EcdsaP256 => ("P-256", 32),
+                _ => ("P-384", 48),
+            };
+            let point = &spki.subject_public_key.data;
+            // Uncompressed point: 0x04 || X || Y.
+            if point.len() != 1 + 2 * width || point[0] != 4 {
+                return Err(CertError::Der(
+                    "EC public key is not an uncompressed point".into(),
+                ));
+            }
+            Ok(PublicKeyParts::Ec {
+                curve,
+                x: point[1..=width].to_vec(),
+                y: point[1 + width..].to_vec(),
+            })
+        }
+        KeyAlgorithm::Ed25519 => Ok(PublicKeyParts::Okp {
+            curve: "Ed25519",
+            x: spki.subject_public_key.data.to_vec(),
+        }),
+        KeyAlgorithm::Rsa => match spki.parsed() {
+            Ok(PublicKey::RSA(rsa)) => Ok(PublicKeyParts::Rsa {
+                n: strip_leading_zeros(rsa.modulus).to_vec(),
+                e: strip_leading_zeros(rsa.exponent).to_vec(),
+            }),
+            _ => Err(unsupported()),
+        },
+        KeyAlgorithm::Other => Err(unsupported()),
+    }
+}
+
+fn strip_leading_zeros(b: &[u8]) -> &[u8] {
+    let start = b.iter().position(|&x| x != 0).unwrap_or(b.len());
+    &b[start..]
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads every `CERTIFICATE` block of a PEM text, in order.
+pub fn certs_from_pem(pem_text: &[u8]) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let certs = CertificateDer::pem_slice_iter(pem_text)
+        .collect::<Result<Vec<_>, pem::Error>>()
+        .map_err(|e| CertError::Pem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(CertError::NoPemCertificate);
+    }
+    Ok(certs)
+}
+
+/// Reads the first private key of a PEM text.
+pub fn key_from_pem(pem_text: &[u8]) -> Result<PrivateKeyDer<'static>, CertError> {
+    PrivateKeyDer::from_pem_slice(pem_text).map_err(|e| match e {
+        pem::Error::NoItemsFound => CertError::NoPemKey,
+        other => CertError::Pem(other.to_string()),
+    })
+}
+
+/// Encodes DER certificates as PEM, one block each.
+pub fn certs_to_pem<'a>(certs: impl IntoIterator<Item = &'a CertificateDer<'a>>) -> String {
+    certs
+        .into_iter()
+        .map(|c| ::pem::encode(&::pem::Pem::new("CERTIFICATE", c.as_ref().to_vec())))
+        .collect()
+}
+
+/// Encodes a private key as PEM (`PRIVATE KEY`, PKCS#8).
+pub fn key_to_pem(key: &PrivateKeyDer<'_>) -> String {
+    let label = match key {
+        PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+        PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+        _ => "PRIVATE KEY",
+    };
+    ::pem::encode(&::pem::Pem::new(label, key.secret_der().to_vec()))
+}
+
+/// The same instant as rustls counts time (clamped at the epoch).
+pub fn unix_time(t: OffsetDateTime) -> UnixTime {
+    UnixTime::since_unix_epoch(Duration::from_secs(t.unix_timestamp().max(0) as u64))
+}
+
+/// `now` as an `OffsetDateTime` (tests pass their own).
+pub fn now() -> OffsetDateTime {
+    OffsetDateTime::from(SystemTime::now())
+}
+
+/// A duration in the largest whole unit that fits, for messages such as
+/// "expired 3 days ago".
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    let (n, unit) = match s {
+        0..60 => (s, "second"),
+        60..3_600 => (s / 60, "minute"),
+        3_600..86_400 => (s / 3_600, "hour"),
+        _ => (s / 86_400, "day"),
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_durations() {
+        assert_eq!(human_duration(Duration::from_secs(1)), "1 second");
+        assert_eq!(human_duration(Duration::from_secs(150)), "2 minutes");
+        assert_eq!(
+            human_duration(Duration::from_secs(3 * 86_400 + 5)),
+            "3 days"
+        );
+    }
+
+    #[test]
+    fn pem_errors_name_the_problem() {
+        assert!(matches!(
+            certs_from_pem(b"hello"),
+            Err(CertError::NoPemCertificate)
+        ));
+        assert!(matches!(key_from_pem(b""), Err(CertError::NoPemKey)));
+        assert!(matches!(
+            CertInfo::parse(b"\x30\x03\x02\x01\x01"),
+            Err(CertError::Der(_))
+        ));
+    }
+}

@@ -1,0 +1,232 @@
+//! Verifying a peer's X.509-SVID chain.
+//!
+//! Order of checks: bounded shape first (no crypto spent on an oversized
+//! chain), then the leaf's SVID rules and validity, then the chain against
+//! the bundle of the **peer's own** trust domain (named by its SVID, never a
+//! merged pool), and last the identity the caller expected.
+
+use std::{collections::BTreeSet, fmt, time::Duration};
+
+use rustls::pki_types::{CertificateDer, UnixTime};
+use time::OffsetDateTime;
+use webpki::{EndEntityCert, KeyUsage};
+
+use super::{
+    bundle::TrustBundleSet,
+    cert::{CertError, CertInfo, human_duration},
+    spiffe_id::{SpiffeId, TrustDomain},
+    svid::{SvidError, leaf_spiffe_id},
+};
+
+/// Intermediates a peer may present: issuer, plus two levels for
+/// organisations that chain cluster issuers under a shared intermediate.
+pub const MAX_INTERMEDIATES: usize = 3;
+/// A certificate larger than this is refused unparsed.
+pub const MAX_CERT_LEN: usize = 16 * 1024;
+
+/// Which identities a caller accepts from the peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExpectedIdentity {
+    /// Exactly this SPIFFE ID (an outbound call to a known destination).
+    Exact(SpiffeId),
+    /// Any of these SPIFFE IDs (a destination served by several identities).
+    AnyOf(BTreeSet<SpiffeId>),
+    /// Any ID in these trust domains (an inbound port; policy decides later).
+    TrustDomains(BTreeSet<TrustDomain>),
+}
+
+impl ExpectedIdentity {
+    pub fn trust_domain(td: TrustDomain) -> Self {
+        Self::TrustDomains(BTreeSet::from([td]))
+    }
+
+    pub fn accepts(&self, id: &SpiffeId) -> bool {
+        match self {
+            Self::Exact(want) => want == id,
+            Self::AnyOf(set) => set.contains(id),
+            Self::TrustDomains(tds) => tds.iter().any(|td| id.is_member_of(td)),
+        }
+    }
+}
+
+impl fmt::Display for ExpectedIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let join = |items: Vec<&str>| items.join(", ");
+        match self {
+            Self::Exact(id) => write!(f, "{id}"),
+            Self::AnyOf(ids) => write!(
+                f,
+                "one of [{}]",
+                join(ids.iter().map(SpiffeId::as_str).collect())
+            ),
+            Self::TrustDomains(tds) => write!(
+                f,
+                "any identity in trust domain(s) [{}]",
+                join(tds.iter().map(TrustDomain::as_str).collect())
+            ),
+        }
+    }
+}
+
+/// The role the peer plays in the handshake, which decides the EKU checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerRole {
+    Server,
+    Client,
+}
+
+/// Why a peer's chain was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("peer presented no certificate")]
+    NoCertificate,
+    #[error(
+        "peer {id} was issued by a CA of trust domain {issuer_td}; a CA may only issue for its own trust domain"
+    )]
+    IssuerTrustDomainMismatch {
+        id: SpiffeId,
+        issuer_td: TrustDomain,
+    },
+    #[error(
+        "peer chain holds {intermediates} intermediates; at most {MAX_INTERMEDIATES} are accepted"
+    )]
+    ChainTooDeep { intermediates: usize },
+    #[error("peer certificate is {len} bytes; the limit is {MAX_CERT_LEN}")]
+    CertTooLarge { len: usize },
+    #[error("peer certificate is malformed: {0}")]
+    Malformed(#[from] CertError),
+    #[error("peer certificate is not a valid X.509-SVID: {0}")]
+    Svid(#[from] SvidError),
+    #[error("peer SVID for {id} is not valid for another {}", human_duration(*.wait))]
+    NotYetValid { id: SpiffeId, wait: Duration },
+    #[error("peer SVID for {id} expired {} ago", human_duration(*.ago))]
+    Expired { id: SpiffeId, ago: Duration },
+    #[error(
+        "peer {id} is from trust domain {td}, which is not trusted here; link it (`mesh multicluster link`) or add its bundle"
+    )]
+    UnknownTrustDomain { id: SpiffeId, td: TrustDomain },
+    #[error("peer {id} does not chain to a root of trust domain {td}: {reason}")]
+    UntrustedChain {
+        id: SpiffeId,
+        td: TrustDomain,
+        reason: webpki::Error,
+    },
+    #[error("peer is {got}, but {expected} was expected")]
+    UnexpectedIdentity {
+        got: SpiffeId,
+        expected: ExpectedIdentity,
+    },
+}
+
+impl VerifyError {
+    /// A short, stable label for metrics (`reason="expired"` and so on).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoCertificate => "no_certificate",
+            Self::ChainTooDeep { .. } => "chain_too_deep",
+            Self::CertTooLarge { .. } => "cert_too_large",
+            Self::Malformed(_) => "malformed",
+            Self::Svid(SvidError::LeafIsCa { .. }) => "leaf_is_ca",
+            Self::Svid(SvidError::MultipleUriSans { .. }) => "multiple_uri_sans",
+            Self::Svid(_) => "not_an_svid",
+            Self::IssuerTrustDomainMismatch { .. } => "issuer_trust_domain_mismatch",
+            Self::NotYetValid { .. } => "not_yet_valid",
+            Self::Expired { .. } => "expired",
+            Self::UnknownTrustDomain { .. } => "unknown_trust_domain",
+            Self::UntrustedChain { .. } => "untrusted_chain",
+            Self::UnexpectedIdentity { .. } => "unexpected_identity",
+        }
+    }
+}
+
+/// Verifies `chain` (leaf first) and returns the peer's SPIFFE ID.
+pub fn verify_peer(
+    chain: &[CertificateDer<'_>],
+    bundles: &TrustBundleSet,
+    expected: &ExpectedIdentity,
+    role: PeerRole,
+    now: UnixTime,
+) -> Result<SpiffeId, VerifyError> {
+    let (leaf, intermediates) = chain.split_first().ok_or(VerifyError::NoCertificate)?;
+    if intermediates.len() > MAX_INTERMEDIATES {
+        return Err(VerifyError::ChainTooDeep {
+            intermediates: intermediates.len(),
+        });
+    }
+    if let Some(big) = chain.iter().find(|c| c.len() > MAX_CERT_LEN) {
+        return Err(VerifyError::CertTooLarge { len: big.len() });
+    }
+
+    let info = CertInfo::parse(leaf)?;
+    let id = leaf_spiffe_id(&info)?;
+    let now_dt = OffsetDateTime::from_unix_timestamp(now.as_secs() as i64)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    if now_dt < info.not_before {
+        let wait = (info.not_before - now_dt).unsigned_abs();
+        return Err(VerifyError::NotYetValid { id, wait });
+    }
+    if let Err(ago) = info.remaining(now_dt) {
+        return Err(VerifyError::Expired { id, ago });
+    }
+
+    // With a root shared by several trust domains, the root alone cannot
+    // tell their issuers apart. Mesh issuers name their trust domain, so an
+    // issuer of one domain cannot vouch for another's IDs.
+    for der in intermediates {
+        let issuer = CertInfo::parse(der)?;
+        let named = issuer
+            .uri_sans
+            .iter()
+            .filter_map(|u| SpiffeId::parse(u).ok());
+        if let Some(other) = named
+            .into_iter()
+            .find(|i| i.trust_domain_str() != id.trust_domain_str())
+        {
+            return Err(VerifyError::IssuerTrustDomainMismatch {
+                id,
+                issuer_td: other.trust_domain(),
+            });
+        }
+    }
+
+    let td = id.trust_domain();
+    let Some(bundle) = bundles.get(&td) else {
+        return Err(VerifyError::UnknownTrustDomain { id, td });
+    };
+    let untrusted = |reason| VerifyError::UntrustedChain {
+        id: id.clone(),
+        td: td.clone(),
+        reason,
+    };
+    let anchors = bundle
+        .roots()
+        .iter()
+        .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(untrusted)?;
+    let ee = EndEntityCert::try_from(leaf).map_err(untrusted)?;
+    let usage = match role {
+        PeerRole::Server => KeyUsage::server_auth(),
+        PeerRole::Client => KeyUsage::client_auth(),
+    };
+    // webpki bounds the work itself: at most 100 signature checks and a
+    // bounded number of path-building steps per call.
+    ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &anchors,
+        intermediates,
+        now,
+        usage,
+        None,
+        None,
+    )
+    .map_err(untrusted)?;
+
+    if !expected.accepts(&id) {
+        return Err(VerifyError::UnexpectedIdentity {
+            got: id,
+            expected: expected.clone(),
+        });
+    }
+    Ok(id)
+}

@@ -1,0 +1,14 @@
+//! `mesh-core`: the ground every Mesh component stands on.
+//!
+//! What it does: SPIFFE IDs and trust domains; the per-trust-domain
+//! certificate authority (root, issuer, CSR signing); trust bundles in the
+//! SPIFFE bundle format and PEM; verification of peer X.509-SVID chains; and
+//! TLS 1.3 rustls configs that authenticate both sides by SPIFFE ID with
+//! credentials that rotate in place. It fixes the one crypto provider
+//! (aws-lc-rs) for the workspace.
+//!
+//! What it does not do: open sockets, serve APIs, or read the environment.
+//! Those belong to the binaries and the component crates.
+
+pub mod crypto;
+pub mod identity;
