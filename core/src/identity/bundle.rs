@@ -111,10 +111,12 @@ impl TrustBundle {
     }
 
     /// Adds a root (for rotation, beside the current ones). Returns false
-    /// when it was already present.
+    /// when it was already present. A root must parse, be a CA, and have a
+    /// key type we can verify with and publish (EC P-256/P-384, Ed25519, RSA).
     pub fn add_root(&mut self, root: CertificateDer<'static>) -> Result<bool, BundleError> {
         let index = self.roots.len();
         let info = CertInfo::parse(&root).map_err(|source| BundleError::Cert { index, source })?;
+        public_key_parts(&root).map_err(|source| BundleError::Cert { index, source })?;
         if !info.is_ca {
             return Err(BundleError::NotCa { index });
         }
@@ -371,5 +373,173 @@ impl Jwk {
                 self.kty == "RSA" && same(&self.n, n) && same(&self.e, e)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{
+        ca::{DEFAULT_ROOT_TTL, RootCa},
+        cert::now,
+    };
+
+    fn root() -> CertificateDer<'static> {
+        RootCa::generate(DEFAULT_ROOT_TTL, now())
+            .unwrap()
+            .cert()
+            .clone()
+    }
+
+    fn td() -> TrustDomain {
+        "west.mesh.local".parse().unwrap()
+    }
+
+    #[test]
+    fn json_and_pem_round_trip_with_rotation() {
+        let (old, new) = (root(), root());
+        let mut bundle = TrustBundle::with_roots(td(), [old.clone(), new.clone()]).unwrap();
+        assert!(
+            !bundle.add_root(old.clone()).unwrap(),
+            "duplicates are not added twice"
+        );
+        let json = bundle.to_spiffe_json().unwrap();
+        assert_eq!(
+            TrustBundle::from_spiffe_json(td(), json.as_bytes()).unwrap(),
+            bundle
+        );
+        assert_eq!(
+            TrustBundle::from_any(td(), json.as_bytes()).unwrap(),
+            bundle
+        );
+        let pem = bundle.to_pem();
+        assert_eq!(
+            TrustBundle::from_any(td(), pem.as_bytes()).unwrap().roots(),
+            bundle.roots()
+        );
+
+        assert!(bundle.remove_root(&old));
+        assert_eq!(bundle.roots(), &[new]);
+    }
+
+    #[test]
+    fn jwt_keys_are_ignored_and_x509_keys_checked() {
+        let r = root();
+        let good: serde_json::Value = serde_json::from_str(
+            &TrustBundle::with_roots(td(), [r.clone()])
+                .unwrap()
+                .to_spiffe_json()
+                .unwrap(),
+        )
+        .unwrap();
+        let x509 = good["keys"][0].clone();
+        let jwt = serde_json::json!({"use": "jwt-svid", "kty": "EC", "kid": "k1", "crv": "P-256", "x": "AA", "y": "AA"});
+
+        let doc = serde_json::json!({"keys": [jwt, x509]});
+        let b = TrustBundle::from_spiffe_json(td(), doc.to_string().as_bytes()).unwrap();
+        assert_eq!(b.roots(), std::slice::from_ref(&r));
+
+        let only_jwt = serde_json::json!({"keys": [jwt]});
+        assert!(matches!(
+            TrustBundle::from_spiffe_json(td(), only_jwt.to_string().as_bytes()),
+            Err(BundleError::NoAuthorities)
+        ));
+
+        let mut two = x509.clone();
+        two["x5c"] = serde_json::json!([x509["x5c"][0], x509["x5c"][0]]);
+        let doc = serde_json::json!({"keys": [two]});
+        assert!(matches!(
+            TrustBundle::from_spiffe_json(td(), doc.to_string().as_bytes()),
+            Err(BundleError::X5cCount { index: 0, count: 2 })
+        ));
+
+        let mut lying = x509.clone();
+        lying["x"] = good["keys"][0]["y"].clone();
+        let doc = serde_json::json!({"keys": [lying]});
+        assert!(matches!(
+            TrustBundle::from_spiffe_json(td(), doc.to_string().as_bytes()),
+            Err(BundleError::KeyMismatch { index: 0 })
+        ));
+
+        let mut bad64 = x509.clone();
+        bad64["x5c"] = serde_json::json!(["***"]);
+        let doc = serde_json::json!({"keys": [bad64]});
+        assert!(matches!(
+            TrustBundle::from_spiffe_json(td(), doc.to_string().as_bytes()),
+            Err(BundleError::X5cBase64 { index: 0 })
+        ));
+    }
+
+    #[test]
+    fn malformed_json_names_line_and_column() {
+        let err =
+            TrustBundle::from_spiffe_json(td(), b"{\n  \"keys\": [\n    oops\n]}").unwrap_err();
+        match err {
+            BundleError::Json { line, column, .. } => assert_eq!((line, column), (3, 5)),
+            other => panic!("{other}"),
+        }
+        let big = vec![b' '; MAX_BUNDLE_LEN + 1];
+        assert!(matches!(
+            TrustBundle::from_spiffe_json(td(), &big),
+            Err(BundleError::TooLarge { .. })
+        ));
+    }
+
+    /// Found by the `bundle` fuzz target: a root whose curve OID is unknown
+    /// was accepted from PEM and then could not be written as SPIFFE JSON.
+    #[test]
+    fn a_root_with_an_unsupported_key_is_refused() {
+        let mut der = root().to_vec();
+        let p256 = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+        let at = der.windows(p256.len()).position(|w| w == p256).unwrap();
+        der[at + 5] = 0x10; // a curve nobody has heard of
+        let pem = certs_to_pem([&CertificateDer::from(der)]);
+        let err = TrustBundle::from_pem(td(), pem.as_bytes()).unwrap_err();
+        assert!(matches!(err, BundleError::Cert { index: 0, .. }), "{err}");
+        assert!(
+            err.to_string().contains("unsupported public key type"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_leaf_is_not_a_root() {
+        let ca = crate::identity::CertificateAuthority::generate(
+            td(),
+            &RootCa::generate(DEFAULT_ROOT_TTL, now()).unwrap(),
+            DEFAULT_ROOT_TTL,
+            now(),
+        )
+        .unwrap();
+        let (_, csr) = crate::identity::csr::new_key_and_csr().unwrap();
+        let leaf = ca
+            .sign_csr(
+                &csr,
+                &"spiffe://west.mesh.local/x".parse().unwrap(),
+                DEFAULT_ROOT_TTL,
+            )
+            .unwrap()
+            .chain
+            .remove(0);
+        assert!(matches!(
+            TrustBundle::with_roots(td(), [leaf]),
+            Err(BundleError::NotCa { index: 0 })
+        ));
+    }
+
+    #[test]
+    fn set_replaces_per_domain() {
+        let mut set = TrustBundleSet::new();
+        let east: TrustDomain = "east.mesh.local".parse().unwrap();
+        set.insert(TrustBundle::with_roots(td(), [root()]).unwrap());
+        set.insert(TrustBundle::with_roots(east.clone(), [root()]).unwrap());
+        let newer = TrustBundle::with_roots(td(), [root()]).unwrap();
+        assert!(set.insert(newer.clone()).is_some());
+        assert_eq!(set.len(), 2);
+        assert_eq!(set.get(&td()), Some(&newer));
+        assert_eq!(
+            set.get_by_name("east.mesh.local").unwrap().trust_domain(),
+            &east
+        );
     }
 }

@@ -4,7 +4,9 @@
 //!
 //! Rotation works because rustls asks the resolver for a certificate on each
 //! handshake: swapping the [`CredentialStore`] changes what new handshakes
-//! present and leaves established sessions alone.
+//! present and leaves established sessions alone. Session resumption is off
+//! on both sides, so a new connection always carries (and verifies) the
+//! current certificates.
 
 use std::sync::{Arc, RwLock};
 
@@ -171,10 +173,15 @@ pub fn server_config(
         role: PeerRole::Client,
         provider: provider.clone(),
     });
-    let config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(Resolver(creds)));
+    // No resumption: a resumed session skips certificate verification, so a
+    // rotated, expired or no-longer-trusted peer would keep its old
+    // standing. Every connection verifies the peer's current SVID.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
@@ -193,11 +200,13 @@ pub fn client_config(
         role: PeerRole::Server,
         provider: provider.clone(),
     });
-    let config = ClientConfig::builder_with_provider(provider)
+    let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(Resolver(creds)));
+    // See `server_config`: every connection is fully verified.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
 }
 

@@ -1,0 +1,128 @@
+//! Chain validation without a handshake: trust-domain isolation under a
+//! shared root, validity windows, and each refusal's reason label.
+
+mod support;
+
+use std::time::Duration;
+
+use mesh_core::identity::{
+    ExpectedIdentity, RootCa, TrustBundleSet,
+    ca::DEFAULT_ROOT_TTL,
+    cert::{now, unix_time},
+    verify::{PeerRole, VerifyError, verify_peer},
+};
+use support::*;
+
+fn check(
+    chain: &[rustls::pki_types::CertificateDer<'static>],
+    set: &TrustBundleSet,
+    expected: &ExpectedIdentity,
+) -> Result<mesh_core::identity::SpiffeId, VerifyError> {
+    verify_peer(chain, set, expected, PeerRole::Client, unix_time(now()))
+}
+
+#[test]
+fn shared_root_verifies_each_domain_but_issuers_cannot_cross() {
+    let root = RootCa::generate(DEFAULT_ROOT_TTL, now()).unwrap();
+    let west = Domain::under("west.mesh.local", &root);
+    let east = Domain::under("east.mesh.local", &root);
+    let set: TrustBundleSet = [west.bundle(), east.bundle()].into_iter().collect();
+    let any = ExpectedIdentity::TrustDomains([west.td.clone(), east.td.clone()].into());
+
+    let web = west.creds("/ns/shop/sa/web");
+    assert_eq!(
+        check(web.chain(), &set, &any).unwrap(),
+        west.id("/ns/shop/sa/web")
+    );
+    let api = east.creds("/ns/shop/sa/api");
+    assert_eq!(
+        check(api.chain(), &set, &any).unwrap(),
+        east.id("/ns/shop/sa/api")
+    );
+
+    // East's issuer signs a west identity (as a stolen east issuer key
+    // could): the shared root alone would accept it, the verifier must not.
+    let params = svid_params(&["spiffe://west.mesh.local/ns/kube-system/sa/admin"]);
+    let (forged, _key) = east.crafted(&params);
+    let err = check(&forged, &set, &any).unwrap_err();
+    assert!(
+        matches!(&err, VerifyError::IssuerTrustDomainMismatch { issuer_td, .. } if issuer_td.as_str() == "east.mesh.local"),
+        "{err}"
+    );
+    assert_eq!(err.reason(), "issuer_trust_domain_mismatch");
+}
+
+#[test]
+fn bundles_are_never_merged_across_domains() {
+    let west = Domain::new("west.mesh.local");
+    let east = Domain::new("east.mesh.local");
+    // West's root filed under east's name: a west SVID must not verify,
+    // because west's own bundle is what counts.
+    let mislabelled =
+        mesh_core::identity::TrustBundle::with_roots(east.td.clone(), [west.root.clone()]).unwrap();
+    let set: TrustBundleSet = [mislabelled, east.bundle()].into_iter().collect();
+    let web = west.creds("/ns/shop/sa/web");
+    let err = check(
+        web.chain(),
+        &set,
+        &ExpectedIdentity::trust_domain(west.td.clone()),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, VerifyError::UnknownTrustDomain { .. }),
+        "{err}"
+    );
+
+    // East's bundle does not anchor a west chain even when west is known.
+    let set: TrustBundleSet =
+        [
+            mesh_core::identity::TrustBundle::with_roots(west.td.clone(), [east.root.clone()])
+                .unwrap(),
+        ]
+        .into_iter()
+        .collect();
+    let err = check(
+        web.chain(),
+        &set,
+        &ExpectedIdentity::trust_domain(west.td.clone()),
+    )
+    .unwrap_err();
+    assert!(matches!(err, VerifyError::UntrustedChain { .. }), "{err}");
+    assert_eq!(err.reason(), "untrusted_chain");
+}
+
+#[test]
+fn validity_window_and_expectations() {
+    let west = Domain::new("west.mesh.local");
+    let set: TrustBundleSet = [west.bundle()].into_iter().collect();
+    let web = west.creds("/ns/shop/sa/web");
+    let td = ExpectedIdentity::trust_domain(west.td.clone());
+
+    let early = unix_time(now() - Duration::from_secs(3600));
+    let err = verify_peer(web.chain(), &set, &td, PeerRole::Client, early).unwrap_err();
+    assert!(matches!(err, VerifyError::NotYetValid { .. }), "{err}");
+
+    let late = unix_time(now() + Duration::from_secs(2 * 24 * 3600));
+    let err = verify_peer(web.chain(), &set, &td, PeerRole::Server, late).unwrap_err();
+    assert!(matches!(err, VerifyError::Expired { .. }), "{err}");
+
+    let set_of =
+        ExpectedIdentity::AnyOf([west.id("/ns/shop/sa/api"), west.id("/ns/shop/sa/web")].into());
+    assert!(check(web.chain(), &set, &set_of).is_ok());
+    let other = ExpectedIdentity::AnyOf([west.id("/ns/shop/sa/api")].into());
+    let err = check(web.chain(), &set, &other).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "peer is spiffe://west.mesh.local/ns/shop/sa/web, but one of [spiffe://west.mesh.local/ns/shop/sa/api] was expected"
+    );
+
+    assert!(matches!(
+        check(&[], &set, &td),
+        Err(VerifyError::NoCertificate)
+    ));
+    let junk = vec![rustls::pki_types::CertificateDer::from(vec![0x30, 0x00])];
+    assert!(matches!(
+        check(&junk, &set, &td),
+        Err(VerifyError::Malformed(_))
+    ));
+}
