@@ -36,6 +36,35 @@ fn fails(out: Output) -> String {
     )
 }
 
+/// `mesh identity ca create --trust-domain TD --out OUT [extra...]`, which must succeed.
+fn create_ca(dir: &Path, td: &str, out: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "identity",
+        "ca",
+        "create",
+        "--trust-domain",
+        td,
+        "--out",
+        out,
+    ];
+    args.extend_from_slice(extra);
+    ok(mesh(&args, dir))
+}
+
+/// The args of `mesh identity issue --ca CA --spiffe-id ID --out OUT`.
+fn issue_args<'a>(ca: &'a str, id: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "identity",
+        "issue",
+        "--ca",
+        ca,
+        "--spiffe-id",
+        id,
+        "--out",
+        out,
+    ]
+}
+
 fn openssl(args: &[&str], cwd: &Path) -> Output {
     match Command::new("openssl").args(args).current_dir(cwd).output() {
         Ok(out) => out,
@@ -49,18 +78,7 @@ fn openssl(args: &[&str], cwd: &Path) -> Output {
 fn openssl_accepts_an_issued_svid() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    ok(mesh(
-        &[
-            "identity",
-            "ca",
-            "create",
-            "--trust-domain",
-            "west.mesh.local",
-            "--out",
-            "west",
-        ],
-        dir,
-    ));
+    create_ca(dir, "west.mesh.local", "west", &[]);
     let issued = ok(mesh(
         &[
             "identity",
@@ -132,18 +150,7 @@ fn openssl_accepts_an_issued_svid() {
     assert!(!squashed.contains("Certificate Sign"), "{text}");
 
     // A different CA's root does not verify it.
-    ok(mesh(
-        &[
-            "identity",
-            "ca",
-            "create",
-            "--trust-domain",
-            "west.mesh.local",
-            "--out",
-            "other",
-        ],
-        dir,
-    ));
+    create_ca(dir, "west.mesh.local", "other", &[]);
     let verify = openssl(
         &[
             "verify",
@@ -165,32 +172,8 @@ fn openssl_accepts_an_issued_svid() {
 fn shared_root_issuer_verifies_under_the_shared_root() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    ok(mesh(
-        &[
-            "identity",
-            "ca",
-            "create",
-            "--trust-domain",
-            "west.mesh.local",
-            "--out",
-            "west",
-        ],
-        dir,
-    ));
-    let out = ok(mesh(
-        &[
-            "identity",
-            "ca",
-            "create",
-            "--trust-domain",
-            "east.mesh.local",
-            "--out",
-            "east",
-            "--shared-root",
-            "west",
-        ],
-        dir,
-    ));
+    create_ca(dir, "west.mesh.local", "west", &[]);
+    let out = create_ca(dir, "east.mesh.local", "east", &["--shared-root", "west"]);
     assert!(out.contains("key not copied"), "{out}");
     assert!(
         !dir.join("east/root.key").exists(),
@@ -201,16 +184,7 @@ fn shared_root_issuer_verifies_under_the_shared_root() {
         fs::read(dir.join("east/root.crt")).unwrap()
     );
     ok(mesh(
-        &[
-            "identity",
-            "issue",
-            "--ca",
-            "east",
-            "--spiffe-id",
-            "spiffe://east.mesh.local/ns/shop/sa/api",
-            "--out",
-            "api",
-        ],
+        &issue_args("east", "spiffe://east.mesh.local/ns/shop/sa/api", "api"),
         dir,
     ));
     let verify = openssl(
@@ -235,41 +209,10 @@ fn shared_root_issuer_verifies_under_the_shared_root() {
 fn inspect_and_bundle_report_what_they_see() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
+    create_ca(dir, "west.mesh.local", "west", &[]);
+    create_ca(dir, "west.mesh.local", "other", &[]);
     ok(mesh(
-        &[
-            "identity",
-            "ca",
-            "create",
-            "--trust-domain",
-            "west.mesh.local",
-            "--out",
-            "west",
-        ],
-        dir,
-    ));
-    ok(mesh(
-        &[
-            "identity",
-            "ca",
-            "create",
-            "--trust-domain",
-            "west.mesh.local",
-            "--out",
-            "other",
-        ],
-        dir,
-    ));
-    ok(mesh(
-        &[
-            "identity",
-            "issue",
-            "--ca",
-            "west",
-            "--spiffe-id",
-            "spiffe://west.mesh.local/ns/shop/sa/web",
-            "--out",
-            "web",
-        ],
+        &issue_args("west", "spiffe://west.mesh.local/ns/shop/sa/web", "web"),
         dir,
     ));
 
@@ -337,18 +280,7 @@ fn inspect_and_bundle_report_what_they_see() {
 fn errors_name_the_file_and_the_fix() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    ok(mesh(
-        &[
-            "identity",
-            "ca",
-            "create",
-            "--trust-domain",
-            "west.mesh.local",
-            "--out",
-            "west",
-        ],
-        dir,
-    ));
+    create_ca(dir, "west.mesh.local", "west", &[]);
 
     let err = fails(mesh(
         &[
@@ -368,16 +300,7 @@ fn errors_name_the_file_and_the_fix() {
     );
 
     let err = fails(mesh(
-        &[
-            "identity",
-            "issue",
-            "--ca",
-            "west",
-            "--spiffe-id",
-            "spiffe://east.mesh.local/ns/a/sa/b",
-            "--out",
-            "x",
-        ],
+        &issue_args("west", "spiffe://east.mesh.local/ns/a/sa/b", "x"),
         dir,
     ));
     assert!(
@@ -386,31 +309,13 @@ fn errors_name_the_file_and_the_fix() {
     );
 
     let err = fails(mesh(
-        &[
-            "identity",
-            "issue",
-            "--ca",
-            "nowhere",
-            "--spiffe-id",
-            "spiffe://west.mesh.local/ns/a/sa/b",
-            "--out",
-            "x",
-        ],
+        &issue_args("nowhere", "spiffe://west.mesh.local/ns/a/sa/b", "x"),
         dir,
     ));
     assert!(err.contains("nowhere/root.crt: No such file"), "{err}");
 
     let err = fails(mesh(
-        &[
-            "identity",
-            "issue",
-            "--ca",
-            "west",
-            "--spiffe-id",
-            "spiffe://West.mesh.local/a",
-            "--out",
-            "x",
-        ],
+        &issue_args("west", "spiffe://West.mesh.local/a", "x"),
         dir,
     ));
     assert!(err.contains("trust domain must be lower case"), "{err}");
@@ -421,16 +326,7 @@ fn errors_name_the_file_and_the_fix() {
     )
     .unwrap();
     let err = fails(mesh(
-        &[
-            "identity",
-            "issue",
-            "--ca",
-            "west",
-            "--spiffe-id",
-            "spiffe://west.mesh.local/ns/a/sa/b",
-            "--out",
-            "x",
-        ],
+        &issue_args("west", "spiffe://west.mesh.local/ns/a/sa/b", "x"),
         dir,
     ));
     assert!(

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use mesh_core::identity::{
     BundleStore, Credentials, ExpectedIdentity, TrustBundle, TrustBundleSet,
+    svid::SvidError,
     tls::{client_config, server_config},
     verify::VerifyError,
 };
@@ -94,21 +95,32 @@ async fn client_from_unknown_trust_domain_is_refused() {
     assert!(out.client.is_err(), "client must not get through");
 }
 
-#[tokio::test]
-async fn server_with_wrong_spiffe_id_is_refused() {
-    let west = Domain::new("west.mesh.local");
-    let bundles = bundles(&[&west]);
+/// West's `web` (with `client` credentials) calls west's `api` (served
+/// with `server` credentials), each trusting west only.
+async fn west_call(west: &Domain, server_creds: Credentials, client_creds: Credentials) -> Outcome {
+    let bundles = bundles(&[west]);
     let srv = server(
-        west.creds("/ns/shop/sa/other"),
+        server_creds,
         bundles.clone(),
         ExpectedIdentity::trust_domain(west.td.clone()),
     );
     let cli = client(
-        west.creds("/ns/shop/sa/web"),
+        client_creds,
         bundles,
         ExpectedIdentity::Exact(west.id("/ns/shop/sa/api")),
     );
-    let out = handshake(srv, cli).await;
+    handshake(srv, cli).await
+}
+
+#[tokio::test]
+async fn server_with_wrong_spiffe_id_is_refused() {
+    let west = Domain::new("west.mesh.local");
+    let out = west_call(
+        &west,
+        west.creds("/ns/shop/sa/other"),
+        west.creds("/ns/shop/sa/web"),
+    )
+    .await;
     let err = out.client.unwrap_err();
     match verify_failure(&err) {
         Some(VerifyError::UnexpectedIdentity { got, .. }) => {
@@ -122,18 +134,13 @@ async fn server_with_wrong_spiffe_id_is_refused() {
 #[tokio::test]
 async fn expired_leaf_is_refused() {
     let west = Domain::new("west.mesh.local");
-    let bundles = bundles(&[&west]);
-    let srv = server(
+    let out = west_call(
+        &west,
         west.expired_creds("/ns/shop/sa/api"),
-        bundles.clone(),
-        ExpectedIdentity::trust_domain(west.td.clone()),
-    );
-    let cli = client(
         west.creds("/ns/shop/sa/web"),
-        bundles,
-        ExpectedIdentity::Exact(west.id("/ns/shop/sa/api")),
-    );
-    let err = handshake(srv, cli).await.client.unwrap_err();
+    )
+    .await;
+    let err = out.client.unwrap_err();
     let failure = verify_failure(&err).expect("a verification error");
     assert!(matches!(failure, VerifyError::Expired { .. }), "{failure}");
     assert_eq!(
@@ -143,18 +150,14 @@ async fn expired_leaf_is_refused() {
     assert_eq!(failure.reason(), "expired");
 }
 
-#[tokio::test]
-async fn leaf_that_is_a_ca_is_refused() {
-    let west = Domain::new("west.mesh.local");
-    let bundles = bundles(&[&west]);
-    let mut params = svid_params(&["spiffe://west.mesh.local/ns/shop/sa/web"]);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let (chain, key) = west.crafted(&params);
-    // The client presents it regardless, so the server's verifier is tested.
-    assert!(
-        Credentials::new(chain.clone(), key.clone_key()).is_err(),
-        "our own loader refuses it too"
-    );
+/// West's api server meets a client presenting `chain` as is; returns the
+/// server's error.
+async fn west_server_refuses(
+    west: &Domain,
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+) -> std::io::Error {
+    let bundles = bundles(&[west]);
     let out = handshake(
         server(
             west.creds("/ns/shop/sa/api"),
@@ -169,13 +172,26 @@ async fn leaf_that_is_a_ca_is_refused() {
         ),
     )
     .await;
-    let err = out.server.unwrap_err();
+    assert!(out.client.is_err(), "the client must not get through");
+    out.server.unwrap_err()
+}
+
+#[tokio::test]
+async fn leaf_that_is_a_ca_is_refused() {
+    let west = Domain::new("west.mesh.local");
+    let mut params = svid_params(&["spiffe://west.mesh.local/ns/shop/sa/web"]);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let (chain, key) = west.crafted(&params);
+    assert!(
+        Credentials::new(chain.clone(), key.clone_key()).is_err(),
+        "our own loader refuses it too"
+    );
+    // The client presents it regardless, so the server's verifier is tested.
+    let err = west_server_refuses(&west, chain, key).await;
     assert!(
         matches!(
             verify_failure(&err),
-            Some(VerifyError::Svid(
-                mesh_core::identity::svid::SvidError::LeafIsCa { .. }
-            ))
+            Some(VerifyError::Svid(SvidError::LeafIsCa { .. }))
         ),
         "{err}"
     );
@@ -184,33 +200,16 @@ async fn leaf_that_is_a_ca_is_refused() {
 #[tokio::test]
 async fn leaf_with_two_uri_sans_is_refused() {
     let west = Domain::new("west.mesh.local");
-    let bundles = bundles(&[&west]);
     let params = svid_params(&[
         "spiffe://west.mesh.local/ns/shop/sa/web",
         "spiffe://west.mesh.local/ns/kube-system/sa/admin",
     ]);
     let (chain, key) = west.crafted(&params);
-    let out = handshake(
-        server(
-            west.creds("/ns/shop/sa/api"),
-            bundles.clone(),
-            ExpectedIdentity::trust_domain(west.td.clone()),
-        ),
-        raw_client(
-            chain,
-            key,
-            bundles,
-            ExpectedIdentity::Exact(west.id("/ns/shop/sa/api")),
-        ),
-    )
-    .await;
-    let err = out.server.unwrap_err();
+    let err = west_server_refuses(&west, chain, key).await;
     assert!(
         matches!(
             verify_failure(&err),
-            Some(VerifyError::Svid(
-                mesh_core::identity::svid::SvidError::MultipleUriSans { count: 2 }
-            ))
+            Some(VerifyError::Svid(SvidError::MultipleUriSans { count: 2 }))
         ),
         "{err}"
     );

@@ -99,64 +99,80 @@ impl Credentials {
     }
 }
 
-/// A shared, swappable slot holding this party's current credentials.
-#[derive(Clone, Debug)]
-pub struct CredentialStore {
-    current: Arc<RwLock<Arc<Credentials>>>,
+/// A value many readers share and a writer replaces whole. Readers get an
+/// `Arc` snapshot, so a swap never disturbs one already handed out.
+#[derive(Debug, Default)]
+struct Slot<T>(Arc<RwLock<Arc<T>>>);
+
+impl<T> Clone for Slot<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
 }
+
+impl<T> Slot<T> {
+    fn new(value: T) -> Self {
+        Self(Arc::new(RwLock::new(Arc::new(value))))
+    }
+
+    fn get(&self) -> Arc<T> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the value if `check` accepts the swap from the current one.
+    fn swap_if<E>(&self, value: T, check: impl FnOnce(&T, &T) -> Result<(), E>) -> Result<(), E> {
+        let mut slot = self.0.write().unwrap_or_else(|p| p.into_inner());
+        check(&slot, &value)?;
+        *slot = Arc::new(value);
+        Ok(())
+    }
+}
+
+/// This party's current credentials, shared by every config built from it.
+#[derive(Clone, Debug)]
+pub struct CredentialStore(Slot<Credentials>);
 
 impl CredentialStore {
     pub fn new(creds: Credentials) -> Self {
-        Self {
-            current: Arc::new(RwLock::new(Arc::new(creds))),
-        }
+        Self(Slot::new(creds))
     }
 
     pub fn current(&self) -> Arc<Credentials> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.0.get()
     }
 
     /// Puts renewed credentials in place. The identity must stay the same:
     /// a proxy that became someone else mid-flight would confuse every peer.
     pub fn rotate(&self, creds: Credentials) -> Result<(), TlsError> {
-        let mut slot = self.current.write().unwrap_or_else(|p| p.into_inner());
-        if slot.id != creds.id {
-            return Err(TlsError::IdentityChanged {
-                current: slot.id.clone(),
-                new: creds.id,
-            });
-        }
-        *slot = Arc::new(creds);
-        Ok(())
+        self.0.swap_if(creds, |old, new| {
+            if old.id == new.id {
+                Ok(())
+            } else {
+                Err(TlsError::IdentityChanged {
+                    current: old.id.clone(),
+                    new: new.id.clone(),
+                })
+            }
+        })
     }
 }
 
-/// A shared, swappable slot holding the trust bundles (root rotation and new
-/// links reach live configs through it).
+/// The trust bundles every config built from it verifies against (root
+/// rotation and new links reach live configs through it).
 #[derive(Clone, Debug, Default)]
-pub struct BundleStore {
-    current: Arc<RwLock<Arc<TrustBundleSet>>>,
-}
+pub struct BundleStore(Slot<TrustBundleSet>);
 
 impl BundleStore {
     pub fn new(bundles: TrustBundleSet) -> Self {
-        Self {
-            current: Arc::new(RwLock::new(Arc::new(bundles))),
-        }
+        Self(Slot::new(bundles))
     }
 
     pub fn current(&self) -> Arc<TrustBundleSet> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.0.get()
     }
 
     pub fn replace(&self, bundles: TrustBundleSet) {
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(bundles);
+        let _ = self.0.swap_if(bundles, |_, _| Ok::<(), ()>(()));
     }
 }
 
@@ -166,13 +182,7 @@ pub fn server_config(
     bundles: BundleStore,
     clients: ExpectedIdentity,
 ) -> Result<ServerConfig, TlsError> {
-    let provider = crypto::provider();
-    let verifier = Arc::new(SpiffeVerifier {
-        bundles,
-        expected: clients,
-        role: PeerRole::Client,
-        provider: provider.clone(),
-    });
+    let (provider, verifier) = SpiffeVerifier::new(bundles, clients, PeerRole::Client);
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -193,13 +203,7 @@ pub fn client_config(
     bundles: BundleStore,
     server: ExpectedIdentity,
 ) -> Result<ClientConfig, TlsError> {
-    let provider = crypto::provider();
-    let verifier = Arc::new(SpiffeVerifier {
-        bundles,
-        expected: server,
-        role: PeerRole::Server,
-        provider: provider.clone(),
-    });
+    let (provider, verifier) = SpiffeVerifier::new(bundles, server, PeerRole::Server);
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -262,6 +266,22 @@ struct SpiffeVerifier {
 }
 
 impl SpiffeVerifier {
+    /// The provider every config uses, and a verifier on it.
+    fn new(
+        bundles: BundleStore,
+        expected: ExpectedIdentity,
+        role: PeerRole,
+    ) -> (Arc<CryptoProvider>, Arc<Self>) {
+        let provider = crypto::provider();
+        let verifier = Arc::new(Self {
+            bundles,
+            expected,
+            role,
+            provider: provider.clone(),
+        });
+        (provider, verifier)
+    }
+
     fn verify(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -284,41 +304,39 @@ impl SpiffeVerifier {
             rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
         })
     }
+}
 
-    fn tls12(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        // Never reached: only TLS 1.3 is enabled. Kept correct all the same.
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
+/// The handshake-signature half of both verifier traits is the same: check
+/// with the provider's algorithms (TLS 1.2 is never negotiated, but the
+/// trait asks, and the answer is still correct).
+macro_rules! handshake_signature_methods {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            let algs = &self.provider.signature_verification_algorithms;
+            verify_tls12_signature(message, cert, dss, algs)
+        }
 
-    fn tls13(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            let algs = &self.provider.signature_verification_algorithms;
+            verify_tls13_signature(message, cert, dss, algs)
+        }
 
-    fn schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    };
 }
 
 impl ServerCertVerifier for SpiffeVerifier {
@@ -334,27 +352,7 @@ impl ServerCertVerifier for SpiffeVerifier {
             .map(|()| ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.tls12(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.tls13(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.schemes()
-    }
+    handshake_signature_methods!();
 }
 
 impl ClientCertVerifier for SpiffeVerifier {
@@ -377,25 +375,5 @@ impl ClientCertVerifier for SpiffeVerifier {
             .map(|()| ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.tls12(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.tls13(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.schemes()
-    }
+    handshake_signature_methods!();
 }
