@@ -19,30 +19,28 @@ enum Command {
     /// Certificate authorities, SVIDs and trust bundles.
     #[command(subcommand)]
     Identity(identity::IdentityCmd),
+    /// Run a cluster's control plane, or manage a running one.
+    Control(mesh_control::cli::ControlArgs),
 }
 
 fn main() -> ExitCode {
-    init_tracing();
     mesh_core::crypto::install_default_provider();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Identity(cmd) => identity::run(cmd, &mut std::io::stdout().lock()),
-    };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+    match cli.command {
+        Command::Identity(cmd) => {
+            mesh_core::telemetry::init("warn");
+            match identity::run(cmd, &mut std::io::stdout().lock()) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Control(args) => {
+            let is_server = args.command.is_none();
+            mesh_core::telemetry::init(if is_server { "info" } else { "warn" });
+            mesh_control::cli::run(args)
         }
     }
-}
-
-/// Logs go to stderr, filtered by `MESH_LOG` (default `warn` for commands).
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }

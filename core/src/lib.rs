@@ -10,5 +10,9 @@
 //! What it does not do: open sockets, serve APIs, or read the environment.
 //! Those belong to the binaries and the component crates.
 
+pub mod admin;
+pub mod api;
 pub mod crypto;
+pub mod grpc;
 pub mod identity;
+pub mod telemetry;

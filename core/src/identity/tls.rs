@@ -182,7 +182,30 @@ pub fn server_config(
     bundles: BundleStore,
     clients: ExpectedIdentity,
 ) -> Result<ServerConfig, TlsError> {
-    let (provider, verifier) = SpiffeVerifier::new(bundles, clients, PeerRole::Client);
+    build_server_config(creds, bundles, clients, true)
+}
+
+/// A server config where a client certificate is optional, but verified
+/// like any other when presented (the identity service: bootstrap with a
+/// token, renewal with the current SVID).
+pub fn server_config_optional_client(
+    creds: CredentialStore,
+    bundles: BundleStore,
+    clients: ExpectedIdentity,
+) -> Result<ServerConfig, TlsError> {
+    build_server_config(creds, bundles, clients, false)
+}
+
+fn build_server_config(
+    creds: CredentialStore,
+    bundles: BundleStore,
+    clients: ExpectedIdentity,
+    mandatory: bool,
+) -> Result<ServerConfig, TlsError> {
+    let (provider, mut verifier) = SpiffeVerifier::new(bundles, clients, PeerRole::Client);
+    Arc::get_mut(&mut verifier)
+        .expect("a fresh verifier has one owner")
+        .client_auth_mandatory = mandatory;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -210,6 +233,22 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(Resolver(creds)));
     // See `server_config`: every connection is fully verified.
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
+/// A client config with no certificate of its own, for a workload that has
+/// no SVID yet (its first Certify). The server is still verified.
+pub fn client_config_without_cert(
+    bundles: BundleStore,
+    server: ExpectedIdentity,
+) -> Result<ClientConfig, TlsError> {
+    let (provider, verifier) = SpiffeVerifier::new(bundles, server, PeerRole::Server);
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
     config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
 }
@@ -263,6 +302,8 @@ struct SpiffeVerifier {
     expected: ExpectedIdentity,
     role: PeerRole,
     provider: Arc<CryptoProvider>,
+    /// Server side only: whether a client must present a certificate.
+    client_auth_mandatory: bool,
 }
 
 impl SpiffeVerifier {
@@ -278,6 +319,7 @@ impl SpiffeVerifier {
             expected,
             role,
             provider: provider.clone(),
+            client_auth_mandatory: true,
         });
         (provider, verifier)
     }
@@ -362,7 +404,7 @@ impl ClientCertVerifier for SpiffeVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.client_auth_mandatory
     }
 
     fn verify_client_cert(

@@ -1,0 +1,208 @@
+//! The admin socket: a Unix socket (mode 0600, same user or root only)
+//! through which `mesh control token create` reaches a running control
+//! plane. One JSON request line in, one JSON response line out.
+
+use std::{
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+use crate::{
+    metrics::Metrics,
+    resources::parse::check_name,
+    store::{Store, TokenRecord},
+    tokens,
+};
+
+/// The socket file inside `--data-dir` unless `--admin-socket` says otherwise.
+pub const SOCKET_FILE: &str = "admin.sock";
+/// Longest join token lifetime accepted.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+const MAX_REQUEST: u64 = 4096;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum AdminRequest {
+    CreateToken {
+        namespace: String,
+        service_account: String,
+        ttl_seconds: u64,
+    },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminResponse {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Creates and stores a join token; returns it (shown once) and its record.
+pub fn create_token(
+    store: &dyn Store,
+    namespace: &str,
+    service_account: &str,
+    ttl: Duration,
+    now: i64,
+) -> Result<(String, TokenRecord), String> {
+    check_name("namespace", namespace)?;
+    check_name("service account", service_account)?;
+    if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
+        return Err(format!(
+            "token lifetime must be between 1s and {}",
+            humantime::format_duration(MAX_TOKEN_TTL)
+        ));
+    }
+    let token = tokens::generate();
+    let hash = tokens::hash(&token).expect("generated tokens are well formed");
+    let record = TokenRecord {
+        namespace: namespace.to_owned(),
+        service_account: service_account.to_owned(),
+        created_at: now,
+        expires_at: now + ttl.as_secs() as i64,
+        used_at: None,
+    };
+    store
+        .create_token(&hash, &record)
+        .map_err(|e| e.to_string())?;
+    Ok((token, record))
+}
+
+/// Why the admin socket could not be served.
+#[derive(Debug, thiserror::Error)]
+#[error("admin socket {}: {source}", path.display())]
+pub struct SocketError {
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+/// Binds the socket (replacing a stale file) with mode 0600.
+pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+    let err = |source| SocketError {
+        path: path.to_owned(),
+        source,
+    };
+    if path.exists() {
+        // A live control plane answers; a stale file from a crash does not.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another control plane is serving this socket",
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Serves admin requests until the task is dropped.
+pub async fn serve(listener: UnixListener, path: PathBuf, store: Arc<dyn Store>, metrics: Metrics) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (store, metrics, path) = (store.clone(), metrics.clone(), path.clone());
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, &path, store, &metrics).await {
+                tracing::warn!(error = %e, "admin socket request failed");
+            }
+        });
+    }
+}
+
+async fn handle(
+    stream: UnixStream,
+    path: &Path,
+    store: Arc<dyn Store>,
+    metrics: &Metrics,
+) -> std::io::Result<()> {
+    // The file mode already keeps others out; check the peer as well, in
+    // case the directory or mode was loosened.
+    let owner = std::fs::metadata(path)?.uid();
+    let peer = stream.peer_cred()?.uid();
+    let (read, mut write) = stream.into_split();
+    let response = if peer != owner && peer != 0 {
+        tracing::warn!(
+            peer_uid = peer,
+            "admin socket: refused a request from another user"
+        );
+        AdminResponse {
+            error: Some(format!("uid {peer} may not use this admin socket")),
+            ..Default::default()
+        }
+    } else {
+        let mut line = String::new();
+        BufReader::new(read.take(MAX_REQUEST))
+            .read_line(&mut line)
+            .await?;
+        match serde_json::from_str::<AdminRequest>(&line) {
+            Err(e) => AdminResponse {
+                error: Some(format!("malformed admin request: {e}")),
+                ..Default::default()
+            },
+            Ok(AdminRequest::CreateToken {
+                namespace,
+                service_account,
+                ttl_seconds,
+            }) => {
+                let now = mesh_core::identity::cert::now().unix_timestamp();
+                let ttl = Duration::from_secs(ttl_seconds);
+                let created = tokio::task::spawn_blocking(move || {
+                    create_token(store.as_ref(), &namespace, &service_account, ttl, now)
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+                match created {
+                    Ok((token, record)) => {
+                        metrics.tokens_created.inc();
+                        tracing::info!(
+                            namespace = %record.namespace,
+                            service_account = %record.service_account,
+                            expires_at = record.expires_at,
+                            "join token created"
+                        );
+                        AdminResponse {
+                            token: Some(token),
+                            expires_at: Some(record.expires_at),
+                            error: None,
+                        }
+                    }
+                    Err(e) => AdminResponse {
+                        error: Some(e),
+                        ..Default::default()
+                    },
+                }
+            }
+        }
+    };
+    let mut out = serde_json::to_vec(&response).unwrap_or_default();
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    write.shutdown().await
+}
+
+/// Sends one request to a running control plane.
+pub async fn request(path: &Path, req: &AdminRequest) -> std::io::Result<AdminResponse> {
+    let stream = UnixStream::connect(path).await?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    write.write_all(&line).await?;
+    let mut answer = String::new();
+    BufReader::new(read).read_line(&mut answer).await?;
+    serde_json::from_str(&answer).map_err(std::io::Error::other)
+}

@@ -1,0 +1,298 @@
+//! `mesh.v1.Identity/Certify`: join token -> first SVID; current SVID ->
+//! renewal of the same ID.
+
+use std::{
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use mesh_core::{
+    api::v1::{CertifyRequest, CertifyResponse, identity_server::Identity},
+    grpc,
+    identity::{
+        BundleStore, CertificateAuthority, SpiffeId, TrustDomain, ca::CaError, cert::now,
+        csr::MAX_CSR_LEN,
+    },
+};
+use tonic::{Code, Request, Response, Status};
+
+use crate::{
+    metrics::{CertifyLabels, Metrics},
+    ratelimit::RateLimiter,
+    store::{SerialRecord, Store, TokenError},
+    tokens,
+};
+
+/// The CA that signs, swappable when the issuer files are reloaded.
+pub type CaSlot = Arc<RwLock<Arc<CertificateAuthority>>>;
+
+pub fn current_ca(slot: &CaSlot) -> Arc<CertificateAuthority> {
+    slot.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+#[derive(Clone, Debug)]
+pub struct IdentityService {
+    pub ca: CaSlot,
+    pub trust_domain: TrustDomain,
+    pub bundles: BundleStore,
+    pub store: Arc<dyn Store>,
+    pub limiter: Arc<RateLimiter>,
+    pub metrics: Metrics,
+    /// Default and maximum leaf lifetime.
+    pub leaf_ttl: Duration,
+}
+
+/// A refusal: the gRPC status and the metric reason.
+struct Refusal {
+    reason: &'static str,
+    status: Status,
+}
+
+fn refuse(reason: &'static str, code: Code, message: impl Into<String>) -> Refusal {
+    Refusal {
+        reason,
+        status: Status::new(code, message),
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn certify(
+        &self,
+        request: Request<CertifyRequest>,
+    ) -> Result<Response<CertifyResponse>, Status> {
+        let started = Instant::now();
+        let peer = grpc::peer(&request).cloned();
+        let result = self.certify(peer.as_ref(), request.into_inner()).await;
+        self.metrics
+            .certify_duration
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(response) => Ok(Response::new(response)),
+            Err(refusal) => {
+                self.metrics.refuse_certify(refusal.reason);
+                tracing::warn!(
+                    peer = ?peer.as_ref().map(|p| p.remote),
+                    peer_id = ?peer.as_ref().and_then(|p| p.identity.as_ref()).map(SpiffeId::as_str),
+                    reason = refusal.reason,
+                    "Certify refused: {}",
+                    refusal.status.message()
+                );
+                Err(refusal.status)
+            }
+        }
+    }
+}
+
+impl IdentityService {
+    async fn certify(
+        &self,
+        peer: Option<&grpc::PeerInfo>,
+        req: CertifyRequest,
+    ) -> Result<CertifyResponse, Refusal> {
+        let requested = SpiffeId::parse(&req.identity).map_err(|e| {
+            refuse(
+                "bad_identity",
+                Code::InvalidArgument,
+                format!("identity {:?}: {e}", req.identity),
+            )
+        })?;
+        if !requested.is_member_of(&self.trust_domain) {
+            return Err(refuse(
+                "foreign_trust_domain",
+                Code::InvalidArgument,
+                format!(
+                    "this control plane issues only for trust domain {}",
+                    self.trust_domain
+                ),
+            ));
+        }
+        if req.csr.len() > MAX_CSR_LEN {
+            return Err(refuse(
+                "bad_csr",
+                Code::InvalidArgument,
+                format!("CSR is over {MAX_CSR_LEN} bytes"),
+            ));
+        }
+        let ttl = match req.ttl_seconds {
+            0 => self.leaf_ttl,
+            s => Duration::from_secs(s).min(self.leaf_ttl),
+        };
+        if req.token.is_empty() {
+            self.renew(peer, requested, &req.csr, ttl).await
+        } else {
+            self.redeem(&req.token, requested, &req.csr, ttl).await
+        }
+    }
+
+    async fn redeem(
+        &self,
+        token: &str,
+        requested: SpiffeId,
+        csr: &[u8],
+        ttl: Duration,
+    ) -> Result<CertifyResponse, Refusal> {
+        let hash = tokens::hash(token).ok_or_else(|| {
+            refuse(
+                "token_malformed",
+                Code::Unauthenticated,
+                "join token is malformed; tokens come from `mesh control token create`",
+            )
+        })?;
+        let store = self.store.clone();
+        let record = blocking(move || store.get_token(&hash))
+            .await?
+            .ok_or_else(|| refuse("token_unknown", Code::Unauthenticated, "unknown join token"))?;
+        let bound = SpiffeId::workload(
+            &self.trust_domain,
+            &record.namespace,
+            &record.service_account,
+        )
+        .map_err(|e| {
+            refuse(
+                "store",
+                Code::Internal,
+                format!("stored token names a bad identity: {e}"),
+            )
+        })?;
+        self.limit(&bound)?;
+        let now_s = now().unix_timestamp();
+        let early = match record.used_at {
+            Some(at) => Some(TokenError::Used { at }),
+            None if record.expires_at <= now_s => Some(TokenError::Expired {
+                ago: now_s - record.expires_at,
+            }),
+            None => None,
+        };
+        if let Some(e) = early {
+            return Err(token_refusal(e));
+        }
+        if requested != bound {
+            return Err(refuse(
+                "token_identity_mismatch",
+                Code::PermissionDenied,
+                format!("this join token is for {bound}, not {requested}"),
+            ));
+        }
+        let response = self.sign(csr, &requested, ttl)?;
+        let serial = self.serial_record(&response, &requested, "token");
+        let store = self.store.clone();
+        blocking(move || store.consume_token(&hash, now_s, &serial))
+            .await?
+            .map_err(token_refusal)?;
+        self.issued("token");
+        Ok(response)
+    }
+
+    async fn renew(
+        &self,
+        peer: Option<&grpc::PeerInfo>,
+        requested: SpiffeId,
+        csr: &[u8],
+        ttl: Duration,
+    ) -> Result<CertifyResponse, Refusal> {
+        let Some(current) = peer.and_then(|p| p.identity.clone()) else {
+            return Err(refuse(
+                "no_credentials",
+                Code::Unauthenticated,
+                "present a join token (first issuance) or your current SVID as client certificate (renewal)",
+            ));
+        };
+        self.limit(&current)?;
+        if requested != current {
+            return Err(refuse(
+                "renewal_identity_mismatch",
+                Code::Unauthenticated,
+                format!(
+                    "your certificate is for {current}; a renewal may only ask for that same ID, not {requested}"
+                ),
+            ));
+        }
+        let response = self.sign(csr, &requested, ttl)?;
+        let serial = self.serial_record(&response, &requested, "renewal");
+        let store = self.store.clone();
+        blocking(move || store.record_serial(&serial)).await?;
+        self.issued("renewal");
+        Ok(response)
+    }
+
+    fn limit(&self, id: &SpiffeId) -> Result<(), Refusal> {
+        self.limiter
+            .check(id.as_str(), Instant::now())
+            .map_err(|wait| {
+                refuse(
+                    "rate_limited",
+                    Code::ResourceExhausted,
+                    format!(
+                        "{id} is certifying too often; retry in {} ms",
+                        wait.as_millis().max(1)
+                    ),
+                )
+            })
+    }
+
+    fn sign(&self, csr: &[u8], id: &SpiffeId, ttl: Duration) -> Result<CertifyResponse, Refusal> {
+        let ca = current_ca(&self.ca);
+        let svid = ca.sign_csr(csr, id, ttl).map_err(|e| match e {
+            CaError::Csr(e) => refuse("bad_csr", Code::InvalidArgument, e.to_string()),
+            other => refuse("cannot_sign", Code::Unavailable, other.to_string()),
+        })?;
+        let anchors = self
+            .bundles
+            .current()
+            .get(&self.trust_domain)
+            .map(|b| b.roots().iter().map(|r| r.to_vec()).collect())
+            .unwrap_or_default();
+        Ok(CertifyResponse {
+            chain: svid.chain.iter().map(|c| c.to_vec()).collect(),
+            not_before: svid.not_before.unix_timestamp(),
+            not_after: svid.not_after.unix_timestamp(),
+            serial: svid.serial,
+            trust_anchors: anchors,
+        })
+    }
+
+    fn serial_record(&self, r: &CertifyResponse, id: &SpiffeId, via: &str) -> SerialRecord {
+        SerialRecord {
+            serial: r.serial.clone(),
+            spiffe_id: id.to_string(),
+            not_after: r.not_after,
+            issued_at: now().unix_timestamp(),
+            via: via.to_owned(),
+        }
+    }
+
+    fn issued(&self, via: &str) {
+        self.metrics
+            .certify_issued
+            .get_or_create(&CertifyLabels { via: via.into() })
+            .inc();
+    }
+}
+
+fn token_refusal(e: TokenError) -> Refusal {
+    let code = match e {
+        TokenError::Unknown => {
+            return refuse("token_unknown", Code::Unauthenticated, e.to_string());
+        }
+        TokenError::Used { .. } => Code::AlreadyExists,
+        TokenError::Expired { .. } => Code::FailedPrecondition,
+    };
+    let reason = if code == Code::AlreadyExists {
+        "token_reused"
+    } else {
+        "token_expired"
+    };
+    refuse(reason, code, e.to_string())
+}
+
+/// Runs a store call off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, Refusal> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(refuse("store", Code::Internal, e.to_string())),
+        Err(e) => Err(refuse("store", Code::Internal, e.to_string())),
+    }
+}

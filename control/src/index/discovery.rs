@@ -1,0 +1,228 @@
+//! Discovery: the ready endpoints behind a service authority.
+
+use std::{net::SocketAddr, time::Instant};
+
+use mesh_core::api::v1::{
+    DiscoveryUpdate, Endpoint, EndpointSet, NoSuchService, ProtocolHint, discovery_update,
+};
+
+use super::Index;
+use crate::resources::types::{Object, ServicePort, ServiceSpec};
+
+/// A parsed `<service>.<namespace>.svc.<cluster-domain>:<port>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Authority {
+    pub service: String,
+    pub namespace: String,
+    pub port: u16,
+}
+
+impl Authority {
+    pub fn parse(s: &str, cluster_domain: &str) -> Result<Self, String> {
+        let (host, port) = s.rsplit_once(':').ok_or_else(|| {
+            format!("authority {s:?} has no port; write <svc>.<ns>.svc.{cluster_domain}:<port>")
+        })?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("authority {s:?} has an invalid port"))?;
+        let suffix = format!(".svc.{cluster_domain}");
+        let Some(name) = host.strip_suffix(&suffix) else {
+            return Err(format!(
+                "authority {s:?} is not in this cluster's domain; write <svc>.<ns>.svc.{cluster_domain}:<port>"
+            ));
+        };
+        let (service, namespace) = name
+            .split_once('.')
+            .filter(|(svc, ns)| !svc.is_empty() && !ns.is_empty() && !ns.contains('.'))
+            .ok_or_else(|| format!("authority {s:?} must name <svc>.<ns>"))?;
+        Ok(Self {
+            service: service.to_owned(),
+            namespace: namespace.to_owned(),
+            port,
+        })
+    }
+
+    pub fn render(&self, cluster_domain: &str) -> String {
+        format!(
+            "{}.{}.svc.{cluster_domain}:{}",
+            self.service, self.namespace, self.port
+        )
+    }
+}
+
+/// Maps a Service port's `appProtocol` to the wire hint.
+pub(super) fn app_protocol_hint(p: Option<&str>) -> ProtocolHint {
+    match p.map(str::to_ascii_lowercase).as_deref() {
+        Some("http" | "http/1.1" | "kubernetes.io/http") => ProtocolHint::Http1,
+        Some("h2c" | "http2" | "kubernetes.io/h2c") => ProtocolHint::Http2,
+        Some("grpc") => ProtocolHint::Grpc,
+        Some("opaque" | "tcp") => ProtocolHint::Opaque,
+        _ => ProtocolHint::Unknown,
+    }
+}
+
+impl Index {
+    /// The service and port an authority names, or why there is none.
+    pub(super) fn service_port(
+        &self,
+        authority: &str,
+    ) -> Result<(Authority, &Object<ServiceSpec>, &ServicePort), String> {
+        let auth = Authority::parse(authority, &self.cluster_domain)?;
+        let key = (auth.namespace.clone(), auth.service.clone());
+        let svc = self.services.get(&key).ok_or_else(|| {
+            format!(
+                "no Service {} in namespace {}",
+                auth.service, auth.namespace
+            )
+        })?;
+        let port = svc
+            .spec
+            .ports
+            .iter()
+            .find(|p| p.port == auth.port)
+            .ok_or_else(|| {
+                let ports: Vec<String> =
+                    svc.spec.ports.iter().map(|p| p.port.to_string()).collect();
+                format!(
+                    "Service {}/{} has no port {} (ports: {})",
+                    auth.namespace,
+                    auth.service,
+                    auth.port,
+                    ports.join(", ")
+                )
+            })?;
+        Ok((auth, svc, port))
+    }
+
+    /// The full discovery answer for `authority` at `now`.
+    pub fn discovery(&self, authority: &str, now: Instant) -> DiscoveryUpdate {
+        let kind = match self.service_port(authority) {
+            Err(reason) => discovery_update::Kind::NoSuchService(NoSuchService {
+                authority: authority.to_owned(),
+                reason,
+            }),
+            Ok((auth, svc, port)) => {
+                let target = port.target_port.unwrap_or(port.port);
+                let protocol = app_protocol_hint(port.app_protocol.as_deref());
+                // A Service without a selector has no automatic endpoints.
+                let selects = |labels: &std::collections::BTreeMap<String, String>| {
+                    !svc.spec.selector.is_empty()
+                        && svc
+                            .spec
+                            .selector
+                            .iter()
+                            .all(|(k, v)| labels.get(k) == Some(v))
+                };
+                let endpoints = self
+                    .workloads
+                    .values()
+                    .filter(|w| w.reg.namespace == auth.namespace)
+                    .filter(|w| selects(&w.reg.labels) && self.is_ready(w, now))
+                    .filter_map(|w| {
+                        let ip = *w.reg.addresses.first()?;
+                        Some(Endpoint {
+                            address: SocketAddr::new(ip, target).to_string(),
+                            spiffe_id: w.reg.spiffe_id.clone(),
+                            weight: 1,
+                            cluster: self.cluster.clone(),
+                            priority: 0,
+                            protocol: protocol as i32,
+                            labels: w.reg.labels.clone().into_iter().collect(),
+                            via_gateway: None,
+                            workload: format!("{}/{}", w.reg.namespace, w.reg.name),
+                            proxy_port: u32::from(w.reg.proxy_port),
+                        })
+                    })
+                    .collect();
+                discovery_update::Kind::Endpoints(EndpointSet {
+                    authority: authority.to_owned(),
+                    endpoints,
+                })
+            }
+        };
+        DiscoveryUpdate { kind: Some(kind) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        index::{Liveness, tests::reg},
+        resources::parse::parse_file,
+    };
+
+    fn index(yaml: &str) -> Index {
+        let mut index = Index::new("west", "cluster.local", Liveness::default());
+        let res = parse_file(std::path::Path::new("t.yaml"), yaml).unwrap();
+        index.set_resources(res.into_iter().map(|(_, r)| r).collect());
+        index
+    }
+
+    const API: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\nspec:\n  selector: {app: api}\n  ports: [{port: 80, targetPort: 8080, appProtocol: http}]\n";
+
+    fn endpoints(u: DiscoveryUpdate) -> Vec<Endpoint> {
+        match u.kind.unwrap() {
+            discovery_update::Kind::Endpoints(set) => set.endpoints,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn ready_selected_workloads_are_endpoints() {
+        let now = Instant::now();
+        let mut index = index(API);
+        index
+            .register(
+                reg("shop", "api-0", "api", &[("app", "api")], "10.0.0.1"),
+                now,
+            )
+            .unwrap();
+        index
+            .register(
+                reg("shop", "web-0", "web", &[("app", "web")], "10.0.0.2"),
+                now,
+            )
+            .unwrap();
+        index
+            .register(
+                reg("other", "api-0", "api", &[("app", "api")], "10.0.0.3"),
+                now,
+            )
+            .unwrap();
+        let mut sick = reg("shop", "api-1", "api", &[("app", "api")], "10.0.0.4");
+        sick.healthy = false;
+        index.register(sick, now).unwrap();
+
+        let eps = endpoints(index.discovery("api.shop.svc.cluster.local:80", now));
+        assert_eq!(eps.len(), 1);
+        assert_eq!(eps[0].address, "10.0.0.1:8080");
+        assert_eq!(eps[0].spiffe_id, "spiffe://west.mesh.local/ns/shop/sa/api");
+        assert_eq!(eps[0].protocol, ProtocolHint::Http1 as i32);
+        assert_eq!((eps[0].proxy_port, eps[0].cluster.as_str()), (4143, "west"));
+
+        let later = now + Duration::from_secs(31);
+        assert!(endpoints(index.discovery("api.shop.svc.cluster.local:80", later)).is_empty());
+    }
+
+    #[test]
+    fn unknown_authorities_say_what_is_missing() {
+        let index = index(API);
+        let reason = |a: &str| match index.discovery(a, Instant::now()).kind.unwrap() {
+            discovery_update::Kind::NoSuchService(n) => n.reason,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            reason("db.shop.svc.cluster.local:5432"),
+            "no Service db in namespace shop"
+        );
+        assert_eq!(
+            reason("api.shop.svc.cluster.local:81"),
+            "Service shop/api has no port 81 (ports: 80)"
+        );
+        assert!(reason("api.shop:80").contains("not in this cluster's domain"));
+        assert!(reason("api.shop.svc.cluster.local").contains("has no port"));
+    }
+}

@@ -1,0 +1,361 @@
+//! The control plane's view of the cluster: configuration resources plus
+//! live workload registrations, held in memory. Pure and synchronous; the
+//! gRPC services render their answers from it (`discovery.rs`,
+//! `policy.rs`), and the store persists what must survive a restart.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::resources::{
+    Resource,
+    types::{
+        AuthorizationPolicySpec, HttpRouteSpec, MeshTlsAuthenticationSpec, Object, ServerSpec,
+        ServiceSpec,
+    },
+};
+
+mod discovery;
+mod policy;
+
+pub use discovery::Authority;
+
+/// `(namespace, name)` of a workload or resource.
+pub type Key = (String, String);
+
+/// A workload as it registered itself (persisted in the store).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    pub namespace: String,
+    pub name: String,
+    /// The SPIFFE ID of the mTLS peer that registered it: its owner.
+    pub spiffe_id: String,
+    pub addresses: Vec<IpAddr>,
+    pub ports: Vec<WorkloadPort>,
+    pub labels: BTreeMap<String, String>,
+    pub healthy: bool,
+    /// The workload proxy's inbound port; 0 when it has none.
+    pub proxy_port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadPort {
+    pub name: String,
+    pub port: u16,
+    /// A `mesh.v1.ProtocolHint` value.
+    pub protocol: i32,
+}
+
+impl Registration {
+    pub fn key(&self) -> Key {
+        (self.namespace.clone(), self.name.clone())
+    }
+}
+
+/// When a silent workload stops being ready, and when it is forgotten.
+#[derive(Clone, Copy, Debug)]
+pub struct Liveness {
+    pub heartbeat_interval: Duration,
+    /// Missed heartbeats before a workload is not ready.
+    pub misses: u32,
+    /// Time without heartbeats before a registration is removed.
+    pub grace: Duration,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(10),
+            misses: 3,
+            grace: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Why a registry call was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("workload {}/{} is registered by {owner}; only its owner may change it", key.0, key.1)]
+    NotOwner { key: Key, owner: String },
+    #[error("workload {}/{} is not registered (it may have been removed after missing heartbeats); register again", key.0, key.1)]
+    NotFound { key: Key },
+}
+
+#[derive(Clone, Debug)]
+struct Workload {
+    reg: Registration,
+    last_heartbeat: Instant,
+}
+
+/// Everything the views are computed from.
+#[derive(Debug)]
+pub struct Index {
+    cluster: String,
+    cluster_domain: String,
+    liveness: Liveness,
+    services: BTreeMap<Key, Object<ServiceSpec>>,
+    servers: BTreeMap<Key, Object<ServerSpec>>,
+    authorizations: BTreeMap<Key, Object<AuthorizationPolicySpec>>,
+    authentications: BTreeMap<Key, Object<MeshTlsAuthenticationSpec>>,
+    routes: BTreeMap<Key, Object<HttpRouteSpec>>,
+    workloads: BTreeMap<Key, Workload>,
+}
+
+impl Index {
+    pub fn new(cluster: &str, cluster_domain: &str, liveness: Liveness) -> Self {
+        Self {
+            cluster: cluster.to_owned(),
+            cluster_domain: cluster_domain.to_owned(),
+            liveness,
+            services: BTreeMap::new(),
+            servers: BTreeMap::new(),
+            authorizations: BTreeMap::new(),
+            authentications: BTreeMap::new(),
+            routes: BTreeMap::new(),
+            workloads: BTreeMap::new(),
+        }
+    }
+
+    pub fn cluster_domain(&self) -> &str {
+        &self.cluster_domain
+    }
+
+    /// Replaces all configuration resources. Returns whether anything changed.
+    pub fn set_resources(&mut self, resources: Vec<Resource>) -> bool {
+        let mut services = BTreeMap::new();
+        let mut servers = BTreeMap::new();
+        let mut authorizations = BTreeMap::new();
+        let mut authentications = BTreeMap::new();
+        let mut routes = BTreeMap::new();
+        for res in resources {
+            let key = (
+                res.metadata().namespace.clone(),
+                res.metadata().name.clone(),
+            );
+            match res {
+                Resource::Service(o) => services.insert(key, o).map(|_| ()),
+                Resource::Server(o) => servers.insert(key, o).map(|_| ()),
+                Resource::AuthorizationPolicy(o) => authorizations.insert(key, o).map(|_| ()),
+                Resource::MeshTlsAuthentication(o) => authentications.insert(key, o).map(|_| ()),
+                Resource::HttpRoute(o) => routes.insert(key, o).map(|_| ()),
+            };
+        }
+        let changed = services != self.services
+            || servers != self.servers
+            || authorizations != self.authorizations
+            || authentications != self.authentications
+            || routes != self.routes;
+        self.services = services;
+        self.servers = servers;
+        self.authorizations = authorizations;
+        self.authentications = authentications;
+        self.routes = routes;
+        changed
+    }
+
+    /// Whether `reg` may be stored: new, or replacing its owner's own.
+    pub fn may_register(&self, reg: &Registration) -> Result<(), RegistryError> {
+        match self.workloads.get(&reg.key()) {
+            Some(existing) if existing.reg.spiffe_id != reg.spiffe_id => {
+                Err(RegistryError::NotOwner {
+                    key: reg.key(),
+                    owner: existing.reg.spiffe_id.clone(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Adds or replaces a registration; only its owner may replace it.
+    pub fn register(&mut self, reg: Registration, now: Instant) -> Result<(), RegistryError> {
+        self.may_register(&reg)?;
+        let key = reg.key();
+        self.workloads.insert(
+            key,
+            Workload {
+                reg,
+                last_heartbeat: now,
+            },
+        );
+        Ok(())
+    }
+
+    /// Restores registrations read from the store after a restart. Each gets
+    /// a fresh heartbeat window.
+    pub fn restore(&mut self, regs: Vec<Registration>, now: Instant) {
+        for reg in regs {
+            self.workloads.insert(
+                reg.key(),
+                Workload {
+                    reg,
+                    last_heartbeat: now,
+                },
+            );
+        }
+    }
+
+    /// Records a heartbeat. Returns the updated registration and whether
+    /// its health changed.
+    pub fn heartbeat(
+        &mut self,
+        key: &Key,
+        caller: &str,
+        healthy: bool,
+        now: Instant,
+    ) -> Result<(Registration, bool), RegistryError> {
+        let w = self.owned(key, caller)?;
+        let changed = w.reg.healthy != healthy;
+        w.reg.healthy = healthy;
+        w.last_heartbeat = now;
+        Ok((w.reg.clone(), changed))
+    }
+
+    pub fn deregister(&mut self, key: &Key, caller: &str) -> Result<(), RegistryError> {
+        self.owned(key, caller)?;
+        self.workloads.remove(key);
+        Ok(())
+    }
+
+    fn owned(&mut self, key: &Key, caller: &str) -> Result<&mut Workload, RegistryError> {
+        match self.workloads.get_mut(key) {
+            None => Err(RegistryError::NotFound { key: key.clone() }),
+            Some(w) if w.reg.spiffe_id != caller => Err(RegistryError::NotOwner {
+                key: key.clone(),
+                owner: w.reg.spiffe_id.clone(),
+            }),
+            Some(w) => Ok(w),
+        }
+    }
+
+    /// Whether a workload counts as ready at `now`: healthy and heard from
+    /// within `misses` heartbeat intervals.
+    fn is_ready(&self, w: &Workload, now: Instant) -> bool {
+        let deadline = self.liveness.heartbeat_interval * self.liveness.misses;
+        w.reg.healthy && now.saturating_duration_since(w.last_heartbeat) <= deadline
+    }
+
+    /// Removes registrations silent for longer than the grace period and
+    /// returns their keys. Also returns whether any workload's readiness
+    /// flipped since `before` (the previous sweep's time).
+    pub fn sweep(&mut self, before: Instant, now: Instant) -> (Vec<Key>, bool) {
+        let flipped = self
+            .workloads
+            .values()
+            .any(|w| self.is_ready(w, before) != self.is_ready(w, now));
+        let grace = self.liveness.grace;
+        let removed: Vec<Key> = self
+            .workloads
+            .iter()
+            .filter(|(_, w)| now.saturating_duration_since(w.last_heartbeat) > grace)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &removed {
+            self.workloads.remove(key);
+        }
+        (removed.clone(), flipped || !removed.is_empty())
+    }
+
+    /// `(ready, not_ready)` workload counts at `now`.
+    pub fn workload_counts(&self, now: Instant) -> (usize, usize) {
+        let ready = self
+            .workloads
+            .values()
+            .filter(|w| self.is_ready(w, now))
+            .count();
+        (ready, self.workloads.len() - ready)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn reg(
+        ns: &str,
+        name: &str,
+        sa: &str,
+        labels: &[(&str, &str)],
+        ip: &str,
+    ) -> Registration {
+        Registration {
+            namespace: ns.into(),
+            name: name.into(),
+            spiffe_id: format!("spiffe://west.mesh.local/ns/{ns}/sa/{sa}"),
+            addresses: vec![ip.parse().unwrap()],
+            ports: vec![WorkloadPort {
+                name: "http".into(),
+                port: 8080,
+                protocol: 1,
+            }],
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+            healthy: true,
+            proxy_port: 4143,
+        }
+    }
+
+    #[test]
+    fn liveness_marks_not_ready_then_removes() {
+        let t0 = Instant::now();
+        let mut index = Index::new("west", "cluster.local", Liveness::default());
+        index
+            .register(reg("shop", "api-0", "api", &[], "10.0.0.1"), t0)
+            .unwrap();
+        assert_eq!(index.workload_counts(t0), (1, 0));
+
+        let t31 = t0 + Duration::from_secs(31);
+        let (removed, changed) = index.sweep(t0 + Duration::from_secs(29), t31);
+        assert!(
+            removed.is_empty() && changed,
+            "three missed heartbeats: not ready"
+        );
+        assert_eq!(index.workload_counts(t31), (0, 1));
+
+        let key = ("shop".to_owned(), "api-0".to_owned());
+        let owner = "spiffe://west.mesh.local/ns/shop/sa/api";
+        index.heartbeat(&key, owner, true, t31).unwrap();
+        assert_eq!(
+            index.workload_counts(t31),
+            (1, 0),
+            "a heartbeat makes it ready again"
+        );
+
+        let late = t31 + Duration::from_secs(301);
+        let (removed, _) = index.sweep(t31, late);
+        assert_eq!(removed, vec![key.clone()]);
+        assert!(matches!(
+            index.heartbeat(&key, owner, true, late),
+            Err(RegistryError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn only_the_owner_changes_a_registration() {
+        let now = Instant::now();
+        let mut index = Index::new("west", "cluster.local", Liveness::default());
+        index
+            .register(reg("shop", "api-0", "api", &[], "10.0.0.1"), now)
+            .unwrap();
+        let thief = reg("shop", "api-0", "web", &[], "10.0.0.9");
+        assert!(matches!(
+            index.register(thief, now),
+            Err(RegistryError::NotOwner { .. })
+        ));
+        let key = ("shop".to_owned(), "api-0".to_owned());
+        let web = "spiffe://west.mesh.local/ns/shop/sa/web";
+        assert!(matches!(
+            index.deregister(&key, web),
+            Err(RegistryError::NotOwner { .. })
+        ));
+        assert!(matches!(
+            index.heartbeat(&key, web, false, now),
+            Err(RegistryError::NotOwner { .. })
+        ));
+    }
+}

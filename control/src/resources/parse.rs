@@ -1,0 +1,314 @@
+//! Multi-document YAML files into resources, with errors that name the
+//! file, the line and the reason.
+
+use std::path::{Path, PathBuf};
+
+use mesh_core::identity::SpiffeId;
+use serde::Deserialize;
+
+use super::types::*;
+
+/// A file that could not be used; nothing of it is applied.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}:{line}: {reason}", file.display())]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line in the file.
+    pub line: usize,
+    pub reason: String,
+    /// Metric label: `yaml`, `schema`, `unknown_kind`, `api_version`,
+    /// `invalid`, `duplicate`, `io`.
+    pub kind: &'static str,
+}
+
+/// Parses every document of a file. Any error rejects the whole file, so a
+/// half-applied file never serves.
+pub fn parse_file(file: &Path, text: &str) -> Result<Vec<(usize, Resource)>, ConfigError> {
+    let mut out = Vec::new();
+    for (start, doc) in split_documents(text) {
+        let err = |line: usize, reason: String, kind| ConfigError {
+            file: file.to_owned(),
+            line,
+            reason,
+            kind,
+        };
+        let yaml_err = |e: serde_saphyr::Error, kind| {
+            let line = e.location().map_or(0, |l| l.line() as usize);
+            err(start + line.saturating_sub(1), short_reason(&e), kind)
+        };
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Header {
+            api_version: Option<String>,
+            kind: Option<String>,
+        }
+        let header: Header = serde_saphyr::from_str(&doc).map_err(|e| yaml_err(e, "yaml"))?;
+        let (Some(api_version), Some(kind)) = (header.api_version, header.kind) else {
+            return Err(err(
+                start,
+                "every document needs `apiVersion` and `kind`".into(),
+                "schema",
+            ));
+        };
+        let want_api = match kind.as_str() {
+            "Service" => CORE_V1,
+            "Server" | "AuthorizationPolicy" | "MeshTLSAuthentication" => POLICY_V1ALPHA1,
+            "HTTPRoute" => GATEWAY_V1,
+            other => {
+                return Err(err(
+                    start,
+                    format!(
+                        "unknown kind {other:?}; known kinds: Service, Server, AuthorizationPolicy, MeshTLSAuthentication, HTTPRoute"
+                    ),
+                    "unknown_kind",
+                ));
+            }
+        };
+        if api_version != want_api {
+            return Err(err(
+                start,
+                format!("{kind} has apiVersion {api_version:?}; use {want_api:?}"),
+                "api_version",
+            ));
+        }
+        let schema = |e| yaml_err(e, "schema");
+        let resource = match kind.as_str() {
+            "Service" => Resource::Service(serde_saphyr::from_str(&doc).map_err(schema)?),
+            "Server" => Resource::Server(serde_saphyr::from_str(&doc).map_err(schema)?),
+            "AuthorizationPolicy" => {
+                Resource::AuthorizationPolicy(serde_saphyr::from_str(&doc).map_err(schema)?)
+            }
+            "MeshTLSAuthentication" => {
+                Resource::MeshTlsAuthentication(serde_saphyr::from_str(&doc).map_err(schema)?)
+            }
+            _ => Resource::HttpRoute(serde_saphyr::from_str(&doc).map_err(schema)?),
+        };
+        validate(&resource).map_err(|reason| err(start, reason, "invalid"))?;
+        out.push((start, resource));
+    }
+    Ok(out)
+}
+
+/// Splits on `---` lines; returns each non-empty document with the 1-based
+/// line it starts on.
+fn split_documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    let mut start = 1;
+    let mut flush = |current: &mut String, start: usize| {
+        let meaningful = current
+            .lines()
+            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
+        if meaningful {
+            docs.push((start, std::mem::take(current)));
+        }
+        current.clear();
+    };
+    for (i, line) in text.lines().enumerate() {
+        let is_separator = line == "---" || line.starts_with("--- ") || line == "...";
+        if is_separator {
+            flush(&mut current, start);
+            start = i + 2;
+        } else {
+            current.push_str(line);
+            current.push('\n');
+        }
+    }
+    flush(&mut current, start);
+    docs
+}
+
+/// serde-saphyr's first line is "error: line L column C: reason"; keep the reason.
+fn short_reason(e: &serde_saphyr::Error) -> String {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    match first
+        .find("column ")
+        .and_then(|i| first[i..].find(": ").map(|j| i + j + 2))
+    {
+        Some(at) => first[at..].to_owned(),
+        None => first.trim_start_matches("error: ").to_owned(),
+    }
+}
+
+/// Checks what the schema cannot: names, references, values.
+fn validate(resource: &Resource) -> Result<(), String> {
+    let meta = resource.metadata();
+    check_name("metadata.name", &meta.name)?;
+    check_name("metadata.namespace", &meta.namespace)?;
+    match resource {
+        Resource::Service(svc) => {
+            if svc.spec.ports.is_empty() {
+                return Err("Service spec.ports is empty".into());
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for p in &svc.spec.ports {
+                if p.port == 0 || !seen.insert(p.port) {
+                    return Err(format!("Service port {} is zero or listed twice", p.port));
+                }
+                if let Some(proto) = &p.protocol
+                    && proto != "TCP"
+                {
+                    return Err(format!(
+                        "Service port {} protocol {proto:?}: only TCP is meshed",
+                        p.port
+                    ));
+                }
+            }
+        }
+        Resource::Server(srv) => {
+            if let Some(p) = &srv.spec.proxy_protocol
+                && !matches!(
+                    p.as_str(),
+                    "HTTP/1" | "HTTP/2" | "gRPC" | "opaque" | "unknown"
+                )
+            {
+                return Err(format!(
+                    "Server proxyProtocol {p:?}: use HTTP/1, HTTP/2, gRPC, opaque or unknown"
+                ));
+            }
+        }
+        Resource::AuthorizationPolicy(ap) => {
+            if ap.spec.target_ref.kind != "Server" {
+                return Err(format!(
+                    "AuthorizationPolicy targetRef.kind {:?}: only Server is supported",
+                    ap.spec.target_ref.kind
+                ));
+            }
+            if let Some(r) = ap
+                .spec
+                .required_authentication_refs
+                .iter()
+                .find(|r| r.kind != "MeshTLSAuthentication")
+            {
+                return Err(format!(
+                    "requiredAuthenticationRefs kind {:?}: only MeshTLSAuthentication is supported",
+                    r.kind
+                ));
+            }
+        }
+        Resource::MeshTlsAuthentication(m) => {
+            for id in &m.spec.identities {
+                check_identity_pattern(id)?;
+            }
+        }
+        Resource::HttpRoute(route) => {
+            if route.spec.parent_refs.is_empty() {
+                return Err("HTTPRoute spec.parentRefs is empty".into());
+            }
+            for rule in &route.spec.rules {
+                if let Some(t) = &rule.timeouts {
+                    for d in [&t.request, &t.backend_request].into_iter().flatten() {
+                        parse_duration(d)?;
+                    }
+                }
+                if let Some(r) = &rule.retry {
+                    if let Some(b) = &r.backoff {
+                        parse_duration(b)?;
+                    }
+                    if let Some(c) = r.codes.iter().find(|c| !(500..=599).contains(*c)) {
+                        return Err(format!("retry code {c}: only 5xx responses are retried"));
+                    }
+                }
+                for m in &rule.matches {
+                    if let Some(p) = &m.path {
+                        if !matches!(p.kind.as_deref(), None | Some("PathPrefix") | Some("Exact")) {
+                            return Err(format!(
+                                "path match type {:?}: use PathPrefix or Exact",
+                                p.kind
+                            ));
+                        }
+                        if !p.value.starts_with('/') {
+                            return Err(format!(
+                                "path match value {:?} must start with /",
+                                p.value
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A DNS-1123 label, as Kubernetes names are.
+pub fn check_name(field: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field} {name:?} must be 1-63 lower-case letters, digits or '-', not starting or ending with '-'"
+        ))
+    }
+}
+
+fn check_identity_pattern(pattern: &str) -> Result<(), String> {
+    if pattern == "*" {
+        return Ok(());
+    }
+    if let Some(td) = pattern.strip_suffix("/*") {
+        return mesh_core::identity::TrustDomain::parse(td)
+            .map(|_| ())
+            .map_err(|e| format!("identity {pattern:?}: {e}"));
+    }
+    SpiffeId::parse(pattern)
+        .map(|_| ())
+        .map_err(|e| format!("identity {pattern:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Vec<(usize, Resource)>, ConfigError> {
+        parse_file(Path::new("cfg/shop.yaml"), text)
+    }
+
+    #[test]
+    fn multi_document_file_parses_with_start_lines() {
+        let text = "# shop\n---\napiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\nspec:\n  selector: {app: api}\n  ports: [{port: 8080, appProtocol: http}]\n---\napiVersion: policy.mesh.rs/v1alpha1\nkind: MeshTLSAuthentication\nmetadata: {name: web-only, namespace: shop}\nspec:\n  identities: [\"spiffe://west.mesh.local/ns/shop/sa/web\", \"spiffe://east.mesh.local/*\"]\n";
+        let docs = parse(text).unwrap();
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[0].0, 3);
+        assert_eq!(docs[1].0, 10);
+        assert_eq!(docs[0].1.metadata().namespace, "shop");
+    }
+
+    #[test]
+    fn errors_name_file_line_and_reason() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: api}\nspec:\n  ports: [{port: 8080}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: db}\nspec:\n  ports:\n  - prot: 5432\n";
+        let err = parse(text).unwrap_err();
+        assert_eq!(err.line, 12);
+        assert_eq!(err.kind, "schema");
+        assert!(
+            err.to_string()
+                .starts_with("cfg/shop.yaml:12: unknown field `prot`"),
+            "{err}"
+        );
+
+        let err =
+            parse("apiVersion: v1\nkind: Servic\nmetadata: {name: a}\nspec: {}\n").unwrap_err();
+        assert_eq!((err.line, err.kind), (1, "unknown_kind"));
+        let err = parse("apiVersion: v2\nkind: Service\nmetadata: {name: a}\nspec: {ports: []}\n")
+            .unwrap_err();
+        assert_eq!(err.kind, "api_version");
+        let err = parse("kind: [\n").unwrap_err();
+        assert_eq!((err.line, err.kind), (1, "yaml"));
+        let err = parse(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: Api}\nspec: {ports: [{port: 1}]}\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.kind, "invalid");
+        assert!(err.reason.contains("metadata.name \"Api\""), "{err}");
+        let err = parse("apiVersion: policy.mesh.rs/v1alpha1\nkind: MeshTLSAuthentication\nmetadata: {name: a}\nspec: {identities: [\"spiffe://West/x\"]}\n").unwrap_err();
+        assert!(err.reason.contains("lower case"), "{err}");
+    }
+}

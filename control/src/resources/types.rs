@@ -1,0 +1,273 @@
+//! The resource kinds the control plane reads, Kubernetes shaped
+//! (`apiVersion`, `kind`, `metadata`, `spec`). Unknown fields are errors, so
+//! a typo is reported instead of silently ignored.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use serde::Deserialize;
+
+pub const CORE_V1: &str = "v1";
+pub const POLICY_V1ALPHA1: &str = "policy.mesh.rs/v1alpha1";
+pub const GATEWAY_V1: &str = "gateway.networking.k8s.io/v1";
+
+/// `metadata` of every resource.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+fn default_namespace() -> String {
+    "default".to_owned()
+}
+
+/// One parsed resource.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resource {
+    Service(Object<ServiceSpec>),
+    Server(Object<ServerSpec>),
+    AuthorizationPolicy(Object<AuthorizationPolicySpec>),
+    MeshTlsAuthentication(Object<MeshTlsAuthenticationSpec>),
+    HttpRoute(Object<HttpRouteSpec>),
+}
+
+impl Resource {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Service(_) => "Service",
+            Self::Server(_) => "Server",
+            Self::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Self::MeshTlsAuthentication(_) => "MeshTLSAuthentication",
+            Self::HttpRoute(_) => "HTTPRoute",
+        }
+    }
+
+    pub fn metadata(&self) -> &Metadata {
+        match self {
+            Self::Service(o) => &o.metadata,
+            Self::Server(o) => &o.metadata,
+            Self::AuthorizationPolicy(o) => &o.metadata,
+            Self::MeshTlsAuthentication(o) => &o.metadata,
+            Self::HttpRoute(o) => &o.metadata,
+        }
+    }
+}
+
+/// A whole document of one kind.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Object<S> {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: S,
+}
+
+/// `v1/Service`: a selector over workload labels and the ports it serves.
+/// Label `multicluster.mesh.rs/exported: "true"` exports it (federation).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceSpec {
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub port: u16,
+    /// The workload port; defaults to `port`.
+    #[serde(default)]
+    pub target_port: Option<u16>,
+    /// `http`, `h2c`/`http2`, `grpc` or `opaque`/`tcp`.
+    #[serde(default)]
+    pub app_protocol: Option<String>,
+    /// Only `TCP` is meshed.
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+/// `policy.mesh.rs/v1alpha1/Server`: a port of the workloads a label
+/// selector picks, which authorization policies then target.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServerSpec {
+    pub pod_selector: LabelSelector,
+    /// A port number, or the name of a registered workload port.
+    pub port: PortRef,
+    /// `HTTP/1`, `HTTP/2`, `gRPC`, `opaque` or `unknown` (detect).
+    #[serde(default)]
+    pub proxy_protocol: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LabelSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+impl LabelSelector {
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum PortRef {
+    Number(u16),
+    Name(String),
+}
+
+/// `policy.mesh.rs/v1alpha1/AuthorizationPolicy`: who may use a Server.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    pub target_ref: TargetRef,
+    pub required_authentication_refs: Vec<TargetRef>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TargetRef {
+    #[serde(default)]
+    pub group: Option<String>,
+    pub kind: String,
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+/// `policy.mesh.rs/v1alpha1/MeshTLSAuthentication`: a set of identities.
+/// Each entry is an exact SPIFFE ID, `spiffe://<trust-domain>/*` for a whole
+/// trust domain, or `*` for any verified identity.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshTlsAuthenticationSpec {
+    pub identities: Vec<String>,
+}
+
+/// `gateway.networking.k8s.io/v1/HTTPRoute`, attached to a Service port.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteSpec {
+    pub parent_refs: Vec<ParentRef>,
+    #[serde(default)]
+    pub rules: Vec<HttpRouteRule>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ParentRef {
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub kind: Option<String>,
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// The Service port; absent means every port.
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteRule {
+    #[serde(default)]
+    pub matches: Vec<HttpRouteMatch>,
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+    #[serde(default)]
+    pub timeouts: Option<HttpRouteTimeouts>,
+    #[serde(default)]
+    pub retry: Option<HttpRouteRetry>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteMatch {
+    #[serde(default)]
+    pub path: Option<HttpPathMatch>,
+    #[serde(default)]
+    pub headers: Vec<HttpHeaderMatch>,
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpPathMatch {
+    /// `PathPrefix` (default) or `Exact`.
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    pub value: String,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpHeaderMatch {
+    /// Only `Exact` is supported.
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendRef {
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    pub port: u16,
+    #[serde(default = "one")]
+    pub weight: u32,
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Gateway API durations (`10s`, `500ms`, `1m30s`), kept as written.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteTimeouts {
+    #[serde(default)]
+    pub request: Option<String>,
+    #[serde(default)]
+    pub backend_request: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteRetry {
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    #[serde(default)]
+    pub codes: Vec<u16>,
+    #[serde(default)]
+    pub backoff: Option<String>,
+}
+
+/// Parses a Gateway API duration.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?}: {e} (write e.g. 10s or 500ms)"))
+}

@@ -1,0 +1,371 @@
+//! The API-port services: Discovery, Policy and Registry. They read the
+//! shared [`Index`]; every watch stream re-renders its answer when the index
+//! version moves and sends it only when it changed.
+
+use std::{
+    net::IpAddr,
+    sync::{Arc, RwLock, RwLockReadGuard},
+    time::Instant,
+};
+
+use mesh_core::{
+    api::v1::{
+        DeregisterRequest, DeregisterResponse, DiscoveryUpdate, HeartbeatRequest,
+        HeartbeatResponse, InboundPolicy, InboundRequest, OutboundPolicy, OutboundRequest,
+        RegisterRequest, RegisterResponse, WatchRequest, discovery_server::Discovery,
+        policy_server::Policy, registry_server::Registry,
+    },
+    grpc,
+    identity::SpiffeId,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status};
+
+use crate::{
+    index::{Index, Key, Liveness, Registration, RegistryError, WorkloadPort},
+    metrics::{ApiLabels, Metrics, ReasonLabels},
+    resources::parse::check_name,
+    store::Store,
+};
+
+/// The index and a version counter that moves on every change.
+#[derive(Debug)]
+pub struct Shared {
+    index: RwLock<Index>,
+    version: watch::Sender<u64>,
+}
+
+impl Shared {
+    pub fn new(index: Index) -> Arc<Self> {
+        Arc::new(Self {
+            index: RwLock::new(index),
+            version: watch::Sender::new(0),
+        })
+    }
+
+    pub fn read(&self) -> RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the index; wakes every watcher when it reports a change.
+    pub fn update<R>(&self, f: impl FnOnce(&mut Index) -> (R, bool)) -> R {
+        let (result, changed) = f(&mut self.index.write().unwrap_or_else(|p| p.into_inner()));
+        if changed {
+            self.version.send_modify(|v| *v += 1);
+        }
+        result
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+}
+
+/// Streams `render(index)`: first the current answer, then each change.
+/// Ends when the client goes away.
+fn watch_stream<T>(
+    shared: Arc<Shared>,
+    metrics: &Metrics,
+    api: &str,
+    render: impl Fn(&Index, Instant) -> T + Send + 'static,
+) -> ReceiverStream<Result<T, Status>>
+where
+    T: PartialEq + Clone + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(4);
+    let gauge = metrics
+        .watch_streams
+        .get_or_create(&ApiLabels { api: api.into() })
+        .clone();
+    tokio::spawn(async move {
+        gauge.inc();
+        let mut version = shared.subscribe();
+        let mut last: Option<T> = None;
+        loop {
+            let current = render(&shared.read(), Instant::now());
+            if last.as_ref() != Some(&current) {
+                if tx.send(Ok(current.clone())).await.is_err() {
+                    break;
+                }
+                last = Some(current);
+            }
+            tokio::select! {
+                changed = version.changed() => if changed.is_err() { break },
+                () = tx.closed() => break,
+            }
+        }
+        gauge.dec();
+    });
+    ReceiverStream::new(rx)
+}
+
+#[derive(Clone, Debug)]
+pub struct ApiServices {
+    pub shared: Arc<Shared>,
+    pub store: Arc<dyn Store>,
+    pub metrics: Metrics,
+    pub liveness: Liveness,
+}
+
+impl ApiServices {
+    fn refuse(&self, reason: &str, code: Code, message: impl Into<String>) -> Status {
+        self.metrics
+            .registry_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+        let status = Status::new(code, message);
+        tracing::warn!(reason, "registry call refused: {}", status.message());
+        status
+    }
+
+    /// The caller's SPIFFE ID and the namespace it names.
+    fn caller<T>(&self, req: &Request<T>) -> Result<(SpiffeId, String), Status> {
+        let id = grpc::peer(req)
+            .and_then(|p| p.identity.clone())
+            .ok_or_else(|| {
+                self.refuse(
+                    "no_credentials",
+                    Code::Unauthenticated,
+                    "mTLS client certificate required",
+                )
+            })?;
+        let ns = workload_namespace(&id).ok_or_else(|| {
+            self.refuse(
+                "not_a_workload_identity",
+                Code::PermissionDenied,
+                format!("{id} is not a workload identity (spiffe://<td>/ns/<ns>/sa/<sa>)"),
+            )
+        })?;
+        Ok((id, ns))
+    }
+
+    fn same_namespace(&self, caller_ns: &str, asked: &str) -> Result<(), Status> {
+        if caller_ns == asked {
+            Ok(())
+        } else {
+            Err(self.refuse(
+                "namespace_mismatch",
+                Code::PermissionDenied,
+                format!("a workload of namespace {caller_ns} cannot act for namespace {asked}"),
+            ))
+        }
+    }
+
+    fn registry_error(&self, e: RegistryError) -> Status {
+        match e {
+            RegistryError::NotOwner { .. } => {
+                self.refuse("not_owner", Code::PermissionDenied, e.to_string())
+            }
+            RegistryError::NotFound { .. } => {
+                self.refuse("not_registered", Code::NotFound, e.to_string())
+            }
+        }
+    }
+
+    async fn persist(
+        &self,
+        f: impl FnOnce(&dyn Store) -> Result<(), crate::store::StoreError> + Send + 'static,
+    ) -> Result<(), Status> {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || f(store.as_ref())).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Status::internal(e.to_string())),
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
+    }
+}
+
+/// `ns` of `spiffe://<td>/ns/<ns>/sa/<sa>`.
+fn workload_namespace(id: &SpiffeId) -> Option<String> {
+    let parts: Vec<&str> = id.path().split('/').collect();
+    match parts.as_slice() {
+        ["", "ns", ns, "sa", _] => Some((*ns).to_owned()),
+        _ => None,
+    }
+}
+
+#[tonic::async_trait]
+impl Discovery for ApiServices {
+    type WatchStream = ReceiverStream<Result<DiscoveryUpdate, Status>>;
+
+    async fn watch(
+        &self,
+        req: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let authority = req.into_inner().authority;
+        Ok(Response::new(watch_stream(
+            self.shared.clone(),
+            &self.metrics,
+            "discovery",
+            move |index, now| index.discovery(&authority, now),
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl Policy for ApiServices {
+    type WatchInboundStream = ReceiverStream<Result<InboundPolicy, Status>>;
+    type WatchOutboundStream = ReceiverStream<Result<OutboundPolicy, Status>>;
+
+    async fn watch_inbound(
+        &self,
+        req: Request<InboundRequest>,
+    ) -> Result<Response<Self::WatchInboundStream>, Status> {
+        let (_, caller_ns) = self.caller(&req)?;
+        let r = req.into_inner();
+        self.same_namespace(&caller_ns, &r.namespace)?;
+        let port =
+            u16::try_from(r.port).map_err(|_| Status::invalid_argument("port must be 1-65535"))?;
+        Ok(Response::new(watch_stream(
+            self.shared.clone(),
+            &self.metrics,
+            "inbound_policy",
+            move |index, _| index.inbound(&r.namespace, &r.workload, port),
+        )))
+    }
+
+    async fn watch_outbound(
+        &self,
+        req: Request<OutboundRequest>,
+    ) -> Result<Response<Self::WatchOutboundStream>, Status> {
+        let authority = req.into_inner().authority;
+        Ok(Response::new(watch_stream(
+            self.shared.clone(),
+            &self.metrics,
+            "outbound_policy",
+            move |index, _| index.outbound(&authority),
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl Registry for ApiServices {
+    async fn register(
+        &self,
+        req: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let (id, caller_ns) = self.caller(&req)?;
+        let r = req.into_inner();
+        self.same_namespace(&caller_ns, &r.namespace)?;
+        check_name("name", &r.name)
+            .map_err(|e| self.refuse("bad_name", Code::InvalidArgument, e))?;
+        let addresses = r
+            .addresses
+            .iter()
+            .map(|a| a.parse::<IpAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                self.refuse(
+                    "bad_address",
+                    Code::InvalidArgument,
+                    format!("addresses: {e}"),
+                )
+            })?;
+        if addresses.is_empty() {
+            return Err(self.refuse(
+                "bad_address",
+                Code::InvalidArgument,
+                "at least one address is required",
+            ));
+        }
+        let to_port = |p: u32| {
+            u16::try_from(p).ok().filter(|p| *p > 0).ok_or_else(|| {
+                self.refuse(
+                    "bad_port",
+                    Code::InvalidArgument,
+                    format!("port {p} is not 1-65535"),
+                )
+            })
+        };
+        let ports = r
+            .ports
+            .iter()
+            .map(|p| {
+                Ok(WorkloadPort {
+                    name: p.name.clone(),
+                    port: to_port(p.port)?,
+                    protocol: p.protocol,
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let proxy_port = if r.proxy_port == 0 {
+            0
+        } else {
+            to_port(r.proxy_port)?
+        };
+        let reg = Registration {
+            namespace: r.namespace,
+            name: r.name,
+            spiffe_id: id.to_string(),
+            addresses,
+            ports,
+            labels: r.labels.into_iter().collect(),
+            healthy: r.healthy,
+            proxy_port,
+        };
+        // Check ownership first, persist, then publish: a registration is
+        // only ever visible once it is committed.
+        let key = reg.key();
+        self.shared
+            .read()
+            .may_register(&reg)
+            .map_err(|e| self.registry_error(e))?;
+        let stored = reg.clone();
+        self.persist(move |s| s.put_registration(&stored)).await?;
+        self.shared
+            .update(|index| (index.register(reg, Instant::now()), true))
+            .map_err(|e| self.registry_error(e))?;
+        tracing::info!(workload = %format!("{}/{}", key.0, key.1), %id, "workload registered");
+        Ok(Response::new(RegisterResponse {
+            spiffe_id: id.to_string(),
+            heartbeat_interval_seconds: self.liveness.heartbeat_interval.as_secs(),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let (id, caller_ns) = self.caller(&req)?;
+        let r = req.into_inner();
+        self.same_namespace(&caller_ns, &r.namespace)?;
+        let key: Key = (r.namespace, r.name);
+        let (reg, health_changed) = self
+            .shared
+            .update(|index| {
+                let was_ready = index.workload_counts(Instant::now());
+                let result = index.heartbeat(&key, id.as_str(), r.healthy, Instant::now());
+                let changed = result.as_ref().is_ok_and(|(_, c)| *c)
+                    || was_ready != index.workload_counts(Instant::now());
+                (result, changed)
+            })
+            .map_err(|e| self.registry_error(e))?;
+        if health_changed {
+            self.persist(move |s| s.put_registration(&reg)).await?;
+        }
+        Ok(Response::new(HeartbeatResponse {}))
+    }
+
+    async fn deregister(
+        &self,
+        req: Request<DeregisterRequest>,
+    ) -> Result<Response<DeregisterResponse>, Status> {
+        let (id, caller_ns) = self.caller(&req)?;
+        let r = req.into_inner();
+        self.same_namespace(&caller_ns, &r.namespace)?;
+        let key: Key = (r.namespace, r.name);
+        self.shared
+            .update(|index| {
+                let result = index.deregister(&key, id.as_str());
+                let changed = result.is_ok();
+                (result, changed)
+            })
+            .map_err(|e| self.registry_error(e))?;
+        self.persist(move |s| s.delete_registration(&key.0, &key.1))
+            .await?;
+        Ok(Response::new(DeregisterResponse {}))
+    }
+}

@@ -1,0 +1,172 @@
+//! The admin HTTP server every Mesh component runs: `/metrics` (Prometheus
+//! text), `/ready`, `/live`. It binds to loopback only, and has no endpoint
+//! that changes state.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{encoding::text::encode, registry::Registry};
+use tokio::net::TcpListener;
+
+/// Why the admin server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(
+        "admin address {0} is not a loopback address; admin endpoints bind to loopback only (use 127.0.0.1)"
+    )]
+    NotLoopback(SocketAddr),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Readiness: not ready until [`Readiness::set_ready`], with a reason shown
+/// by `/ready` meanwhile.
+#[derive(Clone, Debug)]
+pub struct Readiness(Arc<Mutex<Result<(), String>>>);
+
+impl Readiness {
+    pub fn new(initial_reason: &str) -> Self {
+        Self(Arc::new(Mutex::new(Err(initial_reason.to_owned()))))
+    }
+
+    pub fn set_ready(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Ok(());
+    }
+
+    pub fn set_not_ready(&self, reason: impl Into<String>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Err(reason.into());
+    }
+
+    pub fn state(&self) -> Result<(), String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Binds the admin listener, refusing anything but loopback.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
+    if !addr.ip().is_loopback() {
+        return Err(AdminError::NotLoopback(addr));
+    }
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AdminError::Bind { addr, source })
+}
+
+/// Serves the admin endpoints on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, registry: Arc<Registry>, readiness: Readiness) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let (registry, readiness) = (registry.clone(), readiness.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let response = route(&req, &registry, &readiness);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+fn route(
+    req: &Request<Incoming>,
+    registry: &Registry,
+    readiness: &Readiness,
+) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is served here\n".into(),
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => metrics(registry),
+        "/ready" => match readiness.state() {
+            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
+        "/live" => text(StatusCode::OK, "live\n".into()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /metrics, /ready or /live\n".into(),
+        ),
+    }
+}
+
+/// Renders `registry` in the Prometheus text format (version 0.0.4), which
+/// every scraper and `promtool check metrics` read.
+///
+/// prometheus-client writes OpenMetrics, which differs in three ways: an
+/// `# EOF` marker, `# UNIT` lines, and counter families named without the
+/// `_total` their samples carry. Those are converted here.
+pub fn render_metrics(registry: &Registry) -> String {
+    let mut open_metrics = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut open_metrics, registry);
+    let lines: Vec<&str> = open_metrics
+        .lines()
+        .filter(|l| *l != "# EOF" && !l.starts_with("# UNIT "))
+        .collect();
+    let counters: std::collections::HashSet<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .filter(|name| !name.ends_with("_total"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len() + 64);
+    for line in lines {
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                out.push_str(&format!("{prefix}{name}{suffix} {tail}"));
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn metrics(registry: &Registry) -> Response<Full<Bytes>> {
+    let mut response = text(StatusCode::OK, render_metrics(registry));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
