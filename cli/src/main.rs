@@ -20,7 +20,7 @@ enum Command {
     #[command(subcommand)]
     Identity(identity::IdentityCmd),
     /// Run a cluster's control plane, or manage a running one.
-    Control(mesh_control::cli::ControlArgs),
+    Control(Box<mesh_control::cli::ControlArgs>),
 }
 
 fn main() -> ExitCode {
@@ -40,7 +40,7 @@ fn main() -> ExitCode {
         Command::Control(args) => {
             let is_server = args.command.is_none();
             mesh_core::telemetry::init(if is_server { "info" } else { "warn" });
-            mesh_control::cli::run(args)
+            mesh_control::cli::run(*args)
         }
     }
 }
