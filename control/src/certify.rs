@@ -61,14 +61,28 @@ impl Identity for IdentityService {
         &self,
         request: Request<CertifyRequest>,
     ) -> Result<Response<CertifyResponse>, Status> {
-        let started = Instant::now();
         let peer = grpc::peer(&request).cloned();
-        let result = self.certify(peer.as_ref(), request.into_inner()).await;
+        self.handle(peer.as_ref(), request.into_inner())
+            .await
+            .map(Response::new)
+    }
+}
+
+impl IdentityService {
+    /// Answers one Certify request from `peer` (the verified TLS peer, if
+    /// any): the whole handler, metrics and logs included.
+    pub async fn handle(
+        &self,
+        peer: Option<&grpc::PeerInfo>,
+        request: CertifyRequest,
+    ) -> Result<CertifyResponse, Status> {
+        let started = Instant::now();
+        let result = self.certify(peer, request).await;
         self.metrics
             .certify_duration
             .observe(started.elapsed().as_secs_f64());
         match result {
-            Ok(response) => Ok(Response::new(response)),
+            Ok(response) => Ok(response),
             Err(refusal) => {
                 self.metrics.refuse_certify(refusal.reason);
                 tracing::warn!(
@@ -82,9 +96,7 @@ impl Identity for IdentityService {
             }
         }
     }
-}
 
-impl IdentityService {
     async fn certify(
         &self,
         peer: Option<&grpc::PeerInfo>,

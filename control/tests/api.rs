@@ -24,6 +24,20 @@ async fn next(stream: &mut Streaming<DiscoveryUpdate>, within: Duration) -> Kind
         .unwrap()
 }
 
+/// A discovery watch on the `api` service, as `creds`.
+async fn watch_api(
+    tp: &TestPlane,
+    creds: &mesh_core::identity::Credentials,
+) -> Streaming<DiscoveryUpdate> {
+    tp.discovery(creds)
+        .watch(WatchRequest {
+            authority: AUTHORITY.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn addresses(kind: &Kind) -> Vec<String> {
     match kind {
         Kind::Endpoints(set) => set.endpoints.iter().map(|e| e.address.clone()).collect(),
@@ -38,14 +52,7 @@ async fn registration_reaches_a_watcher_within_a_second() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let web = tp.join("shop", "web").await;
-    let mut watch = tp
-        .discovery(&web)
-        .watch(WatchRequest {
-            authority: AUTHORITY.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch_api(&tp, &web).await;
     assert!(
         addresses(&next(&mut watch, Duration::from_secs(2)).await).is_empty(),
         "full (empty) state first"
@@ -84,14 +91,7 @@ async fn registration_reaches_a_watcher_within_a_second() {
 async fn config_edits_reach_watchers_and_bad_files_keep_the_old_state() {
     let tp = TestPlane::start().await;
     let web = tp.join("shop", "web").await;
-    let mut watch = tp
-        .discovery(&web)
-        .watch(WatchRequest {
-            authority: AUTHORITY.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch_api(&tp, &web).await;
     match next(&mut watch, Duration::from_secs(2)).await {
         Kind::NoSuchService(n) => assert_eq!(n.reason, "no Service api in namespace shop"),
         other => panic!("{other:?}"),
@@ -109,14 +109,7 @@ async fn config_edits_reach_watchers_and_bad_files_keep_the_old_state() {
         quiet.is_err(),
         "a rejected file must not change what is served"
     );
-    let mut fresh = tp
-        .discovery(&web)
-        .watch(WatchRequest {
-            authority: AUTHORITY.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut fresh = watch_api(&tp, &web).await;
     assert!(matches!(
         next(&mut fresh, Duration::from_secs(2)).await,
         Kind::Endpoints(_)
@@ -159,14 +152,7 @@ async fn silent_workloads_leave_discovery_and_come_back() {
         0,
         "sub-second interval rounds down"
     );
-    let mut watch = tp
-        .discovery(&api)
-        .watch(WatchRequest {
-            authority: AUTHORITY.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch_api(&tp, &api).await;
     assert_eq!(
         addresses(&next(&mut watch, Duration::from_secs(1)).await).len(),
         1

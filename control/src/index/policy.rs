@@ -272,21 +272,22 @@ spec:
 "#;
 
     fn index() -> Index {
+        index_from(POLICY)
+    }
+
+    /// An index of `yaml` with workload `shop/api-0` (labels app=api) registered.
+    fn index_from(yaml: &str) -> Index {
         let mut index = Index::new("west", "cluster.local", Liveness::default());
-        let res = parse_file(std::path::Path::new("t.yaml"), POLICY).unwrap();
+        let res = parse_file(std::path::Path::new("t.yaml"), yaml).unwrap();
         index.set_resources(res.into_iter().map(|(_, r)| r).collect());
+        let api = reg("shop", "api-0", "api", &[("app", "api")], "10.0.0.1");
+        index.register(api, Instant::now()).unwrap();
         index
     }
 
     #[test]
     fn server_port_gets_its_authorizations() {
-        let mut index = index();
-        index
-            .register(
-                reg("shop", "api-0", "api", &[("app", "api")], "10.0.0.1"),
-                Instant::now(),
-            )
-            .unwrap();
+        let index = index();
         let p = index.inbound("shop", "api-0", 8080);
         assert_eq!(p.server, "shop/api-http");
         assert_eq!(p.protocol, ProtocolHint::Http1 as i32);
@@ -312,15 +313,7 @@ spec:
             "name: api-http}\n  requiredAuthenticationRefs",
             "name: other}\n  requiredAuthenticationRefs",
         );
-        let mut index = Index::new("west", "cluster.local", Liveness::default());
-        let res = parse_file(std::path::Path::new("t.yaml"), &text).unwrap();
-        index.set_resources(res.into_iter().map(|(_, r)| r).collect());
-        index
-            .register(
-                reg("shop", "api-0", "api", &[("app", "api")], "10.0.0.1"),
-                Instant::now(),
-            )
-            .unwrap();
+        let index = index_from(&text);
         let p = index.inbound("shop", "api-0", 8080);
         assert_eq!(p.server, "shop/api-http");
         assert!(p.authorizations.is_empty());
