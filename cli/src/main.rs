@@ -21,6 +21,8 @@ enum Command {
     Identity(identity::IdentityCmd),
     /// Run a cluster's control plane, or manage a running one.
     Control(Box<mesh_control::cli::ControlArgs>),
+    /// Run the sidecar proxy (configured by MESH_PROXY_* variables; see the README).
+    Proxy,
 }
 
 fn main() -> ExitCode {
@@ -41,6 +43,10 @@ fn main() -> ExitCode {
             let is_server = args.command.is_none();
             mesh_core::telemetry::init(if is_server { "info" } else { "warn" });
             mesh_control::cli::run(*args)
+        }
+        Command::Proxy => {
+            mesh_core::telemetry::init("info");
+            mesh_proxy::cli::run(std::env::vars().collect())
         }
     }
 }

@@ -24,6 +24,8 @@ pub mod ratelimit;
 pub mod resources;
 pub mod services;
 pub mod store;
+#[cfg(feature = "test-util")]
+pub mod test_util;
 pub mod tokens;
 
 pub use config::Config;

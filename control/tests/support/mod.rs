@@ -1,12 +1,9 @@
 //! A real control plane on 127.0.0.1:0 with real gRPC clients.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{path::PathBuf, time::Duration};
 
-use mesh_control::{ControlPlane, admin_socket::create_token, config::Config, index::Liveness};
+use mesh_control::{ControlPlane, admin_socket::create_token, config::Config};
 use mesh_core::{
     api::v1::{
         CertifyRequest, CertifyResponse, RegisterRequest, WorkloadPort,
@@ -15,12 +12,9 @@ use mesh_core::{
     },
     grpc,
     identity::{
-        BundleStore, CertificateAuthority, CredentialStore, Credentials, ExpectedIdentity, RootCa,
-        SpiffeId, TrustBundle, TrustBundleSet,
-        ca::{DEFAULT_ISSUER_TTL, DEFAULT_ROOT_TTL},
+        BundleStore, CredentialStore, Credentials, ExpectedIdentity, SpiffeId, TrustBundle,
         cert::now,
         csr::new_key_and_csr,
-        files,
         tls::{client_config, client_config_without_cert},
     },
 };
@@ -28,54 +22,12 @@ use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
-pub const TD: &str = "west.mesh.local";
+pub use mesh_control::test_util::{TD, bundles_of, config, make_dirs};
 
 pub struct TestPlane {
     pub plane: Option<ControlPlane>,
     pub dir: tempfile::TempDir,
     pub bundles: BundleStore,
-}
-
-/// Creates a CA directory and the config and data directories under `root`.
-pub fn make_dirs(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let ca_dir = root.join("ca");
-    if !ca_dir.join("issuer.crt").exists() {
-        let rca = RootCa::generate(DEFAULT_ROOT_TTL, now()).unwrap();
-        let ca =
-            CertificateAuthority::generate(TD.parse().unwrap(), &rca, DEFAULT_ISSUER_TTL, now())
-                .unwrap();
-        files::write_ca_dir(&ca_dir, &rca, &ca, true).unwrap();
-    }
-    let cfg = root.join("config");
-    let data = root.join("data");
-    std::fs::create_dir_all(&cfg).unwrap();
-    std::fs::create_dir_all(&data).unwrap();
-    (ca_dir, cfg, data)
-}
-
-pub fn bundles_of(ca_dir: &Path) -> BundleStore {
-    let bundle = files::load_bundle(&ca_dir.join("bundle.json"), TD.parse().unwrap()).unwrap();
-    BundleStore::new([bundle].into_iter().collect::<TrustBundleSet>())
-}
-
-pub fn config(root: &Path) -> Config {
-    let (ca_dir, config_dir, data_dir) = make_dirs(root);
-    Config {
-        cluster: "west".into(),
-        cluster_domain: "cluster.local".into(),
-        ca_dir,
-        config_dir,
-        admin_socket: data_dir.join("admin.sock"),
-        data_dir,
-        identity_addr: "127.0.0.1:0".parse().unwrap(),
-        api_addr: "127.0.0.1:0".parse().unwrap(),
-        admin_addr: "127.0.0.1:0".parse().unwrap(),
-        liveness: Liveness::default(),
-        poll_interval: Duration::from_millis(100),
-        leaf_ttl: Duration::from_secs(24 * 3600),
-        certify_burst: 100,
-        certify_rate: 10.0,
-    }
 }
 
 impl TestPlane {

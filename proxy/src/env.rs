@@ -1,0 +1,330 @@
+//! The proxy's configuration from `MESH_PROXY_*` variables, parsed once at
+//! start with every error reported together. The binary hands in the
+//! environment as a map; library code never reads it.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use mesh_core::identity::{SpiffeId, TrustDomain};
+
+/// Where the proxy's first SVID comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// A join token in this file (from `mesh control token create`).
+    TokenFile(PathBuf),
+    /// An existing `leaf.crt` + `leaf.key` in this directory (renewed from then on).
+    Credentials(PathBuf),
+}
+
+/// One application port the workload serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppPort {
+    pub name: String,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Cluster this workload runs in.
+    pub cluster: String,
+    pub trust_domain: TrustDomain,
+    /// `spiffe://<td>/ns/<namespace>/sa/<service_account>`: who this proxy is.
+    pub identity: SpiffeId,
+    pub namespace: String,
+    pub service_account: String,
+    /// The workload (replica) name it registers as.
+    pub workload: String,
+    /// Control plane identity service (`host:port`).
+    pub control_identity_addr: String,
+    /// Control plane API (`host:port`).
+    pub control_api_addr: String,
+    /// The SPIFFE ID the control plane must present.
+    pub control_identity: SpiffeId,
+    /// Trust bundle of this trust domain (SPIFFE JSON or PEM file).
+    pub trust_anchors: PathBuf,
+    pub bootstrap: Bootstrap,
+    /// Meshed traffic from other proxies (mTLS).
+    pub inbound_addr: SocketAddr,
+    /// The app's outbound traffic (explicit or redirected).
+    pub outbound_addr: SocketAddr,
+    /// `/metrics`, `/ready`, `/live`; loopback only.
+    pub admin_addr: SocketAddr,
+    /// Where the app listens (its ports are `app_ports`).
+    pub app_ip: IpAddr,
+    pub app_ports: Vec<AppPort>,
+    /// Addresses registered for discovery.
+    pub workload_addresses: Vec<IpAddr>,
+    pub labels: BTreeMap<String, String>,
+    /// How long an inbound request waits for its port's policy before
+    /// failing (closed).
+    pub inbound_fail_fast: Duration,
+}
+
+const PREFIX: &str = "MESH_PROXY_";
+
+/// Parses the configuration from `vars` (the process environment).
+pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
+    let mut errors = Vec::new();
+    let get = |name: &str| {
+        vars.get(&format!("{PREFIX}{name}"))
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    let mut required = |name: &str, what: &str| {
+        get(name).unwrap_or_else(|| {
+            errors.push(format!("{PREFIX}{name} is required ({what})"));
+            String::new()
+        })
+    };
+    let cluster = required("CLUSTER", "this cluster's name");
+    let td_text = required("TRUST_DOMAIN", "e.g. west.mesh.local");
+    let namespace = required("NAMESPACE", "the workload's namespace");
+    let service_account = required("SERVICE_ACCOUNT", "the workload's service account");
+    let workload = required("WORKLOAD", "this replica's name, e.g. web-0");
+    let control_identity_addr =
+        required("CONTROL_IDENTITY_ADDR", "control plane identity host:port");
+    let control_api_addr = required("CONTROL_API_ADDR", "control plane API host:port");
+    let trust_anchors = PathBuf::from(required("TRUST_ANCHORS", "the trust domain's bundle file"));
+
+    let trust_domain = TrustDomain::parse(&td_text);
+    let identity = trust_domain
+        .as_ref()
+        .ok()
+        .and_then(|td| SpiffeId::workload(td, &namespace, &service_account).ok());
+    let trust_domain = match trust_domain {
+        Ok(td) => Some(td),
+        Err(e) => {
+            if !td_text.is_empty() {
+                errors.push(format!("{PREFIX}TRUST_DOMAIN {td_text:?}: {e}"));
+            }
+            None
+        }
+    };
+    if identity.is_none()
+        && trust_domain.is_some()
+        && !namespace.is_empty()
+        && !service_account.is_empty()
+    {
+        errors.push(format!(
+            "{PREFIX}NAMESPACE/{PREFIX}SERVICE_ACCOUNT do not form a SPIFFE ID: {namespace:?}/{service_account:?}"
+        ));
+    }
+    let control_identity = match get("CONTROL_IDENTITY") {
+        Some(text) => SpiffeId::parse(&text)
+            .map_err(|e| errors.push(format!("{PREFIX}CONTROL_IDENTITY: {e}")))
+            .ok(),
+        None => trust_domain
+            .as_ref()
+            .and_then(|td| SpiffeId::workload(td, "mesh-system", "control").ok()),
+    };
+    let bootstrap = match (get("JOIN_TOKEN_FILE"), get("CREDENTIALS_DIR")) {
+        (Some(file), None) => Some(Bootstrap::TokenFile(file.into())),
+        (None, Some(dir)) => Some(Bootstrap::Credentials(dir.into())),
+        (Some(_), Some(_)) => {
+            errors.push(format!(
+                "set only one of {PREFIX}JOIN_TOKEN_FILE and {PREFIX}CREDENTIALS_DIR"
+            ));
+            None
+        }
+        (None, None) => {
+            errors.push(format!(
+                "{PREFIX}JOIN_TOKEN_FILE (first start) or {PREFIX}CREDENTIALS_DIR (existing leaf.crt/leaf.key) is required"
+            ));
+            None
+        }
+    };
+    let mut addr = |name: &str, default: &str| {
+        let text = get(name).unwrap_or_else(|| default.to_owned());
+        text.parse::<SocketAddr>()
+            .map_err(|e| errors.push(format!("{PREFIX}{name} {text:?}: {e}")))
+            .ok()
+    };
+    let inbound_addr = addr("INBOUND_ADDR", "0.0.0.0:4143");
+    let outbound_addr = addr("OUTBOUND_ADDR", "127.0.0.1:4140");
+    let admin_addr = addr("ADMIN_ADDR", "127.0.0.1:4191");
+    if let Some(a) = admin_addr.filter(|a| !a.ip().is_loopback()) {
+        errors.push(format!(
+            "{PREFIX}ADMIN_ADDR {a} is not loopback; admin endpoints bind to loopback only"
+        ));
+    }
+    let app_ip = get("APP_IP")
+        .unwrap_or_else(|| "127.0.0.1".into())
+        .parse::<IpAddr>()
+        .map_err(|e| errors.push(format!("{PREFIX}APP_IP: {e}")))
+        .ok();
+    let app_ports = parse_ports(&get("APP_PORTS").unwrap_or_default()).unwrap_or_else(|e| {
+        errors.push(format!("{PREFIX}APP_PORTS: {e}"));
+        Vec::new()
+    });
+    let workload_addresses = match get("WORKLOAD_ADDRESSES") {
+        Some(list) => list
+            .split(',')
+            .map(|a| a.trim().parse::<IpAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| errors.push(format!("{PREFIX}WORKLOAD_ADDRESSES: {e}")))
+            .unwrap_or_default(),
+        None => inbound_addr
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified())
+            .into_iter()
+            .collect(),
+    };
+    if workload_addresses.is_empty() {
+        errors.push(format!(
+            "{PREFIX}WORKLOAD_ADDRESSES is required when {PREFIX}INBOUND_ADDR listens on all addresses"
+        ));
+    }
+    let labels = parse_labels(&get("LABELS").unwrap_or_default()).unwrap_or_else(|e| {
+        errors.push(format!("{PREFIX}LABELS: {e}"));
+        BTreeMap::new()
+    });
+    let inbound_fail_fast = get("INBOUND_FAIL_FAST")
+        .map(|t| {
+            humantime::parse_duration(&t)
+                .map_err(|e| errors.push(format!("{PREFIX}INBOUND_FAIL_FAST: {e}")))
+        })
+        .unwrap_or(Ok(Duration::from_secs(1)));
+
+    let inbound_fail_fast = inbound_fail_fast.ok();
+    let built = (|| {
+        Some(Config {
+            cluster,
+            trust_domain: trust_domain?,
+            identity: identity?,
+            namespace,
+            service_account,
+            workload,
+            control_identity_addr,
+            control_api_addr,
+            control_identity: control_identity?,
+            trust_anchors,
+            bootstrap: bootstrap?,
+            inbound_addr: inbound_addr?,
+            outbound_addr: outbound_addr?,
+            admin_addr: admin_addr?,
+            app_ip: app_ip?,
+            app_ports,
+            workload_addresses,
+            labels,
+            inbound_fail_fast: inbound_fail_fast?,
+        })
+    })();
+    match built {
+        Some(config) if errors.is_empty() => Ok(config),
+        _ => Err(errors),
+    }
+}
+
+/// `http=8080,grpc=9090` (or bare `8080`).
+fn parse_ports(text: &str) -> Result<Vec<AppPort>, String> {
+    text.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .enumerate()
+        .map(|(i, item)| {
+            let (name, port) = item.trim().split_once('=').unwrap_or(("", item.trim()));
+            let port: u16 = port
+                .parse()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("{item:?} is not NAME=PORT"))?;
+            let name = if name.is_empty() {
+                format!("port-{i}")
+            } else {
+                name.to_owned()
+            };
+            Ok(AppPort { name, port })
+        })
+        .collect()
+}
+
+/// `app=web,version=v1`.
+fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
+    text.split(',')
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            l.trim()
+                .split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| format!("{l:?} is not KEY=VALUE"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (format!("{PREFIX}{k}"), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn a_full_config_parses() {
+        let c = parse(&vars(&[
+            ("CLUSTER", "west"),
+            ("TRUST_DOMAIN", "west.mesh.local"),
+            ("NAMESPACE", "shop"),
+            ("SERVICE_ACCOUNT", "api"),
+            ("WORKLOAD", "api-0"),
+            ("CONTROL_IDENTITY_ADDR", "127.0.0.1:8080"),
+            ("CONTROL_API_ADDR", "127.0.0.1:8086"),
+            ("TRUST_ANCHORS", "/ca/bundle.json"),
+            ("JOIN_TOKEN_FILE", "/run/token"),
+            ("INBOUND_ADDR", "127.0.0.5:4143"),
+            ("APP_PORTS", "http=8080,9090"),
+            ("LABELS", "app=api,version=v1"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.identity.as_str(),
+            "spiffe://west.mesh.local/ns/shop/sa/api"
+        );
+        assert_eq!(
+            c.control_identity.as_str(),
+            "spiffe://west.mesh.local/ns/mesh-system/sa/control"
+        );
+        assert_eq!(
+            c.workload_addresses,
+            vec!["127.0.0.5".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            c.app_ports[1],
+            AppPort {
+                name: "port-1".into(),
+                port: 9090
+            }
+        );
+        assert_eq!(c.labels.get("version").map(String::as_str), Some("v1"));
+        assert_eq!(c.admin_addr.to_string(), "127.0.0.1:4191");
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let errors = parse(&vars(&[
+            ("TRUST_DOMAIN", "West"),
+            ("ADMIN_ADDR", "0.0.0.0:4191"),
+            ("APP_PORTS", "http=80x"),
+            ("INBOUND_ADDR", "0.0.0.0:4143"),
+        ]))
+        .unwrap_err();
+        let all = errors.join("\n");
+        for want in [
+            "MESH_PROXY_CLUSTER is required",
+            "MESH_PROXY_NAMESPACE is required",
+            "MESH_PROXY_TRUST_DOMAIN \"West\": trust domain must be lower case",
+            "MESH_PROXY_JOIN_TOKEN_FILE (first start) or MESH_PROXY_CREDENTIALS_DIR",
+            "MESH_PROXY_ADMIN_ADDR 0.0.0.0:4191 is not loopback",
+            "MESH_PROXY_APP_PORTS: \"http=80x\" is not NAME=PORT",
+            "MESH_PROXY_WORKLOAD_ADDRESSES is required",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in:\n{all}");
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! Inbound: meshed traffic from other proxies to this workload's app.
+//!
+//! `accept -> tls -> authorize -> route -> forward`:
+//! - **accept**: TCP on the inbound port; only taken once the proxy holds an
+//!   identity (the listener is bound after bootstrap).
+//! - **tls**: TLS 1.3, client certificate required and verified against the
+//!   trust bundles; plaintext never gets further. ALPN `h2`.
+//! - **authorize**: the port's policy from the control plane against the
+//!   verified SPIFFE ID; 403 when it does not admit the caller.
+//! - **route**: the app port comes from the `mesh-dst-port` header the
+//!   client proxy sets; `mesh-orig-proto: HTTP/1.1` marks a request the
+//!   client proxy carried over HTTP/2 and that goes to the app as HTTP/1.1.
+//! - **forward**: `mesh-client-id` is set to the verified caller (any value
+//!   the caller sent is replaced), and the request goes to the app.
+
+pub mod policy;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo},
+};
+use mesh_core::identity::{
+    SpiffeId,
+    tls::{peer_identity, verify_error},
+};
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use self::policy::{Denied, PolicyCache, authorize};
+use crate::metrics::{InboundLabels, Metrics, ReasonLabels};
+
+/// The header naming the app port a meshed request is for.
+pub const DST_PORT: &str = "mesh-dst-port";
+/// The header marking a request that was HTTP/1.1 before the client proxy.
+pub const ORIG_PROTO: &str = "mesh-orig-proto";
+/// The header carrying the verified caller identity to the app.
+pub const CLIENT_ID: &str = "mesh-client-id";
+/// Mesh-internal HTTP/2 concurrency (DESIGN.md section 6).
+pub const MESH_MAX_CONCURRENT_STREAMS: u32 = 200;
+/// Header list limit (DESIGN.md section 6).
+pub const MAX_HEADER_LIST: u32 = 16 * 1024;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// What the inbound side needs to serve.
+#[derive(Clone, Debug)]
+pub struct Inbound {
+    pub policies: PolicyCache,
+    pub app_ip: std::net::IpAddr,
+    pub fail_fast: Duration,
+    pub metrics: Metrics,
+    http1: Client<HttpConnector, Incoming>,
+    http2: Client<HttpConnector, Incoming>,
+}
+
+impl Inbound {
+    pub fn new(
+        policies: PolicyCache,
+        app_ip: std::net::IpAddr,
+        fail_fast: Duration,
+        metrics: Metrics,
+    ) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let http1 = Client::builder(TokioExecutor::new()).build(connector.clone());
+        let http2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(connector);
+        Self {
+            policies,
+            app_ip,
+            fail_fast,
+            metrics,
+            http1,
+            http2,
+        }
+    }
+}
+
+/// accept: serves the inbound listener until the task is dropped.
+pub async fn accept(listener: TcpListener, tls: Arc<ServerConfig>, inbound: Arc<Inbound>) {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "inbound accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, inbound) = (acceptor.clone(), inbound.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return refused_handshake(&inbound.metrics, peer, &e),
+                Err(_) => {
+                    return refused_handshake(
+                        &inbound.metrics,
+                        peer,
+                        &std::io::Error::from(std::io::ErrorKind::TimedOut),
+                    );
+                }
+            };
+            // The TLS config requires and verifies a client certificate.
+            let Some(client_id) = peer_identity(tls.get_ref().1) else {
+                return;
+            };
+            let svc = service_fn(move |req| {
+                let (inbound, client_id) = (inbound.clone(), client_id.clone());
+                async move { Ok::<_, std::convert::Infallible>(handle(&inbound, &client_id, req).await) }
+            });
+            let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .max_concurrent_streams(MESH_MAX_CONCURRENT_STREAMS)
+                .max_header_list_size(MAX_HEADER_LIST)
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "inbound connection ended");
+            }
+        });
+    }
+}
+
+fn refused_handshake(metrics: &Metrics, peer: SocketAddr, e: &std::io::Error) {
+    let rustls_err = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+    let reason = match rustls_err {
+        Some(err) => verify_error(err).map_or("handshake", |v| v.reason()),
+        None if e.kind() == std::io::ErrorKind::TimedOut => "timeout",
+        None => "handshake",
+    };
+    metrics
+        .tls_refused
+        .get_or_create(&ReasonLabels {
+            reason: reason.into(),
+        })
+        .inc();
+    tracing::info!(%peer, reason, "inbound TLS refused: {e}");
+}
+
+/// One request: authorize -> route -> forward.
+async fn handle(
+    inbound: &Inbound,
+    client_id: &SpiffeId,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let Some(port) = req
+        .headers_mut()
+        .remove(DST_PORT)
+        .and_then(|v| v.to_str().ok()?.parse::<u16>().ok())
+    else {
+        inbound.metrics.refuse_inbound("no_dst_port");
+        return text(
+            StatusCode::BAD_REQUEST,
+            "mesh: the request has no valid mesh-dst-port header\n",
+        );
+    };
+    let response = match authorize_request(inbound, client_id, port).await {
+        Err(denied) => {
+            inbound.metrics.refuse_inbound(denied.reason());
+            tracing::info!(client = %client_id, port, reason = denied.reason(), "inbound request refused");
+            match denied {
+                Denied::Unauthorized => text(
+                    StatusCode::FORBIDDEN,
+                    &format!("mesh: {client_id} is not authorized for port {port}\n"),
+                ),
+                Denied::NoPolicy => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("mesh: no policy for port {port} from the control plane yet\n"),
+                ),
+            }
+        }
+        Ok(()) => forward(inbound, client_id, port, req).await,
+    };
+    inbound
+        .metrics
+        .inbound_requests
+        .get_or_create(&InboundLabels {
+            port,
+            status_code: response.status().as_u16(),
+            client_id: client_id.to_string(),
+        })
+        .inc();
+    response
+}
+
+/// authorize: the port's policy must admit the verified caller.
+async fn authorize_request(
+    inbound: &Inbound,
+    client_id: &SpiffeId,
+    port: u16,
+) -> Result<(), Denied> {
+    let policy = inbound
+        .policies
+        .get(port, inbound.fail_fast)
+        .await
+        .ok_or(Denied::NoPolicy)?;
+    authorize(&policy, client_id)
+}
+
+/// route + forward: to the app, as the protocol the caller's app spoke.
+async fn forward(
+    inbound: &Inbound,
+    client_id: &SpiffeId,
+    port: u16,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let was_http1 = req
+        .headers_mut()
+        .remove(ORIG_PROTO)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"HTTP/1.1"));
+    // Whatever the caller claimed, the app sees who was verified.
+    let id = HeaderValue::from_str(client_id.as_str()).expect("SPIFFE IDs are valid header values");
+    req.headers_mut().insert(CLIENT_ID, id);
+    let authority = req.uri().authority().cloned();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let uri: Uri = match format!("http://{}{path}", SocketAddr::new(inbound.app_ip, port)).parse() {
+        Ok(uri) => uri,
+        Err(_) => return text(StatusCode::BAD_REQUEST, "mesh: invalid request path\n"),
+    };
+    *req.uri_mut() = uri;
+    let client = if was_http1 {
+        *req.version_mut() = Version::HTTP_11;
+        if let (false, Some(authority)) = (req.headers().contains_key(header::HOST), authority)
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        &inbound.http1
+    } else {
+        *req.version_mut() = Version::HTTP_2;
+        &inbound.http2
+    };
+    match client.request(req).await {
+        Ok(resp) => resp.map(BodyExt::boxed),
+        Err(e) => {
+            inbound.metrics.refuse_inbound("app_unreachable");
+            tracing::warn!(port, error = %e, "the app did not answer");
+            text(
+                StatusCode::BAD_GATEWAY,
+                &format!("mesh: the app on port {port} did not answer\n"),
+            )
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body.to_owned()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

@@ -1,0 +1,92 @@
+//! The proxy's Prometheus metrics. Every refusal is counted with a
+//! `reason` label.
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InboundLabels {
+    /// The app port.
+    pub port: u16,
+    pub status_code: u16,
+    /// The verified caller's SPIFFE ID (capped in cardinality later).
+    pub client_id: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub registry: Arc<Registry>,
+    pub inbound_requests: Family<InboundLabels, Counter>,
+    pub inbound_refused: Family<ReasonLabels, Counter>,
+    pub tls_refused: Family<ReasonLabels, Counter>,
+    pub identity_expiry: Gauge,
+    pub identity_renewals: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("mesh_proxy");
+        let inbound_requests = Family::<InboundLabels, Counter>::default();
+        r.register(
+            "inbound_requests",
+            "Inbound requests answered, by app port, status and verified caller",
+            inbound_requests.clone(),
+        );
+        let inbound_refused = Family::<ReasonLabels, Counter>::default();
+        r.register(
+            "inbound_refused",
+            "Inbound requests refused by the proxy, by reason",
+            inbound_refused.clone(),
+        );
+        let tls_refused = Family::<ReasonLabels, Counter>::default();
+        r.register(
+            "inbound_tls_refused",
+            "Inbound TLS handshakes refused, by reason",
+            tls_refused.clone(),
+        );
+        let identity_expiry = Gauge::default();
+        r.register(
+            "identity_expiry_timestamp_seconds",
+            "When the proxy's SVID expires (Unix time)",
+            identity_expiry.clone(),
+        );
+        let identity_renewals = Counter::default();
+        r.register(
+            "identity_renewals",
+            "Successful SVID renewals",
+            identity_renewals.clone(),
+        );
+        Self {
+            registry: Arc::new(r),
+            inbound_requests,
+            inbound_refused,
+            tls_refused,
+            identity_expiry,
+            identity_renewals,
+        }
+    }
+
+    pub fn refuse_inbound(&self, reason: &str) {
+        self.inbound_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

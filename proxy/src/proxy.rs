@@ -1,0 +1,166 @@
+//! Assembles a running proxy: trust bundle -> admin (not ready) -> identity
+//! -> inbound listener -> registration -> ready.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use mesh_core::{
+    admin::{self, Readiness},
+    api::v1::{policy_client::PolicyClient, registry_client::RegistryClient},
+    grpc,
+    identity::{
+        BundleStore, CredentialStore, ExpectedIdentity, TrustBundleSet,
+        files::{self, FileError},
+        tls,
+    },
+};
+use tokio::{net::TcpListener, task::JoinSet};
+use tonic::transport::Channel;
+
+use crate::{
+    env::Config,
+    identity::{self, IdentityError},
+    inbound::{self, Inbound, policy::PolicyCache},
+    metrics::Metrics,
+    register,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("trust anchors: {0}")]
+    Anchors(#[from] FileError),
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+    #[error("identity: {0}")]
+    Identity(#[from] IdentityError),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen for inbound traffic on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    pub inbound_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub credentials: CredentialStore,
+    api: Channel,
+    config: Config,
+    tasks: JoinSet<()>,
+}
+
+impl Proxy {
+    /// Starts the proxy. Returns once it holds an identity and serves
+    /// inbound traffic; until then `/ready` says why it is not ready.
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        tracing::info!(?config, "starting proxy");
+        let metrics = Metrics::new();
+        let bundle = files::load_bundle(&config.trust_anchors, config.trust_domain.clone())?;
+        let bundles = BundleStore::new([bundle].into_iter().collect::<TrustBundleSet>());
+        let mut tasks = JoinSet::new();
+
+        let readiness = Readiness::new("waiting for an identity from the control plane");
+        let admin_listener = admin::bind(config.admin_addr).await?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: config.admin_addr,
+                source,
+            })?;
+        tasks.spawn(admin::serve(
+            admin_listener,
+            metrics.registry.clone(),
+            readiness.clone(),
+        ));
+
+        let creds = CredentialStore::new(identity::bootstrap(&config, &bundles).await?);
+        metrics
+            .identity_expiry
+            .set(creds.current().info().not_after.unix_timestamp());
+
+        let control = ExpectedIdentity::Exact(config.control_identity.clone());
+        let api_tls = tls::client_config(creds.clone(), bundles.clone(), control)?;
+        let api =
+            grpc::channel(&config.control_api_addr, api_tls).expect("valid control plane address");
+
+        // Meshed traffic is accepted only from here on: we hold an identity.
+        let inbound_tls = tls::server_config(
+            creds.clone(),
+            bundles.clone(),
+            ExpectedIdentity::trust_domain(config.trust_domain.clone()),
+        )?;
+        let listener = TcpListener::bind(config.inbound_addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.inbound_addr,
+                source,
+            })?;
+        let inbound_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.inbound_addr,
+            source,
+        })?;
+        let policies = PolicyCache::new(
+            PolicyClient::new(api.clone()),
+            &config.namespace,
+            &config.workload,
+        );
+        let inbound = Arc::new(Inbound::new(
+            policies,
+            config.app_ip,
+            config.inbound_fail_fast,
+            metrics.clone(),
+        ));
+        tasks.spawn(inbound::accept(
+            listener,
+            mesh_core::grpc::grpc_server_config(inbound_tls),
+            inbound,
+        ));
+
+        tasks.spawn(register::keep_registered(
+            RegistryClient::new(api.clone()),
+            config.clone(),
+            inbound_addr.port(),
+        ));
+        let (renew_metrics, renew_ready) = (metrics.clone(), readiness.clone());
+        tasks.spawn(identity::renew_forever(
+            config.clone(),
+            bundles,
+            creds.clone(),
+            move |state| match state {
+                Ok(not_after) => {
+                    renew_metrics
+                        .identity_expiry
+                        .set(not_after.unix_timestamp());
+                    renew_metrics.identity_renewals.inc();
+                    renew_ready.set_ready();
+                }
+                Err(why) => renew_ready.set_not_ready(why),
+            },
+        ));
+
+        readiness.set_ready();
+        tracing::info!(%inbound_addr, %admin_addr, id = %config.identity, "proxy ready");
+        Ok(Self {
+            inbound_addr,
+            admin_addr,
+            credentials: creds,
+            api,
+            config,
+            tasks,
+        })
+    }
+
+    /// Deregisters and stops.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let _ = tokio::time::timeout(
+            grace,
+            register::deregister(RegistryClient::new(self.api.clone()), &self.config),
+        )
+        .await;
+        self.tasks.shutdown().await;
+    }
+}
