@@ -392,7 +392,7 @@ async fn the_proxy_renews_at_half_life_and_keeps_serving() {
         "same identity after renewal"
     );
     // The connection opened before the renewal still serves.
-    let req = Request::get(format!("http://api/after-renewal"))
+    let req = Request::get("http://api/after-renewal")
         .header(DST_PORT, w.app_port.to_string())
         .header(ORIG_PROTO, "HTTP/1.1")
         .body(Empty::new())
