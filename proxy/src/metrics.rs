@@ -23,6 +23,14 @@ pub struct InboundLabels {
     pub client_id: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutboundLabels {
+    pub authority: String,
+    pub status_code: u16,
+    /// `mtls` when the request went to a meshed endpoint, else `none`.
+    pub tls: String,
+}
+
 #[derive(Clone, Debug)]
 pub struct Metrics {
     pub registry: Arc<Registry>,
@@ -31,6 +39,8 @@ pub struct Metrics {
     pub tls_refused: Family<ReasonLabels, Counter>,
     pub identity_expiry: Gauge,
     pub identity_renewals: Counter,
+    pub outbound_requests: Family<OutboundLabels, Counter>,
+    pub outbound_failures: Family<ReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -66,6 +76,18 @@ impl Metrics {
             "Successful SVID renewals",
             identity_renewals.clone(),
         );
+        let outbound_requests = Family::<OutboundLabels, Counter>::default();
+        r.register(
+            "outbound_requests",
+            "Outbound requests answered, by destination, status and TLS",
+            outbound_requests.clone(),
+        );
+        let outbound_failures = Family::<ReasonLabels, Counter>::default();
+        r.register(
+            "outbound_failures",
+            "Outbound requests the proxy failed, by reason",
+            outbound_failures.clone(),
+        );
         Self {
             registry: Arc::new(r),
             inbound_requests,
@@ -73,7 +95,17 @@ impl Metrics {
             tls_refused,
             identity_expiry,
             identity_renewals,
+            outbound_requests,
+            outbound_failures,
         }
+    }
+
+    pub fn refuse_outbound(&self, reason: &str) {
+        self.outbound_failures
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
     }
 
     pub fn refuse_inbound(&self, reason: &str) {

@@ -5,7 +5,10 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use mesh_core::{
     admin::{self, Readiness},
-    api::v1::{policy_client::PolicyClient, registry_client::RegistryClient},
+    api::v1::{
+        discovery_client::DiscoveryClient, policy_client::PolicyClient,
+        registry_client::RegistryClient,
+    },
     grpc,
     identity::{
         BundleStore, CredentialStore, ExpectedIdentity, TrustBundleSet,
@@ -21,8 +24,13 @@ use crate::{
     identity::{self, IdentityError},
     inbound::{self, Inbound, policy::PolicyCache},
     metrics::Metrics,
+    outbound::{self, Outbound},
     register,
 };
+
+/// How long an outbound request waits for discovery or a ready endpoint
+/// (DESIGN.md section 6).
+const OUTBOUND_FAIL_FAST: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -46,6 +54,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Proxy {
     pub inbound_addr: SocketAddr,
+    pub outbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub credentials: CredentialStore,
     api: Channel,
@@ -120,6 +129,28 @@ impl Proxy {
             inbound,
         ));
 
+        let outbound_listener =
+            TcpListener::bind(config.outbound_addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.outbound_addr,
+                    source,
+                })?;
+        let outbound_addr = outbound_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: config.outbound_addr,
+                source,
+            })?;
+        let outbound = Outbound::new(
+            DiscoveryClient::new(api.clone()),
+            creds.clone(),
+            bundles.clone(),
+            metrics.clone(),
+            OUTBOUND_FAIL_FAST,
+        );
+        tasks.spawn(outbound::accept(outbound_listener, Arc::new(outbound)));
+
         tasks.spawn(register::keep_registered(
             RegistryClient::new(api.clone()),
             config.clone(),
@@ -143,9 +174,10 @@ impl Proxy {
         ));
 
         readiness.set_ready();
-        tracing::info!(%inbound_addr, %admin_addr, id = %config.identity, "proxy ready");
+        tracing::info!(%inbound_addr, %outbound_addr, %admin_addr, id = %config.identity, "proxy ready");
         Ok(Self {
             inbound_addr,
+            outbound_addr,
             admin_addr,
             credentials: creds,
             api,

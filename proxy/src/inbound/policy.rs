@@ -2,20 +2,15 @@
 //! Until the first answer arrives a port has no policy and requests fail
 //! closed; when the stream breaks, the last policy keeps applying.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::time::Duration;
 
 use mesh_core::{
     api::v1::{InboundPolicy, InboundRequest, policy_client::PolicyClient},
     identity::SpiffeId,
 };
-use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use crate::identity::backoff;
+use crate::follow::Follower;
 
 /// Why a peer is refused by a port's policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,92 +46,32 @@ pub fn authorize(policy: &InboundPolicy, peer: &SpiffeId) -> Result<(), Denied> 
     }
 }
 
+/// Inbound policies of this workload's ports, followed from the control plane.
 #[derive(Clone, Debug)]
-pub struct PolicyCache {
-    client: PolicyClient<Channel>,
-    namespace: String,
-    workload: String,
-    ports: Arc<Mutex<HashMap<u16, watch::Receiver<Option<InboundPolicy>>>>>,
-}
+pub struct PolicyCache(Follower<u16, InboundPolicy>);
 
 impl PolicyCache {
     pub fn new(client: PolicyClient<Channel>, namespace: &str, workload: &str) -> Self {
-        Self {
-            client,
-            namespace: namespace.to_owned(),
-            workload: workload.to_owned(),
-            ports: Arc::default(),
-        }
+        let (namespace, workload) = (namespace.to_owned(), workload.to_owned());
+        Self(Follower::new("inbound policy", move |port: u16| {
+            let mut client = client.clone();
+            let request = InboundRequest {
+                namespace: namespace.clone(),
+                workload: workload.clone(),
+                port: u32::from(port),
+            };
+            async move {
+                client
+                    .watch_inbound(request)
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+        }))
     }
 
     /// The policy of `port`, waiting up to `fail_fast` for a first answer.
     pub async fn get(&self, port: u16, fail_fast: Duration) -> Option<InboundPolicy> {
-        let mut rx = self.watch(port);
-        let ready = tokio::time::timeout(fail_fast, rx.wait_for(Option::is_some)).await;
-        match ready {
-            Ok(Ok(policy)) => policy.clone(),
-            _ => None,
-        }
-    }
-
-    fn watch(&self, port: u16) -> watch::Receiver<Option<InboundPolicy>> {
-        let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(rx) = ports.get(&port) {
-            return rx.clone();
-        }
-        let (tx, rx) = watch::channel(None);
-        ports.insert(port, rx.clone());
-        let (client, namespace, workload) = (
-            self.client.clone(),
-            self.namespace.clone(),
-            self.workload.clone(),
-        );
-        tokio::spawn(follow(client, namespace, workload, port, tx));
-        rx
-    }
-}
-
-/// Follows one port's policy stream, reconnecting with backoff; the last
-/// policy stays in place while disconnected.
-async fn follow(
-    mut client: PolicyClient<Channel>,
-    namespace: String,
-    workload: String,
-    port: u16,
-    tx: watch::Sender<Option<InboundPolicy>>,
-) {
-    let mut failures = 0;
-    loop {
-        let request = InboundRequest {
-            namespace: namespace.clone(),
-            workload: workload.clone(),
-            port: u32::from(port),
-        };
-        match client.watch_inbound(request).await {
-            Ok(stream) => {
-                let mut stream = stream.into_inner();
-                loop {
-                    match stream.message().await {
-                        Ok(Some(policy)) => {
-                            failures = 0;
-                            tracing::debug!(port, server = %policy.server, "inbound policy updated");
-                            tx.send_replace(Some(policy));
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            tracing::warn!(port, error = %e.message(), "inbound policy stream broke; keeping the last policy");
-                            break;
-                        }
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(port, error = %e.message(), "cannot watch inbound policy"),
-        }
-        if tx.is_closed() {
-            return;
-        }
-        tokio::time::sleep(backoff(failures)).await;
-        failures += 1;
+        self.0.get(&port, fail_fast).await
     }
 }
 

@@ -1,0 +1,194 @@
+//! connect: one endpoint as a tower service. A meshed endpoint is reached
+//! with mTLS on its proxy port, expecting exactly the SPIFFE ID discovery
+//! gave (a mismatch fails the handshake before any request byte is sent),
+//! over HTTP/2 with pooled connections. An endpoint discovery says is not
+//! meshed is reached in plaintext on its app address. A meshed endpoint is
+//! never reached in plaintext.
+
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use http::{HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_util::{
+    client::legacy::{
+        Client,
+        connect::{Connected, Connection, HttpConnector},
+    },
+    rt::{TokioExecutor, TokioIo},
+};
+use mesh_core::identity::{
+    BundleStore, CredentialStore, ExpectedIdentity, SpiffeId, tls::client_config,
+};
+use rustls::{ClientConfig, pki_types::ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsConnector, client::TlsStream};
+
+use super::errors::OutboundError;
+use crate::inbound::{Body, DST_PORT};
+
+/// A TLS stream the pooled client can use.
+#[derive(Debug)]
+pub struct MeshIo(TokioIo<TlsStream<TcpStream>>);
+
+impl Connection for MeshIo {
+    fn connected(&self) -> Connected {
+        Connected::new().negotiated_h2()
+    }
+}
+
+impl hyper::rt::Read for MeshIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for MeshIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Dials one endpoint's proxy with mTLS, whatever URI it is asked for.
+#[derive(Clone, Debug)]
+pub struct MeshConnector {
+    addr: SocketAddr,
+    tls: Arc<ClientConfig>,
+}
+
+impl tower::Service<Uri> for MeshConnector {
+    type Response = MeshIo;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<MeshIo>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let (addr, tls) = (self.addr, self.tls.clone());
+        Box::pin(async move {
+            let tcp = TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            // SNI carries nothing secret: the identity is checked by SPIFFE ID.
+            let name = ServerName::from(addr.ip());
+            let stream = TlsConnector::from(tls).connect(name, tcp).await?;
+            Ok(MeshIo(TokioIo::new(stream)))
+        })
+    }
+}
+
+/// How to reach one endpoint.
+#[derive(Clone, Debug)]
+enum Transport {
+    Meshed(Client<MeshConnector, Body>),
+    Plain(Client<HttpConnector, Body>),
+    /// Meshed but without a proxy port: refused rather than sent in plaintext.
+    Refused(SpiffeId),
+}
+
+/// One endpoint of a destination, as the balancer sees it.
+#[derive(Clone, Debug)]
+pub struct EndpointService {
+    /// The app port the request is for (sent as `mesh-dst-port`).
+    app_addr: SocketAddr,
+    transport: Transport,
+}
+
+impl EndpointService {
+    /// An endpoint at `app_addr` whose proxy (if meshed) listens on
+    /// `proxy_port` and must present `identity`.
+    pub fn new(
+        app_addr: SocketAddr,
+        identity: Option<SpiffeId>,
+        proxy_port: u16,
+        creds: &CredentialStore,
+        bundles: &BundleStore,
+    ) -> Self {
+        let transport = match identity {
+            None => {
+                Transport::Plain(Client::builder(TokioExecutor::new()).build(HttpConnector::new()))
+            }
+            Some(id) if proxy_port == 0 => Transport::Refused(id),
+            Some(id) => match client_config(
+                creds.clone(),
+                bundles.clone(),
+                ExpectedIdentity::Exact(id.clone()),
+            ) {
+                Ok(mut tls) => {
+                    tls.alpn_protocols = vec![b"h2".to_vec()];
+                    let connector = MeshConnector {
+                        addr: SocketAddr::new(app_addr.ip(), proxy_port),
+                        tls: Arc::new(tls),
+                    };
+                    Transport::Meshed(
+                        Client::builder(TokioExecutor::new())
+                            .http2_only(true)
+                            .build(connector),
+                    )
+                }
+                Err(_) => Transport::Refused(id),
+            },
+        };
+        Self {
+            app_addr,
+            transport,
+        }
+    }
+}
+
+impl tower::Service<Request<Body>> for EndpointService {
+    type Response = Response<Incoming>;
+    type Error = OutboundError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, OutboundError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), OutboundError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let transport = self.transport.clone();
+        let app_addr = self.app_addr;
+        Box::pin(async move {
+            match transport {
+                Transport::Refused(id) => Err(OutboundError::MeshedWithoutProxy(id)),
+                Transport::Plain(client) => {
+                    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                    *req.uri_mut() = format!("http://{app_addr}{path}")
+                        .parse()
+                        .map_err(|_| OutboundError::BadRequest)?;
+                    *req.version_mut() = http::Version::HTTP_11;
+                    client.request(req).await.map_err(OutboundError::connect)
+                }
+                Transport::Meshed(client) => {
+                    req.headers_mut()
+                        .insert(DST_PORT, HeaderValue::from(app_addr.port()));
+                    *req.version_mut() = http::Version::HTTP_2;
+                    client.request(req).await.map_err(OutboundError::connect)
+                }
+            }
+        })
+    }
+}

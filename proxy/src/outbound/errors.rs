@@ -1,0 +1,63 @@
+//! The one place outbound failures become HTTP responses and metric
+//! reasons: 502 (the endpoint failed), 503 (nothing to send to), 504 (too
+//! slow).
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use mesh_core::identity::SpiffeId;
+
+use crate::inbound::Body;
+
+/// Why an outbound request failed; says whether a retry could help.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboundError {
+    #[error("no ready endpoint for {authority} within the fail-fast timeout")]
+    NoEndpoints { authority: String },
+    #[error("discovery for {authority} is unavailable and nothing is cached")]
+    DiscoveryUnavailable { authority: String },
+    #[error("endpoint {0} is meshed but has no proxy port; refusing to send in plaintext")]
+    MeshedWithoutProxy(SpiffeId),
+    #[error("connecting to the endpoint failed: {0}")]
+    Connect(String),
+    #[error("the request is malformed")]
+    BadRequest,
+    #[error("the balancer failed: {0}")]
+    Balancer(String),
+}
+
+impl OutboundError {
+    pub fn connect(e: impl std::fmt::Display) -> Self {
+        Self::Connect(e.to_string())
+    }
+
+    /// Status and metric reason for this failure.
+    pub fn classify(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::NoEndpoints { .. } => (StatusCode::SERVICE_UNAVAILABLE, "no_endpoints"),
+            Self::DiscoveryUnavailable { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "discovery_unavailable")
+            }
+            Self::MeshedWithoutProxy(_) => (StatusCode::BAD_GATEWAY, "meshed_without_proxy"),
+            Self::Connect(_) => (StatusCode::BAD_GATEWAY, "connect"),
+            Self::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),
+            Self::Balancer(_) => (StatusCode::BAD_GATEWAY, "balancer"),
+        }
+    }
+
+    /// The response the app gets.
+    pub fn response(&self) -> Response<Body> {
+        let (status, _) = self.classify();
+        let mut resp = Response::new(
+            Full::new(Bytes::from(format!("mesh: {self}\n")))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        resp
+    }
+}

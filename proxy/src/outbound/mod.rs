@@ -1,0 +1,345 @@
+//! Outbound: the app's traffic to other services.
+//!
+//! `accept -> detect -> discover -> route -> balance -> connect`, in explicit
+//! mode (the app sets `HTTP_PROXY`):
+//! - **accept**: HTTP/1.1 on the outbound port (loopback by default).
+//! - **discover**: the request's authority is looked up in discovery. A
+//!   service discovery does not know goes straight through (plaintext, as
+//!   the app asked); a known one is never sent in plaintext to a meshed
+//!   endpoint.
+//! - **balance**: tower's p2c over peak-EWMA among the ready endpoints.
+//! - **connect**: mTLS to the endpoint's proxy, expecting the SPIFFE ID
+//!   discovery gave; the HTTP/1 request rides HTTP/2 and is marked
+//!   `mesh-orig-proto: HTTP/1.1` so the other side restores it.
+//!
+//! Not yet: transparent interception, protocol detection, routes
+//! (timeouts, retries, splits), failure accrual, opaque TCP to meshed
+//! destinations.
+
+pub mod balance;
+pub mod endpoint;
+pub mod errors;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http_body_util::BodyExt;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo},
+};
+use mesh_core::{
+    api::v1::{
+        DiscoveryUpdate, WatchRequest, discovery_client::DiscoveryClient, discovery_update::Kind,
+    },
+    identity::{BundleStore, CredentialStore},
+};
+use tokio::net::{TcpListener, TcpStream};
+use tonic::transport::Channel;
+use tower::{Service, ServiceExt};
+
+use self::{
+    balance::{Balancer, balancer, has_endpoints},
+    errors::OutboundError,
+};
+use crate::{
+    follow::Follower,
+    inbound::{Body, ORIG_PROTO},
+    metrics::{Metrics, OutboundLabels},
+};
+
+/// Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+#[derive(Clone)]
+pub struct Outbound {
+    discovery: Follower<String, DiscoveryUpdate>,
+    balancers: Arc<Mutex<HashMap<String, Balancer>>>,
+    creds: CredentialStore,
+    bundles: BundleStore,
+    metrics: Metrics,
+    fail_fast: Duration,
+    plain: Client<HttpConnector, Body>,
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound")
+            .field("discovery", &self.discovery)
+            .field("fail_fast", &self.fail_fast)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Outbound {
+    pub fn new(
+        client: DiscoveryClient<Channel>,
+        creds: CredentialStore,
+        bundles: BundleStore,
+        metrics: Metrics,
+        fail_fast: Duration,
+    ) -> Self {
+        let discovery = Follower::new("discovery", move |authority: String| {
+            let mut client = client.clone();
+            async move {
+                client
+                    .watch(WatchRequest { authority })
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+        });
+        Self {
+            discovery,
+            balancers: Arc::default(),
+            creds,
+            bundles,
+            metrics,
+            fail_fast,
+            plain: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+        }
+    }
+
+    fn balancer(&self, authority: &str) -> Balancer {
+        let mut map = self.balancers.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(authority.to_owned())
+            .or_insert_with(|| {
+                balancer(
+                    self.discovery.watch(&authority.to_owned()),
+                    self.creds.clone(),
+                    self.bundles.clone(),
+                )
+            })
+            .clone()
+    }
+}
+
+/// accept: serves the explicit-mode outbound listener.
+pub async fn accept(listener: TcpListener, outbound: Arc<Outbound>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let outbound = outbound.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let outbound = outbound.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(&outbound, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .with_upgrades()
+                .await;
+        });
+    }
+}
+
+/// `host:port` the request is for (absolute form, CONNECT, or Host).
+fn authority_of(req: &Request<Incoming>) -> Option<String> {
+    let raw = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)?
+                .to_str()
+                .ok()
+                .map(str::to_owned)
+        })?;
+    Some(if raw.contains(':') {
+        raw
+    } else {
+        format!("{raw}:80")
+    })
+}
+
+async fn handle(outbound: &Outbound, req: Request<Incoming>) -> Response<Body> {
+    let Some(authority) = authority_of(&req) else {
+        return OutboundError::BadRequest.response();
+    };
+    // discover
+    let Some(update) = outbound.discovery.get(&authority, outbound.fail_fast).await else {
+        return fail(
+            outbound,
+            &authority,
+            OutboundError::DiscoveryUnavailable {
+                authority: authority.clone(),
+            },
+        );
+    };
+    let meshed = !matches!(update.kind, Some(Kind::NoSuchService(_)));
+    if req.method() == Method::CONNECT {
+        return connect_tunnel(outbound, req, authority, meshed);
+    }
+    let result = if meshed {
+        to_mesh(outbound, &authority, req).await
+    } else {
+        passthrough(outbound, &authority, req).await
+    };
+    match result {
+        Ok(resp) => {
+            count(
+                outbound,
+                &authority,
+                resp.status(),
+                if meshed { "mtls" } else { "none" },
+            );
+            resp.map(BodyExt::boxed)
+        }
+        Err(e) => fail(outbound, &authority, e),
+    }
+}
+
+fn fail(outbound: &Outbound, authority: &str, e: OutboundError) -> Response<Body> {
+    let (status, reason) = e.classify();
+    outbound.metrics.refuse_outbound(reason);
+    tracing::info!(%authority, reason, "outbound request failed: {e}");
+    count(outbound, authority, status, "none");
+    e.response()
+}
+
+fn count(outbound: &Outbound, authority: &str, status: StatusCode, tls: &str) {
+    outbound
+        .metrics
+        .outbound_requests
+        .get_or_create(&OutboundLabels {
+            authority: authority.to_owned(),
+            status_code: status.as_u16(),
+            tls: tls.to_owned(),
+        })
+        .inc();
+}
+
+/// route + balance + connect to a meshed destination.
+async fn to_mesh(
+    outbound: &Outbound,
+    authority: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Incoming>, OutboundError> {
+    let mut updates = outbound.discovery.watch(&authority.to_owned());
+    let waited = tokio::time::timeout(
+        outbound.fail_fast,
+        updates.wait_for(|u| has_endpoints(u.as_ref())),
+    );
+    if !matches!(waited.await, Ok(Ok(_))) {
+        return Err(OutboundError::NoEndpoints {
+            authority: authority.to_owned(),
+        });
+    }
+    let was_http1 = req.version() <= Version::HTTP_11;
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if was_http1 {
+        parts
+            .headers
+            .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+    }
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = format!("http://{authority}{path}")
+        .parse()
+        .map_err(|_| OutboundError::BadRequest)?;
+    let req = Request::from_parts(parts, body.boxed());
+    let mut balancer = outbound.balancer(authority);
+    let svc = balancer
+        .ready()
+        .await
+        .map_err(|e| OutboundError::Balancer(e.to_string()))?;
+    svc.call(req)
+        .await
+        .map_err(|e| match e.downcast::<OutboundError>() {
+            Ok(e) => *e,
+            Err(e) => OutboundError::Balancer(e.to_string()),
+        })
+}
+
+/// A destination discovery does not know: straight through, as asked.
+async fn passthrough(
+    outbound: &Outbound,
+    authority: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Incoming>, OutboundError> {
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = format!("http://{authority}{path}")
+        .parse()
+        .map_err(|_| OutboundError::BadRequest)?;
+    outbound
+        .plain
+        .request(Request::from_parts(parts, body.boxed()))
+        .await
+        .map_err(OutboundError::connect)
+}
+
+/// CONNECT: a TCP tunnel, for destinations discovery does not know only.
+fn connect_tunnel(
+    outbound: &Outbound,
+    req: Request<Incoming>,
+    authority: String,
+    meshed: bool,
+) -> Response<Body> {
+    if meshed {
+        let e = OutboundError::Connect(format!(
+            "CONNECT to meshed destination {authority} is not supported yet (opaque TCP over mTLS); use plain HTTP through the proxy"
+        ));
+        return fail(outbound, &authority, e);
+    }
+    let metrics = outbound.metrics.clone();
+    tokio::spawn(async move {
+        let upgraded = match hyper::upgrade::on(req).await {
+            Ok(u) => u,
+            Err(e) => return tracing::debug!(error = %e, "CONNECT upgrade failed"),
+        };
+        match TcpStream::connect(&authority).await {
+            Ok(mut tcp) => {
+                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut tcp).await;
+            }
+            Err(e) => {
+                metrics.refuse_outbound("connect");
+                tracing::info!(%authority, error = %e, "CONNECT target unreachable");
+            }
+        }
+    });
+    let mut resp = Response::new(
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = StatusCode::OK;
+    resp
+}
+
+fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    // Headers named by `Connection` are hop-by-hop too.
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .collect();
+    for name in HOP_BY_HOP
+        .iter()
+        .copied()
+        .chain(named.iter().map(String::as_str))
+    {
+        headers.remove(name);
+    }
+    headers.remove(header::HOST);
+    headers.remove(header::TRANSFER_ENCODING);
+}

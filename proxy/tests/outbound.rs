@@ -1,0 +1,176 @@
+//! The outbound side end to end: an app sends plain HTTP/1.1 through its
+//! proxy (explicit mode, absolute-form requests as `HTTP_PROXY` makes
+//! them); the proxy discovers, balances and reaches the destination's proxy
+//! with mTLS.
+
+mod support;
+
+use std::{net::SocketAddr, sync::atomic::Ordering, time::Duration};
+
+use mesh_core::api::v1::{RegisterRequest, WorkloadPort, registry_client::RegistryClient};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// What an unmodified HTTP client does with `HTTP_PROXY` set.
+async fn via_proxy(proxy: SocketAddr, url: &str, host: &str) -> (u16, String) {
+    let mut tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    tcp.write_all(
+        format!("GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = String::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_string(&mut raw))
+        .await
+        .expect("the proxy answered in time")
+        .unwrap();
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, raw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_request_crosses_two_proxies_with_mtls_and_identity() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let web = w.proxy("web", "web-0", &[("app", "web")]).await;
+    let authority = format!("api.shop.svc.cluster.local:{}", w.app_port);
+
+    let (status, raw) = via_proxy(
+        web.outbound_addr,
+        &format!("http://{authority}/via-mesh"),
+        &authority,
+    )
+    .await;
+    assert_eq!(status, 200, "{raw}");
+    assert!(
+        raw.contains(&format!("client={}", id("web"))),
+        "the app sees the caller's verified identity: {raw}"
+    );
+    assert!(
+        raw.contains("path=/via-mesh version=HTTP/1.1"),
+        "it arrives as the HTTP/1.1 it left as: {raw}"
+    );
+    assert!(raw.contains(&format!("host={authority}")), "{raw}");
+    assert_eq!(w.app_hits.load(Ordering::SeqCst), 1);
+
+    // A second request reuses the pooled mTLS connection and succeeds too.
+    let (status, _) = via_proxy(
+        web.outbound_addr,
+        &format!("http://{authority}/again"),
+        &authority,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let m = metrics(web.admin_addr).await;
+    assert!(
+        m.contains(&format!("mesh_proxy_outbound_requests_total{{authority=\"{authority}\",status_code=\"200\",tls=\"mtls\"}} 2")),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_destinations_go_straight_through() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let web = w.proxy("web", "web-0", &[("app", "web")]).await;
+    let direct = format!("127.0.0.1:{}", w.app_port);
+    let (status, raw) = via_proxy(
+        web.outbound_addr,
+        &format!("http://{direct}/direct"),
+        &direct,
+    )
+    .await;
+    assert_eq!(status, 200, "{raw}");
+    assert!(
+        raw.contains("client=-"),
+        "no mesh identity on a plain request: {raw}"
+    );
+    let m = metrics(web.admin_addr).await;
+    assert!(
+        m.contains(&format!(
+            "authority=\"{direct}\",status_code=\"200\",tls=\"none\""
+        )),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_with_the_wrong_identity_gets_no_bytes() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let web = w.proxy("web", "web-0", &[("app", "web")]).await;
+    // `other` registers a `fake` endpoint that points at api's proxy: the
+    // caller expects `other`, api's proxy presents `api`.
+    let other = w.join("other").await;
+    let tls = mesh_core::identity::tls::client_config(
+        mesh_core::identity::CredentialStore::new(other),
+        w.bundles.clone(),
+        mesh_core::identity::ExpectedIdentity::Exact(control_id()),
+    )
+    .unwrap();
+    let mut registry =
+        RegistryClient::new(mesh_core::grpc::channel(&w.plane.api_addr.to_string(), tls).unwrap());
+    registry
+        .register(RegisterRequest {
+            namespace: "shop".into(),
+            name: "fake-0".into(),
+            addresses: vec!["127.0.0.1".into()],
+            ports: vec![WorkloadPort {
+                name: "http".into(),
+                port: u32::from(w.app_port),
+                protocol: 0,
+            }],
+            labels: [("app".to_owned(), "fake".to_owned())].into(),
+            healthy: true,
+            proxy_port: u32::from(w.proxy.inbound_addr.port()),
+        })
+        .await
+        .unwrap();
+    let authority = format!("fake.shop.svc.cluster.local:{}", w.app_port);
+    let (status, raw) = via_proxy(
+        web.outbound_addr,
+        &format!("http://{authority}/x"),
+        &authority,
+    )
+    .await;
+    assert_eq!(status, 502, "{raw}");
+    assert_eq!(
+        w.app_hits.load(Ordering::SeqCst),
+        0,
+        "nothing reached the app"
+    );
+    let m = metrics(web.admin_addr).await;
+    assert!(
+        m.contains("mesh_proxy_outbound_failures_total{reason=\"connect\"} 1"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_without_endpoints_fails_fast_with_503() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let web = w.proxy("web", "web-0", &[("app", "web")]).await;
+    let authority = format!("fake.shop.svc.cluster.local:{}", w.app_port);
+    let started = std::time::Instant::now();
+    let (status, raw) = via_proxy(
+        web.outbound_addr,
+        &format!("http://{authority}/x"),
+        &authority,
+    )
+    .await;
+    assert_eq!(status, 503, "{raw}");
+    assert!(raw.contains("no ready endpoint"), "{raw}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "fail-fast is 3 s"
+    );
+}
+
+async fn metrics(admin: SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}

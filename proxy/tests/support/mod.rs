@@ -1,0 +1,300 @@
+//! A world for proxy tests: a real control plane, a real HTTP/1.1 app
+//! behind the `api` proxy, and callers that join with tokens.
+#![allow(dead_code, unreachable_pub, unused_imports)]
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_control::{ControlPlane, admin_socket::create_token, test_util};
+use mesh_core::{
+    api::v1::{
+        CertifyRequest, WatchRequest, discovery_client::DiscoveryClient, discovery_update::Kind,
+        identity_client::IdentityClient,
+    },
+    grpc,
+    identity::{
+        BundleStore, CredentialStore, Credentials, ExpectedIdentity, SpiffeId,
+        cert::now,
+        csr::new_key_and_csr,
+        tls::{client_config, client_config_without_cert},
+    },
+};
+use mesh_proxy::{
+    Config, Proxy,
+    env::{AppPort, Bootstrap},
+    inbound::{CLIENT_ID, DST_PORT, ORIG_PROTO},
+};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+pub const TD: &str = test_util::TD;
+
+pub fn id(sa: &str) -> SpiffeId {
+    format!("spiffe://{TD}/ns/shop/sa/{sa}").parse().unwrap()
+}
+
+pub fn control_id() -> SpiffeId {
+    format!("spiffe://{TD}/ns/mesh-system/sa/control")
+        .parse()
+        .unwrap()
+}
+
+/// An HTTP/1.1 app that answers with what it saw, and counts requests.
+pub async fn app() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let h = |name: &str| {
+                        req.headers()
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-")
+                            .to_owned()
+                    };
+                    let body = format!(
+                        "client={} host={} path={} version={:?} dst-port={}",
+                        h(CLIENT_ID),
+                        h("host"),
+                        req.uri().path(),
+                        req.version(),
+                        h(DST_PORT)
+                    );
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from(body),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, hits)
+}
+
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub plane: ControlPlane,
+    pub bundles: BundleStore,
+    /// The `api` workload's proxy (shop/api, workload api-0, app=api).
+    pub proxy: Proxy,
+    pub app_port: u16,
+    pub app_hits: Arc<AtomicUsize>,
+    anchors: std::path::PathBuf,
+}
+
+pub async fn world(leaf_ttl: Duration) -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_util::config(dir.path());
+    cfg.leaf_ttl = leaf_ttl;
+    let (app_addr, app_hits) = app().await;
+    let app_port = app_addr.port();
+    // api's HTTP port admits only web.
+    std::fs::write(
+        cfg.config_dir.join("shop.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: api, namespace: shop}}\nspec:\n  selector: {{app: api}}\n  ports: [{{port: {app_port}, appProtocol: http}}]\n---\napiVersion: policy.mesh.rs/v1alpha1\nkind: Server\nmetadata: {{name: api-http, namespace: shop}}\nspec:\n  podSelector: {{matchLabels: {{app: api}}}}\n  port: {app_port}\n---\napiVersion: policy.mesh.rs/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: web-only, namespace: shop}}\nspec:\n  targetRef: {{kind: Server, name: api-http}}\n  requiredAuthenticationRefs: [{{kind: MeshTLSAuthentication, name: web}}]\n---\napiVersion: policy.mesh.rs/v1alpha1\nkind: MeshTLSAuthentication\nmetadata: {{name: web, namespace: shop}}\nspec:\n  identities: [\"{}\"]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: fake, namespace: shop}}\nspec:\n  selector: {{app: fake}}\n  ports: [{{port: {app_port}}}]\n",
+            id("web")
+        ),
+    )
+    .unwrap();
+    let bundles = test_util::bundles_of(&cfg.ca_dir);
+    let anchors = cfg.ca_dir.join("bundle.json");
+    let plane = ControlPlane::start(cfg).await.unwrap();
+    let proxy = start_proxy(
+        &plane,
+        dir.path(),
+        &anchors,
+        "api",
+        "api-0",
+        &[("app", "api")],
+        vec![AppPort {
+            name: "http".into(),
+            port: app_port,
+        }],
+    )
+    .await;
+    World {
+        dir,
+        plane,
+        bundles,
+        proxy,
+        app_port,
+        app_hits,
+        anchors,
+    }
+}
+
+/// Starts a proxy for `shop/<sa>` as workload `name`, joined with a token.
+pub async fn start_proxy(
+    plane: &ControlPlane,
+    dir: &std::path::Path,
+    anchors: &std::path::Path,
+    sa: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+    app_ports: Vec<AppPort>,
+) -> Proxy {
+    let token_file = dir.join(format!("{name}.token"));
+    let (token, _) = create_token(
+        plane.store().as_ref(),
+        "shop",
+        sa,
+        Duration::from_secs(600),
+        now().unix_timestamp(),
+    )
+    .unwrap();
+    std::fs::write(&token_file, token).unwrap();
+    let config = Config {
+        cluster: "west".into(),
+        trust_domain: TD.parse().unwrap(),
+        identity: id(sa),
+        namespace: "shop".into(),
+        service_account: sa.into(),
+        workload: name.into(),
+        control_identity_addr: plane.identity_addr.to_string(),
+        control_api_addr: plane.api_addr.to_string(),
+        control_identity: control_id(),
+        trust_anchors: anchors.to_owned(),
+        bootstrap: Bootstrap::TokenFile(token_file),
+        inbound_addr: "127.0.0.1:0".parse().unwrap(),
+        outbound_addr: "127.0.0.1:0".parse().unwrap(),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        app_ip: "127.0.0.1".parse().unwrap(),
+        app_ports,
+        workload_addresses: vec!["127.0.0.1".parse().unwrap()],
+        labels: labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        inbound_fail_fast: Duration::from_secs(2),
+    };
+    Proxy::start(config).await.unwrap()
+}
+
+impl World {
+    /// Another proxy in this world (e.g. a caller's).
+    pub async fn proxy(&self, sa: &str, name: &str, labels: &[(&str, &str)]) -> Proxy {
+        start_proxy(
+            &self.plane,
+            self.dir.path(),
+            &self.anchors,
+            sa,
+            name,
+            labels,
+            Vec::new(),
+        )
+        .await
+    }
+    /// An SVID for `shop/<sa>`, joined with a token like any workload.
+    pub async fn join(&self, sa: &str) -> Credentials {
+        let (token, _) = create_token(
+            self.plane.store().as_ref(),
+            "shop",
+            sa,
+            Duration::from_secs(600),
+            now().unix_timestamp(),
+        )
+        .unwrap();
+        let tls =
+            client_config_without_cert(self.bundles.clone(), ExpectedIdentity::Exact(control_id()))
+                .unwrap();
+        let mut client =
+            IdentityClient::new(grpc::channel(&self.plane.identity_addr.to_string(), tls).unwrap());
+        let (key, csr) = new_key_and_csr().unwrap();
+        let resp = client
+            .certify(CertifyRequest {
+                identity: id(sa).to_string(),
+                csr,
+                token,
+                ttl_seconds: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        Credentials::new(
+            resp.chain.into_iter().map(CertificateDer::from).collect(),
+            key,
+        )
+        .unwrap()
+    }
+
+    /// Opens mTLS + HTTP/2 to the proxy, expecting it to be `server`.
+    pub async fn connect(
+        &self,
+        creds: &Credentials,
+        server: SpiffeId,
+    ) -> Result<hyper::client::conn::http2::SendRequest<Empty<Bytes>>, std::io::Error> {
+        let mut tls = client_config(
+            CredentialStore::new(creds.clone()),
+            self.bundles.clone(),
+            ExpectedIdentity::Exact(server),
+        )
+        .unwrap();
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let tcp = tokio::net::TcpStream::connect(self.proxy.inbound_addr).await?;
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(ServerName::try_from("api.shop").unwrap(), tcp)
+            .await?;
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .map_err(std::io::Error::other)?;
+        tokio::spawn(conn);
+        Ok(send)
+    }
+
+    pub async fn get(&self, creds: &Credentials, forged: Option<&str>) -> (StatusCode, String) {
+        let mut send = self.connect(creds, id("api")).await.unwrap();
+        let mut req = Request::get(format!(
+            "http://api.shop.svc.cluster.local:{}/hello",
+            self.app_port
+        ))
+        .header(DST_PORT, self.app_port.to_string())
+        .header(ORIG_PROTO, "HTTP/1.1");
+        if let Some(forged) = forged {
+            req = req.header(CLIENT_ID, forged);
+        }
+        let resp = send
+            .send_request(req.body(Empty::new()).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    pub async fn metrics(&self) -> String {
+        let mut s = tokio::net::TcpStream::connect(self.proxy.admin_addr)
+            .await
+            .unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+}
