@@ -215,25 +215,10 @@ pub fn run(args: ControlArgs) -> ExitCode {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let plane = ControlPlane::start(config).await?;
-    wait_for_signal().await;
+    mesh_core::shutdown::signal().await;
     tracing::info!("shutting down");
     plane.shutdown(Duration::from_secs(10)).await;
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers, run until killed.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
 }
 
 async fn token_create(args: TokenCreateArgs) -> anyhow::Result<()> {

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use mesh_core::admin::registered;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{
@@ -62,99 +63,91 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut r = Registry::with_prefix("mesh_control");
-        let certify_issued = Family::<CertifyLabels, Counter>::default();
-        r.register(
-            "certify_issued",
-            "SVIDs issued by Certify",
-            certify_issued.clone(),
-        );
-        let certify_refused = Family::<ReasonLabels, Counter>::default();
-        r.register(
-            "certify_refused",
-            "Certify requests refused, by reason",
-            certify_refused.clone(),
-        );
-        let certify_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
-        r.register(
-            "certify_duration_seconds",
-            "Time to answer Certify, refusals included",
-            certify_duration.clone(),
-        );
-        let config_errors = Family::<ReasonLabels, Counter>::default();
-        r.register(
-            "config_errors",
-            "Config files rejected (the previous good version keeps serving), by reason",
-            config_errors.clone(),
-        );
-        let config_reloads = Counter::default();
-        r.register(
-            "config_reloads",
-            "Times the configuration changed and was applied",
-            config_reloads.clone(),
-        );
-        let tls_refused = Family::<ListenerLabels, Counter>::default();
-        r.register(
-            "tls_refused",
-            "TLS handshakes refused, by listener and reason",
-            tls_refused.clone(),
-        );
-        let issuer_expiry = Gauge::default();
-        r.register(
-            "issuer_expiry_timestamp_seconds",
-            "When the issuer certificate expires (Unix time)",
-            issuer_expiry.clone(),
-        );
-        let issuer_reload_failures = Counter::default();
-        r.register(
-            "issuer_reload_failures",
-            "Issuer files that changed on disk but could not be loaded (the old issuer keeps signing)",
-            issuer_reload_failures.clone(),
-        );
-        let issuer_reloads = Counter::default();
-        r.register(
-            "issuer_reloads",
-            "Issuer reloaded from disk",
-            issuer_reloads.clone(),
-        );
-        let workloads = Family::<StateLabels, Gauge>::default();
-        r.register(
-            "workloads",
-            "Registered workloads, by readiness",
-            workloads.clone(),
-        );
-        let registry_refused = Family::<ReasonLabels, Counter>::default();
-        r.register(
-            "registry_refused",
-            "Registry calls refused, by reason",
-            registry_refused.clone(),
-        );
-        let watch_streams = Family::<ApiLabels, Gauge>::default();
-        r.register(
-            "watch_streams",
-            "Open watch streams, by API",
-            watch_streams.clone(),
-        );
-        let tokens_created = Counter::default();
-        r.register(
-            "join_tokens_created",
-            "Join tokens created",
-            tokens_created.clone(),
-        );
+        let r = &mut r;
+        let metrics = Self {
+            certify_issued: registered(
+                r,
+                "certify_issued",
+                "SVIDs issued by Certify",
+                Family::default(),
+            ),
+            certify_refused: registered(
+                r,
+                "certify_refused",
+                "Certify requests refused, by reason",
+                Family::default(),
+            ),
+            certify_duration: registered(
+                r,
+                "certify_duration_seconds",
+                "Time to answer Certify, refusals included",
+                Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            ),
+            config_errors: registered(
+                r,
+                "config_errors",
+                "Config files rejected (the previous good version keeps serving), by reason",
+                Family::default(),
+            ),
+            config_reloads: registered(
+                r,
+                "config_reloads",
+                "Times the configuration changed and was applied",
+                Counter::default(),
+            ),
+            tls_refused: registered(
+                r,
+                "tls_refused",
+                "TLS handshakes refused, by listener and reason",
+                Family::default(),
+            ),
+            issuer_expiry: registered(
+                r,
+                "issuer_expiry_timestamp_seconds",
+                "When the issuer certificate expires (Unix time)",
+                Gauge::default(),
+            ),
+            issuer_reload_failures: registered(
+                r,
+                "issuer_reload_failures",
+                "Issuer files that changed on disk but could not be loaded (the old issuer keeps signing)",
+                Counter::default(),
+            ),
+            issuer_reloads: registered(
+                r,
+                "issuer_reloads",
+                "Issuer reloaded from disk",
+                Counter::default(),
+            ),
+            workloads: registered(
+                r,
+                "workloads",
+                "Registered workloads, by readiness",
+                Family::default(),
+            ),
+            registry_refused: registered(
+                r,
+                "registry_refused",
+                "Registry calls refused, by reason",
+                Family::default(),
+            ),
+            watch_streams: registered(
+                r,
+                "watch_streams",
+                "Open watch streams, by API",
+                Family::default(),
+            ),
+            tokens_created: registered(
+                r,
+                "join_tokens_created",
+                "Join tokens created",
+                Counter::default(),
+            ),
+            registry: Arc::default(),
+        };
         Self {
-            registry: Arc::new(r),
-            certify_issued,
-            certify_refused,
-            certify_duration,
-            config_errors,
-            config_reloads,
-            tls_refused,
-            issuer_expiry,
-            issuer_reload_failures,
-            issuer_reloads,
-            workloads,
-            registry_refused,
-            watch_streams,
-            tokens_created,
+            registry: Arc::new(std::mem::take(r)),
+            ..metrics
         }
     }
 

@@ -111,6 +111,15 @@ fn route(
     }
 }
 
+/// Registers `metric` under `name` with `help`, and returns it for use.
+pub fn registered<M>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M
+where
+    M: prometheus_client::registry::Metric + Clone,
+{
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 /// Renders `registry` in the Prometheus text format (version 0.0.4), which
 /// every scraper and `promtool check metrics` read.
 ///

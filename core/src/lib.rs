@@ -15,4 +15,5 @@ pub mod api;
 pub mod crypto;
 pub mod grpc;
 pub mod identity;
+pub mod shutdown;
 pub mod telemetry;

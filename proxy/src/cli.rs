@@ -31,11 +31,11 @@ pub fn run(vars: HashMap<String, String>) -> ExitCode {
         // Wait for the identity, but let a signal interrupt the wait.
         let proxy = tokio::select! {
             started = Proxy::start(config) => started,
-            () = signal() => return ExitCode::SUCCESS,
+            () = mesh_core::shutdown::signal() => return ExitCode::SUCCESS,
         };
         match proxy {
             Ok(proxy) => {
-                signal().await;
+                mesh_core::shutdown::signal().await;
                 tracing::info!("shutting down");
                 proxy.shutdown(Duration::from_secs(5)).await;
                 ExitCode::SUCCESS
@@ -46,18 +46,4 @@ pub fn run(vars: HashMap<String, String>) -> ExitCode {
             }
         }
     })
-}
-
-async fn signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
 }

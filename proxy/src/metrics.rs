@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use mesh_core::admin::registered;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -46,57 +47,55 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut r = Registry::with_prefix("mesh_proxy");
-        let inbound_requests = Family::<InboundLabels, Counter>::default();
-        r.register(
-            "inbound_requests",
-            "Inbound requests answered, by app port, status and verified caller",
-            inbound_requests.clone(),
-        );
-        let inbound_refused = Family::<ReasonLabels, Counter>::default();
-        r.register(
-            "inbound_refused",
-            "Inbound requests refused by the proxy, by reason",
-            inbound_refused.clone(),
-        );
-        let tls_refused = Family::<ReasonLabels, Counter>::default();
-        r.register(
-            "inbound_tls_refused",
-            "Inbound TLS handshakes refused, by reason",
-            tls_refused.clone(),
-        );
-        let identity_expiry = Gauge::default();
-        r.register(
-            "identity_expiry_timestamp_seconds",
-            "When the proxy's SVID expires (Unix time)",
-            identity_expiry.clone(),
-        );
-        let identity_renewals = Counter::default();
-        r.register(
-            "identity_renewals",
-            "Successful SVID renewals",
-            identity_renewals.clone(),
-        );
-        let outbound_requests = Family::<OutboundLabels, Counter>::default();
-        r.register(
-            "outbound_requests",
-            "Outbound requests answered, by destination, status and TLS",
-            outbound_requests.clone(),
-        );
-        let outbound_failures = Family::<ReasonLabels, Counter>::default();
-        r.register(
-            "outbound_failures",
-            "Outbound requests the proxy failed, by reason",
-            outbound_failures.clone(),
-        );
+        let r = &mut r;
+        let metrics = Self {
+            inbound_requests: registered(
+                r,
+                "inbound_requests",
+                "Inbound requests answered, by app port, status and verified caller",
+                Family::default(),
+            ),
+            inbound_refused: registered(
+                r,
+                "inbound_refused",
+                "Inbound requests refused by the proxy, by reason",
+                Family::default(),
+            ),
+            tls_refused: registered(
+                r,
+                "inbound_tls_refused",
+                "Inbound TLS handshakes refused, by reason",
+                Family::default(),
+            ),
+            identity_expiry: registered(
+                r,
+                "identity_expiry_timestamp_seconds",
+                "When the proxy's SVID expires (Unix time)",
+                Gauge::default(),
+            ),
+            identity_renewals: registered(
+                r,
+                "identity_renewals",
+                "Successful SVID renewals",
+                Counter::default(),
+            ),
+            outbound_requests: registered(
+                r,
+                "outbound_requests",
+                "Outbound requests answered, by destination, status and TLS",
+                Family::default(),
+            ),
+            outbound_failures: registered(
+                r,
+                "outbound_failures",
+                "Outbound requests the proxy failed, by reason",
+                Family::default(),
+            ),
+            registry: Arc::default(),
+        };
         Self {
-            registry: Arc::new(r),
-            inbound_requests,
-            inbound_refused,
-            tls_refused,
-            identity_expiry,
-            identity_renewals,
-            outbound_requests,
-            outbound_failures,
+            registry: Arc::new(std::mem::take(r)),
+            ..metrics
         }
     }
 

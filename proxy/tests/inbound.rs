@@ -103,7 +103,7 @@ async fn the_proxy_registers_its_workload_with_its_inbound_port() {
     )
     .unwrap();
     let mut discovery =
-        DiscoveryClient::new(grpc::channel(&w.plane.api_addr.to_string(), tls).unwrap());
+        DiscoveryClient::new(grpc::channel(&w.plane().api_addr.to_string(), tls).unwrap());
     let mut watch = discovery
         .watch(WatchRequest {
             authority: format!("api.shop.svc.cluster.local:{}", w.app_port),
@@ -165,5 +165,63 @@ async fn the_proxy_renews_at_half_life_and_keeps_serving() {
         w.metrics()
             .await
             .contains("mesh_proxy_identity_renewals_total 1")
+    );
+}
+
+/// The HTTP/2 limits the inbound side announces, read off the wire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_http2_settings_on_the_wire() {
+    use std::sync::Arc;
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let web = w.join("web").await;
+    let mut tls = client_config(
+        CredentialStore::new(web),
+        w.bundles.clone(),
+        ExpectedIdentity::Exact(id("api")),
+    )
+    .unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(w.proxy.inbound_addr)
+        .await
+        .unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(rustls::pki_types::ServerName::try_from("api").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    // Client preface and an empty SETTINGS frame.
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    stream
+        .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    // The server's first frame is its SETTINGS.
+    let mut header = [0u8; 9];
+    stream.read_exact(&mut header).await.unwrap();
+    let len = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+    assert_eq!(header[3], 4, "first frame is SETTINGS");
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await.unwrap();
+    let settings: std::collections::HashMap<u16, u32> = payload
+        .chunks(6)
+        .map(|c| {
+            (
+                u16::from_be_bytes([c[0], c[1]]),
+                u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+            )
+        })
+        .collect();
+    assert_eq!(
+        settings.get(&0x3),
+        Some(&200),
+        "MAX_CONCURRENT_STREAMS (mesh-internal): {settings:?}"
+    );
+    assert_eq!(
+        settings.get(&0x6),
+        Some(&16_384),
+        "MAX_HEADER_LIST_SIZE: {settings:?}"
     );
 }

@@ -109,8 +109,9 @@ async fn an_endpoint_with_the_wrong_identity_gets_no_bytes() {
         mesh_core::identity::ExpectedIdentity::Exact(control_id()),
     )
     .unwrap();
-    let mut registry =
-        RegistryClient::new(mesh_core::grpc::channel(&w.plane.api_addr.to_string(), tls).unwrap());
+    let mut registry = RegistryClient::new(
+        mesh_core::grpc::channel(&w.plane().api_addr.to_string(), tls).unwrap(),
+    );
     registry
         .register(RegisterRequest {
             namespace: "shop".into(),
@@ -173,4 +174,77 @@ async fn metrics(admin: SocketAddr) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ten_times_slower_endpoint_gets_a_minority_of_requests() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    // api-0 (127.0.0.1) answers at once; api-1 too; api-2 takes 25 ms.
+    let (_fast, fast_hits) = w.api_replica("127.0.0.2", "api-1", Duration::ZERO).await;
+    let (_slow, slow_hits) = w
+        .api_replica("127.0.0.3", "api-2", Duration::from_millis(25))
+        .await;
+    let web = w.proxy("web", "web-0", &[("app", "web")]).await;
+    let authority = format!("api.shop.svc.cluster.local:{}", w.app_port);
+    // Wait until discovery lists all three replicas.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let total = 150;
+    for i in 0..total {
+        let (status, raw) = via_proxy(
+            web.outbound_addr,
+            &format!("http://{authority}/r{i}"),
+            &authority,
+        )
+        .await;
+        assert_eq!(status, 200, "{raw}");
+    }
+    let (a, b, slow) = (
+        w.app_hits.load(Ordering::SeqCst),
+        fast_hits.load(Ordering::SeqCst),
+        slow_hits.load(Ordering::SeqCst),
+    );
+    eprintln!("requests per endpoint: fast {a}, fast {b}, slow {slow}");
+    assert_eq!(a + b + slow, total);
+    assert!(slow > 0, "the slow endpoint is still tried");
+    assert!(
+        slow * 5 < total,
+        "the slow endpoint must get a minority: fast {a}/{b}, slow {slow}"
+    );
+    assert!(slow < a && slow < b, "fast {a}/{b}, slow {slow}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_destinations_keep_working_for_60s_without_the_control_plane() {
+    let mut w = world(Duration::from_secs(24 * 3600)).await;
+    let web = w.proxy("web", "web-0", &[("app", "web")]).await;
+    let authority = format!("api.shop.svc.cluster.local:{}", w.app_port);
+    let (status, _) = via_proxy(
+        web.outbound_addr,
+        &format!("http://{authority}/before"),
+        &authority,
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    w.kill_control_plane().await;
+    let started = std::time::Instant::now();
+    let mut n = 0;
+    while started.elapsed() < Duration::from_secs(60) {
+        let (status, raw) = via_proxy(
+            web.outbound_addr,
+            &format!("http://{authority}/without-cp-{n}"),
+            &authority,
+        )
+        .await;
+        assert_eq!(
+            status,
+            200,
+            "after {:?} without the control plane: {raw}",
+            started.elapsed()
+        );
+        assert!(raw.contains(&format!("client={}", id("web"))), "{raw}");
+        n += 1;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    assert!(n >= 25);
 }

@@ -55,7 +55,12 @@ pub fn control_id() -> SpiffeId {
 
 /// An HTTP/1.1 app that answers with what it saw, and counts requests.
 pub async fn app() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    app_at("127.0.0.1:0".parse().unwrap(), Duration::ZERO).await
+}
+
+/// The same app on `addr`, taking `delay` to answer each request.
+pub async fn app_at(addr: SocketAddr, delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
     let counter = hits.clone();
@@ -82,6 +87,7 @@ pub async fn app() -> (SocketAddr, Arc<AtomicUsize>) {
                         h(DST_PORT)
                     );
                     async move {
+                        tokio::time::sleep(delay).await;
                         Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
                             Bytes::from(body),
                         )))
@@ -98,7 +104,8 @@ pub async fn app() -> (SocketAddr, Arc<AtomicUsize>) {
 
 pub struct World {
     pub dir: tempfile::TempDir,
-    pub plane: ControlPlane,
+    /// `None` once the control plane was killed.
+    pub plane: Option<ControlPlane>,
     pub bundles: BundleStore,
     /// The `api` workload's proxy (shop/api, workload api-0, app=api).
     pub proxy: Proxy,
@@ -125,22 +132,20 @@ pub async fn world(leaf_ttl: Duration) -> World {
     let bundles = test_util::bundles_of(&cfg.ca_dir);
     let anchors = cfg.ca_dir.join("bundle.json");
     let plane = ControlPlane::start(cfg).await.unwrap();
-    let proxy = start_proxy(
-        &plane,
-        dir.path(),
-        &anchors,
-        "api",
-        "api-0",
-        &[("app", "api")],
-        vec![AppPort {
+    let spec = Spec {
+        sa: "api",
+        name: "api-0",
+        labels: &[("app", "api")],
+        app_ports: vec![AppPort {
             name: "http".into(),
             port: app_port,
         }],
-    )
-    .await;
+        ip: "127.0.0.1".parse().unwrap(),
+    };
+    let proxy = start_proxy(&plane, dir.path(), &anchors, spec).await;
     World {
         dir,
-        plane,
+        plane: Some(plane),
         bundles,
         proxy,
         app_port,
@@ -149,16 +154,29 @@ pub async fn world(leaf_ttl: Duration) -> World {
     }
 }
 
-/// Starts a proxy for `shop/<sa>` as workload `name`, joined with a token.
+/// What a test proxy is: `shop/<sa>`, workload `name`, on loopback `ip`.
+pub struct Spec<'a> {
+    pub sa: &'a str,
+    pub name: &'a str,
+    pub labels: &'a [(&'a str, &'a str)],
+    pub app_ports: Vec<AppPort>,
+    pub ip: std::net::IpAddr,
+}
+
+/// Starts a proxy for `spec`, joined with a token, trusting `anchors`.
 pub async fn start_proxy(
     plane: &ControlPlane,
     dir: &std::path::Path,
     anchors: &std::path::Path,
-    sa: &str,
-    name: &str,
-    labels: &[(&str, &str)],
-    app_ports: Vec<AppPort>,
+    spec: Spec<'_>,
 ) -> Proxy {
+    let Spec {
+        sa,
+        name,
+        labels,
+        app_ports,
+        ip,
+    } = spec;
     let token_file = dir.join(format!("{name}.token"));
     let (token, _) = create_token(
         plane.store().as_ref(),
@@ -181,12 +199,12 @@ pub async fn start_proxy(
         control_identity: control_id(),
         trust_anchors: anchors.to_owned(),
         bootstrap: Bootstrap::TokenFile(token_file),
-        inbound_addr: "127.0.0.1:0".parse().unwrap(),
-        outbound_addr: "127.0.0.1:0".parse().unwrap(),
+        inbound_addr: SocketAddr::new(ip, 0),
+        outbound_addr: SocketAddr::new(ip, 0),
         admin_addr: "127.0.0.1:0".parse().unwrap(),
-        app_ip: "127.0.0.1".parse().unwrap(),
+        app_ip: ip,
         app_ports,
-        workload_addresses: vec!["127.0.0.1".parse().unwrap()],
+        workload_addresses: vec![ip],
         labels: labels
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -199,21 +217,55 @@ pub async fn start_proxy(
 impl World {
     /// Another proxy in this world (e.g. a caller's).
     pub async fn proxy(&self, sa: &str, name: &str, labels: &[(&str, &str)]) -> Proxy {
-        start_proxy(
-            &self.plane,
-            self.dir.path(),
-            &self.anchors,
+        let spec = Spec {
             sa,
             name,
             labels,
-            Vec::new(),
-        )
-        .await
+            app_ports: Vec::new(),
+            ip: "127.0.0.1".parse().unwrap(),
+        };
+        start_proxy(self.plane(), self.dir.path(), &self.anchors, spec).await
+    }
+
+    pub fn plane(&self) -> &ControlPlane {
+        self.plane.as_ref().expect("the control plane was killed")
+    }
+
+    /// Stops the control plane (as if it crashed).
+    pub async fn kill_control_plane(&mut self) {
+        if let Some(plane) = self.plane.take() {
+            plane.shutdown(Duration::ZERO).await;
+        }
+    }
+
+    /// Another replica of `api` on loopback address `ip`, with its own app
+    /// that takes `delay` per request. Returns the proxy and the app's hits.
+    pub async fn api_replica(
+        &self,
+        ip: &str,
+        name: &str,
+        delay: Duration,
+    ) -> (Proxy, Arc<AtomicUsize>) {
+        let ip: std::net::IpAddr = ip.parse().unwrap();
+        let (_, hits) = app_at(SocketAddr::new(ip, self.app_port), delay).await;
+        let ports = vec![AppPort {
+            name: "http".into(),
+            port: self.app_port,
+        }];
+        let spec = Spec {
+            sa: "api",
+            name,
+            labels: &[("app", "api")],
+            app_ports: ports,
+            ip,
+        };
+        let proxy = start_proxy(self.plane(), self.dir.path(), &self.anchors, spec).await;
+        (proxy, hits)
     }
     /// An SVID for `shop/<sa>`, joined with a token like any workload.
     pub async fn join(&self, sa: &str) -> Credentials {
         let (token, _) = create_token(
-            self.plane.store().as_ref(),
+            self.plane().store().as_ref(),
             "shop",
             sa,
             Duration::from_secs(600),
@@ -223,8 +275,9 @@ impl World {
         let tls =
             client_config_without_cert(self.bundles.clone(), ExpectedIdentity::Exact(control_id()))
                 .unwrap();
-        let mut client =
-            IdentityClient::new(grpc::channel(&self.plane.identity_addr.to_string(), tls).unwrap());
+        let mut client = IdentityClient::new(
+            grpc::channel(&self.plane().identity_addr.to_string(), tls).unwrap(),
+        );
         let (key, csr) = new_key_and_csr().unwrap();
         let resp = client
             .certify(CertifyRequest {
