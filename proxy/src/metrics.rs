@@ -42,6 +42,7 @@ pub struct Metrics {
     pub identity_renewals: Counter,
     pub outbound_requests: Family<OutboundLabels, Counter>,
     pub outbound_failures: Family<ReasonLabels, Counter>,
+    pub outbound_retries: Counter,
 }
 
 impl Metrics {
@@ -90,6 +91,12 @@ impl Metrics {
                 "outbound_failures",
                 "Outbound requests the proxy failed, by reason",
                 Family::default(),
+            ),
+            outbound_retries: registered(
+                r,
+                "outbound_retries",
+                "Outbound attempts retried within the retry budget",
+                Counter::default(),
             ),
             registry: Arc::default(),
         };

@@ -5,10 +5,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use mesh_core::{
     admin::{self, Readiness},
-    api::v1::{
-        discovery_client::DiscoveryClient, policy_client::PolicyClient,
-        registry_client::RegistryClient,
-    },
+    api::v1::{policy_client::PolicyClient, registry_client::RegistryClient},
     grpc,
     identity::{
         BundleStore, CredentialStore, ExpectedIdentity, TrustBundleSet,
@@ -143,7 +140,7 @@ impl Proxy {
                 source,
             })?;
         let outbound = Outbound::new(
-            DiscoveryClient::new(api.clone()),
+            api.clone(),
             creds.clone(),
             bundles.clone(),
             metrics.clone(),

@@ -24,6 +24,11 @@ pub enum OutboundError {
     BadRequest,
     #[error("the balancer failed: {0}")]
     Balancer(String),
+    #[error("the {what} timed out after {after:?}")]
+    Timeout {
+        what: &'static str,
+        after: std::time::Duration,
+    },
 }
 
 impl OutboundError {
@@ -42,7 +47,13 @@ impl OutboundError {
             Self::Connect(_) => (StatusCode::BAD_GATEWAY, "connect"),
             Self::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::Balancer(_) => (StatusCode::BAD_GATEWAY, "balancer"),
+            Self::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
         }
+    }
+
+    /// Whether another attempt (maybe to another endpoint) could succeed.
+    pub fn retryable(&self) -> bool {
+        matches!(self, Self::Connect(_) | Self::Balancer(_))
     }
 
     /// The response the app gets.

@@ -7,18 +7,21 @@
 //!   service discovery does not know goes straight through (plaintext, as
 //!   the app asked); a known one is never sent in plaintext to a meshed
 //!   endpoint.
+//! - **route**: the first matching HTTPRoute rule picks the backend (weighted
+//!   split), the timeouts, and the retries (within a budget of 20 % + 10/s;
+//!   bodies of unknown size or over 64 KiB are never replayed).
 //! - **balance**: tower's p2c over peak-EWMA among the ready endpoints.
 //! - **connect**: mTLS to the endpoint's proxy, expecting the SPIFFE ID
 //!   discovery gave; the HTTP/1 request rides HTTP/2 and is marked
 //!   `mesh-orig-proto: HTTP/1.1` so the other side restores it.
 //!
-//! Not yet: transparent interception, protocol detection, routes
-//! (timeouts, retries, splits), failure accrual, opaque TCP to meshed
-//! destinations.
+//! Not yet: transparent interception, protocol detection, failure accrual,
+//! opaque TCP to meshed destinations.
 
 pub mod balance;
 pub mod endpoint;
 pub mod errors;
+pub mod route;
 
 use std::{
     collections::HashMap,
@@ -26,16 +29,20 @@ use std::{
     time::Duration,
 };
 
-use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
-use http_body_util::BodyExt;
-use hyper::{body::Incoming, service::service_fn};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::{BodyExt, Full};
+use hyper::{
+    body::{Body as _, Incoming},
+    service::service_fn,
+};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo},
 };
 use mesh_core::{
     api::v1::{
-        DiscoveryUpdate, WatchRequest, discovery_client::DiscoveryClient, discovery_update::Kind,
+        DiscoveryUpdate, OutboundPolicy, OutboundRequest, WatchRequest,
+        discovery_client::DiscoveryClient, discovery_update::Kind, policy_client::PolicyClient,
     },
     identity::{BundleStore, CredentialStore},
 };
@@ -46,6 +53,7 @@ use tower::{Service, ServiceExt};
 use self::{
     balance::{Balancer, balancer, has_endpoints},
     errors::OutboundError,
+    route::{MAX_RETRY_BODY, Plan, Splitter, plan},
 };
 use crate::{
     follow::Follower,
@@ -68,6 +76,8 @@ const HOP_BY_HOP: [&str; 8] = [
 #[derive(Clone)]
 pub struct Outbound {
     discovery: Follower<String, DiscoveryUpdate>,
+    policies: Follower<String, OutboundPolicy>,
+    splitter: Arc<Splitter>,
     balancers: Arc<Mutex<HashMap<String, Balancer>>>,
     creds: CredentialStore,
     bundles: BundleStore,
@@ -86,13 +96,15 @@ impl std::fmt::Debug for Outbound {
 }
 
 impl Outbound {
+    /// Follows discovery and outbound policy through the control plane `api` channel.
     pub fn new(
-        client: DiscoveryClient<Channel>,
+        api: Channel,
         creds: CredentialStore,
         bundles: BundleStore,
         metrics: Metrics,
         fail_fast: Duration,
     ) -> Self {
+        let client = DiscoveryClient::new(api.clone());
         let discovery = Follower::new("discovery", move |authority: String| {
             let mut client = client.clone();
             async move {
@@ -102,8 +114,20 @@ impl Outbound {
                     .map(tonic::Response::into_inner)
             }
         });
+        let client = PolicyClient::new(api);
+        let policies = Follower::new("outbound policy", move |authority: String| {
+            let mut client = client.clone();
+            async move {
+                client
+                    .watch_outbound(OutboundRequest { authority })
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+        });
         Self {
             discovery,
+            policies,
+            splitter: Arc::default(),
             balancers: Arc::default(),
             creds,
             bundles,
@@ -232,18 +256,19 @@ async fn to_mesh(
     authority: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Incoming>, OutboundError> {
-    let mut updates = outbound.discovery.watch(&authority.to_owned());
-    let waited = tokio::time::timeout(
-        outbound.fail_fast,
-        updates.wait_for(|u| has_endpoints(u.as_ref())),
-    );
-    if !matches!(waited.await, Ok(Ok(_))) {
-        return Err(OutboundError::NoEndpoints {
-            authority: authority.to_owned(),
-        });
-    }
-    let was_http1 = req.version() <= Version::HTTP_11;
+    let policy = outbound
+        .policies
+        .get(&authority.to_owned(), outbound.fail_fast)
+        .await;
     let (mut parts, body) = req.into_parts();
+    let plan = plan(
+        policy.as_ref(),
+        authority,
+        &parts.method,
+        parts.uri.path(),
+        &parts.headers,
+    );
+    let was_http1 = parts.version <= Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     if was_http1 {
         parts
@@ -251,21 +276,101 @@ async fn to_mesh(
             .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
     }
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = format!("http://{authority}{path}")
+    // The request keeps the authority it was sent to, whichever backend serves it.
+    let uri: Uri = format!("http://{authority}{path}")
         .parse()
         .map_err(|_| OutboundError::BadRequest)?;
-    let req = Request::from_parts(parts, body.boxed());
-    let mut balancer = outbound.balancer(authority);
-    let svc = balancer
-        .ready()
-        .await
-        .map_err(|e| OutboundError::Balancer(e.to_string()))?;
-    svc.call(req)
-        .await
-        .map_err(|e| match e.downcast::<OutboundError>() {
-            Ok(e) => *e,
-            Err(e) => OutboundError::Balancer(e.to_string()),
-        })
+    let build = |body: crate::inbound::Body| {
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = uri.clone();
+        *req.headers_mut() = parts.headers.clone();
+        req
+    };
+    outbound.splitter.deposit();
+    let replayable = body
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n <= MAX_RETRY_BODY);
+    let work = async {
+        let Some(retry) = plan.retry.as_ref().filter(|_| replayable) else {
+            return attempt(outbound, &plan, build(body.boxed())).await;
+        };
+        let bytes = body
+            .collect()
+            .await
+            .map_err(OutboundError::connect)?
+            .to_bytes();
+        let mut retries = 0;
+        loop {
+            let body = Full::new(bytes.clone())
+                .map_err(|never| match never {})
+                .boxed();
+            let result = attempt(outbound, &plan, build(body)).await;
+            let again = match &result {
+                Ok(resp) => retry.codes.contains(&u32::from(resp.status().as_u16())),
+                Err(e) => e.retryable(),
+            };
+            if !again || retries >= retry.attempts || !outbound.splitter.withdraw() {
+                return result;
+            }
+            retries += 1;
+            outbound.metrics.outbound_retries.inc();
+            tokio::time::sleep(Duration::from_millis(retry.backoff_ms)).await;
+        }
+    };
+    match plan.request_timeout {
+        None => work.await,
+        Some(after) => {
+            tokio::time::timeout(after, work)
+                .await
+                .map_err(|_| OutboundError::Timeout {
+                    what: "request",
+                    after,
+                })?
+        }
+    }
+}
+
+/// balance + connect: one attempt, to one backend of the plan.
+async fn attempt(
+    outbound: &Outbound,
+    plan: &Plan,
+    req: Request<crate::inbound::Body>,
+) -> Result<Response<Incoming>, OutboundError> {
+    let backend = outbound.splitter.pick(plan);
+    let mut updates = outbound.discovery.watch(&backend);
+    let waited = tokio::time::timeout(
+        outbound.fail_fast,
+        updates.wait_for(|u| has_endpoints(u.as_ref())),
+    );
+    if !matches!(waited.await, Ok(Ok(_))) {
+        return Err(OutboundError::NoEndpoints { authority: backend });
+    }
+    let mut balancer = outbound.balancer(&backend);
+    let call = async {
+        let svc = balancer
+            .ready()
+            .await
+            .map_err(|e| OutboundError::Balancer(e.to_string()))?;
+        svc.call(req)
+            .await
+            .map_err(|e| match e.downcast::<OutboundError>() {
+                Ok(e) => *e,
+                Err(e) => OutboundError::Balancer(e.to_string()),
+            })
+    };
+    match plan.attempt_timeout {
+        None => call.await,
+        Some(after) => {
+            tokio::time::timeout(after, call)
+                .await
+                .map_err(|_| OutboundError::Timeout {
+                    what: "backend request",
+                    after,
+                })?
+        }
+    }
 }
 
 /// A destination discovery does not know: straight through, as asked.

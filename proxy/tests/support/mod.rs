@@ -60,6 +60,15 @@ pub async fn app() -> (SocketAddr, Arc<AtomicUsize>) {
 
 /// The same app on `addr`, taking `delay` to answer each request.
 pub async fn app_at(addr: SocketAddr, delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
+    app_with(addr, delay, 0).await
+}
+
+/// The same app, answering its first `fail_first` requests with 503.
+pub async fn app_with(
+    addr: SocketAddr,
+    delay: Duration,
+    fail_first: usize,
+) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
@@ -70,7 +79,7 @@ pub async fn app_at(addr: SocketAddr, delay: Duration) -> (SocketAddr, Arc<Atomi
             let counter = counter.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    counter.fetch_add(1, Ordering::SeqCst);
+                    let seen = counter.fetch_add(1, Ordering::SeqCst);
                     let h = |name: &str| {
                         req.headers()
                             .get(name)
@@ -88,9 +97,11 @@ pub async fn app_at(addr: SocketAddr, delay: Duration) -> (SocketAddr, Arc<Atomi
                     );
                     async move {
                         tokio::time::sleep(delay).await;
-                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                            Bytes::from(body),
-                        )))
+                        let mut resp = http::Response::new(Full::new(Bytes::from(body)));
+                        if seen < fail_first {
+                            *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                        Ok::<_, std::convert::Infallible>(resp)
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -246,16 +257,31 @@ impl World {
         name: &str,
         delay: Duration,
     ) -> (Proxy, Arc<AtomicUsize>) {
+        self.replica(ip, "api", name, "api", delay, 0).await
+    }
+
+    /// A workload `shop/<sa>` named `name` with label `app=<app>` on
+    /// loopback `ip`, its app on this world's app port answering after
+    /// `delay` and failing its first `fail_first` requests with 503.
+    pub async fn replica(
+        &self,
+        ip: &str,
+        sa: &str,
+        name: &str,
+        app: &str,
+        delay: Duration,
+        fail_first: usize,
+    ) -> (Proxy, Arc<AtomicUsize>) {
         let ip: std::net::IpAddr = ip.parse().unwrap();
-        let (_, hits) = app_at(SocketAddr::new(ip, self.app_port), delay).await;
+        let (_, hits) = app_with(SocketAddr::new(ip, self.app_port), delay, fail_first).await;
         let ports = vec![AppPort {
             name: "http".into(),
             port: self.app_port,
         }];
         let spec = Spec {
-            sa: "api",
+            sa,
             name,
-            labels: &[("app", "api")],
+            labels: &[("app", app)],
             app_ports: ports,
             ip,
         };

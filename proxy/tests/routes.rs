@@ -1,0 +1,107 @@
+//! HTTPRoutes applied by the client proxy: weighted backends (traffic
+//! split), a request timeout (504), and retries of listed status codes.
+
+mod support;
+
+use std::{net::SocketAddr, sync::atomic::Ordering, time::Duration};
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn via_proxy(proxy: SocketAddr, authority: &str, path: &str) -> (u16, String) {
+    let mut tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let req = format!(
+        "GET http://{authority}{path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).await.unwrap();
+    (
+        raw.split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        raw,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_timeout_and_retries_follow_the_route() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let p = w.app_port;
+    let (_v2, v2_hits) = w
+        .replica("127.0.0.2", "api", "api-v2-0", "api-v2", Duration::ZERO, 0)
+        .await;
+    let (_slow, _) = w
+        .replica(
+            "127.0.0.3",
+            "slow",
+            "slow-0",
+            "slow",
+            Duration::from_secs(2),
+            0,
+        )
+        .await;
+    let (_flaky, flaky_hits) = w
+        .replica("127.0.0.4", "flaky", "flaky-0", "flaky", Duration::ZERO, 2)
+        .await;
+    let service = |name: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  selector: {{app: {name}}}\n  ports: [{{port: {p}}}]\n---\n"
+        )
+    };
+    let routes = format!(
+        "{}{}{}apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: api-routes, namespace: shop}}\nspec:\n  parentRefs: [{{name: api, kind: Service, port: {p}}}]\n  rules:\n  - matches: [{{path: {{type: PathPrefix, value: /slow}}}}]\n    timeouts: {{request: 300ms}}\n    backendRefs: [{{name: slow, port: {p}}}]\n  - matches: [{{path: {{type: PathPrefix, value: /flaky}}}}]\n    retry: {{attempts: 3, codes: [503], backoff: 10ms}}\n    backendRefs: [{{name: flaky, port: {p}}}]\n  - backendRefs: [{{name: api, port: {p}, weight: 75}}, {{name: api-v2, port: {p}, weight: 25}}]\n",
+        service("api-v2"),
+        service("slow"),
+        service("flaky")
+    );
+    std::fs::write(w.dir.path().join("config").join("routes.yaml"), routes).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let web = w.proxy("web", "web-0", &[("app", "web")]).await;
+    let authority = format!("api.shop.svc.cluster.local:{p}");
+
+    // Traffic split: exactly 75/25 over 100 requests.
+    for i in 0..100 {
+        let (status, raw) = via_proxy(web.outbound_addr, &authority, &format!("/split/{i}")).await;
+        assert_eq!(status, 200, "{raw}");
+        assert!(
+            raw.contains(&format!("host={authority}")),
+            "the backend sees the original authority: {raw}"
+        );
+    }
+    assert_eq!(
+        (
+            w.app_hits.load(Ordering::SeqCst),
+            v2_hits.load(Ordering::SeqCst)
+        ),
+        (75, 25)
+    );
+
+    // Request timeout: the 2 s backend is cut at 300 ms with a 504.
+    let started = std::time::Instant::now();
+    let (status, raw) = via_proxy(web.outbound_addr, &authority, "/slow").await;
+    assert_eq!(status, 504, "{raw}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // Retries: two 503s, then success, within the budget.
+    let (status, raw) = via_proxy(web.outbound_addr, &authority, "/flaky").await;
+    assert_eq!(status, 200, "{raw}");
+    assert_eq!(flaky_hits.load(Ordering::SeqCst), 3);
+
+    let mut s = tokio::net::TcpStream::connect(web.admin_addr)
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut m = String::new();
+    s.read_to_string(&mut m).await.unwrap();
+    assert!(m.contains("mesh_proxy_outbound_retries_total 2"), "{m}");
+    assert!(
+        m.contains("mesh_proxy_outbound_failures_total{reason=\"timeout\"} 1"),
+        "{m}"
+    );
+}
