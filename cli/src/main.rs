@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod identity;
 
 #[derive(Debug, Parser)]
@@ -23,6 +24,8 @@ enum Command {
     Control(Box<mesh_control::cli::ControlArgs>),
     /// Run the sidecar proxy (configured by MESH_PROXY_* variables; see the README).
     Proxy,
+    /// Measure the data plane on this machine: meshed against direct, in one run.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +46,16 @@ fn main() -> ExitCode {
             let is_server = args.command.is_none();
             mesh_core::telemetry::init(if is_server { "info" } else { "warn" });
             mesh_control::cli::run(*args)
+        }
+        Command::Bench(args) => {
+            mesh_core::telemetry::init("warn");
+            match bench::run(args) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Proxy => {
             mesh_core::telemetry::init("info");
