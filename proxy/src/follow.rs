@@ -18,6 +18,9 @@ use tonic::{Status, Streaming};
 
 use crate::identity::backoff;
 
+/// The latest value of one key, shared (None until the first answer).
+pub type Latest<T> = watch::Receiver<Option<Arc<T>>>;
+
 type Open<K, T> = Arc<
     dyn Fn(K) -> Pin<Box<dyn Future<Output = Result<Streaming<T>, Status>> + Send>> + Send + Sync,
 >;
@@ -26,7 +29,7 @@ type Open<K, T> = Arc<
 pub struct Follower<K, T> {
     what: &'static str,
     open: Open<K, T>,
-    keys: Arc<Mutex<HashMap<K, watch::Receiver<Option<T>>>>>,
+    keys: Arc<Mutex<HashMap<K, Latest<T>>>>,
 }
 
 impl<K, T> Clone for Follower<K, T> {
@@ -65,8 +68,9 @@ where
         }
     }
 
-    /// The updates of `key` (starting its stream on first use).
-    pub fn watch(&self, key: &K) -> watch::Receiver<Option<T>> {
+    /// The updates of `key` (starting its stream on first use). Values are
+    /// shared, so reading one on the request path copies nothing.
+    pub fn watch(&self, key: &K) -> Latest<T> {
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(rx) = keys.get(key) {
             return rx.clone();
@@ -78,7 +82,7 @@ where
     }
 
     /// The current value of `key`, waiting up to `wait` for a first one.
-    pub async fn get(&self, key: &K, wait: Duration) -> Option<T> {
+    pub async fn get(&self, key: &K, wait: Duration) -> Option<Arc<T>> {
         let mut rx = self.watch(key);
         match tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await {
             Ok(Ok(value)) => value.clone(),
@@ -91,7 +95,7 @@ async fn follow<K: fmt::Debug + Clone, T>(
     what: &'static str,
     open: Open<K, T>,
     key: K,
-    tx: watch::Sender<Option<T>>,
+    tx: watch::Sender<Option<Arc<T>>>,
 ) {
     let mut failures = 0;
     loop {
@@ -100,7 +104,7 @@ async fn follow<K: fmt::Debug + Clone, T>(
                 match stream.message().await {
                     Ok(Some(value)) => {
                         failures = 0;
-                        tx.send_replace(Some(value));
+                        tx.send_replace(Some(Arc::new(value)));
                     }
                     Ok(None) => break,
                     Err(e) => {

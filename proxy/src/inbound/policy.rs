@@ -70,7 +70,11 @@ impl PolicyCache {
     }
 
     /// The policy of `port`, waiting up to `fail_fast` for a first answer.
-    pub async fn get(&self, port: u16, fail_fast: Duration) -> Option<InboundPolicy> {
+    pub async fn get(
+        &self,
+        port: u16,
+        fail_fast: Duration,
+    ) -> Option<std::sync::Arc<InboundPolicy>> {
         self.0.get(&port, fail_fast).await
     }
 }

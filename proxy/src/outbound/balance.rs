@@ -61,14 +61,18 @@ fn keys(update: Option<&DiscoveryUpdate>) -> Vec<Key> {
         .collect()
 }
 
-/// Whether the current discovery state has any endpoint to send to.
+/// Whether the current discovery state has any endpoint to send to. On
+/// the request path, so it only looks, never parses.
 pub fn has_endpoints(update: Option<&DiscoveryUpdate>) -> bool {
-    !keys(update).is_empty()
+    match update.and_then(|u| u.kind.as_ref()) {
+        Some(Kind::Endpoints(set)) => set.endpoints.iter().any(|e| e.via_gateway.is_none()),
+        _ => false,
+    }
 }
 
 /// A balancer following `updates`.
 pub fn balancer(
-    mut updates: watch::Receiver<Option<DiscoveryUpdate>>,
+    mut updates: watch::Receiver<Option<std::sync::Arc<DiscoveryUpdate>>>,
     creds: CredentialStore,
     bundles: BundleStore,
 ) -> Balancer {
@@ -76,7 +80,7 @@ pub fn balancer(
     tokio::spawn(async move {
         let mut current: HashMap<Key, ()> = HashMap::new();
         loop {
-            let wanted: Vec<Key> = keys(updates.borrow_and_update().as_ref());
+            let wanted: Vec<Key> = keys(updates.borrow_and_update().as_deref());
             let gone: Vec<Key> = current
                 .keys()
                 .filter(|k| !wanted.contains(k))

@@ -262,7 +262,7 @@ async fn to_mesh(
         .await;
     let (mut parts, body) = req.into_parts();
     let plan = plan(
-        policy.as_ref(),
+        policy.as_deref(),
         authority,
         &parts.method,
         parts.uri.path(),
@@ -342,7 +342,7 @@ async fn attempt(
     let mut updates = outbound.discovery.watch(&backend);
     let waited = tokio::time::timeout(
         outbound.fail_fast,
-        updates.wait_for(|u| has_endpoints(u.as_ref())),
+        updates.wait_for(|u| has_endpoints(u.as_deref())),
     );
     if !matches!(waited.await, Ok(Ok(_))) {
         return Err(OutboundError::NoEndpoints { authority: backend });
