@@ -43,6 +43,7 @@ pub struct Metrics {
     pub outbound_requests: Family<OutboundLabels, Counter>,
     pub outbound_failures: Family<ReasonLabels, Counter>,
     pub outbound_retries: Counter,
+    pub endpoint_ejections: Counter,
 }
 
 impl Metrics {
@@ -96,6 +97,12 @@ impl Metrics {
                 r,
                 "outbound_retries",
                 "Outbound attempts retried within the retry budget",
+                Counter::default(),
+            ),
+            endpoint_ejections: registered(
+                r,
+                "endpoint_ejections",
+                "Endpoints taken out of balancing after consecutive failures",
                 Counter::default(),
             ),
             registry: Arc::default(),

@@ -248,3 +248,48 @@ async fn known_destinations_keep_working_for_60s_without_the_control_plane() {
     }
     assert!(n >= 25);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_endpoint_is_ejected_and_success_recovers() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let (_ok, _) = w.api_replica("127.0.0.2", "api-1", Duration::ZERO).await;
+    // api-2 answers every request with 503. It also answers fastest, so
+    // peak-EWMA alone would favour it.
+    let (_bad, bad_hits) = w
+        .replica(
+            "127.0.0.3",
+            "api",
+            "api-2",
+            "api",
+            Duration::ZERO,
+            usize::MAX,
+        )
+        .await;
+    let web = w.proxy("web", "web-0", &[("app", "web")]).await;
+    let authority = format!("api.shop.svc.cluster.local:{}", w.app_port);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut ok = Vec::new();
+    for i in 0..200 {
+        let (status, _) = via_proxy(
+            web.outbound_addr,
+            &format!("http://{authority}/r{i}"),
+            &authority,
+        )
+        .await;
+        ok.push(status == 200);
+    }
+    let late_ok = ok[100..].iter().filter(|s| **s).count();
+    let bad = bad_hits.load(Ordering::SeqCst);
+    eprintln!("failing endpoint got {bad} of 200; last 100 requests: {late_ok} ok");
+    assert!(
+        late_ok >= 99,
+        "success must recover above 99% once the endpoint is ejected ({late_ok}/100)"
+    );
+    assert!(
+        bad <= 12,
+        "the failing endpoint is ejected after 5 failures (and maybe probed): {bad}"
+    );
+    let m = metrics(web.admin_addr).await;
+    assert!(m.contains("mesh_proxy_endpoint_ejections_total"), "{m}");
+    assert!(!m.contains("mesh_proxy_endpoint_ejections_total 0"), "{m}");
+}

@@ -19,8 +19,11 @@ use tower::{
     util::BoxService,
 };
 
-use super::endpoint::EndpointService;
-use crate::inbound::Body;
+use super::{
+    accrual::{Accrual, Health},
+    endpoint::EndpointService,
+};
+use crate::{inbound::Body, metrics::Metrics};
 
 /// Latency assumed for an endpoint before it has answered.
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
@@ -38,7 +41,7 @@ pub type Balancer = Buffer<
 
 /// An endpoint's identity for the balancer: where, and who it must be.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct Key {
+pub struct Key {
     addr: SocketAddr,
     spiffe_id: String,
     proxy_port: u16,
@@ -70,14 +73,26 @@ pub fn has_endpoints(update: Option<&DiscoveryUpdate>) -> bool {
     }
 }
 
-/// A balancer following `updates`.
+/// The ejection state of one destination's endpoints.
+pub type DestinationHealth = Health<Key>;
+
+/// A balancer following `updates`, with failure accrual on every endpoint.
 pub fn balancer(
     mut updates: watch::Receiver<Option<std::sync::Arc<DiscoveryUpdate>>>,
     creds: CredentialStore,
     bundles: BundleStore,
-) -> Balancer {
-    let (tx, rx) = mpsc::channel::<Result<Change<Key, EndpointService>, Infallible>>(64);
+    metrics: Metrics,
+) -> (Balancer, std::sync::Arc<DestinationHealth>) {
+    type Endpoint = Accrual<Key, EndpointService>;
+    let (tx, rx) = mpsc::channel::<Result<Change<Key, Endpoint>, Infallible>>(64);
+    let health = std::sync::Arc::new(DestinationHealth::default());
+    let task_health = health.clone();
+    let on_eject: super::accrual::OnEject<Key> = std::sync::Arc::new(move |key: &Key, backoff| {
+        metrics.endpoint_ejections.inc();
+        tracing::warn!(endpoint = %key.addr, identity = %key.spiffe_id, "endpoint failing; ejected for {backoff:?}");
+    });
     tokio::spawn(async move {
+        let health = task_health;
         let mut current: HashMap<Key, ()> = HashMap::new();
         loop {
             let wanted: Vec<Key> = keys(updates.borrow_and_update().as_deref());
@@ -88,6 +103,7 @@ pub fn balancer(
                 .collect();
             for key in gone {
                 current.remove(&key);
+                health.remove(&key);
                 if tx.send(Ok(Change::Remove(key))).await.is_err() {
                     return;
                 }
@@ -101,6 +117,7 @@ pub fn balancer(
                     .flatten();
                 let svc =
                     EndpointService::new(key.addr, identity, key.proxy_port, &creds, &bundles);
+                let svc = Accrual::new(key.clone(), svc, health.clone(), on_eject.clone());
                 current.insert(key.clone(), ());
                 if tx.send(Ok(Change::Insert(key, svc))).await.is_err() {
                     return;
@@ -119,5 +136,5 @@ pub fn balancer(
         CompleteOnResponse::default(),
     );
     let balance = Balance::new(discover);
-    Buffer::new(BoxService::new(balance), QUEUE)
+    (Buffer::new(BoxService::new(balance), QUEUE), health)
 }

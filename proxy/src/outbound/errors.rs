@@ -14,6 +14,8 @@ use crate::inbound::Body;
 pub enum OutboundError {
     #[error("no ready endpoint for {authority} within the fail-fast timeout")]
     NoEndpoints { authority: String },
+    #[error("every endpoint of {authority} is failing and ejected; retry shortly")]
+    AllEjected { authority: String },
     #[error("discovery for {authority} is unavailable and nothing is cached")]
     DiscoveryUnavailable { authority: String },
     #[error("endpoint {0} is meshed but has no proxy port; refusing to send in plaintext")]
@@ -43,6 +45,7 @@ impl OutboundError {
             Self::DiscoveryUnavailable { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "discovery_unavailable")
             }
+            Self::AllEjected { .. } => (StatusCode::SERVICE_UNAVAILABLE, "all_ejected"),
             Self::MeshedWithoutProxy(_) => (StatusCode::BAD_GATEWAY, "meshed_without_proxy"),
             Self::Connect(_) => (StatusCode::BAD_GATEWAY, "connect"),
             Self::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),

@@ -15,9 +15,13 @@
 //!   discovery gave; the HTTP/1 request rides HTTP/2 and is marked
 //!   `mesh-orig-proto: HTTP/1.1` so the other side restores it.
 //!
-//! Not yet: transparent interception, protocol detection, failure accrual,
-//! opaque TCP to meshed destinations.
+//!   An endpoint failing 5 times in a row is ejected and probed back with
+//!   backoff (`accrual.rs`).
+//!
+//! Not yet: transparent interception, protocol detection, opaque TCP to
+//! meshed destinations.
 
+pub mod accrual;
 pub mod balance;
 pub mod endpoint;
 pub mod errors;
@@ -51,7 +55,7 @@ use tonic::transport::Channel;
 use tower::{Service, ServiceExt};
 
 use self::{
-    balance::{Balancer, balancer, has_endpoints},
+    balance::{Balancer, DestinationHealth, balancer, has_endpoints},
     errors::OutboundError,
     route::{MAX_RETRY_BODY, Plan, Splitter, plan},
 };
@@ -73,12 +77,15 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
+/// One destination's balancer and the ejection state of its endpoints.
+type Destination = (Balancer, Arc<DestinationHealth>);
+
 #[derive(Clone)]
 pub struct Outbound {
     discovery: Follower<String, DiscoveryUpdate>,
     policies: Follower<String, OutboundPolicy>,
     splitter: Arc<Splitter>,
-    balancers: Arc<Mutex<HashMap<String, Balancer>>>,
+    balancers: Arc<Mutex<HashMap<String, Destination>>>,
     creds: CredentialStore,
     bundles: BundleStore,
     metrics: Metrics,
@@ -137,7 +144,7 @@ impl Outbound {
         }
     }
 
-    fn balancer(&self, authority: &str) -> Balancer {
+    fn balancer(&self, authority: &str) -> Destination {
         let mut map = self.balancers.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(authority.to_owned())
             .or_insert_with(|| {
@@ -145,6 +152,7 @@ impl Outbound {
                     self.discovery.watch(&authority.to_owned()),
                     self.creds.clone(),
                     self.bundles.clone(),
+                    self.metrics.clone(),
                 )
             })
             .clone()
@@ -347,7 +355,16 @@ async fn attempt(
     if !matches!(waited.await, Ok(Ok(_))) {
         return Err(OutboundError::NoEndpoints { authority: backend });
     }
-    let mut balancer = outbound.balancer(&backend);
+    let (mut balancer, health) = outbound.balancer(&backend);
+    // With every endpoint ejected the balancer would hold the request until
+    // a probe; wait out the fail-fast time at most, then say so.
+    let deadline = tokio::time::Instant::now() + outbound.fail_fast;
+    while health.all_ejected() {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(OutboundError::AllEjected { authority: backend });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let call = async {
         let svc = balancer
             .ready()

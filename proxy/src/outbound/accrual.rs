@@ -1,0 +1,222 @@
+//! Failure accrual: an endpoint that fails [`THRESHOLD`] times in a row
+//! (5xx responses or connection errors) leaves the balancer: its
+//! `poll_ready` waits on a timer, so p2c stops choosing it. When the timer
+//! fires, one probe request goes through; a success restores the endpoint,
+//! a failure ejects it again for twice as long (1 s up to 60 s).
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    hash::Hash,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use http::Response;
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use super::errors::OutboundError;
+
+/// Consecutive failures before an endpoint is ejected.
+pub const THRESHOLD: u32 = 5;
+const MIN_EJECTION: Duration = Duration::from_secs(1);
+const MAX_EJECTION: Duration = Duration::from_secs(60);
+
+/// Which endpoints of one destination are ejected, shared with the request
+/// path so that a destination with every endpoint ejected fails fast.
+#[derive(Debug)]
+pub struct Health<K> {
+    endpoints: Mutex<HashMap<K, Option<Instant>>>,
+}
+
+impl<K> Default for Health<K> {
+    fn default() -> Self {
+        Self {
+            endpoints: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone> Health<K> {
+    pub fn insert(&self, key: K) {
+        self.lock().insert(key, None);
+    }
+
+    pub fn remove(&self, key: &K) {
+        self.lock().remove(key);
+    }
+
+    fn set(&self, key: &K, until: Option<Instant>) {
+        if let Some(slot) = self.lock().get_mut(key) {
+            *slot = until;
+        }
+    }
+
+    /// Whether there are endpoints and every one is ejected right now.
+    pub fn all_ejected(&self) -> bool {
+        let now = Instant::now();
+        let endpoints = self.lock();
+        !endpoints.is_empty() && endpoints.values().all(|u| u.is_some_and(|u| u > now))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Option<Instant>>> {
+        self.endpoints.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    consecutive: u32,
+    ejections: u32,
+    ejected_until: Option<Instant>,
+    probing: bool,
+}
+
+/// Called when an endpoint is ejected, with the ejection time.
+pub type OnEject<K> = Arc<dyn Fn(&K, Duration) + Send + Sync>;
+
+/// Wraps one endpoint service with failure accrual.
+pub struct Accrual<K, S> {
+    key: K,
+    inner: S,
+    health: Arc<Health<K>>,
+    state: Arc<Mutex<State>>,
+    sleep: Option<Pin<Box<Sleep>>>,
+    on_eject: OnEject<K>,
+}
+
+impl<K: std::fmt::Debug, S> std::fmt::Debug for Accrual<K, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accrual")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: Eq + Hash + Clone, S> Accrual<K, S> {
+    pub fn new(key: K, inner: S, health: Arc<Health<K>>, on_eject: OnEject<K>) -> Self {
+        health.insert(key.clone());
+        Self {
+            key,
+            inner,
+            health,
+            state: Arc::default(),
+            sleep: None,
+            on_eject,
+        }
+    }
+}
+
+/// Records one outcome; returns the ejection it caused, if any.
+fn record(state: &Mutex<State>, failed: bool) -> Option<(Instant, Duration)> {
+    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+    if !failed {
+        *s = State::default();
+        return None;
+    }
+    s.consecutive += 1;
+    if !s.probing && s.consecutive < THRESHOLD {
+        return None;
+    }
+    let backoff = MIN_EJECTION
+        .saturating_mul(1 << s.ejections.min(6))
+        .min(MAX_EJECTION);
+    s.ejections += 1;
+    s.consecutive = 0;
+    s.probing = false;
+    let until = Instant::now() + backoff;
+    s.ejected_until = Some(until);
+    Some((until, backoff))
+}
+
+impl<K, S> tower::Service<http::Request<crate::inbound::Body>> for Accrual<K, S>
+where
+    K: Eq + Hash + Clone + Send + Sync + 'static,
+    S: tower::Service<
+            http::Request<crate::inbound::Body>,
+            Response = Response<Incoming>,
+            Error = OutboundError,
+        >,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Incoming>;
+    type Error = OutboundError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, OutboundError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), OutboundError>> {
+        let until = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ejected_until;
+        if let Some(until) = until {
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+            if sleep.deadline() != until {
+                sleep.as_mut().reset(until);
+            }
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // Time's up: let one probe through.
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            s.ejected_until = None;
+            s.probing = true;
+            self.sleep = None;
+        }
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<crate::inbound::Body>) -> Self::Future {
+        let fut = self.inner.call(req);
+        let (state, health, key, on_eject) = (
+            self.state.clone(),
+            self.health.clone(),
+            self.key.clone(),
+            self.on_eject.clone(),
+        );
+        Box::pin(async move {
+            let result = fut.await;
+            let failed = match &result {
+                Ok(resp) => resp.status().is_server_error(),
+                Err(_) => true,
+            };
+            match record(&state, failed) {
+                Some((until, backoff)) => {
+                    health.set(&key, Some(until));
+                    on_eject(&key, backoff);
+                }
+                None if !failed => health.set(&key, None),
+                None => {}
+            }
+            result
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ejects_after_the_threshold_and_backs_off_on_failed_probes() {
+        let state = Mutex::new(State::default());
+        for _ in 0..THRESHOLD - 1 {
+            assert!(record(&state, true).is_none());
+        }
+        let (_, first) = record(&state, true).expect("ejected at the threshold");
+        assert_eq!(first, Duration::from_secs(1));
+        // A failed probe ejects again at once, for twice as long.
+        state.lock().unwrap().probing = true;
+        let (_, second) = record(&state, true).expect("a failed probe ejects again");
+        assert_eq!(second, Duration::from_secs(2));
+        // A success resets everything.
+        assert!(record(&state, false).is_none());
+        assert_eq!(state.lock().unwrap().ejections, 0);
+        assert!(record(&state, true).is_none(), "counting starts over");
+    }
+}
