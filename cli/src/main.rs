@@ -23,7 +23,7 @@ enum Command {
     /// Run a cluster's control plane, or manage a running one.
     Control(Box<mesh_control::cli::ControlArgs>),
     /// Run the sidecar proxy (configured by MESH_PROXY_* variables; see the README).
-    Proxy,
+    Proxy(mesh_proxy::cli::ProxyArgs),
     /// Measure the data plane on this machine: meshed against direct, in one run.
     Bench(bench::BenchArgs),
 }
@@ -57,9 +57,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Proxy => {
+        Command::Proxy(args) => {
             mesh_core::telemetry::init("info");
-            mesh_proxy::cli::run(std::env::vars().collect())
+            mesh_proxy::cli::main(args, std::env::vars().collect())
         }
     }
 }

@@ -1,9 +1,81 @@
 //! `mesh proxy` (and the `mesh-proxy` binary): configured by `MESH_PROXY_*`
-//! environment variables (see `env.rs` and the README).
+//! environment variables (see `env.rs` and the README); `mesh proxy init`
+//! prints or applies the iptables rules of transparent mode.
 
 use std::{collections::HashMap, process::ExitCode, time::Duration};
 
-use crate::{Proxy, env};
+use clap::{Args, Subcommand};
+
+use crate::{Proxy, env, init::Rules};
+
+/// Run the sidecar proxy (configured by MESH_PROXY_* variables), or set up
+/// transparent interception.
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    #[command(subcommand)]
+    pub command: Option<ProxyCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProxyCommand {
+    /// Print the iptables rules that redirect the workload's TCP to the proxy (or apply them).
+    Init(InitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Apply the rules with iptables (needs root) instead of printing them.
+    #[arg(long)]
+    apply: bool,
+    /// The user id the proxy runs as; its own traffic is never redirected.
+    #[arg(long)]
+    proxy_uid: u32,
+    /// Where redirected inbound traffic goes.
+    #[arg(long, default_value_t = 4143)]
+    inbound_port: u16,
+    /// Where redirected outbound traffic goes.
+    #[arg(long, default_value_t = 4140)]
+    outbound_port: u16,
+    /// Inbound ports that reach the workload directly (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "4191")]
+    skip_inbound_ports: Vec<u16>,
+    /// Outbound destination ports that bypass the proxy (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    skip_outbound_ports: Vec<u16>,
+}
+
+/// Runs `mesh proxy ...`; `vars` is the environment.
+pub fn main(args: ProxyArgs, vars: HashMap<String, String>) -> ExitCode {
+    let Some(ProxyCommand::Init(init)) = args.command else {
+        return run(vars);
+    };
+    let rules = Rules {
+        inbound_port: init.inbound_port,
+        outbound_port: init.outbound_port,
+        proxy_uid: init.proxy_uid,
+        skip_inbound_ports: init.skip_inbound_ports,
+        skip_outbound_ports: init.skip_outbound_ports,
+    };
+    if !init.apply {
+        #[allow(clippy::print_stdout)]
+        {
+            print!("{}", rules.script());
+        }
+        return ExitCode::SUCCESS;
+    }
+    match rules.apply() {
+        Ok(()) => {
+            eprintln!(
+                "transparent interception rules applied (chains MESH_INBOUND, MESH_OUTBOUND)"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// Runs the proxy until SIGTERM or SIGINT; `vars` is the environment.
 pub fn run(vars: HashMap<String, String>) -> ExitCode {

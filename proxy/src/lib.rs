@@ -15,6 +15,7 @@ pub mod env;
 pub mod follow;
 pub mod identity;
 pub mod inbound;
+pub mod init;
 pub mod metrics;
 pub mod outbound;
 pub mod proxy;

@@ -167,11 +167,14 @@ pub async fn accept(listener: TcpListener, outbound: Arc<Outbound>) {
             continue;
         };
         let _ = tcp.set_nodelay(true);
+        let redirected = original_dst(&tcp);
         let outbound = outbound.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let outbound = outbound.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&outbound, req).await) }
+                async move {
+                    Ok::<_, std::convert::Infallible>(handle(&outbound, req, redirected).await)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), svc)
@@ -179,6 +182,19 @@ pub async fn accept(listener: TcpListener, outbound: Arc<Outbound>) {
                 .await;
         });
     }
+}
+
+/// Where a connection was going before iptables redirected it to us
+/// (`SO_ORIGINAL_DST`); `None` when it was not redirected (explicit mode).
+fn original_dst(tcp: &TcpStream) -> Option<std::net::SocketAddr> {
+    let sock = socket2::SockRef::from(tcp);
+    let local = tcp.local_addr().ok()?;
+    let orig = if local.is_ipv4() {
+        sock.original_dst_v4()
+    } else {
+        sock.original_dst_v6()
+    };
+    orig.ok()?.as_socket().filter(|orig| *orig != local)
 }
 
 /// `host:port` the request is for (absolute form, CONNECT, or Host).
@@ -201,7 +217,11 @@ fn authority_of(req: &Request<Incoming>) -> Option<String> {
     })
 }
 
-async fn handle(outbound: &Outbound, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    outbound: &Outbound,
+    req: Request<Incoming>,
+    redirected: Option<std::net::SocketAddr>,
+) -> Response<Body> {
     let Some(authority) = authority_of(&req) else {
         return OutboundError::BadRequest.response();
     };
@@ -222,7 +242,9 @@ async fn handle(outbound: &Outbound, req: Request<Incoming>) -> Response<Body> {
     let result = if meshed {
         to_mesh(outbound, &authority, req).await
     } else {
-        passthrough(outbound, &authority, req).await
+        // Transparent mode: go where the app was really connecting.
+        let target = redirected.map_or_else(|| authority.clone(), |to| to.to_string());
+        passthrough(outbound, &target, req).await
     };
     match result {
         Ok(resp) => {
@@ -278,6 +300,8 @@ async fn to_mesh(
     );
     let was_http1 = parts.version <= Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
+    // HTTP/2 carries the authority in the URI; the other side restores Host.
+    parts.headers.remove(header::HOST);
     if was_http1 {
         parts
             .headers

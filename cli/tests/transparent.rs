@@ -1,0 +1,334 @@
+//! Transparent interception, as root: in a network namespace of its own, an
+//! unmodified `curl` (run as another user, no proxy settings) reaches a
+//! service through both proxies once `mesh proxy init --apply` has set up
+//! iptables, and the app sees curl's workload identity. Needs root, `ip`,
+//! `iptables`, `curl`, `setpriv` and `python3`; fails loudly without them.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+const MESH: &str = env!("CARGO_BIN_EXE_mesh");
+
+fn require_root_and_tools() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or("?");
+    assert_eq!(
+        uid, "0",
+        "this test needs root (network namespaces and iptables); CI runs it as root"
+    );
+    for (tool, arg, package) in [
+        ("ip", "-V", "iproute2"),
+        ("iptables", "--version", "iptables"),
+        ("curl", "--version", "curl"),
+        ("setpriv", "--version", "util-linux"),
+        ("python3", "--version", "python3"),
+    ] {
+        if Command::new(tool).arg(arg).output().is_err() {
+            panic!("this test needs `{tool}`: apt-get install -y {package}");
+        }
+    }
+}
+
+/// A network namespace with the processes started in it; both are gone
+/// when it drops.
+struct Netns {
+    name: String,
+    dir: PathBuf,
+    children: Vec<Child>,
+}
+
+impl Netns {
+    fn new(dir: &Path) -> Self {
+        let name = format!("mesh-test-{}", std::process::id());
+        run("ip", &["netns", "add", &name]);
+        let ns = Self {
+            name,
+            dir: dir.to_owned(),
+            children: Vec::new(),
+        };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).args(args);
+        cmd
+    }
+
+    fn exec(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("ip netns exec")
+    }
+
+    fn spawn(&mut self, name: &str, args: &[&str], envs: &[(&str, String)]) {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
+        let mut cmd = self.command(args);
+        cmd.envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("MESH_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.children.push(cmd.spawn().unwrap());
+    }
+
+    /// Waits for `url` (inside the namespace) to answer 200.
+    fn wait_ok(&self, url: &str, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = self.exec(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url]);
+            if String::from_utf8_lossy(&out.stdout) == "200" {
+                return;
+            }
+            if Instant::now() > deadline {
+                let logs: String = ["control", "api-proxy", "web-proxy", "app"]
+                    .iter()
+                    .map(|f| {
+                        format!(
+                            "--- {f}.log\n{}\n",
+                            std::fs::read_to_string(self.dir.join(format!("{f}.log")))
+                                .unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                panic!("{what} not ready at {url}\n{logs}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> Output {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+const APP: &str = r#"
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("client=%s path=%s\n" % (self.headers.get("mesh-client-id", "-"), self.path)).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.2", 9000), H).serve_forever()
+"#;
+
+fn proxy_env(
+    dir: &Path,
+    sa: &str,
+    ip: &str,
+    outbound: &str,
+    admin: &str,
+    app_ports: &str,
+    labels: &str,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("MESH_PROXY_CLUSTER", "west".into()),
+        ("MESH_PROXY_TRUST_DOMAIN", "west.mesh.local".into()),
+        ("MESH_PROXY_NAMESPACE", "shop".into()),
+        ("MESH_PROXY_SERVICE_ACCOUNT", sa.into()),
+        ("MESH_PROXY_WORKLOAD", format!("{sa}-0")),
+        ("MESH_PROXY_CONTROL_IDENTITY_ADDR", "127.0.0.1:18080".into()),
+        ("MESH_PROXY_CONTROL_API_ADDR", "127.0.0.1:18086".into()),
+        (
+            "MESH_PROXY_TRUST_ANCHORS",
+            dir.join("ca/bundle.json").display().to_string(),
+        ),
+        (
+            "MESH_PROXY_JOIN_TOKEN_FILE",
+            dir.join(format!("{sa}.token")).display().to_string(),
+        ),
+        ("MESH_PROXY_INBOUND_ADDR", format!("{ip}:4143")),
+        ("MESH_PROXY_OUTBOUND_ADDR", outbound.into()),
+        ("MESH_PROXY_ADMIN_ADDR", admin.into()),
+        ("MESH_PROXY_APP_IP", ip.into()),
+        ("MESH_PROXY_APP_PORTS", app_ports.into()),
+        ("MESH_PROXY_LABELS", labels.into()),
+    ]
+}
+
+#[test]
+fn unmodified_curl_reaches_a_service_through_both_proxies() {
+    require_root_and_tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    run(
+        MESH,
+        &[
+            "identity",
+            "ca",
+            "create",
+            "--trust-domain",
+            "west.mesh.local",
+            "--out",
+            &dir.join("ca").display().to_string(),
+        ],
+    );
+    std::fs::create_dir_all(dir.join("config")).unwrap();
+    std::fs::write(
+        dir.join("config/shop.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\nspec:\n  selector: {app: api}\n  ports: [{port: 9000, appProtocol: http}]\n",
+    )
+    .unwrap();
+
+    let mut ns = Netns::new(dir);
+    let (ca, config, data) = (dir.join("ca"), dir.join("config"), dir.join("data"));
+    ns.spawn(
+        "control",
+        &[
+            MESH,
+            "control",
+            "--cluster",
+            "west",
+            "--ca",
+            &ca.display().to_string(),
+            "--config-dir",
+            &config.display().to_string(),
+            "--data-dir",
+            &data.display().to_string(),
+            "--identity-addr",
+            "127.0.0.1:18080",
+            "--api-addr",
+            "127.0.0.1:18086",
+            "--admin-addr",
+            "127.0.0.1:19990",
+        ],
+        &[],
+    );
+    ns.wait_ok("http://127.0.0.1:19990/ready", "the control plane");
+    for sa in ["api", "web"] {
+        // The admin socket is a file, so it is reachable from outside the namespace.
+        let out = run(
+            MESH,
+            &[
+                "control",
+                "token",
+                "create",
+                "--ns",
+                "shop",
+                "--sa",
+                sa,
+                "--data-dir",
+                &data.display().to_string(),
+            ],
+        );
+        std::fs::write(dir.join(format!("{sa}.token")), out.stdout).unwrap();
+    }
+    ns.spawn("app", &["python3", "-c", APP], &[]);
+    ns.wait_ok("http://127.0.0.2:9000/", "the app");
+    ns.spawn(
+        "api-proxy",
+        &[MESH, "proxy"],
+        &proxy_env(
+            dir,
+            "api",
+            "127.0.0.2",
+            "127.0.0.2:4140",
+            "127.0.0.1:14191",
+            "http=9000",
+            "app=api",
+        ),
+    );
+    ns.spawn(
+        "web-proxy",
+        &[MESH, "proxy"],
+        &proxy_env(
+            dir,
+            "web",
+            "127.0.0.3",
+            "127.0.0.1:4140",
+            "127.0.0.1:24191",
+            "",
+            "app=web",
+        ),
+    );
+    ns.wait_ok("http://127.0.0.1:14191/ready", "the api proxy");
+    ns.wait_ok("http://127.0.0.1:24191/ready", "the web proxy");
+
+    // curl as `nobody`, knowing nothing of the mesh: --resolve stands in for DNS.
+    let curl = |ns: &Netns| {
+        let out = ns.exec(&[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--resolve",
+            "api.shop.svc.cluster.local:9000:127.0.0.2",
+            "http://api.shop.svc.cluster.local:9000/hello",
+        ]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    // Before interception, curl reaches the app directly: no identity.
+    let direct = curl(&ns);
+    assert!(direct.contains("client=- path=/hello"), "{direct}");
+
+    let out = ns.exec(&[
+        MESH,
+        "proxy",
+        "init",
+        "--apply",
+        "--proxy-uid",
+        "0",
+        "--skip-inbound-ports",
+        "14191,24191,18080,18086,19990",
+    ]);
+    assert!(
+        out.status.success(),
+        "mesh proxy init --apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rules = ns.exec(&["iptables", "-t", "nat", "-S", "MESH_OUTBOUND"]);
+    assert!(String::from_utf8_lossy(&rules.stdout).contains("--to-ports 4140"));
+
+    // Now the same curl goes through the web proxy, over mTLS, to the api
+    // proxy, and the app sees web's verified identity.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let meshed = curl(&ns);
+        if meshed.contains("client=spiffe://west.mesh.local/ns/shop/sa/web path=/hello") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "curl did not go through the mesh: {meshed}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let again = ns.exec(&[MESH, "proxy", "init", "--apply", "--proxy-uid", "0"]);
+    assert!(!again.status.success(), "applying twice is refused");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already applied"));
+}
