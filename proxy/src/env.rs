@@ -62,6 +62,9 @@ pub struct Config {
     /// How long an inbound request waits for its port's policy before
     /// failing (closed).
     pub inbound_fail_fast: Duration,
+    /// How long the outbound side waits for the app's first bytes before
+    /// treating the connection as opaque TCP.
+    pub detect_timeout: Duration,
 }
 
 const PREFIX: &str = "MESH_PROXY_";
@@ -190,6 +193,13 @@ pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
         .unwrap_or(Ok(Duration::from_secs(1)));
 
     let inbound_fail_fast = inbound_fail_fast.ok();
+    let detect_timeout = get("DETECT_TIMEOUT")
+        .map(|t| {
+            humantime::parse_duration(&t)
+                .map_err(|e| errors.push(format!("{PREFIX}DETECT_TIMEOUT: {e}")))
+        })
+        .unwrap_or(Ok(Duration::from_secs(10)))
+        .ok();
     let built = (|| {
         Some(Config {
             cluster,
@@ -211,6 +221,7 @@ pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
             workload_addresses,
             labels,
             inbound_fail_fast: inbound_fail_fast?,
+            detect_timeout: detect_timeout?,
         })
     })();
     match built {

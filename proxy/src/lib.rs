@@ -11,6 +11,7 @@
 //! proxies, hardening limits and the benchmark; see `ARCHITECTURE.md`.
 
 pub mod cli;
+pub mod detect;
 pub mod env;
 pub mod follow;
 pub mod identity;

@@ -146,7 +146,11 @@ impl Proxy {
             metrics.clone(),
             OUTBOUND_FAIL_FAST,
         );
-        tasks.spawn(outbound::accept(outbound_listener, Arc::new(outbound)));
+        tasks.spawn(outbound::accept(
+            outbound_listener,
+            Arc::new(outbound),
+            config.detect_timeout,
+        ));
 
         tasks.spawn(register::keep_registered(
             RegistryClient::new(api.clone()),

@@ -293,3 +293,44 @@ async fn a_failing_endpoint_is_ejected_and_success_recovers() {
     assert!(m.contains("mesh_proxy_endpoint_ejections_total"), "{m}");
     assert!(!m.contains("mesh_proxy_endpoint_ejections_total 0"), "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_prior_knowledge_crosses_the_mesh_as_http2() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let web = w.proxy("web", "web-0", &[("app", "web")]).await;
+    let authority = format!("api.shop.svc.cluster.local:{}", w.app_port);
+    // A gRPC-style client: HTTP/2 with prior knowledge, no TLS, to the proxy.
+    let tcp = tokio::net::TcpStream::connect(web.outbound_addr)
+        .await
+        .unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{authority}/pkg.Service/Method"))
+        .header("content-type", "application/grpc")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        body.contains("version=HTTP/2.0"),
+        "HTTP/2 end to end: {body}"
+    );
+    assert!(body.contains(&format!("client={}", id("web"))), "{body}");
+    assert!(body.contains("path=/pkg.Service/Method"), "{body}");
+}

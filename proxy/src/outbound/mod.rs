@@ -54,6 +54,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::Channel;
 use tower::{Service, ServiceExt};
 
+use crate::detect::{Protocol, detect};
+
 use self::{
     balance::{Balancer, DestinationHealth, balancer, has_endpoints},
     errors::OutboundError,
@@ -159,8 +161,8 @@ impl Outbound {
     }
 }
 
-/// accept: serves the explicit-mode outbound listener.
-pub async fn accept(listener: TcpListener, outbound: Arc<Outbound>) {
+/// accept: serves the outbound listener, explicit or redirected.
+pub async fn accept(listener: TcpListener, outbound: Arc<Outbound>, detect_timeout: Duration) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -170,17 +172,85 @@ pub async fn accept(listener: TcpListener, outbound: Arc<Outbound>) {
         let redirected = original_dst(&tcp);
         let outbound = outbound.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
+            let protocol = detect_protocol(&tcp, detect_timeout).await;
+            let svc = {
                 let outbound = outbound.clone();
-                async move {
-                    Ok::<_, std::convert::Infallible>(handle(&outbound, req, redirected).await)
+                service_fn(move |req| {
+                    let outbound = outbound.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(handle(&outbound, req, redirected).await)
+                    }
+                })
+            };
+            match protocol {
+                Protocol::Http1 => {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .with_upgrades()
+                        .await;
                 }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .with_upgrades()
-                .await;
+                Protocol::Http2 => {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                }
+                Protocol::Tls | Protocol::Opaque => {
+                    opaque(&outbound, tcp, redirected, protocol).await
+                }
+            }
         });
+    }
+}
+
+/// detect: peeks (never reads) until the first bytes tell the protocol;
+/// nothing within `timeout` (a server-speaks-first protocol) is opaque.
+async fn detect_protocol(tcp: &TcpStream, timeout: Duration) -> Protocol {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = [0u8; crate::detect::PEEK];
+    loop {
+        let peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await;
+        match peeked {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Protocol::Opaque,
+            Ok(Ok(n)) => {
+                if let Some(protocol) = detect(&buf[..n]) {
+                    return protocol;
+                }
+                // A prefix of a signature: wait briefly for more bytes.
+                if tokio::time::Instant::now() >= deadline {
+                    return Protocol::Opaque;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    }
+}
+
+/// Opaque TCP (or the app's own TLS): spliced to where the app was
+/// connecting. Meshed destinations are not reached this way yet.
+async fn opaque(
+    outbound: &Outbound,
+    mut tcp: TcpStream,
+    redirected: Option<std::net::SocketAddr>,
+    protocol: Protocol,
+) {
+    let Some(to) = redirected else {
+        outbound
+            .metrics
+            .refuse_outbound("opaque_without_destination");
+        tracing::info!(
+            ?protocol,
+            "non-HTTP traffic on the explicit outbound port has no destination; closing"
+        );
+        return;
+    };
+    match TcpStream::connect(to).await {
+        Ok(mut upstream) => {
+            let _ = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
+        }
+        Err(e) => {
+            outbound.metrics.refuse_outbound("connect");
+            tracing::info!(%to, error = %e, "opaque destination unreachable");
+        }
     }
 }
 

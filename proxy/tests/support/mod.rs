@@ -104,7 +104,8 @@ pub async fn app_with(
                         Ok::<_, std::convert::Infallible>(resp)
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
+                // HTTP/1.1 or HTTP/2 prior knowledge, as the client speaks.
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tcp), svc)
                     .await;
             });
@@ -221,6 +222,7 @@ pub async fn start_proxy(
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
         inbound_fail_fast: Duration::from_secs(2),
+        detect_timeout: Duration::from_secs(1),
     };
     Proxy::start(config).await.unwrap()
 }
