@@ -65,6 +65,10 @@ pub struct Config {
     /// How long the outbound side waits for the app's first bytes before
     /// treating the connection as opaque TCP.
     pub detect_timeout: Duration,
+    /// How long an HTTP/1 client may take to send its request headers.
+    pub header_read_timeout: Duration,
+    /// Requests in flight per direction before new ones are shed with 503.
+    pub max_in_flight: usize,
 }
 
 const PREFIX: &str = "MESH_PROXY_";
@@ -193,6 +197,22 @@ pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
         .unwrap_or(Ok(Duration::from_secs(1)));
 
     let inbound_fail_fast = inbound_fail_fast.ok();
+    let mut duration = |name: &str, default: u64| {
+        get(name)
+            .map(|t| {
+                humantime::parse_duration(&t)
+                    .map_err(|e| errors.push(format!("{PREFIX}{name}: {e}")))
+            })
+            .unwrap_or(Ok(Duration::from_secs(default)))
+            .ok()
+    };
+    let header_read_timeout = duration("HEADER_READ_TIMEOUT", 10);
+    let max_in_flight = get("MAX_IN_FLIGHT")
+        .map(|v| v.parse::<usize>().ok().filter(|n| *n > 0))
+        .unwrap_or(Some(100_000));
+    if max_in_flight.is_none() {
+        errors.push(format!("{PREFIX}MAX_IN_FLIGHT must be a positive number"));
+    }
     let detect_timeout = get("DETECT_TIMEOUT")
         .map(|t| {
             humantime::parse_duration(&t)
@@ -222,6 +242,8 @@ pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
             labels,
             inbound_fail_fast: inbound_fail_fast?,
             detect_timeout: detect_timeout?,
+            header_read_timeout: header_read_timeout?,
+            max_in_flight: max_in_flight?,
         })
     })();
     match built {

@@ -32,6 +32,40 @@ pub struct OutboundLabels {
     pub tls: String,
 }
 
+/// Caps how many distinct values a label may take; values past the cap are
+/// reported as `other`, so a flood of names cannot grow memory or the
+/// scrape without bound.
+#[derive(Debug)]
+pub struct LabelCap {
+    max: usize,
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// Distinct values kept per capped label (DESIGN.md section 6).
+pub const LABEL_CAP: usize = 500;
+
+impl LabelCap {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            seen: std::sync::Mutex::default(),
+        }
+    }
+
+    /// `value`, or `other` once `max` other values were seen.
+    pub fn get(&self, value: &str) -> String {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(value) {
+            return value.to_owned();
+        }
+        if seen.len() < self.max {
+            seen.insert(value.to_owned());
+            return value.to_owned();
+        }
+        "other".to_owned()
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Metrics {
     pub registry: Arc<Registry>,
@@ -44,6 +78,10 @@ pub struct Metrics {
     pub outbound_failures: Family<ReasonLabels, Counter>,
     pub outbound_retries: Counter,
     pub endpoint_ejections: Counter,
+    /// Caps the `authority` label.
+    pub authorities: Arc<LabelCap>,
+    /// Caps the `client_id` label.
+    pub client_ids: Arc<LabelCap>,
 }
 
 impl Metrics {
@@ -105,6 +143,8 @@ impl Metrics {
                 "Endpoints taken out of balancing after consecutive failures",
                 Counter::default(),
             ),
+            authorities: Arc::new(LabelCap::new(LABEL_CAP)),
+            client_ids: Arc::new(LabelCap::new(LABEL_CAP)),
             registry: Arc::default(),
         };
         Self {
@@ -133,5 +173,19 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_overflow_into_other() {
+        let cap = LabelCap::new(2);
+        assert_eq!(cap.get("a"), "a");
+        assert_eq!(cap.get("b"), "b");
+        assert_eq!(cap.get("c"), "other");
+        assert_eq!(cap.get("a"), "a", "known values keep their series");
     }
 }

@@ -118,6 +118,7 @@ impl Proxy {
             policies,
             config.app_ip,
             config.inbound_fail_fast,
+            config.max_in_flight,
             metrics.clone(),
         ));
         tasks.spawn(inbound::accept(
@@ -145,6 +146,7 @@ impl Proxy {
             bundles.clone(),
             metrics.clone(),
             OUTBOUND_FAIL_FAST,
+            (config.max_in_flight, config.header_read_timeout),
         );
         tasks.spawn(outbound::accept(
             outbound_listener,

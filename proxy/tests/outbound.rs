@@ -334,3 +334,72 @@ async fn http2_prior_knowledge_crosses_the_mesh_as_http2() {
     assert!(body.contains(&format!("client={}", id("web"))), "{body}");
     assert!(body.contains("path=/pkg.Service/Method"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_the_in_flight_limit_are_shed_with_503() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    // The only `slow` endpoint takes a second per request.
+    let (_slow, _) = w
+        .replica(
+            "127.0.0.2",
+            "slow",
+            "slow-0",
+            "slow",
+            Duration::from_secs(1),
+            0,
+        )
+        .await;
+    std::fs::write(
+        w.dir.path().join("config").join("slow.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: slow, namespace: shop}}\nspec:\n  selector: {{app: slow}}\n  ports: [{{port: {}}}]\n",
+            w.app_port
+        ),
+    )
+    .unwrap();
+    let web = w
+        .proxy_with("web", "web-0", &[("app", "web")], |c| c.max_in_flight = 1)
+        .await;
+    let authority = format!("slow.shop.svc.cluster.local:{}", w.app_port);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (a, b) = (authority.clone(), authority.clone());
+    let first = tokio::spawn(async move {
+        via_proxy(web.outbound_addr, &format!("http://{a}/1"), &a)
+            .await
+            .0
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (second, raw) = via_proxy(web.outbound_addr, &format!("http://{b}/2"), &b).await;
+    assert_eq!(second, 503, "{raw}");
+    assert!(raw.contains("too many requests in flight"), "{raw}");
+    assert_eq!(first.await.unwrap(), 200, "the request in flight completes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_headers_are_cut_off() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let web = w
+        .proxy_with("web", "web-0", &[("app", "web")], |c| {
+            c.header_read_timeout = Duration::from_millis(500)
+        })
+        .await;
+    let mut tcp = tokio::net::TcpStream::connect(web.outbound_addr)
+        .await
+        .unwrap();
+    // Headers that never end.
+    tcp.write_all(b"GET http://api.shop.svc.cluster.local/ HTTP/1.1\r\nHost: api\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "the proxy must close the connection, not wait forever"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+        "closed after {took:?}"
+    );
+}

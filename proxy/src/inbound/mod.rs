@@ -54,6 +54,8 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 #[derive(Clone, Debug)]
 pub struct Inbound {
     pub policies: PolicyCache,
+    /// Requests being served; none past the limit (shed with 503).
+    in_flight: Arc<tokio::sync::Semaphore>,
     pub app_ip: std::net::IpAddr,
     pub fail_fast: Duration,
     pub metrics: Metrics,
@@ -66,6 +68,7 @@ impl Inbound {
         policies: PolicyCache,
         app_ip: std::net::IpAddr,
         fail_fast: Duration,
+        max_in_flight: usize,
         metrics: Metrics,
     ) -> Self {
         let mut connector = HttpConnector::new();
@@ -76,6 +79,7 @@ impl Inbound {
             .build(connector);
         Self {
             policies,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
             app_ip,
             fail_fast,
             metrics,
@@ -153,6 +157,13 @@ async fn handle(
     client_id: &SpiffeId,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
+    let Ok(_permit) = inbound.in_flight.clone().try_acquire_owned() else {
+        inbound.metrics.refuse_inbound("overloaded");
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "mesh: too many requests in flight; retry later\n",
+        );
+    };
     let Some(port) = req
         .headers_mut()
         .remove(DST_PORT)
@@ -187,7 +198,7 @@ async fn handle(
         .get_or_create(&InboundLabels {
             port,
             status_code: response.status().as_u16(),
-            client_id: client_id.to_string(),
+            client_id: inbound.metrics.client_ids.get(client_id.as_str()),
         })
         .inc();
     response

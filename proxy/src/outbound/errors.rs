@@ -24,6 +24,8 @@ pub enum OutboundError {
     Connect(String),
     #[error("the request is malformed")]
     BadRequest,
+    #[error("too many requests in flight; retry later")]
+    Overloaded,
     #[error("the balancer failed: {0}")]
     Balancer(String),
     #[error("the {what} timed out after {after:?}")]
@@ -49,6 +51,7 @@ impl OutboundError {
             Self::MeshedWithoutProxy(_) => (StatusCode::BAD_GATEWAY, "meshed_without_proxy"),
             Self::Connect(_) => (StatusCode::BAD_GATEWAY, "connect"),
             Self::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),
+            Self::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             Self::Balancer(_) => (StatusCode::BAD_GATEWAY, "balancer"),
             Self::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
         }

@@ -84,6 +84,9 @@ type Destination = (Balancer, Arc<DestinationHealth>);
 
 #[derive(Clone)]
 pub struct Outbound {
+    /// Requests being served; none past the limit (shed with 503).
+    in_flight: Arc<tokio::sync::Semaphore>,
+    header_read_timeout: Duration,
     discovery: Follower<String, DiscoveryUpdate>,
     policies: Follower<String, OutboundPolicy>,
     splitter: Arc<Splitter>,
@@ -105,13 +108,15 @@ impl std::fmt::Debug for Outbound {
 }
 
 impl Outbound {
-    /// Follows discovery and outbound policy through the control plane `api` channel.
+    /// Follows discovery and outbound policy through the control plane `api`
+    /// channel. `limits` are (max requests in flight, HTTP/1 header-read timeout).
     pub fn new(
         api: Channel,
         creds: CredentialStore,
         bundles: BundleStore,
         metrics: Metrics,
         fail_fast: Duration,
+        limits: (usize, Duration),
     ) -> Self {
         let client = DiscoveryClient::new(api.clone());
         let discovery = Follower::new("discovery", move |authority: String| {
@@ -134,6 +139,8 @@ impl Outbound {
             }
         });
         Self {
+            in_flight: Arc::new(tokio::sync::Semaphore::new(limits.0)),
+            header_read_timeout: limits.1,
             discovery,
             policies,
             splitter: Arc::default(),
@@ -185,6 +192,8 @@ pub async fn accept(listener: TcpListener, outbound: Arc<Outbound>, detect_timeo
             match protocol {
                 Protocol::Http1 => {
                     let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(outbound.header_read_timeout)
                         .serve_connection(TokioIo::new(tcp), svc)
                         .with_upgrades()
                         .await;
@@ -292,6 +301,9 @@ async fn handle(
     req: Request<Incoming>,
     redirected: Option<std::net::SocketAddr>,
 ) -> Response<Body> {
+    let Ok(_permit) = outbound.in_flight.clone().try_acquire_owned() else {
+        return fail(outbound, "-", OutboundError::Overloaded);
+    };
     let Some(authority) = authority_of(&req) else {
         return OutboundError::BadRequest.response();
     };
@@ -343,7 +355,7 @@ fn count(outbound: &Outbound, authority: &str, status: StatusCode, tls: &str) {
         .metrics
         .outbound_requests
         .get_or_create(&OutboundLabels {
-            authority: authority.to_owned(),
+            authority: outbound.metrics.authorities.get(authority),
             status_code: status.as_u16(),
             tls: tls.to_owned(),
         })

@@ -182,6 +182,18 @@ pub async fn start_proxy(
     anchors: &std::path::Path,
     spec: Spec<'_>,
 ) -> Proxy {
+    Proxy::start(proxy_config(plane, dir, anchors, spec))
+        .await
+        .unwrap()
+}
+
+/// The config of a proxy for `spec`, with a fresh join token.
+pub fn proxy_config(
+    plane: &ControlPlane,
+    dir: &std::path::Path,
+    anchors: &std::path::Path,
+    spec: Spec<'_>,
+) -> Config {
     let Spec {
         sa,
         name,
@@ -199,7 +211,7 @@ pub async fn start_proxy(
     )
     .unwrap();
     std::fs::write(&token_file, token).unwrap();
-    let config = Config {
+    Config {
         cluster: "west".into(),
         trust_domain: TD.parse().unwrap(),
         identity: id(sa),
@@ -223,8 +235,9 @@ pub async fn start_proxy(
             .collect(),
         inbound_fail_fast: Duration::from_secs(2),
         detect_timeout: Duration::from_secs(1),
-    };
-    Proxy::start(config).await.unwrap()
+        header_read_timeout: Duration::from_secs(10),
+        max_in_flight: 100_000,
+    }
 }
 
 impl World {
@@ -238,6 +251,26 @@ impl World {
             ip: "127.0.0.1".parse().unwrap(),
         };
         start_proxy(self.plane(), self.dir.path(), &self.anchors, spec).await
+    }
+
+    /// Like [`World::proxy`], with `tune` applied to its config first.
+    pub async fn proxy_with(
+        &self,
+        sa: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        tune: impl FnOnce(&mut Config),
+    ) -> Proxy {
+        let spec = Spec {
+            sa,
+            name,
+            labels,
+            app_ports: Vec::new(),
+            ip: "127.0.0.1".parse().unwrap(),
+        };
+        let mut config = proxy_config(self.plane(), self.dir.path(), &self.anchors, spec);
+        tune(&mut config);
+        Proxy::start(config).await.unwrap()
     }
 
     pub fn plane(&self) -> &ControlPlane {
