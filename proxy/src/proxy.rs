@@ -57,6 +57,8 @@ pub struct Proxy {
     api: Channel,
     config: Config,
     tasks: JoinSet<()>,
+    draining: tokio::sync::watch::Sender<bool>,
+    open_connections: Arc<()>,
 }
 
 impl Proxy {
@@ -121,10 +123,14 @@ impl Proxy {
             config.max_in_flight,
             metrics.clone(),
         ));
+        let (draining_tx, draining) = tokio::sync::watch::channel(false);
+        let open_connections = Arc::new(());
         tasks.spawn(inbound::accept(
             listener,
             mesh_core::grpc::grpc_server_config(inbound_tls),
             inbound,
+            draining,
+            open_connections.clone(),
         ));
 
         let outbound_listener =
@@ -186,16 +192,25 @@ impl Proxy {
             api,
             config,
             tasks,
+            draining: draining_tx,
+            open_connections,
         })
     }
 
-    /// Deregisters and stops.
+    /// Drains: deregisters (so callers stop choosing this workload), stops
+    /// accepting, sends GOAWAY on every inbound connection, and waits up to
+    /// `grace` for them to finish before stopping.
     pub async fn shutdown(mut self, grace: Duration) {
-        let _ = tokio::time::timeout(
-            grace,
-            register::deregister(RegistryClient::new(self.api.clone()), &self.config),
-        )
-        .await;
+        let deadline = tokio::time::Instant::now() + grace;
+        let deregister = register::deregister(RegistryClient::new(self.api.clone()), &self.config);
+        let _ = tokio::time::timeout(grace, deregister).await;
+        let _ = self.draining.send(true);
+        // Our own clone, plus one per open connection.
+        while Arc::strong_count(&self.open_connections) > 1
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         self.tasks.shutdown().await;
     }
 }

@@ -168,28 +168,34 @@ async fn the_proxy_renews_at_half_life_and_keeps_serving() {
     );
 }
 
-/// The HTTP/2 limits the inbound side announces, read off the wire.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inbound_http2_settings_on_the_wire() {
+/// mTLS + the HTTP/2 client preface to `addr` (expecting `server`); returns
+/// the stream and the server's SETTINGS, read off the wire.
+async fn raw_h2(
+    w: &World,
+    addr: std::net::SocketAddr,
+    server: &str,
+) -> (
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    std::collections::HashMap<u16, u32>,
+) {
     use std::sync::Arc;
-    let w = world(Duration::from_secs(24 * 3600)).await;
-    let web = w.join("web").await;
+    let caller = w.join("web").await;
     let mut tls = client_config(
-        CredentialStore::new(web),
+        CredentialStore::new(caller),
         w.bundles.clone(),
-        ExpectedIdentity::Exact(id("api")),
+        ExpectedIdentity::Exact(id(server)),
     )
     .unwrap();
     tls.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(w.proxy.inbound_addr)
-        .await
-        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect(rustls::pki_types::ServerName::try_from("api").unwrap(), tcp)
+        .connect(
+            rustls::pki_types::ServerName::try_from("mesh").unwrap(),
+            tcp,
+        )
         .await
         .unwrap();
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    // Client preface and an empty SETTINGS frame.
     stream
         .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         .await
@@ -198,14 +204,9 @@ async fn inbound_http2_settings_on_the_wire() {
         .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
         .await
         .unwrap();
-    // The server's first frame is its SETTINGS.
-    let mut header = [0u8; 9];
-    stream.read_exact(&mut header).await.unwrap();
-    let len = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
-    assert_eq!(header[3], 4, "first frame is SETTINGS");
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).await.unwrap();
-    let settings: std::collections::HashMap<u16, u32> = payload
+    let (kind, payload) = read_frame(&mut stream).await;
+    assert_eq!(kind, 4, "first frame is SETTINGS");
+    let settings = payload
         .chunks(6)
         .map(|c| {
             (
@@ -214,6 +215,26 @@ async fn inbound_http2_settings_on_the_wire() {
             )
         })
         .collect();
+    (stream, settings)
+}
+
+/// One HTTP/2 frame: (type, payload).
+async fn read_frame(
+    stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> (u8, Vec<u8>) {
+    let mut header = [0u8; 9];
+    stream.read_exact(&mut header).await.unwrap();
+    let len = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await.unwrap();
+    (header[3], payload)
+}
+
+/// The HTTP/2 limits the inbound side announces, read off the wire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_http2_settings_on_the_wire() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let (_stream, settings) = raw_h2(&w, w.proxy.inbound_addr, "api").await;
     assert_eq!(
         settings.get(&0x3),
         Some(&200),
@@ -223,5 +244,33 @@ async fn inbound_http2_settings_on_the_wire() {
         settings.get(&0x6),
         Some(&16_384),
         "MAX_HEADER_LIST_SIZE: {settings:?}"
+    );
+}
+
+/// Shutdown drains: every open inbound connection gets GOAWAY, and new
+/// connections are no longer accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_sends_goaway_on_open_connections() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let other = w
+        .proxy_with("other", "other-0", &[("app", "other")], |_| {})
+        .await;
+    let addr = other.inbound_addr;
+    let (mut stream, _) = raw_h2(&w, addr, "other").await;
+    let drain = tokio::spawn(other.shutdown(Duration::from_secs(2)));
+    let goaway = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let (kind, _) = read_frame(&mut stream).await;
+            if kind == 7 {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(goaway.is_ok(), "no GOAWAY within 5 s of shutdown");
+    drain.await.unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no new connections after shutdown"
     );
 }

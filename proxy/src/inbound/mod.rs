@@ -30,7 +30,7 @@ use mesh_core::identity::{
     tls::{peer_identity, verify_error},
 };
 use rustls::ServerConfig;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch};
 use tokio_rustls::TlsAcceptor;
 
 use self::policy::{Denied, PolicyCache, authorize};
@@ -90,20 +90,50 @@ impl Inbound {
 }
 
 /// accept: serves the inbound listener until the task is dropped.
-pub async fn accept(listener: TcpListener, tls: Arc<ServerConfig>, inbound: Arc<Inbound>) {
+/// The longest any connection lives (DESIGN.md section 6).
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(24 * 3600);
+/// How long past the peer certificate's expiry a connection may stay.
+const PAST_PEER_EXPIRY: Duration = Duration::from_secs(60);
+
+/// How long a connection from a peer whose leaf expires at `not_after` may
+/// live from `now`: min(not_after + 60 s, 24 h). A connection never
+/// outlives its peer's identity by more than a minute.
+pub fn max_connection_age(not_after: time::OffsetDateTime, now: time::OffsetDateTime) -> Duration {
+    let left: time::Duration = not_after - now;
+    let left = left.max(time::Duration::ZERO).unsigned_abs() + PAST_PEER_EXPIRY;
+    left.min(MAX_CONNECTION_AGE)
+}
+
+/// accept: serves the inbound listener until `draining` turns true; then
+/// stops accepting and sends GOAWAY on every open connection. Each open
+/// connection holds a clone of `open`, so the caller can wait for them.
+pub async fn accept(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    inbound: Arc<Inbound>,
+    draining: watch::Receiver<bool>,
+    open: Arc<()>,
+) {
     let acceptor = TlsAcceptor::from(tls);
+    let mut stop = draining.clone();
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::warn!(error = %e, "inbound accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = async { let _ = stop.wait_for(|d| *d).await; } => return,
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, inbound) = (acceptor.clone(), inbound.clone());
+        let (acceptor, inbound, mut draining) =
+            (acceptor.clone(), inbound.clone(), draining.clone());
+        let open = open.clone();
         tokio::spawn(async move {
+            let _open = open;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => return refused_handshake(&inbound.metrics, peer, &e),
@@ -119,15 +149,37 @@ pub async fn accept(listener: TcpListener, tls: Arc<ServerConfig>, inbound: Arc<
             let Some(client_id) = peer_identity(tls.get_ref().1) else {
                 return;
             };
+            let age = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| mesh_core::identity::cert::CertInfo::parse(c.first()?).ok())
+                .map_or(MAX_CONNECTION_AGE, |leaf| {
+                    max_connection_age(leaf.not_after, mesh_core::identity::cert::now())
+                });
             let svc = service_fn(move |req| {
                 let (inbound, client_id) = (inbound.clone(), client_id.clone());
                 async move { Ok::<_, std::convert::Infallible>(handle(&inbound, &client_id, req).await) }
             });
-            let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .max_concurrent_streams(MESH_MAX_CONCURRENT_STREAMS)
                 .max_header_list_size(MAX_HEADER_LIST)
-                .serve_connection(TokioIo::new(tls), svc)
-                .await;
+                .serve_connection(TokioIo::new(tls), svc);
+            tokio::pin!(conn);
+            let too_old = tokio::time::sleep(age);
+            tokio::pin!(too_old);
+            let served = tokio::select! {
+                served = conn.as_mut() => served,
+                () = async { let _ = draining.wait_for(|d| *d).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                () = &mut too_old => {
+                    tracing::debug!(%peer, "connection reached its maximum age; draining");
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
             if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "inbound connection ended");
             }
@@ -280,4 +332,27 @@ fn text(status: StatusCode, body: &str) -> Response<Body> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn connections_never_outlive_the_peer_identity() {
+        let now = time::OffsetDateTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let hour = Duration::from_secs(3600);
+        assert_eq!(
+            max_connection_age(now + hour, now),
+            hour + Duration::from_secs(60)
+        );
+        assert_eq!(max_connection_age(now + 48 * hour, now), MAX_CONNECTION_AGE);
+        assert_eq!(
+            max_connection_age(now - hour, now),
+            Duration::from_secs(60),
+            "already expired"
+        );
+    }
 }
