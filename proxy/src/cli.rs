@@ -2,7 +2,7 @@
 //! environment variables (see `env.rs` and the README); `mesh proxy init`
 //! prints or applies the iptables rules of transparent mode.
 
-use std::{collections::HashMap, process::ExitCode, time::Duration};
+use std::{collections::HashMap, process::ExitCode};
 
 use clap::{Args, Subcommand};
 
@@ -101,6 +101,7 @@ pub fn run(vars: HashMap<String, String>) -> ExitCode {
     };
     runtime.block_on(async move {
         // Wait for the identity, but let a signal interrupt the wait.
+        let grace = config.shutdown_grace;
         let proxy = tokio::select! {
             started = Proxy::start(config) => started,
             () = mesh_core::shutdown::signal() => return ExitCode::SUCCESS,
@@ -109,7 +110,7 @@ pub fn run(vars: HashMap<String, String>) -> ExitCode {
             Ok(proxy) => {
                 mesh_core::shutdown::signal().await;
                 tracing::info!("shutting down");
-                proxy.shutdown(Duration::from_secs(5)).await;
+                proxy.shutdown(grace).await;
                 ExitCode::SUCCESS
             }
             Err(e) => {

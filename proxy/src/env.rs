@@ -69,6 +69,8 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// Requests in flight per direction before new ones are shed with 503.
     pub max_in_flight: usize,
+    /// How long shutdown waits for open connections to finish.
+    pub shutdown_grace: Duration,
 }
 
 const PREFIX: &str = "MESH_PROXY_";
@@ -207,6 +209,7 @@ pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
             .ok()
     };
     let header_read_timeout = duration("HEADER_READ_TIMEOUT", 10);
+    let shutdown_grace = duration("SHUTDOWN_GRACE", 120);
     let max_in_flight = get("MAX_IN_FLIGHT")
         .map(|v| v.parse::<usize>().ok().filter(|n| *n > 0))
         .unwrap_or(Some(100_000));
@@ -244,6 +247,7 @@ pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
             detect_timeout: detect_timeout?,
             header_read_timeout: header_read_timeout?,
             max_in_flight: max_in_flight?,
+            shutdown_grace: shutdown_grace?,
         })
     })();
     match built {

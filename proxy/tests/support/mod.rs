@@ -237,6 +237,7 @@ pub fn proxy_config(
         detect_timeout: Duration::from_secs(1),
         header_read_timeout: Duration::from_secs(10),
         max_in_flight: 100_000,
+        shutdown_grace: Duration::from_secs(5),
     }
 }
 
