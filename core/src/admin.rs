@@ -10,11 +10,17 @@ use std::{
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use prometheus_client::{encoding::text::encode, registry::Registry};
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::broadcast};
+use tokio_stream::{StreamExt, wrappers::BroadcastStream};
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// Where `/tap` subscribers get live events (one JSON line each).
+pub type Tap = broadcast::Sender<Bytes>;
 
 /// Why the admin server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -66,14 +72,27 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
 
 /// Serves the admin endpoints on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, registry: Arc<Registry>, readiness: Readiness) {
+    serve_with_tap(listener, registry, readiness, None).await;
+}
+
+/// [`serve`], plus `/tap` streaming the events sent on `tap`.
+pub async fn serve_with_tap(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    readiness: Readiness,
+    tap: Option<Tap>,
+) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             continue;
         };
-        let (registry, readiness) = (registry.clone(), readiness.clone());
+        let (registry, readiness, tap) = (registry.clone(), readiness.clone(), tap.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let response = route(&req, &registry, &readiness);
+                let response = match (req.uri().path(), &tap) {
+                    ("/tap", Some(tap)) if req.method() == Method::GET => tap_stream(tap),
+                    _ => route(&req, &registry, &readiness).map(|b| b.boxed()),
+                };
                 async move { Ok::<_, Infallible>(response) }
             });
             let _ = http1::Builder::new()
@@ -109,6 +128,20 @@ fn route(
             "not found; try /metrics, /ready or /live\n".into(),
         ),
     }
+}
+
+/// `/tap`: every event from now on, one JSON line each. A subscriber that
+/// falls behind skips events rather than slowing the proxy.
+fn tap_stream(tap: &Tap) -> Response<Body> {
+    let lines = BroadcastStream::new(tap.subscribe())
+        .filter_map(|event| event.ok())
+        .map(|line| Ok::<_, Infallible>(hyper::body::Frame::data(line)));
+    let mut response = Response::new(BodyExt::boxed(StreamBody::new(lines)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
 }
 
 /// Registers `metric` under `name` with `help`, and returns it for use.

@@ -82,6 +82,8 @@ pub struct Metrics {
     pub authorities: Arc<LabelCap>,
     /// Caps the `client_id` label.
     pub client_ids: Arc<LabelCap>,
+    /// Live request events for `/tap`.
+    pub tap: mesh_core::admin::Tap,
 }
 
 impl Metrics {
@@ -145,6 +147,7 @@ impl Metrics {
             ),
             authorities: Arc::new(LabelCap::new(LABEL_CAP)),
             client_ids: Arc::new(LabelCap::new(LABEL_CAP)),
+            tap: tokio::sync::broadcast::channel(1024).0,
             registry: Arc::default(),
         };
         Self {
@@ -159,6 +162,15 @@ impl Metrics {
                 reason: reason.into(),
             })
             .inc();
+    }
+
+    /// Publishes a `/tap` event; builds it only while someone is tapping.
+    pub fn tap(&self, event: impl FnOnce() -> serde_json::Value) {
+        if self.tap.receiver_count() > 0 {
+            let mut line = event().to_string().into_bytes();
+            line.push(b'\n');
+            let _ = self.tap.send(bytes::Bytes::from(line));
+        }
     }
 
     pub fn refuse_inbound(&self, reason: &str) {

@@ -79,10 +79,11 @@ impl Proxy {
                 addr: config.admin_addr,
                 source,
             })?;
-        tasks.spawn(admin::serve(
+        tasks.spawn(admin::serve_with_tap(
             admin_listener,
             metrics.registry.clone(),
             readiness.clone(),
+            Some(metrics.tap.clone()),
         ));
 
         let creds = CredentialStore::new(identity::bootstrap(&config, &bundles).await?);

@@ -403,3 +403,65 @@ async fn slow_request_headers_are_cut_off() {
         "closed after {took:?}"
     );
 }
+
+/// Subscribes to `/tap` on an admin port; returns the open stream.
+async fn tap(admin: SocketAddr) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /tap HTTP/1.1\r\nHost: admin\r\n\r\n")
+        .await
+        .unwrap();
+    s
+}
+
+/// Reads from a tap until a line contains every one of `want`.
+async fn tapped(stream: &mut tokio::net::TcpStream, want: &[&str]) -> String {
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "tap closed: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if let Some(line) = seen.lines().find(|l| want.iter().all(|w| l.contains(w))) {
+                return line.to_owned();
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no tap event with {want:?} in: {seen}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_streams_live_request_metadata_on_both_sides() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let web = w.proxy("web", "web-0", &[("app", "web")]).await;
+    let authority = format!("api.shop.svc.cluster.local:{}", w.app_port);
+    let mut out_tap = tap(web.admin_addr).await;
+    let mut in_tap = tap(w.proxy.admin_addr).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, _) = via_proxy(
+        web.outbound_addr,
+        &format!("http://{authority}/tapped"),
+        &authority,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let line = tapped(
+        &mut out_tap,
+        &["\"direction\":\"outbound\"", "\"path\":\"/tapped\""],
+    )
+    .await;
+    assert!(
+        line.contains("\"status\":200") && line.contains("\"tls\":\"mtls\""),
+        "{line}"
+    );
+    let line = tapped(
+        &mut in_tap,
+        &["\"direction\":\"inbound\"", "\"path\":\"/tapped\""],
+    )
+    .await;
+    assert!(
+        line.contains(&format!("\"client_id\":\"{}\"", id("web"))),
+        "{line}"
+    );
+}

@@ -307,6 +307,21 @@ async fn handle(
     let Some(authority) = authority_of(&req) else {
         return OutboundError::BadRequest.response();
     };
+    let started = std::time::Instant::now();
+    let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
+    let tap = |status: StatusCode, tls: &str| {
+        outbound.metrics.tap(|| {
+            serde_json::json!({
+                "direction": "outbound",
+                "authority": authority,
+                "method": method,
+                "path": path,
+                "status": status.as_u16(),
+                "tls": tls,
+                "latency_us": started.elapsed().as_micros() as u64,
+            })
+        });
+    };
     // discover
     let Some(update) = outbound.discovery.get(&authority, outbound.fail_fast).await else {
         return fail(
@@ -328,17 +343,17 @@ async fn handle(
         let target = redirected.map_or_else(|| authority.clone(), |to| to.to_string());
         passthrough(outbound, &target, req).await
     };
+    let tls = if meshed { "mtls" } else { "none" };
     match result {
         Ok(resp) => {
-            count(
-                outbound,
-                &authority,
-                resp.status(),
-                if meshed { "mtls" } else { "none" },
-            );
+            count(outbound, &authority, resp.status(), tls);
+            tap(resp.status(), tls);
             resp.map(BodyExt::boxed)
         }
-        Err(e) => fail(outbound, &authority, e),
+        Err(e) => {
+            tap(e.classify().0, tls);
+            fail(outbound, &authority, e)
+        }
     }
 }
 
