@@ -14,11 +14,12 @@
 //!   the caller sent is replaced), and the request goes to the app.
 
 pub mod policy;
+pub mod rewrite;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
@@ -218,11 +219,7 @@ async fn handle(
             "mesh: too many requests in flight; retry later\n",
         );
     };
-    let Some(port) = req
-        .headers_mut()
-        .remove(DST_PORT)
-        .and_then(|v| v.to_str().ok()?.parse::<u16>().ok())
-    else {
+    let Ok(port) = rewrite::dst_port(req.headers_mut()) else {
         inbound.metrics.refuse_inbound("no_dst_port");
         return text(
             StatusCode::BAD_REQUEST,
@@ -288,36 +285,18 @@ async fn forward(
     inbound: &Inbound,
     client_id: &SpiffeId,
     port: u16,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Response<Body> {
-    let was_http1 = req
-        .headers_mut()
-        .remove(ORIG_PROTO)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"HTTP/1.1"));
-    // Whatever the caller claimed, the app sees who was verified.
-    let id = HeaderValue::from_str(client_id.as_str()).expect("SPIFFE IDs are valid header values");
-    req.headers_mut().insert(CLIENT_ID, id);
-    let authority = req.uri().authority().cloned();
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    let uri: Uri = match format!("http://{}{path}", SocketAddr::new(inbound.app_ip, port)).parse() {
-        Ok(uri) => uri,
-        Err(_) => return text(StatusCode::BAD_REQUEST, "mesh: invalid request path\n"),
+    let (mut parts, body) = req.into_parts();
+    let Ok(was_http1) =
+        rewrite::for_app(&mut parts, client_id, SocketAddr::new(inbound.app_ip, port))
+    else {
+        return text(StatusCode::BAD_REQUEST, "mesh: invalid request path\n");
     };
-    *req.uri_mut() = uri;
+    let req = Request::from_parts(parts, body);
     let client = if was_http1 {
-        *req.version_mut() = Version::HTTP_11;
-        if let (false, Some(authority)) = (req.headers().contains_key(header::HOST), authority)
-            && let Ok(host) = HeaderValue::from_str(authority.as_str())
-        {
-            req.headers_mut().insert(header::HOST, host);
-        }
         &inbound.http1
     } else {
-        *req.version_mut() = Version::HTTP_2;
         &inbound.http2
     };
     match client.request(req).await {

@@ -1,0 +1,111 @@
+//! route: a request from another proxy, made ready for the app. Pure, so
+//! it is unit-tested and fuzzed (`proxy/fuzz`, target `inbound_request`).
+//!
+//! What the caller sent is untrusted even though its identity is verified:
+//! the mesh headers are taken off (whatever their count), `mesh-client-id`
+//! is replaced by the verified identity, and the request is pointed at the
+//! app whatever URI it carried.
+
+use std::net::SocketAddr;
+
+use http::{HeaderMap, HeaderValue, Uri, Version, header, request::Parts};
+use mesh_core::identity::SpiffeId;
+
+use super::{CLIENT_ID, DST_PORT, ORIG_PROTO};
+
+/// Why a meshed request cannot be forwarded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unroutable {
+    /// No valid `mesh-dst-port` (1-65535).
+    NoDstPort,
+    /// The path cannot be part of a URI to the app.
+    BadPath,
+}
+
+/// Takes every `mesh-dst-port` off and returns the app port the first named.
+pub fn dst_port(headers: &mut HeaderMap) -> Result<u16, Unroutable> {
+    let first = headers.get(DST_PORT).cloned();
+    headers.remove(DST_PORT);
+    first
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u16>().ok())
+        .filter(|p| *p > 0)
+        .ok_or(Unroutable::NoDstPort)
+}
+
+/// Rewrites `parts` for the app at `app`: sets `mesh-client-id` to the
+/// verified caller, points the URI at the app, and restores HTTP/1.1 (with
+/// Host) when the caller's app spoke it. Returns whether it did.
+pub fn for_app(
+    parts: &mut Parts,
+    client_id: &SpiffeId,
+    app: SocketAddr,
+) -> Result<bool, Unroutable> {
+    let was_http1 = parts
+        .headers
+        .get(ORIG_PROTO)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"HTTP/1.1"));
+    parts.headers.remove(ORIG_PROTO);
+    // Whatever the caller claimed, the app sees who was verified.
+    let id = HeaderValue::from_str(client_id.as_str()).expect("SPIFFE IDs are valid header values");
+    parts.headers.insert(CLIENT_ID, id);
+    let authority = parts.uri.authority().cloned();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let path = if path.starts_with('/') { path } else { "/" };
+    let uri: Uri = format!("http://{app}{path}")
+        .parse()
+        .map_err(|_| Unroutable::BadPath)?;
+    parts.uri = uri;
+    if was_http1 {
+        parts.version = Version::HTTP_11;
+        if let (false, Some(authority)) = (parts.headers.contains_key(header::HOST), authority)
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            parts.headers.insert(header::HOST, host);
+        }
+    } else {
+        parts.version = Version::HTTP_2;
+    }
+    Ok(was_http1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mesh_headers_are_taken_off_and_the_client_id_replaced() {
+        let req = http::Request::get("http://api.shop.svc.cluster.local:80/x?y=1")
+            .header(DST_PORT, "8080")
+            .header(DST_PORT, "9999")
+            .header(ORIG_PROTO, "HTTP/1.1")
+            .header(CLIENT_ID, "spiffe://evil.example/ns/x/sa/admin")
+            .header(CLIENT_ID, "second forgery")
+            .body(())
+            .unwrap();
+        let (mut parts, ()) = req.into_parts();
+        assert_eq!(dst_port(&mut parts.headers), Ok(8080));
+        assert!(
+            parts.headers.get(DST_PORT).is_none(),
+            "every copy is removed"
+        );
+        let web: SpiffeId = "spiffe://west.mesh.local/ns/shop/sa/web".parse().unwrap();
+        let http1 = for_app(&mut parts, &web, "127.0.0.5:8080".parse().unwrap()).unwrap();
+        assert!(http1);
+        let ids: Vec<_> = parts.headers.get_all(CLIENT_ID).iter().collect();
+        assert_eq!(ids, vec![web.as_str()]);
+        assert_eq!(parts.uri.to_string(), "http://127.0.0.5:8080/x?y=1");
+        assert_eq!(parts.headers[header::HOST], "api.shop.svc.cluster.local:80");
+        assert_eq!(parts.version, Version::HTTP_11);
+        assert!(parts.headers.get(ORIG_PROTO).is_none());
+    }
+
+    #[test]
+    fn bad_ports_are_refused() {
+        for bad in ["0", "65536", "x", ""] {
+            let mut h = HeaderMap::new();
+            h.insert(DST_PORT, HeaderValue::from_str(bad).unwrap());
+            assert_eq!(dst_port(&mut h), Err(Unroutable::NoDstPort), "{bad:?}");
+        }
+        assert_eq!(dst_port(&mut HeaderMap::new()), Err(Unroutable::NoDstPort));
+    }
+}
