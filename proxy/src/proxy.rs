@@ -128,7 +128,11 @@ impl Proxy {
         let open_connections = Arc::new(());
         tasks.spawn(inbound::accept(
             listener,
-            mesh_core::grpc::grpc_server_config(inbound_tls),
+            {
+                let mut tls = inbound_tls;
+                tls.alpn_protocols = vec![inbound::ALPN_H2.to_vec(), inbound::ALPN_TCP.to_vec()];
+                Arc::new(tls)
+            },
             inbound,
             draining,
             open_connections.clone(),

@@ -465,3 +465,54 @@ async fn tap_streams_live_request_metadata_on_both_sides() {
         "{line}"
     );
 }
+
+/// CONNECT through a proxy, then one raw HTTP/1.1 request over the tunnel.
+async fn connect_then_get(proxy: SocketAddr, authority: &str) -> (String, String) {
+    let mut tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if tcp.read(&mut byte).await.unwrap() == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    tcp.write_all(b"GET /raw HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut rest)).await;
+    (String::from_utf8_lossy(&head).into_owned(), rest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_carries_opaque_tcp_to_a_meshed_service_under_its_policy() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let web = w.proxy("web", "web-0", &[("app", "web")]).await;
+    let authority = format!("api.shop.svc.cluster.local:{}", w.app_port);
+
+    let (head, body) = connect_then_get(web.outbound_addr, &authority).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        body.contains("client=- host=api path=/raw"),
+        "opaque bytes reach the app untouched: {body}"
+    );
+    assert_eq!(w.app_hits.load(Ordering::SeqCst), 1);
+
+    // api's port admits only web: `other` gets its connection closed.
+    let other = w.proxy("other", "other-0", &[("app", "other")]).await;
+    let (_, body) = connect_then_get(other.outbound_addr, &authority).await;
+    assert!(
+        !body.contains("client="),
+        "a refused caller reaches nothing: {body}"
+    );
+    assert_eq!(w.app_hits.load(Ordering::SeqCst), 1);
+    let m = metrics(w.proxy.admin_addr).await;
+    assert!(
+        m.contains("mesh_proxy_inbound_refused_total{reason=\"unauthorized\"} 1"),
+        "{m}"
+    );
+}

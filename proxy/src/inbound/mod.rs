@@ -37,6 +37,12 @@ use tokio_rustls::TlsAcceptor;
 use self::policy::{Denied, PolicyCache, authorize};
 use crate::metrics::{InboundLabels, Metrics, ReasonLabels};
 
+/// ALPN between proxies for HTTP (carried over HTTP/2).
+pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN between proxies for opaque TCP: the client proxy then sends the
+/// app port (2 bytes, big endian) and the connection carries raw bytes.
+pub const ALPN_TCP: &[u8] = b"mesh-tcp/1";
+
 /// The header naming the app port a meshed request is for.
 pub const DST_PORT: &str = "mesh-dst-port";
 /// The header marking a request that was HTTP/1.1 before the client proxy.
@@ -150,6 +156,9 @@ pub async fn accept(
             let Some(client_id) = peer_identity(tls.get_ref().1) else {
                 return;
             };
+            if tls.get_ref().1.alpn_protocol() == Some(ALPN_TCP) {
+                return opaque(&inbound, tls, &client_id, peer).await;
+            }
             let age = tls
                 .get_ref()
                 .1
@@ -185,6 +194,38 @@ pub async fn accept(
                 tracing::debug!(%peer, error = %e, "inbound connection ended");
             }
         });
+    }
+}
+
+/// Opaque TCP from another proxy: read the app port, authorize the
+/// verified caller for it (refused: the connection is closed, nothing
+/// reaches the app), then splice bytes to the app.
+async fn opaque(
+    inbound: &Inbound,
+    mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    client_id: &SpiffeId,
+    peer: SocketAddr,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut port = [0u8; 2];
+    let Ok(Ok(_)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.read_exact(&mut port)).await else {
+        inbound.metrics.refuse_inbound("no_dst_port");
+        return;
+    };
+    let port = u16::from_be_bytes(port);
+    if let Err(denied) = authorize_request(inbound, client_id, port).await {
+        inbound.metrics.refuse_inbound(denied.reason());
+        tracing::info!(client = %client_id, %peer, port, reason = denied.reason(), "inbound TCP connection refused");
+        return;
+    }
+    match tokio::net::TcpStream::connect(SocketAddr::new(inbound.app_ip, port)).await {
+        Ok(mut app) => {
+            let _ = tokio::io::copy_bidirectional(&mut tls, &mut app).await;
+        }
+        Err(e) => {
+            inbound.metrics.refuse_inbound("app_unreachable");
+            tracing::warn!(port, error = %e, "the app did not accept the TCP connection");
+        }
     }
 }
 

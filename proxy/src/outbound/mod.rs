@@ -84,6 +84,8 @@ type Destination = (Balancer, Arc<DestinationHealth>);
 
 #[derive(Clone)]
 pub struct Outbound {
+    /// Turn counter for opaque TCP endpoints.
+    next_tcp: Arc<std::sync::atomic::AtomicUsize>,
     /// Requests being served; none past the limit (shed with 503).
     in_flight: Arc<tokio::sync::Semaphore>,
     header_read_timeout: Duration,
@@ -139,6 +141,7 @@ impl Outbound {
             }
         });
         Self {
+            next_tcp: Arc::default(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(limits.0)),
             header_read_timeout: limits.1,
             discovery,
@@ -334,7 +337,13 @@ async fn handle(
     };
     let meshed = !matches!(update.kind, Some(Kind::NoSuchService(_)));
     if req.method() == Method::CONNECT {
-        return connect_tunnel(outbound, req, authority, meshed);
+        if meshed {
+            return match connect_mesh_tcp(outbound, &authority, &update).await {
+                Ok(tls) => tunnel(req, tls),
+                Err(e) => fail(outbound, &authority, e),
+            };
+        }
+        return connect_plain(outbound, req, &authority).await;
     }
     let result = if meshed {
         to_mesh(outbound, &authority, req).await
@@ -530,33 +539,77 @@ async fn passthrough(
         .map_err(OutboundError::connect)
 }
 
-/// CONNECT: a TCP tunnel, for destinations discovery does not know only.
-fn connect_tunnel(
+/// Opaque TCP to a meshed destination: mTLS to a ready endpoint's proxy
+/// with ALPN `mesh-tcp/1` (expecting its SPIFFE ID), then the app port.
+/// Endpoints are taken in turn; a meshed endpoint without a proxy port is
+/// refused, never reached in plaintext.
+async fn connect_mesh_tcp(
     outbound: &Outbound,
-    req: Request<Incoming>,
-    authority: String,
-    meshed: bool,
-) -> Response<Body> {
-    if meshed {
-        let e = OutboundError::Connect(format!(
-            "CONNECT to meshed destination {authority} is not supported yet (opaque TCP over mTLS); use plain HTTP through the proxy"
-        ));
-        return fail(outbound, &authority, e);
+    authority: &str,
+    update: &DiscoveryUpdate,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, OutboundError> {
+    use tokio::io::AsyncWriteExt;
+    let endpoints: Vec<_> = match &update.kind {
+        Some(Kind::Endpoints(set)) => set
+            .endpoints
+            .iter()
+            .filter(|e| e.via_gateway.is_none())
+            .collect(),
+        _ => Vec::new(),
+    };
+    if endpoints.is_empty() {
+        return Err(OutboundError::NoEndpoints {
+            authority: authority.to_owned(),
+        });
     }
-    let metrics = outbound.metrics.clone();
+    let ep = endpoints[outbound
+        .next_tcp
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        % endpoints.len()];
+    let app: std::net::SocketAddr = ep.address.parse().map_err(|_| OutboundError::BadRequest)?;
+    let id = mesh_core::identity::SpiffeId::parse(&ep.spiffe_id).map_err(OutboundError::connect)?;
+    let proxy_port = u16::try_from(ep.proxy_port).unwrap_or(0);
+    if proxy_port == 0 {
+        return Err(OutboundError::MeshedWithoutProxy(id));
+    }
+    let mut tls = mesh_core::identity::tls::client_config(
+        outbound.creds.clone(),
+        outbound.bundles.clone(),
+        mesh_core::identity::ExpectedIdentity::Exact(id),
+    )
+    .map_err(OutboundError::connect)?;
+    tls.alpn_protocols = vec![crate::inbound::ALPN_TCP.to_vec()];
+    let tcp = TcpStream::connect((app.ip(), proxy_port))
+        .await
+        .map_err(OutboundError::connect)?;
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(rustls::pki_types::ServerName::from(app.ip()), tcp)
+        .await
+        .map_err(OutboundError::connect)?;
+    if stream.get_ref().1.alpn_protocol() != Some(crate::inbound::ALPN_TCP) {
+        return Err(OutboundError::Connect(
+            "the endpoint's proxy does not carry opaque TCP".into(),
+        ));
+    }
+    stream
+        .write_all(&app.port().to_be_bytes())
+        .await
+        .map_err(OutboundError::connect)?;
+    Ok(stream)
+}
+
+/// Answers CONNECT with 200 and splices the client to `upstream`.
+fn tunnel<S>(req: Request<Incoming>, mut upstream: S) -> Response<Body>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     tokio::spawn(async move {
-        let upgraded = match hyper::upgrade::on(req).await {
-            Ok(u) => u,
-            Err(e) => return tracing::debug!(error = %e, "CONNECT upgrade failed"),
-        };
-        match TcpStream::connect(&authority).await {
-            Ok(mut tcp) => {
-                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut tcp).await;
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                let _ =
+                    tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut upstream).await;
             }
-            Err(e) => {
-                metrics.refuse_outbound("connect");
-                tracing::info!(%authority, error = %e, "CONNECT target unreachable");
-            }
+            Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
     });
     let mut resp = Response::new(
@@ -566,6 +619,18 @@ fn connect_tunnel(
     );
     *resp.status_mut() = StatusCode::OK;
     resp
+}
+
+/// CONNECT to a destination discovery does not know: plain TCP, as asked.
+async fn connect_plain(
+    outbound: &Outbound,
+    req: Request<Incoming>,
+    authority: &str,
+) -> Response<Body> {
+    match TcpStream::connect(authority).await {
+        Ok(tcp) => tunnel(req, tcp),
+        Err(e) => fail(outbound, authority, OutboundError::connect(e)),
+    }
 }
 
 fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
