@@ -184,10 +184,7 @@ impl RunArgs {
 
 /// Runs `mesh control ...` to completion.
 pub fn run(args: ControlArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match mesh_core::shutdown::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -1,4 +1,12 @@
-//! Process shutdown: every binary stops on SIGTERM or SIGINT.
+//! Process lifecycle: the runtime every binary runs on, and stopping on
+//! SIGTERM or SIGINT.
+
+/// The multi-threaded tokio runtime of a Mesh process.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
 
 /// Completes on the first SIGTERM or SIGINT. Without signal handlers (which
 /// only fails in odd sandboxes) it never completes: the process runs until

@@ -49,18 +49,22 @@ impl Rules {
         let outbound = self.outbound_port.to_string();
         let uid = self.proxy_uid.to_string();
 
-        add(&["-N", INBOUND_CHAIN]);
-        for port in &self.skip_inbound_ports {
-            add(&[
+        let skip = |chain: &str, port: &u16| {
+            [
                 "-A",
-                INBOUND_CHAIN,
+                chain,
                 "-p",
                 "tcp",
                 "--dport",
                 &port.to_string(),
                 "-j",
                 "RETURN",
-            ]);
+            ]
+            .map(str::to_owned)
+        };
+        add(&["-N", INBOUND_CHAIN]);
+        for port in &self.skip_inbound_ports {
+            add(&skip(INBOUND_CHAIN, port).each_ref().map(String::as_str));
         }
         add(&[
             "-A",
@@ -86,16 +90,7 @@ impl Rules {
             "RETURN",
         ]);
         for port in &self.skip_outbound_ports {
-            add(&[
-                "-A",
-                OUTBOUND_CHAIN,
-                "-p",
-                "tcp",
-                "--dport",
-                &port.to_string(),
-                "-j",
-                "RETURN",
-            ]);
+            add(&skip(OUTBOUND_CHAIN, port).each_ref().map(String::as_str));
         }
         add(&[
             "-A",

@@ -226,15 +226,7 @@ pub fn client_config(
     bundles: BundleStore,
     server: ExpectedIdentity,
 ) -> Result<ClientConfig, TlsError> {
-    let (provider, verifier) = SpiffeVerifier::new(bundles, server, PeerRole::Server);
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(Arc::new(Resolver(creds)));
-    // See `server_config`: every connection is fully verified.
-    config.resumption = rustls::client::Resumption::disabled();
-    Ok(config)
+    build_client_config(Some(creds), bundles, server)
 }
 
 /// A client config with no certificate of its own, for a workload that has
@@ -243,12 +235,24 @@ pub fn client_config_without_cert(
     bundles: BundleStore,
     server: ExpectedIdentity,
 ) -> Result<ClientConfig, TlsError> {
+    build_client_config(None, bundles, server)
+}
+
+fn build_client_config(
+    creds: Option<CredentialStore>,
+    bundles: BundleStore,
+    server: ExpectedIdentity,
+) -> Result<ClientConfig, TlsError> {
     let (provider, verifier) = SpiffeVerifier::new(bundles, server, PeerRole::Server);
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match creds {
+        Some(creds) => builder.with_client_cert_resolver(Arc::new(Resolver(creds))),
+        None => builder.with_no_client_auth(),
+    };
+    // See `server_config`: every connection is fully verified.
     config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
 }
