@@ -38,7 +38,7 @@ pub struct OutboundLabels {
 #[derive(Debug)]
 pub struct LabelCap {
     max: usize,
-    seen: std::sync::Mutex<std::collections::HashSet<String>>,
+    seen: std::sync::RwLock<std::collections::HashSet<String>>,
 }
 
 /// Distinct values kept per capped label (DESIGN.md section 6).
@@ -48,13 +48,22 @@ impl LabelCap {
     pub fn new(max: usize) -> Self {
         Self {
             max,
-            seen: std::sync::Mutex::default(),
+            seen: std::sync::RwLock::default(),
         }
     }
 
     /// `value`, or `other` once `max` other values were seen.
     pub fn get(&self, value: &str) -> String {
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        // Known values (the common case) only need a shared lock.
+        if self
+            .seen
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(value)
+        {
+            return value.to_owned();
+        }
+        let mut seen = self.seen.write().unwrap_or_else(|p| p.into_inner());
         if seen.contains(value) {
             return value.to_owned();
         }

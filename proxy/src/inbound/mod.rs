@@ -252,7 +252,9 @@ async fn handle(
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let started = std::time::Instant::now();
-    let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
+    // Only what `/tap` needs, and only while someone taps.
+    let tapped = (inbound.metrics.tap.receiver_count() > 0)
+        .then(|| (req.method().to_string(), req.uri().path().to_owned()));
     let Ok(_permit) = inbound.in_flight.clone().try_acquire_owned() else {
         inbound.metrics.refuse_inbound("overloaded");
         return text(
@@ -293,17 +295,19 @@ async fn handle(
             client_id: inbound.metrics.client_ids.get(client_id.as_str()),
         })
         .inc();
-    inbound.metrics.tap(|| {
-        serde_json::json!({
-            "direction": "inbound",
-            "port": port,
-            "client_id": client_id.as_str(),
-            "method": method,
-            "path": path,
-            "status": response.status().as_u16(),
-            "latency_us": started.elapsed().as_micros() as u64,
-        })
-    });
+    if let Some((method, path)) = tapped {
+        inbound.metrics.tap(|| {
+            serde_json::json!({
+                "direction": "inbound",
+                "port": port,
+                "client_id": client_id.as_str(),
+                "method": method,
+                "path": path,
+                "status": response.status().as_u16(),
+                "latency_us": started.elapsed().as_micros() as u64,
+            })
+        });
+    }
     response
 }
 

@@ -110,16 +110,31 @@ impl<K: Eq + Hash + Clone, S> Accrual<K, S> {
     }
 }
 
-/// Records one outcome; returns the ejection it caused, if any.
-fn record(state: &Mutex<State>, failed: bool) -> Option<(Instant, Duration)> {
+/// What an outcome changed.
+#[derive(Debug, PartialEq)]
+enum Change {
+    None,
+    /// Ejected until then, for that long.
+    Ejected(Instant, Duration),
+    /// A previously ejected endpoint answered well again.
+    Restored,
+}
+
+/// Records one outcome and says what it changed.
+fn record(state: &Mutex<State>, failed: bool) -> Change {
     let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
     if !failed {
+        let was_ejected = s.ejections > 0;
         *s = State::default();
-        return None;
+        return if was_ejected {
+            Change::Restored
+        } else {
+            Change::None
+        };
     }
     s.consecutive += 1;
     if !s.probing && s.consecutive < THRESHOLD {
-        return None;
+        return Change::None;
     }
     let backoff = MIN_EJECTION
         .saturating_mul(1 << s.ejections.min(6))
@@ -129,7 +144,7 @@ fn record(state: &Mutex<State>, failed: bool) -> Option<(Instant, Duration)> {
     s.probing = false;
     let until = Instant::now() + backoff;
     s.ejected_until = Some(until);
-    Some((until, backoff))
+    Change::Ejected(until, backoff)
 }
 
 impl<K, S> tower::Service<http::Request<crate::inbound::Body>> for Accrual<K, S>
@@ -185,13 +200,14 @@ where
                 Ok(resp) => resp.status().is_server_error(),
                 Err(_) => true,
             };
+            // The shared health is touched only when something changed.
             match record(&state, failed) {
-                Some((until, backoff)) => {
+                Change::Ejected(until, backoff) => {
                     health.set(&key, Some(until));
                     on_eject(&key, backoff);
                 }
-                None if !failed => health.set(&key, None),
-                None => {}
+                Change::Restored => health.set(&key, None),
+                Change::None => {}
             }
             result
         })
@@ -206,17 +222,22 @@ mod tests {
     fn ejects_after_the_threshold_and_backs_off_on_failed_probes() {
         let state = Mutex::new(State::default());
         for _ in 0..THRESHOLD - 1 {
-            assert!(record(&state, true).is_none());
+            assert_eq!(record(&state, true), Change::None);
         }
-        let (_, first) = record(&state, true).expect("ejected at the threshold");
+        let Change::Ejected(_, first) = record(&state, true) else {
+            panic!("ejected at the threshold")
+        };
         assert_eq!(first, Duration::from_secs(1));
         // A failed probe ejects again at once, for twice as long.
         state.lock().unwrap().probing = true;
-        let (_, second) = record(&state, true).expect("a failed probe ejects again");
+        let Change::Ejected(_, second) = record(&state, true) else {
+            panic!("a failed probe ejects again")
+        };
         assert_eq!(second, Duration::from_secs(2));
-        // A success resets everything.
-        assert!(record(&state, false).is_none());
+        // A success restores it and resets everything.
+        assert_eq!(record(&state, false), Change::Restored);
         assert_eq!(state.lock().unwrap().ejections, 0);
-        assert!(record(&state, true).is_none(), "counting starts over");
+        assert_eq!(record(&state, false), Change::None, "healthy stays quiet");
+        assert_eq!(record(&state, true), Change::None, "counting starts over");
     }
 }

@@ -311,8 +311,13 @@ async fn handle(
         return OutboundError::BadRequest.response();
     };
     let started = std::time::Instant::now();
-    let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
+    // Only what `/tap` needs, and only while someone taps.
+    let tapped = (outbound.metrics.tap.receiver_count() > 0)
+        .then(|| (req.method().to_string(), req.uri().path().to_owned()));
     let tap = |status: StatusCode, tls: &str| {
+        let Some((method, path)) = &tapped else {
+            return;
+        };
         outbound.metrics.tap(|| {
             serde_json::json!({
                 "direction": "outbound",
