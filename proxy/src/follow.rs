@@ -84,6 +84,11 @@ where
     /// The current value of `key`, waiting up to `wait` for a first one.
     pub async fn get(&self, key: &K, wait: Duration) -> Option<Arc<T>> {
         let mut rx = self.watch(key);
+        // On the request path the value is almost always there already:
+        // take it without arming a timer.
+        if let Some(value) = rx.borrow().clone() {
+            return Some(value);
+        }
         match tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await {
             Ok(Ok(value)) => value.clone(),
             _ => None,

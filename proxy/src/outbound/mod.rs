@@ -483,12 +483,16 @@ async fn attempt(
 ) -> Result<Response<Incoming>, OutboundError> {
     let backend = outbound.splitter.pick(plan);
     let mut updates = outbound.discovery.watch(&backend);
-    let waited = tokio::time::timeout(
-        outbound.fail_fast,
-        updates.wait_for(|u| has_endpoints(u.as_deref())),
-    );
-    if !matches!(waited.await, Ok(Ok(_))) {
-        return Err(OutboundError::NoEndpoints { authority: backend });
+    // Usually there are endpoints already; only wait (with a timer) if not.
+    let ready_now = has_endpoints(updates.borrow().as_deref());
+    if !ready_now {
+        let waited = tokio::time::timeout(
+            outbound.fail_fast,
+            updates.wait_for(|u| has_endpoints(u.as_deref())),
+        );
+        if !matches!(waited.await, Ok(Ok(_))) {
+            return Err(OutboundError::NoEndpoints { authority: backend });
+        }
     }
     let (mut balancer, health) = outbound.balancer(&backend);
     // With every endpoint ejected the balancer would hold the request until
