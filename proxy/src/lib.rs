@@ -1,14 +1,14 @@
 //! `mesh-proxy`: the sidecar data plane.
 //!
-//! What it does today: gets and renews its SVID, registers its workload,
-//! serves the inbound side (mTLS termination, authorization against the
-//! control plane's policy, `mesh-client-id`, forwarding to the app), and
-//! the outbound side in explicit mode (discovery, p2c/peak-EWMA balancing,
-//! mTLS to the endpoint identity discovery gave, HTTP/1 over HTTP/2).
+//! What it does: gets and renews its SVID and registers its workload; the
+//! inbound side (mTLS termination, authorization against the control
+//! plane's policy, `mesh-client-id`, forwarding to the app, opaque TCP);
+//! the outbound side, explicit or transparent (protocol detection,
+//! discovery, HTTPRoutes, p2c/peak-EWMA balancing with failure accrual,
+//! mTLS to the identity discovery gave); limits, drain, `/metrics`, `/tap`.
 //!
-//! Not yet: transparent interception, protocol detection, routes
-//! (timeouts, retries, splits), failure accrual, opaque TCP between
-//! proxies, hardening limits and the benchmark; see `ARCHITECTURE.md`.
+//! Not yet: HTTP/1 upgrades (WebSocket) between proxies, and opaque TCP to
+//! a meshed service in transparent mode; see `ARCHITECTURE.md`.
 
 pub mod cli;
 pub mod detect;

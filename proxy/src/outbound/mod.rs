@@ -1,8 +1,9 @@
 //! Outbound: the app's traffic to other services.
 //!
-//! `accept -> detect -> discover -> route -> balance -> connect`, in explicit
-//! mode (the app sets `HTTP_PROXY`):
-//! - **accept**: HTTP/1.1 on the outbound port (loopback by default).
+//! `accept -> detect -> discover -> route -> balance -> connect`:
+//! - **accept**: the outbound port (loopback by default), explicit (the app
+//!   sets `HTTP_PROXY`) or redirected by iptables.
+//! - **detect**: HTTP/1.1, HTTP/2 prior knowledge, or opaque (`detect.rs`).
 //! - **discover**: the request's authority is looked up in discovery. A
 //!   service discovery does not know goes straight through (plaintext, as
 //!   the app asked); a known one is never sent in plaintext to a meshed
@@ -18,8 +19,13 @@
 //!   An endpoint failing 5 times in a row is ejected and probed back with
 //!   backoff (`accrual.rs`).
 //!
-//! Not yet: transparent interception, protocol detection, opaque TCP to
-//! meshed destinations.
+//! Transparent mode reaches the same path: redirected connections are
+//! detected (`detect.rs`); HTTP is routed by its Host, opaque TCP goes to
+//! the original destination. `CONNECT` carries opaque TCP, to a meshed
+//! service over mTLS (ALPN `mesh-tcp/1`).
+//!
+//! Not yet: HTTP/1 upgrades between proxies; opaque TCP to a meshed service
+//! in transparent mode (discovery is by name, not by IP).
 
 pub mod accrual;
 pub mod balance;
