@@ -28,7 +28,7 @@ fn require_root_and_tools() {
         ("iptables", "--version", "iptables"),
         ("curl", "--version", "curl"),
         ("setpriv", "--version", "util-linux"),
-        ("python3", "--version", "python3"),
+        ("/usr/bin/python3", "--version", "python3"),
     ] {
         if Command::new(tool).arg(arg).output().is_err() {
             panic!("this test needs `{tool}`: apt-get install -y {package}");
@@ -139,6 +139,24 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("127.0.0.2", 9000), H).serve_forever()
 "#;
 
+/// An opaque TCP app: answers each line with `pong <line>`.
+const TCP_APP: &str = r#"
+import socketserver
+class H(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(b"pong " + line)
+socketserver.ThreadingTCPServer(("127.0.0.2", 9001), H).serve_forever()
+"#;
+
+/// An opaque TCP client: one line to 127.0.0.2:9001, prints the answer.
+const TCP_CLIENT: &str = r#"
+import socket
+s = socket.create_connection(("127.0.0.2", 9001), timeout=10)
+s.sendall(b"ping\n")
+print(s.makefile().readline().strip())
+"#;
+
 fn proxy_env(
     dir: &Path,
     sa: &str,
@@ -241,6 +259,7 @@ fn unmodified_curl_reaches_a_service_through_both_proxies() {
         std::fs::write(dir.join(format!("{sa}.token")), out.stdout).unwrap();
     }
     ns.spawn("app", &["python3", "-c", APP], &[]);
+    ns.spawn("tcp-app", &["python3", "-c", TCP_APP], &[]);
     ns.wait_ok("http://127.0.0.2:9000/", "the app");
     ns.spawn(
         "api-proxy",
@@ -328,6 +347,49 @@ fn unmodified_curl_reaches_a_service_through_both_proxies() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // By IP, the same: the address is a meshed workload's, so never plaintext.
+    let by_ip = ns.exec(&[
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "http://127.0.0.2:9000/by-ip",
+    ]);
+    let by_ip = String::from_utf8_lossy(&by_ip.stdout);
+    assert!(
+        by_ip.contains("client=spiffe://west.mesh.local/ns/shop/sa/web path=/by-ip"),
+        "{by_ip}"
+    );
+
+    // Opaque TCP to the meshed workload's address rides mTLS between the
+    // proxies: api's proxy counts it from web's verified identity.
+    let tcp = ns.exec(&[
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        // The system python: one under root's home is not for `nobody`.
+        "/usr/bin/python3",
+        "-c",
+        TCP_CLIENT,
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&tcp.stdout).trim(),
+        "pong ping",
+        "{}",
+        String::from_utf8_lossy(&tcp.stderr)
+    );
+    let metrics = ns.exec(&["curl", "-s", "http://127.0.0.1:14191/metrics"]);
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metrics.contains("mesh_proxy_tcp_connections_total{direction=\"inbound\",peer=\"spiffe://west.mesh.local/ns/shop/sa/web\",tls=\"mtls\"} 1"),
+        "{metrics}"
+    );
+
     let again = ns.exec(&[MESH, "proxy", "init", "--apply", "--proxy-uid", "0"]);
     assert!(!again.status.success(), "applying twice is refused");
     assert!(String::from_utf8_lossy(&again.stderr).contains("already applied"));

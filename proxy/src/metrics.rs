@@ -6,7 +6,12 @@ use std::sync::Arc;
 use mesh_core::admin::registered;
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{
+        counter::Counter,
+        family::{Family, MetricConstructor},
+        gauge::Gauge,
+        histogram::Histogram,
+    },
     registry::Registry,
 };
 
@@ -20,16 +25,75 @@ pub struct InboundLabels {
     /// The app port.
     pub port: u16,
     pub status_code: u16,
-    /// The verified caller's SPIFFE ID (capped in cardinality later).
+    /// `success` unless the status is 5xx.
+    pub classification: &'static str,
+    /// The verified caller's SPIFFE ID (capped in cardinality).
     pub client_id: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutboundLabels {
     pub authority: String,
+    /// The cluster discovery placed the destination in; empty when unknown.
+    pub dst_cluster: String,
     pub status_code: u16,
+    /// `success` unless the status is 5xx.
+    pub classification: &'static str,
     /// `mtls` when the request went to a meshed endpoint, else `none`.
-    pub tls: String,
+    pub tls: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// The destination authority (outbound) or the app port (inbound).
+    pub target: String,
+    pub classification: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// The verified caller (inbound) or the destination (outbound), capped.
+    pub peer: String,
+    /// `mtls` or `none`.
+    pub tls: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpBytesLabels {
+    pub direction: &'static str,
+    pub tls: &'static str,
+    /// `sent` toward the destination or `received` from it.
+    pub flow: &'static str,
+}
+
+/// `success` unless the status is a server error.
+pub fn classify(status: http::StatusCode) -> &'static str {
+    if status.is_server_error() {
+        "failure"
+    } else {
+        "success"
+    }
+}
+
+/// Response latency buckets, in seconds: 0.5 ms to 10 s.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LatencyBuckets;
+
+impl MetricConstructor<Histogram> for LatencyBuckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ])
+    }
 }
 
 /// Caps how many distinct values a label may take; values past the cap are
@@ -87,6 +151,10 @@ pub struct Metrics {
     pub outbound_failures: Family<ReasonLabels, Counter>,
     pub outbound_retries: Counter,
     pub endpoint_ejections: Counter,
+    pub response_latency: Family<LatencyLabels, Histogram, LatencyBuckets>,
+    pub tcp_connections: Family<TcpLabels, Counter>,
+    pub tcp_open: Family<DirectionLabels, Gauge>,
+    pub tcp_bytes: Family<TcpBytesLabels, Counter>,
     /// Caps the `authority` label.
     pub authorities: Arc<LabelCap>,
     /// Caps the `client_id` label.
@@ -154,6 +222,30 @@ impl Metrics {
                 "Endpoints taken out of balancing after consecutive failures",
                 Counter::default(),
             ),
+            response_latency: registered(
+                r,
+                "response_latency_seconds",
+                "Time to response headers, by direction, target and classification",
+                Family::new_with_constructor(LatencyBuckets),
+            ),
+            tcp_connections: registered(
+                r,
+                "tcp_connections",
+                "Opaque TCP connections carried, by direction, peer and TLS",
+                Family::default(),
+            ),
+            tcp_open: registered(
+                r,
+                "tcp_open_connections",
+                "Opaque TCP connections open now, by direction",
+                Family::default(),
+            ),
+            tcp_bytes: registered(
+                r,
+                "tcp_bytes",
+                "Bytes carried on opaque TCP connections",
+                Family::default(),
+            ),
             authorities: Arc::new(LabelCap::new(LABEL_CAP)),
             client_ids: Arc::new(LabelCap::new(LABEL_CAP)),
             tap: tokio::sync::broadcast::channel(1024).0,
@@ -179,6 +271,105 @@ impl Metrics {
             let mut line = event().to_string().into_bytes();
             line.push(b'\n');
             let _ = self.tap.send(bytes::Bytes::from(line));
+        }
+    }
+
+    /// Counts one outbound response (and its latency, when it got one).
+    pub fn outbound_response(
+        &self,
+        authority: &str,
+        dst_cluster: &str,
+        status: http::StatusCode,
+        tls: &'static str,
+        latency: Option<std::time::Duration>,
+    ) {
+        let authority = self.authorities.get(authority);
+        let classification = classify(status);
+        if let Some(latency) = latency {
+            self.response_latency
+                .get_or_create(&LatencyLabels {
+                    direction: "outbound",
+                    target: authority.clone(),
+                    classification,
+                })
+                .observe(latency.as_secs_f64());
+        }
+        self.outbound_requests
+            .get_or_create(&OutboundLabels {
+                authority,
+                dst_cluster: dst_cluster.to_owned(),
+                status_code: status.as_u16(),
+                classification,
+                tls,
+            })
+            .inc();
+    }
+
+    /// Counts one inbound response and its latency.
+    pub fn inbound_response(
+        &self,
+        port: u16,
+        client_id: &str,
+        status: http::StatusCode,
+        latency: std::time::Duration,
+    ) {
+        let classification = classify(status);
+        self.response_latency
+            .get_or_create(&LatencyLabels {
+                direction: "inbound",
+                target: port.to_string(),
+                classification,
+            })
+            .observe(latency.as_secs_f64());
+        self.inbound_requests
+            .get_or_create(&InboundLabels {
+                port,
+                status_code: status.as_u16(),
+                classification,
+                client_id: self.client_ids.get(client_id),
+            })
+            .inc();
+    }
+
+    /// Splices `a` (the side that connected) to `b` (the destination),
+    /// counting the connection and its bytes.
+    pub async fn splice<A, B>(
+        &self,
+        a: &mut A,
+        b: &mut B,
+        direction: &'static str,
+        peer: &str,
+        tls: &'static str,
+    ) where
+        A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+        B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    {
+        let peer = match direction {
+            "inbound" => self.client_ids.get(peer),
+            _ => self.authorities.get(peer),
+        };
+        self.tcp_connections
+            .get_or_create(&TcpLabels {
+                direction,
+                peer,
+                tls,
+            })
+            .inc();
+        let open = self
+            .tcp_open
+            .get_or_create(&DirectionLabels { direction })
+            .clone();
+        open.inc();
+        let (sent, received) = tokio::io::copy_bidirectional(a, b).await.unwrap_or((0, 0));
+        open.dec();
+        for (flow, n) in [("sent", sent), ("received", received)] {
+            self.tcp_bytes
+                .get_or_create(&TcpBytesLabels {
+                    direction,
+                    tls,
+                    flow,
+                })
+                .inc_by(n);
         }
     }
 

@@ -66,7 +66,11 @@ async fn an_http1_request_crosses_two_proxies_with_mtls_and_identity() {
     assert_eq!(status, 200);
     let m = metrics(web.admin_addr).await;
     assert!(
-        m.contains(&format!("mesh_proxy_outbound_requests_total{{authority=\"{authority}\",status_code=\"200\",tls=\"mtls\"}} 2")),
+        m.contains(&format!("mesh_proxy_outbound_requests_total{{authority=\"{authority}\",dst_cluster=\"west\",status_code=\"200\",classification=\"success\",tls=\"mtls\"}} 2")),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!("mesh_proxy_response_latency_seconds_count{{direction=\"outbound\",target=\"{authority}\",classification=\"success\"}} 2")),
         "{m}"
     );
 }
@@ -75,7 +79,9 @@ async fn an_http1_request_crosses_two_proxies_with_mtls_and_identity() {
 async fn unknown_destinations_go_straight_through() {
     let w = world(Duration::from_secs(24 * 3600)).await;
     let web = w.proxy("web", "web-0", &[("app", "web")]).await;
-    let direct = format!("127.0.0.1:{}", w.app_port);
+    // An app on an address no meshed workload registered.
+    let (plain_app, _) = app_at("127.0.0.9:0".parse().unwrap(), Duration::ZERO).await;
+    let direct = plain_app.to_string();
     let (status, raw) = via_proxy(
         web.outbound_addr,
         &format!("http://{direct}/direct"),
@@ -90,10 +96,21 @@ async fn unknown_destinations_go_straight_through() {
     let m = metrics(web.admin_addr).await;
     assert!(
         m.contains(&format!(
-            "authority=\"{direct}\",status_code=\"200\",tls=\"none\""
+            "authority=\"{direct}\",dst_cluster=\"\",status_code=\"200\",classification=\"success\",tls=\"none\""
         )),
         "{m}"
     );
+
+    // A meshed workload's own address is meshed too: never plaintext.
+    let meshed = format!("127.0.0.1:{}", w.app_port);
+    let (status, raw) = via_proxy(
+        web.outbound_addr,
+        &format!("http://{meshed}/by-ip"),
+        &meshed,
+    )
+    .await;
+    assert_eq!(status, 200, "{raw}");
+    assert!(raw.contains(&format!("client={}", id("web"))), "{raw}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -466,8 +483,8 @@ async fn tap_streams_live_request_metadata_on_both_sides() {
     );
 }
 
-/// CONNECT through a proxy, then one raw HTTP/1.1 request over the tunnel.
-async fn connect_then_get(proxy: SocketAddr, authority: &str) -> (String, String) {
+/// CONNECT through a proxy; returns the tunnel and the proxy's answer.
+async fn open_tunnel(proxy: SocketAddr, authority: &str) -> (tokio::net::TcpStream, String) {
     let mut tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
     tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
         .await
@@ -480,12 +497,18 @@ async fn connect_then_get(proxy: SocketAddr, authority: &str) -> (String, String
         }
         head.push(byte[0]);
     }
+    (tcp, String::from_utf8_lossy(&head).into_owned())
+}
+
+/// CONNECT through a proxy, then one raw HTTP/1.1 request over the tunnel.
+async fn connect_then_get(proxy: SocketAddr, authority: &str) -> (String, String) {
+    let (mut tcp, head) = open_tunnel(proxy, authority).await;
     tcp.write_all(b"GET /raw HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut rest = String::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut rest)).await;
-    (String::from_utf8_lossy(&head).into_owned(), rest)
+    (head, rest)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -515,4 +538,71 @@ async fn connect_carries_opaque_tcp_to_a_meshed_service_under_its_policy() {
         m.contains("mesh_proxy_inbound_refused_total{reason=\"unauthorized\"} 1"),
         "{m}"
     );
+    let tcp_in = format!(
+        "mesh_proxy_tcp_connections_total{{direction=\"inbound\",peer=\"{}\",tls=\"mtls\"}} 1",
+        id("web")
+    );
+    assert!(m.contains(&tcp_in), "{m}");
+    let m = metrics(web.admin_addr).await;
+    let tcp_out = format!(
+        "mesh_proxy_tcp_connections_total{{direction=\"outbound\",peer=\"{authority}\",tls=\"mtls\"}} 1"
+    );
+    assert!(m.contains(&tcp_out), "{m}");
+    assert!(
+        m.contains("mesh_proxy_tcp_bytes_total{direction=\"outbound\",tls=\"mtls\",flow=\"sent\"}"),
+        "{m}"
+    );
+}
+
+/// Sends one keep-alive request on an open tunnel and waits for its answer.
+async fn ask(tcp: &mut tokio::net::TcpStream) {
+    tcp.write_all(b"GET /held HTTP/1.1\r\nHost: api\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains("path=/held") {
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .expect("an answer on the tunnel")
+            .unwrap();
+        assert!(n > 0, "the tunnel closed early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_goes_to_the_endpoint_with_fewer_open_connections() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let (_b, b_hits) = w.api_replica("127.0.0.2", "api-1", Duration::ZERO).await;
+    let web = w.proxy("web", "web-0", &[("app", "web")]).await;
+    let authority = format!("api.shop.svc.cluster.local:{}", w.app_port);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Four held connections; note which replica each reached.
+    let mut on_b = Vec::new();
+    let mut on_a = Vec::new();
+    for _ in 0..4 {
+        let before = b_hits.load(Ordering::SeqCst);
+        let (mut tcp, head) = open_tunnel(web.outbound_addr, &authority).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        ask(&mut tcp).await;
+        if b_hits.load(Ordering::SeqCst) > before {
+            on_b.push(tcp);
+        } else {
+            on_a.push(tcp);
+        }
+    }
+    assert_eq!((on_a.len(), on_b.len()), (2, 2), "spread evenly");
+    // Close b's connections: the next two both go to b, which now has
+    // none open (taking endpoints in turn would split them).
+    drop(on_b);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = b_hits.load(Ordering::SeqCst);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (mut tcp, _) = open_tunnel(web.outbound_addr, &authority).await;
+        ask(&mut tcp).await;
+        held.push(tcp);
+    }
+    assert_eq!(b_hits.load(Ordering::SeqCst) - before, 2);
 }

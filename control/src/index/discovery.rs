@@ -94,8 +94,13 @@ impl Index {
         Ok((auth, svc, port))
     }
 
-    /// The full discovery answer for `authority` at `now`.
+    /// The full discovery answer for `authority` at `now`. An authority
+    /// that is an `ip:port` (what a transparently intercepted connection
+    /// knows) answers for the workloads registered at that IP.
     pub fn discovery(&self, authority: &str, now: Instant) -> DiscoveryUpdate {
+        if let Ok(addr) = authority.parse::<SocketAddr>() {
+            return self.discovery_by_address(authority, addr, now);
+        }
         let kind = match self.service_port(authority) {
             Err(reason) => discovery_update::Kind::NoSuchService(NoSuchService {
                 authority: authority.to_owned(),
@@ -139,6 +144,56 @@ impl Index {
                     endpoints,
                 })
             }
+        };
+        DiscoveryUpdate { kind: Some(kind) }
+    }
+
+    /// The meshed workloads at `addr`'s IP, each as an endpoint on
+    /// `addr`'s port. A registered workload that is not ready still makes
+    /// the address meshed (an empty set, so callers refuse rather than go
+    /// in plaintext); an IP no workload registered is no service.
+    fn discovery_by_address(
+        &self,
+        authority: &str,
+        addr: SocketAddr,
+        now: Instant,
+    ) -> DiscoveryUpdate {
+        let at_ip: Vec<_> = self
+            .workloads
+            .values()
+            .filter(|w| w.reg.proxy_port != 0 && w.reg.addresses.contains(&addr.ip()))
+            .collect();
+        let kind = if at_ip.is_empty() {
+            discovery_update::Kind::NoSuchService(NoSuchService {
+                authority: authority.to_owned(),
+                reason: format!("no meshed workload registered at {}", addr.ip()),
+            })
+        } else {
+            let endpoints = at_ip
+                .into_iter()
+                .filter(|w| self.is_ready(w, now))
+                .map(|w| Endpoint {
+                    address: addr.to_string(),
+                    spiffe_id: w.reg.spiffe_id.clone(),
+                    weight: 1,
+                    cluster: self.cluster.clone(),
+                    priority: 0,
+                    protocol: w
+                        .reg
+                        .ports
+                        .iter()
+                        .find(|p| p.port == addr.port())
+                        .map_or(ProtocolHint::Unknown as i32, |p| p.protocol),
+                    labels: w.reg.labels.clone().into_iter().collect(),
+                    via_gateway: None,
+                    workload: format!("{}/{}", w.reg.namespace, w.reg.name),
+                    proxy_port: u32::from(w.reg.proxy_port),
+                })
+                .collect();
+            discovery_update::Kind::Endpoints(EndpointSet {
+                authority: authority.to_owned(),
+                endpoints,
+            })
         };
         DiscoveryUpdate { kind: Some(kind) }
     }
@@ -205,6 +260,37 @@ mod tests {
 
         let later = now + Duration::from_secs(31);
         assert!(endpoints(index.discovery("api.shop.svc.cluster.local:80", later)).is_empty());
+    }
+
+    #[test]
+    fn an_address_answers_for_the_meshed_workload_there() {
+        let now = Instant::now();
+        let mut index = index(API);
+        index
+            .register(
+                reg("shop", "api-0", "api", &[("app", "api")], "10.0.0.1"),
+                now,
+            )
+            .unwrap();
+        let eps = endpoints(index.discovery("10.0.0.1:5432", now));
+        assert_eq!(eps.len(), 1);
+        assert_eq!(eps[0].address, "10.0.0.1:5432");
+        assert_eq!(eps[0].spiffe_id, "spiffe://west.mesh.local/ns/shop/sa/api");
+        assert_eq!(eps[0].proxy_port, 4143);
+        assert_eq!(
+            endpoints(index.discovery("10.0.0.1:8080", now))[0].protocol,
+            1,
+            "the registered port's protocol"
+        );
+        // Not ready: still meshed, with nothing to send to (never plaintext).
+        let later = now + Duration::from_secs(31);
+        assert!(endpoints(index.discovery("10.0.0.1:5432", later)).is_empty());
+        match index.discovery("10.0.0.9:80", now).kind.unwrap() {
+            discovery_update::Kind::NoSuchService(n) => {
+                assert_eq!(n.reason, "no meshed workload registered at 10.0.0.9");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

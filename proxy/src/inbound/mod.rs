@@ -35,7 +35,7 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_rustls::TlsAcceptor;
 
 use self::policy::{Denied, PolicyCache, authorize};
-use crate::metrics::{InboundLabels, Metrics, ReasonLabels};
+use crate::metrics::{Metrics, ReasonLabels};
 
 /// ALPN between proxies for HTTP (carried over HTTP/2).
 pub const ALPN_H2: &[u8] = b"h2";
@@ -220,7 +220,10 @@ async fn opaque(
     }
     match tokio::net::TcpStream::connect(SocketAddr::new(inbound.app_ip, port)).await {
         Ok(mut app) => {
-            let _ = tokio::io::copy_bidirectional(&mut tls, &mut app).await;
+            inbound
+                .metrics
+                .splice(&mut tls, &mut app, "inbound", client_id.as_str(), "mtls")
+                .await;
         }
         Err(e) => {
             inbound.metrics.refuse_inbound("app_unreachable");
@@ -286,15 +289,12 @@ async fn handle(
         }
         Ok(()) => forward(inbound, client_id, port, req).await,
     };
-    inbound
-        .metrics
-        .inbound_requests
-        .get_or_create(&InboundLabels {
-            port,
-            status_code: response.status().as_u16(),
-            client_id: inbound.metrics.client_ids.get(client_id.as_str()),
-        })
-        .inc();
+    inbound.metrics.inbound_response(
+        port,
+        client_id.as_str(),
+        response.status(),
+        started.elapsed(),
+    );
     if let Some((method, path)) = tapped {
         inbound.metrics.tap(|| {
             serde_json::json!({

@@ -1,7 +1,7 @@
 //! balance: one load balancer per destination, tower's power-of-two-choices
 //! over peak-EWMA latency, fed by the destination's discovery stream.
 
-use std::{collections::HashMap, convert::Infallible, net::SocketAddr, time::Duration};
+use std::{collections::HashSet, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -76,51 +76,37 @@ pub fn has_endpoints(update: Option<&DiscoveryUpdate>) -> bool {
 /// The ejection state of one destination's endpoints.
 pub type DestinationHealth = Health<Key>;
 
-/// A balancer following `updates`, with failure accrual on every endpoint.
-pub fn balancer(
-    mut updates: watch::Receiver<Option<std::sync::Arc<DiscoveryUpdate>>>,
-    creds: CredentialStore,
-    bundles: BundleStore,
-    metrics: Metrics,
-) -> (Balancer, std::sync::Arc<DestinationHealth>) {
-    type Endpoint = Accrual<Key, EndpointService>;
-    let (tx, rx) = mpsc::channel::<Result<Change<Key, Endpoint>, Infallible>>(64);
-    let health = std::sync::Arc::new(DestinationHealth::default());
-    let task_health = health.clone();
-    let on_eject: super::accrual::OnEject<Key> = std::sync::Arc::new(move |key: &Key, backoff| {
-        metrics.endpoint_ejections.inc();
-        tracing::warn!(endpoint = %key.addr, identity = %key.spiffe_id, "endpoint failing; ejected for {backoff:?}");
-    });
+/// The changes to a destination's endpoint set, as discovery streams them:
+/// each new endpoint is built once with `make`, each one gone is removed
+/// (and `gone` is told). Ends when the balancer reading it is dropped.
+pub fn follow_endpoints<S: Send + 'static>(
+    mut updates: watch::Receiver<Option<Arc<DiscoveryUpdate>>>,
+    mut make: impl FnMut(&Key) -> S + Send + 'static,
+    mut gone: impl FnMut(&Key) + Send + 'static,
+) -> ReceiverStream<Result<Change<Key, S>, Infallible>> {
+    let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
-        let health = task_health;
-        let mut current: HashMap<Key, ()> = HashMap::new();
+        let mut current: HashSet<Key> = HashSet::new();
         loop {
             let wanted: Vec<Key> = keys(updates.borrow_and_update().as_deref());
-            let gone: Vec<Key> = current
-                .keys()
+            let removed: Vec<Key> = current
+                .iter()
                 .filter(|k| !wanted.contains(k))
                 .cloned()
                 .collect();
-            for key in gone {
+            for key in removed {
                 current.remove(&key);
-                health.remove(&key);
+                gone(&key);
                 if tx.send(Ok(Change::Remove(key))).await.is_err() {
                     return;
                 }
             }
             for key in wanted {
-                if current.contains_key(&key) {
-                    continue;
-                }
-                let identity = (!key.spiffe_id.is_empty())
-                    .then(|| SpiffeId::parse(&key.spiffe_id).ok())
-                    .flatten();
-                let svc =
-                    EndpointService::new(key.addr, identity, key.proxy_port, &creds, &bundles);
-                let svc = Accrual::new(key.clone(), svc, health.clone(), on_eject.clone());
-                current.insert(key.clone(), ());
-                if tx.send(Ok(Change::Insert(key, svc))).await.is_err() {
-                    return;
+                if current.insert(key.clone()) {
+                    let svc = make(&key);
+                    if tx.send(Ok(Change::Insert(key, svc))).await.is_err() {
+                        return;
+                    }
                 }
             }
             tokio::select! {
@@ -129,8 +115,50 @@ pub fn balancer(
             }
         }
     });
+    ReceiverStream::new(rx)
+}
+
+impl Key {
+    /// The SPIFFE ID the endpoint must present; `None` when not meshed.
+    pub fn identity(&self) -> Option<SpiffeId> {
+        (!self.spiffe_id.is_empty())
+            .then(|| SpiffeId::parse(&self.spiffe_id).ok())
+            .flatten()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn proxy_port(&self) -> u16 {
+        self.proxy_port
+    }
+}
+
+/// A balancer following `updates`, with failure accrual on every endpoint.
+pub fn balancer(
+    updates: watch::Receiver<Option<Arc<DiscoveryUpdate>>>,
+    creds: CredentialStore,
+    bundles: BundleStore,
+    metrics: Metrics,
+) -> (Balancer, Arc<DestinationHealth>) {
+    let health = Arc::new(DestinationHealth::default());
+    let on_eject: super::accrual::OnEject<Key> = Arc::new(move |key: &Key, backoff| {
+        metrics.endpoint_ejections.inc();
+        tracing::warn!(endpoint = %key.addr, identity = %key.spiffe_id, "endpoint failing; ejected for {backoff:?}");
+    });
+    let (make_health, gone_health) = (health.clone(), health.clone());
+    let changes = follow_endpoints(
+        updates,
+        move |key| {
+            let svc =
+                EndpointService::new(key.addr, key.identity(), key.proxy_port, &creds, &bundles);
+            Accrual::new(key.clone(), svc, make_health.clone(), on_eject.clone())
+        },
+        move |key| gone_health.remove(key),
+    );
     let discover = PeakEwmaDiscover::new::<Request<Body>>(
-        ReceiverStream::new(rx),
+        changes,
         DEFAULT_RTT,
         DECAY,
         CompleteOnResponse::default(),

@@ -20,18 +20,19 @@
 //!   backoff (`accrual.rs`).
 //!
 //! Transparent mode reaches the same path: redirected connections are
-//! detected (`detect.rs`); HTTP is routed by its Host, opaque TCP goes to
-//! the original destination. `CONNECT` carries opaque TCP, to a meshed
-//! service over mTLS (ALPN `mesh-tcp/1`).
+//! detected (`detect.rs`); HTTP is routed by its Host; for opaque TCP
+//! discovery is asked about the original `ip:port`, and a meshed workload
+//! there is reached over mTLS (ALPN `mesh-tcp/1`, `tcp.rs`). `CONNECT`
+//! carries opaque TCP the same way.
 //!
-//! Not yet: HTTP/1 upgrades between proxies; opaque TCP to a meshed service
-//! in transparent mode (discovery is by name, not by IP).
+//! Not yet: HTTP/1 upgrades between proxies.
 
 pub mod accrual;
 pub mod balance;
 pub mod endpoint;
 pub mod errors;
 pub mod route;
+pub mod tcp;
 
 use std::{
     collections::HashMap,
@@ -66,11 +67,12 @@ use self::{
     balance::{Balancer, DestinationHealth, balancer, has_endpoints},
     errors::OutboundError,
     route::{MAX_RETRY_BODY, Plan, Splitter, plan},
+    tcp::{MeshTcp, TcpBalancer, tcp_balancer},
 };
 use crate::{
     follow::Follower,
     inbound::{Body, ORIG_PROTO},
-    metrics::{Metrics, OutboundLabels},
+    metrics::Metrics,
 };
 
 /// Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1).
@@ -90,8 +92,8 @@ type Destination = (Balancer, Arc<DestinationHealth>);
 
 #[derive(Clone)]
 pub struct Outbound {
-    /// Turn counter for opaque TCP endpoints.
-    next_tcp: Arc<std::sync::atomic::AtomicUsize>,
+    /// One connection balancer per destination of opaque TCP.
+    tcp_balancers: Arc<Mutex<HashMap<String, TcpBalancer>>>,
     /// Requests being served; none past the limit (shed with 503).
     in_flight: Arc<tokio::sync::Semaphore>,
     header_read_timeout: Duration,
@@ -147,7 +149,7 @@ impl Outbound {
             }
         });
         Self {
-            next_tcp: Arc::default(),
+            tcp_balancers: Arc::default(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(limits.0)),
             header_read_timeout: limits.1,
             discovery,
@@ -171,6 +173,19 @@ impl Outbound {
                     self.creds.clone(),
                     self.bundles.clone(),
                     self.metrics.clone(),
+                )
+            })
+            .clone()
+    }
+
+    fn tcp_balancer(&self, authority: &str) -> TcpBalancer {
+        let mut map = self.tcp_balancers.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(authority.to_owned())
+            .or_insert_with(|| {
+                tcp_balancer(
+                    self.discovery.watch(&authority.to_owned()),
+                    self.creds.clone(),
+                    self.bundles.clone(),
                 )
             })
             .clone()
@@ -243,8 +258,10 @@ async fn detect_protocol(tcp: &TcpStream, timeout: Duration) -> Protocol {
     }
 }
 
-/// Opaque TCP (or the app's own TLS): spliced to where the app was
-/// connecting. Meshed destinations are not reached this way yet.
+/// Opaque TCP (or the app's own TLS) in transparent mode: discovery is
+/// asked about the original destination. A meshed workload is reached over
+/// mTLS through its proxy (never in plaintext); an address discovery does
+/// not know is reached directly, as the app asked.
 async fn opaque(
     outbound: &Outbound,
     mut tcp: TcpStream,
@@ -261,9 +278,35 @@ async fn opaque(
         );
         return;
     };
+    let authority = to.to_string();
+    let Some(update) = outbound.discovery.get(&authority, outbound.fail_fast).await else {
+        // Whether the destination is meshed is unknown: fail closed.
+        let e = OutboundError::DiscoveryUnavailable { authority };
+        outbound.metrics.refuse_outbound(e.classify().1);
+        tracing::info!("opaque connection refused: {e}");
+        return;
+    };
+    if !matches!(update.kind, Some(Kind::NoSuchService(_))) {
+        match connect_mesh_tcp(outbound, &authority).await {
+            Ok(mut upstream) => {
+                outbound
+                    .metrics
+                    .splice(&mut tcp, &mut upstream, "outbound", &authority, "mtls")
+                    .await;
+            }
+            Err(e) => {
+                outbound.metrics.refuse_outbound(e.classify().1);
+                tracing::info!(%authority, "opaque connection refused: {e}");
+            }
+        }
+        return;
+    }
     match TcpStream::connect(to).await {
         Ok(mut upstream) => {
-            let _ = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
+            outbound
+                .metrics
+                .splice(&mut tcp, &mut upstream, "outbound", &authority, "none")
+                .await;
         }
         Err(e) => {
             outbound.metrics.refuse_outbound("connect");
@@ -349,8 +392,8 @@ async fn handle(
     let meshed = !matches!(update.kind, Some(Kind::NoSuchService(_)));
     if req.method() == Method::CONNECT {
         if meshed {
-            return match connect_mesh_tcp(outbound, &authority, &update).await {
-                Ok(tls) => tunnel(req, tls),
+            return match connect_mesh_tcp(outbound, &authority).await {
+                Ok(conn) => tunnel(outbound, req, conn, &authority, "mtls"),
                 Err(e) => fail(outbound, &authority, e),
             };
         }
@@ -366,7 +409,13 @@ async fn handle(
     let tls = if meshed { "mtls" } else { "none" };
     match result {
         Ok(resp) => {
-            count(outbound, &authority, resp.status(), tls);
+            outbound.metrics.outbound_response(
+                &authority,
+                cluster_of(&update),
+                resp.status(),
+                tls,
+                Some(started.elapsed()),
+            );
             tap(resp.status(), tls);
             resp.map(BodyExt::boxed)
         }
@@ -381,20 +430,18 @@ fn fail(outbound: &Outbound, authority: &str, e: OutboundError) -> Response<Body
     let (status, reason) = e.classify();
     outbound.metrics.refuse_outbound(reason);
     tracing::info!(%authority, reason, "outbound request failed: {e}");
-    count(outbound, authority, status, "none");
+    outbound
+        .metrics
+        .outbound_response(authority, "", status, "none", None);
     e.response()
 }
 
-fn count(outbound: &Outbound, authority: &str, status: StatusCode, tls: &str) {
-    outbound
-        .metrics
-        .outbound_requests
-        .get_or_create(&OutboundLabels {
-            authority: outbound.metrics.authorities.get(authority),
-            status_code: status.as_u16(),
-            tls: tls.to_owned(),
-        })
-        .inc();
+/// The cluster a discovery answer places the destination in.
+fn cluster_of(update: &DiscoveryUpdate) -> &str {
+    match &update.kind {
+        Some(Kind::Endpoints(set)) => set.endpoints.first().map_or("", |e| e.cluster.as_str()),
+        _ => "",
+    }
 }
 
 /// route + balance + connect to a meshed destination.
@@ -488,18 +535,7 @@ async fn attempt(
     req: Request<crate::inbound::Body>,
 ) -> Result<Response<Incoming>, OutboundError> {
     let backend = outbound.splitter.pick(plan);
-    let mut updates = outbound.discovery.watch(&backend);
-    // Usually there are endpoints already; only wait (with a timer) if not.
-    let ready_now = has_endpoints(updates.borrow().as_deref());
-    if !ready_now {
-        let waited = tokio::time::timeout(
-            outbound.fail_fast,
-            updates.wait_for(|u| has_endpoints(u.as_deref())),
-        );
-        if !matches!(waited.await, Ok(Ok(_))) {
-            return Err(OutboundError::NoEndpoints { authority: backend });
-        }
-    }
+    wait_for_endpoints(outbound, &backend).await?;
     let (mut balancer, health) = outbound.balancer(&backend);
     // With every endpoint ejected the balancer would hold the request until
     // a probe; wait out the fail-fast time at most, then say so.
@@ -515,12 +551,7 @@ async fn attempt(
             .ready()
             .await
             .map_err(|e| OutboundError::Balancer(e.to_string()))?;
-        svc.call(req)
-            .await
-            .map_err(|e| match e.downcast::<OutboundError>() {
-                Ok(e) => *e,
-                Err(e) => OutboundError::Balancer(e.to_string()),
-            })
+        svc.call(req).await.map_err(downcast)
     };
     match plan.attempt_timeout {
         None => call.await,
@@ -554,75 +585,66 @@ async fn passthrough(
         .map_err(OutboundError::connect)
 }
 
-/// Opaque TCP to a meshed destination: mTLS to a ready endpoint's proxy
-/// with ALPN `mesh-tcp/1` (expecting its SPIFFE ID), then the app port.
-/// Endpoints are taken in turn; a meshed endpoint without a proxy port is
-/// refused, never reached in plaintext.
-async fn connect_mesh_tcp(
-    outbound: &Outbound,
-    authority: &str,
-    update: &DiscoveryUpdate,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, OutboundError> {
-    use tokio::io::AsyncWriteExt;
-    let endpoints: Vec<_> = match &update.kind {
-        Some(Kind::Endpoints(set)) => set
-            .endpoints
-            .iter()
-            .filter(|e| e.via_gateway.is_none())
-            .collect(),
-        _ => Vec::new(),
-    };
-    if endpoints.is_empty() {
-        return Err(OutboundError::NoEndpoints {
+/// Opaque TCP to a meshed destination: a connection to one of its
+/// endpoints, picked by p2c over open connections (`tcp.rs`).
+async fn connect_mesh_tcp(outbound: &Outbound, authority: &str) -> Result<MeshTcp, OutboundError> {
+    wait_for_endpoints(outbound, authority).await?;
+    let mut balancer = outbound.tcp_balancer(authority);
+    let svc = tokio::time::timeout(outbound.fail_fast, balancer.ready())
+        .await
+        .map_err(|_| OutboundError::NoEndpoints {
             authority: authority.to_owned(),
-        });
+        })?
+        .map_err(|e| OutboundError::Balancer(e.to_string()))?;
+    svc.call(()).await.map_err(downcast)
+}
+
+/// The balancer's error as the proxy's own, when it is one.
+fn downcast(e: tower::BoxError) -> OutboundError {
+    match e.downcast::<OutboundError>() {
+        Ok(e) => *e,
+        Err(e) => OutboundError::Balancer(e.to_string()),
     }
-    let ep = endpoints[outbound
-        .next_tcp
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        % endpoints.len()];
-    let app: std::net::SocketAddr = ep.address.parse().map_err(|_| OutboundError::BadRequest)?;
-    let id = mesh_core::identity::SpiffeId::parse(&ep.spiffe_id).map_err(OutboundError::connect)?;
-    let proxy_port = u16::try_from(ep.proxy_port).unwrap_or(0);
-    if proxy_port == 0 {
-        return Err(OutboundError::MeshedWithoutProxy(id));
+}
+
+/// Returns once `authority` has an endpoint to send to; usually at once,
+/// otherwise (with a timer) within the fail-fast time or never.
+async fn wait_for_endpoints(outbound: &Outbound, authority: &str) -> Result<(), OutboundError> {
+    let mut updates = outbound.discovery.watch(&authority.to_owned());
+    if has_endpoints(updates.borrow().as_deref()) {
+        return Ok(());
     }
-    let mut tls = mesh_core::identity::tls::client_config(
-        outbound.creds.clone(),
-        outbound.bundles.clone(),
-        mesh_core::identity::ExpectedIdentity::Exact(id),
-    )
-    .map_err(OutboundError::connect)?;
-    tls.alpn_protocols = vec![crate::inbound::ALPN_TCP.to_vec()];
-    let tcp = TcpStream::connect((app.ip(), proxy_port))
-        .await
-        .map_err(OutboundError::connect)?;
-    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect(rustls::pki_types::ServerName::from(app.ip()), tcp)
-        .await
-        .map_err(OutboundError::connect)?;
-    if stream.get_ref().1.alpn_protocol() != Some(crate::inbound::ALPN_TCP) {
-        return Err(OutboundError::Connect(
-            "the endpoint's proxy does not carry opaque TCP".into(),
-        ));
+    let waited = tokio::time::timeout(
+        outbound.fail_fast,
+        updates.wait_for(|u| has_endpoints(u.as_deref())),
+    );
+    match waited.await {
+        Ok(Ok(_)) => Ok(()),
+        _ => Err(OutboundError::NoEndpoints {
+            authority: authority.to_owned(),
+        }),
     }
-    stream
-        .write_all(&app.port().to_be_bytes())
-        .await
-        .map_err(OutboundError::connect)?;
-    Ok(stream)
 }
 
 /// Answers CONNECT with 200 and splices the client to `upstream`.
-fn tunnel<S>(req: Request<Incoming>, mut upstream: S) -> Response<Body>
+fn tunnel<S>(
+    outbound: &Outbound,
+    req: Request<Incoming>,
+    mut upstream: S,
+    authority: &str,
+    tls: &'static str,
+) -> Response<Body>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let (metrics, authority) = (outbound.metrics.clone(), authority.to_owned());
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
-                let _ =
-                    tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut upstream).await;
+                let mut client = TokioIo::new(upgraded);
+                metrics
+                    .splice(&mut client, &mut upstream, "outbound", &authority, tls)
+                    .await;
             }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
@@ -643,7 +665,7 @@ async fn connect_plain(
     authority: &str,
 ) -> Response<Body> {
     match TcpStream::connect(authority).await {
-        Ok(tcp) => tunnel(req, tcp),
+        Ok(tcp) => tunnel(outbound, req, tcp, authority, "none"),
         Err(e) => fail(outbound, authority, OutboundError::connect(e)),
     }
 }

@@ -1,0 +1,202 @@
+//! Opaque TCP to a meshed destination: mTLS to an endpoint's proxy with
+//! ALPN `mesh-tcp/1` (expecting the SPIFFE ID discovery gave), then the
+//! app port (2 bytes, big endian), then raw bytes both ways.
+//!
+//! Endpoints are balanced with tower's power-of-two-choices over the number
+//! of connections each has open: a connection counts until it closes, so
+//! long-lived streams spread evenly. A meshed endpoint without a proxy port
+//! is refused, never reached in plaintext.
+
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use mesh_core::{
+    api::v1::DiscoveryUpdate,
+    identity::{BundleStore, CredentialStore, ExpectedIdentity, SpiffeId, tls::client_config},
+};
+use rustls::{ClientConfig, pki_types::ServerName};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::TcpStream,
+    sync::watch,
+};
+use tokio_rustls::{TlsConnector, client::TlsStream};
+use tower::{
+    balance::p2c::Balance,
+    buffer::Buffer,
+    load::{PendingRequestsDiscover, completion::TrackCompletion, pending_requests::Handle},
+    util::BoxService,
+};
+
+use super::{balance::follow_endpoints, errors::OutboundError};
+use crate::inbound::ALPN_TCP;
+
+/// Connections waiting in front of one destination's balancer.
+const QUEUE: usize = 1_000;
+
+/// An open mTLS connection to an endpoint's proxy, carrying opaque bytes.
+/// It counts toward its endpoint's load until dropped.
+#[derive(Debug)]
+pub struct MeshTcp {
+    stream: TlsStream<TcpStream>,
+    _load: Option<Handle>,
+}
+
+impl AsyncRead for MeshTcp {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MeshTcp {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Keeps the load handle with the connection, so an endpoint's load is
+/// the number of connections open to it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WhileOpen;
+
+impl TrackCompletion<Handle, MeshTcp> for WhileOpen {
+    type Output = MeshTcp;
+
+    fn track_completion(&self, handle: Handle, mut conn: MeshTcp) -> MeshTcp {
+        conn._load = Some(handle);
+        conn
+    }
+}
+
+/// One endpoint: opens a connection per call.
+#[derive(Clone, Debug)]
+pub struct TcpEndpoint {
+    app: SocketAddr,
+    identity: Option<SpiffeId>,
+    proxy_port: u16,
+    tls: Option<Arc<ClientConfig>>,
+}
+
+impl TcpEndpoint {
+    fn new(
+        app: SocketAddr,
+        identity: Option<SpiffeId>,
+        proxy_port: u16,
+        creds: &CredentialStore,
+        bundles: &BundleStore,
+    ) -> Self {
+        let tls = identity.as_ref().and_then(|id| {
+            let mut tls = client_config(
+                creds.clone(),
+                bundles.clone(),
+                ExpectedIdentity::Exact(id.clone()),
+            )
+            .ok()?;
+            tls.alpn_protocols = vec![ALPN_TCP.to_vec()];
+            Some(Arc::new(tls))
+        });
+        Self {
+            app,
+            identity,
+            proxy_port,
+            tls,
+        }
+    }
+
+    async fn open(self) -> Result<MeshTcp, OutboundError> {
+        let Some(id) = self.identity else {
+            // Discovery lists only meshed workloads; an endpoint without an
+            // identity has nothing to verify, so it is not dialled at all.
+            return Err(OutboundError::Connect(format!(
+                "endpoint {} has no identity to verify",
+                self.app
+            )));
+        };
+        let (Some(tls), true) = (self.tls, self.proxy_port != 0) else {
+            return Err(OutboundError::MeshedWithoutProxy(id));
+        };
+        let tcp = TcpStream::connect((self.app.ip(), self.proxy_port))
+            .await
+            .map_err(OutboundError::connect)?;
+        tcp.set_nodelay(true).map_err(OutboundError::connect)?;
+        let mut stream = TlsConnector::from(tls)
+            .connect(ServerName::from(self.app.ip()), tcp)
+            .await
+            .map_err(OutboundError::connect)?;
+        if stream.get_ref().1.alpn_protocol() != Some(ALPN_TCP) {
+            return Err(OutboundError::Connect(
+                "the endpoint's proxy does not carry opaque TCP".into(),
+            ));
+        }
+        stream
+            .write_all(&self.app.port().to_be_bytes())
+            .await
+            .map_err(OutboundError::connect)?;
+        Ok(MeshTcp {
+            stream,
+            _load: None,
+        })
+    }
+}
+
+impl tower::Service<()> for TcpEndpoint {
+    type Response = MeshTcp;
+    type Error = OutboundError;
+    type Future = Pin<Box<dyn Future<Output = Result<MeshTcp, OutboundError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), OutboundError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, (): ()) -> Self::Future {
+        Box::pin(self.clone().open())
+    }
+}
+
+pub type TcpBalancer =
+    Buffer<(), Pin<Box<dyn Future<Output = Result<MeshTcp, tower::BoxError>> + Send>>>;
+
+/// A connection balancer following one destination's `updates`.
+pub fn tcp_balancer(
+    updates: watch::Receiver<Option<Arc<DiscoveryUpdate>>>,
+    creds: CredentialStore,
+    bundles: BundleStore,
+) -> TcpBalancer {
+    let changes = follow_endpoints(
+        updates,
+        move |key| {
+            TcpEndpoint::new(
+                key.addr(),
+                key.identity(),
+                key.proxy_port(),
+                &creds,
+                &bundles,
+            )
+        },
+        |_| {},
+    );
+    let discover = PendingRequestsDiscover::new(changes, WhileOpen);
+    Buffer::new(BoxService::new(Balance::new(discover)), QUEUE)
+}
