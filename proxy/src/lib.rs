@@ -5,10 +5,9 @@
 //! plane's policy, `mesh-client-id`, forwarding to the app, opaque TCP);
 //! the outbound side, explicit or transparent (protocol detection,
 //! discovery, HTTPRoutes, p2c/peak-EWMA balancing with failure accrual,
-//! mTLS to the identity discovery gave); limits, drain, `/metrics`, `/tap`.
-//!
-//! Not yet: HTTP/1 upgrades (WebSocket) between proxies, and opaque TCP to
-//! a meshed service in transparent mode; see `ARCHITECTURE.md`.
+//! mTLS to the identity discovery gave; opaque TCP and HTTP/1.1 upgrades
+//! such as WebSocket on connections of their own); limits, drain,
+//! `/metrics`, `/tap`.
 
 pub mod cli;
 pub mod detect;
@@ -21,6 +20,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod proxy;
 pub mod register;
+pub mod upgrade;
 
 pub use env::Config;
 pub use proxy::{Proxy, StartError};

@@ -606,3 +606,65 @@ async fn opaque_tcp_goes_to_the_endpoint_with_fewer_open_connections() {
     }
     assert_eq!(b_hits.load(Ordering::SeqCst) - before, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_crosses_two_proxies_with_mtls_and_identity() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let web = w.proxy("web", "web-0", &[("app", "web")]).await;
+    let authority = format!("api.shop.svc.cluster.local:{}", w.app_port);
+    let mut tcp = tokio::net::TcpStream::connect(web.outbound_addr)
+        .await
+        .unwrap();
+    tcp.write_all(
+        format!(
+            "GET http://{authority}/ws HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\
+             mesh-client-id: spiffe://west.mesh.local/ns/shop/sa/admin\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut byte))
+            .await
+            .expect("an answer to the handshake")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains(&format!(
+            "sec-websocket-accept: {}",
+            WS_ACCEPT.to_ascii_lowercase()
+        )),
+        "{head}"
+    );
+    assert!(
+        head.contains(&format!("client={}", id("web")).to_ascii_lowercase()),
+        "the app saw the verified caller, not the forged one: {head}"
+    );
+    // One masked text frame out, its echo back: raw bytes both ways.
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81, 0x80 | 5];
+    frame.extend_from_slice(&mask);
+    frame.extend(b"hello".iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    tcp.write_all(&frame).await.unwrap();
+    let mut echo = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut echo))
+        .await
+        .expect("the echo in time")
+        .unwrap();
+    assert_eq!(&echo[..2], &[0x81, 10]);
+    assert_eq!(&echo[2..], b"echo hello");
+
+    let m = metrics(web.admin_addr).await;
+    let upgraded = format!(
+        "mesh_proxy_tcp_connections_total{{direction=\"outbound\",peer=\"{authority}\",tls=\"mtls\"}} 1"
+    );
+    assert!(m.contains(&upgraded), "{m}");
+}

@@ -4,7 +4,9 @@
 //! - **accept**: TCP on the inbound port; only taken once the proxy holds an
 //!   identity (the listener is bound after bootstrap).
 //! - **tls**: TLS 1.3, client certificate required and verified against the
-//!   trust bundles; plaintext never gets further. ALPN `h2`.
+//!   trust bundles; plaintext never gets further. ALPN `h2` for requests,
+//!   `mesh-tcp/1` for opaque TCP, `http/1.1` for one HTTP/1.1 upgrade
+//!   (WebSocket; `upgrade.rs`).
 //! - **authorize**: the port's policy from the control plane against the
 //!   verified SPIFFE ID; 403 when it does not admit the caller.
 //! - **route**: the app port comes from the `mesh-dst-port` header the
@@ -171,10 +173,19 @@ pub async fn accept(
                 let (inbound, client_id) = (inbound.clone(), client_id.clone());
                 async move { Ok::<_, std::convert::Infallible>(handle(&inbound, &client_id, req).await) }
             });
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            // HTTP/2 (ALPN h2) for requests; HTTP/1.1 (ALPN http/1.1) for
+            // a connection carrying one upgrade.
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HANDSHAKE_TIMEOUT)
+                .max_buf_size(MAX_HEADER_LIST as usize);
+            builder
+                .http2()
                 .max_concurrent_streams(MESH_MAX_CONCURRENT_STREAMS)
-                .max_header_list_size(MAX_HEADER_LIST)
-                .serve_connection(TokioIo::new(tls), svc);
+                .max_header_list_size(MAX_HEADER_LIST);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
             tokio::pin!(conn);
             let too_old = tokio::time::sleep(age);
             tokio::pin!(too_old);
@@ -339,6 +350,9 @@ async fn forward(
         return text(StatusCode::BAD_REQUEST, "mesh: invalid request path\n");
     };
     let req = Request::from_parts(parts, body);
+    if was_http1 && crate::upgrade::is_upgrade(&req) {
+        return forward_upgrade(inbound, client_id, port, req).await;
+    }
     let client = if was_http1 {
         &inbound.http1
     } else {
@@ -349,6 +363,46 @@ async fn forward(
         Err(e) => {
             inbound.metrics.refuse_inbound("app_unreachable");
             tracing::warn!(port, error = %e, "the app did not answer");
+            text(
+                StatusCode::BAD_GATEWAY,
+                &format!("mesh: the app on port {port} did not answer\n"),
+            )
+        }
+    }
+}
+
+/// forward, for an HTTP/1.1 upgrade: a new connection to the app; on 101
+/// it is spliced to the caller's.
+async fn forward_upgrade(
+    inbound: &Inbound,
+    client_id: &SpiffeId,
+    port: u16,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let asked = hyper::upgrade::on(&mut req);
+    // The app gets the origin form; Host was restored by the rewrite.
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let Ok(path) = path.parse() else {
+        return text(StatusCode::BAD_REQUEST, "mesh: invalid request path\n");
+    };
+    *req.uri_mut() = path;
+    let splice = crate::upgrade::Splice {
+        metrics: inbound.metrics.clone(),
+        direction: "inbound",
+        peer: client_id.as_str().to_owned(),
+        tls: "mtls",
+    };
+    let sent = match tokio::net::TcpStream::connect(SocketAddr::new(inbound.app_ip, port)).await {
+        Ok(app) => crate::upgrade::send(app, req, asked, splice)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match sent {
+        Ok(resp) => resp.map(BodyExt::boxed),
+        Err(e) => {
+            inbound.metrics.refuse_inbound("app_unreachable");
+            tracing::warn!(port, error = %e, "the app did not answer the upgrade");
             text(
                 StatusCode::BAD_GATEWAY,
                 &format!("mesh: the app on port {port} did not answer\n"),

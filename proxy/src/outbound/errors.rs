@@ -36,8 +36,17 @@ pub enum OutboundError {
 }
 
 impl OutboundError {
-    pub fn connect(e: impl std::fmt::Display) -> Self {
-        Self::Connect(e.to_string())
+    /// A failure to reach the endpoint, with its whole chain of causes
+    /// (hyper's own message alone says only "client error (Connect)").
+    pub fn connect(e: impl std::error::Error) -> Self {
+        let mut message = e.to_string();
+        let mut source = e.source();
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        Self::Connect(message)
     }
 
     /// Status and metric reason for this failure.

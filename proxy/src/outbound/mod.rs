@@ -25,7 +25,8 @@
 //! there is reached over mTLS (ALPN `mesh-tcp/1`, `tcp.rs`). `CONNECT`
 //! carries opaque TCP the same way.
 //!
-//! Not yet: HTTP/1 upgrades between proxies.
+//! An HTTP/1.1 upgrade (WebSocket) takes a connection of its own on each
+//! hop (`upgrade.rs`).
 
 pub mod accrual;
 pub mod balance;
@@ -67,12 +68,13 @@ use self::{
     balance::{Balancer, DestinationHealth, balancer, has_endpoints},
     errors::OutboundError,
     route::{MAX_RETRY_BODY, Plan, Splitter, plan},
-    tcp::{MeshTcp, TcpBalancer, tcp_balancer},
+    tcp::{Carry, MeshTcp, TcpBalancer, tcp_balancer},
 };
 use crate::{
     follow::Follower,
-    inbound::{Body, ORIG_PROTO},
+    inbound::{Body, DST_PORT, ORIG_PROTO},
     metrics::Metrics,
+    upgrade,
 };
 
 /// Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1).
@@ -287,7 +289,7 @@ async fn opaque(
         return;
     };
     if !matches!(update.kind, Some(Kind::NoSuchService(_))) {
-        match connect_mesh_tcp(outbound, &authority).await {
+        match connect_mesh_tcp(outbound, &authority, Carry::Opaque).await {
             Ok(mut upstream) => {
                 outbound
                     .metrics
@@ -392,14 +394,16 @@ async fn handle(
     let meshed = !matches!(update.kind, Some(Kind::NoSuchService(_)));
     if req.method() == Method::CONNECT {
         if meshed {
-            return match connect_mesh_tcp(outbound, &authority).await {
+            return match connect_mesh_tcp(outbound, &authority, Carry::Opaque).await {
                 Ok(conn) => tunnel(outbound, req, conn, &authority, "mtls"),
                 Err(e) => fail(outbound, &authority, e),
             };
         }
         return connect_plain(outbound, req, &authority).await;
     }
-    let result = if meshed {
+    let result = if upgrade::is_upgrade(&req) {
+        upgrade(outbound, &authority, meshed, redirected, req).await
+    } else if meshed {
         to_mesh(outbound, &authority, req).await
     } else {
         // Transparent mode: go where the app was really connecting.
@@ -442,6 +446,55 @@ fn cluster_of(update: &DiscoveryUpdate) -> &str {
         Some(Kind::Endpoints(set)) => set.endpoints.first().map_or("", |e| e.cluster.as_str()),
         _ => "",
     }
+}
+
+/// An HTTP/1.1 upgrade (WebSocket): a connection of its own, over mTLS
+/// with ALPN `http/1.1` to a meshed endpoint (picked like opaque TCP), or
+/// straight through to a destination discovery does not know.
+async fn upgrade(
+    outbound: &Outbound,
+    authority: &str,
+    meshed: bool,
+    redirected: Option<std::net::SocketAddr>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Incoming>, OutboundError> {
+    let asked = hyper::upgrade::on(&mut req);
+    let (mut parts, body) = req.into_parts();
+    upgrade::keep_upgrade_headers(&mut parts.headers, strip_hop_by_hop);
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let splice = |tls| upgrade::Splice {
+        metrics: outbound.metrics.clone(),
+        direction: "outbound",
+        peer: authority.to_owned(),
+        tls,
+    };
+    if meshed {
+        let conn = connect_mesh_tcp(outbound, authority, Carry::Http1Upgrade).await?;
+        // Absolute form: the other proxy restores Host from it.
+        parts.uri = format!("http://{authority}{path}")
+            .parse()
+            .map_err(|_| OutboundError::BadRequest)?;
+        parts
+            .headers
+            .insert(DST_PORT, HeaderValue::from(conn.app_port));
+        parts
+            .headers
+            .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+        let req = Request::from_parts(parts, body);
+        return upgrade::send(conn, req, asked, splice("mtls"))
+            .await
+            .map_err(OutboundError::connect);
+    }
+    let target = redirected.map_or_else(|| authority.to_owned(), |to| to.to_string());
+    let tcp = TcpStream::connect(&target)
+        .await
+        .map_err(OutboundError::connect)?;
+    parts.uri = path.parse().map_err(|_| OutboundError::BadRequest)?;
+    let host = HeaderValue::from_str(authority).map_err(|_| OutboundError::BadRequest)?;
+    parts.headers.insert(header::HOST, host);
+    upgrade::send(tcp, Request::from_parts(parts, body), asked, splice("none"))
+        .await
+        .map_err(OutboundError::connect)
 }
 
 /// route + balance + connect to a meshed destination.
@@ -587,7 +640,11 @@ async fn passthrough(
 
 /// Opaque TCP to a meshed destination: a connection to one of its
 /// endpoints, picked by p2c over open connections (`tcp.rs`).
-async fn connect_mesh_tcp(outbound: &Outbound, authority: &str) -> Result<MeshTcp, OutboundError> {
+async fn connect_mesh_tcp(
+    outbound: &Outbound,
+    authority: &str,
+    carry: Carry,
+) -> Result<MeshTcp, OutboundError> {
     wait_for_endpoints(outbound, authority).await?;
     let mut balancer = outbound.tcp_balancer(authority);
     let svc = tokio::time::timeout(outbound.fail_fast, balancer.ready())
@@ -596,7 +653,7 @@ async fn connect_mesh_tcp(outbound: &Outbound, authority: &str) -> Result<MeshTc
             authority: authority.to_owned(),
         })?
         .map_err(|e| OutboundError::Balancer(e.to_string()))?;
-    svc.call(()).await.map_err(downcast)
+    svc.call(carry).await.map_err(downcast)
 }
 
 /// The balancer's error as the proxy's own, when it is one.

@@ -1,6 +1,8 @@
-//! Opaque TCP to a meshed destination: mTLS to an endpoint's proxy with
-//! ALPN `mesh-tcp/1` (expecting the SPIFFE ID discovery gave), then the
-//! app port (2 bytes, big endian), then raw bytes both ways.
+//! Connections of their own to a meshed destination: mTLS to an endpoint's
+//! proxy expecting the SPIFFE ID discovery gave. For opaque TCP, ALPN
+//! `mesh-tcp/1`, then the app port (2 bytes, big endian), then raw bytes
+//! both ways; for an HTTP/1.1 upgrade (WebSocket), ALPN `http/1.1` and one
+//! request (`upgrade.rs`).
 //!
 //! Endpoints are balanced with tower's power-of-two-choices over the number
 //! of connections each has open: a connection counts until it closes, so
@@ -35,7 +37,16 @@ use tower::{
 };
 
 use super::{balance::follow_endpoints, errors::OutboundError};
-use crate::inbound::ALPN_TCP;
+use crate::{inbound::ALPN_TCP, upgrade::ALPN_HTTP1};
+
+/// What a connection will carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Carry {
+    /// Raw bytes to the app port.
+    Opaque,
+    /// One HTTP/1.1 upgrade request, then raw bytes.
+    Http1Upgrade,
+}
 
 /// Connections waiting in front of one destination's balancer.
 const QUEUE: usize = 1_000;
@@ -45,6 +56,8 @@ const QUEUE: usize = 1_000;
 #[derive(Debug)]
 pub struct MeshTcp {
     stream: TlsStream<TcpStream>,
+    /// The app port on the endpoint this connection is for.
+    pub app_port: u16,
     _load: Option<Handle>,
 }
 
@@ -96,7 +109,8 @@ pub struct TcpEndpoint {
     app: SocketAddr,
     identity: Option<SpiffeId>,
     proxy_port: u16,
-    tls: Option<Arc<ClientConfig>>,
+    /// For opaque TCP and for upgrades (they differ in ALPN).
+    tls: Option<(Arc<ClientConfig>, Arc<ClientConfig>)>,
 }
 
 impl TcpEndpoint {
@@ -108,14 +122,17 @@ impl TcpEndpoint {
         bundles: &BundleStore,
     ) -> Self {
         let tls = identity.as_ref().and_then(|id| {
-            let mut tls = client_config(
-                creds.clone(),
-                bundles.clone(),
-                ExpectedIdentity::Exact(id.clone()),
-            )
-            .ok()?;
-            tls.alpn_protocols = vec![ALPN_TCP.to_vec()];
-            Some(Arc::new(tls))
+            let config = |alpn: &[u8]| {
+                let mut tls = client_config(
+                    creds.clone(),
+                    bundles.clone(),
+                    ExpectedIdentity::Exact(id.clone()),
+                )
+                .ok()?;
+                tls.alpn_protocols = vec![alpn.to_vec()];
+                Some(Arc::new(tls))
+            };
+            Some((config(ALPN_TCP)?, config(ALPN_HTTP1)?))
         });
         Self {
             app,
@@ -125,7 +142,7 @@ impl TcpEndpoint {
         }
     }
 
-    async fn open(self) -> Result<MeshTcp, OutboundError> {
+    async fn open(self, carry: Carry) -> Result<MeshTcp, OutboundError> {
         let Some(id) = self.identity else {
             // Discovery lists only meshed workloads; an endpoint without an
             // identity has nothing to verify, so it is not dialled at all.
@@ -134,8 +151,12 @@ impl TcpEndpoint {
                 self.app
             )));
         };
-        let (Some(tls), true) = (self.tls, self.proxy_port != 0) else {
+        let (Some((opaque, upgrade)), true) = (self.tls, self.proxy_port != 0) else {
             return Err(OutboundError::MeshedWithoutProxy(id));
+        };
+        let (tls, alpn) = match carry {
+            Carry::Opaque => (opaque, ALPN_TCP),
+            Carry::Http1Upgrade => (upgrade, ALPN_HTTP1),
         };
         let tcp = TcpStream::connect((self.app.ip(), self.proxy_port))
             .await
@@ -145,23 +166,26 @@ impl TcpEndpoint {
             .connect(ServerName::from(self.app.ip()), tcp)
             .await
             .map_err(OutboundError::connect)?;
-        if stream.get_ref().1.alpn_protocol() != Some(ALPN_TCP) {
-            return Err(OutboundError::Connect(
-                "the endpoint's proxy does not carry opaque TCP".into(),
-            ));
+        if stream.get_ref().1.alpn_protocol() != Some(alpn) {
+            return Err(OutboundError::Connect(format!(
+                "the endpoint's proxy does not carry {carry:?} connections"
+            )));
         }
-        stream
-            .write_all(&self.app.port().to_be_bytes())
-            .await
-            .map_err(OutboundError::connect)?;
+        if carry == Carry::Opaque {
+            stream
+                .write_all(&self.app.port().to_be_bytes())
+                .await
+                .map_err(OutboundError::connect)?;
+        }
         Ok(MeshTcp {
             stream,
+            app_port: self.app.port(),
             _load: None,
         })
     }
 }
 
-impl tower::Service<()> for TcpEndpoint {
+impl tower::Service<Carry> for TcpEndpoint {
     type Response = MeshTcp;
     type Error = OutboundError;
     type Future = Pin<Box<dyn Future<Output = Result<MeshTcp, OutboundError>> + Send>>;
@@ -170,13 +194,13 @@ impl tower::Service<()> for TcpEndpoint {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, (): ()) -> Self::Future {
-        Box::pin(self.clone().open())
+    fn call(&mut self, carry: Carry) -> Self::Future {
+        Box::pin(self.clone().open(carry))
     }
 }
 
 pub type TcpBalancer =
-    Buffer<(), Pin<Box<dyn Future<Output = Result<MeshTcp, tower::BoxError>> + Send>>>;
+    Buffer<Carry, Pin<Box<dyn Future<Output = Result<MeshTcp, tower::BoxError>> + Send>>>;
 
 /// A connection balancer following one destination's `updates`.
 pub fn tcp_balancer(

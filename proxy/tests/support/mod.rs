@@ -53,6 +53,55 @@ pub fn control_id() -> SpiffeId {
         .unwrap()
 }
 
+/// The RFC 6455 sample handshake key and the answer it calls for.
+pub const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+pub const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+/// A WebSocket handshake (with the sample key) is answered with 101, what
+/// the app saw in `x-seen`, and then one echoed text frame: the client's
+/// masked frame comes back unmasked, prefixed `echo `.
+fn websocket(
+    mut req: Request<hyper::body::Incoming>,
+    seen: &str,
+) -> Option<http::Response<Full<Bytes>>> {
+    let asked = req.headers().get("upgrade")?.as_bytes() == b"websocket";
+    let key = req.headers().get("sec-websocket-key")?.as_bytes() == WS_KEY.as_bytes();
+    if !(asked && key) {
+        return None;
+    }
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut io = TokioIo::new(upgrade.await.unwrap());
+        let mut head = [0u8; 2];
+        io.read_exact(&mut head).await.unwrap();
+        let len = usize::from(head[1] & 0x7f);
+        let mut mask = [0u8; 4];
+        io.read_exact(&mut mask).await.unwrap();
+        let mut payload = vec![0u8; len];
+        io.read_exact(&mut payload).await.unwrap();
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= mask[i % 4];
+        }
+        let mut echo = b"echo ".to_vec();
+        echo.extend_from_slice(&payload);
+        let mut frame = vec![0x81, u8::try_from(echo.len()).unwrap()];
+        frame.extend_from_slice(&echo);
+        io.write_all(&frame).await.unwrap();
+    });
+    let mut resp = http::Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert("upgrade", http::HeaderValue::from_static("websocket"));
+    h.insert("connection", http::HeaderValue::from_static("Upgrade"));
+    h.insert(
+        "sec-websocket-accept",
+        http::HeaderValue::from_static(WS_ACCEPT),
+    );
+    h.insert("x-seen", http::HeaderValue::from_str(seen).unwrap());
+    Some(resp)
+}
+
 /// An HTTP/1.1 app that answers with what it saw, and counts requests.
 pub async fn app() -> (SocketAddr, Arc<AtomicUsize>) {
     app_at("127.0.0.1:0".parse().unwrap(), Duration::ZERO).await
@@ -95,7 +144,11 @@ pub async fn app_with(
                         req.version(),
                         h(DST_PORT)
                     );
+                    let ws = websocket(req, &body);
                     async move {
+                        if let Some(resp) = ws {
+                            return Ok(resp);
+                        }
                         tokio::time::sleep(delay).await;
                         let mut resp = http::Response::new(Full::new(Bytes::from(body)));
                         if seen < fail_first {
@@ -106,7 +159,7 @@ pub async fn app_with(
                 });
                 // HTTP/1.1 or HTTP/2 prior knowledge, as the client speaks.
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
+                    .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
                     .await;
             });
         }
@@ -123,7 +176,7 @@ pub struct World {
     pub proxy: Proxy,
     pub app_port: u16,
     pub app_hits: Arc<AtomicUsize>,
-    anchors: std::path::PathBuf,
+    pub anchors: std::path::PathBuf,
 }
 
 pub async fn world(leaf_ttl: Duration) -> World {
