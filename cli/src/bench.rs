@@ -1,9 +1,11 @@
 //! `mesh bench`: measures the data plane on this machine, in one run.
 //!
 //! It starts a control plane and two proxies as real processes (this same
-//! binary), an HTTP/1.1 app and a load generator in this process, then runs
-//! direct (client -> app) and meshed (client -> client proxy -> mTLS ->
-//! server proxy -> app) rounds interleaved, and prints medians and ratios.
+//! binary), an app (HTTP/1.1 and HTTP/2) and a load generator in this
+//! process, then runs direct (client -> app) and meshed (client -> client
+//! proxy -> mTLS -> server proxy -> app) rounds interleaved, for HTTP/1.1
+//! and for HTTP/2 with prior knowledge (as gRPC), and prints medians and
+//! ratios.
 //! Proxy CPU time and memory come from `/proc`. The machine is shared and
 //! noisy: compare the ratios of one run, not absolute times across runs.
 
@@ -23,8 +25,8 @@ use bytes::Bytes;
 use clap::Args;
 use http::Request;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::{client::conn::http1::SendRequest, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::{client::conn, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_control::admin_socket::{self, AdminRequest};
 use mesh_core::identity::{
     CertificateAuthority, RootCa,
@@ -107,7 +109,8 @@ async fn wait_ready(admin: SocketAddr, what: &str, log: &Path) -> Result<()> {
     }
 }
 
-/// An HTTP/1.1 app answering `ok` to everything.
+/// An app answering `ok` to everything, in HTTP/1.1 or HTTP/2 (prior
+/// knowledge), as the client speaks.
 async fn app() -> Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -120,7 +123,7 @@ async fn app() -> Result<SocketAddr> {
                         Bytes::from_static(b"ok"),
                     )))
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tcp), svc)
                     .await;
             });
@@ -129,20 +132,50 @@ async fn app() -> Result<SocketAddr> {
     Ok(addr)
 }
 
-/// One keep-alive HTTP/1.1 client connection to `to`.
-async fn connect(to: SocketAddr) -> Result<SendRequest<Empty<Bytes>>> {
-    let tcp = TcpStream::connect(to).await?;
-    tcp.set_nodelay(true)?;
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    Ok(send)
+/// The protocol the load generator speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Proto {
+    Http1,
+    /// Prior knowledge, no TLS: what a gRPC client sends its proxy.
+    Http2,
 }
 
-async fn get(send: &mut SendRequest<Empty<Bytes>>, uri: &str) -> Result<()> {
-    send.ready().await?;
-    let resp = send
-        .send_request(Request::get(uri).body(Empty::new())?)
-        .await?;
+/// One keep-alive client connection.
+enum Sender {
+    Http1(conn::http1::SendRequest<Empty<Bytes>>),
+    Http2(conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+async fn connect(to: SocketAddr, proto: Proto) -> Result<Sender> {
+    let tcp = TcpStream::connect(to).await?;
+    tcp.set_nodelay(true)?;
+    let io = TokioIo::new(tcp);
+    Ok(match proto {
+        Proto::Http1 => {
+            let (send, conn) = conn::http1::handshake(io).await?;
+            tokio::spawn(conn);
+            Sender::Http1(send)
+        }
+        Proto::Http2 => {
+            let (send, conn) = conn::http2::handshake(TokioExecutor::new(), io).await?;
+            tokio::spawn(conn);
+            Sender::Http2(send)
+        }
+    })
+}
+
+async fn get(send: &mut Sender, uri: &str) -> Result<()> {
+    let req = Request::get(uri).body(Empty::new())?;
+    let resp = match send {
+        Sender::Http1(send) => {
+            send.ready().await?;
+            send.send_request(req).await?
+        }
+        Sender::Http2(send) => {
+            send.ready().await?;
+            send.send_request(req).await?
+        }
+    };
     let status = resp.status();
     resp.into_body().collect().await?;
     if !status.is_success() {
@@ -164,6 +197,25 @@ fn cpu_seconds(pid: u32) -> f64 {
             .unwrap_or(0.0)
     };
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Memory only this process holds, in KiB (private pages, from
+/// `smaps_rollup`); RSS also counts code pages shared with other processes.
+fn private_kib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let rest = l
+                .strip_prefix("Private_Clean:")
+                .or_else(|| l.strip_prefix("Private_Dirty:"))?;
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .sum()
 }
 
 /// Resident memory of a process in KiB (`VmRSS`).
@@ -192,8 +244,8 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 }
 
 /// Sequential requests on one connection; (p50, p99) in µs.
-async fn latency(to: SocketAddr, uri: &str, n: usize) -> Result<(f64, f64)> {
-    let mut send = connect(to).await?;
+async fn latency(to: SocketAddr, proto: Proto, uri: &str, n: usize) -> Result<(f64, f64)> {
+    let mut send = connect(to, proto).await?;
     for _ in 0..100 {
         get(&mut send, uri).await?;
     }
@@ -208,12 +260,18 @@ async fn latency(to: SocketAddr, uri: &str, n: usize) -> Result<(f64, f64)> {
 }
 
 /// Requests completed in `run` by `conns` concurrent connections.
-async fn throughput(to: SocketAddr, uri: &str, conns: usize, run: Duration) -> Result<u64> {
+async fn throughput(
+    to: SocketAddr,
+    proto: Proto,
+    uri: &str,
+    conns: usize,
+    run: Duration,
+) -> Result<u64> {
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for _ in 0..conns {
-        let mut send = connect(to).await?;
+        let mut send = connect(to, proto).await?;
         let (done, stop, uri) = (done.clone(), stop.clone(), uri.to_owned());
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
@@ -230,6 +288,20 @@ async fn throughput(to: SocketAddr, uri: &str, conns: usize, run: Duration) -> R
         t.await?;
     }
     Ok(done.load(Ordering::Relaxed))
+}
+
+/// The proxy as a sidecar runs it: the `mesh-proxy` binary when it was
+/// built next to this one (`cargo build --release -p mesh-proxy`), which is
+/// smaller than `mesh` and so maps less code; `mesh proxy` otherwise.
+fn proxy_command(exe: &Path) -> Command {
+    let sidecar = exe.with_file_name("mesh-proxy");
+    if sidecar.is_file() {
+        Command::new(sidecar)
+    } else {
+        let mut cmd = Command::new(exe);
+        cmd.arg("proxy");
+        cmd
+    }
 }
 
 struct Setup {
@@ -304,8 +376,7 @@ async fn setup(dir: &Path) -> Result<Setup> {
         let token = dir.join(format!("{sa}.token"));
         let (inbound, outbound, padmin) =
             (addr(free_port()?), addr(free_port()?), addr(free_port()?));
-        let child = Command::new(&exe)
-            .arg("proxy")
+        let child = proxy_command(&exe)
             .envs([
                 ("MESH_PROXY_CLUSTER", "bench"),
                 ("MESH_PROXY_TRUST_DOMAIN", "bench.mesh.local"),
@@ -356,7 +427,7 @@ async fn setup(dir: &Path) -> Result<Setup> {
     loop {
         let ok = async {
             get(
-                &mut connect(client_outbound).await?,
+                &mut connect(client_outbound, Proto::Http1).await?,
                 &format!("http://{authority}/"),
             )
             .await
@@ -390,26 +461,89 @@ async fn bench(args: &BenchArgs, dir: &Path) -> Result<()> {
         );
     }
     println!(
-        "mesh bench: HTTP/1.1 client -> client proxy -> mTLS (HTTP/2) -> server proxy -> app, against client -> app"
+        "mesh bench: client -> client proxy -> mTLS (HTTP/2) -> server proxy -> app, against client -> app"
     );
     let s = setup(dir).await?;
-    let direct_uri = "/".to_owned();
+    let sidecar = std::env::current_exe()?.with_file_name("mesh-proxy");
+    println!(
+        "proxies: {}",
+        if sidecar.is_file() {
+            sidecar.display().to_string()
+        } else {
+            "`mesh proxy` (build mesh-proxy next to mesh to measure the sidecar binary)".to_owned()
+        }
+    );
     let meshed_uri = format!("http://{}/", s.authority);
     let idle = (rss_kib(s.client_pid), rss_kib(s.server_pid));
+    let idle_private = (private_kib(s.client_pid), private_kib(s.server_pid));
+    for proto in [Proto::Http1, Proto::Http2] {
+        http_rounds(args, &s, proto).await?;
+    }
+
+    // Memory: idle, then per idle keep-alive connection.
+    let before = (rss_kib(s.client_pid), rss_kib(s.server_pid));
+    let mut held = Vec::new();
+    for _ in 0..args.idle_connections {
+        let mut send = connect(s.client_outbound, Proto::Http1).await?;
+        get(&mut send, &meshed_uri).await?;
+        held.push(send);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = (rss_kib(s.client_pid), rss_kib(s.server_pid));
+    println!("\nmemory:");
+    println!(
+        "  idle RSS: client proxy {:.1} MiB, server proxy {:.1} MiB (target <= 10 MiB); private {:.1} / {:.1} MiB",
+        idle.0 / 1024.0,
+        idle.1 / 1024.0,
+        idle_private.0 / 1024.0,
+        idle_private.1 / 1024.0
+    );
+    println!(
+        "  per app connection to the client proxy: {:.1} KiB ({} keep-alive HTTP/1.1 connections; target <= 16 KiB)",
+        (after.0 - before.0) / args.idle_connections as f64,
+        args.idle_connections
+    );
+    drop(held);
+
+    // New mTLS connections per second against the server proxy.
+    let (handshakes, server_cpu) = handshake_rate(&s, args.duration).await?;
+    println!(
+        "\nnew mTLS connections: {:.0}/s from 4 clients; server proxy CPU {:.2} s -> {:.0} handshakes per core-second (target >= 2500)",
+        handshakes as f64 / args.duration.as_secs_f64(),
+        server_cpu,
+        handshakes as f64 / server_cpu.max(1e-9)
+    );
+    Ok(())
+}
+
+/// Latency and throughput in `proto`, direct and meshed, interleaved.
+#[allow(clippy::print_stdout)]
+async fn http_rounds(args: &BenchArgs, s: &Setup, proto: Proto) -> Result<()> {
+    let direct_uri = match proto {
+        // HTTP/1.1 to the app: origin form. HTTP/2 names the authority.
+        Proto::Http1 => "/".to_owned(),
+        Proto::Http2 => format!("http://{}/", s.app),
+    };
+    let meshed_uri = format!("http://{}/", s.authority);
+    let name = match proto {
+        Proto::Http1 => "HTTP/1.1",
+        Proto::Http2 => "HTTP/2 (prior knowledge, as gRPC)",
+    };
+    println!("\n== {name}");
 
     // Latency on one connection, interleaved rounds.
     let (mut d50, mut d99, mut m50, mut m99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..args.rounds {
-        let (p50, p99) = latency(s.app, &direct_uri, args.requests).await?;
+        let (p50, p99) = latency(s.app, proto, &direct_uri, args.requests).await?;
         d50.push(p50);
         d99.push(p99);
-        let (p50, p99) = latency(s.client_outbound, &meshed_uri, args.requests).await?;
+        let (p50, p99) = latency(s.client_outbound, proto, &meshed_uri, args.requests).await?;
         m50.push(p50);
         m99.push(p99);
     }
     let (d50, d99, m50, m99) = (median(d50), median(d99), median(m50), median(m99));
     println!(
-        "\nlatency, 1 connection, {} requests x {} rounds (medians):",
+        "latency, 1 connection, {} requests x {} rounds (medians):",
         args.requests, args.rounds
     );
     println!("  direct  p50 {d50:>8.0} µs   p99 {d99:>8.0} µs");
@@ -423,11 +557,12 @@ async fn bench(args: &BenchArgs, dir: &Path) -> Result<()> {
     let (mut direct_rps, mut meshed_rps, mut client_us, mut server_us, mut per_core) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..2 {
-        let n = throughput(s.app, &direct_uri, args.connections, args.duration).await?;
+        let n = throughput(s.app, proto, &direct_uri, args.connections, args.duration).await?;
         direct_rps.push(n as f64 / args.duration.as_secs_f64());
         let (c0, s0) = (cpu_seconds(s.client_pid), cpu_seconds(s.server_pid));
         let n = throughput(
             s.client_outbound,
+            proto,
             &meshed_uri,
             args.connections,
             args.duration,
@@ -444,7 +579,7 @@ async fn bench(args: &BenchArgs, dir: &Path) -> Result<()> {
     }
     let (dr, mr) = (median(direct_rps), median(meshed_rps));
     println!(
-        "\nthroughput, {} connections, {:?} x 2 rounds (medians):",
+        "throughput, {} connections, {:?} x 2 rounds (medians):",
         args.connections, args.duration
     );
     println!(
@@ -459,38 +594,6 @@ async fn bench(args: &BenchArgs, dir: &Path) -> Result<()> {
     println!(
         "  max req/s per proxy core (busier proxy): {:.0}",
         median(per_core)
-    );
-
-    // Memory: idle, then per idle keep-alive connection.
-    let before = (rss_kib(s.client_pid), rss_kib(s.server_pid));
-    let mut held = Vec::new();
-    for _ in 0..args.idle_connections {
-        let mut send = connect(s.client_outbound).await?;
-        get(&mut send, &meshed_uri).await?;
-        held.push(send);
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = (rss_kib(s.client_pid), rss_kib(s.server_pid));
-    println!("\nmemory:");
-    println!(
-        "  idle RSS: client proxy {:.1} MiB, server proxy {:.1} MiB (target <= 10 MiB)",
-        idle.0 / 1024.0,
-        idle.1 / 1024.0
-    );
-    println!(
-        "  per app connection to the client proxy: {:.1} KiB ({} keep-alive HTTP/1.1 connections; target <= 16 KiB)",
-        (after.0 - before.0) / args.idle_connections as f64,
-        args.idle_connections
-    );
-    drop(held);
-
-    // New mTLS connections per second against the server proxy.
-    let (handshakes, server_cpu) = handshake_rate(&s, args.duration).await?;
-    println!(
-        "\nnew mTLS connections: {:.0}/s from 4 clients; server proxy CPU {:.2} s -> {:.0} handshakes per core-second (target >= 2500)",
-        handshakes as f64 / args.duration.as_secs_f64(),
-        server_cpu,
-        handshakes as f64 / server_cpu.max(1e-9)
     );
     Ok(())
 }

@@ -8,6 +8,20 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// A runtime on `threads` threads: one means a current-thread runtime (no
+/// cross-thread wake-ups, no work stealing), as a sidecar wants.
+pub fn runtime_with(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+}
+
 /// Completes on the first SIGTERM or SIGINT. Without signal handlers (which
 /// only fails in odd sandboxes) it never completes: the process runs until
 /// killed.

@@ -126,3 +126,49 @@ fn validity_window_and_expectations() {
         Err(VerifyError::Malformed(_))
     ));
 }
+
+#[test]
+fn a_remembered_issuer_still_checks_every_leaf_and_the_roots() {
+    use mesh_core::identity::verify::{VerifiedIssuers, verify_peer_with};
+    let west = Domain::new("west.mesh.local");
+    let set: TrustBundleSet = [west.bundle()].into_iter().collect();
+    let td = ExpectedIdentity::trust_domain(west.td.clone());
+    let issuers = VerifiedIssuers::default();
+    let check = |chain: &[rustls::pki_types::CertificateDer<'static>], set: &TrustBundleSet| {
+        verify_peer_with(
+            chain,
+            set,
+            &td,
+            PeerRole::Client,
+            unix_time(now()),
+            Some(&issuers),
+        )
+    };
+    let web = west.creds("/ns/shop/sa/web");
+    // The first verification walks to the root and remembers the issuer;
+    // the second takes the short path.
+    for _ in 0..2 {
+        assert_eq!(
+            check(web.chain(), &set).unwrap(),
+            west.id("/ns/shop/sa/web")
+        );
+    }
+
+    // A leaf from another CA of the same name, presented with west's
+    // remembered issuer: its signature does not check out.
+    let impostor = Domain::new("west.mesh.local");
+    let forged = impostor.creds("/ns/shop/sa/web");
+    let chain = [forged.chain()[0].clone(), web.chain()[1].clone()];
+    let err = check(&chain, &set).unwrap_err();
+    assert_eq!(err.reason(), "untrusted_chain", "{err}");
+
+    // The roots changed: the remembered issuer no longer counts.
+    let rotated: TrustBundleSet = [impostor.bundle()].into_iter().collect();
+    let err = check(web.chain(), &rotated).unwrap_err();
+    assert_eq!(err.reason(), "untrusted_chain", "{err}");
+
+    // An expired leaf under the remembered issuer is still refused.
+    let old = west.expired_creds("/ns/shop/sa/web");
+    let err = check(old.chain(), &set).unwrap_err();
+    assert_eq!(err.reason(), "expired", "{err}");
+}

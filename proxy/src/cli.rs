@@ -89,7 +89,7 @@ pub fn run(vars: HashMap<String, String>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match mesh_core::shutdown::runtime() {
+    let runtime = match mesh_core::shutdown::runtime_with(config.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -71,6 +71,9 @@ pub struct Config {
     pub max_in_flight: usize,
     /// How long shutdown waits for open connections to finish.
     pub shutdown_grace: Duration,
+    /// Runtime threads: 1 (the default) runs everything on one thread,
+    /// which costs the least CPU and memory per request.
+    pub worker_threads: usize,
 }
 
 const PREFIX: &str = "MESH_PROXY_";
@@ -210,6 +213,14 @@ pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
     };
     let header_read_timeout = duration("HEADER_READ_TIMEOUT", 10);
     let shutdown_grace = duration("SHUTDOWN_GRACE", 120);
+    let worker_threads = get("WORKER_THREADS")
+        .map(|v| v.parse::<usize>().ok().filter(|n| (1..=64).contains(n)))
+        .unwrap_or(Some(1));
+    if worker_threads.is_none() {
+        errors.push(format!(
+            "{PREFIX}WORKER_THREADS must be a number from 1 to 64"
+        ));
+    }
     let max_in_flight = get("MAX_IN_FLIGHT")
         .map(|v| v.parse::<usize>().ok().filter(|n| *n > 0))
         .unwrap_or(Some(100_000));
@@ -248,6 +259,7 @@ pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
             header_read_timeout: header_read_timeout?,
             max_in_flight: max_in_flight?,
             shutdown_grace: shutdown_grace?,
+            worker_threads: worker_threads?,
         })
     })();
     match built {

@@ -31,7 +31,7 @@ use super::{
     cert::{CertError, CertInfo},
     spiffe_id::SpiffeId,
     svid::{SvidError, leaf_spiffe_id},
-    verify::{ExpectedIdentity, PeerRole, VerifyError, verify_peer},
+    verify::{ExpectedIdentity, PeerRole, VerifiedIssuers, VerifyError, verify_peer_with},
 };
 use crate::crypto;
 
@@ -260,8 +260,14 @@ fn build_client_config(
 /// The peer's SPIFFE ID once the handshake is done. With our configs the
 /// chain was verified, so this only reads the name out of it.
 pub fn peer_identity(conn: &CommonState) -> Option<SpiffeId> {
-    let leaf = conn.peer_certificates()?.first()?;
-    leaf_spiffe_id(&CertInfo::parse(leaf).ok()?).ok()
+    peer_leaf(conn).map(|(id, _)| id)
+}
+
+/// The verified peer's SPIFFE ID and when its certificate expires, from one
+/// parse of the leaf.
+pub fn peer_leaf(conn: &CommonState) -> Option<(SpiffeId, time::OffsetDateTime)> {
+    let leaf = CertInfo::parse(conn.peer_certificates()?.first()?).ok()?;
+    Some((leaf_spiffe_id(&leaf).ok()?, leaf.not_after))
 }
 
 /// Finds our [`VerifyError`] inside a rustls error, so callers can tell
@@ -308,6 +314,7 @@ struct SpiffeVerifier {
     provider: Arc<CryptoProvider>,
     /// Server side only: whether a client must present a certificate.
     client_auth_mandatory: bool,
+    issuers: VerifiedIssuers,
 }
 
 impl SpiffeVerifier {
@@ -324,6 +331,7 @@ impl SpiffeVerifier {
             role,
             provider: provider.clone(),
             client_auth_mandatory: true,
+            issuers: VerifiedIssuers::default(),
         });
         (provider, verifier)
     }
@@ -337,12 +345,13 @@ impl SpiffeVerifier {
         let mut chain = Vec::with_capacity(1 + intermediates.len());
         chain.push(end_entity.clone());
         chain.extend(intermediates.iter().cloned());
-        verify_peer(
+        verify_peer_with(
             &chain,
             &self.bundles.current(),
             &self.expected,
             self.role,
             now,
+            Some(&self.issuers),
         )
         .map(|_| ())
         .map_err(|e| {

@@ -5,8 +5,9 @@
 //! the bundle of the **peer's own** trust domain (named by its SVID, never a
 //! merged pool), and last the identity the caller expected.
 
-use std::{collections::BTreeSet, fmt, time::Duration};
+use std::{collections::BTreeSet, fmt, sync::Mutex, time::Duration};
 
+use rustls::pki_types::TrustAnchor;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use time::OffsetDateTime;
 use webpki::{EndEntityCert, KeyUsage};
@@ -139,6 +140,65 @@ impl VerifyError {
     }
 }
 
+/// Issuers whose chain to a root was fully verified, so that later
+/// handshakes only check the leaf's signature against them: one ECDSA
+/// verification per handshake instead of two. An entry is used only with
+/// the same roots it was verified against and until the issuer expires;
+/// the leaf is always checked in full.
+#[derive(Debug, Default)]
+pub struct VerifiedIssuers(Mutex<Vec<VerifiedIssuer>>);
+
+#[derive(Debug)]
+struct VerifiedIssuer {
+    issuer: CertificateDer<'static>,
+    roots: Vec<CertificateDer<'static>>,
+    anchor: TrustAnchor<'static>,
+    not_after: u64,
+}
+
+/// Enough for every issuer a proxy meets (one per linked trust domain).
+const VERIFIED_ISSUERS: usize = 16;
+
+impl VerifiedIssuers {
+    fn anchor(
+        &self,
+        issuer: &CertificateDer<'_>,
+        roots: &[CertificateDer<'static>],
+        now: UnixTime,
+    ) -> Option<TrustAnchor<'static>> {
+        let cache = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .iter()
+            .find(|e| {
+                e.issuer.as_ref() == issuer.as_ref()
+                    && e.roots == roots
+                    && now.as_secs() < e.not_after
+            })
+            .map(|e| e.anchor.clone())
+    }
+
+    fn remember(&self, issuer: &CertificateDer<'_>, roots: &[CertificateDer<'static>]) {
+        let Ok(info) = CertInfo::parse(issuer) else {
+            return;
+        };
+        let issuer = CertificateDer::from(issuer.to_vec());
+        let Ok(anchor) = webpki::anchor_from_trusted_cert(&issuer).map(|a| a.to_owned()) else {
+            return;
+        };
+        let mut cache = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        cache.retain(|e| e.issuer != issuer);
+        if cache.len() >= VERIFIED_ISSUERS {
+            cache.remove(0);
+        }
+        cache.push(VerifiedIssuer {
+            issuer,
+            roots: roots.to_vec(),
+            anchor,
+            not_after: u64::try_from(info.not_after.unix_timestamp()).unwrap_or(0),
+        });
+    }
+}
+
 /// Verifies `chain` (leaf first) and returns the peer's SPIFFE ID.
 pub fn verify_peer(
     chain: &[CertificateDer<'_>],
@@ -146,6 +206,19 @@ pub fn verify_peer(
     expected: &ExpectedIdentity,
     role: PeerRole,
     now: UnixTime,
+) -> Result<SpiffeId, VerifyError> {
+    verify_peer_with(chain, bundles, expected, role, now, None)
+}
+
+/// [`verify_peer`], reusing (and filling) `issuers` when the chain is a
+/// leaf and one issuer.
+pub fn verify_peer_with(
+    chain: &[CertificateDer<'_>],
+    bundles: &TrustBundleSet,
+    expected: &ExpectedIdentity,
+    role: PeerRole,
+    now: UnixTime,
+    issuers: Option<&VerifiedIssuers>,
 ) -> Result<SpiffeId, VerifyError> {
     let (leaf, intermediates) = chain.split_first().ok_or(VerifyError::NoCertificate)?;
     if intermediates.len() > MAX_INTERMEDIATES {
@@ -198,29 +271,50 @@ pub fn verify_peer(
         td: td.clone(),
         reason,
     };
-    let anchors = bundle
-        .roots()
-        .iter()
-        .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(untrusted)?;
     let ee = EndEntityCert::try_from(leaf).map_err(untrusted)?;
     let usage = match role {
         PeerRole::Server => KeyUsage::server_auth(),
         PeerRole::Client => KeyUsage::client_auth(),
     };
-    // webpki bounds the work itself: at most 100 signature checks and a
-    // bounded number of path-building steps per call.
-    ee.verify_for_usage(
-        webpki::ALL_VERIFICATION_ALGS,
-        &anchors,
-        intermediates,
-        now,
-        usage,
-        None,
-        None,
-    )
-    .map_err(untrusted)?;
+    let known = match (issuers, intermediates) {
+        (Some(cache), [issuer]) => cache.anchor(issuer, bundle.roots(), now),
+        _ => None,
+    };
+    if let Some(issuer) = known {
+        // The issuer's own chain was verified against these same roots.
+        ee.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &[issuer],
+            &[],
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(untrusted)?;
+    } else {
+        let anchors = bundle
+            .roots()
+            .iter()
+            .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(untrusted)?;
+        // webpki bounds the work itself: at most 100 signature checks and a
+        // bounded number of path-building steps per call.
+        ee.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(untrusted)?;
+        if let (Some(cache), [issuer]) = (issuers, intermediates) {
+            cache.remember(issuer, bundle.roots());
+        }
+    }
 
     if !expected.accepts(&id) {
         return Err(VerifyError::UnexpectedIdentity {

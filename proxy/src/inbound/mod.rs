@@ -30,7 +30,7 @@ use hyper_util::{
 };
 use mesh_core::identity::{
     SpiffeId,
-    tls::{peer_identity, verify_error},
+    tls::{peer_leaf, verify_error},
 };
 use rustls::ServerConfig;
 use tokio::{net::TcpListener, sync::watch};
@@ -155,23 +155,19 @@ pub async fn accept(
                 }
             };
             // The TLS config requires and verifies a client certificate.
-            let Some(client_id) = peer_identity(tls.get_ref().1) else {
+            let Some((client_id, not_after)) = peer_leaf(tls.get_ref().1) else {
                 return;
             };
             if tls.get_ref().1.alpn_protocol() == Some(ALPN_TCP) {
                 return opaque(&inbound, tls, &client_id, peer).await;
             }
-            let age = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| mesh_core::identity::cert::CertInfo::parse(c.first()?).ok())
-                .map_or(MAX_CONNECTION_AGE, |leaf| {
-                    max_connection_age(leaf.not_after, mesh_core::identity::cert::now())
-                });
+            let age = max_connection_age(not_after, mesh_core::identity::cert::now());
             let svc = service_fn(move |req| {
                 let (inbound, client_id) = (inbound.clone(), client_id.clone());
-                async move { Ok::<_, std::convert::Infallible>(handle(&inbound, &client_id, req).await) }
+                // Boxed, so an idle connection does not hold room for it.
+                Box::pin(async move {
+                    Ok::<_, std::convert::Infallible>(handle(&inbound, &client_id, req).await)
+                })
             });
             // HTTP/2 (ALPN h2) for requests; HTTP/1.1 (ALPN http/1.1) for
             // a connection carrying one upgrade.

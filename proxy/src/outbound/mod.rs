@@ -208,29 +208,33 @@ pub async fn accept(listener: TcpListener, outbound: Arc<Outbound>, detect_timeo
             let protocol = detect_protocol(&tcp, detect_timeout).await;
             let svc = {
                 let outbound = outbound.clone();
+                // Boxed: hyper keeps room for the service's future in every
+                // connection, so an inline one would cost each idle
+                // connection its full size.
                 service_fn(move |req| {
                     let outbound = outbound.clone();
-                    async move {
+                    Box::pin(async move {
                         Ok::<_, std::convert::Infallible>(handle(&outbound, req, redirected).await)
-                    }
+                    })
                 })
             };
+            // Each arm boxed: the task then holds only the protocol in use.
             match protocol {
                 Protocol::Http1 => {
-                    let _ = hyper::server::conn::http1::Builder::new()
+                    let conn = hyper::server::conn::http1::Builder::new()
                         .timer(hyper_util::rt::TokioTimer::new())
                         .header_read_timeout(outbound.header_read_timeout)
                         .serve_connection(TokioIo::new(tcp), svc)
-                        .with_upgrades()
-                        .await;
+                        .with_upgrades();
+                    let _ = Box::pin(conn).await;
                 }
                 Protocol::Http2 => {
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
+                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc);
+                    let _ = Box::pin(conn).await;
                 }
                 Protocol::Tls | Protocol::Opaque => {
-                    opaque(&outbound, tcp, redirected, protocol).await
+                    Box::pin(opaque(&outbound, tcp, redirected, protocol)).await;
                 }
             }
         });

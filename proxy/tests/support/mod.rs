@@ -291,6 +291,7 @@ pub fn proxy_config(
         header_read_timeout: Duration::from_secs(10),
         max_in_flight: 100_000,
         shutdown_grace: Duration::from_secs(5),
+        worker_threads: 1,
     }
 }
 
