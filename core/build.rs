@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/mesh/v1/discovery.proto",
         "proto/mesh/v1/policy.proto",
         "proto/mesh/v1/registry.proto",
+        "proto/mesh/v1/federation.proto",
     ];
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);

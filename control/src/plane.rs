@@ -13,13 +13,14 @@ use std::{
 use mesh_core::{
     admin::{self, Readiness},
     api::v1::{
-        discovery_server::DiscoveryServer, identity_server::IdentityServer,
-        policy_server::PolicyServer, registry_server::RegistryServer,
+        discovery_server::DiscoveryServer, federation_server::FederationServer,
+        identity_server::IdentityServer, policy_server::PolicyServer,
+        registry_server::RegistryServer,
     },
     grpc::{self, OnRefused},
     identity::{
         BundleStore, CertificateAuthority, CredentialStore, Credentials, ExpectedIdentity,
-        SpiffeId, TrustBundleSet, TrustDomain,
+        SpiffeId, TrustBundle, TrustBundleSet, TrustDomain,
         cert::{human_duration, now},
         csr::new_key_and_csr,
         files::{self, FileError},
@@ -103,8 +104,12 @@ impl ControlPlane {
         let ca = files::load_ca(&config.ca_dir)?;
         let td = ca.trust_domain().clone();
         note_issuer(&ca, &metrics);
-        let bundle = files::load_bundle(&config.ca_dir.join(files::BUNDLE), td.clone())?;
-        let bundles = BundleStore::new([bundle].into_iter().collect::<TrustBundleSet>());
+        let local_bundle = files::load_bundle(&config.ca_dir.join(files::BUNDLE), td.clone())?;
+        let bundles = BundleStore::new(
+            [local_bundle.clone()]
+                .into_iter()
+                .collect::<TrustBundleSet>(),
+        );
         let store: Arc<dyn Store> = Arc::new(LocalStore::open(&config.data_dir)?);
         let mut index = Index::new(&config.cluster, &config.cluster_domain, config.liveness);
         let restored = store.registrations()?;
@@ -114,6 +119,7 @@ impl ControlPlane {
         let scan = config_dir.scan();
         report_config_errors(&scan.errors, &metrics);
         index.set_resources(config_dir.resources());
+        trust_links(&index, &local_bundle, &bundles);
         let shared = Shared::new(index);
         let ca_slot: CaSlot = Arc::new(RwLock::new(Arc::new(ca)));
 
@@ -184,9 +190,16 @@ impl ControlPlane {
             store: store.clone(),
             metrics: metrics.clone(),
             liveness: config.liveness,
+            trust_domain: td.clone(),
+            own_bundle: local_bundle
+                .to_spiffe_json()
+                .map_err(|e| StartError::OwnIdentity(e.to_string()))?,
         };
-        let api_tls = tls::server_config(creds.clone(), bundles.clone(), clients)
-            .map_err(|e| StartError::OwnIdentity(e.to_string()))?;
+        // Linked clusters reach Federation here; each RPC checks the caller's
+        // trust domain (see services.rs).
+        let api_tls =
+            tls::server_config(creds.clone(), bundles.clone(), ExpectedIdentity::AnyTrusted)
+                .map_err(|e| StartError::OwnIdentity(e.to_string()))?;
         let incoming = grpc::tls_incoming(
             api_listener,
             grpc::grpc_server_config(api_tls),
@@ -204,7 +217,12 @@ impl ControlPlane {
                     .max_encoding_message_size(MAX_RESPONSE_BYTES),
             )
             .add_service(
-                RegistryServer::new(api)
+                RegistryServer::new(api.clone())
+                    .max_decoding_message_size(MAX_REQUEST_BYTES)
+                    .max_encoding_message_size(MAX_RESPONSE_BYTES),
+            )
+            .add_service(
+                FederationServer::new(api)
                     .max_decoding_message_size(MAX_REQUEST_BYTES)
                     .max_encoding_message_size(MAX_RESPONSE_BYTES),
             );
@@ -231,6 +249,7 @@ impl ControlPlane {
             shared.clone(),
             metrics.clone(),
             config.poll_interval,
+            (local_bundle, bundles.clone()),
         ));
         tasks.spawn(sweep(shared.clone(), store.clone(), metrics.clone()));
         tasks.spawn(maintain_issuer(
@@ -366,7 +385,29 @@ fn report_config_errors(errors: &[crate::resources::ConfigError], metrics: &Metr
     }
 }
 
-async fn watch_config(mut dir: ConfigDir, shared: Arc<Shared>, metrics: Metrics, every: Duration) {
+/// Trusts this cluster's bundle and each linked cluster's, for its own trust
+/// domain only (bundles are never merged). A Link naming this cluster's
+/// trust domain is ignored, loudly.
+fn trust_links(index: &Index, local: &TrustBundle, bundles: &BundleStore) {
+    let mut set: TrustBundleSet = [local.clone()].into_iter().collect();
+    for link in index.linked_clusters() {
+        if &link.trust_domain == local.trust_domain() {
+            tracing::error!(cluster = %link.cluster, "a Link names this cluster's own trust domain {}; ignored", link.trust_domain);
+            continue;
+        }
+        tracing::info!(cluster = %link.cluster, trust_domain = %link.trust_domain, "trusting a linked cluster");
+        set.insert(link.bundle);
+    }
+    bundles.replace(set);
+}
+
+async fn watch_config(
+    mut dir: ConfigDir,
+    shared: Arc<Shared>,
+    metrics: Metrics,
+    every: Duration,
+    (local, bundles): (TrustBundle, BundleStore),
+) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
@@ -388,6 +429,9 @@ async fn watch_config(mut dir: ConfigDir, shared: Arc<Shared>, metrics: Metrics,
             let resources = dir.resources();
             let changed = shared.update(|index| {
                 let changed = index.set_resources(resources);
+                if changed {
+                    trust_links(index, &local, &bundles);
+                }
                 (changed, changed)
             });
             if changed {

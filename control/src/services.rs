@@ -1,6 +1,12 @@
-//! The API-port services: Discovery, Policy and Registry. They read the
+//! The API-port services: Discovery, Policy and Registry for this
+//! cluster's workloads, and Federation for linked clusters. They read the
 //! shared [`Index`]; every watch stream re-renders its answer when the index
 //! version moves and sends it only when it changed.
+//!
+//! The API's TLS accepts any identity a trusted bundle verifies (this
+//! cluster's, and each linked cluster's), so every RPC checks the caller's
+//! trust domain itself: Discovery, Policy and Registry serve this cluster's
+//! trust domain only, Federation linked ones only.
 
 use std::{
     net::IpAddr,
@@ -10,13 +16,14 @@ use std::{
 
 use mesh_core::{
     api::v1::{
-        DeregisterRequest, DeregisterResponse, DiscoveryUpdate, HeartbeatRequest,
+        DeregisterRequest, DeregisterResponse, DiscoveryUpdate, Exports, HeartbeatRequest,
         HeartbeatResponse, InboundPolicy, InboundRequest, OutboundPolicy, OutboundRequest,
-        RegisterRequest, RegisterResponse, WatchRequest, discovery_server::Discovery,
-        policy_server::Policy, registry_server::Registry,
+        RegisterRequest, RegisterResponse, WatchExportsRequest, WatchRequest,
+        discovery_server::Discovery, federation_server::Federation, policy_server::Policy,
+        registry_server::Registry,
     },
     grpc,
-    identity::SpiffeId,
+    identity::{SpiffeId, TrustDomain},
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -106,6 +113,9 @@ pub struct ApiServices {
     pub store: Arc<dyn Store>,
     pub metrics: Metrics,
     pub liveness: Liveness,
+    pub trust_domain: TrustDomain,
+    /// This cluster's trust bundle as a SPIFFE bundle document, exported.
+    pub own_bundle: String,
 }
 
 impl ApiServices {
@@ -121,9 +131,9 @@ impl ApiServices {
         status
     }
 
-    /// The caller's SPIFFE ID and the namespace it names.
-    fn caller<T>(&self, req: &Request<T>) -> Result<(SpiffeId, String), Status> {
-        let id = grpc::peer(req)
+    /// The caller's verified SPIFFE ID, of any trusted trust domain.
+    fn verified<T>(&self, req: &Request<T>) -> Result<SpiffeId, Status> {
+        grpc::peer(req)
             .and_then(|p| p.identity.clone())
             .ok_or_else(|| {
                 self.refuse(
@@ -131,7 +141,27 @@ impl ApiServices {
                     Code::Unauthenticated,
                     "mTLS client certificate required",
                 )
-            })?;
+            })
+    }
+
+    /// The caller's SPIFFE ID, which must be of this cluster's trust domain.
+    fn local_caller<T>(&self, req: &Request<T>) -> Result<SpiffeId, Status> {
+        let id = self.verified(req)?;
+        if !id.is_member_of(&self.trust_domain) {
+            return Err(self.refuse(
+                "foreign_trust_domain",
+                Code::PermissionDenied,
+                format!(
+                    "{id} is from another trust domain; linked clusters may only call Federation"
+                ),
+            ));
+        }
+        Ok(id)
+    }
+
+    /// The caller's SPIFFE ID and the namespace it names.
+    fn caller<T>(&self, req: &Request<T>) -> Result<(SpiffeId, String), Status> {
+        let id = self.local_caller(req)?;
         let ns = workload_namespace(&id).ok_or_else(|| {
             self.refuse(
                 "not_a_workload_identity",
@@ -195,6 +225,7 @@ impl Discovery for ApiServices {
         &self,
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        self.local_caller(&req)?;
         let authority = req.into_inner().authority;
         Ok(Response::new(watch_stream(
             self.shared.clone(),
@@ -231,12 +262,49 @@ impl Policy for ApiServices {
         &self,
         req: Request<OutboundRequest>,
     ) -> Result<Response<Self::WatchOutboundStream>, Status> {
+        self.local_caller(&req)?;
         let authority = req.into_inner().authority;
         Ok(Response::new(watch_stream(
             self.shared.clone(),
             &self.metrics,
             "outbound_policy",
             move |index, _| index.outbound(&authority),
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl Federation for ApiServices {
+    type WatchExportsStream = ReceiverStream<Result<Exports, Status>>;
+
+    async fn watch_exports(
+        &self,
+        req: Request<WatchExportsRequest>,
+    ) -> Result<Response<Self::WatchExportsStream>, Status> {
+        let id = self.verified(&req)?;
+        let linked = self
+            .shared
+            .read()
+            .linked_clusters()
+            .iter()
+            .any(|l| id.is_member_of(&l.trust_domain));
+        if !linked {
+            return Err(self.refuse(
+                "not_linked",
+                Code::PermissionDenied,
+                format!(
+                    "{id} is not from a linked trust domain; apply a Link for its cluster (mesh multicluster link) first"
+                ),
+            ));
+        }
+        let cluster = req.into_inner().cluster;
+        tracing::info!(caller = %id, %cluster, "a linked cluster watches exports");
+        let (td, bundle) = (self.trust_domain.to_string(), self.own_bundle.clone());
+        Ok(Response::new(watch_stream(
+            self.shared.clone(),
+            &self.metrics,
+            "exports",
+            move |index, now| index.exports(&td, &bundle, now),
         )))
     }
 }

@@ -266,6 +266,12 @@ async fn chain_too_deep_is_refused() {
     );
 }
 
+/// A stock aws-lc-rs provider: ours offers TLS 1.3 suites only, so a
+/// TLS 1.2-only peer needs its own.
+fn tls12_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+    std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
 #[tokio::test]
 async fn tls12_only_client_is_refused() {
     let west = Domain::new("west.mesh.local");
@@ -276,7 +282,7 @@ async fn tls12_only_client_is_refused() {
     );
     let mut roots = RootCertStore::empty();
     roots.add(west.root.clone()).unwrap();
-    let tls12 = rustls::ClientConfig::builder_with_provider(mesh_core::crypto::provider())
+    let tls12 = rustls::ClientConfig::builder_with_provider(tls12_provider())
         .with_protocol_versions(&[&rustls::version::TLS12])
         .unwrap()
         .with_root_certificates(roots)
@@ -294,7 +300,7 @@ async fn tls12_only_client_is_refused() {
 async fn tls12_only_server_is_refused() {
     let west = Domain::new("west.mesh.local");
     let (chain, key) = west.crafted(&svid_params(&["spiffe://west.mesh.local/ns/shop/sa/api"]));
-    let tls12 = rustls::ServerConfig::builder_with_provider(mesh_core::crypto::provider())
+    let tls12 = rustls::ServerConfig::builder_with_provider(tls12_provider())
         .with_protocol_versions(&[&rustls::version::TLS12])
         .unwrap()
         .with_no_client_auth()

@@ -1,7 +1,8 @@
 //! The control plane's view of the cluster: configuration resources plus
 //! live workload registrations, held in memory. Pure and synchronous; the
 //! gRPC services render their answers from it (`discovery.rs`,
-//! `policy.rs`), and the store persists what must survive a restart.
+//! `policy.rs`, `federation.rs`), and the store persists what must survive
+//! a restart.
 
 use std::{
     collections::BTreeMap,
@@ -14,12 +15,13 @@ use serde::{Deserialize, Serialize};
 use crate::resources::{
     Resource,
     types::{
-        AuthorizationPolicySpec, HttpRouteSpec, MeshTlsAuthenticationSpec, Object, ServerSpec,
-        ServiceSpec,
+        AuthorizationPolicySpec, HttpRouteSpec, LinkSpec, MeshTlsAuthenticationSpec, Object,
+        ServerSpec, ServiceSpec,
     },
 };
 
 mod discovery;
+mod federation;
 mod policy;
 
 pub use discovery::Authority;
@@ -102,6 +104,7 @@ pub struct Index {
     authorizations: BTreeMap<Key, Object<AuthorizationPolicySpec>>,
     authentications: BTreeMap<Key, Object<MeshTlsAuthenticationSpec>>,
     routes: BTreeMap<Key, Object<HttpRouteSpec>>,
+    links: BTreeMap<Key, Object<LinkSpec>>,
     workloads: BTreeMap<Key, Workload>,
 }
 
@@ -116,6 +119,7 @@ impl Index {
             authorizations: BTreeMap::new(),
             authentications: BTreeMap::new(),
             routes: BTreeMap::new(),
+            links: BTreeMap::new(),
             workloads: BTreeMap::new(),
         }
     }
@@ -131,6 +135,7 @@ impl Index {
         let mut authorizations = BTreeMap::new();
         let mut authentications = BTreeMap::new();
         let mut routes = BTreeMap::new();
+        let mut links = BTreeMap::new();
         for res in resources {
             let key = (
                 res.metadata().namespace.clone(),
@@ -142,13 +147,16 @@ impl Index {
                 Resource::AuthorizationPolicy(o) => authorizations.insert(key, o).map(|_| ()),
                 Resource::MeshTlsAuthentication(o) => authentications.insert(key, o).map(|_| ()),
                 Resource::HttpRoute(o) => routes.insert(key, o).map(|_| ()),
+                Resource::Link(o) => links.insert(key, o).map(|_| ()),
             };
         }
         let changed = services != self.services
             || servers != self.servers
             || authorizations != self.authorizations
             || authentications != self.authentications
-            || routes != self.routes;
+            || routes != self.routes
+            || links != self.links;
+        self.links = links;
         self.services = services;
         self.servers = servers;
         self.authorizations = authorizations;

@@ -54,11 +54,12 @@ pub fn parse_file(file: &Path, text: &str) -> Result<Vec<(usize, Resource)>, Con
             "Service" => CORE_V1,
             "Server" | "AuthorizationPolicy" | "MeshTLSAuthentication" => POLICY_V1ALPHA1,
             "HTTPRoute" => GATEWAY_V1,
+            "Link" => MULTICLUSTER_V1ALPHA1,
             other => {
                 return Err(err(
                     start,
                     format!(
-                        "unknown kind {other:?}; known kinds: Service, Server, AuthorizationPolicy, MeshTLSAuthentication, HTTPRoute"
+                        "unknown kind {other:?}; known kinds: Service, Server, AuthorizationPolicy, MeshTLSAuthentication, HTTPRoute, Link"
                     ),
                     "unknown_kind",
                 ));
@@ -81,6 +82,7 @@ pub fn parse_file(file: &Path, text: &str) -> Result<Vec<(usize, Resource)>, Con
             "MeshTLSAuthentication" => {
                 Resource::MeshTlsAuthentication(serde_saphyr::from_str(&doc).map_err(schema)?)
             }
+            "Link" => Resource::Link(serde_saphyr::from_str(&doc).map_err(schema)?),
             _ => Resource::HttpRoute(serde_saphyr::from_str(&doc).map_err(schema)?),
         };
         validate(&resource).map_err(|reason| err(start, reason, "invalid"))?;
@@ -192,6 +194,9 @@ fn validate(resource: &Resource) -> Result<(), String> {
                 check_identity_pattern(id)?;
             }
         }
+        Resource::Link(link) => {
+            link_bundle(&link.spec)?;
+        }
         Resource::HttpRoute(route) => {
             if route.spec.parent_refs.is_empty() {
                 return Err("HTTPRoute spec.parentRefs is empty".into());
@@ -264,6 +269,62 @@ fn check_identity_pattern(pattern: &str) -> Result<(), String> {
         .map_err(|e| format!("identity {pattern:?}: {e}"))
 }
 
+/// A Link's trust domain and bundle, checked: the gateway identity must
+/// be in that trust domain, every gateway address `host:port`, the
+/// transport `quic` or `tcp`, and the bundle must parse with at least one
+/// root.
+pub fn link_bundle(spec: &LinkSpec) -> Result<mesh_core::identity::TrustBundle, String> {
+    use mesh_core::identity::{SpiffeId, TrustBundle, TrustDomain};
+    let td: TrustDomain = spec
+        .trust_domain
+        .parse()
+        .map_err(|e| format!("Link spec.trustDomain {:?}: {e}", spec.trust_domain))?;
+    let gateway: SpiffeId = spec
+        .gateway_identity
+        .parse()
+        .map_err(|e| format!("Link spec.gatewayIdentity {:?}: {e}", spec.gateway_identity))?;
+    if gateway.trust_domain() != td {
+        return Err(format!(
+            "Link spec.gatewayIdentity {gateway} is not in trust domain {td}"
+        ));
+    }
+    if spec.cluster_name.is_empty() {
+        return Err("Link spec.clusterName is empty".into());
+    }
+    if spec.gateway_addresses.is_empty() {
+        return Err(
+            "Link spec.gatewayAddresses is empty; write host:port (port 4143 by default)".into(),
+        );
+    }
+    for addr in &spec.gateway_addresses {
+        let ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !ok {
+            return Err(format!(
+                "Link spec.gatewayAddresses: {addr:?} is not host:port"
+            ));
+        }
+    }
+    if !matches!(spec.transport.as_deref(), None | Some("quic") | Some("tcp")) {
+        return Err(format!(
+            "Link spec.transport {:?}: use quic or tcp",
+            spec.transport.as_deref().unwrap_or_default()
+        ));
+    }
+    let text = spec.trust_bundle.trim();
+    let bundle = if text.starts_with('{') {
+        TrustBundle::from_spiffe_json(td.clone(), text.as_bytes())
+    } else {
+        TrustBundle::from_pem(td.clone(), text.as_bytes())
+    }
+    .map_err(|e| format!("Link spec.trustBundle for {td}: {e}"))?;
+    if bundle.roots().is_empty() {
+        return Err(format!("Link spec.trustBundle for {td} holds no root"));
+    }
+    Ok(bundle)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,6 +341,34 @@ mod tests {
         assert_eq!(docs[0].0, 3);
         assert_eq!(docs[1].0, 10);
         assert_eq!(docs[0].1.metadata().namespace, "shop");
+    }
+
+    #[test]
+    fn a_bad_link_names_the_field_and_the_fix() {
+        let link = |td: &str, gw: &str, transport: &str, bundle: &str| {
+            format!(
+                "apiVersion: multicluster.mesh.rs/v1alpha1\nkind: Link\nmetadata: {{name: east}}\nspec:\n  clusterName: east\n  trustDomain: {td}\n  gatewayAddresses: [\"{gw}\"]\n  gatewayIdentity: spiffe://east.mesh.local/ns/mesh-system/sa/gateway\n  transport: {transport}\n  trustBundle: '{bundle}'\n"
+            )
+        };
+        let reason = |text: String| parse(&text).unwrap_err().to_string();
+        let no_roots = r#"{"keys": []}"#;
+        assert!(
+            reason(link("north.mesh.local", "gw:4143", "tcp", no_roots))
+                .contains("gatewayIdentity spiffe://east.mesh.local/ns/mesh-system/sa/gateway is not in trust domain north.mesh.local")
+        );
+        assert!(
+            reason(link("east.mesh.local", "gw", "tcp", no_roots))
+                .contains("\"gw\" is not host:port")
+        );
+        assert!(
+            reason(link("east.mesh.local", "gw:4143", "udp", no_roots)).contains("use quic or tcp")
+        );
+        let bad = reason(link("east.mesh.local", "gw:4143", "quic", "not a bundle"));
+        assert!(
+            bad.contains("spec.trustBundle for east.mesh.local"),
+            "{bad}"
+        );
+        assert!(bad.starts_with("cfg/shop.yaml:1:"), "{bad}");
     }
 
     #[test]

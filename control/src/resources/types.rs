@@ -9,6 +9,9 @@ use serde::Deserialize;
 pub const CORE_V1: &str = "v1";
 pub const POLICY_V1ALPHA1: &str = "policy.mesh.rs/v1alpha1";
 pub const GATEWAY_V1: &str = "gateway.networking.k8s.io/v1";
+pub const MULTICLUSTER_V1ALPHA1: &str = "multicluster.mesh.rs/v1alpha1";
+/// The label that exports a Service to linked clusters.
+pub const EXPORTED_LABEL: &str = "multicluster.mesh.rs/exported";
 
 /// `metadata` of every resource.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -35,6 +38,7 @@ pub enum Resource {
     AuthorizationPolicy(Object<AuthorizationPolicySpec>),
     MeshTlsAuthentication(Object<MeshTlsAuthenticationSpec>),
     HttpRoute(Object<HttpRouteSpec>),
+    Link(Object<LinkSpec>),
 }
 
 impl Resource {
@@ -45,6 +49,7 @@ impl Resource {
             Self::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Self::MeshTlsAuthentication(_) => "MeshTLSAuthentication",
             Self::HttpRoute(_) => "HTTPRoute",
+            Self::Link(_) => "Link",
         }
     }
 
@@ -55,6 +60,7 @@ impl Resource {
             Self::AuthorizationPolicy(o) => &o.metadata,
             Self::MeshTlsAuthentication(o) => &o.metadata,
             Self::HttpRoute(o) => &o.metadata,
+            Self::Link(o) => &o.metadata,
         }
     }
 }
@@ -270,4 +276,34 @@ pub struct HttpRouteRetry {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("invalid duration {s:?}: {e} (write e.g. 10s or 500ms)"))
+}
+
+/// `multicluster.mesh.rs/v1alpha1/Link`: another cluster this one calls
+/// (its gateway) and trusts (its trust domain and bundle). Written by
+/// `mesh multicluster link`, run against the other cluster.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LinkSpec {
+    /// The other cluster's name (mirrors are named `<svc>-<cluster>`).
+    pub cluster_name: String,
+    pub trust_domain: String,
+    /// `host:port` of its gateway; hosts may be DNS names.
+    pub gateway_addresses: Vec<String>,
+    /// The SPIFFE ID its gateway presents.
+    pub gateway_identity: String,
+    /// `quic` (the default) or `tcp`.
+    #[serde(default)]
+    pub transport: Option<String>,
+    /// Its trust bundle: a SPIFFE bundle document (JSON) or PEM roots.
+    pub trust_bundle: String,
+}
+
+/// A Service is exported when it carries the export label.
+pub fn is_exported(service: &Object<ServiceSpec>) -> bool {
+    service
+        .metadata
+        .labels
+        .get(EXPORTED_LABEL)
+        .map(String::as_str)
+        == Some("true")
 }

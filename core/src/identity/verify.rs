@@ -34,6 +34,10 @@ pub enum ExpectedIdentity {
     AnyOf(BTreeSet<SpiffeId>),
     /// Any ID in these trust domains (an inbound port; policy decides later).
     TrustDomains(BTreeSet<TrustDomain>),
+    /// Any ID whose own trust domain's bundle verified it: the trust
+    /// domains are those of the bundle set at handshake time (a control
+    /// plane's API, which linked clusters reach; each RPC then decides).
+    AnyTrusted,
 }
 
 impl ExpectedIdentity {
@@ -46,6 +50,7 @@ impl ExpectedIdentity {
             Self::Exact(want) => want == id,
             Self::AnyOf(set) => set.contains(id),
             Self::TrustDomains(tds) => tds.iter().any(|td| id.is_member_of(td)),
+            Self::AnyTrusted => true,
         }
     }
 }
@@ -65,6 +70,7 @@ impl fmt::Display for ExpectedIdentity {
                 "any identity in trust domain(s) [{}]",
                 join(tds.iter().map(TrustDomain::as_str).collect())
             ),
+            Self::AnyTrusted => write!(f, "any identity of a trusted trust domain"),
         }
     }
 }
