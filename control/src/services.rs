@@ -17,10 +17,10 @@ use std::{
 use mesh_core::{
     api::v1::{
         DeregisterRequest, DeregisterResponse, DiscoveryUpdate, Exports, HeartbeatRequest,
-        HeartbeatResponse, InboundPolicy, InboundRequest, OutboundPolicy, OutboundRequest,
-        RegisterRequest, RegisterResponse, WatchExportsRequest, WatchRequest,
-        discovery_server::Discovery, federation_server::Federation, policy_server::Policy,
-        registry_server::Registry,
+        HeartbeatResponse, InboundPolicy, InboundRequest, LinkedTrust, OutboundPolicy,
+        OutboundRequest, RegisterRequest, RegisterResponse, WatchExportsRequest, WatchRequest,
+        WatchTrustRequest, discovery_server::Discovery, federation_server::Federation,
+        policy_server::Policy, registry_server::Registry,
     },
     grpc,
     identity::{SpiffeId, TrustDomain},
@@ -288,7 +288,10 @@ impl Federation for ApiServices {
             .linked_clusters()
             .iter()
             .any(|l| id.is_member_of(&l.trust_domain));
-        if !linked {
+        // This cluster's gateway checks exports too.
+        let own_system = id.is_member_of(&self.trust_domain)
+            && workload_namespace(&id).as_deref() == Some(crate::config::CONTROL_NAMESPACE);
+        if !linked && !own_system {
             return Err(self.refuse(
                 "not_linked",
                 Code::PermissionDenied,
@@ -305,6 +308,22 @@ impl Federation for ApiServices {
             &self.metrics,
             "exports",
             move |index, now| index.exports(&td, &bundle, now),
+        )))
+    }
+
+    type WatchTrustStream = ReceiverStream<Result<LinkedTrust, Status>>;
+
+    async fn watch_trust(
+        &self,
+        req: Request<WatchTrustRequest>,
+    ) -> Result<Response<Self::WatchTrustStream>, Status> {
+        self.local_caller(&req)?;
+        let td = self.trust_domain.clone();
+        Ok(Response::new(watch_stream(
+            self.shared.clone(),
+            &self.metrics,
+            "trust",
+            move |index, _| index.linked_trust(&td),
         )))
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use mesh_core::{
     api::v1::{
-        WatchExportsRequest, WatchRequest, discovery_client::DiscoveryClient,
+        WatchExportsRequest, WatchRequest, WatchTrustRequest, discovery_client::DiscoveryClient,
         federation_client::FederationClient,
     },
     grpc,
@@ -155,8 +155,43 @@ async fn a_linked_cluster_watches_exports_and_nothing_else() {
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 
-    // A west workload is not a linked cluster.
+    // West's own workloads learn whom the Link trusts, and how to reach it;
+    // east may not ask.
     let web = tp.join("shop", "web").await;
+    let trust = federation(&tp, &web)
+        .watch_trust(WatchTrustRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(trust.bundles.len(), 1);
+    let linked = &trust.bundles[0];
+    assert_eq!(
+        (linked.cluster.as_str(), linked.trust_domain.as_str()),
+        ("east", "east.mesh.local")
+    );
+    assert_eq!(linked.gateway_addresses, ["127.0.0.1:4143"]);
+    assert_eq!(linked.transport, "tcp");
+    assert!(linked.trust_bundle.contains("\"keys\""));
+    let err = federation(&tp, &mirror)
+        .watch_trust(WatchTrustRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // West's gateway (namespace mesh-system) checks exports too.
+    let gateway = tp.join("mesh-system", "gateway").await;
+    federation(&tp, &gateway)
+        .watch_exports(WatchExportsRequest {
+            cluster: "west".into(),
+        })
+        .await
+        .expect("the local gateway may watch exports");
+
+    // A west workload is not a linked cluster.
     let err = federation(&tp, &web)
         .watch_exports(WatchExportsRequest {
             cluster: "west".into(),
@@ -194,7 +229,7 @@ async fn a_linked_cluster_watches_exports_and_nothing_else() {
             &m,
             "mesh_control_registry_refused_total{reason=\"foreign_trust_domain\"}"
         ),
-        1.0,
+        2.0,
         "{m}"
     );
     assert!(

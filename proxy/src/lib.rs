@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod proxy;
 pub mod register;
+pub mod trust;
 pub mod upgrade;
 
 pub use env::Config;

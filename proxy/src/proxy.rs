@@ -68,7 +68,7 @@ impl Proxy {
         tracing::info!(?config, "starting proxy");
         let metrics = Metrics::new();
         let bundle = files::load_bundle(&config.trust_anchors, config.trust_domain.clone())?;
-        let bundles = BundleStore::new([bundle].into_iter().collect::<TrustBundleSet>());
+        let bundles = BundleStore::new([bundle.clone()].into_iter().collect::<TrustBundleSet>());
         let mut tasks = JoinSet::new();
 
         let readiness = Readiness::new("waiting for an identity from the control plane");
@@ -96,12 +96,16 @@ impl Proxy {
         let api =
             grpc::channel(&config.control_api_addr, api_tls).expect("valid control plane address");
 
-        // Meshed traffic is accepted only from here on: we hold an identity.
-        let inbound_tls = tls::server_config(
-            creds.clone(),
+        tasks.spawn(crate::trust::follow_linked_bundles(
+            api.clone(),
+            bundle,
             bundles.clone(),
-            ExpectedIdentity::trust_domain(config.trust_domain.clone()),
-        )?;
+        ));
+        // Meshed traffic is accepted only from here on: we hold an identity.
+        // Callers of linked clusters are verified against their own bundle;
+        // the port's policy decides who is admitted.
+        let inbound_tls =
+            tls::server_config(creds.clone(), bundles.clone(), ExpectedIdentity::AnyTrusted)?;
         let listener = TcpListener::bind(config.inbound_addr)
             .await
             .map_err(|source| StartError::Bind {

@@ -275,3 +275,76 @@ async fn shutdown_sends_goaway_on_open_connections() {
         "no new connections after shutdown"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linked_clusters_caller_is_verified_with_its_own_bundle() {
+    use mesh_core::identity::{
+        CertificateAuthority, Credentials, RootCa, SpiffeId, TrustBundle,
+        ca::{DEFAULT_ISSUER_TTL, DEFAULT_ROOT_TTL},
+        cert::now,
+        csr::new_key_and_csr,
+    };
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    // East's own CA, and a workload identity it issues.
+    let root = RootCa::generate(DEFAULT_ROOT_TTL, now()).unwrap();
+    let east_ca = CertificateAuthority::generate(
+        "east.mesh.local".parse().unwrap(),
+        &root,
+        DEFAULT_ISSUER_TTL,
+        now(),
+    )
+    .unwrap();
+    let (key, csr) = new_key_and_csr().unwrap();
+    let east_id: SpiffeId = "spiffe://east.mesh.local/ns/shop/sa/web".parse().unwrap();
+    let issued = east_ca
+        .sign_csr(&csr, &east_id, Duration::from_secs(3600))
+        .unwrap();
+    let east = Credentials::new(issued.chain, key).unwrap();
+
+    // Not linked: refused in the handshake.
+    let refused = match w.connect(&east, id("api")).await {
+        Err(_) => true,
+        Ok(mut send) => send
+            .send_request(Request::get("http://api/").body(Empty::new()).unwrap())
+            .await
+            .is_err(),
+    };
+    assert!(refused, "an unlinked trust domain must not get through");
+
+    // Link east: the control plane streams its bundle to the proxy.
+    let mut bundle = TrustBundle::new("east.mesh.local".parse().unwrap());
+    bundle.add_root(root.cert().clone()).unwrap();
+    let json = bundle.to_spiffe_json().unwrap().replace('\n', "");
+    std::fs::write(
+        w.dir.path().join("config/link-east.yaml"),
+        format!(
+            "apiVersion: multicluster.mesh.rs/v1alpha1\nkind: Link\nmetadata: {{name: east, namespace: mesh-system}}\nspec:\n  clusterName: east\n  trustDomain: east.mesh.local\n  gatewayAddresses: [\"127.0.0.1:4143\"]\n  gatewayIdentity: spiffe://east.mesh.local/ns/mesh-system/sa/gateway\n  trustBundle: '{json}'\n"
+        ),
+    )
+    .unwrap();
+    // Verified now, and authorized by the port's policy (which admits only
+    // west's web): 403 naming east's verified identity.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(mut send) = w.connect(&east, id("api")).await {
+            let req = Request::get(format!("http://api/{}", "hello"))
+                .header(DST_PORT, w.app_port.to_string())
+                .body(Empty::new())
+                .unwrap();
+            if let Ok(resp) = send.send_request(req).await {
+                assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+                let m = w.metrics().await;
+                assert!(
+                    m.contains(&format!("client_id=\"{east_id}\"")),
+                    "east's identity was verified and counted: {m}"
+                );
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the link never reached the proxy"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

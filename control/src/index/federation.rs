@@ -3,7 +3,9 @@
 use std::{collections::BTreeSet, time::Instant};
 
 use mesh_core::{
-    api::v1::{ExportedPort, ExportedService, Exports, discovery_update::Kind},
+    api::v1::{
+        ExportedPort, ExportedService, Exports, LinkedBundle, LinkedTrust, discovery_update::Kind,
+    },
     identity::{TrustBundle, TrustDomain},
 };
 
@@ -16,6 +18,7 @@ pub struct LinkedCluster {
     pub cluster: String,
     pub trust_domain: TrustDomain,
     pub bundle: TrustBundle,
+    pub spec: crate::resources::types::LinkSpec,
 }
 
 impl Index {
@@ -76,9 +79,31 @@ impl Index {
                     cluster: link.spec.cluster_name.clone(),
                     trust_domain: bundle.trust_domain().clone(),
                     bundle,
+                    spec: link.spec.clone(),
                 })
             })
             .collect()
+    }
+
+    /// The linked clusters' bundles and gateways, for this cluster's own
+    /// workloads (a Link naming `local` itself is left out).
+    pub fn linked_trust(&self, local: &TrustDomain) -> LinkedTrust {
+        let bundles = self
+            .linked_clusters()
+            .into_iter()
+            .filter(|l| &l.trust_domain != local)
+            .filter_map(|l| {
+                Some(LinkedBundle {
+                    cluster: l.cluster,
+                    trust_domain: l.trust_domain.to_string(),
+                    trust_bundle: l.bundle.to_spiffe_json().ok()?,
+                    gateway_addresses: l.spec.gateway_addresses,
+                    gateway_identity: l.spec.gateway_identity,
+                    transport: l.spec.transport.unwrap_or_else(|| "quic".into()),
+                })
+            })
+            .collect();
+        LinkedTrust { bundles }
     }
 }
 
