@@ -67,6 +67,19 @@ impl Netns {
         self.command(args).output().expect("ip netns exec")
     }
 
+    /// Runs `args` in the namespace as `nobody`, which iptables redirects
+    /// (the proxies run as root, which it leaves alone).
+    fn as_nobody(&self, args: &[&str]) -> Output {
+        let mut all = vec![
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ];
+        all.extend_from_slice(args);
+        self.exec(&all)
+    }
+
     fn spawn(&mut self, name: &str, args: &[&str], envs: &[(&str, String)]) {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
         let mut cmd = self.command(args);
@@ -292,11 +305,7 @@ fn unmodified_curl_reaches_a_service_through_both_proxies() {
 
     // curl as `nobody`, knowing nothing of the mesh: --resolve stands in for DNS.
     let curl = |ns: &Netns| {
-        let out = ns.exec(&[
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
+        let out = ns.as_nobody(&[
             "curl",
             "-sS",
             "--max-time",
@@ -348,11 +357,7 @@ fn unmodified_curl_reaches_a_service_through_both_proxies() {
         std::thread::sleep(Duration::from_millis(200));
     }
     // By IP, the same: the address is a meshed workload's, so never plaintext.
-    let by_ip = ns.exec(&[
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
+    let by_ip = ns.as_nobody(&[
         "curl",
         "-sS",
         "--max-time",
@@ -367,11 +372,7 @@ fn unmodified_curl_reaches_a_service_through_both_proxies() {
 
     // Opaque TCP to the meshed workload's address rides mTLS between the
     // proxies: api's proxy counts it from web's verified identity.
-    let tcp = ns.exec(&[
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
+    let tcp = ns.as_nobody(&[
         // The system python: one under root's home is not for `nobody`.
         "/usr/bin/python3",
         "-c",

@@ -125,18 +125,7 @@ impl Index {
                     .filter(|w| selects(&w.reg.labels) && self.is_ready(w, now))
                     .filter_map(|w| {
                         let ip = *w.reg.addresses.first()?;
-                        Some(Endpoint {
-                            address: SocketAddr::new(ip, target).to_string(),
-                            spiffe_id: w.reg.spiffe_id.clone(),
-                            weight: 1,
-                            cluster: self.cluster.clone(),
-                            priority: 0,
-                            protocol: protocol as i32,
-                            labels: w.reg.labels.clone().into_iter().collect(),
-                            via_gateway: None,
-                            workload: format!("{}/{}", w.reg.namespace, w.reg.name),
-                            proxy_port: u32::from(w.reg.proxy_port),
-                        })
+                        Some(self.endpoint(w, SocketAddr::new(ip, target), protocol as i32))
                     })
                     .collect();
                 discovery_update::Kind::Endpoints(EndpointSet {
@@ -146,6 +135,22 @@ impl Index {
             }
         };
         DiscoveryUpdate { kind: Some(kind) }
+    }
+
+    /// Workload `w` as an endpoint at `address`.
+    fn endpoint(&self, w: &super::Workload, address: SocketAddr, protocol: i32) -> Endpoint {
+        Endpoint {
+            address: address.to_string(),
+            spiffe_id: w.reg.spiffe_id.clone(),
+            weight: 1,
+            cluster: self.cluster.clone(),
+            priority: 0,
+            protocol,
+            labels: w.reg.labels.clone().into_iter().collect(),
+            via_gateway: None,
+            workload: format!("{}/{}", w.reg.namespace, w.reg.name),
+            proxy_port: u32::from(w.reg.proxy_port),
+        }
     }
 
     /// The meshed workloads at `addr`'s IP, each as an endpoint on
@@ -172,22 +177,14 @@ impl Index {
             let endpoints = at_ip
                 .into_iter()
                 .filter(|w| self.is_ready(w, now))
-                .map(|w| Endpoint {
-                    address: addr.to_string(),
-                    spiffe_id: w.reg.spiffe_id.clone(),
-                    weight: 1,
-                    cluster: self.cluster.clone(),
-                    priority: 0,
-                    protocol: w
+                .map(|w| {
+                    let protocol = w
                         .reg
                         .ports
                         .iter()
                         .find(|p| p.port == addr.port())
-                        .map_or(ProtocolHint::Unknown as i32, |p| p.protocol),
-                    labels: w.reg.labels.clone().into_iter().collect(),
-                    via_gateway: None,
-                    workload: format!("{}/{}", w.reg.namespace, w.reg.name),
-                    proxy_port: u32::from(w.reg.proxy_port),
+                        .map_or(ProtocolHint::Unknown as i32, |p| p.protocol);
+                    self.endpoint(w, addr, protocol)
                 })
                 .collect();
             discovery_update::Kind::Endpoints(EndpointSet {
