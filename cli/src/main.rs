@@ -24,6 +24,8 @@ enum Command {
     Control(Box<mesh_control::cli::ControlArgs>),
     /// Run the sidecar proxy (configured by MESH_PROXY_* variables; see the README).
     Proxy(mesh_proxy::cli::ProxyArgs),
+    /// Run a cluster's gateway: linked clusters tunnel to its exported services.
+    Gateway(Box<mesh_gateway::GatewayArgs>),
     /// Measure the data plane on this machine: meshed against direct, in one run.
     Bench(bench::BenchArgs),
 }
@@ -56,6 +58,10 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Gateway(args) => {
+            mesh_core::telemetry::init("info");
+            mesh_gateway::cli::run(*args)
         }
         Command::Proxy(args) => {
             mesh_core::telemetry::init("info");

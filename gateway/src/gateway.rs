@@ -1,0 +1,170 @@
+//! Assembles a running gateway: trust bundle -> admin (not ready) ->
+//! identity -> exports, discovery and linked trust from the local control
+//! plane -> tunnel listener -> ready. Identity, renewal and the watch
+//! followers are the proxy's own.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use mesh_core::{
+    admin::{self, Readiness},
+    api::v1::{
+        WatchExportsRequest, WatchRequest, discovery_client::DiscoveryClient,
+        federation_client::FederationClient,
+    },
+    grpc,
+    identity::{
+        BundleStore, CredentialStore, ExpectedIdentity, TrustBundleSet,
+        files::{self, FileError},
+        tls,
+    },
+};
+use mesh_proxy::{
+    follow::Follower,
+    identity::{self, IdentityError},
+};
+use tokio::{net::TcpListener, task::JoinSet};
+
+use crate::{
+    config::GatewayArgs,
+    metrics::Metrics,
+    tunnel::{self, ALPN_TUNNEL, Tunnel},
+};
+
+/// Why the gateway did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(String),
+    #[error("trust anchors: {0}")]
+    Anchors(#[from] FileError),
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+    #[error("identity: {0}")]
+    Identity(#[from] IdentityError),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen for tunnels on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running gateway; dropping it stops everything it started.
+#[derive(Debug)]
+pub struct Gateway {
+    pub tunnel_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub metrics: Metrics,
+    tasks: JoinSet<()>,
+}
+
+impl Gateway {
+    pub async fn start(args: GatewayArgs) -> Result<Self, StartError> {
+        let config = args.identity_config().map_err(StartError::Config)?;
+        tracing::info!(?args, "starting gateway");
+        let metrics = Metrics::new();
+        let bundle = files::load_bundle(&args.trust_anchors, args.trust_domain.clone())?;
+        let bundles = BundleStore::new([bundle.clone()].into_iter().collect::<TrustBundleSet>());
+        let mut tasks = JoinSet::new();
+
+        let readiness = Readiness::new("waiting for an identity from the control plane");
+        let admin_listener = admin::bind(args.admin_addr).await?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: args.admin_addr,
+                source,
+            })?;
+        tasks.spawn(admin::serve(
+            admin_listener,
+            metrics.registry.clone(),
+            readiness.clone(),
+        ));
+
+        let creds = CredentialStore::new(identity::bootstrap(&config, &bundles).await?);
+        let control = ExpectedIdentity::Exact(config.control_identity.clone());
+        let api_tls = tls::client_config(creds.clone(), bundles.clone(), control)?;
+        let api = grpc::channel(&args.control_api_addr, api_tls)
+            .map_err(|e| StartError::Config(format!("--control-api-addr: {e}")))?;
+
+        tasks.spawn(mesh_proxy::trust::follow_linked_bundles(
+            api.clone(),
+            bundle,
+            bundles.clone(),
+        ));
+        let federation = FederationClient::new(api.clone());
+        let cluster = args.cluster.clone();
+        let exports = Follower::new("exports", move |(): ()| {
+            let (mut client, cluster) = (federation.clone(), cluster.clone());
+            async move {
+                client
+                    .watch_exports(WatchExportsRequest { cluster })
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+        });
+        let discovery_client = DiscoveryClient::new(api.clone());
+        let discovery = Follower::new("discovery", move |authority: String| {
+            let mut client = discovery_client.clone();
+            async move {
+                client
+                    .watch(WatchRequest { authority })
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+        });
+        // Start following exports now, so the first stream need not wait.
+        let _ = exports.watch(&());
+        let tunnel = Arc::new(Tunnel::new(
+            args.trust_domain.clone(),
+            args.cluster_domain.clone(),
+            args.control_api_addr.clone(),
+            exports,
+            discovery,
+            metrics.clone(),
+        ));
+
+        // Callers are verified against their own trust domain's bundle; the
+        // tunnel then admits linked trust domains only.
+        let mut tunnel_tls =
+            tls::server_config(creds.clone(), bundles.clone(), ExpectedIdentity::AnyTrusted)?;
+        tunnel_tls.alpn_protocols = vec![ALPN_TUNNEL.to_vec()];
+        let listener = TcpListener::bind(args.tunnel_addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: args.tunnel_addr,
+                source,
+            })?;
+        let tunnel_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: args.tunnel_addr,
+            source,
+        })?;
+        tasks.spawn(tunnel::accept(listener, Arc::new(tunnel_tls), tunnel));
+
+        let ready = readiness.clone();
+        tasks.spawn(identity::renew_forever(
+            config,
+            bundles,
+            creds,
+            move |state| match state {
+                Ok(_) => ready.set_ready(),
+                Err(why) => ready.set_not_ready(why),
+            },
+        ));
+        readiness.set_ready();
+        tracing::info!(%tunnel_addr, %admin_addr, "gateway ready");
+        Ok(Self {
+            tunnel_addr,
+            admin_addr,
+            metrics,
+            tasks,
+        })
+    }
+
+    /// Stops accepting and drops every tunnel.
+    pub async fn shutdown(mut self) {
+        self.tasks.shutdown().await;
+    }
+}

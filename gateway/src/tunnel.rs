@@ -1,0 +1,335 @@
+//! The tunnel: `accept -> tls -> check caller -> per stream: check target
+//! -> resolve -> splice`.
+//!
+//! - **tls**: TLS 1.3, the caller's certificate verified against its own
+//!   trust domain's bundle (this cluster's and each linked one's; anything
+//!   else fails the handshake). ALPN `mesh-tunnel/h2`.
+//! - **check caller**: only linked trust domains may tunnel; this cluster's
+//!   own workloads have no business here.
+//! - **per stream**: an HTTP/2 `CONNECT <svc>.<ns>.svc.<domain>:<port>`.
+//!   The target must be exported (the local control plane says so), then
+//!   local discovery gives a ready endpoint, and the stream is spliced to
+//!   that endpoint's proxy port. The gateway never decrypts what flows:
+//!   the caller's proxy runs its own mTLS session with the destination
+//!   proxy inside the stream, so the destination authorizes the real caller.
+//! - The reserved target [`FEDERATION_TARGET`] leads to the local control
+//!   plane's API (where the caller's service mirror watches exports).
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_core::{
+    api::v1::{DiscoveryUpdate, Exports, discovery_update::Kind},
+    identity::{SpiffeId, TrustDomain, tls::peer_identity, tls::verify_error},
+};
+use mesh_proxy::follow::Follower;
+use rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::metrics::{BytesLabels, Metrics, PeerLabels, ReasonLabels};
+
+/// ALPN of a tunnel connection: HTTP/2 with one `CONNECT` per stream.
+pub const ALPN_TUNNEL: &[u8] = b"mesh-tunnel/h2";
+/// The reserved target that leads to the local control plane's API.
+pub const FEDERATION_TARGET: &str = "federation.mesh-system.mesh:8086";
+/// Streams per tunnel connection (DESIGN.md section 6, external).
+pub const MAX_STREAMS: u32 = 100;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stream waits for exports or endpoints the gateway has not
+/// heard of yet.
+const FAIL_FAST: Duration = Duration::from_secs(1);
+
+type Body = BoxBody<Bytes, std::convert::Infallible>;
+
+/// What the tunnel needs to decide and to reach.
+#[derive(Clone)]
+pub struct Tunnel {
+    pub trust_domain: TrustDomain,
+    pub cluster_domain: String,
+    pub control_api: String,
+    pub exports: Follower<(), Exports>,
+    pub discovery: Follower<String, DiscoveryUpdate>,
+    pub metrics: Metrics,
+    next: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a stream was refused: its status and metric reason.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("only CONNECT is carried")]
+    NotConnect,
+    #[error("{0} is not <svc>.<ns>.svc.<cluster-domain>:<port>")]
+    BadTarget(String),
+    #[error("{0} is not exported by this cluster")]
+    NotExported(String),
+    #[error("{0} has no ready endpoint")]
+    NoEndpoint(String),
+    #[error("{0} resolves to another gateway (a loop)")]
+    Loop(String),
+    #[error("cannot reach {0}")]
+    Unreachable(String),
+}
+
+impl Refusal {
+    pub fn classify(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::NotConnect => (StatusCode::METHOD_NOT_ALLOWED, "not_connect"),
+            Self::BadTarget(_) => (StatusCode::BAD_REQUEST, "bad_target"),
+            Self::NotExported(_) => (StatusCode::FORBIDDEN, "not_exported"),
+            Self::NoEndpoint(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_ready_endpoint"),
+            Self::Loop(_) => (StatusCode::LOOP_DETECTED, "loop_detected"),
+            Self::Unreachable(_) => (StatusCode::BAD_GATEWAY, "unreachable"),
+        }
+    }
+}
+
+impl Tunnel {
+    pub fn new(
+        trust_domain: TrustDomain,
+        cluster_domain: String,
+        control_api: String,
+        exports: Follower<(), Exports>,
+        discovery: Follower<String, DiscoveryUpdate>,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            trust_domain,
+            cluster_domain,
+            control_api,
+            exports,
+            discovery,
+            metrics,
+            next: Arc::default(),
+        }
+    }
+
+    /// Where a stream for `target` goes, or why it does not.
+    pub async fn resolve(&self, target: &str) -> Result<String, Refusal> {
+        if target == FEDERATION_TARGET {
+            return Ok(self.control_api.clone());
+        }
+        let (svc, ns, port) = parse_target(target, &self.cluster_domain)
+            .ok_or_else(|| Refusal::BadTarget(target.to_owned()))?;
+        let exports = self.exports.get(&(), FAIL_FAST).await;
+        let exported = exports.as_deref().is_some_and(|e| {
+            e.services.iter().any(|s| {
+                s.name == svc
+                    && s.namespace == ns
+                    && s.ports.iter().any(|p| p.port == u32::from(port))
+            })
+        });
+        if !exported {
+            return Err(Refusal::NotExported(target.to_owned()));
+        }
+        let update = self.discovery.get(&target.to_owned(), FAIL_FAST).await;
+        let endpoints = match update.as_deref().and_then(|u| u.kind.as_ref()) {
+            Some(Kind::Endpoints(set)) => set.endpoints.clone(),
+            _ => Vec::new(),
+        };
+        if !endpoints.is_empty() && endpoints.iter().all(|e| e.via_gateway.is_some()) {
+            return Err(Refusal::Loop(target.to_owned()));
+        }
+        let local: Vec<_> = endpoints
+            .into_iter()
+            .filter(|e| e.via_gateway.is_none() && e.proxy_port != 0)
+            .filter_map(|e| {
+                let addr: SocketAddr = e.address.parse().ok()?;
+                Some(SocketAddr::new(
+                    addr.ip(),
+                    u16::try_from(e.proxy_port).ok()?,
+                ))
+            })
+            .collect();
+        if local.is_empty() {
+            return Err(Refusal::NoEndpoint(target.to_owned()));
+        }
+        let pick = self.next.fetch_add(1, Ordering::Relaxed) % local.len();
+        Ok(local[pick].to_string())
+    }
+}
+
+/// `<svc>.<ns>.svc.<domain>:<port>` into its parts.
+pub fn parse_target<'a>(target: &'a str, cluster_domain: &str) -> Option<(&'a str, &'a str, u16)> {
+    let (host, port) = target.rsplit_once(':')?;
+    let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
+    let name = host.strip_suffix(&format!(".svc.{cluster_domain}"))?;
+    let (svc, ns) = name.split_once('.')?;
+    (!svc.is_empty() && !ns.is_empty() && !ns.contains('.')).then_some((svc, ns, port))
+}
+
+/// accept: serves tunnel connections until the task is dropped.
+pub async fn accept(listener: TcpListener, tls: Arc<ServerConfig>, tunnel: Arc<Tunnel>) {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let Ok((tcp, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, tunnel) = (acceptor.clone(), tunnel.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    let reason = e
+                        .get_ref()
+                        .and_then(|i| i.downcast_ref::<rustls::Error>())
+                        .and_then(verify_error)
+                        .map_or("handshake", |v| v.reason());
+                    tunnel
+                        .metrics
+                        .tls_refused
+                        .get_or_create(&ReasonLabels { reason })
+                        .inc();
+                    tracing::info!(%peer, reason, "tunnel handshake refused: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tunnel
+                        .metrics
+                        .tls_refused
+                        .get_or_create(&ReasonLabels { reason: "timeout" })
+                        .inc();
+                    return;
+                }
+            };
+            let Some(caller) = peer_identity(tls.get_ref().1) else {
+                return;
+            };
+            let td = caller.trust_domain();
+            if td == tunnel.trust_domain {
+                tunnel.metrics.refuse("same_trust_domain", td.as_str());
+                tracing::info!(%peer, %caller, "tunnel refused: callers of this cluster do not use its gateway");
+                return;
+            }
+            let labels = PeerLabels {
+                peer_trust_domain: td.to_string(),
+            };
+            tunnel.metrics.tunnels.get_or_create(&labels).inc();
+            let open = tunnel.metrics.tunnels_open.get_or_create(&labels).clone();
+            open.inc();
+            let svc = {
+                let tunnel = tunnel.clone();
+                service_fn(move |req| {
+                    let (tunnel, caller) = (tunnel.clone(), caller.clone());
+                    Box::pin(async move {
+                        Ok::<_, std::convert::Infallible>(stream(&tunnel, &caller, req).await)
+                    })
+                })
+            };
+            let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .max_concurrent_streams(MAX_STREAMS)
+                .max_header_list_size(16 * 1024)
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
+            open.dec();
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "tunnel connection ended");
+            }
+        });
+    }
+}
+
+/// One stream: check and resolve its target, answer, then splice.
+async fn stream(tunnel: &Tunnel, caller: &SpiffeId, req: Request<Incoming>) -> Response<Body> {
+    let td = caller.trust_domain();
+    let target = req.uri().authority().map(|a| a.as_str().to_owned());
+    let resolved = match (req.method(), target) {
+        (&Method::CONNECT, Some(target)) => tunnel.resolve(&target).await.map(|to| (target, to)),
+        (&Method::CONNECT, None) => Err(Refusal::BadTarget(String::new())),
+        _ => Err(Refusal::NotConnect),
+    };
+    let (target, to) = match resolved {
+        Ok(found) => found,
+        Err(refusal) => return refuse(tunnel, caller, &refusal),
+    };
+    let upstream = match TcpStream::connect(&to).await {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            tracing::warn!(%target, %to, error = %e, "tunnel destination unreachable");
+            return refuse(tunnel, caller, &Refusal::Unreachable(target));
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    tunnel
+        .metrics
+        .streams
+        .get_or_create(&PeerLabels {
+            peer_trust_domain: td.to_string(),
+        })
+        .inc();
+    tracing::debug!(%caller, %target, %to, "stream spliced");
+    let (metrics, td) = (tunnel.metrics.clone(), td.to_string());
+    tokio::spawn(async move {
+        let Ok(upgraded) = hyper::upgrade::on(req).await else {
+            return;
+        };
+        let (mut a, mut b) = (TokioIo::new(upgraded), upstream);
+        if let Ok((inward, outward)) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
+            for (flow, n) in [("in", inward), ("out", outward)] {
+                metrics
+                    .bytes
+                    .get_or_create(&BytesLabels {
+                        peer_trust_domain: td.clone(),
+                        flow,
+                    })
+                    .inc_by(n);
+            }
+        }
+    });
+    Response::new(Full::new(Bytes::new()).boxed())
+}
+
+fn refuse(tunnel: &Tunnel, caller: &SpiffeId, refusal: &Refusal) -> Response<Body> {
+    let (status, reason) = refusal.classify();
+    let td = caller.trust_domain();
+    tunnel.metrics.refuse(reason, td.as_str());
+    tracing::info!(%caller, reason, "tunnel stream refused: {refusal}");
+    let mut resp =
+        Response::new(Full::new(Bytes::from(format!("mesh gateway: {refusal}\n"))).boxed());
+    *resp.status_mut() = status;
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_name_a_service_namespace_and_port() {
+        let d = "cluster.local";
+        assert_eq!(
+            parse_target("api.shop.svc.cluster.local:8080", d),
+            Some(("api", "shop", 8080))
+        );
+        for bad in [
+            "api.shop.svc.cluster.local",
+            "api.shop.svc.cluster.local:0",
+            "api.svc.cluster.local:80",
+            "api.shop.svc.other.domain:80",
+            "a.b.c.svc.cluster.local:80",
+        ] {
+            assert_eq!(parse_target(bad, d), None, "{bad}");
+        }
+    }
+}
