@@ -6,21 +6,16 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use mesh_core::{
-    admin::{self, Readiness},
     api::v1::{
         WatchExportsRequest, WatchRequest, discovery_client::DiscoveryClient,
         federation_client::FederationClient,
     },
-    grpc,
-    identity::{
-        BundleStore, CredentialStore, ExpectedIdentity, TrustBundleSet,
-        files::{self, FileError},
-        tls,
-    },
+    identity::{ExpectedIdentity, tls},
 };
 use mesh_proxy::{
     follow::Follower,
-    identity::{self, IdentityError},
+    identity,
+    proxy::{Joined, join},
 };
 use tokio::{net::TcpListener, task::JoinSet};
 
@@ -35,12 +30,8 @@ use crate::{
 pub enum StartError {
     #[error("{0}")]
     Config(String),
-    #[error("trust anchors: {0}")]
-    Anchors(#[from] FileError),
     #[error(transparent)]
-    Admin(#[from] admin::AdminError),
-    #[error("identity: {0}")]
-    Identity(#[from] IdentityError),
+    Join(#[from] mesh_proxy::StartError),
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
     #[error("cannot listen for tunnels on {addr}: {source}")]
@@ -65,35 +56,14 @@ impl Gateway {
         let config = args.identity_config().map_err(StartError::Config)?;
         tracing::info!(?args, "starting gateway");
         let metrics = Metrics::new();
-        let bundle = files::load_bundle(&args.trust_anchors, args.trust_domain.clone())?;
-        let bundles = BundleStore::new([bundle.clone()].into_iter().collect::<TrustBundleSet>());
         let mut tasks = JoinSet::new();
-
-        let readiness = Readiness::new("waiting for an identity from the control plane");
-        let admin_listener = admin::bind(args.admin_addr).await?;
-        let admin_addr = admin_listener
-            .local_addr()
-            .map_err(|source| StartError::Bind {
-                addr: args.admin_addr,
-                source,
-            })?;
-        tasks.spawn(admin::serve(
-            admin_listener,
-            metrics.registry.clone(),
-            readiness.clone(),
-        ));
-
-        let creds = CredentialStore::new(identity::bootstrap(&config, &bundles).await?);
-        let control = ExpectedIdentity::Exact(config.control_identity.clone());
-        let api_tls = tls::client_config(creds.clone(), bundles.clone(), control)?;
-        let api = grpc::channel(&args.control_api_addr, api_tls)
-            .map_err(|e| StartError::Config(format!("--control-api-addr: {e}")))?;
-
-        tasks.spawn(mesh_proxy::trust::follow_linked_bundles(
-            api.clone(),
-            bundle,
-            bundles.clone(),
-        ));
+        let Joined {
+            bundles,
+            creds,
+            api,
+            readiness,
+            admin_addr,
+        } = join(&config, metrics.registry.clone(), None, &mut tasks).await?;
         let federation = FederationClient::new(api.clone());
         let cluster = args.cluster.clone();
         let exports = Follower::new("exports", move |(): ()| {

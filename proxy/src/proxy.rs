@@ -39,7 +39,9 @@ pub enum StartError {
     Identity(#[from] IdentityError),
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
-    #[error("cannot listen for inbound traffic on {addr}: {source}")]
+    #[error("control plane API address: {0}")]
+    ControlAddress(String),
+    #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -61,46 +63,87 @@ pub struct Proxy {
     open_connections: Arc<()>,
 }
 
+/// What a component that joins the mesh like a proxy (the proxy, the
+/// gateway) holds once it has an identity.
+#[derive(Debug)]
+pub struct Joined {
+    /// Our trust bundle plus each linked cluster's, kept current.
+    pub bundles: BundleStore,
+    pub creds: CredentialStore,
+    /// mTLS to the control plane's API, expecting its identity.
+    pub api: Channel,
+    /// Not ready yet; the caller says when it is.
+    pub readiness: Readiness,
+    pub admin_addr: SocketAddr,
+}
+
+/// trust anchors -> admin (serving, not ready) -> identity -> control
+/// plane channel -> linked trust followed. Tasks go into `tasks`.
+pub async fn join(
+    config: &Config,
+    registry: Arc<prometheus_client::registry::Registry>,
+    tap: Option<admin::Tap>,
+    tasks: &mut JoinSet<()>,
+) -> Result<Joined, StartError> {
+    let bundle = files::load_bundle(&config.trust_anchors, config.trust_domain.clone())?;
+    let bundles = BundleStore::new([bundle.clone()].into_iter().collect::<TrustBundleSet>());
+    let readiness = Readiness::new("waiting for an identity from the control plane");
+    let admin_listener = admin::bind(config.admin_addr).await?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.admin_addr,
+            source,
+        })?;
+    tasks.spawn(admin::serve_with_tap(
+        admin_listener,
+        registry,
+        readiness.clone(),
+        tap,
+    ));
+    let creds = CredentialStore::new(identity::bootstrap(config, &bundles).await?);
+    let control = ExpectedIdentity::Exact(config.control_identity.clone());
+    let api_tls = tls::client_config(creds.clone(), bundles.clone(), control)?;
+    let api = grpc::channel(&config.control_api_addr, api_tls)
+        .map_err(|e| StartError::ControlAddress(e.to_string()))?;
+    tasks.spawn(crate::trust::follow_linked_bundles(
+        api.clone(),
+        bundle,
+        bundles.clone(),
+    ));
+    Ok(Joined {
+        bundles,
+        creds,
+        api,
+        readiness,
+        admin_addr,
+    })
+}
+
 impl Proxy {
     /// Starts the proxy. Returns once it holds an identity and serves
     /// inbound traffic; until then `/ready` says why it is not ready.
     pub async fn start(config: Config) -> Result<Self, StartError> {
         tracing::info!(?config, "starting proxy");
         let metrics = Metrics::new();
-        let bundle = files::load_bundle(&config.trust_anchors, config.trust_domain.clone())?;
-        let bundles = BundleStore::new([bundle.clone()].into_iter().collect::<TrustBundleSet>());
         let mut tasks = JoinSet::new();
-
-        let readiness = Readiness::new("waiting for an identity from the control plane");
-        let admin_listener = admin::bind(config.admin_addr).await?;
-        let admin_addr = admin_listener
-            .local_addr()
-            .map_err(|source| StartError::Bind {
-                addr: config.admin_addr,
-                source,
-            })?;
-        tasks.spawn(admin::serve_with_tap(
-            admin_listener,
+        let Joined {
+            bundles,
+            creds,
+            api,
+            readiness,
+            admin_addr,
+        } = join(
+            &config,
             metrics.registry.clone(),
-            readiness.clone(),
             Some(metrics.tap.clone()),
-        ));
-
-        let creds = CredentialStore::new(identity::bootstrap(&config, &bundles).await?);
+            &mut tasks,
+        )
+        .await?;
         metrics
             .identity_expiry
             .set(creds.current().info().not_after.unix_timestamp());
 
-        let control = ExpectedIdentity::Exact(config.control_identity.clone());
-        let api_tls = tls::client_config(creds.clone(), bundles.clone(), control)?;
-        let api =
-            grpc::channel(&config.control_api_addr, api_tls).expect("valid control plane address");
-
-        tasks.spawn(crate::trust::follow_linked_bundles(
-            api.clone(),
-            bundle,
-            bundles.clone(),
-        ));
         // Meshed traffic is accepted only from here on: we hold an identity.
         // Callers of linked clusters are verified against their own bundle;
         // the port's policy decides who is admitted.
