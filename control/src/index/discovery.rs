@@ -3,7 +3,8 @@
 use std::{net::SocketAddr, time::Instant};
 
 use mesh_core::api::v1::{
-    DiscoveryUpdate, Endpoint, EndpointSet, NoSuchService, ProtocolHint, discovery_update,
+    DiscoveryUpdate, Endpoint, EndpointSet, NoSuchService, ProtocolHint, ViaGateway,
+    discovery_update,
 };
 
 use super::Index;
@@ -101,6 +102,9 @@ impl Index {
         if let Ok(addr) = authority.parse::<SocketAddr>() {
             return self.discovery_by_address(authority, addr, now);
         }
+        if let Some(update) = self.discovery_of_mirror(authority) {
+            return update;
+        }
         let kind = match self.service_port(authority) {
             Err(reason) => discovery_update::Kind::NoSuchService(NoSuchService {
                 authority: authority.to_owned(),
@@ -135,6 +139,55 @@ impl Index {
             }
         };
         DiscoveryUpdate { kind: Some(kind) }
+    }
+
+    /// A mirrored service's answer: one "via gateway" endpoint when the
+    /// mirror is ready and its Link is known, else an empty set. `None`
+    /// when the authority names no mirror (a local Service wins a name
+    /// clash).
+    fn discovery_of_mirror(&self, authority: &str) -> Option<DiscoveryUpdate> {
+        let auth = Authority::parse(authority, &self.cluster_domain).ok()?;
+        let key = (auth.namespace.clone(), auth.service.clone());
+        if self.services.contains_key(&key) {
+            return None;
+        }
+        let mirror = self.mirrors.get(&key)?;
+        let port = mirror.spec.ports.iter().find(|p| p.port == auth.port)?;
+        let link = self
+            .links
+            .values()
+            .find(|l| l.spec.cluster_name == mirror.spec.link);
+        let endpoints = match link {
+            Some(link) if mirror.spec.ready => vec![Endpoint {
+                address: String::new(),
+                spiffe_id: mirror.spec.identities.first().cloned().unwrap_or_default(),
+                weight: 1,
+                cluster: link.spec.cluster_name.clone(),
+                priority: 0,
+                protocol: app_protocol_hint(port.app_protocol.as_deref()) as i32,
+                labels: Default::default(),
+                via_gateway: Some(ViaGateway {
+                    gateway_addresses: link.spec.gateway_addresses.clone(),
+                    gateway_identity: link.spec.gateway_identity.clone(),
+                    target_authority: format!(
+                        "{}.{}.svc.{}:{}",
+                        mirror.spec.remote_name, auth.namespace, self.cluster_domain, port.port
+                    ),
+                    destination_identities: mirror.spec.identities.clone(),
+                    quic: link.spec.transport.as_deref() != Some("tcp"),
+                    target_port: u32::from(port.target_port.unwrap_or(port.port)),
+                }),
+                workload: format!("{}/{}", auth.namespace, auth.service),
+                proxy_port: 0,
+            }],
+            _ => Vec::new(),
+        };
+        Some(DiscoveryUpdate {
+            kind: Some(discovery_update::Kind::Endpoints(EndpointSet {
+                authority: authority.to_owned(),
+                endpoints,
+            })),
+        })
     }
 
     /// Workload `w` as an endpoint at `address`.
@@ -288,6 +341,45 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_mirror_is_one_endpoint_via_its_links_gateway() {
+        let root = mesh_core::identity::RootCa::generate(
+            mesh_core::identity::ca::DEFAULT_ROOT_TTL,
+            mesh_core::identity::cert::now(),
+        )
+        .unwrap();
+        let mut bundle = mesh_core::identity::TrustBundle::new("east.mesh.local".parse().unwrap());
+        bundle.add_root(root.cert().clone()).unwrap();
+        let json = bundle.to_spiffe_json().unwrap().replace('\n', "");
+        let mirror = |ready: bool| {
+            format!(
+                "apiVersion: multicluster.mesh.rs/v1alpha1\nkind: Link\nmetadata: {{name: east}}\nspec:\n  clusterName: east\n  trustDomain: east.mesh.local\n  gatewayAddresses: [\"gw.east:4143\"]\n  gatewayIdentity: spiffe://east.mesh.local/ns/mesh-system/sa/gateway\n  transport: tcp\n  trustBundle: '{json}'\n---\napiVersion: multicluster.mesh.rs/v1alpha1\nkind: MirroredService\nmetadata: {{name: api-east, namespace: shop}}\nspec:\n  link: east\n  remoteName: api\n  ports: [{{port: 80, targetPort: 8080, appProtocol: http}}]\n  identities: [\"spiffe://east.mesh.local/ns/shop/sa/api\"]\n  ready: {ready}\n"
+            )
+        };
+        let eps = endpoints(
+            index(&mirror(true)).discovery("api-east.shop.svc.cluster.local:80", Instant::now()),
+        );
+        assert_eq!(eps.len(), 1);
+        let via = eps[0].via_gateway.as_ref().unwrap();
+        assert_eq!(via.gateway_addresses, ["gw.east:4143"]);
+        assert_eq!(via.target_authority, "api.shop.svc.cluster.local:80");
+        assert_eq!(via.target_port, 8080);
+        assert_eq!(
+            via.destination_identities,
+            ["spiffe://east.mesh.local/ns/shop/sa/api"]
+        );
+        assert!(!via.quic);
+        assert_eq!((eps[0].cluster.as_str(), eps[0].proxy_port), ("east", 0));
+        assert!(
+            endpoints(
+                index(&mirror(false))
+                    .discovery("api-east.shop.svc.cluster.local:80", Instant::now())
+            )
+            .is_empty(),
+            "a mirror whose gateway is down has nothing ready"
+        );
     }
 
     #[test]

@@ -54,6 +54,7 @@ impl Index {
                         .map(|p| ExportedPort {
                             port: u32::from(p.port),
                             protocol: app_protocol_hint(p.app_protocol.as_deref()) as i32,
+                            target_port: u32::from(p.target_port.unwrap_or(p.port)),
                         })
                         .collect(),
                     identities: identities.into_iter().collect(),

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::resources::{
     Resource,
     types::{
-        AuthorizationPolicySpec, HttpRouteSpec, LinkSpec, MeshTlsAuthenticationSpec, Object,
-        ServerSpec, ServiceSpec,
+        AuthorizationPolicySpec, HttpRouteSpec, LinkSpec, MeshTlsAuthenticationSpec,
+        MirroredServiceSpec, Object, ServerSpec, ServiceSpec,
     },
 };
 
@@ -105,6 +105,7 @@ pub struct Index {
     authentications: BTreeMap<Key, Object<MeshTlsAuthenticationSpec>>,
     routes: BTreeMap<Key, Object<HttpRouteSpec>>,
     links: BTreeMap<Key, Object<LinkSpec>>,
+    mirrors: BTreeMap<Key, Object<MirroredServiceSpec>>,
     workloads: BTreeMap<Key, Workload>,
 }
 
@@ -120,6 +121,7 @@ impl Index {
             authentications: BTreeMap::new(),
             routes: BTreeMap::new(),
             links: BTreeMap::new(),
+            mirrors: BTreeMap::new(),
             workloads: BTreeMap::new(),
         }
     }
@@ -136,6 +138,7 @@ impl Index {
         let mut authentications = BTreeMap::new();
         let mut routes = BTreeMap::new();
         let mut links = BTreeMap::new();
+        let mut mirrors = BTreeMap::new();
         for res in resources {
             let key = (
                 res.metadata().namespace.clone(),
@@ -148,6 +151,7 @@ impl Index {
                 Resource::MeshTlsAuthentication(o) => authentications.insert(key, o).map(|_| ()),
                 Resource::HttpRoute(o) => routes.insert(key, o).map(|_| ()),
                 Resource::Link(o) => links.insert(key, o).map(|_| ()),
+                Resource::MirroredService(o) => mirrors.insert(key, o).map(|_| ()),
             };
         }
         let changed = services != self.services
@@ -155,8 +159,10 @@ impl Index {
             || authorizations != self.authorizations
             || authentications != self.authentications
             || routes != self.routes
-            || links != self.links;
+            || links != self.links
+            || mirrors != self.mirrors;
         self.links = links;
+        self.mirrors = mirrors;
         self.services = services;
         self.servers = servers;
         self.authorizations = authorizations;

@@ -54,12 +54,12 @@ pub fn parse_file(file: &Path, text: &str) -> Result<Vec<(usize, Resource)>, Con
             "Service" => CORE_V1,
             "Server" | "AuthorizationPolicy" | "MeshTLSAuthentication" => POLICY_V1ALPHA1,
             "HTTPRoute" => GATEWAY_V1,
-            "Link" => MULTICLUSTER_V1ALPHA1,
+            "Link" | "MirroredService" => MULTICLUSTER_V1ALPHA1,
             other => {
                 return Err(err(
                     start,
                     format!(
-                        "unknown kind {other:?}; known kinds: Service, Server, AuthorizationPolicy, MeshTLSAuthentication, HTTPRoute, Link"
+                        "unknown kind {other:?}; known kinds: Service, Server, AuthorizationPolicy, MeshTLSAuthentication, HTTPRoute, Link, MirroredService"
                     ),
                     "unknown_kind",
                 ));
@@ -83,6 +83,9 @@ pub fn parse_file(file: &Path, text: &str) -> Result<Vec<(usize, Resource)>, Con
                 Resource::MeshTlsAuthentication(serde_saphyr::from_str(&doc).map_err(schema)?)
             }
             "Link" => Resource::Link(serde_saphyr::from_str(&doc).map_err(schema)?),
+            "MirroredService" => {
+                Resource::MirroredService(serde_saphyr::from_str(&doc).map_err(schema)?)
+            }
             _ => Resource::HttpRoute(serde_saphyr::from_str(&doc).map_err(schema)?),
         };
         validate(&resource).map_err(|reason| err(start, reason, "invalid"))?;
@@ -196,6 +199,16 @@ fn validate(resource: &Resource) -> Result<(), String> {
         }
         Resource::Link(link) => {
             link_bundle(&link.spec)?;
+        }
+        Resource::MirroredService(m) => {
+            check_name("MirroredService spec.remoteName", &m.spec.remote_name)?;
+            if m.spec.ports.is_empty() {
+                return Err("MirroredService spec.ports is empty".into());
+            }
+            for id in &m.spec.identities {
+                SpiffeId::parse(id)
+                    .map_err(|e| format!("MirroredService spec.identities {id:?}: {e}"))?;
+            }
         }
         Resource::HttpRoute(route) => {
             if route.spec.parent_refs.is_empty() {

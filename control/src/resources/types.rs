@@ -39,6 +39,7 @@ pub enum Resource {
     MeshTlsAuthentication(Object<MeshTlsAuthenticationSpec>),
     HttpRoute(Object<HttpRouteSpec>),
     Link(Object<LinkSpec>),
+    MirroredService(Object<MirroredServiceSpec>),
 }
 
 impl Resource {
@@ -50,6 +51,7 @@ impl Resource {
             Self::MeshTlsAuthentication(_) => "MeshTLSAuthentication",
             Self::HttpRoute(_) => "HTTPRoute",
             Self::Link(_) => "Link",
+            Self::MirroredService(_) => "MirroredService",
         }
     }
 
@@ -61,6 +63,7 @@ impl Resource {
             Self::MeshTlsAuthentication(o) => &o.metadata,
             Self::HttpRoute(o) => &o.metadata,
             Self::Link(o) => &o.metadata,
+            Self::MirroredService(o) => &o.metadata,
         }
     }
 }
@@ -296,6 +299,24 @@ pub struct LinkSpec {
     pub transport: Option<String>,
     /// Its trust bundle: a SPIFFE bundle document (JSON) or PEM roots.
     pub trust_bundle: String,
+}
+
+/// `multicluster.mesh.rs/v1alpha1/MirroredService`: a service of a linked
+/// cluster, named `<svc>-<cluster>` in the same namespace, reached through
+/// that cluster's gateway. Written by the service mirror (or by hand).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MirroredServiceSpec {
+    /// The `clusterName` of the Link it comes through.
+    pub link: String,
+    /// The service's name in the remote cluster (same namespace).
+    pub remote_name: String,
+    pub ports: Vec<ServicePort>,
+    /// The SPIFFE IDs the remote endpoints present.
+    pub identities: Vec<String>,
+    /// Whether the remote gateway answers and the service has ready endpoints.
+    #[serde(default)]
+    pub ready: bool,
 }
 
 /// A Service is exported when it carries the export label.
