@@ -21,11 +21,16 @@ pub const TD: &str = "west.mesh.local";
 /// Creates (once) a CA directory, and the config and data directories,
 /// under `root`. Returns `(ca, config, data)`.
 pub fn make_dirs(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    make_dirs_for(root, TD)
+}
+
+/// [`make_dirs`] with a CA for trust domain `td`.
+pub fn make_dirs_for(root: &Path, td: &str) -> (PathBuf, PathBuf, PathBuf) {
     let ca_dir = root.join("ca");
     if !ca_dir.join(files::ISSUER_CERT).exists() {
         let rca = RootCa::generate(DEFAULT_ROOT_TTL, now()).expect("root");
         let ca = CertificateAuthority::generate(
-            TD.parse().expect("td"),
+            td.parse().expect("td"),
             &rca,
             DEFAULT_ISSUER_TTL,
             now(),
@@ -42,16 +47,26 @@ pub fn make_dirs(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
 
 /// The trust bundle of a CA directory.
 pub fn bundles_of(ca_dir: &Path) -> BundleStore {
+    bundles_of_td(ca_dir, TD)
+}
+
+/// The trust bundle of a CA directory of trust domain `td`.
+pub fn bundles_of_td(ca_dir: &Path, td: &str) -> BundleStore {
     let bundle =
-        files::load_bundle(&ca_dir.join(files::BUNDLE), TD.parse().expect("td")).expect("bundle");
+        files::load_bundle(&ca_dir.join(files::BUNDLE), td.parse().expect("td")).expect("bundle");
     BundleStore::new([bundle].into_iter().collect::<TrustBundleSet>())
 }
 
 /// A config for a control plane under `root`, on 127.0.0.1 ephemeral ports.
 pub fn config(root: &Path) -> Config {
-    let (ca_dir, config_dir, data_dir) = make_dirs(root);
+    config_for(root, "west", TD)
+}
+
+/// [`config`] for cluster `cluster` with its own CA for `td`.
+pub fn config_for(root: &Path, cluster: &str, td: &str) -> Config {
+    let (ca_dir, config_dir, data_dir) = make_dirs_for(root, td);
     Config {
-        cluster: "west".into(),
+        cluster: cluster.into(),
         cluster_domain: "cluster.local".into(),
         ca_dir,
         config_dir,

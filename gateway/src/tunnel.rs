@@ -40,8 +40,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::metrics::{BytesLabels, Metrics, PeerLabels, ReasonLabels};
 
-/// ALPN of a tunnel connection: HTTP/2 with one `CONNECT` per stream.
-pub const ALPN_TUNNEL: &[u8] = b"mesh-tunnel/h2";
+/// ALPN of a tunnel connection: HTTP/2 with one `CONNECT` per stream (the
+/// proxy's tunnel client names it).
+pub use mesh_proxy::outbound::tunnel::ALPN_TUNNEL;
 /// The reserved target that leads to the local control plane's API.
 pub const FEDERATION_TARGET: &str = "federation.mesh-system.mesh:8086";
 /// Streams per tunnel connection (DESIGN.md section 6, external).

@@ -6,75 +6,33 @@
 //! targets, this cluster's own callers, and unlinked trust domains are
 //! refused and counted.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
+
+mod support;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::service::service_fn;
+use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use mesh_control::{ControlPlane, admin_socket::create_token, test_util};
+use mesh_control::{ControlPlane, test_util};
 use mesh_core::identity::{
     BundleStore, CertificateAuthority, CredentialStore, Credentials, ExpectedIdentity, RootCa,
-    SpiffeId, TrustBundle,
+    SpiffeId,
     ca::{DEFAULT_ISSUER_TTL, DEFAULT_ROOT_TTL},
     cert::now,
     csr::new_key_and_csr,
     tls::client_config,
 };
-use mesh_gateway::{Gateway, GatewayArgs, tunnel::ALPN_TUNNEL};
-use mesh_proxy::{
-    Config, Proxy,
-    env::{AppPort, Bootstrap},
-};
+use mesh_gateway::{Gateway, tunnel::ALPN_TUNNEL};
+use mesh_proxy::Proxy;
 use rustls::pki_types::ServerName;
+use support::*;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 const TD: &str = test_util::TD;
 
 fn id(path: &str) -> SpiffeId {
     format!("spiffe://{TD}{path}").parse().unwrap()
-}
-
-/// An app that answers with the caller identity it was given.
-async fn app() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc = service_fn(|req: Request<hyper::body::Incoming>| async move {
-                    let seen = req
-                        .headers()
-                        .get("mesh-client-id")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("-")
-                        .to_owned();
-                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
-                        format!("client={seen}"),
-                    ))))
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
-fn token(plane: &ControlPlane, dir: &std::path::Path, ns: &str, sa: &str) -> std::path::PathBuf {
-    let (token, _) = create_token(
-        plane.store().as_ref(),
-        ns,
-        sa,
-        Duration::from_secs(600),
-        now().unix_timestamp(),
-    )
-    .unwrap();
-    let path = dir.join(format!("{ns}-{sa}.token"));
-    std::fs::write(&path, token).unwrap();
-    path
 }
 
 /// Another cluster's CA and one identity it issues.
@@ -121,69 +79,22 @@ struct Cluster {
 async fn cluster(north_root: &RootCa) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let cfg = test_util::config(dir.path());
-    let app = app().await;
+    let app = app("127.0.0.1").await;
     let port = app.port();
-    let mut north = TrustBundle::new("north.mesh.local".parse().unwrap());
-    north.add_root(north_root.cert().clone()).unwrap();
-    let north_json = north.to_spiffe_json().unwrap().replace('\n', "");
+    let north = bundle_json("north.mesh.local", north_root.cert());
     std::fs::write(
         cfg.config_dir.join("shop.yaml"),
         format!(
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: api\n  namespace: shop\n  labels: {{multicluster.mesh.rs/exported: \"true\"}}\nspec:\n  selector: {{app: api}}\n  ports: [{{port: {port}, appProtocol: http}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: db, namespace: shop}}\nspec:\n  selector: {{app: api}}\n  ports: [{{port: {port}}}]\n---\napiVersion: multicluster.mesh.rs/v1alpha1\nkind: Link\nmetadata: {{name: north, namespace: mesh-system}}\nspec:\n  clusterName: north\n  trustDomain: north.mesh.local\n  gatewayAddresses: [\"127.0.0.1:4143\"]\n  gatewayIdentity: spiffe://north.mesh.local/ns/mesh-system/sa/gateway\n  trustBundle: '{north_json}'\n"
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: api\n  namespace: shop\n  labels: {{multicluster.mesh.rs/exported: \"true\"}}\nspec:\n  selector: {{app: api}}\n  ports: [{{port: {port}, appProtocol: http}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: db, namespace: shop}}\nspec:\n  selector: {{app: api}}\n  ports: [{{port: {port}}}]\n---\n{}",
+            link("north", "north.mesh.local", "127.0.0.1:4143", &north)
         ),
     )
     .unwrap();
     let bundles = test_util::bundles_of(&cfg.ca_dir);
     let ca_dir = cfg.ca_dir.clone();
-    let anchors = cfg.ca_dir.join("bundle.json");
     let plane = ControlPlane::start(cfg).await.unwrap();
-    let ip = app.ip();
-    let api = Proxy::start(Config {
-        cluster: "west".into(),
-        trust_domain: TD.parse().unwrap(),
-        identity: id("/ns/shop/sa/api"),
-        namespace: "shop".into(),
-        service_account: "api".into(),
-        workload: "api-0".into(),
-        control_identity_addr: plane.identity_addr.to_string(),
-        control_api_addr: plane.api_addr.to_string(),
-        control_identity: id("/ns/mesh-system/sa/control"),
-        trust_anchors: anchors.clone(),
-        bootstrap: Bootstrap::TokenFile(token(&plane, dir.path(), "shop", "api")),
-        inbound_addr: SocketAddr::new(ip, 0),
-        outbound_addr: SocketAddr::new(ip, 0),
-        admin_addr: "127.0.0.1:0".parse().unwrap(),
-        app_ip: ip,
-        app_ports: vec![AppPort {
-            name: "http".into(),
-            port,
-        }],
-        workload_addresses: vec![ip],
-        labels: [("app".to_owned(), "api".to_owned())].into(),
-        inbound_fail_fast: Duration::from_secs(2),
-        detect_timeout: Duration::from_secs(1),
-        header_read_timeout: Duration::from_secs(10),
-        max_in_flight: 1000,
-        shutdown_grace: Duration::from_secs(1),
-        worker_threads: 1,
-    })
-    .await
-    .unwrap();
-    let gateway = Gateway::start(GatewayArgs {
-        cluster: "west".into(),
-        trust_domain: TD.parse().unwrap(),
-        cluster_domain: "cluster.local".into(),
-        control_identity_addr: plane.identity_addr.to_string(),
-        control_api_addr: plane.api_addr.to_string(),
-        control_identity: None,
-        trust_anchors: anchors,
-        join_token_file: Some(token(&plane, dir.path(), "mesh-system", "gateway")),
-        credentials_dir: None,
-        tunnel_addr: "127.0.0.1:0".parse().unwrap(),
-        admin_addr: "127.0.0.1:0".parse().unwrap(),
-    })
-    .await
-    .unwrap();
+    let api = proxy(&plane, dir.path(), "west", "api", app.ip(), Some(port)).await;
+    let gateway = gateway(&plane, dir.path(), "west").await;
     Cluster {
         _dir: dir,
         _plane: plane,

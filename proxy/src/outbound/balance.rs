@@ -22,6 +22,7 @@ use tower::{
 use super::{
     accrual::{Accrual, Health},
     endpoint::EndpointService,
+    tunnel::{ALPN_TUNNEL, TunnelConnector},
 };
 use crate::{inbound::Body, metrics::Metrics};
 
@@ -45,6 +46,55 @@ pub struct Key {
     addr: SocketAddr,
     spiffe_id: String,
     proxy_port: u16,
+    via: Option<Via>,
+}
+
+/// How an endpoint in a linked cluster is reached: its gateway, and what
+/// to ask it for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Via {
+    /// The first gateway address (`host:port`).
+    pub gateway: String,
+    pub gateway_identity: String,
+    pub target: String,
+    pub identities: Vec<String>,
+}
+
+impl Via {
+    /// The tunnel connector, or why there is none.
+    pub fn connector(
+        &self,
+        creds: &CredentialStore,
+        bundles: &BundleStore,
+    ) -> Result<TunnelConnector, String> {
+        use mesh_core::identity::{ExpectedIdentity, tls::client_config};
+        let gateway = SpiffeId::parse(&self.gateway_identity)
+            .map_err(|e| format!("gateway identity {:?}: {e}", self.gateway_identity))?;
+        let identities: std::collections::BTreeSet<SpiffeId> = self
+            .identities
+            .iter()
+            .filter_map(|i| SpiffeId::parse(i).ok())
+            .collect();
+        let config = |expected, alpn: &[u8]| {
+            let mut tls = client_config(creds.clone(), bundles.clone(), expected).ok()?;
+            tls.alpn_protocols = vec![alpn.to_vec()];
+            Some(Arc::new(tls))
+        };
+        if identities.is_empty() {
+            return Err(format!("{} lists no destination identity", self.target));
+        }
+        let no_config = || "no TLS configuration for our credentials".to_owned();
+        let gateway_tls =
+            config(ExpectedIdentity::Exact(gateway), ALPN_TUNNEL).ok_or_else(no_config)?;
+        let inner_tls = config(ExpectedIdentity::AnyOf(identities), b"h2").ok_or_else(no_config)?;
+        Ok(TunnelConnector {
+            gateway: self.gateway.clone(),
+            gateway_tls,
+            target: self.target.clone(),
+            inner_tls,
+            session: Arc::default(),
+        })
+    }
 }
 
 fn keys(update: Option<&DiscoveryUpdate>) -> Vec<Key> {
@@ -53,13 +103,25 @@ fn keys(update: Option<&DiscoveryUpdate>) -> Vec<Key> {
     };
     set.endpoints
         .iter()
-        .filter(|e| e.via_gateway.is_none())
-        .filter_map(|e| {
-            Some(Key {
+        .filter_map(|e| match &e.via_gateway {
+            None => Some(Key {
                 addr: e.address.parse().ok()?,
                 spiffe_id: e.spiffe_id.clone(),
                 proxy_port: u16::try_from(e.proxy_port).ok()?,
-            })
+                via: None,
+            }),
+            Some(via) => Some(Key {
+                // Only the destination's app port matters (mesh-dst-port).
+                addr: SocketAddr::from(([0, 0, 0, 0], u16::try_from(via.target_port).ok()?)),
+                spiffe_id: e.spiffe_id.clone(),
+                proxy_port: 0,
+                via: Some(Via {
+                    gateway: via.gateway_addresses.first()?.clone(),
+                    gateway_identity: via.gateway_identity.clone(),
+                    target: via.target_authority.clone(),
+                    identities: via.destination_identities.clone(),
+                }),
+            }),
         })
         .collect()
 }
@@ -68,7 +130,7 @@ fn keys(update: Option<&DiscoveryUpdate>) -> Vec<Key> {
 /// the request path, so it only looks, never parses.
 pub fn has_endpoints(update: Option<&DiscoveryUpdate>) -> bool {
     match update.and_then(|u| u.kind.as_ref()) {
-        Some(Kind::Endpoints(set)) => set.endpoints.iter().any(|e| e.via_gateway.is_none()),
+        Some(Kind::Endpoints(set)) => !set.endpoints.is_empty(),
         _ => false,
     }
 }
@@ -151,8 +213,14 @@ pub fn balancer(
     let changes = follow_endpoints(
         updates,
         move |key| {
-            let svc =
-                EndpointService::new(key.addr, key.identity(), key.proxy_port, &creds, &bundles);
+            let svc = EndpointService::reach(
+                key.addr,
+                key.identity(),
+                key.proxy_port,
+                key.via.as_ref(),
+                &creds,
+                &bundles,
+            );
             Accrual::new(key.clone(), svc, make_health.clone(), on_eject.clone())
         },
         move |key| gone_health.remove(key),

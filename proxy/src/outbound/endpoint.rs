@@ -30,12 +30,29 @@ use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use super::errors::OutboundError;
+use super::{balance::Via, errors::OutboundError, tunnel::TunnelConnector};
 use crate::inbound::{Body, DST_PORT};
 
-/// A TLS stream the pooled client can use.
-#[derive(Debug)]
-pub struct MeshIo(TokioIo<TlsStream<TcpStream>>);
+/// A byte stream to a destination proxy: mTLS directly, or mTLS inside a
+/// gateway tunnel stream.
+pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Stream for T {}
+
+/// An mTLS stream the pooled client can use.
+pub struct MeshIo(TokioIo<Box<dyn Stream>>);
+
+impl MeshIo {
+    pub fn new(stream: Box<dyn Stream>) -> Self {
+        Self(TokioIo::new(stream))
+    }
+}
+
+impl std::fmt::Debug for MeshIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MeshIo")
+    }
+}
 
 impl Connection for MeshIo {
     fn connected(&self) -> Connected {
@@ -71,11 +88,15 @@ impl hyper::rt::Write for MeshIo {
     }
 }
 
-/// Dials one endpoint's proxy with mTLS, whatever URI it is asked for.
+/// Dials one endpoint's proxy with mTLS, whatever URI it is asked for:
+/// directly, or through a linked cluster's gateway.
 #[derive(Clone, Debug)]
-pub struct MeshConnector {
-    addr: SocketAddr,
-    tls: Arc<ClientConfig>,
+pub enum MeshConnector {
+    Direct {
+        addr: SocketAddr,
+        tls: Arc<ClientConfig>,
+    },
+    Tunnel(TunnelConnector),
 }
 
 impl tower::Service<Uri> for MeshConnector {
@@ -88,15 +109,18 @@ impl tower::Service<Uri> for MeshConnector {
     }
 
     fn call(&mut self, _: Uri) -> Self::Future {
-        let (addr, tls) = (self.addr, self.tls.clone());
-        Box::pin(async move {
-            let tcp = TcpStream::connect(addr).await?;
-            tcp.set_nodelay(true)?;
-            // SNI carries nothing secret: the identity is checked by SPIFFE ID.
-            let name = ServerName::from(addr.ip());
-            let stream = TlsConnector::from(tls).connect(name, tcp).await?;
-            Ok(MeshIo(TokioIo::new(stream)))
-        })
+        match self.clone() {
+            Self::Direct { addr, tls } => Box::pin(async move {
+                let tcp = TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
+                // SNI carries nothing secret: the identity is checked by SPIFFE ID.
+                let name = ServerName::from(addr.ip());
+                let stream: TlsStream<TcpStream> =
+                    TlsConnector::from(tls).connect(name, tcp).await?;
+                Ok(MeshIo::new(Box::new(stream)))
+            }),
+            Self::Tunnel(tunnel) => Box::pin(async move { tunnel.connect().await }),
+        }
     }
 }
 
@@ -107,6 +131,8 @@ enum Transport {
     Plain(Client<HttpConnector, Body>),
     /// Meshed but without a proxy port: refused rather than sent in plaintext.
     Refused(SpiffeId),
+    /// In a linked cluster, but the tunnel cannot be set up (why).
+    Untunnelable(String),
 }
 
 /// One endpoint of a destination, as the balancer sees it.
@@ -127,6 +153,33 @@ impl EndpointService {
         creds: &CredentialStore,
         bundles: &BundleStore,
     ) -> Self {
+        Self::reach(app_addr, identity, proxy_port, None, creds, bundles)
+    }
+
+    /// Like [`EndpointService::new`], through `via` when it is in a linked
+    /// cluster (`app_addr` then carries only the destination's app port).
+    pub fn reach(
+        app_addr: SocketAddr,
+        identity: Option<SpiffeId>,
+        proxy_port: u16,
+        via: Option<&Via>,
+        creds: &CredentialStore,
+        bundles: &BundleStore,
+    ) -> Self {
+        if let Some(via) = via {
+            let transport = match via.connector(creds, bundles) {
+                Ok(tunnel) => Transport::Meshed(
+                    Client::builder(TokioExecutor::new())
+                        .http2_only(true)
+                        .build(MeshConnector::Tunnel(tunnel)),
+                ),
+                Err(why) => Transport::Untunnelable(why),
+            };
+            return Self {
+                app_addr,
+                transport,
+            };
+        }
         let transport = match identity {
             None => {
                 Transport::Plain(Client::builder(TokioExecutor::new()).build(HttpConnector::new()))
@@ -139,7 +192,7 @@ impl EndpointService {
             ) {
                 Ok(mut tls) => {
                     tls.alpn_protocols = vec![b"h2".to_vec()];
-                    let connector = MeshConnector {
+                    let connector = MeshConnector::Direct {
                         addr: SocketAddr::new(app_addr.ip(), proxy_port),
                         tls: Arc::new(tls),
                     };
@@ -174,6 +227,7 @@ impl tower::Service<Request<Body>> for EndpointService {
         Box::pin(async move {
             match transport {
                 Transport::Refused(id) => Err(OutboundError::MeshedWithoutProxy(id)),
+                Transport::Untunnelable(why) => Err(OutboundError::Connect(why)),
                 Transport::Plain(client) => {
                     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
                     *req.uri_mut() = format!("http://{app_addr}{path}")

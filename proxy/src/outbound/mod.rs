@@ -34,6 +34,7 @@ pub mod endpoint;
 pub mod errors;
 pub mod route;
 pub mod tcp;
+pub mod tunnel;
 
 use std::{
     collections::HashMap,
