@@ -26,6 +26,8 @@ enum Command {
     Proxy(mesh_proxy::cli::ProxyArgs),
     /// Run a cluster's gateway: linked clusters tunnel to its exported services.
     Gateway(Box<mesh_gateway::GatewayArgs>),
+    /// Run the service mirror: linked clusters' exports become local mirrored services.
+    ServiceMirror(Box<mesh_service_mirror::MirrorArgs>),
     /// Measure the data plane on this machine: meshed against direct, in one run.
     Bench(bench::BenchArgs),
 }
@@ -62,6 +64,10 @@ fn main() -> ExitCode {
         Command::Gateway(args) => {
             mesh_core::telemetry::init("info");
             mesh_gateway::cli::run(*args)
+        }
+        Command::ServiceMirror(args) => {
+            mesh_core::telemetry::init("info");
+            mesh_service_mirror::cli::run(*args)
         }
         Command::Proxy(args) => {
             mesh_core::telemetry::init("info");

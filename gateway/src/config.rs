@@ -2,13 +2,13 @@
 //! The gateway is `spiffe://<td>/ns/mesh-system/sa/gateway`; it joins like
 //! a proxy (token or existing credentials) and renews the same way.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf};
 
 use clap::Args;
 use mesh_core::identity::{SpiffeId, TrustDomain};
 use mesh_proxy::{
     Config,
-    env::{AppPort, Bootstrap},
+    env::{Bootstrap, SystemComponent},
 };
 
 /// The namespace and service account of every gateway.
@@ -72,49 +72,23 @@ impl GatewayArgs {
             .map_err(|e| e.to_string())
     }
 
-    /// The settings the proxy's identity code needs (bootstrap, renewal).
+    /// The settings the proxy's join, identity and renewal code need.
     pub fn identity_config(&self) -> Result<Config, String> {
-        let bootstrap = match (&self.join_token_file, &self.credentials_dir) {
-            (Some(token), None) => Bootstrap::TokenFile(token.clone()),
-            (None, Some(dir)) => Bootstrap::Credentials(dir.clone()),
-            _ => {
-                return Err(
-                    "give --join-token-file (first start) or --credentials-dir (an existing SVID)"
-                        .into(),
-                );
-            }
-        };
-        let control_identity = match &self.control_identity {
-            Some(id) => id.clone(),
-            None => SpiffeId::workload(&self.trust_domain, NAMESPACE, "control")
-                .map_err(|e| e.to_string())?,
-        };
-        let ip = self.tunnel_addr.ip();
-        Ok(Config {
+        SystemComponent {
             cluster: self.cluster.clone(),
             trust_domain: self.trust_domain.clone(),
-            identity: self.identity()?,
-            namespace: NAMESPACE.into(),
-            service_account: SERVICE_ACCOUNT.into(),
-            workload: SERVICE_ACCOUNT.into(),
+            service_account: SERVICE_ACCOUNT,
             control_identity_addr: self.control_identity_addr.clone(),
             control_api_addr: self.control_api_addr.clone(),
-            control_identity,
+            control_identity: self.control_identity.clone(),
             trust_anchors: self.trust_anchors.clone(),
-            bootstrap,
-            inbound_addr: self.tunnel_addr,
-            outbound_addr: SocketAddr::new(ip, 0),
+            bootstrap: Bootstrap::from_flags(
+                self.join_token_file.as_ref(),
+                self.credentials_dir.as_ref(),
+            )?,
+            listen: self.tunnel_addr,
             admin_addr: self.admin_addr,
-            app_ip: ip,
-            app_ports: Vec::<AppPort>::new(),
-            workload_addresses: vec![ip],
-            labels: Default::default(),
-            inbound_fail_fast: Duration::from_secs(1),
-            detect_timeout: Duration::from_secs(10),
-            header_read_timeout: Duration::from_secs(10),
-            max_in_flight: 100_000,
-            shutdown_grace: Duration::from_secs(30),
-            worker_threads: 1,
-        })
+        }
+        .config()
     }
 }

@@ -88,6 +88,7 @@ impl Gateway {
         // Start following exports now, so the first stream need not wait.
         let _ = exports.watch(&());
         let tunnel = Arc::new(Tunnel::new(
+            readiness.clone(),
             args.trust_domain.clone(),
             args.cluster_domain.clone(),
             args.control_api_addr.clone(),

@@ -44,7 +44,10 @@ use crate::metrics::{BytesLabels, Metrics, PeerLabels, ReasonLabels};
 /// proxy's tunnel client names it).
 pub use mesh_proxy::outbound::tunnel::ALPN_TUNNEL;
 /// The reserved target that leads to the local control plane's API.
-pub const FEDERATION_TARGET: &str = "federation.mesh-system.mesh:8086";
+pub const FEDERATION_TARGET: &str = mesh_proxy::outbound::tunnel::FEDERATION_TARGET;
+/// The reserved target a linked cluster's service mirror probes: answered
+/// by the gateway itself, 200 while it is ready, nothing spliced.
+pub const PROBE_TARGET: &str = mesh_proxy::outbound::tunnel::PROBE_TARGET;
 /// Streams per tunnel connection (DESIGN.md section 6, external).
 pub const MAX_STREAMS: u32 = 100;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,6 +60,7 @@ type Body = BoxBody<Bytes, std::convert::Infallible>;
 /// What the tunnel needs to decide and to reach.
 #[derive(Clone)]
 pub struct Tunnel {
+    pub readiness: mesh_core::admin::Readiness,
     pub trust_domain: TrustDomain,
     pub cluster_domain: String,
     pub control_api: String,
@@ -106,6 +110,7 @@ impl Refusal {
 
 impl Tunnel {
     pub fn new(
+        readiness: mesh_core::admin::Readiness,
         trust_domain: TrustDomain,
         cluster_domain: String,
         control_api: String,
@@ -114,6 +119,7 @@ impl Tunnel {
         metrics: Metrics,
     ) -> Self {
         Self {
+            readiness,
             trust_domain,
             cluster_domain,
             control_api,
@@ -178,17 +184,20 @@ pub fn parse_target<'a>(target: &'a str, cluster_domain: &str) -> Option<(&'a st
     (!svc.is_empty() && !ns.is_empty() && !ns.contains('.')).then_some((svc, ns, port))
 }
 
-/// accept: serves tunnel connections until the task is dropped.
+/// accept: serves tunnel connections until the task is dropped, which
+/// also drops every open tunnel (as a stopped gateway process would).
 pub async fn accept(listener: TcpListener, tls: Arc<ServerConfig>, tunnel: Arc<Tunnel>) {
     let acceptor = TlsAcceptor::from(tls);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let Ok((tcp, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let _ = tcp.set_nodelay(true);
         let (acceptor, tunnel) = (acceptor.clone(), tunnel.clone());
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -255,6 +264,15 @@ pub async fn accept(listener: TcpListener, tls: Arc<ServerConfig>, tunnel: Arc<T
 async fn stream(tunnel: &Tunnel, caller: &SpiffeId, req: Request<Incoming>) -> Response<Body> {
     let td = caller.trust_domain();
     let target = req.uri().authority().map(|a| a.as_str().to_owned());
+    if req.method() == Method::CONNECT && target.as_deref() == Some(PROBE_TARGET) {
+        let status = match tunnel.readiness.state() {
+            Ok(()) => StatusCode::OK,
+            Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        let mut resp = Response::new(Full::new(Bytes::new()).boxed());
+        *resp.status_mut() = status;
+        return resp;
+    }
     let resolved = match (req.method(), target) {
         (&Method::CONNECT, Some(target)) => tunnel.resolve(&target).await.map(|to| (target, to)),
         (&Method::CONNECT, None) => Err(Refusal::BadTarget(String::new())),

@@ -20,6 +20,83 @@ pub enum Bootstrap {
     Credentials(PathBuf),
 }
 
+impl Bootstrap {
+    /// From a component's flags: exactly one of a token file or a
+    /// credentials directory.
+    pub fn from_flags(
+        token_file: Option<&PathBuf>,
+        credentials_dir: Option<&PathBuf>,
+    ) -> Result<Self, String> {
+        match (token_file, credentials_dir) {
+            (Some(token), None) => Ok(Self::TokenFile(token.clone())),
+            (None, Some(dir)) => Ok(Self::Credentials(dir.clone())),
+            _ => Err(
+                "give --join-token-file (first start) or --credentials-dir (an existing SVID)"
+                    .into(),
+            ),
+        }
+    }
+}
+
+/// Who a `mesh-system` component is and where its control plane is: what
+/// the gateway and the service mirror share with the proxy's join code.
+#[derive(Clone, Debug)]
+pub struct SystemComponent {
+    pub cluster: String,
+    pub trust_domain: TrustDomain,
+    pub service_account: &'static str,
+    pub control_identity_addr: String,
+    pub control_api_addr: String,
+    /// Default: `spiffe://<td>/ns/mesh-system/sa/control`.
+    pub control_identity: Option<SpiffeId>,
+    pub trust_anchors: PathBuf,
+    pub bootstrap: Bootstrap,
+    /// Where it listens for mesh traffic (registered as its address).
+    pub listen: SocketAddr,
+    pub admin_addr: SocketAddr,
+}
+
+impl SystemComponent {
+    /// The settings the proxy's join, identity and renewal code need, for a
+    /// component serving no app: `spiffe://<td>/ns/mesh-system/sa/<sa>`.
+    pub fn config(self) -> Result<Config, String> {
+        let id = |sa: &str| {
+            SpiffeId::workload(&self.trust_domain, "mesh-system", sa).map_err(|e| e.to_string())
+        };
+        let control_identity = match self.control_identity {
+            Some(id) => id,
+            None => id("control")?,
+        };
+        let ip = self.listen.ip();
+        Ok(Config {
+            identity: id(self.service_account)?,
+            cluster: self.cluster,
+            trust_domain: self.trust_domain,
+            namespace: "mesh-system".into(),
+            service_account: self.service_account.into(),
+            workload: self.service_account.into(),
+            control_identity_addr: self.control_identity_addr,
+            control_api_addr: self.control_api_addr,
+            control_identity,
+            trust_anchors: self.trust_anchors,
+            bootstrap: self.bootstrap,
+            inbound_addr: self.listen,
+            outbound_addr: SocketAddr::new(ip, 0),
+            admin_addr: self.admin_addr,
+            app_ip: ip,
+            app_ports: Vec::new(),
+            workload_addresses: vec![ip],
+            labels: BTreeMap::new(),
+            inbound_fail_fast: Duration::from_secs(1),
+            detect_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            max_in_flight: 100_000,
+            shutdown_grace: Duration::from_secs(30),
+            worker_threads: 1,
+        })
+    }
+}
+
 /// One application port the workload serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AppPort {

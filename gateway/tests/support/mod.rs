@@ -109,6 +109,16 @@ pub async fn proxy(
 
 /// The gateway of `plane`'s cluster.
 pub async fn gateway(plane: &ControlPlane, dir: &Path, cluster: &str) -> Gateway {
+    gateway_at(plane, dir, cluster, "127.0.0.1:0".parse().unwrap()).await
+}
+
+/// The gateway of `plane`'s cluster, its tunnel on `tunnel_addr`.
+pub async fn gateway_at(
+    plane: &ControlPlane,
+    dir: &Path,
+    cluster: &str,
+    tunnel_addr: SocketAddr,
+) -> Gateway {
     Gateway::start(GatewayArgs {
         cluster: cluster.into(),
         trust_domain: plane.trust_domain.clone(),
@@ -119,7 +129,7 @@ pub async fn gateway(plane: &ControlPlane, dir: &Path, cluster: &str) -> Gateway
         trust_anchors: dir.join("ca/bundle.json"),
         join_token_file: Some(token(plane, dir, "mesh-system", "gateway")),
         credentials_dir: None,
-        tunnel_addr: "127.0.0.1:0".parse().unwrap(),
+        tunnel_addr,
         admin_addr: "127.0.0.1:0".parse().unwrap(),
     })
     .await

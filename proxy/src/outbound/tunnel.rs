@@ -25,6 +25,10 @@ use super::endpoint::{MeshIo, Stream};
 
 /// ALPN of a tunnel connection to a gateway.
 pub const ALPN_TUNNEL: &[u8] = b"mesh-tunnel/h2";
+/// The reserved target that leads to the gateway's own control plane API.
+pub const FEDERATION_TARGET: &str = "federation.mesh-system.mesh:8086";
+/// The reserved target the gateway answers itself: 200 while ready.
+pub const PROBE_TARGET: &str = "probe.mesh-system.mesh:4191";
 
 /// One destination behind one gateway.
 #[derive(Clone)]
@@ -77,6 +81,19 @@ impl TunnelConnector {
             .connect(name, TokioIo::new(stream))
             .await?;
         Ok(MeshIo::new(Box::new(inner) as Box<dyn Stream>))
+    }
+
+    /// Asks the gateway whether it is ready (`CONNECT` to the probe
+    /// target, over the shared tunnel connection).
+    pub async fn probe(&self) -> io::Result<StatusCode> {
+        let mut send = self.session().await?;
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(PROBE_TARGET)
+            .body(Empty::new())
+            .map_err(io::Error::other)?;
+        let resp = send.send_request(req).await.map_err(io::Error::other)?;
+        Ok(resp.status())
     }
 
     /// The tunnel connection to the gateway: the open one, or a new one.

@@ -1,0 +1,446 @@
+//! The service mirror: one controller per linked cluster.
+//!
+//! `local WatchTrust -> per link: (WatchExports through the remote gateway)
+//! + (probe the gateway) -> mirror-<cluster>.yaml in the config directory`.
+//!
+//! - The links come from the local control plane (`Federation.WatchTrust`):
+//!   a controller starts for each, and stops when its Link is deleted; its
+//!   mirrors file is then removed.
+//! - Exports are watched through the remote gateway (reserved target
+//!   `federation.mesh-system.mesh:8086`), over mTLS with the remote control
+//!   plane inside the tunnel: no credentials are exchanged between clusters.
+//!   When the stream breaks, the last exports stay; it reconnects with
+//!   backoff and re-syncs from the full state the remote sends first.
+//! - The gateway is probed through the same tunnel connection: first at
+//!   start, then every second, 2 s timeout; three failures in a row mark
+//!   every mirror of that link not ready, and the first success ready again.
+//! - Mirrors are `MirroredService` resources named `<svc>-<cluster>` in the
+//!   service's namespace, rendered deterministically and written only when
+//!   they change (to a temporary file, then renamed), so reconciling is
+//!   idempotent and a restart rewrites the same file.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use mesh_core::{
+    api::v1::{
+        Exports, LinkedBundle, LinkedTrust, ProtocolHint, WatchExportsRequest, WatchTrustRequest,
+        federation_client::FederationClient,
+    },
+    identity::{BundleStore, CredentialStore, ExpectedIdentity, SpiffeId, tls::client_config},
+};
+use mesh_proxy::{
+    follow::Follower,
+    identity::backoff,
+    outbound::tunnel::{ALPN_TUNNEL, FEDERATION_TARGET, TunnelConnector},
+};
+use tokio::{sync::watch, task::JoinHandle};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::metrics::{LinkLabels, Metrics};
+
+/// Probe cadence (DESIGN.md section 6).
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+pub const PROBE_FAILURES: u32 = 3;
+
+/// What one link's controller knows.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct LinkState {
+    exports: Option<Exports>,
+    alive: bool,
+}
+
+/// Runs one controller per linked cluster until the task is dropped.
+pub async fn run(
+    api: Channel,
+    cluster: String,
+    config_dir: PathBuf,
+    creds: CredentialStore,
+    bundles: BundleStore,
+    metrics: Metrics,
+) {
+    let client = FederationClient::new(api);
+    let trust = Follower::new("linked trust", move |(): ()| {
+        let mut client = client.clone();
+        async move {
+            client
+                .watch_trust(WatchTrustRequest {})
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    });
+    let mut links = trust.watch(&());
+    let mut running: HashMap<String, (LinkedBundle, JoinHandle<()>)> = HashMap::new();
+    loop {
+        let current: LinkedTrust = links
+            .borrow_and_update()
+            .as_deref()
+            .cloned()
+            .unwrap_or_default();
+        // Stop controllers whose Link is gone (or changed), and remove
+        // every mirror they wrote.
+        let gone: Vec<String> = running
+            .iter()
+            .filter(|(name, (link, _))| {
+                !current
+                    .bundles
+                    .iter()
+                    .any(|l| l.cluster == **name && l == link)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            if let Some((_, task)) = running.remove(&name) {
+                task.abort();
+            }
+            if !current.bundles.iter().any(|l| l.cluster == name) {
+                remove_mirrors(&config_dir, &name, &metrics);
+            }
+        }
+        for link in current.bundles {
+            if running.contains_key(&link.cluster) {
+                continue;
+            }
+            let task = tokio::spawn(controller(
+                link.clone(),
+                cluster.clone(),
+                config_dir.clone(),
+                creds.clone(),
+                bundles.clone(),
+                metrics.clone(),
+            ));
+            running.insert(link.cluster.clone(), (link, task));
+        }
+        if links.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One link: follow its exports and probe its gateway; keep the mirrors
+/// file current.
+async fn controller(
+    link: LinkedBundle,
+    cluster: String,
+    config_dir: PathBuf,
+    creds: CredentialStore,
+    bundles: BundleStore,
+    metrics: Metrics,
+) {
+    let labels = LinkLabels {
+        cluster: link.cluster.clone(),
+    };
+    let tunnel = match connector(&link, &creds, &bundles) {
+        Ok(tunnel) => tunnel,
+        Err(e) => {
+            tracing::error!(link = %link.cluster, "cannot mirror: {e}");
+            return;
+        }
+    };
+    tracing::info!(link = %link.cluster, gateway = %tunnel.gateway, "mirroring a linked cluster");
+    let (state_tx, mut state_rx) = watch::channel(LinkState::default());
+    let state_tx = Arc::new(state_tx);
+    let exports = tokio::spawn(watch_exports(
+        tunnel.clone(),
+        cluster,
+        state_tx.clone(),
+        metrics.clone(),
+        labels.clone(),
+    ));
+    let probe = tokio::spawn(probe(tunnel, state_tx, metrics.clone(), labels.clone()));
+    let _guard = AbortOnDrop(vec![exports, probe]);
+    let path = mirrors_file(&config_dir, &link.cluster);
+    loop {
+        let state = state_rx.borrow_and_update().clone();
+        // Before the first exports arrive, an existing file (from before a
+        // restart or an outage) is left as it is.
+        if let Some(exports) = &state.exports {
+            let text = render(&link.cluster, exports, state.alive);
+            let services = exports.services.len();
+            metrics
+                .services
+                .get_or_create(&labels)
+                .set(i64::try_from(services).unwrap_or(i64::MAX));
+            if let Err(e) = write_if_changed(&path, &text) {
+                tracing::error!(path = %path.display(), error = %e, "cannot write mirrors");
+            }
+        }
+        if state_rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+struct AbortOnDrop(Vec<JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// The tunnel to `link`'s gateway, whose inner session goes to its
+/// control plane.
+fn connector(
+    link: &LinkedBundle,
+    creds: &CredentialStore,
+    bundles: &BundleStore,
+) -> Result<TunnelConnector, String> {
+    let gateway = link
+        .gateway_addresses
+        .first()
+        .ok_or("the Link names no gateway address")?;
+    let gateway_id = SpiffeId::parse(&link.gateway_identity).map_err(|e| e.to_string())?;
+    let td = gateway_id.trust_domain();
+    let control = SpiffeId::workload(&td, "mesh-system", "control").map_err(|e| e.to_string())?;
+    let config = |expected, alpn: &[u8]| {
+        let mut tls =
+            client_config(creds.clone(), bundles.clone(), expected).map_err(|e| e.to_string())?;
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        Ok::<_, String>(Arc::new(tls))
+    };
+    Ok(TunnelConnector {
+        gateway: gateway.clone(),
+        gateway_tls: config(ExpectedIdentity::Exact(gateway_id), ALPN_TUNNEL)?,
+        target: FEDERATION_TARGET.into(),
+        inner_tls: config(ExpectedIdentity::Exact(control), b"h2")?,
+        session: Arc::default(),
+    })
+}
+
+/// Follows the remote exports through the tunnel; keeps the last ones
+/// while the stream is broken.
+async fn watch_exports(
+    tunnel: TunnelConnector,
+    cluster: String,
+    state: Arc<watch::Sender<LinkState>>,
+    metrics: Metrics,
+    labels: LinkLabels,
+) {
+    let mut failures = 0;
+    loop {
+        let tunnel_for_channel = tunnel.clone();
+        let channel = Endpoint::from_static("http://federation.mesh-system.mesh")
+            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                let tunnel = tunnel_for_channel.clone();
+                async move { tunnel.connect().await }
+            }))
+            .await;
+        let result: Result<(), String> = match channel {
+            Ok(channel) => {
+                let mut client = FederationClient::new(channel);
+                match client
+                    .watch_exports(WatchExportsRequest {
+                        cluster: cluster.clone(),
+                    })
+                    .await
+                {
+                    Ok(stream) => {
+                        let mut stream = stream.into_inner();
+                        loop {
+                            match stream.message().await {
+                                Ok(Some(exports)) => {
+                                    failures = 0;
+                                    metrics.last_sync.get_or_create(&labels).set(unix_now());
+                                    state.send_modify(|s| s.exports = Some(exports));
+                                }
+                                Ok(None) => break Err("the remote ended the stream".to_owned()),
+                                Err(e) => break Err(e.message().to_owned()),
+                            }
+                        }
+                    }
+                    Err(e) => Err(e.message().to_owned()),
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = result {
+            tracing::warn!(link = %labels.cluster, error = %e, "exports stream broke; keeping the mirrors");
+        }
+        tokio::time::sleep(backoff(failures).min(Duration::from_secs(5))).await;
+        failures += 1;
+    }
+}
+
+/// Probes the gateway every second; three failures in a row -> not alive.
+async fn probe(
+    tunnel: TunnelConnector,
+    state: Arc<watch::Sender<LinkState>>,
+    metrics: Metrics,
+    labels: LinkLabels,
+) {
+    let mut failures = 0;
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let started = Instant::now();
+        let ok = matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, tunnel.probe()).await,
+            Ok(Ok(status)) if status.is_success()
+        );
+        if ok {
+            failures = 0;
+            metrics
+                .probe_latency
+                .get_or_create(&labels)
+                .observe(started.elapsed().as_secs_f64());
+        } else {
+            failures += 1;
+            metrics.probe_failures.get_or_create(&labels).inc();
+            // The tunnel connection may be dead: the next probe opens a new one.
+            *tunnel.session.lock().await = None;
+        }
+        let alive = ok || (failures < PROBE_FAILURES && state.borrow().alive);
+        metrics.alive.get_or_create(&labels).set(i64::from(alive));
+        state.send_if_modified(|s| {
+            let changed = s.alive != alive;
+            s.alive = alive;
+            if changed {
+                tracing::info!(link = %labels.cluster, alive, "gateway probe state changed");
+            }
+            changed
+        });
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Where the mirrors of `cluster` live.
+pub fn mirrors_file(config_dir: &Path, cluster: &str) -> PathBuf {
+    config_dir.join(format!("mirror-{cluster}.yaml"))
+}
+
+fn remove_mirrors(config_dir: &Path, cluster: &str, metrics: &Metrics) {
+    let path = mirrors_file(config_dir, cluster);
+    match std::fs::remove_file(&path) {
+        Ok(()) => tracing::info!(link = %cluster, "Link deleted; its mirrors are removed"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot remove mirrors"),
+    }
+    let labels = LinkLabels {
+        cluster: cluster.to_owned(),
+    };
+    metrics.services.get_or_create(&labels).set(0);
+    metrics.alive.get_or_create(&labels).set(0);
+}
+
+/// The mirrors of `exports` as YAML documents, in a stable order.
+pub fn render(cluster: &str, exports: &Exports, alive: bool) -> String {
+    let mut services: Vec<_> = exports.services.iter().collect();
+    services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let mut out =
+        format!("# Written by the service mirror for the Link to {cluster}; do not edit.\n");
+    for svc in services {
+        let ports: Vec<String> = svc
+            .ports
+            .iter()
+            .map(|p| {
+                let protocol = match ProtocolHint::try_from(p.protocol) {
+                    Ok(ProtocolHint::Http1) => ", appProtocol: http",
+                    Ok(ProtocolHint::Http2) => ", appProtocol: h2c",
+                    Ok(ProtocolHint::Grpc) => ", appProtocol: grpc",
+                    Ok(ProtocolHint::Opaque) => ", appProtocol: opaque",
+                    _ => "",
+                };
+                let target = if p.target_port == 0 {
+                    p.port
+                } else {
+                    p.target_port
+                };
+                format!("{{port: {}, targetPort: {target}{protocol}}}", p.port)
+            })
+            .collect();
+        let identities: Vec<String> = svc.identities.iter().map(|i| format!("\"{i}\"")).collect();
+        let ready = alive && svc.ready_endpoints > 0;
+        out.push_str(&format!(
+            "---\napiVersion: multicluster.mesh.rs/v1alpha1\nkind: MirroredService\nmetadata:\n  name: {name}-{cluster}\n  namespace: {ns}\n  labels: {{multicluster.mesh.rs/mirror-of: {cluster}}}\nspec:\n  link: {cluster}\n  remoteName: {name}\n  ports: [{ports}]\n  identities: [{identities}]\n  ready: {ready}\n",
+            name = svc.name,
+            ns = svc.namespace,
+            ports = ports.join(", "),
+            identities = identities.join(", "),
+        ));
+    }
+    out
+}
+
+/// Writes `text` to `path` unless it already holds exactly that.
+fn write_if_changed(path: &Path, text: &str) -> std::io::Result<()> {
+    if std::fs::read_to_string(path).is_ok_and(|old| old == text) {
+        return Ok(());
+    }
+    let tmp = path.with_extension("yaml.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_core::api::v1::{ExportedPort, ExportedService};
+
+    use super::*;
+
+    #[test]
+    fn mirrors_render_stably_and_readiness_needs_the_gateway_and_endpoints() {
+        let exports = Exports {
+            cluster: "east".into(),
+            trust_domain: "east.mesh.local".into(),
+            trust_bundle: String::new(),
+            services: vec![
+                ExportedService {
+                    namespace: "shop".into(),
+                    name: "db".into(),
+                    ports: vec![ExportedPort {
+                        port: 5432,
+                        protocol: ProtocolHint::Opaque as i32,
+                        target_port: 5432,
+                    }],
+                    identities: vec![],
+                    ready_endpoints: 0,
+                },
+                ExportedService {
+                    namespace: "shop".into(),
+                    name: "api".into(),
+                    ports: vec![ExportedPort {
+                        port: 80,
+                        protocol: ProtocolHint::Http1 as i32,
+                        target_port: 8080,
+                    }],
+                    identities: vec!["spiffe://east.mesh.local/ns/shop/sa/api".into()],
+                    ready_endpoints: 2,
+                },
+            ],
+        };
+        let text = render("east", &exports, true);
+        let api = text.find("name: api-east").unwrap();
+        let db = text.find("name: db-east").unwrap();
+        assert!(api < db, "sorted by namespace and name");
+        assert!(text.contains("ports: [{port: 80, targetPort: 8080, appProtocol: http}]"));
+        assert!(text.contains("identities: [\"spiffe://east.mesh.local/ns/shop/sa/api\"]"));
+        let readies: Vec<&str> = text.lines().filter(|l| l.contains("ready:")).collect();
+        assert_eq!(
+            readies,
+            ["  ready: true", "  ready: false"],
+            "db has no endpoint"
+        );
+        assert!(
+            !render("east", &exports, false).contains("ready: true"),
+            "gateway down"
+        );
+        // The control plane reads it back.
+        let parsed =
+            mesh_control::resources::parse::parse_file(Path::new("mirror-east.yaml"), &text);
+        assert_eq!(parsed.unwrap().len(), 2);
+    }
+}
