@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod identity;
+mod multicluster;
 
 #[derive(Debug, Parser)]
 #[command(name = "mesh", version, about = "Mesh: a federated service mesh", long_about = None)]
@@ -28,6 +29,9 @@ enum Command {
     Gateway(Box<mesh_gateway::GatewayArgs>),
     /// Run the service mirror: linked clusters' exports become local mirrored services.
     ServiceMirror(Box<mesh_service_mirror::MirrorArgs>),
+    /// Link clusters: print Link resources and what to delete to unlink.
+    #[command(subcommand)]
+    Multicluster(multicluster::MulticlusterCmd),
     /// Measure the data plane on this machine: meshed against direct, in one run.
     Bench(bench::BenchArgs),
 }
@@ -50,6 +54,16 @@ fn main() -> ExitCode {
             let is_server = args.command.is_none();
             mesh_core::telemetry::init(if is_server { "info" } else { "warn" });
             mesh_control::cli::run(*args)
+        }
+        Command::Multicluster(cmd) => {
+            mesh_core::telemetry::init("warn");
+            match multicluster::run(cmd, &mut std::io::stdout().lock()) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Bench(args) => {
             mesh_core::telemetry::init("warn");

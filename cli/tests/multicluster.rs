@@ -1,0 +1,108 @@
+//! `mesh multicluster link` prints a Link the control plane accepts, and
+//! `unlink` names the files to delete.
+
+use std::process::Command;
+
+const MESH: &str = env!("CARGO_BIN_EXE_mesh");
+
+fn mesh(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(MESH).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn link_prints_a_link_the_control_plane_accepts_and_unlink_finds_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = tmp.path().join("east-ca");
+    let ca_str = ca.display().to_string();
+    let (ok, _, err) = mesh(&[
+        "identity",
+        "ca",
+        "create",
+        "--trust-domain",
+        "east.mesh.local",
+        "--out",
+        &ca_str,
+    ]);
+    assert!(ok, "{err}");
+
+    let (ok, link, err) = mesh(&[
+        "multicluster",
+        "link",
+        "--cluster-name",
+        "east",
+        "--gateway",
+        "127.0.0.1",
+        "--gateway",
+        "gw.east.example:443",
+        "--ca",
+        &ca_str,
+        "--transport",
+        "tcp",
+    ]);
+    assert!(ok, "{err}");
+    let parsed =
+        mesh_control::resources::parse::parse_file(std::path::Path::new("link-east.yaml"), &link)
+            .unwrap_or_else(|e| panic!("{e}\n{link}"));
+    let mesh_control::resources::Resource::Link(l) = &parsed[0].1 else {
+        panic!("{link}");
+    };
+    assert_eq!(l.spec.cluster_name, "east");
+    assert_eq!(l.spec.trust_domain, "east.mesh.local");
+    assert_eq!(
+        l.spec.gateway_addresses,
+        ["127.0.0.1:4143", "gw.east.example:443"],
+        "the default port is added"
+    );
+    assert_eq!(
+        l.spec.gateway_identity,
+        "spiffe://east.mesh.local/ns/mesh-system/sa/gateway"
+    );
+    assert_eq!(l.spec.transport.as_deref(), Some("tcp"));
+
+    // A bundle file alone does not name its trust domain.
+    let bundle = ca.join("bundle.json").display().to_string();
+    let (ok, _, err) = mesh(&[
+        "multicluster",
+        "link",
+        "--cluster-name",
+        "east",
+        "--gateway",
+        "gw",
+        "--ca",
+        &bundle,
+    ]);
+    assert!(!ok);
+    assert!(err.contains("give --trust-domain"), "{err}");
+
+    // unlink names the file holding the Link.
+    let config = tmp.path().join("west-config");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::write(config.join("link-east.yaml"), &link).unwrap();
+    let (ok, out, err) = mesh(&[
+        "multicluster",
+        "unlink",
+        "--cluster-name",
+        "east",
+        "--config-dir",
+        &config.display().to_string(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!("rm {}", config.join("link-east.yaml").display())),
+        "{out}"
+    );
+    let (ok, out, _) = mesh(&[
+        "multicluster",
+        "unlink",
+        "--cluster-name",
+        "north",
+        "--config-dir",
+        &config.display().to_string(),
+    ]);
+    assert!(!ok && out.contains("No Link to north"), "{out}");
+}
