@@ -38,3 +38,41 @@ pub async fn signal() {
         _ = int.recv() => {},
     }
 }
+
+/// Runs a component on a one-thread runtime: `start` it (a signal during
+/// start-up ends quietly), then wait for SIGTERM or SIGINT and `stop` it.
+/// A failed start prints `error: ...` and fails the process.
+pub fn run_component<T, E, Start, Stop, StopFut>(start: Start, stop: Stop) -> std::process::ExitCode
+where
+    E: std::fmt::Display,
+    Start: std::future::Future<Output = Result<T, E>>,
+    Stop: FnOnce(T) -> StopFut,
+    StopFut: std::future::Future<Output = ()>,
+{
+    use std::process::ExitCode;
+    let runtime = match runtime_with(1) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let started = tokio::select! {
+            started = start => started,
+            () = signal() => return ExitCode::SUCCESS,
+        };
+        match started {
+            Ok(running) => {
+                signal().await;
+                tracing::info!("shutting down");
+                stop(running).await;
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -158,3 +158,86 @@ pub fn link(name: &str, td: &str, gateway: &str, bundle_json: &str) -> String {
         "apiVersion: multicluster.mesh.rs/v1alpha1\nkind: Link\nmetadata: {{name: {name}, namespace: mesh-system}}\nspec:\n  clusterName: {name}\n  trustDomain: {td}\n  gatewayAddresses: [\"{gateway}\"]\n  gatewayIdentity: spiffe://{td}/ns/mesh-system/sa/gateway\n  transport: tcp\n  trustBundle: '{bundle_json}'\n"
     )
 }
+
+pub const WEST: &str = "west.mesh.local";
+pub const EAST: &str = "east.mesh.local";
+
+/// `GET url` through an explicit-mode proxy; status and whole response.
+pub async fn via_proxy(proxy: SocketAddr, url: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let host = url.trim_start_matches("http://").split('/').next().unwrap();
+    tcp.write_all(
+        format!("GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_string(&mut raw)).await;
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, raw)
+}
+
+/// West's directories and config, before its control plane starts.
+pub struct WestSetup {
+    pub dir: tempfile::TempDir,
+    pub config: mesh_control::Config,
+    /// West's bundle, one line of SPIFFE JSON (for east's Link back).
+    pub bundle: String,
+}
+
+pub fn west_setup() -> WestSetup {
+    let dir = tempfile::tempdir().unwrap();
+    let config = mesh_control::test_util::config_for(dir.path(), "west", WEST);
+    let bundle = ca_bundle_json(dir.path(), WEST);
+    WestSetup {
+        dir,
+        config,
+        bundle,
+    }
+}
+
+/// East, running: its control plane, `api` (exported, app on 127.0.0.2)
+/// with its proxy, its gateway, and a Link back to west. `extra` YAML
+/// (policies) is added to its config.
+pub struct East {
+    pub dir: tempfile::TempDir,
+    pub plane: ControlPlane,
+    pub api: Proxy,
+    pub gateway: Gateway,
+    pub port: u16,
+    /// East's bundle, one line of SPIFFE JSON (for west's Link).
+    pub bundle: String,
+}
+
+pub async fn east(west_bundle: &str, extra: &str) -> East {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = mesh_control::test_util::config_for(dir.path(), "east", EAST);
+    let bundle = ca_bundle_json(dir.path(), EAST);
+    let app = app("127.0.0.2").await;
+    let port = app.port();
+    std::fs::write(
+        cfg.config_dir.join("shop.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: api\n  namespace: shop\n  labels: {{multicluster.mesh.rs/exported: \"true\"}}\nspec:\n  selector: {{app: api}}\n  ports: [{{port: {port}, appProtocol: http}}]\n---\n{}{}",
+            link("west", WEST, "127.0.0.1:1", west_bundle),
+            extra.replace("{port}", &port.to_string()),
+        ),
+    )
+    .unwrap();
+    let plane = ControlPlane::start(cfg).await.unwrap();
+    let api = proxy(&plane, dir.path(), "east", "api", app.ip(), Some(port)).await;
+    let gateway = gateway(&plane, dir.path(), "east").await;
+    East {
+        dir,
+        plane,
+        api,
+        gateway,
+        port,
+        bundle,
+    }
+}
