@@ -34,7 +34,7 @@ pub enum StartError {
     Join(#[from] mesh_proxy::StartError),
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
-    #[error("cannot listen for tunnels on {addr}: {source}")]
+    #[error("cannot listen for tunnels on {addr} (TCP and UDP): {source}")]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -46,6 +46,8 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Gateway {
     pub tunnel_addr: SocketAddr,
+    /// The QUIC tunnel (UDP), on the TCP tunnel's port.
+    pub quic_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub metrics: Metrics,
     tasks: JoinSet<()>,
@@ -112,7 +114,31 @@ impl Gateway {
             addr: args.tunnel_addr,
             source,
         })?;
-        tasks.spawn(tunnel::accept(listener, Arc::new(tunnel_tls), tunnel));
+        tasks.spawn(tunnel::accept(
+            listener,
+            Arc::new(tunnel_tls),
+            tunnel.clone(),
+        ));
+
+        // The same tunnel over QUIC, on the same port over UDP.
+        let mut quic_tls =
+            tls::server_config(creds.clone(), bundles.clone(), ExpectedIdentity::AnyTrusted)?;
+        quic_tls.alpn_protocols = vec![crate::quic::ALPN_QUIC.to_vec()];
+        let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(quic_tls)
+            .map_err(|e| StartError::Config(format!("QUIC TLS: {e}")))?;
+        let endpoint = quinn::Endpoint::server(
+            quinn::ServerConfig::with_crypto(Arc::new(quic_crypto)),
+            tunnel_addr,
+        )
+        .map_err(|source| StartError::Bind {
+            addr: tunnel_addr,
+            source,
+        })?;
+        let quic_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
+            addr: tunnel_addr,
+            source,
+        })?;
+        tasks.spawn(crate::quic::accept(endpoint, tunnel));
 
         let ready = readiness.clone();
         tasks.spawn(identity::renew_forever(
@@ -125,9 +151,10 @@ impl Gateway {
             },
         ));
         readiness.set_ready();
-        tracing::info!(%tunnel_addr, %admin_addr, "gateway ready");
+        tracing::info!(%tunnel_addr, %quic_addr, %admin_addr, "gateway ready");
         Ok(Self {
             tunnel_addr,
+            quic_addr,
             admin_addr,
             metrics,
             tasks,

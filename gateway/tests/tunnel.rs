@@ -154,6 +154,46 @@ async fn connect(
     Ok((status, Some((send, upgraded))))
 }
 
+type QuicStream = tokio::io::Join<quinn::RecvStream, quinn::SendStream>;
+
+/// Opens a QUIC tunnel as `creds` and asks for `target`: the status, on 200
+/// the stream, and the connection (kept open by the caller).
+async fn quic(
+    c: &Cluster,
+    creds: &Credentials,
+    target: &str,
+) -> (
+    u16,
+    Option<QuicStream>,
+    (quinn::Endpoint, quinn::Connection),
+) {
+    use mesh_gateway::quic::{ALPN_QUIC, encode_header};
+    let mut cfg = client_config(
+        CredentialStore::new(creds.clone()),
+        c.bundles.clone(),
+        ExpectedIdentity::Exact(id("/ns/mesh-system/sa/gateway")),
+    )
+    .unwrap();
+    cfg.alpn_protocols = vec![ALPN_QUIC.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let conn = endpoint
+        .connect(c.gateway.quic_addr, "gateway")
+        .unwrap()
+        .await
+        .expect("QUIC handshake with the gateway");
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&encode_header(target).unwrap())
+        .await
+        .unwrap();
+    let mut status = [0u8; 2];
+    recv.read_exact(&mut status).await.unwrap();
+    let status = u16::from_be_bytes(status);
+    let stream = (status == 200).then(|| tokio::io::join(recv, send));
+    (status, stream, (endpoint, conn))
+}
+
 async fn metrics(c: &Cluster) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(c.gateway.admin_addr)
@@ -215,6 +255,39 @@ async fn a_linked_caller_reaches_an_exported_service_with_its_own_identity() {
         "the destination sees the caller's own identity across the gateway"
     );
 
+    // The same over QUIC: a stream header names the target, a status
+    // answers, then north's own mTLS session with api's proxy.
+    let (status, quic_stream, _quic) = quic(&c, &web, &target).await;
+    assert_eq!(status, 200);
+    let inner = tls(
+        quic_stream.unwrap(),
+        &web,
+        &c.bundles,
+        id("/ns/shop/sa/api"),
+        b"h2",
+    )
+    .await
+    .expect("end-to-end mTLS inside a QUIC stream");
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(inner))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://{target}/over-quic"))
+        .header("mesh-dst-port", c.app_port.to_string())
+        .header("mesh-orig-proto", "HTTP/1.1")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "client=spiffe://north.mesh.local/ns/shop/sa/web"
+    );
+    let db_target = format!("db.shop.svc.cluster.local:{}", c.app_port);
+    let (status, _, _) = quic(&c, &web, &db_target).await;
+    assert_eq!(status, 403, "not exported, over QUIC too");
+
     // A service that is not exported is refused.
     let db = format!("db.shop.svc.cluster.local:{}", c.app_port);
     let (status, _) = connect(&c, &web, &db).await.unwrap();
@@ -251,7 +324,7 @@ async fn a_linked_caller_reaches_an_exported_service_with_its_own_identity() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     loop {
         let m = metrics(&c).await;
-        let ok = m.contains("mesh_gateway_refused_total{reason=\"not_exported\",peer_trust_domain=\"north.mesh.local\"} 1")
+        let ok = m.contains("mesh_gateway_refused_total{reason=\"not_exported\",peer_trust_domain=\"north.mesh.local\"} 2")
             && m.contains("mesh_gateway_streams_total{peer_trust_domain=\"north.mesh.local\"}")
             && unknown(&m) == before + 1.0
             && m.contains(&format!(
