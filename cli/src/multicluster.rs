@@ -59,8 +59,8 @@ pub(crate) struct LinkArgs {
     /// The target's trust domain (read from the CA directory when given one).
     #[arg(long)]
     trust_domain: Option<TrustDomain>,
-    /// The tunnel transport to prefer. Tunnels run over TCP until the QUIC
-    /// tunnel lands, whatever this says.
+    /// The tunnel transport proxies prefer (QUIC falls back to TCP when it
+    /// does not open within a second).
     #[arg(long, value_enum, default_value = "tcp")]
     transport: Transport,
 }

@@ -14,6 +14,8 @@ use prometheus_client::{
 pub struct PeerLabels {
     /// The caller's trust domain (one per linked cluster).
     pub peer_trust_domain: String,
+    /// `tcp` or `quic`.
+    pub transport: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

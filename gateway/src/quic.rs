@@ -22,57 +22,13 @@ use crate::{
     tunnel::{PROBE_TARGET, Refusal, Tunnel},
 };
 
-/// ALPN of a QUIC tunnel connection.
-pub const ALPN_QUIC: &[u8] = b"mesh-tunnel/quic";
-/// The longest target a header may name.
-pub const MAX_TARGET: usize = 512;
+/// The header format, its parser and its encoder live with the client
+/// (`mesh_proxy::outbound::tunnel`); the gateway parses what it sends.
+pub use mesh_proxy::outbound::tunnel::{
+    ALPN_QUIC, HeaderError, MAX_TARGET, encode_header, parse_header,
+};
+
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Why a stream header was refused.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum HeaderError {
-    #[error("the target is empty")]
-    Empty,
-    #[error("the target is {0} bytes; at most {MAX_TARGET}")]
-    TooLong(usize),
-    #[error("the target is not UTF-8")]
-    NotUtf8,
-}
-
-/// The target and the header's length, `None` while `buf` is a prefix of
-/// a header. Pure; fuzzed (`gateway/fuzz`, target `tunnel_header`).
-pub fn parse_header(buf: &[u8]) -> Result<Option<(&str, usize)>, HeaderError> {
-    let Some(len) = buf.get(..2) else {
-        return Ok(None);
-    };
-    let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
-    if len == 0 {
-        return Err(HeaderError::Empty);
-    }
-    if len > MAX_TARGET {
-        return Err(HeaderError::TooLong(len));
-    }
-    let Some(target) = buf.get(2..2 + len) else {
-        return Ok(None);
-    };
-    let target = std::str::from_utf8(target).map_err(|_| HeaderError::NotUtf8)?;
-    Ok(Some((target, 2 + len)))
-}
-
-/// A stream header for `target` (a client writes it first).
-pub fn encode_header(target: &str) -> Result<Vec<u8>, HeaderError> {
-    let len = target.len();
-    if len == 0 {
-        return Err(HeaderError::Empty);
-    }
-    let n = u16::try_from(len)
-        .ok()
-        .filter(|n| usize::from(*n) <= MAX_TARGET)
-        .ok_or(HeaderError::TooLong(len))?;
-    let mut out = n.to_be_bytes().to_vec();
-    out.extend_from_slice(target.as_bytes());
-    Ok(out)
-}
 
 /// Serves QUIC tunnel connections until the task is dropped (which drops
 /// every open connection).
@@ -111,6 +67,7 @@ pub async fn accept(endpoint: quinn::Endpoint, tunnel: Arc<Tunnel>) {
             }
             let labels = PeerLabels {
                 peer_trust_domain: td.to_string(),
+                transport: "quic",
             };
             tunnel.metrics.tunnels.get_or_create(&labels).inc();
             let open = tunnel.metrics.tunnels_open.get_or_create(&labels).clone();
@@ -183,6 +140,7 @@ async fn stream(
         .streams
         .get_or_create(&PeerLabels {
             peer_trust_domain: td.clone(),
+            transport: "quic",
         })
         .inc();
     let mut caller_side = tokio::io::join(recv, send);

@@ -234,6 +234,7 @@ pub async fn accept(listener: TcpListener, tls: Arc<ServerConfig>, tunnel: Arc<T
             }
             let labels = PeerLabels {
                 peer_trust_domain: td.to_string(),
+                transport: "tcp",
             };
             tunnel.metrics.tunnels.get_or_create(&labels).inc();
             let open = tunnel.metrics.tunnels_open.get_or_create(&labels).clone();
@@ -295,6 +296,7 @@ async fn stream(tunnel: &Tunnel, caller: &SpiffeId, req: Request<Incoming>) -> R
         .streams
         .get_or_create(&PeerLabels {
             peer_trust_domain: td.to_string(),
+            transport: "tcp",
         })
         .inc();
     tracing::debug!(%caller, %target, %to, "stream spliced");

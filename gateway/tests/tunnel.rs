@@ -325,7 +325,8 @@ async fn a_linked_caller_reaches_an_exported_service_with_its_own_identity() {
     loop {
         let m = metrics(&c).await;
         let ok = m.contains("mesh_gateway_refused_total{reason=\"not_exported\",peer_trust_domain=\"north.mesh.local\"} 2")
-            && m.contains("mesh_gateway_streams_total{peer_trust_domain=\"north.mesh.local\"}")
+            && m.contains("mesh_gateway_streams_total{peer_trust_domain=\"north.mesh.local\",transport=\"tcp\"}")
+            && m.contains("mesh_gateway_streams_total{peer_trust_domain=\"north.mesh.local\",transport=\"quic\"}")
             && unknown(&m) == before + 1.0
             && m.contains(&format!(
                 "mesh_gateway_refused_total{{reason=\"same_trust_domain\",peer_trust_domain=\"{TD}\"}} 1"

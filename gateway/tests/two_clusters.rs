@@ -14,6 +14,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_in_west_calls_api_in_east_through_the_gateway_as_itself() {
+    cross_cluster_call("tcp").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_over_a_quic_tunnel() {
+    cross_cluster_call("quic").await;
+}
+
+async fn cross_cluster_call(transport: &str) {
     let west_setup = west_setup();
     // East: api exported; only west's web may call it; west is linked.
     let east = east(
@@ -31,7 +40,13 @@ async fn web_in_west_calls_api_in_east_through_the_gateway_as_itself() {
         west_setup.config.config_dir.join("east.yaml"),
         format!(
             "{}---\napiVersion: multicluster.mesh.rs/v1alpha1\nkind: MirroredService\nmetadata: {{name: api-east, namespace: shop}}\nspec:\n  link: east\n  remoteName: api\n  ports: [{{port: {port}, appProtocol: http}}]\n  identities: [\"spiffe://{EAST}/ns/shop/sa/api\"]\n  ready: true\n",
-            link("east", EAST, &east.gateway.tunnel_addr.to_string(), &east.bundle)
+            link_over(
+                "east",
+                EAST,
+                &east.gateway.tunnel_addr.to_string(),
+                &east.bundle,
+                transport
+            )
         ),
     )
     .unwrap();
@@ -96,7 +111,7 @@ async fn web_in_west_calls_api_in_east_through_the_gateway_as_itself() {
     };
     assert!(
         m.contains(&format!(
-            "mesh_gateway_streams_total{{peer_trust_domain=\"{WEST}\"}}"
+            "mesh_gateway_streams_total{{peer_trust_domain=\"{WEST}\",transport=\"{transport}\"}}"
         )),
         "{m}"
     );

@@ -212,6 +212,8 @@ fn connector(
         target: FEDERATION_TARGET.into(),
         inner_tls: config(ExpectedIdentity::Exact(control), b"h2")?,
         session: Arc::default(),
+        // The probe and the exports use the TCP tunnel.
+        quic: None,
     })
 }
 

@@ -152,10 +152,21 @@ pub fn ca_bundle_json(dir: &Path, td: &str) -> String {
         .replace('\n', "")
 }
 
-/// A Link to cluster `name` (trust domain `td`) through `gateway`.
+/// A Link to cluster `name` (trust domain `td`) through `gateway`, over TCP.
 pub fn link(name: &str, td: &str, gateway: &str, bundle_json: &str) -> String {
+    link_over(name, td, gateway, bundle_json, "tcp")
+}
+
+/// [`link`] with the tunnel `transport` (`tcp` or `quic`).
+pub fn link_over(
+    name: &str,
+    td: &str,
+    gateway: &str,
+    bundle_json: &str,
+    transport: &str,
+) -> String {
     format!(
-        "apiVersion: multicluster.mesh.rs/v1alpha1\nkind: Link\nmetadata: {{name: {name}, namespace: mesh-system}}\nspec:\n  clusterName: {name}\n  trustDomain: {td}\n  gatewayAddresses: [\"{gateway}\"]\n  gatewayIdentity: spiffe://{td}/ns/mesh-system/sa/gateway\n  transport: tcp\n  trustBundle: '{bundle_json}'\n"
+        "apiVersion: multicluster.mesh.rs/v1alpha1\nkind: Link\nmetadata: {{name: {name}, namespace: mesh-system}}\nspec:\n  clusterName: {name}\n  trustDomain: {td}\n  gatewayAddresses: [\"{gateway}\"]\n  gatewayIdentity: spiffe://{td}/ns/mesh-system/sa/gateway\n  transport: {transport}\n  trustBundle: '{bundle_json}'\n"
     )
 }
 

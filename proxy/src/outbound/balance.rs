@@ -22,7 +22,7 @@ use tower::{
 use super::{
     accrual::{Accrual, Health},
     endpoint::EndpointService,
-    tunnel::{ALPN_TUNNEL, TunnelConnector},
+    tunnel::{ALPN_QUIC, ALPN_TUNNEL, QuicTunnel, TunnelConnector},
 };
 use crate::{inbound::Body, metrics::Metrics};
 
@@ -55,6 +55,8 @@ pub struct Key {
 pub struct Via {
     /// The first gateway address (`host:port`).
     pub gateway: String,
+    /// Prefer the QUIC tunnel (TCP when it does not open).
+    pub quic: bool,
     pub gateway_identity: String,
     pub target: String,
     pub identities: Vec<String>,
@@ -85,14 +87,27 @@ impl Via {
         }
         let no_config = || "no TLS configuration for our credentials".to_owned();
         let gateway_tls =
-            config(ExpectedIdentity::Exact(gateway), ALPN_TUNNEL).ok_or_else(no_config)?;
+            config(ExpectedIdentity::Exact(gateway.clone()), ALPN_TUNNEL).ok_or_else(no_config)?;
         let inner_tls = config(ExpectedIdentity::AnyOf(identities), b"h2").ok_or_else(no_config)?;
+        let quic = if self.quic {
+            let tls = config(ExpectedIdentity::Exact(gateway), ALPN_QUIC).ok_or_else(no_config)?;
+            let crypto =
+                quinn::crypto::rustls::QuicClientConfig::try_from(Arc::unwrap_or_clone(tls))
+                    .map_err(|e| format!("QUIC TLS: {e}"))?;
+            Some(QuicTunnel {
+                config: quinn::ClientConfig::new(Arc::new(crypto)),
+                conn: Arc::default(),
+            })
+        } else {
+            None
+        };
         Ok(TunnelConnector {
             gateway: self.gateway.clone(),
             gateway_tls,
             target: self.target.clone(),
             inner_tls,
             session: Arc::default(),
+            quic,
         })
     }
 }
@@ -117,6 +132,7 @@ fn keys(update: Option<&DiscoveryUpdate>) -> Vec<Key> {
                 proxy_port: 0,
                 via: Some(Via {
                     gateway: via.gateway_addresses.first()?.clone(),
+                    quic: via.quic,
                     gateway_identity: via.gateway_identity.clone(),
                     target: via.target_authority.clone(),
                     identities: via.destination_identities.clone(),

@@ -25,6 +25,68 @@ use super::endpoint::{MeshIo, Stream};
 
 /// ALPN of a tunnel connection to a gateway.
 pub const ALPN_TUNNEL: &[u8] = b"mesh-tunnel/h2";
+/// ALPN of a QUIC tunnel connection to a gateway.
+pub const ALPN_QUIC: &[u8] = b"mesh-tunnel/quic";
+/// The longest target a QUIC stream header may name.
+pub const MAX_TARGET: usize = 512;
+/// How long a QUIC tunnel may take to open before TCP is used instead
+/// (UDP may be blocked on the way).
+pub const QUIC_FALLBACK_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Why a QUIC stream header is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("the target is empty")]
+    Empty,
+    #[error("the target is {0} bytes; at most {MAX_TARGET}")]
+    TooLong(usize),
+    #[error("the target is not UTF-8")]
+    NotUtf8,
+}
+
+/// A QUIC stream's header: the target's length (2 bytes big endian, 1 to
+/// [`MAX_TARGET`]) then the target. Returns the target and the header's
+/// length, `None` while `buf` is a prefix of a header. Pure; fuzzed
+/// (`gateway/fuzz`, target `tunnel_header`).
+pub fn parse_header(buf: &[u8]) -> Result<Option<(&str, usize)>, HeaderError> {
+    let Some(len) = buf.get(..2) else {
+        return Ok(None);
+    };
+    let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+    if len == 0 {
+        return Err(HeaderError::Empty);
+    }
+    if len > MAX_TARGET {
+        return Err(HeaderError::TooLong(len));
+    }
+    let Some(target) = buf.get(2..2 + len) else {
+        return Ok(None);
+    };
+    let target = std::str::from_utf8(target).map_err(|_| HeaderError::NotUtf8)?;
+    Ok(Some((target, 2 + len)))
+}
+
+/// The header a QUIC stream to `target` starts with.
+pub fn encode_header(target: &str) -> Result<Vec<u8>, HeaderError> {
+    let len = target.len();
+    if len == 0 {
+        return Err(HeaderError::Empty);
+    }
+    let n = u16::try_from(len)
+        .ok()
+        .filter(|n| usize::from(*n) <= MAX_TARGET)
+        .ok_or(HeaderError::TooLong(len))?;
+    let mut out = n.to_be_bytes().to_vec();
+    out.extend_from_slice(target.as_bytes());
+    Ok(out)
+}
+
+/// The QUIC side of a tunnel: its config, and the open connection.
+#[derive(Clone, Debug)]
+pub struct QuicTunnel {
+    pub config: quinn::ClientConfig,
+    pub conn: Arc<Mutex<Option<(quinn::Endpoint, quinn::Connection)>>>,
+}
 /// The reserved target that leads to the gateway's own control plane API.
 pub const FEDERATION_TARGET: &str = "federation.mesh-system.mesh:8086";
 /// The reserved target the gateway answers itself: 200 while ready.
@@ -43,6 +105,8 @@ pub struct TunnelConnector {
     pub inner_tls: Arc<ClientConfig>,
     /// The open tunnel connection, shared by every stream to this gateway.
     pub session: Arc<Mutex<Option<SendRequest<Empty<Bytes>>>>>,
+    /// Tunnel over QUIC first, when the Link prefers it.
+    pub quic: Option<QuicTunnel>,
 }
 
 impl std::fmt::Debug for TunnelConnector {
@@ -55,8 +119,85 @@ impl std::fmt::Debug for TunnelConnector {
 }
 
 impl TunnelConnector {
-    /// A stream to the destination proxy, mTLS done.
+    /// A stream to the destination proxy, mTLS done: over QUIC when the
+    /// Link prefers it and it opens in time, else over TCP.
     pub async fn connect(&self) -> io::Result<MeshIo> {
+        if let Some(quic) = &self.quic {
+            match self.quic_stream(quic).await {
+                Ok(stream) => return self.inner(stream).await,
+                Err(e) => {
+                    tracing::info!(gateway = %self.gateway, error = %e, "QUIC tunnel unavailable; using TCP");
+                }
+            }
+        }
+        self.tcp_connect().await
+    }
+
+    /// One QUIC stream to the target, its header answered with 200.
+    async fn quic_stream(
+        &self,
+        quic: &QuicTunnel,
+    ) -> io::Result<tokio::io::Join<quinn::RecvStream, quinn::SendStream>> {
+        let conn = {
+            let mut open = quic.conn.lock().await;
+            match open.as_ref() {
+                Some((_, conn)) if conn.close_reason().is_none() => conn.clone(),
+                _ => {
+                    let addr = tokio::net::lookup_host(&self.gateway)
+                        .await?
+                        .next()
+                        .ok_or_else(|| io::Error::other("the gateway name resolves to nothing"))?;
+                    let bind: std::net::SocketAddr = if addr.is_ipv4() {
+                        "0.0.0.0:0".parse().expect("an address")
+                    } else {
+                        "[::]:0".parse().expect("an address")
+                    };
+                    let mut endpoint = quinn::Endpoint::client(bind)?;
+                    endpoint.set_default_client_config(quic.config.clone());
+                    let host = self.gateway.rsplit_once(':').map_or("gateway", |(h, _)| h);
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    let connecting = endpoint.connect(addr, host).map_err(io::Error::other)?;
+                    let conn = tokio::time::timeout(QUIC_FALLBACK_AFTER, connecting)
+                        .await
+                        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+                        .map_err(io::Error::other)?;
+                    *open = Some((endpoint, conn.clone()));
+                    conn
+                }
+            }
+        };
+        let (mut send, mut recv) = conn.open_bi().await.map_err(io::Error::other)?;
+        let header = encode_header(&self.target).map_err(io::Error::other)?;
+        send.write_all(&header).await.map_err(io::Error::other)?;
+        let mut status = [0u8; 2];
+        recv.read_exact(&mut status)
+            .await
+            .map_err(io::Error::other)?;
+        let status = u16::from_be_bytes(status);
+        if status != 200 {
+            return Err(io::Error::other(format!(
+                "gateway {} refused {}: {status}",
+                self.gateway, self.target
+            )));
+        }
+        Ok(tokio::io::join(recv, send))
+    }
+
+    /// Our own mTLS session with the destination proxy, inside `stream`.
+    async fn inner<S>(&self, stream: S) -> io::Result<MeshIo>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let host = self.target.rsplit_once(':').map_or("mesh", |(h, _)| h);
+        let name = ServerName::try_from(host.to_owned()).map_err(io::Error::other)?;
+        let inner = TlsConnector::from(self.inner_tls.clone())
+            .connect(name, stream)
+            .await?;
+        Ok(MeshIo::new(Box::new(inner) as Box<dyn Stream>))
+    }
+
+    /// Over the TCP tunnel: a CONNECT stream on the shared connection.
+    async fn tcp_connect(&self) -> io::Result<MeshIo> {
         let mut send = self.session().await?;
         let req = Request::builder()
             .method(Method::CONNECT)
@@ -75,12 +216,7 @@ impl TunnelConnector {
         let stream = hyper::upgrade::on(&mut resp)
             .await
             .map_err(io::Error::other)?;
-        let host = self.target.rsplit_once(':').map_or("mesh", |(h, _)| h);
-        let name = ServerName::try_from(host.to_owned()).map_err(io::Error::other)?;
-        let inner = TlsConnector::from(self.inner_tls.clone())
-            .connect(name, TokioIo::new(stream))
-            .await?;
-        Ok(MeshIo::new(Box::new(inner) as Box<dyn Stream>))
+        self.inner(TokioIo::new(stream)).await
     }
 
     /// Asks the gateway whether it is ready (`CONNECT` to the probe
