@@ -81,6 +81,7 @@ pub struct ControlPlane {
     pub trust_domain: TrustDomain,
     metrics: Metrics,
     store: Arc<dyn Store>,
+    shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     /// The gRPC servers: they drain on shutdown.
     servers: JoinSet<()>,
@@ -273,6 +274,7 @@ impl ControlPlane {
             trust_domain: td,
             metrics,
             store,
+            shared,
             shutdown,
             servers,
             tasks,
@@ -291,6 +293,8 @@ impl ControlPlane {
     /// is stopped and the state database is closed.
     pub async fn shutdown(mut self, grace: Duration) {
         let _ = self.shutdown.send(true);
+        // Watch streams end, so servers can drain and clients reconnect.
+        self.shared.close();
         let drained = tokio::time::timeout(grace, async {
             while self.servers.join_next().await.is_some() {}
         })
@@ -300,6 +304,9 @@ impl ControlPlane {
         }
         self.servers.shutdown().await;
         self.tasks.shutdown().await;
+        // Connections a client keeps open may outlive the servers; the
+        // store's file lock must not.
+        self.store.close();
         let _ = std::fs::remove_file(&self.admin_socket);
     }
 }

@@ -41,6 +41,9 @@ use crate::{
 pub struct Shared {
     index: RwLock<Index>,
     version: watch::Sender<u64>,
+    /// True once the control plane stops: every watch stream then ends,
+    /// so clients reconnect (to its successor) instead of hanging on.
+    closed: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -48,7 +51,13 @@ impl Shared {
         Arc::new(Self {
             index: RwLock::new(index),
             version: watch::Sender::new(0),
+            closed: watch::Sender::new(false),
         })
+    }
+
+    /// Ends every watch stream.
+    pub fn close(&self) {
+        self.closed.send_replace(true);
     }
 
     pub fn read(&self) -> RwLockReadGuard<'_, Index> {
@@ -88,6 +97,7 @@ where
     tokio::spawn(async move {
         gauge.inc();
         let mut version = shared.subscribe();
+        let mut closed = shared.closed.subscribe();
         let mut last: Option<T> = None;
         loop {
             let current = render(&shared.read(), Instant::now());
@@ -100,6 +110,7 @@ where
             tokio::select! {
                 changed = version.changed() => if changed.is_err() { break },
                 () = tx.closed() => break,
+                _ = closed.wait_for(|c| *c) => break,
             }
         }
         gauge.dec();

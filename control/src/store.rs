@@ -70,6 +70,8 @@ pub enum TokenError {
 
 /// The state the controllers need, whatever keeps it.
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Releases the store (its file lock) for a restart; later calls fail.
+    fn close(&self) {}
     fn create_token(&self, hash: &[u8; 32], record: &TokenRecord) -> Result<(), StoreError>;
     fn get_token(&self, hash: &[u8; 32]) -> Result<Option<TokenRecord>, StoreError>;
     /// Marks the token used and records the serial it paid for, in one
@@ -91,7 +93,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 /// The embedded `local` store.
 #[derive(Debug)]
 pub struct LocalStore {
-    db: Database,
+    /// `None` once closed (the file lock is released when the last
+    /// transaction in flight ends).
+    db: std::sync::RwLock<Option<std::sync::Arc<Database>>>,
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -129,20 +133,36 @@ impl LocalStore {
         tx.open_table(REGISTRATIONS).map_err(db_err)?;
         tx.open_table(SERIALS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
-        Ok(Self { db })
+        Ok(Self {
+            db: std::sync::RwLock::new(Some(std::sync::Arc::new(db))),
+        })
+    }
+
+    fn db(&self) -> Result<std::sync::Arc<Database>, StoreError> {
+        self.db
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                StoreError::Db("the store is closed (the control plane is stopping)".into())
+            })
     }
 
     /// Number of issued serials recorded (for tests and audit).
     pub fn serial_count(&self) -> Result<u64, StoreError> {
-        let tx = self.db.begin_read().map_err(db_err)?;
+        let tx = self.db()?.begin_read().map_err(db_err)?;
         let table = tx.open_table(SERIALS).map_err(db_err)?;
         table.len().map_err(db_err)
     }
 }
 
 impl Store for LocalStore {
+    fn close(&self) {
+        self.db.write().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
     fn create_token(&self, hash: &[u8; 32], record: &TokenRecord) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(db_err)?;
+        let tx = self.db()?.begin_write().map_err(db_err)?;
         tx.open_table(TOKENS)
             .map_err(db_err)?
             .insert(hash.as_slice(), encode(record).as_slice())
@@ -151,7 +171,7 @@ impl Store for LocalStore {
     }
 
     fn get_token(&self, hash: &[u8; 32]) -> Result<Option<TokenRecord>, StoreError> {
-        let tx = self.db.begin_read().map_err(db_err)?;
+        let tx = self.db()?.begin_read().map_err(db_err)?;
         let table = tx.open_table(TOKENS).map_err(db_err)?;
         let value = table.get(hash.as_slice()).map_err(db_err)?;
         value.map(|v| decode("join_tokens", v.value())).transpose()
@@ -163,7 +183,7 @@ impl Store for LocalStore {
         now: i64,
         serial: &SerialRecord,
     ) -> Result<Result<(), TokenError>, StoreError> {
-        let tx = self.db.begin_write().map_err(db_err)?;
+        let tx = self.db()?.begin_write().map_err(db_err)?;
         {
             let mut tokens = tx.open_table(TOKENS).map_err(db_err)?;
             let record: Option<TokenRecord> = tokens
@@ -197,7 +217,7 @@ impl Store for LocalStore {
     }
 
     fn record_serial(&self, serial: &SerialRecord) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(db_err)?;
+        let tx = self.db()?.begin_write().map_err(db_err)?;
         tx.open_table(SERIALS)
             .map_err(db_err)?
             .insert(serial.serial.as_str(), encode(serial).as_slice())
@@ -207,7 +227,7 @@ impl Store for LocalStore {
 
     fn put_registration(&self, reg: &Registration) -> Result<(), StoreError> {
         let key = format!("{}/{}", reg.namespace, reg.name);
-        let tx = self.db.begin_write().map_err(db_err)?;
+        let tx = self.db()?.begin_write().map_err(db_err)?;
         tx.open_table(REGISTRATIONS)
             .map_err(db_err)?
             .insert(key.as_str(), encode(reg).as_slice())
@@ -217,7 +237,7 @@ impl Store for LocalStore {
 
     fn delete_registration(&self, namespace: &str, name: &str) -> Result<(), StoreError> {
         let key = format!("{namespace}/{name}");
-        let tx = self.db.begin_write().map_err(db_err)?;
+        let tx = self.db()?.begin_write().map_err(db_err)?;
         tx.open_table(REGISTRATIONS)
             .map_err(db_err)?
             .remove(key.as_str())
@@ -226,7 +246,7 @@ impl Store for LocalStore {
     }
 
     fn registrations(&self) -> Result<Vec<Registration>, StoreError> {
-        let tx = self.db.begin_read().map_err(db_err)?;
+        let tx = self.db()?.begin_read().map_err(db_err)?;
         let table = tx.open_table(REGISTRATIONS).map_err(db_err)?;
         table
             .iter()
@@ -240,7 +260,7 @@ impl Store for LocalStore {
 
     fn prune_tokens(&self, now: i64, keep: Duration) -> Result<usize, StoreError> {
         let cutoff = now - keep.as_secs() as i64;
-        let tx = self.db.begin_write().map_err(db_err)?;
+        let tx = self.db()?.begin_write().map_err(db_err)?;
         let pruned = {
             let mut table = tx.open_table(TOKENS).map_err(db_err)?;
             let mut stale = Vec::new();

@@ -47,6 +47,8 @@ use crate::metrics::{LinkLabels, Metrics};
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const PROBE_FAILURES: u32 = 3;
+/// The longest wait between attempts to watch a link's exports.
+pub const RESYNC_EVERY: Duration = Duration::from_secs(1);
 
 /// What one link's controller knows.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -266,7 +268,9 @@ async fn watch_exports(
         if let Err(e) = result {
             tracing::warn!(link = %labels.cluster, error = %e, "exports stream broke; keeping the mirrors");
         }
-        tokio::time::sleep(backoff(failures).min(Duration::from_secs(5))).await;
+        // One connection per link: retrying every second is cheap, and a
+        // returning control plane is picked up within about a second.
+        tokio::time::sleep(backoff(failures).min(RESYNC_EVERY)).await;
         failures += 1;
     }
 }

@@ -9,7 +9,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use mesh_control::ControlPlane;
+use mesh_control::{ControlPlane, test_util};
 use mesh_service_mirror::{MirrorArgs, ServiceMirror, mirror::mirrors_file};
 use support::*;
 
@@ -23,19 +23,31 @@ async fn until(within: Duration, what: &str, mut check: impl FnMut() -> bool) ->
     started.elapsed()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mirrors_follow_exports_probes_and_links() {
+/// West (with web's proxy and the service mirror) linked to a running east.
+struct Federated {
+    east: East,
+    west: ControlPlane,
+    _west_dir: tempfile::TempDir,
+    web: mesh_proxy::Proxy,
+    mirror: ServiceMirror,
+    west_link: std::path::PathBuf,
+    mirrors: std::path::PathBuf,
+}
+
+async fn federated() -> Federated {
     let west_setup = west_setup();
     // East exports api and links west back.
     let east = east(&west_setup.bundle, "").await;
-    let (east_gateway, port) = (east.gateway, east.port);
-    let gateway_addr = east_gateway.tunnel_addr;
-
     // West links east and runs its service mirror.
     let west_link = west_setup.config.config_dir.join("link-east.yaml");
     std::fs::write(
         &west_link,
-        link("east", EAST, &gateway_addr.to_string(), &east.bundle),
+        link(
+            "east",
+            EAST,
+            &east.gateway.tunnel_addr.to_string(),
+            &east.bundle,
+        ),
     )
     .unwrap();
     let config_dir = west_setup.config.config_dir.clone();
@@ -68,9 +80,33 @@ async fn mirrors_follow_exports_probes_and_links() {
     })
     .await
     .unwrap();
+    let mirrors = mirrors_file(&config_dir, "east");
+    Federated {
+        east,
+        west,
+        _west_dir: west_dir,
+        web,
+        mirror,
+        west_link,
+        mirrors,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_follow_exports_probes_and_links() {
+    let Federated {
+        east,
+        west: _west,
+        _west_dir,
+        web,
+        mirror,
+        west_link,
+        mirrors,
+    } = federated().await;
+    let (east_gateway, port) = (east.gateway, east.port);
+    let gateway_addr = east_gateway.tunnel_addr;
 
     // api-east appears and works, with west's web identity end to end.
-    let mirrors = mirrors_file(&config_dir, "east");
     let read = || std::fs::read_to_string(&mirrors).unwrap_or_default();
     until(
         Duration::from_secs(10),
@@ -122,4 +158,58 @@ async fn mirrors_follow_exports_probes_and_links() {
     )
     .await;
     mirror.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_outlive_a_remote_control_plane_outage_and_resync() {
+    let f = federated().await;
+    let read = || std::fs::read_to_string(&f.mirrors).unwrap_or_default();
+    until(Duration::from_secs(10), "api-east mirrored", || {
+        read().contains("name: api-east") && read().contains("ready: true")
+    })
+    .await;
+
+    // East's control plane goes away for 60 s; meanwhile east exports a
+    // second service.
+    let East {
+        dir: east_dir,
+        plane,
+        api: _api,
+        gateway: _gateway,
+        port,
+        ..
+    } = f.east;
+    let (identity_addr, api_addr) = (plane.identity_addr, plane.api_addr);
+    plane.shutdown(Duration::ZERO).await;
+    let mut config = test_util::config_for(east_dir.path(), "east", EAST);
+    std::fs::write(
+        config.config_dir.join("more.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: api2\n  namespace: shop\n  labels: {{multicluster.mesh.rs/exported: \"true\"}}\nspec:\n  selector: {{app: api}}\n  ports: [{{port: {port}, appProtocol: http}}]\n"
+        ),
+    )
+    .unwrap();
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = read();
+        assert!(
+            now.contains("name: api-east") && !now.contains("api2-east"),
+            "mirrors stay, unchanged, while east's control plane is away:\n{now}"
+        );
+    }
+
+    // Back on the same addresses: the change shows up within 5 s.
+    config.identity_addr = identity_addr;
+    config.api_addr = api_addr;
+    let _east = ControlPlane::start(config).await.unwrap();
+    let took = until(
+        Duration::from_secs(5),
+        "east's new export mirrored after its return",
+        || read().contains("name: api2-east"),
+    )
+    .await;
+    eprintln!("re-synced {took:?} after east's control plane returned");
+    assert!(read().contains("name: api-east"), "{}", read());
+    f.mirror.shutdown().await;
+    drop(f.web);
 }
