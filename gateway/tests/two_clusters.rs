@@ -14,15 +14,39 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_in_west_calls_api_in_east_through_the_gateway_as_itself() {
-    cross_cluster_call("tcp").await;
+    cross_cluster_call("tcp", false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_over_a_quic_tunnel() {
-    cross_cluster_call("quic").await;
+    cross_cluster_call("quic", false).await;
 }
 
-async fn cross_cluster_call(transport: &str) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_falls_back_to_tcp_when_udp_is_blocked() {
+    cross_cluster_call("quic", true).await;
+}
+
+/// A TCP-only way to `to` on a port where nothing answers UDP: what a
+/// network that blocks UDP leaves of a gateway.
+async fn tcp_only(to: std::net::SocketAddr) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut from, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut up) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut from, &mut up).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// web in west calls api in east; the Link asks for `transport`, and with
+/// `udp_blocked` the gateway is reachable over TCP only.
+async fn cross_cluster_call(transport: &str, udp_blocked: bool) {
     let west_setup = west_setup();
     // East: api exported; only west's web may call it; west is linked.
     let east = east(
@@ -33,6 +57,13 @@ async fn cross_cluster_call(transport: &str) {
     )
     .await;
     let port = east.port;
+    let gateway_addr = if udp_blocked {
+        tcp_only(east.gateway.tunnel_addr).await
+    } else {
+        east.gateway.tunnel_addr
+    };
+    // The transport the gateway will see.
+    let carried = if udp_blocked { "tcp" } else { transport };
 
     // West: linked to east through its gateway, with api mirrored as
     // api-east (what the service mirror writes).
@@ -43,7 +74,7 @@ async fn cross_cluster_call(transport: &str) {
             link_over(
                 "east",
                 EAST,
-                &east.gateway.tunnel_addr.to_string(),
+                &gateway_addr.to_string(),
                 &east.bundle,
                 transport
             )
@@ -111,7 +142,7 @@ async fn cross_cluster_call(transport: &str) {
     };
     assert!(
         m.contains(&format!(
-            "mesh_gateway_streams_total{{peer_trust_domain=\"{WEST}\",transport=\"{transport}\"}}"
+            "mesh_gateway_streams_total{{peer_trust_domain=\"{WEST}\",transport=\"{carried}\"}}"
         )),
         "{m}"
     );

@@ -97,6 +97,7 @@ impl Via {
             Some(QuicTunnel {
                 config: quinn::ClientConfig::new(Arc::new(crypto)),
                 conn: Arc::default(),
+                skip_until: Arc::default(),
             })
         } else {
             None

@@ -86,7 +86,13 @@ pub fn encode_header(target: &str) -> Result<Vec<u8>, HeaderError> {
 pub struct QuicTunnel {
     pub config: quinn::ClientConfig,
     pub conn: Arc<Mutex<Option<(quinn::Endpoint, quinn::Connection)>>>,
+    /// After QUIC failed, TCP is used until then (no second wait per
+    /// connection while UDP is blocked).
+    pub skip_until: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
 }
+
+/// How long TCP is used after QUIC did not open.
+pub const QUIC_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
 /// The reserved target that leads to the gateway's own control plane API.
 pub const FEDERATION_TARGET: &str = "federation.mesh-system.mesh:8086";
 /// The reserved target the gateway answers itself: 200 while ready.
@@ -123,10 +129,15 @@ impl TunnelConnector {
     /// Link prefers it and it opens in time, else over TCP.
     pub async fn connect(&self) -> io::Result<MeshIo> {
         if let Some(quic) = &self.quic {
-            match self.quic_stream(quic).await {
-                Ok(stream) => return self.inner(stream).await,
-                Err(e) => {
-                    tracing::info!(gateway = %self.gateway, error = %e, "QUIC tunnel unavailable; using TCP");
+            let skip = *quic.skip_until.lock().unwrap_or_else(|p| p.into_inner());
+            if skip.is_none_or(|until| tokio::time::Instant::now() >= until) {
+                match self.quic_stream(quic).await {
+                    Ok(stream) => return self.inner(stream).await,
+                    Err(e) => {
+                        *quic.skip_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(tokio::time::Instant::now() + QUIC_RETRY_AFTER);
+                        tracing::info!(gateway = %self.gateway, error = %e, "QUIC tunnel unavailable; using TCP for {QUIC_RETRY_AFTER:?}");
+                    }
                 }
             }
         }
