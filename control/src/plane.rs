@@ -24,7 +24,7 @@ use mesh_core::{
         cert::{human_duration, now},
         csr::new_key_and_csr,
         files::{self, FileError},
-        tls::{self, verify_error},
+        tls,
     },
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
@@ -332,16 +332,7 @@ fn local(
 fn on_refused(listener: &'static str, metrics: &Metrics) -> OnRefused {
     let metrics = metrics.clone();
     Arc::new(move |peer: SocketAddr, e: &io::Error| {
-        let rustls_err = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
-        let reason = match rustls_err {
-            Some(err) => match verify_error(err) {
-                Some(v) => v.reason(),
-                None if matches!(err, rustls::Error::PeerIncompatible(_)) => "protocol_version",
-                None => "handshake",
-            },
-            None if e.kind() == io::ErrorKind::TimedOut => "timeout",
-            None => "handshake",
-        };
+        let reason = tls::refusal_reason(e);
         metrics
             .tls_refused
             .get_or_create(&ListenerLabels {

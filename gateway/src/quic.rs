@@ -15,11 +15,10 @@ use std::{sync::Arc, time::Duration};
 
 use mesh_core::identity::{SpiffeId, cert::CertInfo, svid::leaf_spiffe_id};
 use rustls::pki_types::CertificateDer;
-use tokio::net::TcpStream;
 
 use crate::{
-    metrics::{BytesLabels, PeerLabels},
-    tunnel::{PROBE_TARGET, Refusal, Tunnel},
+    metrics::PeerLabels,
+    tunnel::{PROBE_TARGET, Tunnel},
 };
 
 /// The header format, its parser and its encoder live with the client
@@ -112,66 +111,23 @@ async fn stream(
         }
     };
     if target == PROBE_TARGET {
-        let status = if tunnel.readiness.state().is_ok() {
-            200
-        } else {
-            503
-        };
-        let _ = answer(&mut send, status).await;
+        let _ = answer(&mut send, tunnel.probe_status().as_u16()).await;
         return;
     }
-    let to = match tunnel.resolve(&target).await {
-        Ok(to) => to,
-        Err(refusal) => return refuse(&tunnel, &caller, &mut send, &refusal).await,
-    };
-    let mut upstream = match TcpStream::connect(&to).await {
-        Ok(tcp) => tcp,
-        Err(e) => {
-            tracing::warn!(%target, %to, error = %e, "tunnel destination unreachable");
-            return refuse(&tunnel, &caller, &mut send, &Refusal::Unreachable(target)).await;
+    let upstream = match tunnel.open(&target).await {
+        Ok(upstream) => upstream,
+        Err(refusal) => {
+            let code = tunnel.refused(&caller, &refusal, "quic");
+            let _ = answer(&mut send, code.as_u16()).await;
+            return;
         }
     };
-    let _ = upstream.set_nodelay(true);
     if answer(&mut send, 200).await.is_err() {
         return;
     }
     tunnel
-        .metrics
-        .streams
-        .get_or_create(&PeerLabels {
-            peer_trust_domain: td.clone(),
-            transport: "quic",
-        })
-        .inc();
-    let mut caller_side = tokio::io::join(recv, send);
-    if let Ok((inward, outward)) =
-        tokio::io::copy_bidirectional(&mut caller_side, &mut upstream).await
-    {
-        for (flow, n) in [("in", inward), ("out", outward)] {
-            tunnel
-                .metrics
-                .bytes
-                .get_or_create(&BytesLabels {
-                    peer_trust_domain: td.clone(),
-                    flow,
-                })
-                .inc_by(n);
-        }
-    }
-}
-
-async fn refuse(
-    tunnel: &Tunnel,
-    caller: &SpiffeId,
-    send: &mut quinn::SendStream,
-    refusal: &Refusal,
-) {
-    let (status, reason) = refusal.classify();
-    tunnel
-        .metrics
-        .refuse(reason, caller.trust_domain().as_str());
-    tracing::info!(%caller, reason, "QUIC tunnel stream refused: {refusal}");
-    let _ = answer(send, status.as_u16()).await;
+        .splice(&caller, "quic", tokio::io::join(recv, send), upstream)
+        .await;
 }
 
 async fn answer(send: &mut quinn::SendStream, status: u16) -> std::io::Result<()> {

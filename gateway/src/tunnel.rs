@@ -31,7 +31,10 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_core::{
     api::v1::{DiscoveryUpdate, Exports, discovery_update::Kind},
-    identity::{SpiffeId, TrustDomain, tls::peer_identity, tls::verify_error},
+    identity::{
+        SpiffeId, TrustDomain,
+        tls::{peer_identity, refusal_reason},
+    },
 };
 use mesh_proxy::follow::Follower;
 use rustls::ServerConfig;
@@ -175,6 +178,73 @@ impl Tunnel {
     }
 }
 
+impl Tunnel {
+    /// The answer to the probe target: 200 while this gateway is ready.
+    pub fn probe_status(&self) -> StatusCode {
+        match self.readiness.state() {
+            Ok(()) => StatusCode::OK,
+            Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// A connection to where a stream for `target` goes, or why not.
+    pub async fn open(&self, target: &str) -> Result<TcpStream, Refusal> {
+        let to = self.resolve(target).await?;
+        match TcpStream::connect(&to).await {
+            Ok(tcp) => {
+                let _ = tcp.set_nodelay(true);
+                Ok(tcp)
+            }
+            Err(e) => {
+                tracing::warn!(%target, %to, error = %e, "tunnel destination unreachable");
+                Err(Refusal::Unreachable(target.to_owned()))
+            }
+        }
+    }
+
+    /// Counts a refused stream and logs it; the status to answer with.
+    pub fn refused(&self, caller: &SpiffeId, refusal: &Refusal, transport: &str) -> StatusCode {
+        let (status, reason) = refusal.classify();
+        self.metrics.refuse(reason, caller.trust_domain().as_str());
+        tracing::info!(%caller, reason, transport, "tunnel stream refused: {refusal}");
+        status
+    }
+
+    /// Splices the caller's stream to `upstream`, counting the stream and
+    /// its bytes under the caller's trust domain.
+    pub async fn splice<A>(
+        &self,
+        caller: &SpiffeId,
+        transport: &'static str,
+        mut caller_side: A,
+        mut upstream: TcpStream,
+    ) where
+        A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let td = caller.trust_domain().to_string();
+        self.metrics
+            .streams
+            .get_or_create(&PeerLabels {
+                peer_trust_domain: td.clone(),
+                transport,
+            })
+            .inc();
+        if let Ok((inward, outward)) =
+            tokio::io::copy_bidirectional(&mut caller_side, &mut upstream).await
+        {
+            for (flow, n) in [("in", inward), ("out", outward)] {
+                self.metrics
+                    .bytes
+                    .get_or_create(&BytesLabels {
+                        peer_trust_domain: td.clone(),
+                        flow,
+                    })
+                    .inc_by(n);
+            }
+        }
+    }
+}
+
 /// `<svc>.<ns>.svc.<domain>:<port>` into its parts.
 pub fn parse_target<'a>(target: &'a str, cluster_domain: &str) -> Option<(&'a str, &'a str, u16)> {
     let (host, port) = target.rsplit_once(':')?;
@@ -201,11 +271,7 @@ pub async fn accept(listener: TcpListener, tls: Arc<ServerConfig>, tunnel: Arc<T
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
-                    let reason = e
-                        .get_ref()
-                        .and_then(|i| i.downcast_ref::<rustls::Error>())
-                        .and_then(verify_error)
-                        .map_or("handshake", |v| v.reason());
+                    let reason = refusal_reason(&e);
                     tunnel
                         .metrics
                         .tls_refused
@@ -262,73 +328,35 @@ pub async fn accept(listener: TcpListener, tls: Arc<ServerConfig>, tunnel: Arc<T
 }
 
 /// One stream: check and resolve its target, answer, then splice.
-async fn stream(tunnel: &Tunnel, caller: &SpiffeId, req: Request<Incoming>) -> Response<Body> {
-    let td = caller.trust_domain();
+async fn stream(tunnel: &Arc<Tunnel>, caller: &SpiffeId, req: Request<Incoming>) -> Response<Body> {
     let target = req.uri().authority().map(|a| a.as_str().to_owned());
-    if req.method() == Method::CONNECT && target.as_deref() == Some(PROBE_TARGET) {
-        let status = match tunnel.readiness.state() {
-            Ok(()) => StatusCode::OK,
-            Err(_) => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        let mut resp = Response::new(Full::new(Bytes::new()).boxed());
-        *resp.status_mut() = status;
-        return resp;
-    }
-    let resolved = match (req.method(), target) {
-        (&Method::CONNECT, Some(target)) => tunnel.resolve(&target).await.map(|to| (target, to)),
+    let opened = match (req.method(), target.as_deref()) {
+        (&Method::CONNECT, Some(PROBE_TARGET)) => return status(tunnel.probe_status(), ""),
+        (&Method::CONNECT, Some(target)) => tunnel.open(target).await,
         (&Method::CONNECT, None) => Err(Refusal::BadTarget(String::new())),
         _ => Err(Refusal::NotConnect),
     };
-    let (target, to) = match resolved {
-        Ok(found) => found,
-        Err(refusal) => return refuse(tunnel, caller, &refusal),
-    };
-    let upstream = match TcpStream::connect(&to).await {
-        Ok(tcp) => tcp,
-        Err(e) => {
-            tracing::warn!(%target, %to, error = %e, "tunnel destination unreachable");
-            return refuse(tunnel, caller, &Refusal::Unreachable(target));
+    let upstream = match opened {
+        Ok(upstream) => upstream,
+        Err(refusal) => {
+            let code = tunnel.refused(caller, &refusal, "tcp");
+            return status(code, &format!("mesh gateway: {refusal}\n"));
         }
     };
-    let _ = upstream.set_nodelay(true);
-    tunnel
-        .metrics
-        .streams
-        .get_or_create(&PeerLabels {
-            peer_trust_domain: td.to_string(),
-            transport: "tcp",
-        })
-        .inc();
-    tracing::debug!(%caller, %target, %to, "stream spliced");
-    let (metrics, td) = (tunnel.metrics.clone(), td.to_string());
+    let (tunnel, caller) = (tunnel.clone(), caller.clone());
     tokio::spawn(async move {
-        let Ok(upgraded) = hyper::upgrade::on(req).await else {
-            return;
-        };
-        let (mut a, mut b) = (TokioIo::new(upgraded), upstream);
-        if let Ok((inward, outward)) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
-            for (flow, n) in [("in", inward), ("out", outward)] {
-                metrics
-                    .bytes
-                    .get_or_create(&BytesLabels {
-                        peer_trust_domain: td.clone(),
-                        flow,
-                    })
-                    .inc_by(n);
-            }
+        if let Ok(upgraded) = hyper::upgrade::on(req).await {
+            tunnel
+                .splice(&caller, "tcp", TokioIo::new(upgraded), upstream)
+                .await;
         }
     });
-    Response::new(Full::new(Bytes::new()).boxed())
+    status(StatusCode::OK, "")
 }
 
-fn refuse(tunnel: &Tunnel, caller: &SpiffeId, refusal: &Refusal) -> Response<Body> {
-    let (status, reason) = refusal.classify();
-    let td = caller.trust_domain();
-    tunnel.metrics.refuse(reason, td.as_str());
-    tracing::info!(%caller, reason, "tunnel stream refused: {refusal}");
-    let mut resp =
-        Response::new(Full::new(Bytes::from(format!("mesh gateway: {refusal}\n"))).boxed());
-    *resp.status_mut() = status;
+fn status(code: StatusCode, body: &str) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_owned())).boxed());
+    *resp.status_mut() = code;
     resp
 }
 

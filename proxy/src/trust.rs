@@ -11,10 +11,11 @@ use tonic::transport::Channel;
 
 use crate::follow::Follower;
 
-/// Keeps `bundles` at our own `local` bundle plus every linked cluster's.
-pub async fn follow_linked_bundles(api: Channel, local: TrustBundle, bundles: BundleStore) {
+/// The linked clusters as the control plane streams them (reconnecting;
+/// the last state kept while it is away).
+pub fn linked_trust(api: Channel) -> crate::follow::Latest<LinkedTrust> {
     let client = FederationClient::new(api);
-    let follower = Follower::new("linked trust", move |(): ()| {
+    Follower::new("linked trust", move |(): ()| {
         let mut client = client.clone();
         async move {
             client
@@ -22,8 +23,13 @@ pub async fn follow_linked_bundles(api: Channel, local: TrustBundle, bundles: Bu
                 .await
                 .map(tonic::Response::into_inner)
         }
-    });
-    let mut updates = follower.watch(&());
+    })
+    .watch(&())
+}
+
+/// Keeps `bundles` at our own `local` bundle plus every linked cluster's.
+pub async fn follow_linked_bundles(api: Channel, local: TrustBundle, bundles: BundleStore) {
+    let mut updates = linked_trust(api);
     loop {
         if let Some(trust) = updates.borrow_and_update().clone() {
             bundles.replace(trusted(&local, &trust));

@@ -28,15 +28,14 @@ use std::{
 
 use mesh_core::{
     api::v1::{
-        Exports, LinkedBundle, LinkedTrust, ProtocolHint, WatchExportsRequest, WatchTrustRequest,
+        Exports, LinkedBundle, LinkedTrust, ProtocolHint, WatchExportsRequest,
         federation_client::FederationClient,
     },
-    identity::{BundleStore, CredentialStore, ExpectedIdentity, SpiffeId, tls::client_config},
+    identity::{BundleStore, CredentialStore, ExpectedIdentity, SpiffeId},
 };
 use mesh_proxy::{
-    follow::Follower,
     identity::backoff,
-    outbound::tunnel::{ALPN_TUNNEL, FEDERATION_TARGET, TunnelConnector},
+    outbound::tunnel::{FEDERATION_TARGET, TunnelConnector},
 };
 use tokio::{sync::watch, task::JoinHandle};
 use tonic::transport::{Channel, Endpoint};
@@ -66,17 +65,7 @@ pub async fn run(
     bundles: BundleStore,
     metrics: Metrics,
 ) {
-    let client = FederationClient::new(api);
-    let trust = Follower::new("linked trust", move |(): ()| {
-        let mut client = client.clone();
-        async move {
-            client
-                .watch_trust(WatchTrustRequest {})
-                .await
-                .map(tonic::Response::into_inner)
-        }
-    });
-    let mut links = trust.watch(&());
+    let mut links = mesh_proxy::trust::linked_trust(api);
     let mut running: HashMap<String, (LinkedBundle, JoinHandle<()>)> = HashMap::new();
     loop {
         let current: LinkedTrust = links
@@ -200,23 +189,18 @@ fn connector(
         .first()
         .ok_or("the Link names no gateway address")?;
     let gateway_id = SpiffeId::parse(&link.gateway_identity).map_err(|e| e.to_string())?;
-    let td = gateway_id.trust_domain();
-    let control = SpiffeId::workload(&td, "mesh-system", "control").map_err(|e| e.to_string())?;
-    let config = |expected, alpn: &[u8]| {
-        let mut tls =
-            client_config(creds.clone(), bundles.clone(), expected).map_err(|e| e.to_string())?;
-        tls.alpn_protocols = vec![alpn.to_vec()];
-        Ok::<_, String>(Arc::new(tls))
-    };
-    Ok(TunnelConnector {
-        gateway: gateway.clone(),
-        gateway_tls: config(ExpectedIdentity::Exact(gateway_id), ALPN_TUNNEL)?,
-        target: FEDERATION_TARGET.into(),
-        inner_tls: config(ExpectedIdentity::Exact(control), b"h2")?,
-        session: Arc::default(),
-        // The probe and the exports use the TCP tunnel.
-        quic: None,
-    })
+    let control = SpiffeId::workload(&gateway_id.trust_domain(), "mesh-system", "control")
+        .map_err(|e| e.to_string())?;
+    // The probe and the exports use the TCP tunnel.
+    TunnelConnector::new(
+        gateway,
+        gateway_id,
+        FEDERATION_TARGET,
+        ExpectedIdentity::Exact(control),
+        false,
+        creds,
+        bundles,
+    )
 }
 
 /// Follows the remote exports through the tunnel; keeps the last ones

@@ -270,6 +270,21 @@ pub fn peer_leaf(conn: &CommonState) -> Option<(SpiffeId, time::OffsetDateTime)>
     Some((leaf_spiffe_id(&leaf).ok()?, leaf.not_after))
 }
 
+/// The metric reason for a refused TLS handshake (from the I/O error the
+/// acceptor returned): the verifier's own reason, `protocol_version`,
+/// `timeout`, or `handshake`.
+pub fn refusal_reason(e: &std::io::Error) -> &'static str {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(err) => match verify_error(err) {
+            Some(v) => v.reason(),
+            None if matches!(err, rustls::Error::PeerIncompatible(_)) => "protocol_version",
+            None => "handshake",
+        },
+        None if e.kind() == std::io::ErrorKind::TimedOut => "timeout",
+        None => "handshake",
+    }
+}
+
 /// Finds our [`VerifyError`] inside a rustls error, so callers can tell
 /// "expired" from "wrong identity" without parsing strings.
 pub fn verify_error(err: &rustls::Error) -> Option<&VerifyError> {

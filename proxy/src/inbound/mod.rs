@@ -28,10 +28,7 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo},
 };
-use mesh_core::identity::{
-    SpiffeId,
-    tls::{peer_leaf, verify_error},
-};
+use mesh_core::identity::{SpiffeId, tls::peer_leaf};
 use rustls::ServerConfig;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_rustls::TlsAcceptor;
@@ -240,12 +237,7 @@ async fn opaque(
 }
 
 fn refused_handshake(metrics: &Metrics, peer: SocketAddr, e: &std::io::Error) {
-    let rustls_err = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
-    let reason = match rustls_err {
-        Some(err) => verify_error(err).map_or("handshake", |v| v.reason()),
-        None if e.kind() == std::io::ErrorKind::TimedOut => "timeout",
-        None => "handshake",
-    };
+    let reason = mesh_core::identity::tls::refusal_reason(e);
     metrics
         .tls_refused
         .get_or_create(&ReasonLabels {

@@ -22,7 +22,7 @@ use tower::{
 use super::{
     accrual::{Accrual, Health},
     endpoint::EndpointService,
-    tunnel::{ALPN_QUIC, ALPN_TUNNEL, QuicTunnel, TunnelConnector},
+    tunnel::TunnelConnector,
 };
 use crate::{inbound::Body, metrics::Metrics};
 
@@ -69,7 +69,6 @@ impl Via {
         creds: &CredentialStore,
         bundles: &BundleStore,
     ) -> Result<TunnelConnector, String> {
-        use mesh_core::identity::{ExpectedIdentity, tls::client_config};
         let gateway = SpiffeId::parse(&self.gateway_identity)
             .map_err(|e| format!("gateway identity {:?}: {e}", self.gateway_identity))?;
         let identities: std::collections::BTreeSet<SpiffeId> = self
@@ -77,39 +76,18 @@ impl Via {
             .iter()
             .filter_map(|i| SpiffeId::parse(i).ok())
             .collect();
-        let config = |expected, alpn: &[u8]| {
-            let mut tls = client_config(creds.clone(), bundles.clone(), expected).ok()?;
-            tls.alpn_protocols = vec![alpn.to_vec()];
-            Some(Arc::new(tls))
-        };
         if identities.is_empty() {
             return Err(format!("{} lists no destination identity", self.target));
         }
-        let no_config = || "no TLS configuration for our credentials".to_owned();
-        let gateway_tls =
-            config(ExpectedIdentity::Exact(gateway.clone()), ALPN_TUNNEL).ok_or_else(no_config)?;
-        let inner_tls = config(ExpectedIdentity::AnyOf(identities), b"h2").ok_or_else(no_config)?;
-        let quic = if self.quic {
-            let tls = config(ExpectedIdentity::Exact(gateway), ALPN_QUIC).ok_or_else(no_config)?;
-            let crypto =
-                quinn::crypto::rustls::QuicClientConfig::try_from(Arc::unwrap_or_clone(tls))
-                    .map_err(|e| format!("QUIC TLS: {e}"))?;
-            Some(QuicTunnel {
-                config: quinn::ClientConfig::new(Arc::new(crypto)),
-                conn: Arc::default(),
-                skip_until: Arc::default(),
-            })
-        } else {
-            None
-        };
-        Ok(TunnelConnector {
-            gateway: self.gateway.clone(),
-            gateway_tls,
-            target: self.target.clone(),
-            inner_tls,
-            session: Arc::default(),
-            quic,
-        })
+        TunnelConnector::new(
+            &self.gateway,
+            gateway,
+            &self.target,
+            mesh_core::identity::ExpectedIdentity::AnyOf(identities),
+            self.quic,
+            creds,
+            bundles,
+        )
     }
 }
 

@@ -21,6 +21,10 @@ use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::{net::TcpStream, sync::Mutex};
 use tokio_rustls::TlsConnector;
 
+use mesh_core::identity::{
+    BundleStore, CredentialStore, ExpectedIdentity, SpiffeId, tls::client_config,
+};
+
 use super::endpoint::{MeshIo, Stream};
 
 /// ALPN of a tunnel connection to a gateway.
@@ -125,6 +129,46 @@ impl std::fmt::Debug for TunnelConnector {
 }
 
 impl TunnelConnector {
+    /// A connector to `target` behind the gateway at `gateway` (which must
+    /// present `gateway_id`); the inner session expects `destination`.
+    /// With `quic`, QUIC is tried first.
+    pub fn new(
+        gateway: &str,
+        gateway_id: SpiffeId,
+        target: &str,
+        destination: ExpectedIdentity,
+        quic: bool,
+        creds: &CredentialStore,
+        bundles: &BundleStore,
+    ) -> Result<Self, String> {
+        let config = |expected, alpn: &[u8]| {
+            let mut tls = client_config(creds.clone(), bundles.clone(), expected)
+                .map_err(|e| format!("TLS configuration: {e}"))?;
+            tls.alpn_protocols = vec![alpn.to_vec()];
+            Ok::<_, String>(tls)
+        };
+        let quic = if quic {
+            let tls = config(ExpectedIdentity::Exact(gateway_id.clone()), ALPN_QUIC)?;
+            let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+                .map_err(|e| format!("QUIC TLS: {e}"))?;
+            Some(QuicTunnel {
+                config: quinn::ClientConfig::new(Arc::new(crypto)),
+                conn: Arc::default(),
+                skip_until: Arc::default(),
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            gateway: gateway.to_owned(),
+            gateway_tls: Arc::new(config(ExpectedIdentity::Exact(gateway_id), ALPN_TUNNEL)?),
+            target: target.to_owned(),
+            inner_tls: Arc::new(config(destination, b"h2")?),
+            session: Arc::default(),
+            quic,
+        })
+    }
+
     /// A stream to the destination proxy, mTLS done: over QUIC when the
     /// Link prefers it and it opens in time, else over TCP.
     pub async fn connect(&self) -> io::Result<MeshIo> {
