@@ -34,6 +34,23 @@ enum Command {
     Multicluster(multicluster::MulticlusterCmd),
     /// Measure the data plane on this machine: meshed against direct, in one run.
     Bench(bench::BenchArgs),
+    /// Run a whole federated mesh on this machine from a topology file, with live traffic.
+    Up(Box<mesh_topologies::cli::UpArgs>),
+    /// Stop a `mesh up` run left in the background.
+    Down(mesh_topologies::cli::StateArgs),
+    /// Show a `mesh up` run: every process, its readiness, and the traffic so far.
+    Status(mesh_topologies::cli::StateArgs),
+    /// The demo workloads `mesh up` runs (HTTP/gRPC service, load generator).
+    #[command(subcommand)]
+    Demo(mesh_topologies::demo::DemoCmd),
+}
+
+/// Prints an error the way every command does.
+fn report(result: anyhow::Result<ExitCode>) -> ExitCode {
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        ExitCode::FAILURE
+    })
 }
 
 fn main() -> ExitCode {
@@ -74,6 +91,28 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Up(args) => {
+            mesh_core::telemetry::init("warn");
+            report(mesh_topologies::cli::up(*args))
+        }
+        Command::Down(args) => {
+            mesh_core::telemetry::init("warn");
+            report(mesh_topologies::cli::down(
+                args,
+                &mut std::io::stdout().lock(),
+            ))
+        }
+        Command::Status(args) => {
+            mesh_core::telemetry::init("warn");
+            report(mesh_topologies::cli::status(
+                args,
+                &mut std::io::stdout().lock(),
+            ))
+        }
+        Command::Demo(cmd) => {
+            mesh_core::telemetry::init("info");
+            report(mesh_topologies::demo::run(cmd).map(|()| ExitCode::SUCCESS))
         }
         Command::Gateway(args) => {
             mesh_core::telemetry::init("info");

@@ -4,7 +4,9 @@ use std::{io::Write, path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use mesh_core::identity::{SpiffeId, TrustDomain, files};
+use mesh_core::identity::{TrustDomain, files};
+use mesh_core::metrics_text;
+use mesh_service_mirror::metrics::LinkStatus;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum MulticlusterCmd {
@@ -87,81 +89,13 @@ pub(crate) fn run(cmd: MulticlusterCmd, out: &mut impl Write) -> Result<ExitCode
     }
 }
 
-/// One link's state, from the service mirror's metrics.
-#[derive(Debug, Default)]
-struct LinkState {
-    alive: bool,
-    services: u64,
-    /// (upper bound in seconds, cumulative count) per bucket.
-    buckets: Vec<(f64, f64)>,
-    count: f64,
-}
-
-impl LinkState {
-    /// The bucket bound the `q` quantile falls under, in ms.
-    fn quantile_ms(&self, q: f64) -> Option<f64> {
-        if self.count == 0.0 {
-            return None;
-        }
-        let want = q * self.count;
-        self.buckets
-            .iter()
-            .find(|(_, n)| *n >= want)
-            .map(|(le, _)| le * 1000.0)
-    }
-}
-
 /// Scrapes the mirror's `/metrics` into per-link state.
-fn scrape(admin: std::net::SocketAddr) -> Result<std::collections::BTreeMap<String, LinkState>> {
-    use std::io::Read;
-    let mut tcp = std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(2))
+fn scrape(admin: std::net::SocketAddr) -> Result<std::collections::BTreeMap<String, LinkStatus>> {
+    let (_, text) = metrics_text::fetch(admin, "/metrics", std::time::Duration::from_secs(5))
         .with_context(|| {
             format!("cannot reach the service mirror's admin at {admin}; is mesh service-mirror running (--mirror-admin)?")
         })?;
-    tcp.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-    tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-    let mut text = String::new();
-    tcp.read_to_string(&mut text)?;
-    Ok(parse_metrics(&text))
-}
-
-/// Per-link state from the mirror's metrics text.
-fn parse_metrics(text: &str) -> std::collections::BTreeMap<String, LinkState> {
-    let mut links: std::collections::BTreeMap<String, LinkState> = Default::default();
-    for line in text
-        .lines()
-        .filter(|l| l.starts_with("mesh_service_mirror_"))
-    {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let value: f64 = value.parse().unwrap_or(0.0);
-        let label = |name: &str| {
-            let key = format!("{name}=\"");
-            let start = series.find(&key)? + key.len();
-            Some(series[start..].split('"').next()?.to_owned())
-        };
-        let Some(cluster) = label("cluster") else {
-            continue;
-        };
-        let link = links.entry(cluster).or_default();
-        if series.starts_with("mesh_service_mirror_link_alive") {
-            link.alive = value >= 1.0;
-        } else if series.starts_with("mesh_service_mirror_services_mirrored") {
-            link.services = value as u64;
-        } else if series.starts_with("mesh_service_mirror_probe_latency_seconds_bucket") {
-            let le = label("le")
-                .and_then(|l| l.parse().ok())
-                .unwrap_or(f64::INFINITY);
-            link.buckets.push((le, value));
-        } else if series.starts_with("mesh_service_mirror_probe_latency_seconds_count") {
-            link.count = value;
-        }
-    }
-    for link in links.values_mut() {
-        link.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    }
-    links
+    Ok(LinkStatus::read(&metrics_text::parse(&text)))
 }
 
 fn gateways(args: &MirrorAdmin, out: &mut impl Write) -> Result<ExitCode> {
@@ -175,16 +109,16 @@ fn gateways(args: &MirrorAdmin, out: &mut impl Write) -> Result<ExitCode> {
         "{:<16} {:<6} {:>9} {:>10} {:>10} {:>10}",
         "CLUSTER", "ALIVE", "SERVICES", "PROBE p50", "p95", "p99"
     )?;
-    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("<={v:.1}ms"));
+    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("<={:.1}ms", v * 1000.0));
     for (cluster, link) in &links {
         writeln!(
             out,
             "{cluster:<16} {:<6} {:>9} {:>10} {:>10} {:>10}",
             if link.alive { "yes" } else { "no" },
             link.services,
-            ms(link.quantile_ms(0.5)),
-            ms(link.quantile_ms(0.95)),
-            ms(link.quantile_ms(0.99)),
+            ms(link.probe_latency.quantile(0.5)),
+            ms(link.probe_latency.quantile(0.95)),
+            ms(link.probe_latency.quantile(0.99)),
         )?;
     }
     Ok(ExitCode::SUCCESS)
@@ -333,8 +267,6 @@ fn link(args: &LinkArgs) -> Result<String> {
         };
         (td.clone(), files::load_bundle(&args.ca, td)?)
     };
-    let json = bundle.to_spiffe_json()?.replace('\n', "");
-    let gateway = SpiffeId::workload(&td, "mesh-system", "gateway")?;
     let gateways: Vec<String> = args
         .gateways
         .iter()
@@ -342,23 +274,22 @@ fn link(args: &LinkArgs) -> Result<String> {
             let has_port = g
                 .rsplit_once(':')
                 .is_some_and(|(_, p)| p.parse::<u16>().is_ok());
-            let addr = if has_port {
+            if has_port {
                 g.clone()
             } else {
                 format!("{g}:4143")
-            };
-            format!("\"{addr}\"")
+            }
         })
         .collect();
     let transport = match args.transport {
         Transport::Quic => "quic",
         Transport::Tcp => "tcp",
     };
+    let yaml =
+        mesh_control::resources::link_yaml(&args.cluster_name, &gateways, transport, &bundle)?;
     Ok(format!(
-        "# Apply to the source cluster's config directory to link {cluster} ({td}).\n\
-         apiVersion: multicluster.mesh.rs/v1alpha1\nkind: Link\nmetadata:\n  name: {cluster}\n  namespace: mesh-system\nspec:\n  clusterName: {cluster}\n  trustDomain: {td}\n  gatewayAddresses: [{gateways}]\n  gatewayIdentity: {gateway}\n  transport: {transport}\n  trustBundle: '{json}'\n",
-        cluster = args.cluster_name,
-        gateways = gateways.join(", "),
+        "# Apply to the source cluster's config directory to link {} ({td}).\n{yaml}",
+        args.cluster_name
     ))
 }
 
@@ -400,30 +331,4 @@ fn unlink(args: &UnlinkArgs, out: &mut impl Write) -> Result<ExitCode> {
         dir.join(format!("mirror-{cluster}.yaml")).display()
     )?;
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn link_state_and_probe_quantiles_from_the_mirrors_metrics() {
-        let text = "mesh_service_mirror_link_alive{cluster=\"east\"} 1\n\
-mesh_service_mirror_services_mirrored{cluster=\"east\"} 3\n\
-mesh_service_mirror_probe_latency_seconds_bucket{cluster=\"east\",le=\"0.001\"} 50\n\
-mesh_service_mirror_probe_latency_seconds_bucket{cluster=\"east\",le=\"0.005\"} 96\n\
-mesh_service_mirror_probe_latency_seconds_bucket{cluster=\"east\",le=\"0.01\"} 100\n\
-mesh_service_mirror_probe_latency_seconds_bucket{cluster=\"east\",le=\"+Inf\"} 100\n\
-mesh_service_mirror_probe_latency_seconds_count{cluster=\"east\"} 100\n\
-mesh_service_mirror_link_alive{cluster=\"north\"} 0\n";
-        let links = parse_metrics(text);
-        let east = &links["east"];
-        assert!(east.alive);
-        assert_eq!(east.services, 3);
-        assert_eq!(east.quantile_ms(0.5), Some(1.0));
-        assert_eq!(east.quantile_ms(0.95), Some(5.0));
-        assert_eq!(east.quantile_ms(0.99), Some(10.0));
-        assert!(!links["north"].alive);
-        assert_eq!(links["north"].quantile_ms(0.5), None, "no probe yet");
-    }
 }

@@ -15,5 +15,6 @@ pub mod api;
 pub mod crypto;
 pub mod grpc;
 pub mod identity;
+pub mod metrics_text;
 pub mod shutdown;
 pub mod telemetry;

@@ -94,3 +94,74 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+/// One link as its metrics tell it, for readers of `/metrics` (the CLI and
+/// the topology runner).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LinkStatus {
+    pub alive: bool,
+    pub services: u64,
+    pub probe_latency: mesh_core::metrics_text::Histogram,
+}
+
+impl LinkStatus {
+    /// Every link in the samples of a mirror's `/metrics`, by cluster.
+    pub fn read(
+        samples: &[mesh_core::metrics_text::Sample],
+    ) -> std::collections::BTreeMap<String, LinkStatus> {
+        let mut links: std::collections::BTreeMap<String, LinkStatus> = Default::default();
+        for s in samples {
+            let cluster = s.label("cluster");
+            if cluster.is_empty() {
+                continue;
+            }
+            match s.name.as_str() {
+                "mesh_service_mirror_link_alive" => {
+                    links.entry(cluster.to_owned()).or_default().alive = s.value >= 1.0
+                }
+                "mesh_service_mirror_services_mirrored" => {
+                    links.entry(cluster.to_owned()).or_default().services = s.value as u64
+                }
+                _ => {}
+            }
+        }
+        for (cluster, link) in links.iter_mut() {
+            link.probe_latency = mesh_core::metrics_text::Histogram::collect(
+                samples,
+                "mesh_service_mirror_probe_latency_seconds",
+                |s| s.label("cluster") == cluster,
+            );
+        }
+        links
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_status_and_probe_quantiles_from_metrics_text() {
+        let text = "mesh_service_mirror_link_alive{cluster=\"east\"} 1\n\
+mesh_service_mirror_services_mirrored{cluster=\"east\"} 3\n\
+mesh_service_mirror_probe_latency_seconds_bucket{cluster=\"east\",le=\"0.001\"} 50\n\
+mesh_service_mirror_probe_latency_seconds_bucket{cluster=\"east\",le=\"0.005\"} 96\n\
+mesh_service_mirror_probe_latency_seconds_bucket{cluster=\"east\",le=\"0.01\"} 100\n\
+mesh_service_mirror_probe_latency_seconds_bucket{cluster=\"east\",le=\"+Inf\"} 100\n\
+mesh_service_mirror_probe_latency_seconds_count{cluster=\"east\"} 100\n\
+mesh_service_mirror_link_alive{cluster=\"north\"} 0\n";
+        let links = LinkStatus::read(&mesh_core::metrics_text::parse(text));
+        let east = &links["east"];
+        assert!(east.alive);
+        assert_eq!(east.services, 3);
+        assert_eq!(east.probe_latency.quantile(0.5), Some(0.001));
+        assert_eq!(east.probe_latency.quantile(0.95), Some(0.005));
+        assert_eq!(east.probe_latency.quantile(0.99), Some(0.01));
+        assert!(!links["north"].alive);
+        assert_eq!(
+            links["north"].probe_latency.quantile(0.5),
+            None,
+            "no probe yet"
+        );
+    }
+}

@@ -191,13 +191,14 @@ fn connector(
     let gateway_id = SpiffeId::parse(&link.gateway_identity).map_err(|e| e.to_string())?;
     let control = SpiffeId::workload(&gateway_id.trust_domain(), "mesh-system", "control")
         .map_err(|e| e.to_string())?;
-    // The probe and the exports use the TCP tunnel.
+    // The probe and the exports take the Link's transport (QUIC falls
+    // back to TCP when UDP is blocked), as proxies do.
     TunnelConnector::new(
         gateway,
         gateway_id,
         FEDERATION_TARGET,
         ExpectedIdentity::Exact(control),
-        false,
+        link.transport == "quic",
         creds,
         bundles,
     )

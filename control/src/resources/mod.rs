@@ -8,3 +8,21 @@ pub mod types;
 pub use dir::ConfigDir;
 pub use parse::ConfigError;
 pub use types::Resource;
+
+/// The `Link` to cluster `cluster` (trust domain of `bundle`) through
+/// `gateways` (`host:port`), as YAML to put in another cluster's config
+/// directory. `transport` is `tcp` or `quic`.
+pub fn link_yaml(
+    cluster: &str,
+    gateways: &[String],
+    transport: &str,
+    bundle: &mesh_core::identity::TrustBundle,
+) -> Result<String, mesh_core::identity::bundle::BundleError> {
+    let td = bundle.trust_domain();
+    let json = bundle.to_spiffe_json()?.replace('\n', "");
+    let gateways: Vec<String> = gateways.iter().map(|g| format!("\"{g}\"")).collect();
+    Ok(format!(
+        "apiVersion: multicluster.mesh.rs/v1alpha1\nkind: Link\nmetadata:\n  name: {cluster}\n  namespace: mesh-system\nspec:\n  clusterName: {cluster}\n  trustDomain: {td}\n  gatewayAddresses: [{gateways}]\n  gatewayIdentity: spiffe://{td}/ns/mesh-system/sa/gateway\n  transport: {transport}\n  trustBundle: '{json}'\n",
+        gateways = gateways.join(", "),
+    ))
+}

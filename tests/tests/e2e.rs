@@ -1,0 +1,310 @@
+//! End to end: the topologies of `topologies/` run as real processes (every
+//! control plane, gateway, service mirror, proxy and app is the `mesh`
+//! binary), each test on loopback ranges of its own.
+
+use std::time::{Duration, Instant};
+
+use mesh_tests::*;
+use mesh_topologies::{demo::LoadStats, runner::RunRecord};
+
+/// The load generator's numbers (from its stats file).
+fn load_stats(record: &RunRecord, cluster: &str, replica: &str) -> LoadStats {
+    let c = record.clusters.iter().find(|c| c.name == cluster).unwrap();
+    let r = c.replicas.iter().find(|r| r.name == replica).unwrap();
+    std::fs::read(&r.stats)
+        .ok()
+        .and_then(|t| serde_json::from_slice(&t).ok())
+        .unwrap_or_default()
+}
+
+fn replica(record: &RunRecord, cluster: &str, name: &str) -> mesh_topologies::runner::ReplicaInfo {
+    record
+        .clusters
+        .iter()
+        .find(|c| c.name == cluster)
+        .and_then(|c| c.replicas.iter().find(|r| r.name == name))
+        .cloned()
+        .unwrap()
+}
+
+const WEB: &str = "spiffe://west.mesh.local/ns/shop/sa/web";
+
+/// The demo with one more west workload, `other`, whose app calls api-east
+/// (which admits only west's web).
+fn demo_with_other() -> String {
+    topology_text("demo.yaml").replacen(
+        "      - name: load\n",
+        "      - name: other\n        namespace: shop\n        ports: [{name: http, port: 8080}]\n        command: [mesh, demo, serve, --http-port, \"8080\", --call, \"http://api-east.shop.svc.cluster.local:8080/\"]\n      - name: load\n",
+        1,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_crosses_clusters_with_identity_mtls_on_every_hop_and_policy() {
+    let s = start(&demo_with_other(), 40).await;
+    let record = s.run.snapshot();
+    assert!(
+        eventually(Duration::from_secs(30), || load_stats(
+            &record, "west", "load-0"
+        )
+        .ok()
+            >= 40)
+        .await,
+        "the load generator never got 40 answers: {:?}",
+        load_stats(&record, "west", "load-0")
+    );
+    let load = load_stats(&record, "west", "load-0");
+    assert_eq!(load.failed(), 0, "{load:?}");
+    assert!(load.grpc.as_ref().is_some_and(|g| g.ok > 0), "{load:?}");
+    // web answered after calling catalog (west) and api (east); api saw
+    // web's own west identity, through the gateway.
+    let answer = load.last_answer.expect("an answer");
+    assert_eq!(answer["cluster"], "west");
+    assert_eq!(
+        answer["client_id"],
+        "spiffe://west.mesh.local/ns/shop/sa/load"
+    );
+    assert_eq!(answer["calls"][0]["cluster"], "west");
+    assert_eq!(answer["calls"][1]["cluster"], "east");
+    assert_eq!(answer["calls"][1]["client_id"], WEB);
+
+    // Every hop is mTLS: no west proxy sent a request in the clear, ...
+    let west = record.clusters.iter().find(|c| c.name == "west").unwrap();
+    for r in &west.replicas {
+        let m = metrics(r.proxy_admin);
+        let plain = sum(&m, "mesh_proxy_outbound_requests_total", |s| {
+            s.label("tls") != "mtls"
+        });
+        assert_eq!(plain, 0.0, "{} sent requests without mTLS", r.name);
+    }
+    let web = metrics(replica(&record, "west", "web-0").proxy_admin);
+    let to_east = sum(&web, "mesh_proxy_outbound_requests_total", |s| {
+        s.label("dst_cluster") == "east" && s.label("tls") == "mtls"
+    });
+    assert!(
+        to_east >= 40.0,
+        "web's proxy sent {to_east} requests to east"
+    );
+    // ... the tunnel carried west's streams, and east's api proxies (mTLS
+    // only) verified web's west identity.
+    let gateway = s.run.cluster("east").unwrap().gateway_admin.unwrap();
+    let streams = sum(&metrics(gateway), "mesh_gateway_streams_total", |s| {
+        s.label("peer_trust_domain") == "west.mesh.local"
+    });
+    assert!(streams >= 1.0, "east's gateway saw no stream from west");
+    let from_web: f64 = ["api-0", "api-1"]
+        .iter()
+        .map(|r| {
+            sum(
+                &metrics(replica(&record, "east", r).proxy_admin),
+                "mesh_proxy_inbound_requests_total",
+                |s| s.label("client_id") == WEB && s.label("classification") == "success",
+            )
+        })
+        .sum();
+    assert!(
+        from_web >= 40.0,
+        "east's api saw {from_web} requests from web"
+    );
+
+    // Policy across the gateway: west's `other` is refused by east's api.
+    let other = replica(&record, "west", "other-0");
+    let (status, body) = get(std::net::SocketAddr::new(other.ip, 8080), "/");
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body.contains("403"),
+        "api-east refused other with 403: {body}"
+    );
+    let refused: f64 = ["api-0", "api-1"]
+        .iter()
+        .map(|r| {
+            sum(
+                &metrics(replica(&record, "east", r).proxy_admin),
+                "mesh_proxy_inbound_refused_total",
+                |s| s.label("reason") == "unauthorized",
+            )
+        })
+        .sum();
+    assert!(refused >= 1.0, "the refusal was not counted");
+}
+
+/// Whether west's mirror says the link to east is alive.
+fn east_alive(record: &RunRecord) -> Option<bool> {
+    let admin = record
+        .clusters
+        .iter()
+        .find(|c| c.name == "west")?
+        .mirror_admin?;
+    let links = mesh_service_mirror_links(admin);
+    links.get("east").map(|l| l.0)
+}
+
+/// (alive, services) per link of the mirror at `admin`.
+fn mesh_service_mirror_links(
+    admin: std::net::SocketAddr,
+) -> std::collections::BTreeMap<String, (bool, f64)> {
+    let m = metrics(admin);
+    let mut links = std::collections::BTreeMap::new();
+    for s in &m {
+        if s.name == "mesh_service_mirror_link_alive" {
+            links
+                .entry(s.label("cluster").to_owned())
+                .or_insert((false, 0.0))
+                .0 = s.value >= 1.0;
+        }
+        if s.name == "mesh_service_mirror_services_mirrored" {
+            links
+                .entry(s.label("cluster").to_owned())
+                .or_insert((false, 0.0))
+                .1 = s.value;
+        }
+    }
+    links
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_killed_mirrors_go_unready_then_recover_and_crashed_apps_restart() {
+    let s = start(&topology_text("demo.yaml"), 50).await;
+    let record = s.run.snapshot();
+    assert!(
+        eventually(Duration::from_secs(30), || load_stats(
+            &record, "west", "load-0"
+        )
+        .ok()
+            >= 20)
+        .await
+    );
+    assert_eq!(east_alive(&record), Some(true));
+
+    let mirror_file = s
+        .run
+        .cluster("west")
+        .unwrap()
+        .config_dir()
+        .join("mirror-east.yaml");
+    let killed = Instant::now();
+    s.run.hold("east/gateway").unwrap();
+    assert!(
+        eventually(Duration::from_secs(4), || east_alive(&record)
+            == Some(false))
+        .await,
+        "the link stayed alive 4s after the gateway died"
+    );
+    let down_after = killed.elapsed();
+    assert!(
+        eventually(Duration::from_secs(2), || std::fs::read_to_string(
+            &mirror_file
+        )
+        .is_ok_and(|t| t.contains("ready: false")))
+        .await,
+        "the mirror was not marked not ready"
+    );
+    let failed_before = load_stats(&record, "west", "load-0").failed();
+    assert!(
+        eventually(Duration::from_secs(10), || load_stats(
+            &record, "west", "load-0"
+        )
+        .failed()
+            > failed_before)
+        .await
+            || load_stats(&record, "west", "load-0").failed() > 0,
+        "calls through a dead gateway kept succeeding"
+    );
+
+    let back = Instant::now();
+    s.run.release("east/gateway").await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || east_alive(&record) == Some(true)).await,
+        "the link did not come back within 5s of the gateway's restart"
+    );
+    let up_after = back.elapsed();
+    let ok = load_stats(&record, "west", "load-0").ok();
+    assert!(
+        eventually(Duration::from_secs(10), || load_stats(
+            &record, "west", "load-0"
+        )
+        .ok()
+            >= ok + 20)
+        .await,
+        "traffic did not recover"
+    );
+    eprintln!(
+        "link not alive {:.1}s after the gateway died; alive again {:.1}s after it was restarted",
+        down_after.as_secs_f64(),
+        up_after.as_secs_f64()
+    );
+
+    // A crashed app is restarted by the runner.
+    s.run.kill("east/api-0/app").unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || s
+            .run
+            .component("east/api-0/app")
+            .is_some_and(|c| c.restarts == 1 && c.pid.is_some_and(alive)))
+        .await,
+        "the crashed app was not restarted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlink_removes_every_mirror() {
+    let s = start(&topology_text("demo.yaml"), 60).await;
+    let west = s.run.cluster("west").unwrap();
+    let mirror_file = west.config_dir().join("mirror-east.yaml");
+    assert!(mirror_file.exists());
+    std::fs::remove_file(west.config_dir().join("link-east.yaml")).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || !mirror_file.exists()).await,
+        "mirror-east.yaml is still there 5s after the Link was deleted"
+    );
+    let admin = west.mirror_admin.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || !mesh_service_mirror_links(admin)
+            .get("east")
+            .is_some_and(|l| l.1 > 0.0))
+        .await,
+        "the mirror still reports services of east"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_clusters_over_quic() {
+    let s = start(&topology_text("three-clusters.yaml"), 100).await;
+    let record = s.run.snapshot();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            load_stats(&record, "west", "load-0").ok() >= 20
+                && load_stats(&record, "east", "audit-0").ok() >= 5
+        })
+        .await,
+        "{:?} {:?}",
+        load_stats(&record, "west", "load-0"),
+        load_stats(&record, "east", "audit-0")
+    );
+    let load = load_stats(&record, "west", "load-0");
+    assert_eq!(load.failed(), 0, "{load:?}");
+    let answer = load.last_answer.unwrap();
+    assert_eq!(answer["calls"][0]["cluster"], "east");
+    assert_eq!(answer["calls"][1]["cluster"], "north");
+    assert_eq!(answer["calls"][1]["client_id"], WEB);
+    let audit = load_stats(&record, "east", "audit-0");
+    assert_eq!(
+        audit.last_answer.unwrap()["client_id"],
+        "spiffe://east.mesh.local/ns/shop/sa/audit",
+        "north saw east's caller (shared root, separate trust domains)"
+    );
+    for (cluster, from) in [
+        ("east", "west.mesh.local"),
+        ("north", "west.mesh.local"),
+        ("north", "east.mesh.local"),
+    ] {
+        let gateway = s.run.cluster(cluster).unwrap().gateway_admin.unwrap();
+        let quic = sum(&metrics(gateway), "mesh_gateway_streams_total", |s| {
+            s.label("transport") == "quic" && s.label("peer_trust_domain") == from
+        });
+        assert!(
+            quic >= 1.0,
+            "{cluster}'s gateway saw no QUIC stream from {from}"
+        );
+    }
+}

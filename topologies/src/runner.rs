@@ -1,0 +1,1165 @@
+//! The runner behind `mesh up`: turns a [`Topology`] into running processes
+//! (per cluster a control plane, a gateway and a service mirror when it
+//! takes part in a link, and every workload replica with its proxy), waits
+//! until they are ready, restarts what dies, and stops them all.
+//!
+//! Cluster `n` (counting from the loopback base) lives on 127.<n>.0.0/16:
+//! the control plane on .0.1, the gateway on .0.2, the service mirror's
+//! admin on .0.3, and replicas from .1.1 on, each with its proxy on the
+//! usual ports (4140, 4143, 4191) and its app's ports on the same address.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use mesh_control::{
+    admin_socket::{self, AdminRequest},
+    resources::{Resource, parse::parse_file},
+};
+use mesh_core::metrics_text;
+use serde::{Deserialize, Serialize};
+use tokio::process::{Child, Command};
+
+use crate::schema::{Topology, Workload};
+
+/// The run record in the state directory, read by `mesh status` and `mesh down`.
+pub const RECORD: &str = "mesh-up.json";
+/// Marks a directory as a `mesh up` state directory (safe to clear).
+pub const MARKER: &str = ".mesh-up";
+
+/// How a run is made.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// CAs, configs, data, tokens and logs. Cleared at start when it holds
+    /// an earlier run; refused when it holds anything else.
+    pub state_dir: PathBuf,
+    /// The `mesh` binary every component runs as.
+    pub mesh_exe: PathBuf,
+    /// The first cluster takes 127.<base>.0.0/16, the next <base+1>, ...
+    pub loopback_base: u8,
+    /// How long components get to become ready.
+    pub ready_timeout: Duration,
+    /// Print progress to stderr while starting.
+    pub progress: bool,
+}
+
+/// What a component is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    Control,
+    Gateway,
+    ServiceMirror,
+    Proxy,
+    App,
+}
+
+/// How the runner knows a component is ready.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ready {
+    /// `GET /ready` on this admin address answers 200.
+    Admin(SocketAddr),
+    /// Every address accepts TCP connections.
+    Ports(Vec<SocketAddr>),
+    /// Still running a moment after start.
+    Alive,
+}
+
+/// One process the run keeps going.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Component {
+    /// `<cluster>/<component>`, e.g. `west/gateway` or `west/web-0/proxy`.
+    pub name: String,
+    pub cluster: String,
+    pub kind: Kind,
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// A fresh join token is written here before each start.
+    pub token: Option<TokenFor>,
+    pub ready: Ready,
+    pub log: PathBuf,
+    /// Started after the rest is ready (load generators).
+    pub traffic: bool,
+    pub pid: Option<u32>,
+    pub restarts: u32,
+    /// Stopped on purpose ([`Run::hold`]): not restarted.
+    #[serde(default)]
+    pub held: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenFor {
+    pub namespace: String,
+    pub service_account: String,
+    pub file: PathBuf,
+}
+
+/// One cluster's addresses and directories.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub name: String,
+    pub trust_domain: String,
+    pub dir: PathBuf,
+    pub control_identity: SocketAddr,
+    pub control_api: SocketAddr,
+    pub control_admin: SocketAddr,
+    /// Set when another cluster links to this one.
+    pub gateway: Option<SocketAddr>,
+    pub gateway_admin: Option<SocketAddr>,
+    /// Set when this cluster links to another.
+    pub mirror_admin: Option<SocketAddr>,
+    /// Linked clusters this one mirrors, with how many services each exports.
+    pub mirrors: BTreeMap<String, usize>,
+    pub replicas: Vec<ReplicaInfo>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    /// `<workload>-<i>`.
+    pub name: String,
+    pub workload: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub ip: IpAddr,
+    pub proxy_admin: SocketAddr,
+    /// Where a load generator writes its numbers.
+    pub stats: PathBuf,
+}
+
+impl ClusterInfo {
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.join("config")
+    }
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
+    }
+}
+
+/// What `mesh status` and `mesh down` read.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub topology: String,
+    pub file: PathBuf,
+    /// The process supervising the run (`mesh up`).
+    pub supervisor: u32,
+    pub started_at: i64,
+    pub stopped: bool,
+    pub clusters: Vec<ClusterInfo>,
+    pub components: Vec<Component>,
+}
+
+impl RunRecord {
+    pub fn load(state_dir: &Path) -> Result<RunRecord> {
+        let path = state_dir.join(RECORD);
+        let text = std::fs::read(&path).with_context(|| {
+            format!(
+                "no run in {} (no {RECORD}); start one with `mesh up FILE`",
+                state_dir.display()
+            )
+        })?;
+        serde_json::from_slice(&text)
+            .with_context(|| format!("{}: not a run record", path.display()))
+    }
+
+    fn save(&self, state_dir: &Path) -> Result<()> {
+        let path = state_dir.join(RECORD);
+        let tmp = state_dir.join(format!("{RECORD}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    /// Whether the supervising `mesh up` is still running.
+    pub fn supervisor_alive(&self) -> bool {
+        !self.stopped && process_alive(self.supervisor, None)
+    }
+}
+
+/// Whether `pid` runs, and (when given) runs with `needle` on its command line
+/// (a pid reused by another program does not count).
+pub fn process_alive(pid: u32, needle: Option<&str>) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // A zombie has exited; it only waits for its parent.
+    let zombie = stat
+        .rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    if zombie {
+        return false;
+    }
+    needle.is_none_or(|n| String::from_utf8_lossy(&cmdline).contains(n))
+}
+
+/// Sends `signal` to `pid`'s process group (every component leads its own).
+fn signal_group(pid: u32, signal: rustix::process::Signal) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process_group(pid, signal);
+    }
+}
+
+/// A running topology.
+#[derive(Debug)]
+pub struct Run {
+    pub record: Arc<Mutex<RunRecord>>,
+    children: Arc<Mutex<BTreeMap<String, Child>>>,
+    opts: Options,
+    supervisor: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Why a run did not start: which component, and the end of its log.
+#[derive(Debug, thiserror::Error)]
+#[error("{component} failed to start: {reason}\n--- last lines of {} ---\n{tail}", log.display())]
+pub struct StartError {
+    pub component: String,
+    pub reason: String,
+    pub log: PathBuf,
+    pub tail: String,
+}
+
+fn cluster_ip(base: u8, index: usize, third: u8, fourth: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, base + index as u8, third, fourth))
+}
+
+/// The last `n` lines of a log file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Prepares `dir`: created when missing, cleared when it holds an earlier
+/// run (refused while that run is up), refused when it holds anything else.
+fn prepare_state_dir(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        let empty = std::fs::read_dir(dir)?.next().is_none();
+        if !empty {
+            if !dir.join(MARKER).exists() {
+                bail!(
+                    "state directory {} is not empty and was not made by `mesh up`; give another --state-dir",
+                    dir.display()
+                );
+            }
+            if let Ok(record) = RunRecord::load(dir)
+                && record.supervisor_alive()
+            {
+                bail!(
+                    "a run of {} is still up in {} (pid {}); stop it with `mesh down --state-dir {}`",
+                    record.topology,
+                    dir.display(),
+                    record.supervisor,
+                    dir.display()
+                );
+            }
+            std::fs::remove_dir_all(dir)
+                .with_context(|| format!("cannot clear {}", dir.display()))?;
+        }
+    }
+    std::fs::create_dir_all(dir.join("logs"))
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(
+        dir.join(MARKER),
+        "made by mesh up; cleared by the next run\n",
+    )?;
+    Ok(())
+}
+
+/// Services in `resources` labelled exported.
+fn exported_services(resources: Option<&str>) -> usize {
+    let Some(text) = resources else { return 0 };
+    parse_file(Path::new("resources"), text)
+        .map(|rs| {
+            rs.iter()
+                .filter(|(_, r)| match r {
+                    Resource::Service(s) => s
+                        .metadata
+                        .labels
+                        .get("multicluster.mesh.rs/exported")
+                        .is_some_and(|v| v == "true"),
+                    _ => false,
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+impl Run {
+    /// Lays the topology out, starts everything and waits until it is ready.
+    /// On failure every process started is stopped again.
+    pub async fn start(topology: &Topology, file: &Path, opts: Options) -> Result<Run> {
+        prepare_state_dir(&opts.state_dir)?;
+        if opts.loopback_base == 0 || opts.loopback_base as usize + topology.clusters.len() > 255 {
+            bail!(
+                "--loopback-base {} leaves no room for {} clusters in 127.0.0.0/8 (use 1 to {})",
+                opts.loopback_base,
+                topology.clusters.len(),
+                255 - topology.clusters.len()
+            );
+        }
+        let record = lay_out(topology, file, &opts)?;
+        let mut run = Run {
+            record: Arc::new(Mutex::new(record)),
+            children: Default::default(),
+            opts,
+            supervisor: None,
+        };
+        match run.bring_up(topology).await {
+            Ok(()) => {
+                run.supervise();
+                Ok(run)
+            }
+            Err(e) => {
+                run.stop().await;
+                Err(e)
+            }
+        }
+    }
+
+    fn progress(&self, line: impl std::fmt::Display) {
+        if self.opts.progress {
+            eprintln!("{line}");
+        }
+    }
+
+    fn save(&self) {
+        let record = self
+            .record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Err(e) = record.save(&self.opts.state_dir) {
+            tracing::warn!(error = %e, "cannot write the run record");
+        }
+    }
+
+    async fn bring_up(&mut self, topology: &Topology) -> Result<()> {
+        let started = Instant::now();
+        let clusters = self.snapshot().clusters;
+        // Certificate authorities, one per cluster (shared roots first:
+        // the topology lists a shared root before its users).
+        for (c, decl) in clusters.iter().zip(&topology.clusters) {
+            let mut cmd = std::process::Command::new(&self.opts.mesh_exe);
+            cmd.args([
+                "identity",
+                "ca",
+                "create",
+                "--trust-domain",
+                &c.trust_domain,
+            ])
+            .arg("--out")
+            .arg(c.ca_dir());
+            if let Some(root) = &decl.value.shared_root {
+                cmd.arg("--shared-root")
+                    .arg(self.opts.state_dir.join(root).join("ca"));
+            }
+            let out = cmd
+                .output()
+                .with_context(|| format!("cannot run {}", self.opts.mesh_exe.display()))?;
+            if !out.status.success() {
+                bail!(
+                    "{}: creating its CA failed: {}",
+                    c.name,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        write_configs(topology, &clusters)?;
+        self.progress(format!(
+            "mesh up: {} clusters, state in {}",
+            clusters.len(),
+            self.opts.state_dir.display()
+        ));
+
+        // Control planes first: everything else joins through them.
+        let controls: Vec<String> = self.names(|c| c.kind == Kind::Control && !c.traffic);
+        self.start_and_wait(&controls, started).await?;
+        let rest: Vec<String> = self.names(|c| c.kind != Kind::Control && !c.traffic);
+        self.start_and_wait(&rest, started).await?;
+        // Load starts once every link mirrors what the other side exports.
+        self.wait_for_mirrors(started).await?;
+        let traffic: Vec<String> = self.names(|c| c.traffic);
+        self.start_and_wait(&traffic, started).await?;
+        self.progress(format!(
+            "mesh up: everything is ready after {:.1}s",
+            started.elapsed().as_secs_f64()
+        ));
+        Ok(())
+    }
+
+    fn names(&self, keep: impl Fn(&Component) -> bool) -> Vec<String> {
+        self.snapshot()
+            .components
+            .iter()
+            .filter(|c| keep(c))
+            .map(|c| c.name.clone())
+            .collect()
+    }
+
+    /// A copy of the run record.
+    pub fn snapshot(&self) -> RunRecord {
+        self.record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<ClusterInfo> {
+        self.snapshot()
+            .clusters
+            .into_iter()
+            .find(|c| c.name == name)
+    }
+
+    pub fn component(&self, name: &str) -> Option<Component> {
+        self.snapshot()
+            .components
+            .into_iter()
+            .find(|c| c.name == name)
+    }
+
+    async fn start_and_wait(&self, names: &[String], started: Instant) -> Result<()> {
+        for name in names {
+            self.spawn(name).await?;
+        }
+        let deadline = Instant::now() + self.opts.ready_timeout;
+        let mut waiting: Vec<String> = names.to_vec();
+        let mut last_note = Instant::now();
+        while !waiting.is_empty() {
+            let mut still = Vec::new();
+            for name in waiting {
+                let c = self.component(&name).expect("a planned component");
+                if let Some(status) = self.exited(&name) {
+                    return Err(self.failed(&c, format!("exited ({status}) before it was ready")));
+                }
+                match check_ready(&c.ready).await {
+                    Ok(()) => self.progress(format!(
+                        "  ready  {:<28} {:>5.1}s",
+                        c.name,
+                        started.elapsed().as_secs_f64()
+                    )),
+                    Err(why) if Instant::now() >= deadline => {
+                        return Err(self.failed(
+                            &c,
+                            format!(
+                                "not ready after {}: {why}",
+                                humantime::format_duration(self.opts.ready_timeout)
+                            ),
+                        ));
+                    }
+                    Err(_) => still.push(name),
+                }
+            }
+            waiting = still;
+            if !waiting.is_empty() {
+                if last_note.elapsed() >= Duration::from_secs(3) {
+                    last_note = Instant::now();
+                    self.progress(format!("  waiting for {}", waiting.join(", ")));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn wait_for_mirrors(&self, started: Instant) -> Result<()> {
+        let deadline = Instant::now() + self.opts.ready_timeout;
+        for c in self.snapshot().clusters {
+            let Some(admin) = c.mirror_admin else {
+                continue;
+            };
+            loop {
+                let links = scrape(admin)
+                    .map(|s| mesh_service_mirror::metrics::LinkStatus::read(&s))
+                    .unwrap_or_default();
+                let missing: Vec<String> = c
+                    .mirrors
+                    .iter()
+                    .filter(|(other, want)| {
+                        links
+                            .get(*other)
+                            .is_none_or(|l| !l.alive || (l.services as usize) < **want)
+                    })
+                    .map(|(other, want)| format!("{other} ({want} services)"))
+                    .collect();
+                if missing.is_empty() {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    let me = self
+                        .component(&format!("{}/service-mirror", c.name))
+                        .expect("a mirror");
+                    return Err(self.failed(
+                        &me,
+                        format!("did not mirror {} in time", missing.join(", ")),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            self.progress(format!(
+                "  ready  {:<28} {:>5.1}s",
+                format!("{}/mirrors", c.name),
+                started.elapsed().as_secs_f64()
+            ));
+        }
+        // Control planes read the mirrors' files on their next poll.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        Ok(())
+    }
+
+    fn failed(&self, c: &Component, reason: String) -> anyhow::Error {
+        StartError {
+            component: c.name.clone(),
+            reason,
+            log: c.log.clone(),
+            tail: tail(&c.log, 15),
+        }
+        .into()
+    }
+
+    /// The exit status of a child that has exited.
+    fn exited(&self, name: &str) -> Option<std::process::ExitStatus> {
+        let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+        children.get_mut(name)?.try_wait().ok().flatten()
+    }
+
+    /// Starts (or restarts) component `name`.
+    async fn spawn(&self, name: &str) -> Result<()> {
+        let c = self.component(name).expect("a planned component");
+        if let Some(token) = &c.token {
+            let cluster = self.cluster(&c.cluster).expect("a planned cluster");
+            let answer = admin_socket::request(
+                &cluster.data_dir().join(admin_socket::SOCKET_FILE),
+                &AdminRequest::CreateToken {
+                    namespace: token.namespace.clone(),
+                    service_account: token.service_account.clone(),
+                    ttl_seconds: 600,
+                },
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "{name}: cannot reach {}/control for a join token",
+                    c.cluster
+                )
+            })?;
+            let Some(secret) = answer.token else {
+                bail!(
+                    "{name}: {}/control refused a join token: {}",
+                    c.cluster,
+                    answer.error.unwrap_or_default()
+                );
+            };
+            mesh_core::identity::files::write_private(&token.file, secret.as_bytes())?;
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&c.log)
+            .with_context(|| format!("cannot open {}", c.log.display()))?;
+        let child = Command::new(&c.program)
+            .args(&c.args)
+            .envs(c.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Its own process group: the runner stops it (and whatever it
+            // started) in order, and a terminal's Ctrl-C reaches only us.
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("{name}: cannot run {}", c.program.display()))?;
+        let pid = child.id();
+        self.children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), child);
+        {
+            let mut record = self.record.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(me) = record.components.iter_mut().find(|x| x.name == name) {
+                me.pid = pid;
+            }
+        }
+        self.save();
+        Ok(())
+    }
+
+    /// Restarts components that exit while the run is up (1 s apart).
+    fn supervise(&mut self) {
+        let record = self.record.clone();
+        let children = self.children.clone();
+        let me = Run {
+            record: record.clone(),
+            children: children.clone(),
+            opts: self.opts.clone(),
+            supervisor: None,
+        };
+        self.supervisor = Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let dead: Vec<(String, std::process::ExitStatus)> = {
+                    let mut children = children.lock().unwrap_or_else(|p| p.into_inner());
+                    children
+                        .iter_mut()
+                        .filter_map(|(n, c)| Some((n.clone(), c.try_wait().ok().flatten()?)))
+                        .collect()
+                };
+                for (name, status) in dead {
+                    let held = record
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .components
+                        .iter()
+                        .any(|c| c.name == name && c.held);
+                    if held {
+                        children
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&name);
+                        continue;
+                    }
+                    tracing::warn!(component = %name, %status, "exited; restarting in 1s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    {
+                        let mut r = record.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Some(c) = r.components.iter_mut().find(|c| c.name == name) {
+                            c.restarts += 1;
+                            c.pid = None;
+                        }
+                    }
+                    if let Err(e) = me.spawn(&name).await {
+                        tracing::warn!(component = %name, error = %format!("{e:#}"), "restart failed");
+                        children
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&name);
+                    }
+                }
+            }
+        }));
+    }
+
+    /// Stops component `name` (SIGKILL, as a crash would); the run restarts it.
+    pub fn kill(&self, name: &str) -> Result<()> {
+        let pid = self
+            .component(name)
+            .and_then(|c| c.pid)
+            .with_context(|| format!("no running component {name}"))?;
+        signal_group(pid, rustix::process::Signal::KILL);
+        Ok(())
+    }
+
+    /// Stops component `name` (SIGKILL, as a crash would) and keeps it
+    /// stopped until [`Run::release`].
+    pub fn hold(&self, name: &str) -> Result<()> {
+        {
+            let mut r = self.record.lock().unwrap_or_else(|p| p.into_inner());
+            let c = r
+                .components
+                .iter_mut()
+                .find(|c| c.name == name)
+                .with_context(|| format!("no component {name}"))?;
+            c.held = true;
+        }
+        self.kill(name)
+    }
+
+    /// Starts a component [`Run::hold`] stopped.
+    pub async fn release(&self, name: &str) -> Result<()> {
+        // Until the supervisor has reaped it, it still counts as running.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self
+            .children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(name)
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        {
+            let mut r = self.record.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = r.components.iter_mut().find(|c| c.name == name) {
+                c.held = false;
+            }
+        }
+        self.spawn(name).await
+    }
+
+    /// Stops every process: traffic and apps first, then proxies, then
+    /// gateways and mirrors, then control planes. Each gets SIGTERM and 5 s,
+    /// then SIGKILL.
+    pub async fn stop(&mut self) {
+        if let Some(s) = self.supervisor.take() {
+            s.abort();
+        }
+        let order: [&dyn Fn(&Component) -> bool; 4] = [
+            &|c| c.kind == Kind::App,
+            &|c| c.kind == Kind::Proxy,
+            &|c| matches!(c.kind, Kind::Gateway | Kind::ServiceMirror),
+            &|c| c.kind == Kind::Control,
+        ];
+        for group in order {
+            let names = self.names(group);
+            let mut children: Vec<(String, Child)> = {
+                let mut all = self.children.lock().unwrap_or_else(|p| p.into_inner());
+                names
+                    .iter()
+                    .filter_map(|n| Some((n.clone(), all.remove(n)?)))
+                    .collect()
+            };
+            for (_, child) in &children {
+                if let Some(pid) = child.id() {
+                    signal_group(pid, rustix::process::Signal::TERM);
+                }
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            for (name, child) in &mut children {
+                let pid = child.id();
+                if tokio::time::timeout_at(deadline, child.wait())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(component = %name, "did not stop within 5s; killing it");
+                    if let Some(pid) = pid {
+                        signal_group(pid, rustix::process::Signal::KILL);
+                    }
+                    let _ = child.wait().await;
+                }
+                // Whatever it started in its group goes too.
+                if let Some(pid) = pid {
+                    signal_group(pid, rustix::process::Signal::KILL);
+                }
+            }
+        }
+        {
+            let mut r = self.record.lock().unwrap_or_else(|p| p.into_inner());
+            r.stopped = true;
+        }
+        self.save();
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.opts.state_dir
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if let Some(s) = self.supervisor.take() {
+            s.abort();
+        }
+        // Children are killed on drop (kill_on_drop); their groups too.
+        for child in self
+            .children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            if let Some(pid) = child.id() {
+                signal_group(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
+}
+
+/// Scrapes `/metrics` at `addr`.
+pub fn scrape(addr: SocketAddr) -> std::io::Result<Vec<metrics_text::Sample>> {
+    let (status, body) = metrics_text::fetch(addr, "/metrics", Duration::from_secs(2))?;
+    if status != 200 {
+        return Err(std::io::Error::other(format!("{addr}/metrics: {status}")));
+    }
+    Ok(metrics_text::parse(&body))
+}
+
+async fn check_ready(ready: &Ready) -> Result<(), String> {
+    match ready {
+        Ready::Admin(addr) => {
+            let addr = *addr;
+            let answer = tokio::task::spawn_blocking(move || {
+                metrics_text::fetch(addr, "/ready", Duration::from_secs(1))
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            match answer {
+                Ok((200, _)) => Ok(()),
+                Ok((status, body)) => Err(format!("/ready answers {status}: {}", body.trim())),
+                Err(e) => Err(format!("admin {addr}: {e}")),
+            }
+        }
+        Ready::Ports(addrs) => {
+            for addr in addrs {
+                tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| format!("{addr}: {e}"))?;
+            }
+            Ok(())
+        }
+        Ready::Alive => Ok(()),
+    }
+}
+
+/// Plans addresses, directories and the components of every cluster.
+fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Result<RunRecord> {
+    let base = opts.loopback_base;
+    let mesh = opts.mesh_exe.clone();
+    let state = &opts.state_dir;
+    let mut clusters = Vec::new();
+    let mut components = Vec::new();
+    for (i, decl) in topology.clusters.iter().enumerate() {
+        let c = &decl.value;
+        let dir = state.join(&c.name);
+        for sub in ["config", "data", "tokens", "stats"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        let ip = |third, fourth| cluster_ip(base, i, third, fourth);
+        let linked_to = topology.links.iter().any(|l| l.value.to == c.name);
+        let links_out: BTreeMap<String, usize> = topology
+            .links
+            .iter()
+            .filter(|l| l.value.from == c.name)
+            .map(|l| {
+                let other = topology.cluster(&l.value.to).expect("validated");
+                (
+                    other.name.clone(),
+                    exported_services(other.resources.as_ref().map(|r| r.value.as_str())),
+                )
+            })
+            .collect();
+        // Trust goes both ways over a link: each side runs a gateway and a
+        // mirror, so each side can verify (and reach) the other.
+        let linked = linked_to || !links_out.is_empty();
+        let mut mirrors = links_out.clone();
+        for l in topology.links.iter().filter(|l| l.value.to == c.name) {
+            let other = topology.cluster(&l.value.from).expect("validated");
+            mirrors
+                .entry(other.name.clone())
+                .or_insert(exported_services(
+                    other.resources.as_ref().map(|r| r.value.as_str()),
+                ));
+        }
+        let mut info = ClusterInfo {
+            name: c.name.clone(),
+            trust_domain: c.trust_domain.clone(),
+            dir: dir.clone(),
+            control_identity: SocketAddr::new(ip(0, 1), 8080),
+            control_api: SocketAddr::new(ip(0, 1), 8086),
+            control_admin: SocketAddr::new(ip(0, 1), 9990),
+            gateway: linked.then(|| SocketAddr::new(ip(0, 2), 4143)),
+            gateway_admin: linked.then(|| SocketAddr::new(ip(0, 2), 4191)),
+            mirror_admin: linked.then(|| SocketAddr::new(ip(0, 3), 9991)),
+            mirrors: if linked { mirrors } else { BTreeMap::new() },
+            replicas: Vec::new(),
+        };
+        let log = |what: &str| state.join("logs").join(format!("{}-{what}.log", c.name));
+        let s = |v: &dyn std::fmt::Display| v.to_string();
+        let anchors = dir.join("ca/bundle.json");
+        components.push(Component {
+            name: format!("{}/control", c.name),
+            cluster: c.name.clone(),
+            kind: Kind::Control,
+            program: mesh.clone(),
+            args: vec![
+                "control".into(),
+                "--cluster".into(),
+                c.name.clone(),
+                "--ca".into(),
+                s(&dir.join("ca").display()),
+                "--config-dir".into(),
+                s(&dir.join("config").display()),
+                "--data-dir".into(),
+                s(&dir.join("data").display()),
+                "--identity-addr".into(),
+                s(&info.control_identity),
+                "--api-addr".into(),
+                s(&info.control_api),
+                "--admin-addr".into(),
+                s(&info.control_admin),
+                "--poll-interval".into(),
+                "250ms".into(),
+            ],
+            env: vec![],
+            token: None,
+            ready: Ready::Admin(info.control_admin),
+            log: log("control"),
+            traffic: false,
+            pid: None,
+            restarts: 0,
+            held: false,
+        });
+        let joins = |sa: &str| -> Vec<String> {
+            vec![
+                "--cluster".into(),
+                c.name.clone(),
+                "--trust-domain".into(),
+                c.trust_domain.clone(),
+                "--control-identity-addr".into(),
+                s(&info.control_identity),
+                "--control-api-addr".into(),
+                s(&info.control_api),
+                "--trust-anchors".into(),
+                s(&anchors.display()),
+                "--join-token-file".into(),
+                s(&dir.join(format!("tokens/mesh-system-{sa}.token")).display()),
+            ]
+        };
+        let system_token = |sa: &str| TokenFor {
+            namespace: "mesh-system".into(),
+            service_account: sa.into(),
+            file: dir.join(format!("tokens/mesh-system-{sa}.token")),
+        };
+        if let (Some(tunnel), Some(admin)) = (info.gateway, info.gateway_admin) {
+            let mut args = vec!["gateway".to_owned()];
+            args.extend(joins("gateway"));
+            args.extend([
+                "--tunnel-addr".into(),
+                s(&tunnel),
+                "--admin-addr".into(),
+                s(&admin),
+            ]);
+            components.push(Component {
+                name: format!("{}/gateway", c.name),
+                cluster: c.name.clone(),
+                kind: Kind::Gateway,
+                program: mesh.clone(),
+                args,
+                env: vec![],
+                token: Some(system_token("gateway")),
+                ready: Ready::Admin(admin),
+                log: log("gateway"),
+                traffic: false,
+                pid: None,
+                restarts: 0,
+                held: false,
+            });
+        }
+        if let Some(admin) = info.mirror_admin {
+            let mut args = vec!["service-mirror".to_owned()];
+            args.extend(joins("service-mirror"));
+            args.extend([
+                "--config-dir".into(),
+                s(&dir.join("config").display()),
+                "--admin-addr".into(),
+                s(&admin),
+            ]);
+            components.push(Component {
+                name: format!("{}/service-mirror", c.name),
+                cluster: c.name.clone(),
+                kind: Kind::ServiceMirror,
+                program: mesh.clone(),
+                args,
+                env: vec![],
+                token: Some(system_token("service-mirror")),
+                ready: Ready::Admin(admin),
+                log: log("service-mirror"),
+                traffic: false,
+                pid: None,
+                restarts: 0,
+                held: false,
+            });
+        }
+        let mut next = 0usize;
+        for w in &c.workloads {
+            let w = &w.value;
+            for r in 0..w.replicas {
+                let ip = ip(1 + (next / 250) as u8, (next % 250) as u8 + 1);
+                next += 1;
+                let replica = format!("{}-{r}", w.name);
+                let stats = dir.join(format!("stats/{replica}.json"));
+                let proxy_admin = SocketAddr::new(ip, 4191);
+                components.extend(replica_components(
+                    &mesh,
+                    &c.name,
+                    &c.trust_domain,
+                    &info,
+                    w,
+                    &replica,
+                    ip,
+                    &dir,
+                    &stats,
+                    state,
+                ));
+                info.replicas.push(ReplicaInfo {
+                    name: replica,
+                    workload: w.name.clone(),
+                    namespace: w.namespace.clone(),
+                    service_account: w.service_account().to_owned(),
+                    ip,
+                    proxy_admin,
+                    stats,
+                });
+            }
+        }
+        clusters.push(info);
+    }
+    Ok(RunRecord {
+        topology: topology.name.clone(),
+        file: file.to_owned(),
+        supervisor: std::process::id(),
+        started_at: time::OffsetDateTime::now_utc().unix_timestamp(),
+        stopped: false,
+        clusters,
+        components,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn replica_components(
+    mesh: &Path,
+    cluster: &str,
+    td: &str,
+    info: &ClusterInfo,
+    w: &Workload,
+    replica: &str,
+    ip: IpAddr,
+    dir: &Path,
+    stats: &Path,
+    state: &Path,
+) -> [Component; 2] {
+    let token = dir.join(format!("tokens/{}-{replica}.token", w.namespace));
+    let join = |m: &BTreeMap<String, String>| {
+        m.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let ports: BTreeMap<String, String> = w
+        .ports
+        .iter()
+        .map(|p| (p.name.clone(), p.port.to_string()))
+        .collect();
+    let proxy_env: Vec<(String, String)> = [
+        ("CLUSTER", cluster.to_owned()),
+        ("TRUST_DOMAIN", td.to_owned()),
+        ("NAMESPACE", w.namespace.clone()),
+        ("SERVICE_ACCOUNT", w.service_account().to_owned()),
+        ("WORKLOAD", replica.to_owned()),
+        ("CONTROL_IDENTITY_ADDR", info.control_identity.to_string()),
+        ("CONTROL_API_ADDR", info.control_api.to_string()),
+        (
+            "TRUST_ANCHORS",
+            dir.join("ca/bundle.json").display().to_string(),
+        ),
+        ("JOIN_TOKEN_FILE", token.display().to_string()),
+        ("INBOUND_ADDR", SocketAddr::new(ip, 4143).to_string()),
+        ("OUTBOUND_ADDR", SocketAddr::new(ip, 4140).to_string()),
+        ("ADMIN_ADDR", SocketAddr::new(ip, 4191).to_string()),
+        ("APP_IP", ip.to_string()),
+        ("APP_PORTS", join(&ports)),
+        ("WORKLOAD_ADDRESSES", ip.to_string()),
+        ("LABELS", join(&w.labels())),
+        ("SHUTDOWN_GRACE", "2s".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("MESH_PROXY_{k}"), v))
+    .collect();
+    let log = |what: &str| {
+        state
+            .join("logs")
+            .join(format!("{cluster}-{replica}-{what}.log"))
+    };
+    let (program, args) = match w.command.split_first() {
+        Some((first, rest)) if first == "mesh" => (mesh.to_owned(), rest.to_vec()),
+        Some((first, rest)) => (PathBuf::from(first), rest.to_vec()),
+        None => unreachable!("validated: commands are not empty"),
+    };
+    let mut app_env: Vec<(String, String)> = vec![
+        ("MESH_CLUSTER".into(), cluster.to_owned()),
+        ("MESH_WORKLOAD".into(), replica.to_owned()),
+        ("MESH_WORKLOAD_IP".into(), ip.to_string()),
+        ("HTTP_PROXY".into(), format!("http://{ip}:4140")),
+        ("MESH_DEMO_STATS".into(), stats.display().to_string()),
+    ];
+    app_env.extend(w.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    [
+        Component {
+            name: format!("{cluster}/{replica}/proxy"),
+            cluster: cluster.to_owned(),
+            kind: Kind::Proxy,
+            program: mesh.to_owned(),
+            args: vec!["proxy".into()],
+            env: proxy_env,
+            token: Some(TokenFor {
+                namespace: w.namespace.clone(),
+                service_account: w.service_account().to_owned(),
+                file: token.clone(),
+            }),
+            ready: Ready::Admin(SocketAddr::new(ip, 4191)),
+            log: log("proxy"),
+            traffic: false,
+            pid: None,
+            restarts: 0,
+            held: false,
+        },
+        Component {
+            name: format!("{cluster}/{replica}/app"),
+            cluster: cluster.to_owned(),
+            kind: Kind::App,
+            program,
+            args,
+            env: app_env,
+            token: None,
+            ready: if w.ports.is_empty() {
+                Ready::Alive
+            } else {
+                Ready::Ports(
+                    w.ports
+                        .iter()
+                        .map(|p| SocketAddr::new(ip, p.port))
+                        .collect(),
+                )
+            },
+            log: log("app"),
+            traffic: w.traffic,
+            pid: None,
+            restarts: 0,
+            held: false,
+        },
+    ]
+}
+
+/// Writes each cluster's resources and Links into its config directory.
+fn write_configs(topology: &Topology, clusters: &[ClusterInfo]) -> Result<()> {
+    let info = |name: &str| clusters.iter().find(|c| c.name == name).expect("validated");
+    for (c, decl) in clusters.iter().zip(&topology.clusters) {
+        if let Some(resources) = &decl.value.resources {
+            std::fs::write(c.config_dir().join("resources.yaml"), &resources.value)?;
+        }
+    }
+    // Both ends of a link: `from` mirrors `to` over the link's transport;
+    // `to` trusts (and could reach) `from` in return.
+    let mut pairs: BTreeMap<(String, String), String> = BTreeMap::new();
+    for l in &topology.links {
+        let l = &l.value;
+        pairs.insert((l.from.clone(), l.to.clone()), l.transport.clone());
+        pairs
+            .entry((l.to.clone(), l.from.clone()))
+            .or_insert_with(|| l.transport.clone());
+    }
+    for ((from, to), transport) in pairs {
+        let target = info(&to);
+        let bundle = mesh_core::identity::files::load_bundle(
+            &target.ca_dir().join("bundle.json"),
+            target.trust_domain.parse()?,
+        )?;
+        let gateway = target.gateway.expect("a linked cluster runs a gateway");
+        let yaml =
+            mesh_control::resources::link_yaml(&to, &[gateway.to_string()], &transport, &bundle)?;
+        std::fs::write(
+            info(&from).config_dir().join(format!("link-{to}.yaml")),
+            yaml,
+        )?;
+    }
+    Ok(())
+}
