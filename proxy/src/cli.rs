@@ -6,7 +6,10 @@ use std::{collections::HashMap, process::ExitCode};
 
 use clap::{Args, Subcommand};
 
-use crate::{Proxy, env, init::Rules};
+use crate::{
+    Proxy, env,
+    init::{ProxyOwner, Rules},
+};
 
 /// Run the sidecar proxy (configured by MESH_PROXY_* variables), or set up
 /// transparent interception.
@@ -28,8 +31,16 @@ pub struct InitArgs {
     #[arg(long)]
     apply: bool,
     /// The user id the proxy runs as; its own traffic is never redirected.
+    #[arg(
+        long,
+        required_unless_present = "proxy_gid",
+        conflicts_with = "proxy_gid"
+    )]
+    proxy_uid: Option<u32>,
+    /// Or the group id the proxy runs with (the workload runs with another,
+    /// even as the same user).
     #[arg(long)]
-    proxy_uid: u32,
+    proxy_gid: Option<u32>,
     /// Where redirected inbound traffic goes.
     #[arg(long, default_value_t = 4143)]
     inbound_port: u16,
@@ -52,7 +63,11 @@ pub fn main(args: ProxyArgs, vars: HashMap<String, String>) -> ExitCode {
     let rules = Rules {
         inbound_port: init.inbound_port,
         outbound_port: init.outbound_port,
-        proxy_uid: init.proxy_uid,
+        proxy: match (init.proxy_uid, init.proxy_gid) {
+            (Some(uid), _) => ProxyOwner::Uid(uid),
+            (None, Some(gid)) => ProxyOwner::Gid(gid),
+            (None, None) => unreachable!("clap requires one of them"),
+        },
         skip_inbound_ports: init.skip_inbound_ports,
         skip_outbound_ports: init.skip_outbound_ports,
     };

@@ -16,12 +16,22 @@ pub const OUTBOUND_CHAIN: &str = "MESH_OUTBOUND";
 pub struct Rules {
     pub inbound_port: u16,
     pub outbound_port: u16,
-    /// The user id the proxy runs as; its traffic is never redirected.
-    pub proxy_uid: u32,
+    /// Who the proxy runs as; its traffic is never redirected.
+    pub proxy: ProxyOwner,
     /// Inbound ports that reach the workload directly (e.g. the admin port).
     pub skip_inbound_ports: Vec<u16>,
     /// Outbound destination ports that bypass the proxy.
     pub skip_outbound_ports: Vec<u16>,
+}
+
+/// How the proxy's own connections are told apart from the workload's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyOwner {
+    /// The proxy runs as this user id; the workload as any other.
+    Uid(u32),
+    /// The proxy runs with this group id; the workload with another (it may
+    /// share the user, e.g. both root).
+    Gid(u32),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +57,10 @@ impl Rules {
         };
         let inbound = self.inbound_port.to_string();
         let outbound = self.outbound_port.to_string();
-        let uid = self.proxy_uid.to_string();
+        let (owner_flag, owner) = match self.proxy {
+            ProxyOwner::Uid(uid) => ("--uid-owner", uid.to_string()),
+            ProxyOwner::Gid(gid) => ("--gid-owner", gid.to_string()),
+        };
 
         let skip = |chain: &str, port: &u16| {
             [
@@ -84,8 +97,8 @@ impl Rules {
             OUTBOUND_CHAIN,
             "-m",
             "owner",
-            "--uid-owner",
-            &uid,
+            owner_flag,
+            &owner,
             "-j",
             "RETURN",
         ]);
@@ -151,7 +164,7 @@ mod tests {
         let rules = Rules {
             inbound_port: 4143,
             outbound_port: 4140,
-            proxy_uid: 2102,
+            proxy: ProxyOwner::Uid(2102),
             skip_inbound_ports: vec![4191],
             skip_outbound_ports: vec![443],
         };
@@ -166,6 +179,22 @@ mod tests {
              iptables -t nat -A MESH_OUTBOUND -p tcp --dport 443 -j RETURN\n\
              iptables -t nat -A MESH_OUTBOUND -p tcp -j REDIRECT --to-ports 4140\n\
              iptables -t nat -A OUTPUT -p tcp -j MESH_OUTBOUND\n"
+        );
+    }
+
+    #[test]
+    fn the_proxy_may_be_told_apart_by_group() {
+        let rules = Rules {
+            inbound_port: 4143,
+            outbound_port: 4140,
+            proxy: ProxyOwner::Gid(0),
+            skip_inbound_ports: vec![],
+            skip_outbound_ports: vec![],
+        };
+        assert!(
+            rules
+                .script()
+                .contains("iptables -t nat -A MESH_OUTBOUND -m owner --gid-owner 0 -j RETURN\n")
         );
     }
 }

@@ -308,3 +308,74 @@ async fn three_clusters_over_quic() {
         );
     }
 }
+
+/// Transparent mode: each replica in a network namespace of its own, its
+/// TCP redirected to its proxy; apps have no `HTTP_PROXY` and call service
+/// names as if there were no mesh. Needs root (CI runs as root).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_in_network_namespaces_without_http_proxy() {
+    assert!(
+        is_root(),
+        "this test needs root (network namespaces, bridges, iptables); CI runs it as root"
+    );
+    let text =
+        topology_text("demo.yaml").replacen("name: demo\n", "name: demo\nnetwork: namespaces\n", 1);
+    let mut s = start(&text, 110).await;
+    let record = s.run.snapshot();
+    assert!(
+        eventually(Duration::from_secs(30), || load_stats(
+            &record, "west", "load-0"
+        )
+        .ok()
+            >= 40)
+        .await,
+        "{:?}",
+        load_stats(&record, "west", "load-0")
+    );
+    let load = load_stats(&record, "west", "load-0");
+    assert_eq!(load.failed(), 0, "{load:?}");
+    let answer = load.last_answer.unwrap();
+    assert_eq!(answer["calls"][1]["cluster"], "east");
+    assert_eq!(answer["calls"][1]["client_id"], WEB);
+    // The apps were never told about a proxy.
+    let web_app = s.run.component("west/web-0/app").unwrap();
+    let environ = std::fs::read(format!("/proc/{}/environ", web_app.pid.unwrap())).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(environ.contains("MESH_WORKLOAD=web-0"), "{environ}");
+    assert!(!environ.contains("HTTP_PROXY"), "{environ}");
+    // Its proxy carried the redirected calls over mTLS (its admin listens
+    // on the namespace's loopback).
+    let web = replica(&record, "west", "web-0");
+    let ns = web.netns.clone().unwrap();
+    let (_, text) =
+        mesh_topologies::runner::fetch_admin(Some(&ns), web.proxy_admin, "/metrics").unwrap();
+    let m = mesh_core::metrics_text::parse(&text);
+    let to_east = sum(&m, "mesh_proxy_outbound_requests_total", |s| {
+        s.label("dst_cluster") == "east" && s.label("tls") == "mtls"
+    });
+    assert!(to_east >= 40.0, "{to_east}");
+
+    s.run.stop().await;
+    let left = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    let left = String::from_utf8_lossy(&left.stdout);
+    assert!(!left.contains("mesh110-"), "namespaces left behind: {left}");
+    let links = std::process::Command::new("ip")
+        .args(["-br", "link"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains("mb110"),
+        "bridge left behind"
+    );
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .is_some_and(|l| l.split_whitespace().nth(2) == Some("0"))
+}

@@ -271,7 +271,7 @@ pub fn status(args: StateArgs, out: &mut impl Write) -> Result<ExitCode> {
         } else {
             match &c.ready {
                 runner::Ready::Admin(addr) => {
-                    match mesh_core::metrics_text::fetch(*addr, "/ready", Duration::from_secs(1)) {
+                    match runner::fetch_admin(c.netns.as_deref(), *addr, "/ready") {
                         Ok((200, _)) => "ready".into(),
                         _ => "not-ready".into(),
                     }
@@ -330,7 +330,9 @@ pub fn down(args: StateArgs, out: &mut impl Write) -> Result<ExitCode> {
         writeln!(out, "killed {killed} processes left behind")?;
     }
     let mut record = RunRecord::load(&args.state_dir)?;
-    if !record.stopped {
+    crate::netns::teardown(&record.made);
+    if !record.stopped || !record.made.namespaces.is_empty() || !record.made.bridges.is_empty() {
+        record.made = Default::default();
         record.stopped = true;
         std::fs::write(
             args.state_dir.join(runner::RECORD),

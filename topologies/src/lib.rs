@@ -11,6 +11,7 @@
 
 pub mod cli;
 pub mod demo;
+pub mod netns;
 pub mod runner;
 pub mod schema;
 pub mod view;

@@ -26,7 +26,10 @@ use mesh_core::metrics_text;
 use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
 
-use crate::schema::{Topology, Workload};
+use crate::{
+    netns,
+    schema::{Network, Topology, Workload},
+};
 
 /// The run record in the state directory, read by `mesh status` and `mesh down`.
 pub const RECORD: &str = "mesh-up.json";
@@ -93,6 +96,9 @@ pub struct Component {
     /// Stopped on purpose ([`Run::hold`]): not restarted.
     #[serde(default)]
     pub held: bool,
+    /// The network namespace it runs in (`network: namespaces`).
+    #[serde(default)]
+    pub netns: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -132,6 +138,10 @@ pub struct ReplicaInfo {
     pub proxy_admin: SocketAddr,
     /// Where a load generator writes its numbers.
     pub stats: PathBuf,
+    /// Its network namespace (`network: namespaces`); its proxy's admin
+    /// listens on that namespace's loopback.
+    #[serde(default)]
+    pub netns: Option<String>,
 }
 
 impl ClusterInfo {
@@ -155,6 +165,11 @@ pub struct RunRecord {
     pub supervisor: u32,
     pub started_at: i64,
     pub stopped: bool,
+    #[serde(default)]
+    pub network: Network,
+    /// Bridges and namespaces made for `network: namespaces`.
+    #[serde(default)]
+    pub made: netns::Made,
     pub clusters: Vec<ClusterInfo>,
     pub components: Vec<Component>,
 }
@@ -252,7 +267,8 @@ fn prepare_state_dir(dir: &Path) -> Result<()> {
                     dir.display()
                 );
             }
-            if let Ok(record) = RunRecord::load(dir)
+            let old = RunRecord::load(dir).ok();
+            if let Some(record) = &old
                 && record.supervisor_alive()
             {
                 bail!(
@@ -262,6 +278,10 @@ fn prepare_state_dir(dir: &Path) -> Result<()> {
                     record.supervisor,
                     dir.display()
                 );
+            }
+            // Namespaces and bridges a killed run left behind.
+            if let Some(record) = &old {
+                netns::teardown(&record.made);
             }
             std::fs::remove_dir_all(dir)
                 .with_context(|| format!("cannot clear {}", dir.display()))?;
@@ -276,23 +296,58 @@ fn prepare_state_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Services in `resources` labelled exported.
-fn exported_services(resources: Option<&str>) -> usize {
-    let Some(text) = resources else { return 0 };
+/// The Services in `resources`: (name, namespace, exported).
+fn services(resources: Option<&str>) -> Vec<(String, String, bool)> {
+    let Some(text) = resources else {
+        return Vec::new();
+    };
     parse_file(Path::new("resources"), text)
         .map(|rs| {
-            rs.iter()
-                .filter(|(_, r)| match r {
-                    Resource::Service(s) => s
-                        .metadata
-                        .labels
-                        .get("multicluster.mesh.rs/exported")
-                        .is_some_and(|v| v == "true"),
-                    _ => false,
+            rs.into_iter()
+                .filter_map(|(_, r)| match r {
+                    Resource::Service(s) => Some((
+                        s.metadata.name.clone(),
+                        s.metadata.namespace.clone(),
+                        s.metadata
+                            .labels
+                            .get("multicluster.mesh.rs/exported")
+                            .is_some_and(|v| v == "true"),
+                    )),
+                    _ => None,
                 })
-                .count()
+                .collect()
         })
-        .unwrap_or(0)
+        .unwrap_or_default()
+}
+
+/// How many Services `resources` exports.
+fn exported_services(resources: Option<&str>) -> usize {
+    services(resources).iter().filter(|s| s.2).count()
+}
+
+/// The service names a replica of `cluster` may call: its cluster's
+/// Services and the mirrors of what the clusters it links to export.
+fn service_names(topology: &Topology, cluster: &str) -> Vec<String> {
+    let resources = |c: &str| {
+        topology
+            .cluster(c)
+            .and_then(|c| c.resources.as_ref())
+            .map(|r| r.value.clone())
+    };
+    let mut names: Vec<String> = services(resources(cluster).as_deref())
+        .into_iter()
+        .map(|(name, ns, _)| format!("{name}.{ns}.svc.cluster.local"))
+        .collect();
+    for l in topology.links.iter().filter(|l| l.value.from == cluster) {
+        let to = &l.value.to;
+        names.extend(
+            services(resources(to).as_deref())
+                .into_iter()
+                .filter(|s| s.2)
+                .map(|(name, ns, _)| format!("{name}-{to}.{ns}.svc.cluster.local")),
+        );
+    }
+    names
 }
 
 impl Run {
@@ -307,6 +362,9 @@ impl Run {
                 topology.clusters.len(),
                 255 - topology.clusters.len()
             );
+        }
+        if topology.network == Network::Namespaces {
+            netns::check_host()?;
         }
         let record = lay_out(topology, file, &opts)?;
         let mut run = Run {
@@ -376,6 +434,9 @@ impl Run {
             }
         }
         write_configs(topology, &clusters)?;
+        if topology.network == Network::Namespaces {
+            self.make_namespaces(topology, &clusters)?;
+        }
         self.progress(format!(
             "mesh up: {} clusters, state in {}",
             clusters.len(),
@@ -396,6 +457,34 @@ impl Run {
             started.elapsed().as_secs_f64()
         ));
         Ok(())
+    }
+
+    /// Bridges and one namespace per replica (`network: namespaces`).
+    fn make_namespaces(&self, topology: &Topology, clusters: &[ClusterInfo]) -> Result<()> {
+        let mut made = netns::Made::default();
+        let result = (|| {
+            for (i, c) in clusters.iter().enumerate() {
+                let n = self.opts.loopback_base + i as u8;
+                netns::make_bridge(n, &mut made)?;
+                let names = service_names(topology, &c.name);
+                for (k, r) in c.replicas.iter().enumerate() {
+                    let pod = netns::Pod {
+                        namespace: r.netns.clone().expect("namespaces mode"),
+                        veth: format!("mv{n}-{k}"),
+                        bridge: netns::bridge(n),
+                        ip: r.ip,
+                        gateway: netns::host_ip(n, 1),
+                        names: names.clone(),
+                    };
+                    netns::make_pod(&pod, &self.opts.mesh_exe, &mut made)
+                        .with_context(|| format!("{}/{}: network namespace", c.name, r.name))?;
+                }
+            }
+            Ok(())
+        })();
+        self.record.lock().unwrap_or_else(|p| p.into_inner()).made = made;
+        self.save();
+        result
     }
 
     fn names(&self, keep: impl Fn(&Component) -> bool) -> Vec<String> {
@@ -443,7 +532,7 @@ impl Run {
                 if let Some(status) = self.exited(&name) {
                     return Err(self.failed(&c, format!("exited ({status}) before it was ready")));
                 }
-                match check_ready(&c.ready).await {
+                match check_ready(&c).await {
                     Ok(()) => self.progress(format!(
                         "  ready  {:<28} {:>5.1}s",
                         c.name,
@@ -745,6 +834,8 @@ impl Run {
         }
         {
             let mut r = self.record.lock().unwrap_or_else(|p| p.into_inner());
+            netns::teardown(&r.made);
+            r.made = netns::Made::default();
             r.stopped = true;
         }
         self.save();
@@ -776,15 +867,52 @@ impl Drop for Run {
 
 /// Scrapes `/metrics` at `addr`.
 pub fn scrape(addr: SocketAddr) -> std::io::Result<Vec<metrics_text::Sample>> {
-    let (status, body) = metrics_text::fetch(addr, "/metrics", Duration::from_secs(2))?;
+    scrape_in(None, addr)
+}
+
+/// `GET path` on an admin address, inside network namespace `netns` when given.
+pub fn fetch_admin(
+    netns: Option<&str>,
+    addr: SocketAddr,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
+    match netns {
+        Some(ns) => netns::fetch(ns, addr, path),
+        None => metrics_text::fetch(addr, path, Duration::from_secs(2)),
+    }
+}
+
+/// Scrapes `/metrics` at `addr`, inside `netns` when given.
+pub fn scrape_in(
+    netns: Option<&str>,
+    addr: SocketAddr,
+) -> std::io::Result<Vec<metrics_text::Sample>> {
+    let (status, body) = fetch_admin(netns, addr, "/metrics")?;
     if status != 200 {
         return Err(std::io::Error::other(format!("{addr}/metrics: {status}")));
     }
     Ok(metrics_text::parse(&body))
 }
 
-async fn check_ready(ready: &Ready) -> Result<(), String> {
-    match ready {
+async fn check_ready(c: &Component) -> Result<(), String> {
+    if let Some(ns) = c.netns.clone() {
+        let ready = c.ready.clone();
+        return tokio::task::spawn_blocking(move || match ready {
+            Ready::Admin(addr) => match netns::fetch(&ns, addr, "/ready") {
+                Ok((200, _)) => Ok(()),
+                Ok((status, body)) => Err(format!("/ready answers {status}: {}", body.trim())),
+                Err(e) => Err(e.to_string()),
+            },
+            Ready::Ports(addrs) => match addrs.iter().find(|a| !netns::connects(&ns, **a)) {
+                Some(a) => Err(format!("{a} does not accept connections")),
+                None => Ok(()),
+            },
+            Ready::Alive => Ok(()),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    match &c.ready {
         Ready::Admin(addr) => {
             let addr = *addr;
             let answer = tokio::task::spawn_blocking(move || {
@@ -824,6 +952,17 @@ fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Result<RunRecord
             std::fs::create_dir_all(dir.join(sub))?;
         }
         let ip = |third, fourth| cluster_ip(base, i, third, fourth);
+        let n = base + i as u8;
+        let namespaces = topology.network == Network::Namespaces;
+        // With namespaces, what replicas reach sits on the cluster's bridge;
+        // admin endpoints stay on host loopback either way.
+        let reachable = |fourth| {
+            if namespaces {
+                netns::host_ip(n, fourth)
+            } else {
+                ip(0, fourth)
+            }
+        };
         let linked_to = topology.links.iter().any(|l| l.value.to == c.name);
         let links_out: BTreeMap<String, usize> = topology
             .links
@@ -853,10 +992,10 @@ fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Result<RunRecord
             name: c.name.clone(),
             trust_domain: c.trust_domain.clone(),
             dir: dir.clone(),
-            control_identity: SocketAddr::new(ip(0, 1), 8080),
-            control_api: SocketAddr::new(ip(0, 1), 8086),
+            control_identity: SocketAddr::new(reachable(1), 8080),
+            control_api: SocketAddr::new(reachable(1), 8086),
             control_admin: SocketAddr::new(ip(0, 1), 9990),
-            gateway: linked.then(|| SocketAddr::new(ip(0, 2), 4143)),
+            gateway: linked.then(|| SocketAddr::new(reachable(2), 4143)),
             gateway_admin: linked.then(|| SocketAddr::new(ip(0, 2), 4191)),
             mirror_admin: linked.then(|| SocketAddr::new(ip(0, 3), 9991)),
             mirrors: if linked { mirrors } else { BTreeMap::new() },
@@ -897,6 +1036,7 @@ fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Result<RunRecord
             pid: None,
             restarts: 0,
             held: false,
+            netns: None,
         });
         let joins = |sa: &str| -> Vec<String> {
             vec![
@@ -942,6 +1082,7 @@ fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Result<RunRecord
                 pid: None,
                 restarts: 0,
                 held: false,
+                netns: None,
             });
         }
         if let Some(admin) = info.mirror_admin {
@@ -967,17 +1108,30 @@ fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Result<RunRecord
                 pid: None,
                 restarts: 0,
                 held: false,
+                netns: None,
             });
         }
         let mut next = 0usize;
         for w in &c.workloads {
             let w = &w.value;
             for r in 0..w.replicas {
-                let ip = ip(1 + (next / 250) as u8, (next % 250) as u8 + 1);
-                next += 1;
                 let replica = format!("{}-{r}", w.name);
+                let place = if namespaces {
+                    Placement {
+                        ip: netns::pod_ip(n, next),
+                        netns: Some(format!("mesh{n}-{replica}")),
+                        proxy_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    }
+                } else {
+                    let ip = ip(1 + (next / 250) as u8, (next % 250) as u8 + 1);
+                    Placement {
+                        ip,
+                        netns: None,
+                        proxy_ip: ip,
+                    }
+                };
+                next += 1;
                 let stats = dir.join(format!("stats/{replica}.json"));
-                let proxy_admin = SocketAddr::new(ip, 4191);
                 components.extend(replica_components(
                     &mesh,
                     &c.name,
@@ -985,7 +1139,7 @@ fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Result<RunRecord
                     &info,
                     w,
                     &replica,
-                    ip,
+                    &place,
                     &dir,
                     &stats,
                     state,
@@ -995,9 +1149,10 @@ fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Result<RunRecord
                     workload: w.name.clone(),
                     namespace: w.namespace.clone(),
                     service_account: w.service_account().to_owned(),
-                    ip,
-                    proxy_admin,
+                    ip: place.ip,
+                    proxy_admin: SocketAddr::new(place.proxy_ip, 4191),
                     stats,
+                    netns: place.netns,
                 });
             }
         }
@@ -1009,9 +1164,22 @@ fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Result<RunRecord
         supervisor: std::process::id(),
         started_at: time::OffsetDateTime::now_utc().unix_timestamp(),
         stopped: false,
+        network: topology.network,
+        made: netns::Made::default(),
         clusters,
         components,
     })
+}
+
+/// Where a replica runs.
+#[derive(Clone, Debug)]
+struct Placement {
+    /// The app's (and the workload's registered) address.
+    ip: IpAddr,
+    netns: Option<String>,
+    /// Where its proxy's outbound and admin listen: the replica's address,
+    /// or its namespace's loopback.
+    proxy_ip: IpAddr,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1022,11 +1190,12 @@ fn replica_components(
     info: &ClusterInfo,
     w: &Workload,
     replica: &str,
-    ip: IpAddr,
+    place: &Placement,
     dir: &Path,
     stats: &Path,
     state: &Path,
 ) -> [Component; 2] {
+    let ip = place.ip;
     let token = dir.join(format!("tokens/{}-{replica}.token", w.namespace));
     let join = |m: &BTreeMap<String, String>| {
         m.iter()
@@ -1053,8 +1222,14 @@ fn replica_components(
         ),
         ("JOIN_TOKEN_FILE", token.display().to_string()),
         ("INBOUND_ADDR", SocketAddr::new(ip, 4143).to_string()),
-        ("OUTBOUND_ADDR", SocketAddr::new(ip, 4140).to_string()),
-        ("ADMIN_ADDR", SocketAddr::new(ip, 4191).to_string()),
+        (
+            "OUTBOUND_ADDR",
+            SocketAddr::new(place.proxy_ip, 4140).to_string(),
+        ),
+        (
+            "ADMIN_ADDR",
+            SocketAddr::new(place.proxy_ip, 4191).to_string(),
+        ),
         ("APP_IP", ip.to_string()),
         ("APP_PORTS", join(&ports)),
         ("WORKLOAD_ADDRESSES", ip.to_string()),
@@ -1078,29 +1253,42 @@ fn replica_components(
         ("MESH_CLUSTER".into(), cluster.to_owned()),
         ("MESH_WORKLOAD".into(), replica.to_owned()),
         ("MESH_WORKLOAD_IP".into(), ip.to_string()),
-        ("HTTP_PROXY".into(), format!("http://{ip}:4140")),
         ("MESH_DEMO_STATS".into(), stats.display().to_string()),
     ];
+    // In a namespace the app knows nothing of its proxy: its TCP is
+    // redirected. Otherwise it uses the proxy explicitly.
+    if place.netns.is_none() {
+        app_env.push(("HTTP_PROXY".into(), format!("http://{ip}:4140")));
+    }
     app_env.extend(w.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let (proxy_program, proxy_args, program, args) = match &place.netns {
+        Some(ns) => {
+            let (pp, pa) = netns::wrap(ns, mesh, &["proxy".to_owned()]);
+            let (ap, aa) = netns::wrap_app(ns, &program, &args);
+            (pp, pa, ap, aa)
+        }
+        None => (mesh.to_owned(), vec!["proxy".to_owned()], program, args),
+    };
     [
         Component {
             name: format!("{cluster}/{replica}/proxy"),
             cluster: cluster.to_owned(),
             kind: Kind::Proxy,
-            program: mesh.to_owned(),
-            args: vec!["proxy".into()],
+            program: proxy_program,
+            args: proxy_args,
             env: proxy_env,
             token: Some(TokenFor {
                 namespace: w.namespace.clone(),
                 service_account: w.service_account().to_owned(),
                 file: token.clone(),
             }),
-            ready: Ready::Admin(SocketAddr::new(ip, 4191)),
+            ready: Ready::Admin(SocketAddr::new(place.proxy_ip, 4191)),
             log: log("proxy"),
             traffic: false,
             pid: None,
             restarts: 0,
             held: false,
+            netns: place.netns.clone(),
         },
         Component {
             name: format!("{cluster}/{replica}/app"),
@@ -1125,6 +1313,7 @@ fn replica_components(
             pid: None,
             restarts: 0,
             held: false,
+            netns: place.netns.clone(),
         },
     ]
 }

@@ -35,6 +35,22 @@ pub struct Topology {
     pub clusters: Vec<Spanned<Cluster>>,
     #[serde(default)]
     pub links: Vec<Spanned<LinkDecl>>,
+    /// How replicas are networked.
+    #[serde(default)]
+    pub network: Network,
+}
+
+/// How replicas are networked.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// Each replica on a loopback address; apps use their proxy through
+    /// `HTTP_PROXY` (explicit mode). Needs nothing.
+    #[default]
+    Loopback,
+    /// Each replica in a network namespace of its own with its TCP
+    /// redirected to its proxy (transparent mode). Needs root.
+    Namespaces,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -10,7 +10,7 @@ use mesh_service_mirror::metrics::LinkStatus;
 
 use crate::{
     demo::LoadStats,
-    runner::{RunRecord, scrape},
+    runner::{RunRecord, scrape, scrape_in},
 };
 
 /// One look at every proxy and mirror of a run.
@@ -64,7 +64,7 @@ impl Snapshot {
         for c in &record.clusters {
             let mut samples = Vec::new();
             for r in &c.replicas {
-                if let Ok(s) = scrape(r.proxy_admin) {
+                if let Ok(s) = scrape_in(r.netns.as_deref(), r.proxy_admin) {
                     samples.extend(s);
                 }
                 if let Ok(text) = std::fs::read(&r.stats)
