@@ -13,6 +13,10 @@ pub(crate) enum MulticlusterCmd {
     /// Print the Link resource for a target cluster (run with the target's CA
     /// or bundle); apply it to the source cluster's config directory.
     Link(LinkArgs),
+    /// Print the Link that only admits another cluster's trust domain (run
+    /// with that cluster's CA or bundle); apply it to the target cluster so
+    /// its gateway and control plane accept the other cluster's callers.
+    Allow(AllowArgs),
     /// Print what to delete to unlink a cluster (the Link; its mirrors go
     /// with it).
     Unlink(UnlinkArgs),
@@ -68,6 +72,21 @@ pub(crate) struct LinkArgs {
 }
 
 #[derive(Debug, Args)]
+pub(crate) struct AllowArgs {
+    /// The calling cluster's name.
+    #[arg(long)]
+    cluster_name: String,
+    /// The calling cluster's CA directory, or its bundle file (then
+    /// --trust-domain is needed).
+    #[arg(long)]
+    ca: PathBuf,
+    /// The calling cluster's trust domain (read from the CA directory when
+    /// given one).
+    #[arg(long)]
+    trust_domain: Option<TrustDomain>,
+}
+
+#[derive(Debug, Args)]
 pub(crate) struct UnlinkArgs {
     /// The linked cluster's name.
     #[arg(long)]
@@ -81,6 +100,17 @@ pub(crate) fn run(cmd: MulticlusterCmd, out: &mut impl Write) -> Result<ExitCode
     match cmd {
         MulticlusterCmd::Link(args) => {
             out.write_all(link(&args)?.as_bytes())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        MulticlusterCmd::Allow(args) => {
+            let (td, bundle) = load_bundle(&args.ca, args.trust_domain.as_ref())?;
+            let yaml = mesh_control::resources::link_yaml(&args.cluster_name, &[], "tcp", &bundle)?;
+            write!(
+                out,
+                "# Apply to this cluster's config directory to admit callers of {} ({td}).\n\
+                 # Nothing is mirrored through it; `mesh multicluster link` on their side does that.\n{yaml}",
+                args.cluster_name
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         MulticlusterCmd::Unlink(args) => unlink(&args, out),
@@ -245,28 +275,37 @@ fn check(args: &CheckArgs, out: &mut impl Write) -> Result<ExitCode> {
     })
 }
 
-/// The Link resource for `args`.
-fn link(args: &LinkArgs) -> Result<String> {
-    let (td, bundle) = if args.ca.is_dir() {
-        let ca = files::load_ca(&args.ca)
-            .with_context(|| format!("--ca {}: not a CA directory", args.ca.display()))?;
-        let td = ca.trust_domain().clone();
-        if let Some(given) = &args.trust_domain
+/// The trust domain and bundle of a CA directory, or of a bundle file
+/// with `--trust-domain`.
+fn load_bundle(
+    ca: &std::path::Path,
+    trust_domain: Option<&TrustDomain>,
+) -> Result<(TrustDomain, mesh_core::identity::TrustBundle)> {
+    if ca.is_dir() {
+        let loaded = files::load_ca(ca)
+            .with_context(|| format!("--ca {}: not a CA directory", ca.display()))?;
+        let td = loaded.trust_domain().clone();
+        if let Some(given) = trust_domain
             && given != &td
         {
             bail!("--trust-domain {given} does not match the CA's trust domain {td}");
         }
-        let bundle = files::load_bundle(&args.ca.join(files::BUNDLE), td.clone())?;
-        (td, bundle)
+        let bundle = files::load_bundle(&ca.join(files::BUNDLE), td.clone())?;
+        Ok((td, bundle))
     } else {
-        let Some(td) = args.trust_domain.clone() else {
+        let Some(td) = trust_domain.cloned() else {
             bail!(
                 "--ca {} is a bundle file: give --trust-domain too",
-                args.ca.display()
+                ca.display()
             );
         };
-        (td.clone(), files::load_bundle(&args.ca, td)?)
-    };
+        Ok((td.clone(), files::load_bundle(ca, td)?))
+    }
+}
+
+/// The Link resource for `args`.
+fn link(args: &LinkArgs) -> Result<String> {
+    let (td, bundle) = load_bundle(&args.ca, args.trust_domain.as_ref())?;
     let gateways: Vec<String> = args
         .gateways
         .iter()

@@ -106,3 +106,58 @@ fn link_prints_a_link_the_control_plane_accepts_and_unlink_finds_it() {
     ]);
     assert!(!ok && out.contains("No Link to north"), "{out}");
 }
+
+#[test]
+fn allow_prints_a_trust_only_link_the_control_plane_accepts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = tmp.path().join("west-ca");
+    let ca_str = ca.display().to_string();
+    let (ok, _, err) = mesh(&[
+        "identity",
+        "ca",
+        "create",
+        "--trust-domain",
+        "west.mesh.local",
+        "--out",
+        &ca_str,
+    ]);
+    assert!(ok, "{err}");
+    let (ok, allow, err) = mesh(&[
+        "multicluster",
+        "allow",
+        "--cluster-name",
+        "west",
+        "--ca",
+        &ca_str,
+    ]);
+    assert!(ok, "{err}");
+    let parsed =
+        mesh_control::resources::parse::parse_file(std::path::Path::new("allow-west.yaml"), &allow)
+            .unwrap_or_else(|e| panic!("{e}\n{allow}"));
+    let mesh_control::resources::Resource::Link(l) = &parsed[0].1 else {
+        panic!("{allow}");
+    };
+    assert_eq!(l.spec.cluster_name, "west");
+    assert_eq!(l.spec.trust_domain, "west.mesh.local");
+    assert!(l.spec.gateway_addresses.is_empty(), "{allow}");
+    assert!(l.spec.gateway_identity.is_empty(), "{allow}");
+    let bundle = mesh_control::resources::parse::link_bundle(&l.spec).unwrap();
+    assert_eq!(bundle.roots().len(), 1);
+
+    // A gateway identity without addresses is a mistake, and says so.
+    let half = allow.replace(
+        "  trustDomain: west.mesh.local\n",
+        "  trustDomain: west.mesh.local\n  gatewayIdentity: spiffe://west.mesh.local/ns/mesh-system/sa/gateway\n",
+    );
+    let parsed = mesh_control::resources::parse::parse_file(std::path::Path::new("x.yaml"), &half);
+    let err = match parsed {
+        Err(e) => e.to_string(),
+        Ok(rs) => match &rs[0].1 {
+            mesh_control::resources::Resource::Link(l) => {
+                mesh_control::resources::parse::link_bundle(&l.spec).unwrap_err()
+            }
+            _ => panic!(),
+        },
+    };
+    assert!(err.contains("gatewayAddresses is empty"), "{err}");
+}

@@ -68,11 +68,14 @@ pub async fn run(
     let mut links = mesh_proxy::trust::linked_trust(api);
     let mut running: HashMap<String, (LinkedBundle, JoinHandle<()>)> = HashMap::new();
     loop {
-        let current: LinkedTrust = links
+        let mut current: LinkedTrust = links
             .borrow_and_update()
             .as_deref()
             .cloned()
             .unwrap_or_default();
+        // A Link without a gateway only admits its trust domain: there is
+        // nothing to mirror through it.
+        current.bundles.retain(|l| !l.gateway_addresses.is_empty());
         // Stop controllers whose Link is gone (or changed), and remove
         // every mirror they wrote.
         let gone: Vec<String> = running

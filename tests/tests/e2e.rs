@@ -307,6 +307,28 @@ async fn three_clusters_over_quic() {
             "{cluster}'s gateway saw no QUIC stream from {from}"
         );
     }
+    // North admits east's callers through an allow-only Link, and east's
+    // service mirror (exports and probes) rides QUIC like its proxies:
+    // nothing from east ever fell back to TCP.
+    let north_gateway = metrics(s.run.cluster("north").unwrap().gateway_admin.unwrap());
+    let from_east = |transport: &str| {
+        sum(&north_gateway, "mesh_gateway_streams_total", |s| {
+            s.label("transport") == transport && s.label("peer_trust_domain") == "east.mesh.local"
+        })
+    };
+    assert!(
+        from_east("quic") >= 2.0,
+        "east's mirror and audit did not use QUIC: {:?}",
+        north_gateway
+            .iter()
+            .filter(|s| s.name.starts_with("mesh_gateway_streams"))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(from_east("tcp"), 0.0, "east fell back to TCP");
+    // Only clusters others link to run a gateway; only those that link out
+    // run a mirror.
+    assert!(s.run.cluster("west").unwrap().gateway.is_none());
+    assert!(s.run.cluster("north").unwrap().mirror_admin.is_none());
 }
 
 /// Transparent mode: each replica in a network namespace of its own, its

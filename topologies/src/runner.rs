@@ -446,7 +446,12 @@ impl Run {
         // Control planes first: everything else joins through them.
         let controls: Vec<String> = self.names(|c| c.kind == Kind::Control && !c.traffic);
         self.start_and_wait(&controls, started).await?;
-        let rest: Vec<String> = self.names(|c| c.kind != Kind::Control && !c.traffic);
+        // Gateways before what tunnels to them: a tunnel client that finds
+        // no QUIC listener yet keeps to TCP for a while.
+        let gateways: Vec<String> = self.names(|c| c.kind == Kind::Gateway);
+        self.start_and_wait(&gateways, started).await?;
+        let rest: Vec<String> =
+            self.names(|c| !matches!(c.kind, Kind::Control | Kind::Gateway) && !c.traffic);
         self.start_and_wait(&rest, started).await?;
         // Load starts once every link mirrors what the other side exports.
         self.wait_for_mirrors(started).await?;
@@ -976,18 +981,9 @@ fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Result<RunRecord
                 )
             })
             .collect();
-        // Trust goes both ways over a link: each side runs a gateway and a
-        // mirror, so each side can verify (and reach) the other.
-        let linked = linked_to || !links_out.is_empty();
-        let mut mirrors = links_out.clone();
-        for l in topology.links.iter().filter(|l| l.value.to == c.name) {
-            let other = topology.cluster(&l.value.from).expect("validated");
-            mirrors
-                .entry(other.name.clone())
-                .or_insert(exported_services(
-                    other.resources.as_ref().map(|r| r.value.as_str()),
-                ));
-        }
+        // A cluster others link to runs a gateway; one that links out runs
+        // a service mirror.
+        let mirrors = links_out.clone();
         let mut info = ClusterInfo {
             name: c.name.clone(),
             trust_domain: c.trust_domain.clone(),
@@ -995,10 +991,10 @@ fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Result<RunRecord
             control_identity: SocketAddr::new(reachable(1), 8080),
             control_api: SocketAddr::new(reachable(1), 8086),
             control_admin: SocketAddr::new(ip(0, 1), 9990),
-            gateway: linked.then(|| SocketAddr::new(reachable(2), 4143)),
-            gateway_admin: linked.then(|| SocketAddr::new(ip(0, 2), 4191)),
-            mirror_admin: linked.then(|| SocketAddr::new(ip(0, 3), 9991)),
-            mirrors: if linked { mirrors } else { BTreeMap::new() },
+            gateway: linked_to.then(|| SocketAddr::new(reachable(2), 4143)),
+            gateway_admin: linked_to.then(|| SocketAddr::new(ip(0, 2), 4191)),
+            mirror_admin: (!mirrors.is_empty()).then(|| SocketAddr::new(ip(0, 3), 9991)),
+            mirrors,
             replicas: Vec::new(),
         };
         let log = |what: &str| state.join("logs").join(format!("{}-{what}.log", c.name));
@@ -1326,29 +1322,42 @@ fn write_configs(topology: &Topology, clusters: &[ClusterInfo]) -> Result<()> {
             std::fs::write(c.config_dir().join("resources.yaml"), &resources.value)?;
         }
     }
-    // Both ends of a link: `from` mirrors `to` over the link's transport;
-    // `to` trusts (and could reach) `from` in return.
-    let mut pairs: BTreeMap<(String, String), String> = BTreeMap::new();
+    // `from` mirrors `to` over the link's transport. `to` must admit
+    // `from`'s callers: a Link back when one is declared, else a Link that
+    // only admits the trust domain (`mesh multicluster allow`).
+    let bundle_of = |c: &ClusterInfo| {
+        mesh_core::identity::files::load_bundle(
+            &c.ca_dir().join("bundle.json"),
+            c.trust_domain.parse()?,
+        )
+        .map_err(anyhow::Error::from)
+    };
     for l in &topology.links {
         let l = &l.value;
-        pairs.insert((l.from.clone(), l.to.clone()), l.transport.clone());
-        pairs
-            .entry((l.to.clone(), l.from.clone()))
-            .or_insert_with(|| l.transport.clone());
-    }
-    for ((from, to), transport) in pairs {
-        let target = info(&to);
-        let bundle = mesh_core::identity::files::load_bundle(
-            &target.ca_dir().join("bundle.json"),
-            target.trust_domain.parse()?,
+        let (from, to) = (info(&l.from), info(&l.to));
+        let gateway = to.gateway.expect("a linked-to cluster runs a gateway");
+        let yaml = mesh_control::resources::link_yaml(
+            &to.name,
+            &[gateway.to_string()],
+            &l.transport,
+            &bundle_of(to)?,
         )?;
-        let gateway = target.gateway.expect("a linked cluster runs a gateway");
-        let yaml =
-            mesh_control::resources::link_yaml(&to, &[gateway.to_string()], &transport, &bundle)?;
         std::fs::write(
-            info(&from).config_dir().join(format!("link-{to}.yaml")),
+            from.config_dir().join(format!("link-{}.yaml", to.name)),
             yaml,
         )?;
+        let back = topology
+            .links
+            .iter()
+            .any(|b| b.value.from == l.to && b.value.to == l.from);
+        if !back {
+            let yaml =
+                mesh_control::resources::link_yaml(&from.name, &[], "tcp", &bundle_of(from)?)?;
+            std::fs::write(
+                to.config_dir().join(format!("allow-{}.yaml", from.name)),
+                yaml,
+            )?;
+        }
     }
     Ok(())
 }

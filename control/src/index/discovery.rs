@@ -158,28 +158,30 @@ impl Index {
             .values()
             .find(|l| l.spec.cluster_name == mirror.spec.link);
         let endpoints = match link {
-            Some(link) if mirror.spec.ready => vec![Endpoint {
-                address: String::new(),
-                spiffe_id: mirror.spec.identities.first().cloned().unwrap_or_default(),
-                weight: 1,
-                cluster: link.spec.cluster_name.clone(),
-                priority: 0,
-                protocol: app_protocol_hint(port.app_protocol.as_deref()) as i32,
-                labels: Default::default(),
-                via_gateway: Some(ViaGateway {
-                    gateway_addresses: link.spec.gateway_addresses.clone(),
-                    gateway_identity: link.spec.gateway_identity.clone(),
-                    target_authority: format!(
-                        "{}.{}.svc.{}:{}",
-                        mirror.spec.remote_name, auth.namespace, self.cluster_domain, port.port
-                    ),
-                    destination_identities: mirror.spec.identities.clone(),
-                    quic: link.spec.transport.as_deref() != Some("tcp"),
-                    target_port: u32::from(port.target_port.unwrap_or(port.port)),
-                }),
-                workload: format!("{}/{}", auth.namespace, auth.service),
-                proxy_port: 0,
-            }],
+            Some(link) if mirror.spec.ready && !link.spec.gateway_addresses.is_empty() => {
+                vec![Endpoint {
+                    address: String::new(),
+                    spiffe_id: mirror.spec.identities.first().cloned().unwrap_or_default(),
+                    weight: 1,
+                    cluster: link.spec.cluster_name.clone(),
+                    priority: 0,
+                    protocol: app_protocol_hint(port.app_protocol.as_deref()) as i32,
+                    labels: Default::default(),
+                    via_gateway: Some(ViaGateway {
+                        gateway_addresses: link.spec.gateway_addresses.clone(),
+                        gateway_identity: link.spec.gateway_identity.clone(),
+                        target_authority: format!(
+                            "{}.{}.svc.{}:{}",
+                            mirror.spec.remote_name, auth.namespace, self.cluster_domain, port.port
+                        ),
+                        destination_identities: mirror.spec.identities.clone(),
+                        quic: link.spec.transport.as_deref() != Some("tcp"),
+                        target_port: u32::from(port.target_port.unwrap_or(port.port)),
+                    }),
+                    workload: format!("{}/{}", auth.namespace, auth.service),
+                    proxy_port: 0,
+                }]
+            }
             _ => Vec::new(),
         };
         Some(DiscoveryUpdate {

@@ -292,22 +292,30 @@ pub fn link_bundle(spec: &LinkSpec) -> Result<mesh_core::identity::TrustBundle, 
         .trust_domain
         .parse()
         .map_err(|e| format!("Link spec.trustDomain {:?}: {e}", spec.trust_domain))?;
-    let gateway: SpiffeId = spec
-        .gateway_identity
-        .parse()
-        .map_err(|e| format!("Link spec.gatewayIdentity {:?}: {e}", spec.gateway_identity))?;
-    if gateway.trust_domain() != td {
-        return Err(format!(
-            "Link spec.gatewayIdentity {gateway} is not in trust domain {td}"
-        ));
-    }
     if spec.cluster_name.is_empty() {
         return Err("Link spec.clusterName is empty".into());
     }
-    if spec.gateway_addresses.is_empty() {
-        return Err(
-            "Link spec.gatewayAddresses is empty; write host:port (port 4143 by default)".into(),
-        );
+    // Without gateway addresses the Link only admits the trust domain.
+    if !spec.gateway_addresses.is_empty() || !spec.gateway_identity.is_empty() {
+        if spec.gateway_identity.is_empty() {
+            return Err(format!(
+                "Link spec.gatewayIdentity is empty; write spiffe://{td}/ns/mesh-system/sa/gateway"
+            ));
+        }
+        let gateway: SpiffeId = spec
+            .gateway_identity
+            .parse()
+            .map_err(|e| format!("Link spec.gatewayIdentity {:?}: {e}", spec.gateway_identity))?;
+        if gateway.trust_domain() != td {
+            return Err(format!(
+                "Link spec.gatewayIdentity {gateway} is not in trust domain {td}"
+            ));
+        }
+        if spec.gateway_addresses.is_empty() {
+            return Err(
+                "Link spec.gatewayAddresses is empty; write host:port (port 4143 by default), or drop gatewayIdentity to only admit the trust domain".into(),
+            );
+        }
     }
     for addr in &spec.gateway_addresses {
         let ok = addr.rsplit_once(':').is_some_and(|(host, port)| {

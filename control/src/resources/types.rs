@@ -290,9 +290,13 @@ pub struct LinkSpec {
     /// The other cluster's name (mirrors are named `<svc>-<cluster>`).
     pub cluster_name: String,
     pub trust_domain: String,
-    /// `host:port` of its gateway; hosts may be DNS names.
+    /// `host:port` of its gateway; hosts may be DNS names. Empty: the Link
+    /// only admits the trust domain (`mesh multicluster allow`) and nothing
+    /// is mirrored or reached through it.
+    #[serde(default)]
     pub gateway_addresses: Vec<String>,
-    /// The SPIFFE ID its gateway presents.
+    /// The SPIFFE ID its gateway presents (required with gateway addresses).
+    #[serde(default)]
     pub gateway_identity: String,
     /// `quic` (the default) or `tcp`.
     #[serde(default)]
