@@ -14,17 +14,167 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_in_west_calls_api_in_east_through_the_gateway_as_itself() {
-    cross_cluster_call("tcp", false).await;
+    cross_cluster_call("tcp", Path::Direct).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_over_a_quic_tunnel() {
-    cross_cluster_call("quic", false).await;
+    cross_cluster_call("quic", Path::Direct).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_falls_back_to_tcp_when_udp_is_blocked() {
-    cross_cluster_call("quic", true).await;
+    cross_cluster_call("quic", Path::UdpBlocked).await;
+}
+
+/// Every byte between west's proxies and east's gateway, as a capture on
+/// the wire would see them: no service name in cleartext over TCP, where
+/// the only name is the gateway's (TLS SNI) ...
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_capture_shows_the_gateway_name_and_no_service_name() {
+    let seen = cross_cluster_call("tcp", Path::Recorded).await;
+    assert!(
+        seen.tcp > 1000,
+        "the capture saw the tunnel: {} bytes",
+        seen.tcp
+    );
+    assert!(
+        contains(&seen.bytes, b"localhost"),
+        "the TLS ClientHello names the gateway (SNI)"
+    );
+    no_service_name(&seen.bytes);
+}
+
+/// ... and none over QUIC either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_capture_shows_no_service_name() {
+    let seen = cross_cluster_call("quic", Path::Recorded).await;
+    assert!(
+        seen.udp > 1000,
+        "the capture saw the QUIC tunnel: {} bytes",
+        seen.udp
+    );
+    no_service_name(&seen.bytes);
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[track_caller]
+fn no_service_name(bytes: &[u8]) {
+    for name in [
+        "api-east",
+        "api.shop",
+        "svc.cluster.local",
+        "shop",
+        "spiffe://",
+        "/hello",
+    ] {
+        assert!(
+            !contains(bytes, name.as_bytes()),
+            "{name:?} crossed the wire in cleartext"
+        );
+    }
+}
+
+/// How west reaches east's gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    Direct,
+    /// Through a TCP-only relay: UDP is blocked.
+    UdpBlocked,
+    /// Through a relay that records every byte (TCP and UDP), addressed by
+    /// name (`localhost`), as a packet capture would see it.
+    Recorded,
+}
+
+/// What the recording relay saw.
+#[derive(Debug, Default)]
+struct Seen {
+    bytes: Vec<u8>,
+    tcp: usize,
+    udp: usize,
+}
+
+/// A relay to `to` on one port for TCP and UDP, recording both directions.
+async fn recording_relay(
+    to: std::net::SocketAddr,
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Seen>>) {
+    use std::sync::{Arc, Mutex};
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let udp = Arc::new(tokio::net::UdpSocket::bind(addr).await.unwrap());
+    let record = |seen: &Arc<Mutex<Seen>>, data: &[u8], tcp: bool| {
+        let mut s = seen.lock().unwrap();
+        s.bytes.extend_from_slice(data);
+        if tcp {
+            s.tcp += data.len();
+        } else {
+            s.udp += data.len();
+        }
+    };
+    let tcp_seen = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((from, _)) = listener.accept().await {
+            let Ok(up) = tokio::net::TcpStream::connect(to).await else {
+                continue;
+            };
+            let (from_r, from_w) = from.into_split();
+            let (up_r, up_w) = up.into_split();
+            for (mut r, mut w) in [
+                (
+                    Box::new(from_r) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                    Box::new(up_w) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                ),
+                (Box::new(up_r) as _, Box::new(from_w) as _),
+            ] {
+                let seen = tcp_seen.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16384];
+                    while let Ok(n) = r.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        record(&seen, &buf[..n], true);
+                        if w.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = w.shutdown().await;
+                });
+            }
+        }
+    });
+    let udp_seen = seen.clone();
+    tokio::spawn(async move {
+        let mut ups: std::collections::HashMap<std::net::SocketAddr, Arc<tokio::net::UdpSocket>> =
+            Default::default();
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, client)) = udp.recv_from(&mut buf).await {
+            record(&udp_seen, &buf[..n], false);
+            let up = match ups.get(&client) {
+                Some(up) => up.clone(),
+                None => {
+                    let up = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                    up.connect(to).await.unwrap();
+                    let (back, udp, seen) = (up.clone(), udp.clone(), udp_seen.clone());
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 65536];
+                        while let Ok(n) = back.recv(&mut buf).await {
+                            record(&seen, &buf[..n], false);
+                            let _ = udp.send_to(&buf[..n], client).await;
+                        }
+                    });
+                    ups.insert(client, up.clone());
+                    up
+                }
+            };
+            let _ = up.send(&buf[..n]).await;
+        }
+    });
+    (addr, seen)
 }
 
 /// A TCP-only way to `to` on a port where nothing answers UDP: what a
@@ -44,9 +194,10 @@ async fn tcp_only(to: std::net::SocketAddr) -> std::net::SocketAddr {
     addr
 }
 
-/// web in west calls api in east; the Link asks for `transport`, and with
-/// `udp_blocked` the gateway is reachable over TCP only.
-async fn cross_cluster_call(transport: &str, udp_blocked: bool) {
+/// web in west calls api in east; the Link asks for `transport`, and
+/// `path` says how the gateway is reached. Returns what a recording relay
+/// saw (empty unless `path` is [`Path::Recorded`]).
+async fn cross_cluster_call(transport: &str, path: Path) -> Seen {
     let west_setup = west_setup();
     // East: api exported; only west's web may call it; west is linked.
     let east = east(
@@ -57,13 +208,28 @@ async fn cross_cluster_call(transport: &str, udp_blocked: bool) {
     )
     .await;
     let port = east.port;
-    let gateway_addr = if udp_blocked {
-        tcp_only(east.gateway.tunnel_addr).await
-    } else {
-        east.gateway.tunnel_addr
+    let mut recorded = None;
+    let gateway_addr = match path {
+        Path::Direct => east.gateway.tunnel_addr.to_string(),
+        Path::UdpBlocked => tcp_only(east.gateway.tunnel_addr).await.to_string(),
+        Path::Recorded => {
+            let (addr, seen) = recording_relay(east.gateway.tunnel_addr).await;
+            recorded = Some(seen);
+            // By name over TCP, so the TLS ClientHello carries it as SNI;
+            // QUIC takes the address (a name could resolve to ::1 first).
+            if transport == "tcp" {
+                format!("localhost:{}", addr.port())
+            } else {
+                addr.to_string()
+            }
+        }
     };
     // The transport the gateway will see.
-    let carried = if udp_blocked { "tcp" } else { transport };
+    let carried = if path == Path::UdpBlocked {
+        "tcp"
+    } else {
+        transport
+    };
 
     // West: linked to east through its gateway, with api mirrored as
     // api-east (what the service mirror writes).
@@ -71,13 +237,7 @@ async fn cross_cluster_call(transport: &str, udp_blocked: bool) {
         west_setup.config.config_dir.join("east.yaml"),
         format!(
             "{}---\napiVersion: multicluster.mesh.rs/v1alpha1\nkind: MirroredService\nmetadata: {{name: api-east, namespace: shop}}\nspec:\n  link: east\n  remoteName: api\n  ports: [{{port: {port}, appProtocol: http}}]\n  identities: [\"spiffe://{EAST}/ns/shop/sa/api\"]\n  ready: true\n",
-            link_over(
-                "east",
-                EAST,
-                &gateway_addr.to_string(),
-                &east.bundle,
-                transport
-            )
+            link_over("east", EAST, &gateway_addr, &east.bundle, transport)
         ),
     )
     .unwrap();
@@ -146,4 +306,7 @@ async fn cross_cluster_call(transport: &str, udp_blocked: bool) {
         )),
         "{m}"
     );
+    recorded
+        .map(|seen| std::mem::take(&mut *seen.lock().unwrap()))
+        .unwrap_or_default()
 }
