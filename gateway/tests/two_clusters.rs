@@ -78,6 +78,29 @@ fn no_service_name(bytes: &[u8]) {
     }
 }
 
+/// `CONNECT authority` through an explicit-mode proxy, then one raw
+/// HTTP/1.1 request inside: the CONNECT answer's head and what followed.
+async fn via_connect(proxy: std::net::SocketAddr, authority: &str) -> (String, String) {
+    let mut tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut byte)).await {
+            Ok(Ok(1)) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    let _ = tcp
+        .write_all(b"GET /hello HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut rest = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_string(&mut rest)).await;
+    (String::from_utf8_lossy(&head).into_owned(), rest)
+}
+
 /// How west reaches east's gateway.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Path {
@@ -288,6 +311,22 @@ async fn cross_cluster_call(transport: &str, path: Path) -> Seen {
     assert!(
         raw.contains(&format!("spiffe://{WEST}/ns/shop/sa/other")),
         "{raw}"
+    );
+
+    // Opaque TCP (CONNECT) rides the tunnel too: web's bytes reach api's
+    // app through its own mTLS session inside the tunnel, under api's
+    // policy; other's connection is closed by east's proxy.
+    let authority = format!("api-east.shop.svc.cluster.local:{port}");
+    let (head, rest) = via_connect(web.outbound_addr, &authority).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        rest.starts_with("HTTP/1.1 200") && rest.contains("client=-"),
+        "the app answered raw bytes (no header is added to opaque TCP): {rest}"
+    );
+    let (_, rest) = via_connect(other.outbound_addr, &authority).await;
+    assert!(
+        !rest.contains("client="),
+        "east's policy let other's opaque TCP through: {rest}"
     );
 
     // The gateway carried both, and saw only west's trust domain.

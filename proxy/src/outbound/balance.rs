@@ -190,6 +190,11 @@ impl Key {
     pub fn proxy_port(&self) -> u16 {
         self.proxy_port
     }
+
+    /// How it is reached when it is in a linked cluster.
+    pub fn via(&self) -> Option<&Via> {
+        self.via.as_ref()
+    }
 }
 
 /// A balancer following `updates`, with failure accrual on every endpoint.

@@ -28,7 +28,7 @@ use tokio::{
     net::TcpStream,
     sync::watch,
 };
-use tokio_rustls::{TlsConnector, client::TlsStream};
+use tokio_rustls::TlsConnector;
 use tower::{
     balance::p2c::Balance,
     buffer::Buffer,
@@ -36,7 +36,12 @@ use tower::{
     util::BoxService,
 };
 
-use super::{balance::follow_endpoints, errors::OutboundError};
+use super::{
+    balance::{Via, follow_endpoints},
+    endpoint::Stream,
+    errors::OutboundError,
+    tunnel::{Inner, TunnelConnector},
+};
 use crate::{inbound::ALPN_TCP, upgrade::ALPN_HTTP1};
 
 /// What a connection will carry.
@@ -53,12 +58,20 @@ const QUEUE: usize = 1_000;
 
 /// An open mTLS connection to an endpoint's proxy, carrying opaque bytes.
 /// It counts toward its endpoint's load until dropped.
-#[derive(Debug)]
 pub struct MeshTcp {
-    stream: TlsStream<TcpStream>,
+    /// mTLS to the endpoint's proxy, directly or inside a gateway tunnel.
+    stream: Box<dyn Stream>,
     /// The app port on the endpoint this connection is for.
     pub app_port: u16,
     _load: Option<Handle>,
+}
+
+impl std::fmt::Debug for MeshTcp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshTcp")
+            .field("app_port", &self.app_port)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AsyncRead for MeshTcp {
@@ -111,6 +124,9 @@ pub struct TcpEndpoint {
     proxy_port: u16,
     /// For opaque TCP and for upgrades (they differ in ALPN).
     tls: Option<(Arc<ClientConfig>, Arc<ClientConfig>)>,
+    /// In a linked cluster: its gateway's tunnel (or why there is none).
+    /// `app` then carries only the destination's app port.
+    tunnel: Option<Result<TunnelConnector, String>>,
 }
 
 impl TcpEndpoint {
@@ -118,9 +134,19 @@ impl TcpEndpoint {
         app: SocketAddr,
         identity: Option<SpiffeId>,
         proxy_port: u16,
+        via: Option<&Via>,
         creds: &CredentialStore,
         bundles: &BundleStore,
     ) -> Self {
+        if let Some(via) = via {
+            return Self {
+                app,
+                identity,
+                proxy_port,
+                tls: None,
+                tunnel: Some(via.connector(creds, bundles)),
+            };
+        }
         let tls = identity.as_ref().and_then(|id| {
             let config = |alpn: &[u8]| {
                 let mut tls = client_config(
@@ -139,10 +165,35 @@ impl TcpEndpoint {
             identity,
             proxy_port,
             tls,
+            tunnel: None,
         }
     }
 
     async fn open(self, carry: Carry) -> Result<MeshTcp, OutboundError> {
+        if let Some(tunnel) = self.tunnel {
+            // Through the linked cluster's gateway: our own mTLS session
+            // with the destination proxy inside the tunnel stream.
+            let tunnel = tunnel.map_err(OutboundError::Connect)?;
+            let inner = match carry {
+                Carry::Opaque => Inner::Tcp,
+                Carry::Http1Upgrade => Inner::Http1,
+            };
+            let mut stream = tunnel
+                .connect_carrying(inner)
+                .await
+                .map_err(OutboundError::connect)?;
+            if carry == Carry::Opaque {
+                stream
+                    .write_all(&self.app.port().to_be_bytes())
+                    .await
+                    .map_err(OutboundError::connect)?;
+            }
+            return Ok(MeshTcp {
+                stream,
+                app_port: self.app.port(),
+                _load: None,
+            });
+        }
         let Some(id) = self.identity else {
             // Discovery lists only meshed workloads; an endpoint without an
             // identity has nothing to verify, so it is not dialled at all.
@@ -178,7 +229,7 @@ impl TcpEndpoint {
                 .map_err(OutboundError::connect)?;
         }
         Ok(MeshTcp {
-            stream,
+            stream: Box::new(stream),
             app_port: self.app.port(),
             _load: None,
         })
@@ -215,6 +266,7 @@ pub fn tcp_balancer(
                 key.addr(),
                 key.identity(),
                 key.proxy_port(),
+                key.via(),
                 &creds,
                 &bundles,
             )

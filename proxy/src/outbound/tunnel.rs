@@ -85,6 +85,17 @@ pub fn encode_header(target: &str) -> Result<Vec<u8>, HeaderError> {
     Ok(out)
 }
 
+/// What the inner mTLS session carries, by ALPN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inner {
+    /// `h2`: pooled HTTP/2.
+    H2 = 0,
+    /// `mesh-tcp/1`: opaque TCP (CONNECT and transparent TCP).
+    Tcp = 1,
+    /// `http/1.1`: one HTTP/1.1 upgrade (WebSocket).
+    Http1 = 2,
+}
+
 /// The QUIC side of a tunnel: its config, and the open connection.
 #[derive(Clone, Debug)]
 pub struct QuicTunnel {
@@ -111,8 +122,9 @@ pub struct TunnelConnector {
     pub gateway_tls: Arc<ClientConfig>,
     /// What to ask the gateway for.
     pub target: String,
-    /// mTLS to the destination proxy, expecting one of its identities.
-    pub inner_tls: Arc<ClientConfig>,
+    /// mTLS to the destination proxy, expecting one of its identities: one
+    /// config per ALPN ([`Inner`]).
+    pub inner_tls: [Arc<ClientConfig>; 3],
     /// The open tunnel connection, shared by every stream to this gateway.
     pub session: Arc<Mutex<Option<SendRequest<Empty<Bytes>>>>>,
     /// Tunnel over QUIC first, when the Link prefers it.
@@ -163,20 +175,30 @@ impl TunnelConnector {
             gateway: gateway.to_owned(),
             gateway_tls: Arc::new(config(ExpectedIdentity::Exact(gateway_id), ALPN_TUNNEL)?),
             target: target.to_owned(),
-            inner_tls: Arc::new(config(destination, b"h2")?),
+            inner_tls: [
+                Arc::new(config(destination.clone(), b"h2")?),
+                Arc::new(config(destination.clone(), crate::inbound::ALPN_TCP)?),
+                Arc::new(config(destination, crate::upgrade::ALPN_HTTP1)?),
+            ],
             session: Arc::default(),
             quic,
         })
     }
 
-    /// A stream to the destination proxy, mTLS done: over QUIC when the
-    /// Link prefers it and it opens in time, else over TCP.
+    /// A stream to the destination proxy for pooled HTTP/2, mTLS done: over
+    /// QUIC when the Link prefers it and it opens in time, else over TCP.
     pub async fn connect(&self) -> io::Result<MeshIo> {
+        self.connect_carrying(Inner::H2).await.map(MeshIo::new)
+    }
+
+    /// A stream to the destination proxy whose inner mTLS session carries
+    /// `inner` (its ALPN, checked).
+    pub async fn connect_carrying(&self, inner: Inner) -> io::Result<Box<dyn Stream>> {
         if let Some(quic) = &self.quic {
             let skip = *quic.skip_until.lock().unwrap_or_else(|p| p.into_inner());
             if skip.is_none_or(|until| tokio::time::Instant::now() >= until) {
                 match self.quic_stream(quic).await {
-                    Ok(stream) => return self.inner(stream).await,
+                    Ok(stream) => return self.inner(stream, inner).await,
                     Err(e) => {
                         *quic.skip_until.lock().unwrap_or_else(|p| p.into_inner()) =
                             Some(tokio::time::Instant::now() + QUIC_RETRY_AFTER);
@@ -185,7 +207,8 @@ impl TunnelConnector {
                 }
             }
         }
-        self.tcp_connect().await
+        let stream = self.tcp_connect().await?;
+        self.inner(stream, inner).await
     }
 
     /// One QUIC stream to the target, its header answered with 200.
@@ -239,20 +262,33 @@ impl TunnelConnector {
     }
 
     /// Our own mTLS session with the destination proxy, inside `stream`.
-    async fn inner<S>(&self, stream: S) -> io::Result<MeshIo>
+    async fn inner<S>(&self, stream: S, inner: Inner) -> io::Result<Box<dyn Stream>>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
         let host = self.target.rsplit_once(':').map_or("mesh", |(h, _)| h);
         let name = ServerName::try_from(host.to_owned()).map_err(io::Error::other)?;
-        let inner = TlsConnector::from(self.inner_tls.clone())
+        let tls = TlsConnector::from(self.inner_tls[inner as usize].clone())
             .connect(name, stream)
             .await?;
-        Ok(MeshIo::new(Box::new(inner) as Box<dyn Stream>))
+        let want = match inner {
+            Inner::H2 => None,
+            Inner::Tcp => Some(crate::inbound::ALPN_TCP),
+            Inner::Http1 => Some(crate::upgrade::ALPN_HTTP1),
+        };
+        if let Some(want) = want
+            && tls.get_ref().1.alpn_protocol() != Some(want)
+        {
+            return Err(io::Error::other(format!(
+                "the destination's proxy behind {} does not carry {inner:?} connections",
+                self.gateway
+            )));
+        }
+        Ok(Box::new(tls))
     }
 
     /// Over the TCP tunnel: a CONNECT stream on the shared connection.
-    async fn tcp_connect(&self) -> io::Result<MeshIo> {
+    async fn tcp_connect(&self) -> io::Result<TokioIo<hyper::upgrade::Upgraded>> {
         let mut send = self.session().await?;
         let req = Request::builder()
             .method(Method::CONNECT)
@@ -271,7 +307,7 @@ impl TunnelConnector {
         let stream = hyper::upgrade::on(&mut resp)
             .await
             .map_err(io::Error::other)?;
-        self.inner(TokioIo::new(stream)).await
+        Ok(TokioIo::new(stream))
     }
 
     /// Asks the gateway whether it is ready (`CONNECT` to the probe
