@@ -11,6 +11,7 @@
 
 pub mod cli;
 pub mod detect;
+pub mod dns;
 pub mod env;
 pub mod follow;
 pub mod identity;

@@ -116,7 +116,8 @@ pub const PROBE_TARGET: &str = "probe.mesh-system.mesh:4191";
 /// One destination behind one gateway.
 #[derive(Clone)]
 pub struct TunnelConnector {
-    /// `host:port` of the gateway (names are resolved on each new tunnel).
+    /// `host:port` of the gateway (a name is resolved for each new tunnel
+    /// connection, its answer cached for its TTL).
     pub gateway: String,
     /// mTLS to the gateway, expecting its identity, ALPN `mesh-tunnel/h2`.
     pub gateway_tls: Arc<ClientConfig>,
@@ -129,6 +130,8 @@ pub struct TunnelConnector {
     pub session: Arc<Mutex<Option<SendRequest<Empty<Bytes>>>>>,
     /// Tunnel over QUIC first, when the Link prefers it.
     pub quic: Option<QuicTunnel>,
+    /// Resolves the gateway's name (cached for each answer's TTL).
+    pub dns: crate::dns::Dns,
 }
 
 impl std::fmt::Debug for TunnelConnector {
@@ -182,6 +185,7 @@ impl TunnelConnector {
             ],
             session: Arc::default(),
             quic,
+            dns: crate::dns::Dns::system(),
         })
     }
 
@@ -221,10 +225,7 @@ impl TunnelConnector {
             match open.as_ref() {
                 Some((_, conn)) if conn.close_reason().is_none() => conn.clone(),
                 _ => {
-                    let addr = tokio::net::lookup_host(&self.gateway)
-                        .await?
-                        .next()
-                        .ok_or_else(|| io::Error::other("the gateway name resolves to nothing"))?;
+                    let addr = self.dns.resolve(&self.gateway).await?[0];
                     let bind: std::net::SocketAddr = if addr.is_ipv4() {
                         "0.0.0.0:0".parse().expect("an address")
                     } else {
@@ -323,6 +324,18 @@ impl TunnelConnector {
         Ok(resp.status())
     }
 
+    /// A TCP connection to the gateway: each of its addresses in turn.
+    async fn connect_tcp(&self) -> io::Result<TcpStream> {
+        let mut last = None;
+        for addr in self.dns.resolve(&self.gateway).await? {
+            match TcpStream::connect(addr).await {
+                Ok(tcp) => return Ok(tcp),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("the gateway resolves to nothing")))
+    }
+
     /// The tunnel connection to the gateway: the open one, or a new one.
     async fn session(&self) -> io::Result<SendRequest<Empty<Bytes>>> {
         let mut session = self.session.lock().await;
@@ -332,7 +345,7 @@ impl TunnelConnector {
         {
             return Ok(send.clone());
         }
-        let tcp = TcpStream::connect(&self.gateway).await?;
+        let tcp = self.connect_tcp().await?;
         tcp.set_nodelay(true)?;
         let host = self.gateway.rsplit_once(':').map_or("", |(h, _)| h);
         let host = host.trim_start_matches('[').trim_end_matches(']');
