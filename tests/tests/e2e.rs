@@ -41,7 +41,20 @@ fn demo_with_other() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_crosses_clusters_with_identity_mtls_on_every_hop_and_policy() {
-    let s = start(&demo_with_other(), 40).await;
+    crosses_with_identity_and_policy("tcp", 40).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_with_a_quic_link() {
+    crosses_with_identity_and_policy("quic", 45).await;
+}
+
+async fn crosses_with_identity_and_policy(transport: &str, base: u8) {
+    let text = demo_with_other().replace(
+        "{from: west, to: east, transport: tcp}",
+        &format!("{{from: west, to: east, transport: {transport}}}"),
+    );
+    let s = start(&text, base).await;
     let record = s.run.snapshot();
     assert!(
         eventually(Duration::from_secs(30), || load_stats(
@@ -89,9 +102,12 @@ async fn demo_crosses_clusters_with_identity_mtls_on_every_hop_and_policy() {
     // only) verified web's west identity.
     let gateway = s.run.cluster("east").unwrap().gateway_admin.unwrap();
     let streams = sum(&metrics(gateway), "mesh_gateway_streams_total", |s| {
-        s.label("peer_trust_domain") == "west.mesh.local"
+        s.label("peer_trust_domain") == "west.mesh.local" && s.label("transport") == transport
     });
-    assert!(streams >= 1.0, "east's gateway saw no stream from west");
+    assert!(
+        streams >= 1.0,
+        "east's gateway saw no {transport} stream from west"
+    );
     let from_web: f64 = ["api-0", "api-1"]
         .iter()
         .map(|r| {
