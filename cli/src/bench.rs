@@ -40,10 +40,10 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 pub(crate) struct BenchArgs {
     /// Requests per latency round (one connection, sequential).
     #[arg(long, default_value_t = 2000)]
-    requests: usize,
+    pub(crate) requests: usize,
     /// Interleaved rounds of each kind (direct, meshed, direct, ...).
     #[arg(long, default_value_t = 5)]
-    rounds: usize,
+    pub(crate) rounds: usize,
     /// Length of each throughput and handshake run.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -53,6 +53,10 @@ pub(crate) struct BenchArgs {
     /// Idle connections opened to measure memory per connection.
     #[arg(long, default_value_t = 500)]
     idle_connections: usize,
+    /// Measure the gateway hop instead: in-cluster against cross-cluster
+    /// (TCP and QUIC tunnels), reused and new connections.
+    #[arg(long)]
+    cross_cluster: bool,
 }
 
 /// Kills the processes it holds when dropped, so nothing outlives the bench.
@@ -72,6 +76,11 @@ pub(crate) fn run(args: BenchArgs) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     let dir = std::env::temp_dir().join(format!("mesh-bench-{}", std::process::id()));
+    if args.cross_cluster {
+        return runtime
+            .block_on(crate::bench_cross::cross_cluster(&args))
+            .map(|()| ExitCode::SUCCESS);
+    }
     let result = runtime.block_on(bench(&args, &dir));
     let _ = std::fs::remove_dir_all(&dir);
     result.map(|()| ExitCode::SUCCESS)
@@ -134,7 +143,7 @@ async fn app() -> Result<SocketAddr> {
 
 /// The protocol the load generator speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Proto {
+pub(crate) enum Proto {
     Http1,
     /// Prior knowledge, no TLS: what a gRPC client sends its proxy.
     Http2,
@@ -234,17 +243,22 @@ fn rss_kib(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e6
 }
 
 /// Sequential requests on one connection; (p50, p99) in µs.
-async fn latency(to: SocketAddr, proto: Proto, uri: &str, n: usize) -> Result<(f64, f64)> {
+pub(crate) async fn latency(
+    to: SocketAddr,
+    proto: Proto,
+    uri: &str,
+    n: usize,
+) -> Result<(f64, f64)> {
     let mut send = connect(to, proto).await?;
     for _ in 0..100 {
         get(&mut send, uri).await?;
@@ -598,50 +612,75 @@ async fn http_rounds(args: &BenchArgs, s: &Setup, proto: Proto) -> Result<()> {
     Ok(())
 }
 
-/// Full TLS 1.3 handshakes to the server proxy's inbound port, with a real
-/// client SVID, from 4 concurrent tasks for `run`.
-async fn handshake_rate(s: &Setup, run: Duration) -> Result<(u64, f64)> {
+/// An SVID for `id` from the control plane at `identity_addr` (which must
+/// present `control`), with a join token from its admin socket.
+pub(crate) async fn certify(
+    admin: &Path,
+    identity_addr: &str,
+    bundles: mesh_core::identity::BundleStore,
+    control: mesh_core::identity::SpiffeId,
+    (namespace, service_account): (&str, &str),
+) -> Result<mesh_core::identity::CredentialStore> {
     use mesh_core::{
         api::v1::{CertifyRequest, identity_client::IdentityClient},
         grpc,
         identity::{
-            BundleStore, CredentialStore, Credentials, ExpectedIdentity, SpiffeId, TrustBundleSet,
-            csr::new_key_and_csr,
-            tls::{client_config, client_config_without_cert},
+            CredentialStore, Credentials, ExpectedIdentity, csr::new_key_and_csr,
+            tls::client_config_without_cert,
         },
     };
-    let td = "bench.mesh.local".parse()?;
-    let bundle = files::load_bundle(&s.bundle, td)?;
-    let bundles = BundleStore::new([bundle].into_iter().collect::<TrustBundleSet>());
-    let control: SpiffeId = "spiffe://bench.mesh.local/ns/mesh-system/sa/control".parse()?;
     let req = AdminRequest::CreateToken {
-        namespace: "bench".into(),
-        service_account: "loadgen".into(),
+        namespace: namespace.to_owned(),
+        service_account: service_account.to_owned(),
         ttl_seconds: 600,
     };
-    let token = admin_socket::request(&s.admin_socket, &req)
-        .await?
+    let answer = admin_socket::request(admin, &req).await?;
+    let token = answer
         .token
-        .context("no token")?;
-    let tls = client_config_without_cert(bundles.clone(), ExpectedIdentity::Exact(control))?;
-    let mut identity = IdentityClient::new(grpc::channel(&s.plane_identity.to_string(), tls)?);
+        .with_context(|| format!("no join token: {}", answer.error.unwrap_or_default()))?;
+    let tls = client_config_without_cert(bundles, ExpectedIdentity::Exact(control.clone()))?;
+    let mut identity = IdentityClient::new(grpc::channel(identity_addr, tls)?);
     let (key, csr) = new_key_and_csr()?;
     let resp = identity
         .certify(CertifyRequest {
-            identity: "spiffe://bench.mesh.local/ns/bench/sa/loadgen".into(),
+            identity: mesh_core::identity::SpiffeId::workload(
+                &control.trust_domain(),
+                namespace,
+                service_account,
+            )?
+            .to_string(),
             csr,
             token,
             ttl_seconds: 0,
         })
         .await?
         .into_inner();
-    let creds = Credentials::new(resp.chain.into_iter().map(Into::into).collect(), key)?;
+    Ok(CredentialStore::new(Credentials::new(
+        resp.chain.into_iter().map(Into::into).collect(),
+        key,
+    )?))
+}
+
+/// Full TLS 1.3 handshakes to the server proxy's inbound port, with a real
+/// client SVID, from 4 concurrent tasks for `run`.
+async fn handshake_rate(s: &Setup, run: Duration) -> Result<(u64, f64)> {
+    use mesh_core::identity::{
+        BundleStore, ExpectedIdentity, SpiffeId, TrustBundleSet, tls::client_config,
+    };
+    let td = "bench.mesh.local".parse()?;
+    let bundle = files::load_bundle(&s.bundle, td)?;
+    let bundles = BundleStore::new([bundle].into_iter().collect::<TrustBundleSet>());
+    let control: SpiffeId = "spiffe://bench.mesh.local/ns/mesh-system/sa/control".parse()?;
+    let creds = certify(
+        &s.admin_socket,
+        &s.plane_identity.to_string(),
+        bundles.clone(),
+        control,
+        ("bench", "loadgen"),
+    )
+    .await?;
     let server: SpiffeId = "spiffe://bench.mesh.local/ns/bench/sa/server".parse()?;
-    let mut config = client_config(
-        CredentialStore::new(creds),
-        bundles,
-        ExpectedIdentity::Exact(server),
-    )?;
+    let mut config = client_config(creds, bundles, ExpectedIdentity::Exact(server))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let done = Arc::new(AtomicU64::new(0));

@@ -14,21 +14,27 @@ fn mesh(args: &[&str]) -> (bool, String, String) {
     )
 }
 
-#[test]
-fn link_prints_a_link_the_control_plane_accepts_and_unlink_finds_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ca = tmp.path().join("east-ca");
-    let ca_str = ca.display().to_string();
+/// A CA for `td` in `dir/name`, made with `mesh identity ca create`.
+fn ca(dir: &std::path::Path, name: &str, td: &str) -> std::path::PathBuf {
+    let ca = dir.join(name);
     let (ok, _, err) = mesh(&[
         "identity",
         "ca",
         "create",
         "--trust-domain",
-        "east.mesh.local",
+        td,
         "--out",
-        &ca_str,
+        &ca.display().to_string(),
     ]);
     assert!(ok, "{err}");
+    ca
+}
+
+#[test]
+fn link_prints_a_link_the_control_plane_accepts_and_unlink_finds_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = ca(tmp.path(), "east-ca", "east.mesh.local");
+    let ca_str = ca.display().to_string();
 
     let (ok, link, err) = mesh(&[
         "multicluster",
@@ -110,18 +116,9 @@ fn link_prints_a_link_the_control_plane_accepts_and_unlink_finds_it() {
 #[test]
 fn allow_prints_a_trust_only_link_the_control_plane_accepts() {
     let tmp = tempfile::tempdir().unwrap();
-    let ca = tmp.path().join("west-ca");
-    let ca_str = ca.display().to_string();
-    let (ok, _, err) = mesh(&[
-        "identity",
-        "ca",
-        "create",
-        "--trust-domain",
-        "west.mesh.local",
-        "--out",
-        &ca_str,
-    ]);
-    assert!(ok, "{err}");
+    let ca_str = ca(tmp.path(), "west-ca", "west.mesh.local")
+        .display()
+        .to_string();
     let (ok, allow, err) = mesh(&[
         "multicluster",
         "allow",

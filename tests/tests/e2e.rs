@@ -17,6 +17,20 @@ fn load_stats(record: &RunRecord, cluster: &str, replica: &str) -> LoadStats {
         .unwrap_or_default()
 }
 
+/// Waits (up to 30 s) until the load generator has `n` answers.
+async fn wait_for_answers(record: &RunRecord, cluster: &str, replica: &str, n: u64) {
+    assert!(
+        eventually(Duration::from_secs(30), || load_stats(
+            record, cluster, replica
+        )
+        .ok()
+            >= n)
+        .await,
+        "{cluster}/{replica} never got {n} answers: {:?}",
+        load_stats(record, cluster, replica)
+    );
+}
+
 fn replica(record: &RunRecord, cluster: &str, name: &str) -> mesh_topologies::runner::ReplicaInfo {
     record
         .clusters
@@ -56,16 +70,7 @@ async fn crosses_with_identity_and_policy(transport: &str, base: u8) {
     );
     let s = start(&text, base).await;
     let record = s.run.snapshot();
-    assert!(
-        eventually(Duration::from_secs(30), || load_stats(
-            &record, "west", "load-0"
-        )
-        .ok()
-            >= 40)
-        .await,
-        "the load generator never got 40 answers: {:?}",
-        load_stats(&record, "west", "load-0")
-    );
+    wait_for_answers(&record, "west", "load-0", 40).await;
     let load = load_stats(&record, "west", "load-0");
     assert_eq!(load.failed(), 0, "{load:?}");
     assert!(load.grpc.as_ref().is_some_and(|g| g.ok > 0), "{load:?}");
@@ -360,16 +365,7 @@ async fn demo_in_network_namespaces_without_http_proxy() {
         topology_text("demo.yaml").replacen("name: demo\n", "name: demo\nnetwork: namespaces\n", 1);
     let mut s = start(&text, 110).await;
     let record = s.run.snapshot();
-    assert!(
-        eventually(Duration::from_secs(30), || load_stats(
-            &record, "west", "load-0"
-        )
-        .ok()
-            >= 40)
-        .await,
-        "{:?}",
-        load_stats(&record, "west", "load-0")
-    );
+    wait_for_answers(&record, "west", "load-0", 40).await;
     let load = load_stats(&record, "west", "load-0");
     assert_eq!(load.failed(), 0, "{load:?}");
     let answer = load.last_answer.unwrap();

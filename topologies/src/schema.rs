@@ -346,22 +346,9 @@ impl Topology {
     }
 }
 
-/// A lowercase DNS label, as Kubernetes names are.
+/// A lowercase DNS label, as Kubernetes names are (the control plane's rule).
 fn check_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{name:?} is not a name: use 1-63 lowercase letters, digits and '-'"
-        ))
-    }
+    mesh_control::resources::parse::check_name("name", name)
 }
 
 fn first_line(s: &str) -> String {
