@@ -17,6 +17,26 @@ fn load_stats(record: &RunRecord, cluster: &str, replica: &str) -> LoadStats {
         .unwrap_or_default()
 }
 
+/// `GET http://authority/` through an explicit-mode proxy at `proxy`.
+fn via_explicit_proxy(proxy: std::net::SocketAddr, authority: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(proxy).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        tcp,
+        "GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    let _ = tcp.read_to_string(&mut raw);
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, raw)
+}
+
 /// Waits (up to 30 s) until the load generator has `n` answers.
 async fn wait_for_answers(record: &RunRecord, cluster: &str, replica: &str, n: u64) {
     assert!(
@@ -64,9 +84,12 @@ async fn the_same_with_a_quic_link() {
 }
 
 async fn crosses_with_identity_and_policy(transport: &str, base: u8) {
+    // Linked both ways, so each cluster runs a gateway and a mirror.
     let text = demo_with_other().replace(
         "{from: west, to: east, transport: tcp}",
-        &format!("{{from: west, to: east, transport: {transport}}}"),
+        &format!(
+            "{{from: west, to: east, transport: {transport}}}\n  - {{from: east, to: west, transport: {transport}}}"
+        ),
     );
     let s = start(&text, base).await;
     let record = s.run.snapshot();
@@ -105,6 +128,10 @@ async fn crosses_with_identity_and_policy(transport: &str, base: u8) {
     );
     // ... the tunnel carried west's streams, and east's api proxies (mTLS
     // only) verified web's west identity.
+    assert!(
+        s.run.cluster("west").unwrap().gateway.is_some(),
+        "two gateways"
+    );
     let gateway = s.run.cluster("east").unwrap().gateway_admin.unwrap();
     let streams = sum(&metrics(gateway), "mesh_gateway_streams_total", |s| {
         s.label("peer_trust_domain") == "west.mesh.local" && s.label("transport") == transport
@@ -128,8 +155,19 @@ async fn crosses_with_identity_and_policy(transport: &str, base: u8) {
         "east's api saw {from_web} requests from web"
     );
 
-    // Policy across the gateway: west's `other` is refused by east's api.
+    // Policy across the gateway: west's `other` is refused by east's api
+    // with 403, asked through other's proxy (as its app would) ...
     let other = replica(&record, "west", "other-0");
+    let (status, body) = via_explicit_proxy(
+        std::net::SocketAddr::new(other.ip, 4140),
+        "api-east.shop.svc.cluster.local:8080",
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("spiffe://west.mesh.local/ns/shop/sa/other"),
+        "{body}"
+    );
+    // ... and other's app, calling api-east itself, reports the refusal.
     let (status, body) = get(std::net::SocketAddr::new(other.ip, 8080), "/");
     assert_eq!(status, 502, "{body}");
     assert!(
