@@ -1,7 +1,7 @@
 //! A Certify flood from one identity does not slow another identity's
 //! Certify: the flooder is cut off by its own rate limit before any CSR
-//! work, so the other identity's p99 stays close to its baseline measured
-//! in the same run.
+//! work, so the other identity's latency stays close to its baseline
+//! measured in the same run (p95 gated, p99 printed).
 
 // The measured numbers are printed on purpose (`--nocapture`).
 #![allow(clippy::print_stdout)]
@@ -113,10 +113,13 @@ async fn flood_from_one_identity_does_not_slow_another() {
         ok <= 100 + 10 * 10,
         "the flooder got at most its burst plus refill ({ok})"
     );
-    // The machine is shared and noisy: allow a generous factor, but a
-    // starved victim (seconds) still fails.
+    // The machine is shared and noisy: with 40 samples p99 is the single
+    // slowest call, so one scheduling hiccup would decide it. Gate on p95
+    // (the second slowest) with a generous factor; a starved victim
+    // (seconds) still fails. p99 is printed above.
+    let (b95, d95) = (percentile(&baseline, 0.95), percentile(&during, 0.95));
     assert!(
-        d99 <= b99 * 5 + Duration::from_millis(50),
-        "victim p99 went from {b99:?} to {d99:?} under a flood from another identity"
+        d95 <= b95 * 5 + Duration::from_millis(50),
+        "victim p95 went from {b95:?} to {d95:?} under a flood from another identity (p99 {b99:?} -> {d99:?})"
     );
 }
