@@ -17,26 +17,6 @@ fn load_stats(record: &RunRecord, cluster: &str, replica: &str) -> LoadStats {
         .unwrap_or_default()
 }
 
-/// `GET http://authority/` through an explicit-mode proxy at `proxy`.
-fn via_explicit_proxy(proxy: std::net::SocketAddr, authority: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut tcp = std::net::TcpStream::connect(proxy).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        tcp,
-        "GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    let _ = tcp.read_to_string(&mut raw);
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, raw)
-}
-
 /// Waits (up to 30 s) until the load generator has `n` answers.
 async fn wait_for_answers(record: &RunRecord, cluster: &str, replica: &str, n: u64) {
     assert!(
@@ -158,9 +138,10 @@ async fn crosses_with_identity_and_policy(transport: &str, base: u8) {
     // Policy across the gateway: west's `other` is refused by east's api
     // with 403, asked through other's proxy (as its app would) ...
     let other = replica(&record, "west", "other-0");
-    let (status, body) = via_explicit_proxy(
+    // (An absolute-form request to its outbound port, as HTTP_PROXY users send.)
+    let (status, body) = get(
         std::net::SocketAddr::new(other.ip, 4140),
-        "api-east.shop.svc.cluster.local:8080",
+        "http://api-east.shop.svc.cluster.local:8080/",
     );
     assert_eq!(status, 403, "{body}");
     assert!(
