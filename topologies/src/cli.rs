@@ -283,7 +283,7 @@ pub fn status(args: StateArgs, out: &mut impl Write) -> Result<ExitCode> {
             out,
             "{:<34} {:<14} {:>8} {:<8} {:>8}",
             c.name,
-            format!("{:?}", c.kind).to_lowercase(),
+            c.kind.to_string(),
             c.pid.map_or("-".into(), |p| p.to_string()),
             state,
             c.restarts

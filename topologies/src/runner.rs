@@ -63,6 +63,18 @@ pub enum Kind {
     App,
 }
 
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Control => "control",
+            Kind::Gateway => "gateway",
+            Kind::ServiceMirror => "service-mirror",
+            Kind::Proxy => "proxy",
+            Kind::App => "app",
+        })
+    }
+}
+
 /// How the runner knows a component is ready.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

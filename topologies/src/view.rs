@@ -294,7 +294,7 @@ pub fn summary(record: &RunRecord, snap: &Snapshot, elapsed: f64) -> String {
     let rows = snap.rows();
     let _ = writeln!(
         out,
-        "mesh up: {} ran {elapsed:.0}s; totals as the callers' proxies saw them",
+        "mesh up: {} after {elapsed:.0}s; totals as the callers' proxies saw them",
         record.topology
     );
     table(&mut out, &rows, None);
