@@ -329,6 +329,43 @@ async fn cross_cluster_call(transport: &str, path: Path) -> Seen {
         "east's policy let other's opaque TCP through: {rest}"
     );
 
+    // An HTTP/1.1 upgrade (as WebSocket does) rides the tunnel as well:
+    // authorized, with web's identity, then raw bytes both ways.
+    let mut tcp = tokio::net::TcpStream::connect(web.outbound_addr)
+        .await
+        .unwrap();
+    tcp.write_all(
+        format!(
+            "GET http://{authority}/chat HTTP/1.1\r\nHost: {authority}\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut byte))
+            .await
+            .expect("an answer to the upgrade")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains(&format!("x-client: spiffe://{WEST}/ns/shop/sa/web")),
+        "{head}"
+    );
+    tcp.write_all(b"ping through the tunnel").await.unwrap();
+    let mut echo = [0u8; 23];
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut echo))
+        .await
+        .expect("the echo in time")
+        .unwrap();
+    assert_eq!(&echo, b"ping through the tunnel");
+
     // The gateway carried both, and saw only west's trust domain.
     let m = {
         let mut s = tokio::net::TcpStream::connect(east.gateway.admin_addr)

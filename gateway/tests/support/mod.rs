@@ -18,26 +18,44 @@ use mesh_proxy::{
     env::{AppPort, Bootstrap},
 };
 
-/// An app that answers with the caller identity it was given.
+/// An app that answers with the caller identity it was given. A request
+/// asking to upgrade (`Upgrade: echo`) gets 101 with that identity in
+/// `x-client`, then every byte it sends back.
 pub async fn app(ip: &str) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let svc = service_fn(|req: Request<hyper::body::Incoming>| async move {
+                let svc = service_fn(|mut req: Request<hyper::body::Incoming>| async move {
                     let seen = req
                         .headers()
                         .get("mesh-client-id")
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("-")
                         .to_owned();
-                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
-                        format!("client={seen}"),
-                    ))))
+                    if req.headers().get("upgrade").is_some_and(|u| u == "echo") {
+                        let upgrade = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            if let Ok(up) = upgrade.await {
+                                let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                                let _ = tokio::io::copy(&mut r, &mut w).await;
+                            }
+                        });
+                        let mut resp = http::Response::new(Full::new(Bytes::new()));
+                        *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                        let h = resp.headers_mut();
+                        h.insert("upgrade", http::HeaderValue::from_static("echo"));
+                        h.insert("connection", http::HeaderValue::from_static("Upgrade"));
+                        h.insert("x-client", http::HeaderValue::from_str(&seen).unwrap());
+                        return Ok::<_, std::convert::Infallible>(resp);
+                    }
+                    Ok(http::Response::new(Full::new(Bytes::from(format!(
+                        "client={seen}"
+                    )))))
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
+                    .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
                     .await;
             });
         }
