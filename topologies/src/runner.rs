@@ -237,6 +237,18 @@ fn signal_group(pid: u32, signal: rustix::process::Signal) {
     }
 }
 
+/// How long to wait before restarting a component that exited, given
+/// when it last started and the last delay: 1 s, doubling while it keeps
+/// dying within 30 s of its start, up to 30 s.
+fn restart_delay(last: Option<(Instant, Duration)>) -> Duration {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(30);
+    match last {
+        Some((started, delay)) if started.elapsed() < MAX => (delay * 2).clamp(FIRST, MAX),
+        _ => FIRST,
+    }
+}
+
 /// A running topology.
 #[derive(Debug)]
 pub struct Run {
@@ -712,31 +724,53 @@ impl Run {
             supervisor: None,
         };
         self.supervisor = Some(tokio::spawn(async move {
+            // Per component: when it was last started, and the last delay.
+            let mut backoff: BTreeMap<String, (Instant, Duration)> = BTreeMap::new();
+            let mut due: BTreeMap<String, Instant> = BTreeMap::new();
+            let held = |name: &str| {
+                record
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .components
+                    .iter()
+                    .any(|c| c.name == name && c.held)
+            };
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 let dead: Vec<(String, std::process::ExitStatus)> = {
                     let mut children = children.lock().unwrap_or_else(|p| p.into_inner());
-                    children
+                    let dead: Vec<_> = children
                         .iter_mut()
                         .filter_map(|(n, c)| Some((n.clone(), c.try_wait().ok().flatten()?)))
-                        .collect()
+                        .collect();
+                    for (name, _) in &dead {
+                        children.remove(name);
+                    }
+                    dead
                 };
                 for (name, status) in dead {
-                    let held = record
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .components
-                        .iter()
-                        .any(|c| c.name == name && c.held);
-                    if held {
-                        children
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&name);
+                    if held(&name) {
                         continue;
                     }
-                    tracing::warn!(component = %name, %status, "exited; restarting in 1s");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let delay = restart_delay(backoff.get(&name).copied());
+                    tracing::warn!(component = %name, %status, "exited; restarting in {delay:?}");
+                    backoff
+                        .entry(name.clone())
+                        .and_modify(|b| b.1 = delay)
+                        .or_insert((Instant::now(), delay));
+                    due.insert(name, Instant::now() + delay);
+                }
+                let now = Instant::now();
+                let ready: Vec<String> = due
+                    .iter()
+                    .filter(|(_, at)| **at <= now)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                for name in ready {
+                    due.remove(&name);
+                    if held(&name) {
+                        continue;
+                    }
                     {
                         let mut r = record.lock().unwrap_or_else(|p| p.into_inner());
                         if let Some(c) = r.components.iter_mut().find(|c| c.name == name) {
@@ -744,12 +778,13 @@ impl Run {
                             c.pid = None;
                         }
                     }
+                    if let Some(b) = backoff.get_mut(&name) {
+                        b.0 = Instant::now();
+                    }
                     if let Err(e) = me.spawn(&name).await {
-                        tracing::warn!(component = %name, error = %format!("{e:#}"), "restart failed");
-                        children
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&name);
+                        tracing::warn!(component = %name, error = %format!("{e:#}"), "restart failed; trying again");
+                        let delay = restart_delay(backoff.get(&name).copied());
+                        due.insert(name, Instant::now() + delay);
                     }
                 }
             }
@@ -1372,4 +1407,22 @@ fn write_configs(topology: &Topology, clusters: &[ClusterInfo]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_back_off_while_a_component_keeps_dying() {
+        assert_eq!(restart_delay(None), Duration::from_secs(1));
+        let now = Instant::now();
+        let d = |s| Duration::from_secs(s);
+        assert_eq!(restart_delay(Some((now, d(1)))), d(2));
+        assert_eq!(restart_delay(Some((now, d(16)))), d(30));
+        assert_eq!(restart_delay(Some((now, d(30)))), d(30));
+        // One that ran a while starts over.
+        let long_ago = now - d(31);
+        assert_eq!(restart_delay(Some((long_ago, d(30)))), d(1));
+    }
 }
