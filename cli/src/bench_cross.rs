@@ -117,6 +117,13 @@ pub(crate) async fn cross_cluster(args: &BenchArgs) -> Result<()> {
         "mesh bench --cross-cluster: client proxy -> server proxy (in-cluster) against client proxy -> gateway -> server proxy (TCP and QUIC tunnels)"
     );
     let state = tempfile_dir()?;
+    let result = run_and_measure(args, &state).await;
+    let _ = std::fs::remove_dir_all(&state);
+    result
+}
+
+/// Starts the topology under `state`, measures, and stops it.
+async fn run_and_measure(args: &BenchArgs, state: &std::path::Path) -> Result<()> {
     let file = state.join("bench-cross.yaml");
     let text = topology();
     std::fs::write(&file, &text)?;
@@ -135,7 +142,6 @@ pub(crate) async fn cross_cluster(args: &BenchArgs) -> Result<()> {
     .await?;
     let result = measure(args, &run.snapshot()).await;
     run.stop().await;
-    let _ = std::fs::remove_dir_all(&state);
     result
 }
 

@@ -17,13 +17,15 @@ pub fn fetch(
     tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
     let mut raw = String::new();
     tcp.read_to_string(&mut raw)?;
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("{addr}{path}: not an HTTP answer")))?;
-    let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
-    Ok((status, body))
+    parse_response(&raw)
+        .ok_or_else(|| std::io::Error::other(format!("{addr}{path}: not an HTTP answer")))
+}
+
+/// The status and body of a whole HTTP/1 answer (as read until close).
+pub fn parse_response(raw: &str) -> Option<(u16, String)> {
+    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Some((status, body.to_owned()))
 }
 
 /// One sample line: `name{labels} value`.

@@ -82,9 +82,7 @@ pub async fn start(text: &str, base: u8) -> Started {
 
 /// Scrapes `/metrics` at `addr`; empty when it does not answer.
 pub fn metrics(addr: std::net::SocketAddr) -> Vec<Sample> {
-    metrics_text::fetch(addr, "/metrics", Duration::from_secs(2))
-        .map(|(_, body)| metrics_text::parse(&body))
-        .unwrap_or_default()
+    mesh_topologies::runner::scrape(addr).unwrap_or_default()
 }
 
 /// The sum of the samples named `name` that `keep` accepts.

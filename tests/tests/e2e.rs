@@ -408,7 +408,13 @@ async fn demo_in_network_namespaces_without_http_proxy() {
     });
     assert!(to_east >= 40.0, "{to_east}");
 
+    // Processes started through `ip netns exec` and `setpriv` are still
+    // recognised by their pid (what `mesh status` and `mesh down` rely on).
+    assert!(web_app.alive(), "{web_app:?}");
+    assert!(s.run.component("west/web-0/proxy").unwrap().alive());
+
     s.run.stop().await;
+    assert!(!web_app.alive(), "the app outlived the run");
     let left = std::process::Command::new("ip")
         .args(["netns", "list"])
         .output()

@@ -25,7 +25,7 @@ fn none_left(record: &RunRecord) {
     let left: Vec<String> = record
         .components
         .iter()
-        .filter(|c| c.pid.is_some_and(alive))
+        .filter(|c| c.alive())
         .map(|c| format!("{} (pid {})", c.name, c.pid.unwrap()))
         .collect();
     assert!(left.is_empty(), "still running: {left:?}");

@@ -197,21 +197,9 @@ fn detach(args: &UpArgs, mesh_exe: &Path) -> Result<ExitCode> {
     }
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("cannot create {}", log_path.display()))?;
+    // The same command line, without --detach.
     let mut cmd = std::process::Command::new(mesh_exe);
-    cmd.arg("up")
-        .arg(&args.file)
-        .arg("--state-dir")
-        .arg(&args.state_dir)
-        .arg("--loopback-base")
-        .arg(args.loopback_base.to_string())
-        .arg("--ready-timeout")
-        .arg(humantime::format_duration(args.ready_timeout).to_string())
-        .arg("--refresh")
-        .arg(humantime::format_duration(args.refresh).to_string());
-    if let Some(d) = args.duration {
-        cmd.arg("--duration")
-            .arg(humantime::format_duration(d).to_string());
-    }
+    cmd.args(std::env::args_os().skip(1).filter(|a| a != "--detach"));
     use std::os::unix::process::CommandExt;
     let mut child = cmd
         .stdin(std::process::Stdio::null())
@@ -264,9 +252,7 @@ pub fn status(args: StateArgs, out: &mut impl Write) -> Result<ExitCode> {
         "COMPONENT", "KIND", "PID", "STATE", "RESTARTS"
     )?;
     for c in &record.components {
-        let program = c.program.to_string_lossy();
-        let alive = c.pid.is_some_and(|p| process_alive(p, Some(&program)));
-        let state = if !alive {
+        let state = if !c.alive() {
             "down".to_owned()
         } else {
             match &c.ready {
@@ -317,10 +303,10 @@ pub fn down(args: StateArgs, out: &mut impl Write) -> Result<ExitCode> {
     // Whatever is left (the supervisor was killed, or did not finish).
     let mut killed = 0;
     for c in &record.components {
-        let program = c.program.to_string_lossy();
-        if let Some(pid) = c.pid
-            && process_alive(pid, Some(&program))
-            && let Some(p) = rustix::process::Pid::from_raw(pid as i32)
+        if c.alive()
+            && let Some(p) = c
+                .pid
+                .and_then(|pid| rustix::process::Pid::from_raw(pid as i32))
         {
             let _ = rustix::process::kill_process_group(p, rustix::process::Signal::KILL);
             killed += 1;
@@ -331,14 +317,9 @@ pub fn down(args: StateArgs, out: &mut impl Write) -> Result<ExitCode> {
     }
     let mut record = RunRecord::load(&args.state_dir)?;
     crate::netns::teardown(&record.made);
-    if !record.stopped || !record.made.namespaces.is_empty() || !record.made.bridges.is_empty() {
-        record.made = Default::default();
-        record.stopped = true;
-        std::fs::write(
-            args.state_dir.join(runner::RECORD),
-            serde_json::to_vec_pretty(&record)?,
-        )?;
-    }
+    record.made = Default::default();
+    record.stopped = true;
+    record.save(&args.state_dir)?;
     writeln!(out, "{} is down", record.topology)?;
     Ok(ExitCode::SUCCESS)
 }

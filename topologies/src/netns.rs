@@ -228,14 +228,8 @@ pub fn fetch(ns: &str, addr: SocketAddr, path: &str) -> std::io::Result<(u16, St
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    let raw = String::from_utf8_lossy(&out.stdout);
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("{ns} {addr}{path}: not HTTP")))?;
-    let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
-    Ok((status, body))
+    mesh_core::metrics_text::parse_response(&String::from_utf8_lossy(&out.stdout))
+        .ok_or_else(|| std::io::Error::other(format!("{ns} {addr}{path}: not HTTP")))
 }
 
 /// Whether `addr` accepts a connection from inside `ns` (as the proxy

@@ -111,6 +111,23 @@ pub struct Component {
     /// The network namespace it runs in (`network: namespaces`).
     #[serde(default)]
     pub netns: Option<String>,
+    /// What the process ends up running (`program` may be `ip netns exec`
+    /// and `setpriv`, which exec it): how its pid is told from a reused one.
+    #[serde(default)]
+    pub exe: PathBuf,
+}
+
+impl Component {
+    /// Whether its last process still runs.
+    pub fn alive(&self) -> bool {
+        let exe = if self.exe.as_os_str().is_empty() {
+            &self.program
+        } else {
+            &self.exe
+        };
+        self.pid
+            .is_some_and(|pid| process_alive(pid, Some(&exe.to_string_lossy())))
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -199,7 +216,7 @@ impl RunRecord {
             .with_context(|| format!("{}: not a run record", path.display()))
     }
 
-    fn save(&self, state_dir: &Path) -> Result<()> {
+    pub fn save(&self, state_dir: &Path) -> Result<()> {
         let path = state_dir.join(RECORD);
         let tmp = state_dir.join(format!("{RECORD}.tmp"));
         std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
@@ -892,10 +909,6 @@ impl Run {
         }
         self.save();
     }
-
-    pub fn state_dir(&self) -> &Path {
-        &self.opts.state_dir
-    }
 }
 
 impl Drop for Run {
@@ -947,47 +960,30 @@ pub fn scrape_in(
 }
 
 async fn check_ready(c: &Component) -> Result<(), String> {
-    if let Some(ns) = c.netns.clone() {
-        let ready = c.ready.clone();
-        return tokio::task::spawn_blocking(move || match ready {
-            Ready::Admin(addr) => match netns::fetch(&ns, addr, "/ready") {
-                Ok((200, _)) => Ok(()),
-                Ok((status, body)) => Err(format!("/ready answers {status}: {}", body.trim())),
-                Err(e) => Err(e.to_string()),
-            },
-            Ready::Ports(addrs) => match addrs.iter().find(|a| !netns::connects(&ns, **a)) {
-                Some(a) => Err(format!("{a} does not accept connections")),
-                None => Ok(()),
-            },
-            Ready::Alive => Ok(()),
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    }
-    match &c.ready {
-        Ready::Admin(addr) => {
-            let addr = *addr;
-            let answer = tokio::task::spawn_blocking(move || {
-                metrics_text::fetch(addr, "/ready", Duration::from_secs(1))
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-            match answer {
+    let (ready, netns) = (c.ready.clone(), c.netns.clone());
+    tokio::task::spawn_blocking(move || {
+        let ns = netns.as_deref();
+        match ready {
+            Ready::Admin(addr) => match fetch_admin(ns, addr, "/ready") {
                 Ok((200, _)) => Ok(()),
                 Ok((status, body)) => Err(format!("/ready answers {status}: {}", body.trim())),
                 Err(e) => Err(format!("admin {addr}: {e}")),
+            },
+            Ready::Ports(addrs) => {
+                let connects = |a: &SocketAddr| match ns {
+                    Some(ns) => netns::connects(ns, *a),
+                    None => std::net::TcpStream::connect_timeout(a, Duration::from_secs(1)).is_ok(),
+                };
+                match addrs.iter().find(|a| !connects(a)) {
+                    Some(a) => Err(format!("{a} does not accept connections")),
+                    None => Ok(()),
+                }
             }
+            Ready::Alive => Ok(()),
         }
-        Ready::Ports(addrs) => {
-            for addr in addrs {
-                tokio::net::TcpStream::connect(addr)
-                    .await
-                    .map_err(|e| format!("{addr}: {e}"))?;
-            }
-            Ok(())
-        }
-        Ready::Alive => Ok(()),
-    }
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 /// Plans addresses, directories and the components of every cluster.
@@ -1080,6 +1076,7 @@ fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Result<RunRecord
             restarts: 0,
             held: false,
             netns: None,
+            exe: mesh.clone(),
         });
         let joins = |sa: &str| -> Vec<String> {
             vec![
@@ -1126,6 +1123,7 @@ fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Result<RunRecord
                 restarts: 0,
                 held: false,
                 netns: None,
+                exe: mesh.clone(),
             });
         }
         if let Some(admin) = info.mirror_admin {
@@ -1152,6 +1150,7 @@ fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Result<RunRecord
                 restarts: 0,
                 held: false,
                 netns: None,
+                exe: mesh.clone(),
             });
         }
         let mut next = 0usize;
@@ -1304,6 +1303,7 @@ fn replica_components(
         app_env.push(("HTTP_PROXY".into(), format!("http://{ip}:4140")));
     }
     app_env.extend(w.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let app_exe = program.clone();
     let (proxy_program, proxy_args, program, args) = match &place.netns {
         Some(ns) => {
             let (pp, pa) = netns::wrap(ns, mesh, &["proxy".to_owned()]);
@@ -1332,6 +1332,7 @@ fn replica_components(
             restarts: 0,
             held: false,
             netns: place.netns.clone(),
+            exe: mesh.to_owned(),
         },
         Component {
             name: format!("{cluster}/{replica}/app"),
@@ -1357,6 +1358,7 @@ fn replica_components(
             restarts: 0,
             held: false,
             netns: place.netns.clone(),
+            exe: app_exe,
         },
     ]
 }

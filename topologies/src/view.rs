@@ -112,14 +112,13 @@ impl Snapshot {
                     row.mtls += s.value;
                 }
             }
-            for ((c, authority), row) in rows.iter_mut() {
-                if c == cluster {
-                    row.latency =
-                        Histogram::collect(samples, "mesh_proxy_response_latency_seconds", |s| {
-                            s.label("direction") == "outbound" && s.label("target") == authority
-                        });
-                }
-            }
+        }
+        for ((cluster, authority), row) in rows.iter_mut() {
+            row.latency = Histogram::collect(
+                &self.proxies[cluster],
+                "mesh_proxy_response_latency_seconds",
+                |s| s.label("direction") == "outbound" && s.label("target") == authority,
+            );
         }
         rows.into_values().collect()
     }
