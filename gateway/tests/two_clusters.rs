@@ -27,6 +27,13 @@ async fn quic_falls_back_to_tcp_when_udp_is_blocked() {
     cross_cluster_call("quic", Path::UdpBlocked).await;
 }
 
+/// A QUIC handshake slower than the fallback time: the first stream takes
+/// TCP, the handshake still completes, and later streams ride QUIC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_quic_handshake_falls_back_once_then_quic_carries_on() {
+    cross_cluster_call("quic", Path::SlowUdp).await;
+}
+
 /// Every byte between west's proxies and east's gateway, as a capture on
 /// the wire would see them: no service name in cleartext over TCP, where
 /// the only name is the gateway's (TLS SNI) ...
@@ -110,6 +117,9 @@ enum Path {
     /// Through a relay that records every byte (TCP and UDP), addressed by
     /// name (`localhost`), as a packet capture would see it.
     Recorded,
+    /// Through a relay that holds each client's UDP for 1.5 s after its
+    /// first datagram.
+    SlowUdp,
 }
 
 /// What the recording relay saw.
@@ -123,6 +133,7 @@ struct Seen {
 /// A relay to `to` on one port for TCP and UDP, recording both directions.
 async fn recording_relay(
     to: std::net::SocketAddr,
+    udp_delay: Duration,
 ) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Seen>>) {
     use std::sync::{Arc, Mutex};
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -175,8 +186,15 @@ async fn recording_relay(
         let mut ups: std::collections::HashMap<std::net::SocketAddr, Arc<tokio::net::UdpSocket>> =
             Default::default();
         let mut buf = vec![0u8; 65536];
+        let mut first: std::collections::HashMap<std::net::SocketAddr, tokio::time::Instant> =
+            Default::default();
         while let Ok((n, client)) = udp.recv_from(&mut buf).await {
             record(&udp_seen, &buf[..n], false);
+            // Held (not dropped) until the delay after each client's first
+            // datagram: every QUIC handshake is that slow.
+            let hold_until = *first
+                .entry(client)
+                .or_insert_with(|| tokio::time::Instant::now() + udp_delay);
             let up = match ups.get(&client) {
                 Some(up) => up.clone(),
                 None => {
@@ -194,7 +212,12 @@ async fn recording_relay(
                     up
                 }
             };
-            let _ = up.send(&buf[..n]).await;
+            // Forwarded on its own, so a held datagram holds up nobody else.
+            let datagram = buf[..n].to_vec();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(hold_until).await;
+                let _ = up.send(&datagram).await;
+            });
         }
     });
     (addr, seen)
@@ -235,8 +258,13 @@ async fn cross_cluster_call(transport: &str, path: Path) -> Seen {
     let gateway_addr = match path {
         Path::Direct => east.gateway.tunnel_addr.to_string(),
         Path::UdpBlocked => tcp_only(east.gateway.tunnel_addr).await.to_string(),
+        Path::SlowUdp => {
+            let (addr, _) =
+                recording_relay(east.gateway.tunnel_addr, Duration::from_millis(1500)).await;
+            addr.to_string()
+        }
         Path::Recorded => {
-            let (addr, seen) = recording_relay(east.gateway.tunnel_addr).await;
+            let (addr, seen) = recording_relay(east.gateway.tunnel_addr, Duration::ZERO).await;
             recorded = Some(seen);
             // By name over TCP, so the TLS ClientHello carries it as SNI;
             // QUIC takes the address (a name could resolve to ::1 first).
@@ -247,11 +275,11 @@ async fn cross_cluster_call(transport: &str, path: Path) -> Seen {
             }
         }
     };
-    // The transport the gateway will see.
-    let carried = if path == Path::UdpBlocked {
-        "tcp"
-    } else {
-        transport
+    // The transports the gateway will see.
+    let carried: &[&str] = match path {
+        Path::UdpBlocked => &["tcp"],
+        Path::SlowUdp => &["tcp", "quic"],
+        _ => &[transport],
     };
 
     // West: linked to east through its gateway, with api mirrored as
@@ -376,12 +404,14 @@ async fn cross_cluster_call(transport: &str, path: Path) -> Seen {
         s.read_to_string(&mut out).await.unwrap();
         out
     };
-    assert!(
-        m.contains(&format!(
-            "mesh_gateway_streams_total{{peer_trust_domain=\"{WEST}\",transport=\"{carried}\"}}"
-        )),
-        "{m}"
-    );
+    for carried in carried {
+        assert!(
+            m.contains(&format!(
+                "mesh_gateway_streams_total{{peer_trust_domain=\"{WEST}\",transport=\"{carried}\"}}"
+            )),
+            "{m}"
+        );
+    }
     recorded
         .map(|seen| std::mem::take(&mut *seen.lock().unwrap()))
         .unwrap_or_default()

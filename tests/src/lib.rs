@@ -117,3 +117,53 @@ pub fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 pub fn alive(pid: u32) -> bool {
     mesh_topologies::runner::process_alive(pid, None)
 }
+
+/// West's `web` identity in the demo topologies.
+pub const WEB: &str = "spiffe://west.mesh.local/ns/shop/sa/web";
+
+/// The load generator's numbers (from its stats file).
+pub fn load_stats(
+    record: &mesh_topologies::RunRecord,
+    cluster: &str,
+    replica: &str,
+) -> mesh_topologies::demo::LoadStats {
+    let c = record.clusters.iter().find(|c| c.name == cluster).unwrap();
+    let r = c.replicas.iter().find(|r| r.name == replica).unwrap();
+    std::fs::read(&r.stats)
+        .ok()
+        .and_then(|t| serde_json::from_slice(&t).ok())
+        .unwrap_or_default()
+}
+
+/// Waits (up to 30 s) until the load generator has `n` answers.
+pub async fn wait_for_answers(
+    record: &mesh_topologies::RunRecord,
+    cluster: &str,
+    replica: &str,
+    n: u64,
+) {
+    assert!(
+        eventually(Duration::from_secs(30), || load_stats(
+            record, cluster, replica
+        )
+        .ok()
+            >= n)
+        .await,
+        "{cluster}/{replica} never got {n} answers: {:?}",
+        load_stats(record, cluster, replica)
+    );
+}
+
+pub fn replica(
+    record: &mesh_topologies::RunRecord,
+    cluster: &str,
+    name: &str,
+) -> mesh_topologies::runner::ReplicaInfo {
+    record
+        .clusters
+        .iter()
+        .find(|c| c.name == cluster)
+        .and_then(|c| c.replicas.iter().find(|r| r.name == name))
+        .cloned()
+        .unwrap()
+}

@@ -200,7 +200,12 @@ impl TunnelConnector {
     pub async fn connect_carrying(&self, inner: Inner) -> io::Result<Box<dyn Stream>> {
         if let Some(quic) = &self.quic {
             let skip = *quic.skip_until.lock().unwrap_or_else(|p| p.into_inner());
-            if skip.is_none_or(|until| tokio::time::Instant::now() >= until) {
+            // A handshake that finished late leaves an open connection.
+            let open = quic
+                .conn
+                .try_lock()
+                .is_ok_and(|o| o.as_ref().is_some_and(|(_, c)| c.close_reason().is_none()));
+            if open || skip.is_none_or(|until| tokio::time::Instant::now() >= until) {
                 match self.quic_stream(quic).await {
                     Ok(stream) => return self.inner(stream, inner).await,
                     Err(e) => {
@@ -236,12 +241,27 @@ impl TunnelConnector {
                     let host = self.gateway.rsplit_once(':').map_or("gateway", |(h, _)| h);
                     let host = host.trim_start_matches('[').trim_end_matches(']');
                     let connecting = endpoint.connect(addr, host).map_err(io::Error::other)?;
-                    let conn = tokio::time::timeout(QUIC_FALLBACK_AFTER, connecting)
-                        .await
-                        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
-                        .map_err(io::Error::other)?;
-                    *open = Some((endpoint, conn.clone()));
-                    conn
+                    let mut handshake = tokio::spawn(connecting);
+                    match tokio::time::timeout(QUIC_FALLBACK_AFTER, &mut handshake).await {
+                        Ok(done) => {
+                            let conn = done.map_err(io::Error::other)?.map_err(io::Error::other)?;
+                            *open = Some((endpoint, conn.clone()));
+                            conn
+                        }
+                        Err(_) => {
+                            // Slow is not blocked: this stream takes TCP, but the
+                            // handshake goes on, and if it opens, later streams
+                            // use QUIC again without waiting out the retry time.
+                            let (slot, skip) = (quic.conn.clone(), quic.skip_until.clone());
+                            tokio::spawn(async move {
+                                if let Ok(Ok(conn)) = handshake.await {
+                                    *slot.lock().await = Some((endpoint, conn));
+                                    *skip.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                                }
+                            });
+                            return Err(io::Error::from(io::ErrorKind::TimedOut));
+                        }
+                    }
                 }
             }
         };
