@@ -223,14 +223,19 @@ async fn gateway_killed_mirrors_go_unready_then_recover_and_crashed_apps_restart
     );
     let up_after = back.elapsed();
     let ok = load_stats(&record, "west", "load-0").ok();
+    // web answered 502 while api-east was down, so the load generator's
+    // proxy may have ejected web (failure accrual); it probes web back
+    // with a backoff of at most 60 s, so recovery is bounded by that.
     assert!(
-        eventually(Duration::from_secs(10), || load_stats(
+        eventually(Duration::from_secs(65), || load_stats(
             &record, "west", "load-0"
         )
         .ok()
             >= ok + 20)
         .await,
-        "traffic did not recover"
+        "traffic did not recover: {:?}; web's proxy log ends:\n{}",
+        load_stats(&record, "west", "load-0"),
+        mesh_topologies::runner::tail(&s.run.component("west/web-0/proxy").unwrap().log, 20)
     );
     eprintln!(
         "link not alive {:.1}s after the gateway died; alive again {:.1}s after it was restarted",
