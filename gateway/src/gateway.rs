@@ -126,13 +126,17 @@ impl Gateway {
         quic_tls.alpn_protocols = vec![crate::quic::ALPN_QUIC.to_vec()];
         let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(quic_tls)
             .map_err(|e| StartError::Config(format!("QUIC TLS: {e}")))?;
-        let endpoint = quinn::Endpoint::server(
-            quinn::ServerConfig::with_crypto(Arc::new(quic_crypto)),
-            tunnel_addr,
-        )
-        .map_err(|source| StartError::Bind {
-            addr: tunnel_addr,
-            source,
+        let mut quic_config = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
+        // The same stream limit as over TCP; proxies open another tunnel
+        // connection past it.
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(tunnel::MAX_STREAMS));
+        quic_config.transport_config(Arc::new(transport));
+        let endpoint = quinn::Endpoint::server(quic_config, tunnel_addr).map_err(|source| {
+            StartError::Bind {
+                addr: tunnel_addr,
+                source,
+            }
         })?;
         let quic_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
             addr: tunnel_addr,

@@ -52,7 +52,7 @@ pub const FEDERATION_TARGET: &str = mesh_proxy::outbound::tunnel::FEDERATION_TAR
 /// by the gateway itself, 200 while it is ready, nothing spliced.
 pub const PROBE_TARGET: &str = mesh_proxy::outbound::tunnel::PROBE_TARGET;
 /// Streams per tunnel connection (DESIGN.md section 6, external).
-pub const MAX_STREAMS: u32 = 100;
+pub const MAX_STREAMS: u32 = mesh_proxy::outbound::tunnel::MAX_STREAMS;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stream waits for exports or endpoints the gateway has not
 /// heard of yet.

@@ -240,10 +240,24 @@ async fn tcp_only(to: std::net::SocketAddr) -> std::net::SocketAddr {
     addr
 }
 
-/// web in west calls api in east; the Link asks for `transport`, and
-/// `path` says how the gateway is reached. Returns what a recording relay
-/// saw (empty unless `path` is [`Path::Recorded`]).
-async fn cross_cluster_call(transport: &str, path: Path) -> Seen {
+/// West and east, west linked to east: the Link asks for `transport`, and
+/// `path` says how west reaches east's gateway. West runs `web` and
+/// `other` (proxies only, explicit mode).
+struct Linked {
+    east: East,
+    _west: ControlPlane,
+    _west_dir: tempfile::TempDir,
+    web: mesh_proxy::Proxy,
+    other: mesh_proxy::Proxy,
+    /// api's port (east's app).
+    port: u16,
+    /// What a recording relay saw (with [`Path::Recorded`]).
+    recorded: Option<std::sync::Arc<std::sync::Mutex<Seen>>>,
+    /// The transports the gateway will see.
+    carried: &'static [&'static str],
+}
+
+async fn linked(transport: &str, path: Path) -> Linked {
     let west_setup = west_setup();
     // East: api exported; only west's web may call it; west is linked.
     let east = east(
@@ -276,10 +290,11 @@ async fn cross_cluster_call(transport: &str, path: Path) -> Seen {
         }
     };
     // The transports the gateway will see.
-    let carried: &[&str] = match path {
+    let carried: &'static [&'static str] = match path {
         Path::UdpBlocked => &["tcp"],
         Path::SlowUdp => &["tcp", "quic"],
-        _ => &[transport],
+        _ if transport == "quic" => &["quic"],
+        _ => &["tcp"],
     };
 
     // West: linked to east through its gateway, with api mirrored as
@@ -313,20 +328,52 @@ async fn cross_cluster_call(transport: &str, path: Path) -> Seen {
     )
     .await;
 
-    let url = format!("http://api-east.shop.svc.cluster.local:{port}/hello");
-    // Links reach every side by polling: retry briefly.
+    Linked {
+        east,
+        _west: west,
+        _west_dir: west_dir,
+        web,
+        other,
+        port,
+        recorded,
+        carried,
+    }
+}
+
+/// Asks `url` through `proxy` until east answers 200 (links reach every
+/// side by polling); returns the answer.
+async fn reach(proxy: std::net::SocketAddr, url: &str) -> String {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let raw = loop {
-        let (status, raw) = via_proxy(web.outbound_addr, &url).await;
+    loop {
+        let (status, raw) = via_proxy(proxy, url).await;
         if status == 200 {
-            break raw;
+            return raw;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "web never reached api in east: {raw}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    }
+}
+
+/// web in west calls api in east over `transport`, reaching the gateway by
+/// `path`. Returns what a recording relay saw (empty unless `path` is
+/// [`Path::Recorded`]).
+async fn cross_cluster_call(transport: &str, path: Path) -> Seen {
+    let Linked {
+        east,
+        web,
+        other,
+        port,
+        recorded,
+        carried,
+        // Kept until the end: dropping them stops west.
+        _west,
+        _west_dir,
+    } = linked(transport, path).await;
+    let url = format!("http://api-east.shop.svc.cluster.local:{port}/hello");
+    let raw = reach(web.outbound_addr, &url).await;
     assert!(
         raw.contains(&format!("client=spiffe://{WEST}/ns/shop/sa/web")),
         "east's app sees west's web as itself: {raw}"
@@ -394,16 +441,26 @@ async fn cross_cluster_call(transport: &str, path: Path) -> Seen {
         .unwrap();
     assert_eq!(&echo, b"ping through the tunnel");
 
+    if path == Path::SlowUdp {
+        // Once the slow handshake has completed, new streams ride QUIC.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while metric(
+            &gateway_metrics(&east).await,
+            "mesh_gateway_streams_total",
+            "quic",
+        ) == 0
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no stream rode QUIC after the slow handshake"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = via_connect(web.outbound_addr, &authority).await;
+        }
+    }
+
     // The gateway carried both, and saw only west's trust domain.
-    let m = {
-        let mut s = tokio::net::TcpStream::connect(east.gateway.admin_addr)
-            .await
-            .unwrap();
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
-    };
+    let m = gateway_metrics(&east).await;
     for carried in carried {
         assert!(
             m.contains(&format!(
@@ -411,8 +468,114 @@ async fn cross_cluster_call(transport: &str, path: Path) -> Seen {
             )),
             "{m}"
         );
+        // One tunnel connection per proxy carries its HTTP, its opaque
+        // TCP and its upgrade alike (a QUIC handshake slow enough to fall
+        // back adds a TCP one).
+        let tunnels = metric(&m, "mesh_gateway_tunnels_total", carried);
+        assert!(
+            (1..=2).contains(&tunnels),
+            "{tunnels} {carried} tunnels from web and other: {m}"
+        );
+        if path == Path::Direct && transport == "tcp" {
+            assert_eq!(tunnels, 2, "{m}");
+        }
     }
     recorded
         .map(|seen| std::mem::take(&mut *seen.lock().unwrap()))
         .unwrap_or_default()
+}
+
+/// The gateway's metrics text.
+async fn gateway_metrics(east: &East) -> String {
+    let mut s = tokio::net::TcpStream::connect(east.gateway.admin_addr)
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// The value of `name` for west's trust domain over `transport` (0 when
+/// absent).
+fn metric(m: &str, name: &str, transport: &str) -> u64 {
+    let series = format!("{name}{{peer_trust_domain=\"{WEST}\",transport=\"{transport}\"}} ");
+    m.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// More opaque connections through a gateway than one tunnel connection
+/// may carry streams: all of them open at once (none waits for another to
+/// end), on a second tunnel connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_past_a_tunnel_connections_limit_take_another_connection() {
+    more_streams_than_one_connection_carries("tcp").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_over_quic() {
+    more_streams_than_one_connection_carries("quic").await;
+}
+
+async fn more_streams_than_one_connection_carries(transport: &str) {
+    let l = linked(transport, Path::Direct).await;
+    let url = format!("http://api-east.shop.svc.cluster.local:{}/hello", l.port);
+    reach(l.web.outbound_addr, &url).await;
+    let authority = format!("api-east.shop.svc.cluster.local:{}", l.port);
+    let n = mesh_proxy::outbound::tunnel::MAX_STREAMS as usize + 20;
+    let mut opening = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (proxy, authority) = (l.web.outbound_addr, authority.clone());
+        opening.spawn(async move { hold_connect(proxy, &authority).await });
+    }
+    let mut held = Vec::new();
+    let all = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(conn) = opening.join_next().await {
+            held.push(conn.unwrap());
+        }
+    })
+    .await;
+    assert!(
+        all.is_ok(),
+        "{} of {n} opaque connections answered in 30 s",
+        held.len()
+    );
+    let m = gateway_metrics(&l.east).await;
+    let open = metric(&m, "mesh_gateway_tunnels_open", transport)
+        + metric(&m, "mesh_gateway_tunnels_open", "tcp") * u64::from(transport == "quic");
+    assert!(
+        (2..=3).contains(&open),
+        "{n} streams (and the pooled HTTP/2 one) on {open} tunnel connections: {m}"
+    );
+    assert!(
+        metric(&m, "mesh_gateway_tunnels_open", transport) >= 1,
+        "{m}"
+    );
+    drop(held);
+}
+
+/// `CONNECT authority` through an explicit-mode proxy and one keep-alive
+/// HTTP/1.1 request inside, answered; the connection is kept open.
+async fn hold_connect(proxy: std::net::SocketAddr, authority: &str) -> tokio::net::TcpStream {
+    let mut tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    tcp.write_all(b"GET /hello HTTP/1.1\r\nHost: api\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !contains(&seen, b"client=-") {
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        seen.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    tcp
 }

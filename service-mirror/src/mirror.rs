@@ -136,7 +136,7 @@ async fn controller(
             return;
         }
     };
-    tracing::info!(link = %link.cluster, gateway = %tunnel.gateway, "mirroring a linked cluster");
+    tracing::info!(link = %link.cluster, gateway = %tunnel.gateway(), "mirroring a linked cluster");
     let (state_tx, mut state_rx) = watch::channel(LinkState::default());
     let state_tx = Arc::new(state_tx);
     let exports = tokio::spawn(watch_exports(
@@ -290,7 +290,7 @@ async fn probe(
             failures += 1;
             metrics.probe_failures.get_or_create(&labels).inc();
             // The tunnel connection may be dead: the next probe opens a new one.
-            *tunnel.session.lock().await = None;
+            tunnel.reset().await;
         }
         let alive = ok || (failures < PROBE_FAILURES && state.borrow().alive);
         metrics.alive.get_or_create(&labels).set(i64::from(alive));

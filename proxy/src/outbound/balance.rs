@@ -22,7 +22,7 @@ use tower::{
 use super::{
     accrual::{Accrual, Health},
     endpoint::EndpointService,
-    tunnel::TunnelConnector,
+    tunnel::{Gateways, TunnelConnector},
 };
 use crate::{inbound::Body, metrics::Metrics};
 
@@ -63,11 +63,13 @@ pub struct Via {
 }
 
 impl Via {
-    /// The tunnel connector, or why there is none.
+    /// The tunnel connector (sharing `gateways`' tunnel to this gateway),
+    /// or why there is none.
     pub fn connector(
         &self,
         creds: &CredentialStore,
         bundles: &BundleStore,
+        gateways: &Gateways,
     ) -> Result<TunnelConnector, String> {
         let gateway = SpiffeId::parse(&self.gateway_identity)
             .map_err(|e| format!("gateway identity {:?}: {e}", self.gateway_identity))?;
@@ -79,7 +81,7 @@ impl Via {
         if identities.is_empty() {
             return Err(format!("{} lists no destination identity", self.target));
         }
-        TunnelConnector::new(
+        gateways.connector(
             &self.gateway,
             gateway,
             &self.target,
@@ -202,6 +204,7 @@ pub fn balancer(
     updates: watch::Receiver<Option<Arc<DiscoveryUpdate>>>,
     creds: CredentialStore,
     bundles: BundleStore,
+    gateways: Gateways,
     metrics: Metrics,
 ) -> (Balancer, Arc<DestinationHealth>) {
     let health = Arc::new(DestinationHealth::default());
@@ -220,6 +223,7 @@ pub fn balancer(
                 key.via.as_ref(),
                 &creds,
                 &bundles,
+                &gateways,
             );
             Accrual::new(key.clone(), svc, make_health.clone(), on_eject.clone())
         },

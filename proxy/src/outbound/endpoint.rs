@@ -30,7 +30,11 @@ use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use super::{balance::Via, errors::OutboundError, tunnel::TunnelConnector};
+use super::{
+    balance::Via,
+    errors::OutboundError,
+    tunnel::{Gateways, TunnelConnector},
+};
 use crate::inbound::{Body, DST_PORT};
 
 /// A byte stream to a destination proxy: mTLS directly, or mTLS inside a
@@ -145,19 +149,9 @@ pub struct EndpointService {
 
 impl EndpointService {
     /// An endpoint at `app_addr` whose proxy (if meshed) listens on
-    /// `proxy_port` and must present `identity`.
-    pub fn new(
-        app_addr: SocketAddr,
-        identity: Option<SpiffeId>,
-        proxy_port: u16,
-        creds: &CredentialStore,
-        bundles: &BundleStore,
-    ) -> Self {
-        Self::reach(app_addr, identity, proxy_port, None, creds, bundles)
-    }
-
-    /// Like [`EndpointService::new`], through `via` when it is in a linked
-    /// cluster (`app_addr` then carries only the destination's app port).
+    /// `proxy_port` and must present `identity`; through `via` (on the
+    /// tunnel `gateways` holds to its gateway) when it is in a linked
+    /// cluster, and `app_addr` then carries only the destination's app port.
     pub fn reach(
         app_addr: SocketAddr,
         identity: Option<SpiffeId>,
@@ -165,9 +159,10 @@ impl EndpointService {
         via: Option<&Via>,
         creds: &CredentialStore,
         bundles: &BundleStore,
+        gateways: &Gateways,
     ) -> Self {
         if let Some(via) = via {
-            let transport = match via.connector(creds, bundles) {
+            let transport = match via.connector(creds, bundles, gateways) {
                 Ok(tunnel) => Transport::Meshed(
                     Client::builder(TokioExecutor::new())
                         .http2_only(true)

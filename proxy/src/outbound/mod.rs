@@ -70,6 +70,7 @@ use self::{
     errors::OutboundError,
     route::{MAX_RETRY_BODY, Plan, Splitter, plan},
     tcp::{Carry, MeshTcp, TcpBalancer, tcp_balancer},
+    tunnel::Gateways,
 };
 use crate::{
     follow::Follower,
@@ -106,6 +107,9 @@ pub struct Outbound {
     balancers: Arc<Mutex<HashMap<String, Destination>>>,
     creds: CredentialStore,
     bundles: BundleStore,
+    /// The tunnels to linked clusters' gateways, shared by every
+    /// destination behind each.
+    gateways: Gateways,
     metrics: Metrics,
     fail_fast: Duration,
     plain: Client<HttpConnector, Body>,
@@ -161,6 +165,7 @@ impl Outbound {
             balancers: Arc::default(),
             creds,
             bundles,
+            gateways: Gateways::default(),
             metrics,
             fail_fast,
             plain: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
@@ -175,6 +180,7 @@ impl Outbound {
                     self.discovery.watch(&authority.to_owned()),
                     self.creds.clone(),
                     self.bundles.clone(),
+                    self.gateways.clone(),
                     self.metrics.clone(),
                 )
             })
@@ -189,6 +195,7 @@ impl Outbound {
                     self.discovery.watch(&authority.to_owned()),
                     self.creds.clone(),
                     self.bundles.clone(),
+                    self.gateways.clone(),
                 )
             })
             .clone()

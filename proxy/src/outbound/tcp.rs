@@ -40,7 +40,7 @@ use super::{
     balance::{Via, follow_endpoints},
     endpoint::Stream,
     errors::OutboundError,
-    tunnel::{Inner, TunnelConnector},
+    tunnel::{Gateways, Inner, TunnelConnector},
 };
 use crate::{inbound::ALPN_TCP, upgrade::ALPN_HTTP1};
 
@@ -137,6 +137,7 @@ impl TcpEndpoint {
         via: Option<&Via>,
         creds: &CredentialStore,
         bundles: &BundleStore,
+        gateways: &Gateways,
     ) -> Self {
         if let Some(via) = via {
             return Self {
@@ -144,7 +145,7 @@ impl TcpEndpoint {
                 identity,
                 proxy_port,
                 tls: None,
-                tunnel: Some(via.connector(creds, bundles)),
+                tunnel: Some(via.connector(creds, bundles, gateways)),
             };
         }
         let tls = identity.as_ref().and_then(|id| {
@@ -258,6 +259,7 @@ pub fn tcp_balancer(
     updates: watch::Receiver<Option<Arc<DiscoveryUpdate>>>,
     creds: CredentialStore,
     bundles: BundleStore,
+    gateways: Gateways,
 ) -> TcpBalancer {
     let changes = follow_endpoints(
         updates,
@@ -269,6 +271,7 @@ pub fn tcp_balancer(
                 key.via(),
                 &creds,
                 &bundles,
+                &gateways,
             )
         },
         |_| {},

@@ -4,13 +4,25 @@
 //! addresses and SPIFFE ID, the target authority, and the SPIFFE IDs the
 //! destination may present. The proxy opens mTLS to the gateway (ALPN
 //! `mesh-tunnel/h2`; SNI names only the gateway) and keeps that connection
-//! for every stream to that gateway. Each new connection to the destination
-//! is one HTTP/2 `CONNECT <target>` stream on it, inside which the proxy
-//! runs its own mTLS session with the destination proxy, expecting one of
-//! the destination's identities. The gateway sees the target, never the
-//! requests.
+//! for every stream to that gateway, whatever the destination behind it
+//! ([`Gateways`]: one tunnel per gateway for the proxy's identity). Each new
+//! connection to a destination is one HTTP/2 `CONNECT <target>` stream on
+//! it (or one QUIC stream), inside which the proxy runs its own mTLS session
+//! with the destination proxy, expecting one of the destination's
+//! identities. The gateway sees the target, never the requests. A tunnel
+//! connection carries at most [`MAX_STREAMS`] streams; past that the proxy
+//! opens another one to the same gateway rather than wait.
 
-use std::{io, sync::Arc};
+use std::{
+    collections::HashMap,
+    io,
+    pin::Pin,
+    sync::{
+        Arc, Weak,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -31,6 +43,10 @@ use super::endpoint::{MeshIo, Stream};
 pub const ALPN_TUNNEL: &[u8] = b"mesh-tunnel/h2";
 /// ALPN of a QUIC tunnel connection to a gateway.
 pub const ALPN_QUIC: &[u8] = b"mesh-tunnel/quic";
+/// Streams one tunnel connection carries at most: what the gateway allows
+/// (HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`, QUIC bidirectional streams;
+/// DESIGN.md section 6, external).
+pub const MAX_STREAMS: u32 = 100;
 /// The longest target a QUIC stream header may name.
 pub const MAX_TARGET: usize = 512;
 /// How long a QUIC tunnel may take to open before TCP is used instead
@@ -96,16 +112,6 @@ pub enum Inner {
     Http1 = 2,
 }
 
-/// The QUIC side of a tunnel: its config, and the open connection.
-#[derive(Clone, Debug)]
-pub struct QuicTunnel {
-    pub config: quinn::ClientConfig,
-    pub conn: Arc<Mutex<Option<(quinn::Endpoint, quinn::Connection)>>>,
-    /// After QUIC failed, TCP is used until then (no second wait per
-    /// connection while UDP is blocked).
-    pub skip_until: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
-}
-
 /// How long TCP is used after QUIC did not open.
 pub const QUIC_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
 /// The reserved target that leads to the gateway's own control plane API.
@@ -113,62 +119,179 @@ pub const FEDERATION_TARGET: &str = "federation.mesh-system.mesh:8086";
 /// The reserved target the gateway answers itself: 200 while ready.
 pub const PROBE_TARGET: &str = "probe.mesh-system.mesh:4191";
 
-/// One destination behind one gateway.
-#[derive(Clone)]
-pub struct TunnelConnector {
-    /// `host:port` of the gateway (a name is resolved for each new tunnel
-    /// connection, its answer cached for its TTL).
-    pub gateway: String,
-    /// mTLS to the gateway, expecting its identity, ALPN `mesh-tunnel/h2`.
-    pub gateway_tls: Arc<ClientConfig>,
-    /// What to ask the gateway for.
-    pub target: String,
-    /// mTLS to the destination proxy, expecting one of its identities: one
-    /// config per ALPN ([`Inner`]).
-    pub inner_tls: [Arc<ClientConfig>; 3],
-    /// The open tunnel connection, shared by every stream to this gateway.
-    pub session: Arc<Mutex<Option<SendRequest<Empty<Bytes>>>>>,
-    /// Tunnel over QUIC first, when the Link prefers it.
-    pub quic: Option<QuicTunnel>,
-    /// Resolves the gateway's name (cached for each answer's TTL).
-    pub dns: crate::dns::Dns,
+/// One stream's place on its tunnel connection, given back when dropped.
+#[derive(Debug)]
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
-impl std::fmt::Debug for TunnelConnector {
+/// The open tunnel connections of one transport to one gateway, each with
+/// the number of streams it carries.
+#[derive(Debug)]
+struct Pool<C>(Vec<(C, Arc<AtomicUsize>)>);
+
+impl<C> Default for Pool<C> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<C: Clone> Pool<C> {
+    /// A connection with room for one more stream, that stream's slot
+    /// taken. Forgets connections that `open` says are closed.
+    fn take(&mut self, open: impl Fn(&C) -> bool) -> Option<(C, Slot)> {
+        self.0.retain(|(conn, _)| open(conn));
+        let (conn, streams) = self
+            .0
+            .iter()
+            .find(|(_, streams)| streams.load(Ordering::Acquire) < MAX_STREAMS as usize)?;
+        streams.fetch_add(1, Ordering::AcqRel);
+        Some((conn.clone(), Slot(streams.clone())))
+    }
+
+    /// Adds a new connection; with `first`, its first stream's slot.
+    fn add(&mut self, conn: C, first: bool) -> Option<Slot> {
+        let streams = Arc::new(AtomicUsize::new(usize::from(first)));
+        self.0.push((conn, streams.clone()));
+        // Lazily: a slot made and dropped would give back a stream never taken.
+        first.then(|| Slot(streams))
+    }
+
+    fn any_open(&self, open: impl Fn(&C) -> bool) -> bool {
+        self.0.iter().any(|(conn, _)| open(conn))
+    }
+}
+
+/// A tunnel stream, holding its slot on the tunnel connection for as long
+/// as it lives.
+struct Counted<S> {
+    stream: S,
+    _slot: Slot,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+type QuicConn = (quinn::Endpoint, quinn::Connection);
+
+fn quic_open((_, conn): &QuicConn) -> bool {
+    conn.close_reason().is_none()
+}
+
+fn tcp_open(send: &SendRequest<Empty<Bytes>>) -> bool {
+    !send.is_closed()
+}
+
+/// The QUIC side of a tunnel: its config, and the open connections.
+struct QuicTunnel {
+    config: quinn::ClientConfig,
+    conns: Arc<Mutex<Pool<QuicConn>>>,
+    /// After QUIC failed, TCP is used until then (no second wait per
+    /// connection while UDP is blocked).
+    skip_until: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+}
+
+/// The tunnel connections to one gateway: every stream this proxy sends
+/// there, to any destination behind it, rides them.
+pub struct Tunnel {
+    /// `host:port` of the gateway (a name is resolved for each new tunnel
+    /// connection, its answer cached for its TTL).
+    gateway: String,
+    /// mTLS to the gateway, expecting its identity, ALPN `mesh-tunnel/h2`.
+    gateway_tls: Arc<ClientConfig>,
+    /// The open TCP tunnel connections.
+    tcp: Mutex<Pool<SendRequest<Empty<Bytes>>>>,
+    /// Tunnel over QUIC first, when the Link prefers it.
+    quic: Option<QuicTunnel>,
+    /// Resolves the gateway's name (cached for each answer's TTL).
+    dns: crate::dns::Dns,
+}
+
+impl std::fmt::Debug for Tunnel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TunnelConnector")
+        f.debug_struct("Tunnel")
             .field("gateway", &self.gateway)
-            .field("target", &self.target)
+            .field("quic", &self.quic.is_some())
             .finish_non_exhaustive()
     }
 }
 
-impl TunnelConnector {
-    /// A connector to `target` behind the gateway at `gateway` (which must
-    /// present `gateway_id`); the inner session expects `destination`.
-    /// With `quic`, QUIC is tried first.
-    pub fn new(
+/// Client TLS for this proxy's credentials, expecting `expected`, with `alpn`.
+fn tls_config(
+    creds: &CredentialStore,
+    bundles: &BundleStore,
+    expected: ExpectedIdentity,
+    alpn: &[u8],
+) -> Result<ClientConfig, String> {
+    let mut tls = client_config(creds.clone(), bundles.clone(), expected)
+        .map_err(|e| format!("TLS configuration: {e}"))?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
+}
+
+impl Tunnel {
+    /// Tunnels to the gateway at `gateway`, which must present
+    /// `gateway_id`; with `quic`, QUIC is tried first.
+    fn new(
         gateway: &str,
         gateway_id: SpiffeId,
-        target: &str,
-        destination: ExpectedIdentity,
         quic: bool,
         creds: &CredentialStore,
         bundles: &BundleStore,
     ) -> Result<Self, String> {
-        let config = |expected, alpn: &[u8]| {
-            let mut tls = client_config(creds.clone(), bundles.clone(), expected)
-                .map_err(|e| format!("TLS configuration: {e}"))?;
-            tls.alpn_protocols = vec![alpn.to_vec()];
-            Ok::<_, String>(tls)
-        };
         let quic = if quic {
-            let tls = config(ExpectedIdentity::Exact(gateway_id.clone()), ALPN_QUIC)?;
+            let tls = tls_config(
+                creds,
+                bundles,
+                ExpectedIdentity::Exact(gateway_id.clone()),
+                ALPN_QUIC,
+            )?;
             let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
                 .map_err(|e| format!("QUIC TLS: {e}"))?;
             Some(QuicTunnel {
                 config: quinn::ClientConfig::new(Arc::new(crypto)),
-                conn: Arc::default(),
+                conns: Arc::default(),
                 skip_until: Arc::default(),
             })
         } else {
@@ -176,38 +299,37 @@ impl TunnelConnector {
         };
         Ok(Self {
             gateway: gateway.to_owned(),
-            gateway_tls: Arc::new(config(ExpectedIdentity::Exact(gateway_id), ALPN_TUNNEL)?),
-            target: target.to_owned(),
-            inner_tls: [
-                Arc::new(config(destination.clone(), b"h2")?),
-                Arc::new(config(destination.clone(), crate::inbound::ALPN_TCP)?),
-                Arc::new(config(destination, crate::upgrade::ALPN_HTTP1)?),
-            ],
-            session: Arc::default(),
+            gateway_tls: Arc::new(tls_config(
+                creds,
+                bundles,
+                ExpectedIdentity::Exact(gateway_id),
+                ALPN_TUNNEL,
+            )?),
+            tcp: Mutex::default(),
             quic,
             dns: crate::dns::Dns::system(),
         })
     }
 
-    /// A stream to the destination proxy for pooled HTTP/2, mTLS done: over
-    /// QUIC when the Link prefers it and it opens in time, else over TCP.
-    pub async fn connect(&self) -> io::Result<MeshIo> {
-        self.connect_carrying(Inner::H2).await.map(MeshIo::new)
+    /// The gateway's host, for SNI.
+    fn host(&self) -> &str {
+        let host = self.gateway.rsplit_once(':').map_or("", |(h, _)| h);
+        host.trim_start_matches('[').trim_end_matches(']')
     }
 
-    /// A stream to the destination proxy whose inner mTLS session carries
-    /// `inner` (its ALPN, checked).
-    pub async fn connect_carrying(&self, inner: Inner) -> io::Result<Box<dyn Stream>> {
+    /// A stream to `target`: over QUIC when the Link prefers it and it
+    /// opens in time, else over TCP. Holds its slot while it lives.
+    async fn open(&self, target: &str) -> io::Result<Box<dyn Stream>> {
         if let Some(quic) = &self.quic {
             let skip = *quic.skip_until.lock().unwrap_or_else(|p| p.into_inner());
             // A handshake that finished late leaves an open connection.
             let open = quic
-                .conn
+                .conns
                 .try_lock()
-                .is_ok_and(|o| o.as_ref().is_some_and(|(_, c)| c.close_reason().is_none()));
+                .is_ok_and(|pool| pool.any_open(quic_open));
             if open || skip.is_none_or(|until| tokio::time::Instant::now() >= until) {
-                match self.quic_stream(quic).await {
-                    Ok(stream) => return self.inner(stream, inner).await,
+                match self.quic_stream(quic, target).await {
+                    Ok(stream) => return Ok(Box::new(stream)),
                     Err(e) => {
                         *quic.skip_until.lock().unwrap_or_else(|p| p.into_inner()) =
                             Some(tokio::time::Instant::now() + QUIC_RETRY_AFTER);
@@ -216,20 +338,20 @@ impl TunnelConnector {
                 }
             }
         }
-        let stream = self.tcp_connect().await?;
-        self.inner(stream, inner).await
+        Ok(Box::new(self.tcp_stream(target).await?))
     }
 
-    /// One QUIC stream to the target, its header answered with 200.
+    /// One QUIC stream to `target`, its header answered with 200.
     async fn quic_stream(
         &self,
         quic: &QuicTunnel,
-    ) -> io::Result<tokio::io::Join<quinn::RecvStream, quinn::SendStream>> {
-        let conn = {
-            let mut open = quic.conn.lock().await;
-            match open.as_ref() {
-                Some((_, conn)) if conn.close_reason().is_none() => conn.clone(),
-                _ => {
+        target: &str,
+    ) -> io::Result<Counted<tokio::io::Join<quinn::RecvStream, quinn::SendStream>>> {
+        let (conn, slot) = {
+            let mut pool = quic.conns.lock().await;
+            match pool.take(quic_open) {
+                Some(((_, conn), slot)) => (conn, slot),
+                None => {
                     let addr = self.dns.resolve(&self.gateway).await?[0];
                     let bind: std::net::SocketAddr = if addr.is_ipv4() {
                         "0.0.0.0:0".parse().expect("an address")
@@ -238,24 +360,28 @@ impl TunnelConnector {
                     };
                     let mut endpoint = quinn::Endpoint::client(bind)?;
                     endpoint.set_default_client_config(quic.config.clone());
-                    let host = self.gateway.rsplit_once(':').map_or("gateway", |(h, _)| h);
-                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    let host = match self.host() {
+                        "" => "gateway",
+                        host => host,
+                    };
                     let connecting = endpoint.connect(addr, host).map_err(io::Error::other)?;
                     let mut handshake = tokio::spawn(connecting);
                     match tokio::time::timeout(QUIC_FALLBACK_AFTER, &mut handshake).await {
                         Ok(done) => {
                             let conn = done.map_err(io::Error::other)?.map_err(io::Error::other)?;
-                            *open = Some((endpoint, conn.clone()));
-                            conn
+                            let slot = pool
+                                .add((endpoint, conn.clone()), true)
+                                .expect("the first stream's slot");
+                            (conn, slot)
                         }
                         Err(_) => {
                             // Slow is not blocked: this stream takes TCP, but the
                             // handshake goes on, and if it opens, later streams
                             // use QUIC again without waiting out the retry time.
-                            let (slot, skip) = (quic.conn.clone(), quic.skip_until.clone());
+                            let (conns, skip) = (quic.conns.clone(), quic.skip_until.clone());
                             tokio::spawn(async move {
                                 if let Ok(Ok(conn)) = handshake.await {
-                                    *slot.lock().await = Some((endpoint, conn));
+                                    conns.lock().await.add((endpoint, conn), false);
                                     *skip.lock().unwrap_or_else(|p| p.into_inner()) = None;
                                 }
                             });
@@ -266,7 +392,7 @@ impl TunnelConnector {
             }
         };
         let (mut send, mut recv) = conn.open_bi().await.map_err(io::Error::other)?;
-        let header = encode_header(&self.target).map_err(io::Error::other)?;
+        let header = encode_header(target).map_err(io::Error::other)?;
         send.write_all(&header).await.map_err(io::Error::other)?;
         let mut status = [0u8; 2];
         recv.read_exact(&mut status)
@@ -275,73 +401,42 @@ impl TunnelConnector {
         let status = u16::from_be_bytes(status);
         if status != 200 {
             return Err(io::Error::other(format!(
-                "gateway {} refused {}: {status}",
-                self.gateway, self.target
-            )));
-        }
-        Ok(tokio::io::join(recv, send))
-    }
-
-    /// Our own mTLS session with the destination proxy, inside `stream`.
-    async fn inner<S>(&self, stream: S, inner: Inner) -> io::Result<Box<dyn Stream>>
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-    {
-        let host = self.target.rsplit_once(':').map_or("mesh", |(h, _)| h);
-        let name = ServerName::try_from(host.to_owned()).map_err(io::Error::other)?;
-        let tls = TlsConnector::from(self.inner_tls[inner as usize].clone())
-            .connect(name, stream)
-            .await?;
-        let want = match inner {
-            Inner::H2 => None,
-            Inner::Tcp => Some(crate::inbound::ALPN_TCP),
-            Inner::Http1 => Some(crate::upgrade::ALPN_HTTP1),
-        };
-        if let Some(want) = want
-            && tls.get_ref().1.alpn_protocol() != Some(want)
-        {
-            return Err(io::Error::other(format!(
-                "the destination's proxy behind {} does not carry {inner:?} connections",
+                "gateway {} refused {target}: {status}",
                 self.gateway
             )));
         }
-        Ok(Box::new(tls))
+        Ok(Counted {
+            stream: tokio::io::join(recv, send),
+            _slot: slot,
+        })
     }
 
-    /// Over the TCP tunnel: a CONNECT stream on the shared connection.
-    async fn tcp_connect(&self) -> io::Result<TokioIo<hyper::upgrade::Upgraded>> {
-        let mut send = self.session().await?;
+    /// Over TCP: a CONNECT stream to `target` on a tunnel connection.
+    async fn tcp_stream(
+        &self,
+        target: &str,
+    ) -> io::Result<Counted<TokioIo<hyper::upgrade::Upgraded>>> {
+        let (mut send, slot) = self.session().await?;
         let req = Request::builder()
             .method(Method::CONNECT)
-            .uri(self.target.as_str())
+            .uri(target)
             .body(Empty::new())
             .map_err(io::Error::other)?;
         let mut resp = send.send_request(req).await.map_err(io::Error::other)?;
         if resp.status() != StatusCode::OK {
             return Err(io::Error::other(format!(
-                "gateway {} refused {}: {}",
+                "gateway {} refused {target}: {}",
                 self.gateway,
-                self.target,
                 resp.status()
             )));
         }
         let stream = hyper::upgrade::on(&mut resp)
             .await
             .map_err(io::Error::other)?;
-        Ok(TokioIo::new(stream))
-    }
-
-    /// Asks the gateway whether it is ready (`CONNECT` to the probe
-    /// target, over the shared tunnel connection).
-    pub async fn probe(&self) -> io::Result<StatusCode> {
-        let mut send = self.session().await?;
-        let req = Request::builder()
-            .method(Method::CONNECT)
-            .uri(PROBE_TARGET)
-            .body(Empty::new())
-            .map_err(io::Error::other)?;
-        let resp = send.send_request(req).await.map_err(io::Error::other)?;
-        Ok(resp.status())
+        Ok(Counted {
+            stream: TokioIo::new(stream),
+            _slot: slot,
+        })
     }
 
     /// A TCP connection to the gateway: each of its addresses in turn.
@@ -356,20 +451,16 @@ impl TunnelConnector {
         Err(last.unwrap_or_else(|| io::Error::other("the gateway resolves to nothing")))
     }
 
-    /// The tunnel connection to the gateway: the open one, or a new one.
-    async fn session(&self) -> io::Result<SendRequest<Empty<Bytes>>> {
-        let mut session = self.session.lock().await;
-        if let Some(send) = session.as_mut()
-            && !send.is_closed()
-            && send.ready().await.is_ok()
-        {
-            return Ok(send.clone());
+    /// A TCP tunnel connection with room for one more stream (its slot
+    /// taken): an open one, or a new one.
+    async fn session(&self) -> io::Result<(SendRequest<Empty<Bytes>>, Slot)> {
+        let mut pool = self.tcp.lock().await;
+        if let Some(open) = pool.take(tcp_open) {
+            return Ok(open);
         }
         let tcp = self.connect_tcp().await?;
         tcp.set_nodelay(true)?;
-        let host = self.gateway.rsplit_once(':').map_or("", |(h, _)| h);
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let name = ServerName::try_from(host.to_owned()).map_err(io::Error::other)?;
+        let name = ServerName::try_from(self.host().to_owned()).map_err(io::Error::other)?;
         let tls = TlsConnector::from(self.gateway_tls.clone())
             .connect(name, tcp)
             .await?;
@@ -389,7 +480,217 @@ impl TunnelConnector {
                 tracing::debug!(%gateway, error = %e, "tunnel connection ended");
             }
         });
-        *session = Some(send.clone());
-        Ok(send)
+        let slot = pool
+            .add(send.clone(), true)
+            .expect("the first stream's slot");
+        Ok((send, slot))
+    }
+}
+
+/// The tunnels one proxy holds: one [`Tunnel`] per gateway (address,
+/// identity, transport), shared by every destination behind it. DESIGN.md
+/// section 4 keys tunnel connections by gateway and client identity; a
+/// `Gateways` belongs to one proxy, so to one identity. A tunnel closes when
+/// the last destination using it is gone.
+#[derive(Clone, Default)]
+pub struct Gateways(Arc<std::sync::Mutex<HashMap<GatewayKey, Weak<Tunnel>>>>);
+
+/// A gateway's address, its identity, and whether QUIC is tried first.
+type GatewayKey = (String, SpiffeId, bool);
+
+impl std::fmt::Debug for Gateways {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateways")
+            .field("tunnels", &self.len())
+            .finish()
+    }
+}
+
+impl Gateways {
+    /// A connector to `target` behind the gateway at `gateway` (which must
+    /// present `gateway_id`), sharing the tunnel to that gateway; the inner
+    /// session expects `destination`. With `quic`, QUIC is tried first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn connector(
+        &self,
+        gateway: &str,
+        gateway_id: SpiffeId,
+        target: &str,
+        destination: ExpectedIdentity,
+        quic: bool,
+        creds: &CredentialStore,
+        bundles: &BundleStore,
+    ) -> Result<TunnelConnector, String> {
+        let tunnel = {
+            let mut tunnels = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            tunnels.retain(|_, tunnel| tunnel.strong_count() > 0);
+            let key = (gateway.to_owned(), gateway_id, quic);
+            match tunnels.get(&key).and_then(Weak::upgrade) {
+                Some(tunnel) => tunnel,
+                None => {
+                    let tunnel =
+                        Arc::new(Tunnel::new(gateway, key.1.clone(), quic, creds, bundles)?);
+                    tunnels.insert(key, Arc::downgrade(&tunnel));
+                    tunnel
+                }
+            }
+        };
+        TunnelConnector::through(tunnel, target, destination, creds, bundles)
+    }
+
+    /// How many gateways this proxy holds tunnels to.
+    pub fn len(&self) -> usize {
+        let tunnels = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        tunnels.values().filter(|t| t.strong_count() > 0).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One destination behind one gateway.
+#[derive(Clone)]
+pub struct TunnelConnector {
+    /// The tunnel to the gateway, shared with other destinations behind it.
+    tunnel: Arc<Tunnel>,
+    /// What to ask the gateway for.
+    target: String,
+    /// mTLS to the destination proxy, expecting one of its identities: one
+    /// config per ALPN ([`Inner`]).
+    inner_tls: [Arc<ClientConfig>; 3],
+}
+
+impl std::fmt::Debug for TunnelConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelConnector")
+            .field("gateway", &self.tunnel.gateway)
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TunnelConnector {
+    /// A connector to `target` behind the gateway at `gateway` (which must
+    /// present `gateway_id`) with a tunnel of its own; the inner session
+    /// expects `destination`. With `quic`, QUIC is tried first. Proxies
+    /// share tunnels through [`Gateways`] instead.
+    pub fn new(
+        gateway: &str,
+        gateway_id: SpiffeId,
+        target: &str,
+        destination: ExpectedIdentity,
+        quic: bool,
+        creds: &CredentialStore,
+        bundles: &BundleStore,
+    ) -> Result<Self, String> {
+        let tunnel = Arc::new(Tunnel::new(gateway, gateway_id, quic, creds, bundles)?);
+        Self::through(tunnel, target, destination, creds, bundles)
+    }
+
+    fn through(
+        tunnel: Arc<Tunnel>,
+        target: &str,
+        destination: ExpectedIdentity,
+        creds: &CredentialStore,
+        bundles: &BundleStore,
+    ) -> Result<Self, String> {
+        let config =
+            |alpn: &[u8]| tls_config(creds, bundles, destination.clone(), alpn).map(Arc::new);
+        Ok(Self {
+            tunnel,
+            target: target.to_owned(),
+            inner_tls: [
+                config(b"h2")?,
+                config(crate::inbound::ALPN_TCP)?,
+                config(crate::upgrade::ALPN_HTTP1)?,
+            ],
+        })
+    }
+
+    /// `host:port` of the gateway.
+    pub fn gateway(&self) -> &str {
+        &self.tunnel.gateway
+    }
+
+    /// A stream to the destination proxy for pooled HTTP/2, mTLS done: over
+    /// QUIC when the Link prefers it and it opens in time, else over TCP.
+    pub async fn connect(&self) -> io::Result<MeshIo> {
+        self.connect_carrying(Inner::H2).await.map(MeshIo::new)
+    }
+
+    /// A stream to the destination proxy whose inner mTLS session carries
+    /// `inner` (its ALPN, checked).
+    pub async fn connect_carrying(&self, inner: Inner) -> io::Result<Box<dyn Stream>> {
+        let stream = self.tunnel.open(&self.target).await?;
+        self.inner(stream, inner).await
+    }
+
+    /// Our own mTLS session with the destination proxy, inside `stream`.
+    async fn inner(&self, stream: Box<dyn Stream>, inner: Inner) -> io::Result<Box<dyn Stream>> {
+        let host = self.target.rsplit_once(':').map_or("mesh", |(h, _)| h);
+        let name = ServerName::try_from(host.to_owned()).map_err(io::Error::other)?;
+        let tls = TlsConnector::from(self.inner_tls[inner as usize].clone())
+            .connect(name, stream)
+            .await?;
+        let want = match inner {
+            Inner::H2 => None,
+            Inner::Tcp => Some(crate::inbound::ALPN_TCP),
+            Inner::Http1 => Some(crate::upgrade::ALPN_HTTP1),
+        };
+        if let Some(want) = want
+            && tls.get_ref().1.alpn_protocol() != Some(want)
+        {
+            return Err(io::Error::other(format!(
+                "the destination's proxy behind {} does not carry {inner:?} connections",
+                self.tunnel.gateway
+            )));
+        }
+        Ok(Box::new(tls))
+    }
+
+    /// Asks the gateway whether it is ready (`CONNECT` to the probe
+    /// target, over a TCP tunnel connection).
+    pub async fn probe(&self) -> io::Result<StatusCode> {
+        let (mut send, _slot) = self.tunnel.session().await?;
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(PROBE_TARGET)
+            .body(Empty::new())
+            .map_err(io::Error::other)?;
+        let resp = send.send_request(req).await.map_err(io::Error::other)?;
+        Ok(resp.status())
+    }
+
+    /// Forgets the open TCP tunnel connections (the next stream opens a new
+    /// one); streams on them carry on.
+    pub async fn reset(&self) {
+        self.tunnel.tcp.lock().await.0.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MAX_STREAMS, Pool};
+
+    #[test]
+    fn a_connection_carries_at_most_max_streams_and_gets_them_back() {
+        let mut pool = Pool::default();
+        let first = pool.add("a", true).expect("the first stream's slot");
+        let mut slots = vec![first];
+        for _ in 1..MAX_STREAMS {
+            slots.push(pool.take(|_| true).expect("room on a").1);
+        }
+        assert!(pool.take(|_| true).is_none(), "a is full");
+        // A connection added without a stream has room for all of them.
+        assert!(pool.add("b", false).is_none());
+        assert_eq!(pool.take(|_| true).map(|(c, _)| c), Some("b"));
+        // A stream that ends gives its place back on its own connection.
+        slots.pop();
+        let (conn, _slot) = pool.take(|c| *c == "a").expect("room on a again");
+        assert_eq!(conn, "a");
+        // Closed connections are forgotten.
+        assert!(pool.take(|_| false).is_none());
+        assert!(!pool.any_open(|_| true));
     }
 }
