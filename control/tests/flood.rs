@@ -1,7 +1,7 @@
 //! A Certify flood from one identity does not slow another identity's
 //! Certify: the flooder is cut off by its own rate limit before any CSR
 //! work, so the other identity's latency stays close to its baseline
-//! measured in the same run (p95 gated, p99 printed).
+//! measured in the same run (median gated, p95 and p99 printed).
 
 // The measured numbers are printed on purpose (`--nocapture`).
 #![allow(clippy::print_stdout)]
@@ -114,12 +114,14 @@ async fn flood_from_one_identity_does_not_slow_another() {
         "the flooder got at most its burst plus refill ({ok})"
     );
     // The machine is shared and noisy: with 40 samples p99 is the single
-    // slowest call, so one scheduling hiccup would decide it. Gate on p95
-    // (the second slowest) with a generous factor; a starved victim
-    // (seconds) still fails. p99 is printed above.
-    let (b95, d95) = (percentile(&baseline, 0.95), percentile(&during, 0.95));
+    // slowest call and p95 the second slowest, so one scheduling hiccup
+    // decides them (a CI run saw p95 go from 4 to 91 ms with the limit in
+    // place). Gate on the median: measured on this machine, a rate-limited
+    // flood doubles it (2.2-2.9 -> 5.0-5.8 ms) and the same flood without a
+    // limit multiplies it by 8-10 (2.1-2.6 -> 19-21 ms). p95/p99 are printed.
+    let d95 = percentile(&during, 0.95);
     assert!(
-        d95 <= b95 * 5 + Duration::from_millis(50),
-        "victim p95 went from {b95:?} to {d95:?} under a flood from another identity (p99 {b99:?} -> {d99:?})"
+        d50 <= b50 * 4,
+        "victim p50 went from {b50:?} to {d50:?} under a flood from another identity (p95 {d95:?}, p99 {b99:?} -> {d99:?})"
     );
 }
