@@ -27,7 +27,7 @@ use mesh_core::identity::{
     BundleStore, CredentialStore, ExpectedIdentity, SpiffeId, TrustBundleSet, files,
     tls::client_config,
 };
-use mesh_proxy::outbound::tunnel::TunnelConnector;
+use mesh_proxy::outbound::tunnel::Gateways;
 use mesh_topologies::{Options, Run, RunRecord, Topology, runner::ClusterInfo};
 use tokio::net::TcpStream;
 
@@ -289,16 +289,17 @@ async fn new_tunnel(
     let gateway = c.gateway.context("no gateway")?;
     let td = &c.trust_domain;
     let api: SpiffeId = format!("spiffe://{td}/ns/bench/sa/api").parse()?;
-    let tunnel = TunnelConnector::new(
-        &gateway.to_string(),
-        format!("spiffe://{td}/ns/mesh-system/sa/gateway").parse()?,
-        "api.bench.svc.cluster.local:8080",
-        ExpectedIdentity::AnyOf(BTreeSet::from([api])),
-        quic,
-        creds,
-        bundles,
-    )
-    .map_err(anyhow::Error::msg)?;
+    let tunnel = Gateways::default()
+        .connector(
+            &gateway.to_string(),
+            format!("spiffe://{td}/ns/mesh-system/sa/gateway").parse()?,
+            "api.bench.svc.cluster.local:8080",
+            ExpectedIdentity::AnyOf(BTreeSet::from([api])),
+            quic,
+            creds,
+            bundles,
+        )
+        .map_err(anyhow::Error::msg)?;
     one_request(tunnel.connect().await?).await
 }
 

@@ -195,14 +195,7 @@ async fn quic(
 }
 
 async fn metrics(c: &Cluster) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(c.gateway.admin_addr)
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
+    gateway_metrics(c.gateway.admin_addr).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -445,7 +445,7 @@ async fn cross_cluster_call(transport: &str, path: Path) -> Seen {
         // Once the slow handshake has completed, new streams ride QUIC.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while metric(
-            &gateway_metrics(&east).await,
+            &gateway_metrics(east.gateway.admin_addr).await,
             "mesh_gateway_streams_total",
             "quic",
         ) == 0
@@ -460,7 +460,7 @@ async fn cross_cluster_call(transport: &str, path: Path) -> Seen {
     }
 
     // The gateway carried both, and saw only west's trust domain.
-    let m = gateway_metrics(&east).await;
+    let m = gateway_metrics(east.gateway.admin_addr).await;
     for carried in carried {
         assert!(
             m.contains(&format!(
@@ -483,17 +483,6 @@ async fn cross_cluster_call(transport: &str, path: Path) -> Seen {
     recorded
         .map(|seen| std::mem::take(&mut *seen.lock().unwrap()))
         .unwrap_or_default()
-}
-
-/// The gateway's metrics text.
-async fn gateway_metrics(east: &East) -> String {
-    let mut s = tokio::net::TcpStream::connect(east.gateway.admin_addr)
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 /// The value of `name` for west's trust domain over `transport` (0 when
@@ -541,7 +530,7 @@ async fn more_streams_than_one_connection_carries(transport: &str) {
         "{} of {n} opaque connections answered in 30 s",
         held.len()
     );
-    let m = gateway_metrics(&l.east).await;
+    let m = gateway_metrics(l.east.gateway.admin_addr).await;
     let open = metric(&m, "mesh_gateway_tunnels_open", transport)
         + metric(&m, "mesh_gateway_tunnels_open", "tcp") * u64::from(transport == "quic");
     assert!(

@@ -35,7 +35,7 @@ use mesh_core::{
 };
 use mesh_proxy::{
     identity::backoff,
-    outbound::tunnel::{FEDERATION_TARGET, TunnelConnector},
+    outbound::tunnel::{FEDERATION_TARGET, Gateways, TunnelConnector},
 };
 use tokio::{sync::watch, task::JoinHandle};
 use tonic::transport::{Channel, Endpoint};
@@ -196,7 +196,7 @@ fn connector(
         .map_err(|e| e.to_string())?;
     // The probe and the exports take the Link's transport (QUIC falls
     // back to TCP when UDP is blocked), as proxies do.
-    TunnelConnector::new(
+    Gateways::default().connector(
         gateway,
         gateway_id,
         FEDERATION_TARGET,

@@ -270,3 +270,13 @@ pub async fn east(west_bundle: &str, extra: &str) -> East {
         bundle,
     }
 }
+
+/// A gateway's metrics text, from its admin address.
+pub async fn gateway_metrics(admin: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}

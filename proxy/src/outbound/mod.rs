@@ -488,7 +488,7 @@ async fn upgrade(
             .map_err(|_| OutboundError::BadRequest)?;
         parts
             .headers
-            .insert(DST_PORT, HeaderValue::from(conn.app_port));
+            .insert(DST_PORT, HeaderValue::from(conn.guard.app_port));
         parts
             .headers
             .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));

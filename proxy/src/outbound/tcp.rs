@@ -11,7 +11,6 @@
 
 use std::{
     future::Future,
-    io,
     net::SocketAddr,
     pin::Pin,
     sync::Arc,
@@ -23,11 +22,7 @@ use mesh_core::{
     identity::{BundleStore, CredentialStore, ExpectedIdentity, SpiffeId, tls::client_config},
 };
 use rustls::{ClientConfig, pki_types::ServerName};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
-    net::TcpStream,
-    sync::watch,
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream, sync::watch};
 use tokio_rustls::TlsConnector;
 use tower::{
     balance::p2c::Balance,
@@ -38,7 +33,7 @@ use tower::{
 
 use super::{
     balance::{Via, follow_endpoints},
-    endpoint::Stream,
+    endpoint::{Guarded, Stream},
     errors::OutboundError,
     tunnel::{Gateways, Inner, TunnelConnector},
 };
@@ -56,49 +51,27 @@ pub enum Carry {
 /// Connections waiting in front of one destination's balancer.
 const QUEUE: usize = 1_000;
 
-/// An open mTLS connection to an endpoint's proxy, carrying opaque bytes.
-/// It counts toward its endpoint's load until dropped.
-pub struct MeshTcp {
-    /// mTLS to the endpoint's proxy, directly or inside a gateway tunnel.
-    stream: Box<dyn Stream>,
+/// An open mTLS connection to an endpoint's proxy (directly or inside a
+/// gateway tunnel), carrying opaque bytes. It counts toward its endpoint's
+/// load until dropped.
+pub type MeshTcp = Guarded<Box<dyn Stream>, TcpGuard>;
+
+/// What an opaque connection carries along.
+#[derive(Debug)]
+pub struct TcpGuard {
     /// The app port on the endpoint this connection is for.
     pub app_port: u16,
-    _load: Option<Handle>,
+    load: Option<Handle>,
 }
 
-impl std::fmt::Debug for MeshTcp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MeshTcp")
-            .field("app_port", &self.app_port)
-            .finish_non_exhaustive()
-    }
-}
-
-impl AsyncRead for MeshTcp {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for MeshTcp {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+/// An opaque connection for `app_port`, not yet counted as load.
+fn mesh_tcp(stream: Box<dyn Stream>, app_port: u16) -> MeshTcp {
+    Guarded {
+        stream,
+        guard: TcpGuard {
+            app_port,
+            load: None,
+        },
     }
 }
 
@@ -111,7 +84,7 @@ impl TrackCompletion<Handle, MeshTcp> for WhileOpen {
     type Output = MeshTcp;
 
     fn track_completion(&self, handle: Handle, mut conn: MeshTcp) -> MeshTcp {
-        conn._load = Some(handle);
+        conn.guard.load = Some(handle);
         conn
     }
 }
@@ -189,11 +162,7 @@ impl TcpEndpoint {
                     .await
                     .map_err(OutboundError::connect)?;
             }
-            return Ok(MeshTcp {
-                stream,
-                app_port: self.app.port(),
-                _load: None,
-            });
+            return Ok(mesh_tcp(stream, self.app.port()));
         }
         let Some(id) = self.identity else {
             // Discovery lists only meshed workloads; an endpoint without an
@@ -229,11 +198,7 @@ impl TcpEndpoint {
                 .await
                 .map_err(OutboundError::connect)?;
         }
-        Ok(MeshTcp {
-            stream: Box::new(stream),
-            app_port: self.app.port(),
-            _load: None,
-        })
+        Ok(mesh_tcp(Box::new(stream), self.app.port()))
     }
 }
 

@@ -16,12 +16,10 @@
 use std::{
     collections::HashMap,
     io,
-    pin::Pin,
     sync::{
         Arc, Weak,
         atomic::{AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
 };
 
 use bytes::Bytes;
@@ -37,7 +35,7 @@ use mesh_core::identity::{
     BundleStore, CredentialStore, ExpectedIdentity, SpiffeId, tls::client_config,
 };
 
-use super::endpoint::{MeshIo, Stream};
+use super::endpoint::{Guarded, MeshIo, Stream};
 
 /// ALPN of a tunnel connection to a gateway.
 pub const ALPN_TUNNEL: &[u8] = b"mesh-tunnel/h2";
@@ -163,53 +161,6 @@ impl<C: Clone> Pool<C> {
 
     fn any_open(&self, open: impl Fn(&C) -> bool) -> bool {
         self.0.iter().any(|(conn, _)| open(conn))
-    }
-}
-
-/// A tunnel stream, holding its slot on the tunnel connection for as long
-/// as it lives.
-struct Counted<S> {
-    stream: S,
-    _slot: Slot,
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -346,7 +297,7 @@ impl Tunnel {
         &self,
         quic: &QuicTunnel,
         target: &str,
-    ) -> io::Result<Counted<tokio::io::Join<quinn::RecvStream, quinn::SendStream>>> {
+    ) -> io::Result<Guarded<tokio::io::Join<quinn::RecvStream, quinn::SendStream>, Slot>> {
         let (conn, slot) = {
             let mut pool = quic.conns.lock().await;
             match pool.take(quic_open) {
@@ -405,9 +356,9 @@ impl Tunnel {
                 self.gateway
             )));
         }
-        Ok(Counted {
+        Ok(Guarded {
             stream: tokio::io::join(recv, send),
-            _slot: slot,
+            guard: slot,
         })
     }
 
@@ -415,7 +366,7 @@ impl Tunnel {
     async fn tcp_stream(
         &self,
         target: &str,
-    ) -> io::Result<Counted<TokioIo<hyper::upgrade::Upgraded>>> {
+    ) -> io::Result<Guarded<TokioIo<hyper::upgrade::Upgraded>, Slot>> {
         let (mut send, slot) = self.session().await?;
         let req = Request::builder()
             .method(Method::CONNECT)
@@ -433,9 +384,9 @@ impl Tunnel {
         let stream = hyper::upgrade::on(&mut resp)
             .await
             .map_err(io::Error::other)?;
-        Ok(Counted {
+        Ok(Guarded {
             stream: TokioIo::new(stream),
-            _slot: slot,
+            guard: slot,
         })
     }
 
@@ -491,7 +442,9 @@ impl Tunnel {
 /// identity, transport), shared by every destination behind it. DESIGN.md
 /// section 4 keys tunnel connections by gateway and client identity; a
 /// `Gateways` belongs to one proxy, so to one identity. A tunnel closes when
-/// the last destination using it is gone.
+/// the last destination using it is gone. A component that wants a tunnel
+/// of its own (the service mirror, the benchmark) uses a `Gateways` of its
+/// own.
 #[derive(Clone, Default)]
 pub struct Gateways(Arc<std::sync::Mutex<HashMap<GatewayKey, Weak<Tunnel>>>>);
 
@@ -571,23 +524,6 @@ impl std::fmt::Debug for TunnelConnector {
 }
 
 impl TunnelConnector {
-    /// A connector to `target` behind the gateway at `gateway` (which must
-    /// present `gateway_id`) with a tunnel of its own; the inner session
-    /// expects `destination`. With `quic`, QUIC is tried first. Proxies
-    /// share tunnels through [`Gateways`] instead.
-    pub fn new(
-        gateway: &str,
-        gateway_id: SpiffeId,
-        target: &str,
-        destination: ExpectedIdentity,
-        quic: bool,
-        creds: &CredentialStore,
-        bundles: &BundleStore,
-    ) -> Result<Self, String> {
-        let tunnel = Arc::new(Tunnel::new(gateway, gateway_id, quic, creds, bundles)?);
-        Self::through(tunnel, target, destination, creds, bundles)
-    }
-
     fn through(
         tunnel: Arc<Tunnel>,
         target: &str,
