@@ -120,6 +120,9 @@ enum Path {
     /// Through a relay that holds each client's UDP for 1.5 s after its
     /// first datagram.
     SlowUdp,
+    /// To an address that accepts TCP and never answers (a hung load
+    /// balancer in front of the gateway).
+    Silent,
 }
 
 /// What the recording relay saw.
@@ -272,6 +275,17 @@ async fn linked(transport: &str, path: Path) -> Linked {
     let gateway_addr = match path {
         Path::Direct => east.gateway.tunnel_addr.to_string(),
         Path::UdpBlocked => tcp_only(east.gateway.tunnel_addr).await.to_string(),
+        Path::Silent => {
+            let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = silent.local_addr().unwrap();
+            tokio::spawn(async move {
+                let mut held = Vec::new();
+                while let Ok((tcp, _)) = silent.accept().await {
+                    held.push(tcp);
+                }
+            });
+            addr.to_string()
+        }
         Path::SlowUdp => {
             let (addr, _) =
                 recording_relay(east.gateway.tunnel_addr, Duration::from_millis(1500)).await;
@@ -293,6 +307,7 @@ async fn linked(transport: &str, path: Path) -> Linked {
     let carried: &'static [&'static str] = match path {
         Path::UdpBlocked => &["tcp"],
         Path::SlowUdp => &["tcp", "quic"],
+        Path::Silent => &[],
         _ if transport == "quic" => &["quic"],
         _ => &["tcp"],
     };
@@ -492,6 +507,31 @@ fn metric(m: &str, name: &str, transport: &str) -> u64 {
     m.lines()
         .find_map(|l| l.strip_prefix(&series))
         .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// A gateway that accepts TCP and never answers: web's requests to the
+/// mirrored service fail with 502 after the connect timeout (1 s in these
+/// tests) instead of hanging for minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_gateway_fails_after_the_connect_timeout() {
+    let l = linked("tcp", Path::Silent).await;
+    let url = format!("http://api-east.shop.svc.cluster.local:{}/hello", l.port);
+    // Before the link has reached web's proxy the answer is another one.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let (took, raw) = loop {
+        let started = std::time::Instant::now();
+        let (status, raw) = via_proxy(l.web.outbound_addr, &url).await;
+        if status == 502 {
+            break (started.elapsed(), raw);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{raw}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        raw.contains("a tunnel connection to 127.0.0.1:") && raw.contains("timed out after 1s"),
+        "{raw}"
+    );
+    assert!(took < Duration::from_secs(8), "took {took:?}");
 }
 
 /// More opaque connections through a gateway than one tunnel connection

@@ -89,6 +89,7 @@ impl SystemComponent {
             labels: BTreeMap::new(),
             inbound_fail_fast: Duration::from_secs(1),
             detect_timeout: Duration::from_secs(10),
+            connect_timeout: crate::outbound::CONNECT_TIMEOUT,
             header_read_timeout: Duration::from_secs(10),
             max_in_flight: 100_000,
             shutdown_grace: Duration::from_secs(30),
@@ -142,6 +143,10 @@ pub struct Config {
     /// How long the outbound side waits for the app's first bytes before
     /// treating the connection as opaque TCP.
     pub detect_timeout: Duration,
+    /// How long reaching a peer may take: TCP connect and TLS handshake to
+    /// an endpoint's proxy or a gateway, and a tunnel stream's setup with
+    /// its inner handshake (each on its own).
+    pub connect_timeout: Duration,
     /// How long an HTTP/1 client may take to send its request headers.
     pub header_read_timeout: Duration,
     /// Requests in flight per direction before new ones are shed with 503.
@@ -290,6 +295,21 @@ pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
     };
     let header_read_timeout = duration("HEADER_READ_TIMEOUT", 10);
     let shutdown_grace = duration("SHUTDOWN_GRACE", 120);
+    let connect_timeout = get("CONNECT_TIMEOUT")
+        .map(|t| {
+            humantime::parse_duration(&t)
+                .map_err(|e| e.to_string())
+                .and_then(|t| {
+                    if t.is_zero() {
+                        Err("must be more than zero".to_owned())
+                    } else {
+                        Ok(t)
+                    }
+                })
+                .map_err(|e| errors.push(format!("{PREFIX}CONNECT_TIMEOUT: {e}")))
+        })
+        .unwrap_or(Ok(crate::outbound::CONNECT_TIMEOUT))
+        .ok();
     let worker_threads = get("WORKER_THREADS")
         .map(|v| v.parse::<usize>().ok().filter(|n| (1..=64).contains(n)))
         .unwrap_or(Some(1));
@@ -333,6 +353,7 @@ pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
             labels,
             inbound_fail_fast: inbound_fail_fast?,
             detect_timeout: detect_timeout?,
+            connect_timeout: connect_timeout?,
             header_read_timeout: header_read_timeout?,
             max_in_flight: max_in_flight?,
             shutdown_grace: shutdown_grace?,
@@ -406,8 +427,10 @@ mod tests {
             ("INBOUND_ADDR", "127.0.0.5:4143"),
             ("APP_PORTS", "http=8080,9090"),
             ("LABELS", "app=api,version=v1"),
+            ("CONNECT_TIMEOUT", "250ms"),
         ]))
         .unwrap();
+        assert_eq!(c.connect_timeout, Duration::from_millis(250));
         assert_eq!(
             c.identity.as_str(),
             "spiffe://west.mesh.local/ns/shop/sa/api"
@@ -438,6 +461,7 @@ mod tests {
             ("ADMIN_ADDR", "0.0.0.0:4191"),
             ("APP_PORTS", "http=80x"),
             ("INBOUND_ADDR", "0.0.0.0:4143"),
+            ("CONNECT_TIMEOUT", "0s"),
         ]))
         .unwrap_err();
         let all = errors.join("\n");
@@ -449,6 +473,7 @@ mod tests {
             "MESH_PROXY_ADMIN_ADDR 0.0.0.0:4191 is not loopback",
             "MESH_PROXY_APP_PORTS: \"http=80x\" is not NAME=PORT",
             "MESH_PROXY_WORKLOAD_ADDRESSES is required",
+            "MESH_PROXY_CONNECT_TIMEOUT: must be more than zero",
         ] {
             assert!(all.contains(want), "missing {want:?} in:\n{all}");
         }

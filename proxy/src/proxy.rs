@@ -204,8 +204,7 @@ impl Proxy {
             })?;
         let outbound = Outbound::new(
             api.clone(),
-            creds.clone(),
-            bundles.clone(),
+            outbound::endpoint::Dialer::new(creds.clone(), bundles.clone(), config.connect_timeout),
             metrics.clone(),
             OUTBOUND_FAIL_FAST,
             (config.max_in_flight, config.header_read_timeout),

@@ -119,32 +119,7 @@ async fn an_endpoint_with_the_wrong_identity_gets_no_bytes() {
     let web = w.proxy("web", "web-0", &[("app", "web")]).await;
     // `other` registers a `fake` endpoint that points at api's proxy: the
     // caller expects `other`, api's proxy presents `api`.
-    let other = w.join("other").await;
-    let tls = mesh_core::identity::tls::client_config(
-        mesh_core::identity::CredentialStore::new(other),
-        w.bundles.clone(),
-        mesh_core::identity::ExpectedIdentity::Exact(control_id()),
-    )
-    .unwrap();
-    let mut registry = RegistryClient::new(
-        mesh_core::grpc::channel(&w.plane().api_addr.to_string(), tls).unwrap(),
-    );
-    registry
-        .register(RegisterRequest {
-            namespace: "shop".into(),
-            name: "fake-0".into(),
-            addresses: vec!["127.0.0.1".into()],
-            ports: vec![WorkloadPort {
-                name: "http".into(),
-                port: u32::from(w.app_port),
-                protocol: 0,
-            }],
-            labels: [("app".to_owned(), "fake".to_owned())].into(),
-            healthy: true,
-            proxy_port: u32::from(w.proxy.inbound_addr.port()),
-        })
-        .await
-        .unwrap();
+    register_as_other(&w, "fake", w.proxy.inbound_addr.port()).await;
     let authority = format!("fake.shop.svc.cluster.local:{}", w.app_port);
     let (status, raw) = via_proxy(
         web.outbound_addr,
@@ -163,6 +138,79 @@ async fn an_endpoint_with_the_wrong_identity_gets_no_bytes() {
         m.contains("mesh_proxy_outbound_failures_total{reason=\"connect\"} 1"),
         "{m}"
     );
+}
+
+/// `other` registers a workload `<app>-0` (label `app=<app>`) on 127.0.0.1
+/// whose proxy would listen on `proxy_port`.
+async fn register_as_other(w: &World, app: &str, proxy_port: u16) {
+    let other = w.join("other").await;
+    let tls = mesh_core::identity::tls::client_config(
+        mesh_core::identity::CredentialStore::new(other),
+        w.bundles.clone(),
+        mesh_core::identity::ExpectedIdentity::Exact(control_id()),
+    )
+    .unwrap();
+    let mut registry = RegistryClient::new(
+        mesh_core::grpc::channel(&w.plane().api_addr.to_string(), tls).unwrap(),
+    );
+    registry
+        .register(RegisterRequest {
+            namespace: "shop".into(),
+            name: format!("{app}-0"),
+            addresses: vec!["127.0.0.1".into()],
+            ports: vec![WorkloadPort {
+                name: "http".into(),
+                port: u32::from(w.app_port),
+                protocol: 0,
+            }],
+            labels: [("app".to_owned(), app.to_owned())].into(),
+            healthy: true,
+            proxy_port: u32::from(proxy_port),
+        })
+        .await
+        .unwrap();
+}
+
+/// An endpoint whose proxy port accepts TCP and then says nothing (a hung
+/// peer): the request fails with 502 after the connect timeout (1 s in
+/// these tests) instead of hanging, and so does an opaque connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_endpoint_fails_after_the_connect_timeout() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let web = w.proxy("web", "web-0", &[("app", "web")]).await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            held.push(tcp);
+        }
+    });
+    register_as_other(&w, "silent", silent_port).await;
+    let authority = format!("silent.shop.svc.cluster.local:{}", w.app_port);
+
+    let started = std::time::Instant::now();
+    let (status, raw) = via_proxy(
+        web.outbound_addr,
+        &format!("http://{authority}/x"),
+        &authority,
+    )
+    .await;
+    let took = started.elapsed();
+    assert_eq!(status, 502, "{raw}");
+    assert!(raw.contains("timed out after 1s"), "{raw}");
+    // One attempt and its retries, each cut off at 1 s, within the
+    // outbound fail-fast budget; without the timeout it hangs for minutes.
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+
+    let started = std::time::Instant::now();
+    let (head, _) = connect_then_get(web.outbound_addr, &authority).await;
+    assert!(
+        head.starts_with("HTTP/1.1 502"),
+        "an opaque connection to a silent endpoint is refused: {head}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(8));
+    assert_eq!(w.app_hits.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -116,6 +116,7 @@ pub async fn proxy(
         labels: [("app".to_owned(), sa.to_owned())].into(),
         inbound_fail_fast: Duration::from_secs(2),
         detect_timeout: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(1),
         header_read_timeout: Duration::from_secs(10),
         max_in_flight: 1000,
         shutdown_grace: Duration::from_secs(1),

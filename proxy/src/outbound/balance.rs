@@ -7,7 +7,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use mesh_core::{
     api::v1::{DiscoveryUpdate, discovery_update::Kind},
-    identity::{BundleStore, CredentialStore, SpiffeId},
+    identity::SpiffeId,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,8 +21,8 @@ use tower::{
 
 use super::{
     accrual::{Accrual, Health},
-    endpoint::EndpointService,
-    tunnel::{Gateways, TunnelConnector},
+    endpoint::{Dialer, EndpointService},
+    tunnel::TunnelConnector,
 };
 use crate::{inbound::Body, metrics::Metrics};
 
@@ -63,14 +63,9 @@ pub struct Via {
 }
 
 impl Via {
-    /// The tunnel connector (sharing `gateways`' tunnel to this gateway),
+    /// The tunnel connector (sharing the dialer's tunnel to this gateway),
     /// or why there is none.
-    pub fn connector(
-        &self,
-        creds: &CredentialStore,
-        bundles: &BundleStore,
-        gateways: &Gateways,
-    ) -> Result<TunnelConnector, String> {
+    pub fn connector(&self, dialer: &Dialer) -> Result<TunnelConnector, String> {
         let gateway = SpiffeId::parse(&self.gateway_identity)
             .map_err(|e| format!("gateway identity {:?}: {e}", self.gateway_identity))?;
         let identities: std::collections::BTreeSet<SpiffeId> = self
@@ -81,14 +76,14 @@ impl Via {
         if identities.is_empty() {
             return Err(format!("{} lists no destination identity", self.target));
         }
-        gateways.connector(
+        dialer.gateways.connector(
             &self.gateway,
             gateway,
             &self.target,
             mesh_core::identity::ExpectedIdentity::AnyOf(identities),
             self.quic,
-            creds,
-            bundles,
+            &dialer.creds,
+            &dialer.bundles,
         )
     }
 }
@@ -202,9 +197,7 @@ impl Key {
 /// A balancer following `updates`, with failure accrual on every endpoint.
 pub fn balancer(
     updates: watch::Receiver<Option<Arc<DiscoveryUpdate>>>,
-    creds: CredentialStore,
-    bundles: BundleStore,
-    gateways: Gateways,
+    dialer: Dialer,
     metrics: Metrics,
 ) -> (Balancer, Arc<DestinationHealth>) {
     let health = Arc::new(DestinationHealth::default());
@@ -221,9 +214,7 @@ pub fn balancer(
                 key.identity(),
                 key.proxy_port,
                 key.via.as_ref(),
-                &creds,
-                &bundles,
-                &gateways,
+                &dialer,
             );
             Accrual::new(key.clone(), svc, make_health.clone(), on_eject.clone())
         },

@@ -12,6 +12,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use http::{HeaderValue, Request, Response, Uri};
@@ -42,6 +43,42 @@ use crate::inbound::{Body, DST_PORT};
 pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Stream for T {}
+
+/// What the outbound side needs to reach a meshed peer: this proxy's
+/// credentials, the trust bundles, its tunnels to gateways, and how long
+/// reaching a peer may take.
+#[derive(Clone, Debug)]
+pub struct Dialer {
+    pub creds: CredentialStore,
+    pub bundles: BundleStore,
+    pub gateways: Gateways,
+    pub connect_timeout: Duration,
+}
+
+impl Dialer {
+    pub fn new(creds: CredentialStore, bundles: BundleStore, connect_timeout: Duration) -> Self {
+        Self {
+            creds,
+            bundles,
+            gateways: Gateways::new(connect_timeout),
+            connect_timeout,
+        }
+    }
+}
+
+/// `work`, or a `TimedOut` error naming `what` once `after` has passed.
+pub async fn within<T>(
+    after: Duration,
+    what: impl FnOnce() -> String,
+    work: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    tokio::time::timeout(after, work).await.unwrap_or_else(|_| {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{} timed out after {after:?}", what()),
+        ))
+    })
+}
 
 /// A stream and what must live exactly as long as it: a balancer's load
 /// handle, a stream's slot on its tunnel connection.
@@ -152,6 +189,8 @@ pub enum MeshConnector {
     Direct {
         addr: SocketAddr,
         tls: Arc<ClientConfig>,
+        /// For the TCP connect and the TLS handshake together.
+        timeout: Duration,
     },
     Tunnel(TunnelConnector),
 }
@@ -167,13 +206,16 @@ impl tower::Service<Uri> for MeshConnector {
 
     fn call(&mut self, _: Uri) -> Self::Future {
         match self.clone() {
-            Self::Direct { addr, tls } => Box::pin(async move {
-                let tcp = TcpStream::connect(addr).await?;
-                tcp.set_nodelay(true)?;
-                // SNI carries nothing secret: the identity is checked by SPIFFE ID.
-                let name = ServerName::from(addr.ip());
+            Self::Direct { addr, tls, timeout } => Box::pin(async move {
                 let stream: TlsStream<TcpStream> =
-                    TlsConnector::from(tls).connect(name, tcp).await?;
+                    within(timeout, || format!("mTLS to {addr}"), async {
+                        let tcp = TcpStream::connect(addr).await?;
+                        tcp.set_nodelay(true)?;
+                        // SNI carries nothing secret: the identity is checked by SPIFFE ID.
+                        let name = ServerName::from(addr.ip());
+                        TlsConnector::from(tls).connect(name, tcp).await
+                    })
+                    .await?;
                 Ok(MeshIo::new(Box::new(stream)))
             }),
             Self::Tunnel(tunnel) => Box::pin(async move { tunnel.connect().await }),
@@ -203,19 +245,17 @@ pub struct EndpointService {
 impl EndpointService {
     /// An endpoint at `app_addr` whose proxy (if meshed) listens on
     /// `proxy_port` and must present `identity`; through `via` (on the
-    /// tunnel `gateways` holds to its gateway) when it is in a linked
-    /// cluster, and `app_addr` then carries only the destination's app port.
+    /// dialer's tunnel to its gateway) when it is in a linked cluster, and
+    /// `app_addr` then carries only the destination's app port.
     pub fn reach(
         app_addr: SocketAddr,
         identity: Option<SpiffeId>,
         proxy_port: u16,
         via: Option<&Via>,
-        creds: &CredentialStore,
-        bundles: &BundleStore,
-        gateways: &Gateways,
+        dialer: &Dialer,
     ) -> Self {
         if let Some(via) = via {
-            let transport = match via.connector(creds, bundles, gateways) {
+            let transport = match via.connector(dialer) {
                 Ok(tunnel) => Transport::Meshed(
                     Client::builder(TokioExecutor::new())
                         .http2_only(true)
@@ -230,12 +270,14 @@ impl EndpointService {
         }
         let transport = match identity {
             None => {
-                Transport::Plain(Client::builder(TokioExecutor::new()).build(HttpConnector::new()))
+                let mut http = HttpConnector::new();
+                http.set_connect_timeout(Some(dialer.connect_timeout));
+                Transport::Plain(Client::builder(TokioExecutor::new()).build(http))
             }
             Some(id) if proxy_port == 0 => Transport::Refused(id),
             Some(id) => match client_config(
-                creds.clone(),
-                bundles.clone(),
+                dialer.creds.clone(),
+                dialer.bundles.clone(),
                 ExpectedIdentity::Exact(id.clone()),
             ) {
                 Ok(mut tls) => {
@@ -243,6 +285,7 @@ impl EndpointService {
                     let connector = MeshConnector::Direct {
                         addr: SocketAddr::new(app_addr.ip(), proxy_port),
                         tls: Arc::new(tls),
+                        timeout: dialer.connect_timeout,
                     };
                     Transport::Meshed(
                         Client::builder(TokioExecutor::new())

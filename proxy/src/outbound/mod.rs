@@ -52,12 +52,9 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo},
 };
-use mesh_core::{
-    api::v1::{
-        DiscoveryUpdate, OutboundPolicy, OutboundRequest, WatchRequest,
-        discovery_client::DiscoveryClient, discovery_update::Kind, policy_client::PolicyClient,
-    },
-    identity::{BundleStore, CredentialStore},
+use mesh_core::api::v1::{
+    DiscoveryUpdate, OutboundPolicy, OutboundRequest, WatchRequest,
+    discovery_client::DiscoveryClient, discovery_update::Kind, policy_client::PolicyClient,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::Channel;
@@ -65,12 +62,17 @@ use tower::{Service, ServiceExt};
 
 use crate::detect::{Protocol, detect};
 
+/// How long reaching a peer may take by default (`MESH_PROXY_CONNECT_TIMEOUT`):
+/// TCP connect and TLS handshake to an endpoint's proxy or a gateway, or a
+/// tunnel stream's setup and its inner handshake, each on its own.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 use self::{
     balance::{Balancer, DestinationHealth, balancer, has_endpoints},
+    endpoint::Dialer,
     errors::OutboundError,
     route::{MAX_RETRY_BODY, Plan, Splitter, plan},
     tcp::{Carry, MeshTcp, TcpBalancer, tcp_balancer},
-    tunnel::Gateways,
 };
 use crate::{
     follow::Follower,
@@ -105,11 +107,9 @@ pub struct Outbound {
     policies: Follower<String, OutboundPolicy>,
     splitter: Arc<Splitter>,
     balancers: Arc<Mutex<HashMap<String, Destination>>>,
-    creds: CredentialStore,
-    bundles: BundleStore,
-    /// The tunnels to linked clusters' gateways, shared by every
-    /// destination behind each.
-    gateways: Gateways,
+    /// How endpoints are reached (credentials, bundles, tunnels to
+    /// gateways, connect timeout).
+    dialer: Dialer,
     metrics: Metrics,
     fail_fast: Duration,
     plain: Client<HttpConnector, Body>,
@@ -129,8 +129,7 @@ impl Outbound {
     /// channel. `limits` are (max requests in flight, HTTP/1 header-read timeout).
     pub fn new(
         api: Channel,
-        creds: CredentialStore,
-        bundles: BundleStore,
+        dialer: Dialer,
         metrics: Metrics,
         fail_fast: Duration,
         limits: (usize, Duration),
@@ -163,9 +162,7 @@ impl Outbound {
             policies,
             splitter: Arc::default(),
             balancers: Arc::default(),
-            creds,
-            bundles,
-            gateways: Gateways::default(),
+            dialer,
             metrics,
             fail_fast,
             plain: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
@@ -178,9 +175,7 @@ impl Outbound {
             .or_insert_with(|| {
                 balancer(
                     self.discovery.watch(&authority.to_owned()),
-                    self.creds.clone(),
-                    self.bundles.clone(),
-                    self.gateways.clone(),
+                    self.dialer.clone(),
                     self.metrics.clone(),
                 )
             })
@@ -193,9 +188,7 @@ impl Outbound {
             .or_insert_with(|| {
                 tcp_balancer(
                     self.discovery.watch(&authority.to_owned()),
-                    self.creds.clone(),
-                    self.bundles.clone(),
-                    self.gateways.clone(),
+                    self.dialer.clone(),
                 )
             })
             .clone()

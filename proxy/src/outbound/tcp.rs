@@ -15,11 +15,12 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use mesh_core::{
     api::v1::DiscoveryUpdate,
-    identity::{BundleStore, CredentialStore, ExpectedIdentity, SpiffeId, tls::client_config},
+    identity::{ExpectedIdentity, SpiffeId, tls::client_config},
 };
 use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::{io::AsyncWriteExt, net::TcpStream, sync::watch};
@@ -33,9 +34,9 @@ use tower::{
 
 use super::{
     balance::{Via, follow_endpoints},
-    endpoint::{Guarded, Stream},
+    endpoint::{Dialer, Guarded, Stream, within},
     errors::OutboundError,
-    tunnel::{Gateways, Inner, TunnelConnector},
+    tunnel::{Inner, TunnelConnector},
 };
 use crate::{inbound::ALPN_TCP, upgrade::ALPN_HTTP1};
 
@@ -100,6 +101,8 @@ pub struct TcpEndpoint {
     /// In a linked cluster: its gateway's tunnel (or why there is none).
     /// `app` then carries only the destination's app port.
     tunnel: Option<Result<TunnelConnector, String>>,
+    /// For the TCP connect and the TLS handshake together.
+    connect_timeout: Duration,
 }
 
 impl TcpEndpoint {
@@ -108,9 +111,7 @@ impl TcpEndpoint {
         identity: Option<SpiffeId>,
         proxy_port: u16,
         via: Option<&Via>,
-        creds: &CredentialStore,
-        bundles: &BundleStore,
-        gateways: &Gateways,
+        dialer: &Dialer,
     ) -> Self {
         if let Some(via) = via {
             return Self {
@@ -118,14 +119,15 @@ impl TcpEndpoint {
                 identity,
                 proxy_port,
                 tls: None,
-                tunnel: Some(via.connector(creds, bundles, gateways)),
+                tunnel: Some(via.connector(dialer)),
+                connect_timeout: dialer.connect_timeout,
             };
         }
         let tls = identity.as_ref().and_then(|id| {
             let config = |alpn: &[u8]| {
                 let mut tls = client_config(
-                    creds.clone(),
-                    bundles.clone(),
+                    dialer.creds.clone(),
+                    dialer.bundles.clone(),
                     ExpectedIdentity::Exact(id.clone()),
                 )
                 .ok()?;
@@ -140,6 +142,7 @@ impl TcpEndpoint {
             proxy_port,
             tls,
             tunnel: None,
+            connect_timeout: dialer.connect_timeout,
         }
     }
 
@@ -179,14 +182,16 @@ impl TcpEndpoint {
             Carry::Opaque => (opaque, ALPN_TCP),
             Carry::Http1Upgrade => (upgrade, ALPN_HTTP1),
         };
-        let tcp = TcpStream::connect((self.app.ip(), self.proxy_port))
-            .await
-            .map_err(OutboundError::connect)?;
-        tcp.set_nodelay(true).map_err(OutboundError::connect)?;
-        let mut stream = TlsConnector::from(tls)
-            .connect(ServerName::from(self.app.ip()), tcp)
-            .await
-            .map_err(OutboundError::connect)?;
+        let addr = SocketAddr::new(self.app.ip(), self.proxy_port);
+        let mut stream = within(self.connect_timeout, || format!("mTLS to {addr}"), async {
+            let tcp = TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            TlsConnector::from(tls)
+                .connect(ServerName::from(addr.ip()), tcp)
+                .await
+        })
+        .await
+        .map_err(OutboundError::connect)?;
         if stream.get_ref().1.alpn_protocol() != Some(alpn) {
             return Err(OutboundError::Connect(format!(
                 "the endpoint's proxy does not carry {carry:?} connections"
@@ -222,9 +227,7 @@ pub type TcpBalancer =
 /// A connection balancer following one destination's `updates`.
 pub fn tcp_balancer(
     updates: watch::Receiver<Option<Arc<DiscoveryUpdate>>>,
-    creds: CredentialStore,
-    bundles: BundleStore,
-    gateways: Gateways,
+    dialer: Dialer,
 ) -> TcpBalancer {
     let changes = follow_endpoints(
         updates,
@@ -234,9 +237,7 @@ pub fn tcp_balancer(
                 key.identity(),
                 key.proxy_port(),
                 key.via(),
-                &creds,
-                &bundles,
-                &gateways,
+                &dialer,
             )
         },
         |_| {},

@@ -35,7 +35,7 @@ use mesh_core::identity::{
     BundleStore, CredentialStore, ExpectedIdentity, SpiffeId, tls::client_config,
 };
 
-use super::endpoint::{Guarded, MeshIo, Stream};
+use super::endpoint::{Guarded, MeshIo, Stream, within};
 
 /// ALPN of a tunnel connection to a gateway.
 pub const ALPN_TUNNEL: &[u8] = b"mesh-tunnel/h2";
@@ -197,6 +197,9 @@ pub struct Tunnel {
     quic: Option<QuicTunnel>,
     /// Resolves the gateway's name (cached for each answer's TTL).
     dns: crate::dns::Dns,
+    /// For a new tunnel connection (TCP, TLS, HTTP/2), and for a stream's
+    /// setup and its inner handshake.
+    connect_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -228,8 +231,8 @@ impl Tunnel {
         gateway: &str,
         gateway_id: SpiffeId,
         quic: bool,
-        creds: &CredentialStore,
-        bundles: &BundleStore,
+        (creds, bundles): (&CredentialStore, &BundleStore),
+        connect_timeout: std::time::Duration,
     ) -> Result<Self, String> {
         let quic = if quic {
             let tls = tls_config(
@@ -259,6 +262,7 @@ impl Tunnel {
             tcp: Mutex::default(),
             quic,
             dns: crate::dns::Dns::system(),
+            connect_timeout,
         })
     }
 
@@ -342,14 +346,21 @@ impl Tunnel {
                 }
             }
         };
-        let (mut send, mut recv) = conn.open_bi().await.map_err(io::Error::other)?;
-        let header = encode_header(target).map_err(io::Error::other)?;
-        send.write_all(&header).await.map_err(io::Error::other)?;
-        let mut status = [0u8; 2];
-        recv.read_exact(&mut status)
-            .await
-            .map_err(io::Error::other)?;
-        let status = u16::from_be_bytes(status);
+        let (send, recv, status) = within(
+            self.connect_timeout,
+            || format!("a QUIC stream to {target} through {}", self.gateway),
+            async {
+                let (mut send, mut recv) = conn.open_bi().await.map_err(io::Error::other)?;
+                let header = encode_header(target).map_err(io::Error::other)?;
+                send.write_all(&header).await.map_err(io::Error::other)?;
+                let mut status = [0u8; 2];
+                recv.read_exact(&mut status)
+                    .await
+                    .map_err(io::Error::other)?;
+                Ok((send, recv, u16::from_be_bytes(status)))
+            },
+        )
+        .await?;
         if status != 200 {
             return Err(io::Error::other(format!(
                 "gateway {} refused {target}: {status}",
@@ -373,7 +384,12 @@ impl Tunnel {
             .uri(target)
             .body(Empty::new())
             .map_err(io::Error::other)?;
-        let mut resp = send.send_request(req).await.map_err(io::Error::other)?;
+        let mut resp = within(
+            self.connect_timeout,
+            || format!("CONNECT {target} through {}", self.gateway),
+            async { send.send_request(req).await.map_err(io::Error::other) },
+        )
+        .await?;
         if resp.status() != StatusCode::OK {
             return Err(io::Error::other(format!(
                 "gateway {} refused {target}: {}",
@@ -409,22 +425,29 @@ impl Tunnel {
         if let Some(open) = pool.take(tcp_open) {
             return Ok(open);
         }
-        let tcp = self.connect_tcp().await?;
-        tcp.set_nodelay(true)?;
-        let name = ServerName::try_from(self.host().to_owned()).map_err(io::Error::other)?;
-        let tls = TlsConnector::from(self.gateway_tls.clone())
-            .connect(name, tcp)
-            .await?;
-        if tls.get_ref().1.alpn_protocol() != Some(ALPN_TUNNEL) {
-            return Err(io::Error::other(format!(
-                "{} is not a Mesh gateway (no tunnel ALPN)",
-                self.gateway
-            )));
-        }
-        let (send, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-                .await
-                .map_err(io::Error::other)?;
+        let (send, conn) = within(
+            self.connect_timeout,
+            || format!("a tunnel connection to {}", self.gateway),
+            async {
+                let tcp = self.connect_tcp().await?;
+                tcp.set_nodelay(true)?;
+                let name =
+                    ServerName::try_from(self.host().to_owned()).map_err(io::Error::other)?;
+                let tls = TlsConnector::from(self.gateway_tls.clone())
+                    .connect(name, tcp)
+                    .await?;
+                if tls.get_ref().1.alpn_protocol() != Some(ALPN_TUNNEL) {
+                    return Err(io::Error::other(format!(
+                        "{} is not a Mesh gateway (no tunnel ALPN)",
+                        self.gateway
+                    )));
+                }
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                    .await
+                    .map_err(io::Error::other)
+            },
+        )
+        .await?;
         let gateway = self.gateway.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -445,8 +468,17 @@ impl Tunnel {
 /// the last destination using it is gone. A component that wants a tunnel
 /// of its own (the service mirror, the benchmark) uses a `Gateways` of its
 /// own.
-#[derive(Clone, Default)]
-pub struct Gateways(Arc<std::sync::Mutex<HashMap<GatewayKey, Weak<Tunnel>>>>);
+#[derive(Clone)]
+pub struct Gateways {
+    tunnels: Arc<std::sync::Mutex<HashMap<GatewayKey, Weak<Tunnel>>>>,
+    connect_timeout: std::time::Duration,
+}
+
+impl Default for Gateways {
+    fn default() -> Self {
+        Self::new(super::CONNECT_TIMEOUT)
+    }
+}
 
 /// A gateway's address, its identity, and whether QUIC is tried first.
 type GatewayKey = (String, SpiffeId, bool);
@@ -460,6 +492,15 @@ impl std::fmt::Debug for Gateways {
 }
 
 impl Gateways {
+    /// Tunnels whose connections and streams must be set up within
+    /// `connect_timeout`.
+    pub fn new(connect_timeout: std::time::Duration) -> Self {
+        Self {
+            tunnels: Arc::default(),
+            connect_timeout,
+        }
+    }
+
     /// A connector to `target` behind the gateway at `gateway` (which must
     /// present `gateway_id`), sharing the tunnel to that gateway; the inner
     /// session expects `destination`. With `quic`, QUIC is tried first.
@@ -475,14 +516,19 @@ impl Gateways {
         bundles: &BundleStore,
     ) -> Result<TunnelConnector, String> {
         let tunnel = {
-            let mut tunnels = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
             tunnels.retain(|_, tunnel| tunnel.strong_count() > 0);
             let key = (gateway.to_owned(), gateway_id, quic);
             match tunnels.get(&key).and_then(Weak::upgrade) {
                 Some(tunnel) => tunnel,
                 None => {
-                    let tunnel =
-                        Arc::new(Tunnel::new(gateway, key.1.clone(), quic, creds, bundles)?);
+                    let tunnel = Arc::new(Tunnel::new(
+                        gateway,
+                        key.1.clone(),
+                        quic,
+                        (creds, bundles),
+                        self.connect_timeout,
+                    )?);
                     tunnels.insert(key, Arc::downgrade(&tunnel));
                     tunnel
                 }
@@ -493,7 +539,7 @@ impl Gateways {
 
     /// How many gateways this proxy holds tunnels to.
     pub fn len(&self) -> usize {
-        let tunnels = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
         tunnels.values().filter(|t| t.strong_count() > 0).count()
     }
 
@@ -566,9 +612,12 @@ impl TunnelConnector {
     async fn inner(&self, stream: Box<dyn Stream>, inner: Inner) -> io::Result<Box<dyn Stream>> {
         let host = self.target.rsplit_once(':').map_or("mesh", |(h, _)| h);
         let name = ServerName::try_from(host.to_owned()).map_err(io::Error::other)?;
-        let tls = TlsConnector::from(self.inner_tls[inner as usize].clone())
-            .connect(name, stream)
-            .await?;
+        let tls = within(
+            self.tunnel.connect_timeout,
+            || format!("mTLS to {} through {}", self.target, self.tunnel.gateway),
+            TlsConnector::from(self.inner_tls[inner as usize].clone()).connect(name, stream),
+        )
+        .await?;
         let want = match inner {
             Inner::H2 => None,
             Inner::Tcp => Some(crate::inbound::ALPN_TCP),

@@ -189,7 +189,7 @@ pub async fn world(leaf_ttl: Duration) -> World {
     std::fs::write(
         cfg.config_dir.join("shop.yaml"),
         format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: api, namespace: shop}}\nspec:\n  selector: {{app: api}}\n  ports: [{{port: {app_port}, appProtocol: http}}]\n---\napiVersion: policy.mesh.rs/v1alpha1\nkind: Server\nmetadata: {{name: api-http, namespace: shop}}\nspec:\n  podSelector: {{matchLabels: {{app: api}}}}\n  port: {app_port}\n---\napiVersion: policy.mesh.rs/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: web-only, namespace: shop}}\nspec:\n  targetRef: {{kind: Server, name: api-http}}\n  requiredAuthenticationRefs: [{{kind: MeshTLSAuthentication, name: web}}]\n---\napiVersion: policy.mesh.rs/v1alpha1\nkind: MeshTLSAuthentication\nmetadata: {{name: web, namespace: shop}}\nspec:\n  identities: [\"{}\"]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: fake, namespace: shop}}\nspec:\n  selector: {{app: fake}}\n  ports: [{{port: {app_port}}}]\n",
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: api, namespace: shop}}\nspec:\n  selector: {{app: api}}\n  ports: [{{port: {app_port}, appProtocol: http}}]\n---\napiVersion: policy.mesh.rs/v1alpha1\nkind: Server\nmetadata: {{name: api-http, namespace: shop}}\nspec:\n  podSelector: {{matchLabels: {{app: api}}}}\n  port: {app_port}\n---\napiVersion: policy.mesh.rs/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: web-only, namespace: shop}}\nspec:\n  targetRef: {{kind: Server, name: api-http}}\n  requiredAuthenticationRefs: [{{kind: MeshTLSAuthentication, name: web}}]\n---\napiVersion: policy.mesh.rs/v1alpha1\nkind: MeshTLSAuthentication\nmetadata: {{name: web, namespace: shop}}\nspec:\n  identities: [\"{}\"]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: fake, namespace: shop}}\nspec:\n  selector: {{app: fake}}\n  ports: [{{port: {app_port}}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: silent, namespace: shop}}\nspec:\n  selector: {{app: silent}}\n  ports: [{{port: {app_port}}}]\n",
             id("web")
         ),
     )
@@ -288,6 +288,7 @@ pub fn proxy_config(
             .collect(),
         inbound_fail_fast: Duration::from_secs(2),
         detect_timeout: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(1),
         header_read_timeout: Duration::from_secs(10),
         max_in_flight: 100_000,
         shutdown_grace: Duration::from_secs(5),
