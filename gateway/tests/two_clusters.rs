@@ -532,6 +532,25 @@ async fn a_silent_gateway_fails_after_the_connect_timeout() {
         "{raw}"
     );
     assert!(took < Duration::from_secs(8), "took {took:?}");
+
+    // Opaque connections opened together wait for one attempt at the
+    // tunnel connection, not for one attempt each in turn.
+    let authority = format!("api-east.shop.svc.cluster.local:{}", l.port);
+    let started = std::time::Instant::now();
+    let mut opening = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let (proxy, authority) = (l.web.outbound_addr, authority.clone());
+        opening.spawn(async move { via_connect(proxy, &authority).await });
+    }
+    while let Some(done) = opening.join_next().await {
+        let (head, _) = done.unwrap();
+        assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "10 opaque connections to a silent gateway took {took:?}"
+    );
 }
 
 /// More opaque connections through a gateway than one tunnel connection

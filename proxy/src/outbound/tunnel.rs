@@ -128,13 +128,20 @@ impl Drop for Slot {
 }
 
 /// The open tunnel connections of one transport to one gateway, each with
-/// the number of streams it carries.
+/// the number of streams it carries, and how the last attempt at a new one
+/// failed.
 #[derive(Debug)]
-struct Pool<C>(Vec<(C, Arc<AtomicUsize>)>);
+struct Pool<C> {
+    conns: Vec<(C, Arc<AtomicUsize>)>,
+    failed: Option<(tokio::time::Instant, io::ErrorKind, String)>,
+}
 
 impl<C> Default for Pool<C> {
     fn default() -> Self {
-        Self(Vec::new())
+        Self {
+            conns: Vec::new(),
+            failed: None,
+        }
     }
 }
 
@@ -142,9 +149,9 @@ impl<C: Clone> Pool<C> {
     /// A connection with room for one more stream, that stream's slot
     /// taken. Forgets connections that `open` says are closed.
     fn take(&mut self, open: impl Fn(&C) -> bool) -> Option<(C, Slot)> {
-        self.0.retain(|(conn, _)| open(conn));
+        self.conns.retain(|(conn, _)| open(conn));
         let (conn, streams) = self
-            .0
+            .conns
             .iter()
             .find(|(_, streams)| streams.load(Ordering::Acquire) < MAX_STREAMS as usize)?;
         streams.fetch_add(1, Ordering::AcqRel);
@@ -154,13 +161,28 @@ impl<C: Clone> Pool<C> {
     /// Adds a new connection; with `first`, its first stream's slot.
     fn add(&mut self, conn: C, first: bool) -> Option<Slot> {
         let streams = Arc::new(AtomicUsize::new(usize::from(first)));
-        self.0.push((conn, streams.clone()));
+        self.conns.push((conn, streams.clone()));
         // Lazily: a slot made and dropped would give back a stream never taken.
         first.then(|| Slot(streams))
     }
 
     fn any_open(&self, open: impl Fn(&C) -> bool) -> bool {
-        self.0.iter().any(|(conn, _)| open(conn))
+        self.conns.iter().any(|(conn, _)| open(conn))
+    }
+
+    /// The failure of an attempt at a new connection that ended after
+    /// `asked`: a stream that waited for that attempt takes its answer
+    /// rather than making one more, so streams queued behind a dead
+    /// gateway fail together, not one connect timeout each in turn.
+    fn failed_since(&self, asked: tokio::time::Instant) -> Option<io::Error> {
+        self.failed
+            .as_ref()
+            .filter(|(at, _, _)| *at >= asked)
+            .map(|(_, kind, why)| io::Error::new(*kind, why.clone()))
+    }
+
+    fn fail(&mut self, e: &io::Error) {
+        self.failed = Some((tokio::time::Instant::now(), e.kind(), e.to_string()));
     }
 }
 
@@ -302,45 +324,25 @@ impl Tunnel {
         quic: &QuicTunnel,
         target: &str,
     ) -> io::Result<Guarded<tokio::io::Join<quinn::RecvStream, quinn::SendStream>, Slot>> {
+        let asked = tokio::time::Instant::now();
         let (conn, slot) = {
             let mut pool = quic.conns.lock().await;
             match pool.take(quic_open) {
                 Some(((_, conn), slot)) => (conn, slot),
                 None => {
-                    let addr = self.dns.resolve(&self.gateway).await?[0];
-                    let bind: std::net::SocketAddr = if addr.is_ipv4() {
-                        "0.0.0.0:0".parse().expect("an address")
-                    } else {
-                        "[::]:0".parse().expect("an address")
-                    };
-                    let mut endpoint = quinn::Endpoint::client(bind)?;
-                    endpoint.set_default_client_config(quic.config.clone());
-                    let host = match self.host() {
-                        "" => "gateway",
-                        host => host,
-                    };
-                    let connecting = endpoint.connect(addr, host).map_err(io::Error::other)?;
-                    let mut handshake = tokio::spawn(connecting);
-                    match tokio::time::timeout(QUIC_FALLBACK_AFTER, &mut handshake).await {
-                        Ok(done) => {
-                            let conn = done.map_err(io::Error::other)?.map_err(io::Error::other)?;
+                    if let Some(e) = pool.failed_since(asked) {
+                        return Err(e);
+                    }
+                    match self.quic_connect(quic).await {
+                        Ok((endpoint, conn)) => {
                             let slot = pool
                                 .add((endpoint, conn.clone()), true)
                                 .expect("the first stream's slot");
                             (conn, slot)
                         }
-                        Err(_) => {
-                            // Slow is not blocked: this stream takes TCP, but the
-                            // handshake goes on, and if it opens, later streams
-                            // use QUIC again without waiting out the retry time.
-                            let (conns, skip) = (quic.conns.clone(), quic.skip_until.clone());
-                            tokio::spawn(async move {
-                                if let Ok(Ok(conn)) = handshake.await {
-                                    conns.lock().await.add((endpoint, conn), false);
-                                    *skip.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                                }
-                            });
-                            return Err(io::Error::from(io::ErrorKind::TimedOut));
+                        Err(e) => {
+                            pool.fail(&e);
+                            return Err(e);
                         }
                     }
                 }
@@ -371,6 +373,49 @@ impl Tunnel {
             stream: tokio::io::join(recv, send),
             guard: slot,
         })
+    }
+
+    /// A new QUIC tunnel connection, if it opens within the fallback time.
+    async fn quic_connect(&self, quic: &QuicTunnel) -> io::Result<QuicConn> {
+        let addr = self.dns.resolve(&self.gateway).await?[0];
+        let bind: std::net::SocketAddr = if addr.is_ipv4() {
+            "0.0.0.0:0".parse().expect("an address")
+        } else {
+            "[::]:0".parse().expect("an address")
+        };
+        let mut endpoint = quinn::Endpoint::client(bind)?;
+        endpoint.set_default_client_config(quic.config.clone());
+        let host = match self.host() {
+            "" => "gateway",
+            host => host,
+        };
+        let connecting = endpoint.connect(addr, host).map_err(io::Error::other)?;
+        let mut handshake = tokio::spawn(connecting);
+        match tokio::time::timeout(QUIC_FALLBACK_AFTER, &mut handshake).await {
+            Ok(done) => {
+                let conn = done.map_err(io::Error::other)?.map_err(io::Error::other)?;
+                Ok((endpoint, conn))
+            }
+            Err(_) => {
+                // Slow is not blocked: this stream takes TCP, but the
+                // handshake goes on, and if it opens, later streams use
+                // QUIC again without waiting out the retry time.
+                let (conns, skip) = (quic.conns.clone(), quic.skip_until.clone());
+                tokio::spawn(async move {
+                    if let Ok(Ok(conn)) = handshake.await {
+                        conns.lock().await.add((endpoint, conn), false);
+                        *skip.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    }
+                });
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the QUIC handshake with {} took over {QUIC_FALLBACK_AFTER:?}",
+                        self.gateway
+                    ),
+                ))
+            }
+        }
     }
 
     /// Over TCP: a CONNECT stream to `target` on a tunnel connection.
@@ -421,11 +466,15 @@ impl Tunnel {
     /// A TCP tunnel connection with room for one more stream (its slot
     /// taken): an open one, or a new one.
     async fn session(&self) -> io::Result<(SendRequest<Empty<Bytes>>, Slot)> {
+        let asked = tokio::time::Instant::now();
         let mut pool = self.tcp.lock().await;
         if let Some(open) = pool.take(tcp_open) {
             return Ok(open);
         }
-        let (send, conn) = within(
+        if let Some(e) = pool.failed_since(asked) {
+            return Err(e);
+        }
+        let opened = within(
             self.connect_timeout,
             || format!("a tunnel connection to {}", self.gateway),
             async {
@@ -447,7 +496,14 @@ impl Tunnel {
                     .map_err(io::Error::other)
             },
         )
-        .await?;
+        .await;
+        let (send, conn) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                pool.fail(&e);
+                return Err(e);
+            }
+        };
         let gateway = self.gateway.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -650,7 +706,7 @@ impl TunnelConnector {
     /// Forgets the open TCP tunnel connections (the next stream opens a new
     /// one); streams on them carry on.
     pub async fn reset(&self) {
-        self.tunnel.tcp.lock().await.0.clear();
+        self.tunnel.tcp.lock().await.conns.clear();
     }
 }
 
@@ -677,5 +733,22 @@ mod tests {
         // Closed connections are forgotten.
         assert!(pool.take(|_| false).is_none());
         assert!(!pool.any_open(|_| true));
+    }
+
+    #[tokio::test]
+    async fn streams_that_waited_for_a_failed_attempt_take_its_answer() {
+        let mut pool = Pool::<&str>::default();
+        let asked = tokio::time::Instant::now();
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        pool.fail(&std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "a tunnel connection to g:4143 timed out after 1s",
+        ));
+        let e = pool.failed_since(asked).expect("the attempt it waited for");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains("timed out"), "{e}");
+        // A stream that asks after the failure makes an attempt of its own.
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        assert!(pool.failed_since(tokio::time::Instant::now()).is_none());
     }
 }
