@@ -51,6 +51,8 @@ pub const FEDERATION_TARGET: &str = mesh_proxy::outbound::tunnel::FEDERATION_TAR
 /// The reserved target a linked cluster's service mirror probes: answered
 /// by the gateway itself, 200 while it is ready, nothing spliced.
 pub const PROBE_TARGET: &str = mesh_proxy::outbound::tunnel::PROBE_TARGET;
+/// How long connecting to a local destination proxy may take.
+pub use mesh_proxy::outbound::CONNECT_TIMEOUT;
 /// Streams per tunnel connection (DESIGN.md section 6, external).
 pub const MAX_STREAMS: u32 = mesh_proxy::outbound::tunnel::MAX_STREAMS;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -187,10 +189,20 @@ impl Tunnel {
         }
     }
 
-    /// A connection to where a stream for `target` goes, or why not.
+    /// A connection to where a stream for `target` goes, or why not. The
+    /// connect is bounded like a proxy's ([`CONNECT_TIMEOUT`]), so a
+    /// destination that never answers is refused rather than held.
     pub async fn open(&self, target: &str) -> Result<TcpStream, Refusal> {
         let to = self.resolve(target).await?;
-        match TcpStream::connect(&to).await {
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&to))
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {CONNECT_TIMEOUT:?}"),
+                ))
+            });
+        match connected {
             Ok(tcp) => {
                 let _ = tcp.set_nodelay(true);
                 Ok(tcp)

@@ -68,7 +68,7 @@ async fn tls<S: AsyncRead + AsyncWrite + Unpin>(
 
 struct Cluster {
     _dir: tempfile::TempDir,
-    _plane: ControlPlane,
+    plane: ControlPlane,
     _api: Proxy,
     gateway: Gateway,
     bundles: BundleStore,
@@ -85,7 +85,7 @@ async fn cluster(north_root: &RootCa) -> Cluster {
     std::fs::write(
         cfg.config_dir.join("shop.yaml"),
         format!(
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: api\n  namespace: shop\n  labels: {{multicluster.mesh.rs/exported: \"true\"}}\nspec:\n  selector: {{app: api}}\n  ports: [{{port: {port}, appProtocol: http}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: db, namespace: shop}}\nspec:\n  selector: {{app: api}}\n  ports: [{{port: {port}}}]\n---\n{}",
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: api\n  namespace: shop\n  labels: {{multicluster.mesh.rs/exported: \"true\"}}\nspec:\n  selector: {{app: api}}\n  ports: [{{port: {port}, appProtocol: http}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: db, namespace: shop}}\nspec:\n  selector: {{app: api}}\n  ports: [{{port: {port}}}]\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: stuck\n  namespace: shop\n  labels: {{multicluster.mesh.rs/exported: \"true\"}}\nspec:\n  selector: {{app: stuck}}\n  ports: [{{port: {port}}}]\n---\n{}",
             link("north", "north.mesh.local", "127.0.0.1:4143", &north)
         ),
     )
@@ -97,7 +97,7 @@ async fn cluster(north_root: &RootCa) -> Cluster {
     let gateway = gateway(&plane, dir.path(), "west").await;
     Cluster {
         _dir: dir,
-        _plane: plane,
+        plane,
         _api: api,
         gateway,
         bundles,
@@ -194,6 +194,91 @@ async fn quic(
     (status, stream, (endpoint, conn))
 }
 
+/// Credentials for `path` in this cluster's trust domain, from its CA.
+fn local_creds(c: &Cluster, path: &str) -> Credentials {
+    let ca = mesh_core::identity::files::load_ca(&c.ca_dir).unwrap();
+    let (key, csr) = new_key_and_csr().unwrap();
+    let issued = ca
+        .sign_csr(&csr, &id(path), Duration::from_secs(3600))
+        .unwrap();
+    Credentials::new(issued.chain, key).unwrap()
+}
+
+/// An exported service whose only endpoint's proxy port never completes a
+/// TCP handshake (a listener with a full accept queue drops SYNs, as a
+/// black hole does): the gateway refuses the stream with 502 after its
+/// connect timeout instead of holding it until the kernel gives up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_that_never_answers_is_refused_after_the_connect_timeout() {
+    let (north_root, web) = foreign("north.mesh.local", "/ns/shop/sa/web");
+    let c = cluster(&north_root).await;
+    let stuck = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    stuck
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    stuck.listen(0).unwrap();
+    let stuck_addr = stuck.local_addr().unwrap().as_socket().unwrap();
+    // The one queued connection fills the accept queue; nothing accepts.
+    let _queued = std::net::TcpStream::connect(stuck_addr).unwrap();
+
+    let tls = client_config(
+        CredentialStore::new(local_creds(&c, "/ns/shop/sa/stuck")),
+        c.bundles.clone(),
+        ExpectedIdentity::Exact(id("/ns/mesh-system/sa/control")),
+    )
+    .unwrap();
+    let mut registry = mesh_core::api::v1::registry_client::RegistryClient::new(
+        mesh_core::grpc::channel(&c.plane.api_addr.to_string(), tls).unwrap(),
+    );
+    registry
+        .register(mesh_core::api::v1::RegisterRequest {
+            namespace: "shop".into(),
+            name: "stuck-0".into(),
+            addresses: vec!["127.0.0.1".into()],
+            ports: vec![mesh_core::api::v1::WorkloadPort {
+                name: "http".into(),
+                port: u32::from(c.app_port),
+                protocol: 0,
+            }],
+            labels: [("app".to_owned(), "stuck".to_owned())].into(),
+            healthy: true,
+            proxy_port: u32::from(stuck_addr.port()),
+        })
+        .await
+        .unwrap();
+
+    let target = format!("stuck.shop.svc.cluster.local:{}", c.app_port);
+    // Links, exports and the registration arrive by polling: until then
+    // the answer is another refusal.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let started = std::time::Instant::now();
+        let answer = tokio::time::timeout(Duration::from_secs(10), connect(&c, &web, &target))
+            .await
+            .expect("the gateway answers within 10 s, connect timeout or not");
+        if let Ok((StatusCode::BAD_GATEWAY, _)) = answer {
+            let took = started.elapsed();
+            assert!(
+                took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+                "refused after {took:?}"
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{answer:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = metrics(&c).await;
+    assert!(
+        m.contains("mesh_gateway_refused_total{reason=\"unreachable\",peer_trust_domain=\"north.mesh.local\"} 1"),
+        "{m}"
+    );
+}
+
 async fn metrics(c: &Cluster) -> String {
     gateway_metrics(c.gateway.admin_addr).await
 }
@@ -287,12 +372,7 @@ async fn a_linked_caller_reaches_an_exported_service_with_its_own_identity() {
     assert_eq!(status, StatusCode::FORBIDDEN);
 
     // This cluster's own workloads do not tunnel through their gateway.
-    let ca = mesh_core::identity::files::load_ca(&c.ca_dir).unwrap();
-    let (key, csr) = new_key_and_csr().unwrap();
-    let issued = ca
-        .sign_csr(&csr, &id("/ns/shop/sa/web"), Duration::from_secs(3600))
-        .unwrap();
-    let local = Credentials::new(issued.chain, key).unwrap();
+    let local = local_creds(&c, "/ns/shop/sa/web");
     let refused = connect(&c, &local, &target).await;
     assert!(
         !matches!(refused, Ok((StatusCode::OK, _))),
