@@ -180,20 +180,10 @@ async fn measure(args: &BenchArgs, record: &RunRecord) -> Result<()> {
         "\nper request, reused connections (HTTP/1.1 from the app, 1 connection, {} requests x {} rounds, medians):",
         args.requests, args.rounds
     );
-    let base50 = median(p50s[0].clone());
-    let base99 = median(p99s[0].clone());
-    for (i, (name, _)) in PATHS.iter().enumerate() {
-        let (p50, p99) = (median(p50s[i].clone()), median(p99s[i].clone()));
-        if i == 0 {
-            println!("  {name:<18} p50 {p50:>7.0} µs   p99 {p99:>7.0} µs");
-        } else {
-            println!(
-                "  {name:<18} p50 {p50:>7.0} µs   p99 {p99:>7.0} µs   added p50 {:>5.0} µs, p99 {:>5.0} µs (target: added p50 <= 150 µs)",
-                p50 - base50,
-                p99 - base99
-            );
-        }
-    }
+    let rows: Vec<(f64, f64)> = (0..PATHS.len())
+        .map(|i| (median(p50s[i].clone()), median(p99s[i].clone())))
+        .collect();
+    print_rows(&rows, " (target: added p50 <= 150 µs)");
 
     // Per new connection, from this process with a west identity.
     let bundle_of = |c: &ClusterInfo| -> Result<_> {
@@ -243,19 +233,8 @@ async fn measure(args: &BenchArgs, record: &RunRecord) -> Result<()> {
         v.sort();
         (percentile(v, 0.5), percentile(v, 0.99))
     };
-    let (b50, b99) = stats(&mut took[0]);
-    for (i, (name, _)) in PATHS.iter().enumerate() {
-        let (p50, p99) = stats(&mut took[i]);
-        if i == 0 {
-            println!("  {name:<18} p50 {p50:>7.0} µs   p99 {p99:>7.0} µs");
-        } else {
-            println!(
-                "  {name:<18} p50 {p50:>7.0} µs   p99 {p99:>7.0} µs   added p50 {:>5.0} µs, p99 {:>5.0} µs",
-                p50 - b50,
-                p99 - b99
-            );
-        }
-    }
+    let rows: Vec<(f64, f64)> = took.iter_mut().map(stats).collect();
+    print_rows(&rows, "");
     println!(
         "\nThe machine is shared and noisy: compare within this run. p99 is printed, never a gate."
     );
@@ -277,6 +256,24 @@ async fn new_direct(
         .connect(rustls::pki_types::ServerName::from(ip), tcp)
         .await?;
     one_request(TokioIo::new(stream)).await
+}
+
+/// One line per path (p50, p99 in µs), each after the first with what it
+/// adds to the first; `note` ends those lines.
+#[allow(clippy::print_stdout)]
+fn print_rows(rows: &[(f64, f64)], note: &str) {
+    let (base50, base99) = rows[0];
+    for (i, ((name, _), (p50, p99))) in PATHS.iter().zip(rows).enumerate() {
+        if i == 0 {
+            println!("  {name:<18} p50 {p50:>7.0} µs   p99 {p99:>7.0} µs");
+        } else {
+            println!(
+                "  {name:<18} p50 {p50:>7.0} µs   p99 {p99:>7.0} µs   added p50 {:>5.0} µs, p99 {:>5.0} µs{note}",
+                p50 - base50,
+                p99 - base99
+            );
+        }
+    }
 }
 
 /// A new tunnel to `c`'s gateway, the inner mTLS to its `api`, and one request.

@@ -194,14 +194,12 @@ impl Tunnel {
     /// destination that never answers is refused rather than held.
     pub async fn open(&self, target: &str) -> Result<TcpStream, Refusal> {
         let to = self.resolve(target).await?;
-        let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&to))
-            .await
-            .unwrap_or_else(|_| {
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no answer within {CONNECT_TIMEOUT:?}"),
-                ))
-            });
+        let connected = mesh_proxy::outbound::endpoint::within(
+            CONNECT_TIMEOUT,
+            || format!("connecting to {to}"),
+            TcpStream::connect(&to),
+        )
+        .await;
         match connected {
             Ok(tcp) => {
                 let _ = tcp.set_nodelay(true);

@@ -503,10 +503,14 @@ async fn cross_cluster_call(transport: &str, path: Path) -> Seen {
 /// The value of `name` for west's trust domain over `transport` (0 when
 /// absent).
 fn metric(m: &str, name: &str, transport: &str) -> u64 {
-    let series = format!("{name}{{peer_trust_domain=\"{WEST}\",transport=\"{transport}\"}} ");
-    m.lines()
-        .find_map(|l| l.strip_prefix(&series))
-        .map_or(0, |v| v.trim().parse().unwrap())
+    mesh_core::metrics_text::parse(m)
+        .iter()
+        .find(|s| {
+            s.name == name
+                && s.label("peer_trust_domain") == WEST
+                && s.label("transport") == transport
+        })
+        .map_or(0, |s| s.value as u64)
 }
 
 /// A gateway that accepts TCP and never answers: web's requests to the

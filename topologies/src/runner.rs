@@ -118,6 +118,36 @@ pub struct Component {
 }
 
 impl Component {
+    /// A component not started yet, running `program` itself: no join
+    /// token, no environment of its own, no namespace, not traffic.
+    fn new(
+        name: String,
+        cluster: &str,
+        kind: Kind,
+        program: &Path,
+        args: Vec<String>,
+        ready: Ready,
+        log: PathBuf,
+    ) -> Self {
+        Self {
+            name,
+            cluster: cluster.to_owned(),
+            kind,
+            program: program.to_owned(),
+            args,
+            env: Vec::new(),
+            token: None,
+            ready,
+            log,
+            traffic: false,
+            pid: None,
+            restarts: 0,
+            held: false,
+            netns: None,
+            exe: program.to_owned(),
+        }
+    }
+
     /// Whether its last process still runs.
     pub fn alive(&self) -> bool {
         let exe = if self.exe.as_os_str().is_empty() {
@@ -1043,12 +1073,12 @@ fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Result<RunRecord
         let log = |what: &str| state.join("logs").join(format!("{}-{what}.log", c.name));
         let s = |v: &dyn std::fmt::Display| v.to_string();
         let anchors = dir.join("ca/bundle.json");
-        components.push(Component {
-            name: format!("{}/control", c.name),
-            cluster: c.name.clone(),
-            kind: Kind::Control,
-            program: mesh.clone(),
-            args: vec![
+        components.push(Component::new(
+            format!("{}/control", c.name),
+            &c.name,
+            Kind::Control,
+            &mesh,
+            vec![
                 "control".into(),
                 "--cluster".into(),
                 c.name.clone(),
@@ -1067,17 +1097,9 @@ fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Result<RunRecord
                 "--poll-interval".into(),
                 "250ms".into(),
             ],
-            env: vec![],
-            token: None,
-            ready: Ready::Admin(info.control_admin),
-            log: log("control"),
-            traffic: false,
-            pid: None,
-            restarts: 0,
-            held: false,
-            netns: None,
-            exe: mesh.clone(),
-        });
+            Ready::Admin(info.control_admin),
+            log("control"),
+        ));
         let joins = |sa: &str| -> Vec<String> {
             vec![
                 "--cluster".into(),
@@ -1109,21 +1131,16 @@ fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Result<RunRecord
                 s(&admin),
             ]);
             components.push(Component {
-                name: format!("{}/gateway", c.name),
-                cluster: c.name.clone(),
-                kind: Kind::Gateway,
-                program: mesh.clone(),
-                args,
-                env: vec![],
                 token: Some(system_token("gateway")),
-                ready: Ready::Admin(admin),
-                log: log("gateway"),
-                traffic: false,
-                pid: None,
-                restarts: 0,
-                held: false,
-                netns: None,
-                exe: mesh.clone(),
+                ..Component::new(
+                    format!("{}/gateway", c.name),
+                    &c.name,
+                    Kind::Gateway,
+                    &mesh,
+                    args,
+                    Ready::Admin(admin),
+                    log("gateway"),
+                )
             });
         }
         if let Some(admin) = info.mirror_admin {
@@ -1136,21 +1153,16 @@ fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Result<RunRecord
                 s(&admin),
             ]);
             components.push(Component {
-                name: format!("{}/service-mirror", c.name),
-                cluster: c.name.clone(),
-                kind: Kind::ServiceMirror,
-                program: mesh.clone(),
-                args,
-                env: vec![],
                 token: Some(system_token("service-mirror")),
-                ready: Ready::Admin(admin),
-                log: log("service-mirror"),
-                traffic: false,
-                pid: None,
-                restarts: 0,
-                held: false,
-                netns: None,
-                exe: mesh.clone(),
+                ..Component::new(
+                    format!("{}/service-mirror", c.name),
+                    &c.name,
+                    Kind::ServiceMirror,
+                    &mesh,
+                    args,
+                    Ready::Admin(admin),
+                    log("service-mirror"),
+                )
             });
         }
         let mut next = 0usize;
@@ -1314,51 +1326,47 @@ fn replica_components(
     };
     [
         Component {
-            name: format!("{cluster}/{replica}/proxy"),
-            cluster: cluster.to_owned(),
-            kind: Kind::Proxy,
-            program: proxy_program,
-            args: proxy_args,
             env: proxy_env,
             token: Some(TokenFor {
                 namespace: w.namespace.clone(),
                 service_account: w.service_account().to_owned(),
                 file: token.clone(),
             }),
-            ready: Ready::Admin(SocketAddr::new(place.proxy_ip, 4191)),
-            log: log("proxy"),
-            traffic: false,
-            pid: None,
-            restarts: 0,
-            held: false,
             netns: place.netns.clone(),
             exe: mesh.to_owned(),
+            ..Component::new(
+                format!("{cluster}/{replica}/proxy"),
+                cluster,
+                Kind::Proxy,
+                &proxy_program,
+                proxy_args,
+                Ready::Admin(SocketAddr::new(place.proxy_ip, 4191)),
+                log("proxy"),
+            )
         },
         Component {
-            name: format!("{cluster}/{replica}/app"),
-            cluster: cluster.to_owned(),
-            kind: Kind::App,
-            program,
-            args,
             env: app_env,
-            token: None,
-            ready: if w.ports.is_empty() {
-                Ready::Alive
-            } else {
-                Ready::Ports(
-                    w.ports
-                        .iter()
-                        .map(|p| SocketAddr::new(ip, p.port))
-                        .collect(),
-                )
-            },
-            log: log("app"),
             traffic: w.traffic,
-            pid: None,
-            restarts: 0,
-            held: false,
             netns: place.netns.clone(),
             exe: app_exe,
+            ..Component::new(
+                format!("{cluster}/{replica}/app"),
+                cluster,
+                Kind::App,
+                &program,
+                args,
+                if w.ports.is_empty() {
+                    Ready::Alive
+                } else {
+                    Ready::Ports(
+                        w.ports
+                            .iter()
+                            .map(|p| SocketAddr::new(ip, p.port))
+                            .collect(),
+                    )
+                },
+                log("app"),
+            )
         },
     ]
 }

@@ -542,8 +542,8 @@ type GatewayKey = (String, SpiffeId, bool);
 impl std::fmt::Debug for Gateways {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gateways")
-            .field("tunnels", &self.len())
-            .finish()
+            .field("connect_timeout", &self.connect_timeout)
+            .finish_non_exhaustive()
     }
 }
 
@@ -591,16 +591,6 @@ impl Gateways {
             }
         };
         TunnelConnector::through(tunnel, target, destination, creds, bundles)
-    }
-
-    /// How many gateways this proxy holds tunnels to.
-    pub fn len(&self) -> usize {
-        let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
-        tunnels.values().filter(|t| t.strong_count() > 0).count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
