@@ -172,3 +172,64 @@ fn a_remembered_issuer_still_checks_every_leaf_and_the_roots() {
     let err = check(old.chain(), &set).unwrap_err();
     assert_eq!(err.reason(), "expired", "{err}");
 }
+
+/// SPIRE's default layout: the root signs leaves directly. An attacker
+/// appends a CA of their own to a genuine leaf's chain; the chain verifies
+/// through the root without using it, and that CA must not be remembered
+/// as a verified issuer (or leaves it signs would take the short path).
+#[test]
+fn an_intermediate_off_the_verified_path_is_never_remembered() {
+    use mesh_core::identity::{
+        TrustBundle,
+        verify::{VerifiedIssuers, verify_peer_with},
+    };
+    use rcgen::{CertificateParams, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
+
+    let root = RootCa::generate(DEFAULT_ROOT_TTL, now()).unwrap();
+    let root_signer = Issuer::from_ca_cert_der(
+        root.cert(),
+        KeyPair::from_pem(&root.key_pem().unwrap()).unwrap(),
+    )
+    .unwrap();
+    let td = "spire.example".parse().unwrap();
+    let set: TrustBundleSet = [TrustBundle::with_roots(td, [root.cert().clone()]).unwrap()]
+        .into_iter()
+        .collect();
+    let any = ExpectedIdentity::AnyTrusted;
+    let cache = VerifiedIssuers::default();
+    let check = |chain: &[rustls::pki_types::CertificateDer<'static>]| {
+        verify_peer_with(
+            chain,
+            &set,
+            &any,
+            PeerRole::Client,
+            unix_time(now()),
+            Some(&cache),
+        )
+    };
+
+    // The attacker's own CA, never signed by the root.
+    let mut ca_params = CertificateParams::default();
+    ca_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.not_before = now() - Duration::from_secs(60);
+    ca_params.not_after = now() + Duration::from_secs(3600);
+    let evil_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let evil = ca_params.self_signed(&evil_key).unwrap();
+    let evil_signer = Issuer::from_ca_cert_der(evil.der(), evil_key).unwrap();
+
+    // A genuine leaf, signed by the root, with the attacker's CA appended.
+    let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let genuine = svid_params(&["spiffe://spire.example/ns/shop/sa/web"])
+        .signed_by(&leaf_key, &root_signer)
+        .unwrap();
+    let padded = [genuine.der().clone(), evil.der().clone()];
+    assert!(check(&padded).is_ok(), "the genuine leaf verifies");
+
+    // A leaf the attacker's CA signed, presented with that CA.
+    let forged_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let forged = svid_params(&["spiffe://spire.example/ns/kube-system/sa/admin"])
+        .signed_by(&forged_key, &evil_signer)
+        .unwrap();
+    let err = check(&[forged.der().clone(), evil.der().clone()]).unwrap_err();
+    assert_eq!(err.reason(), "untrusted_chain", "{err}");
+}

@@ -307,18 +307,29 @@ pub fn verify_peer_with(
             .map_err(untrusted)?;
         // webpki bounds the work itself: at most 100 signature checks and a
         // bounded number of path-building steps per call.
-        ee.verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
-            &anchors,
-            intermediates,
-            now,
-            usage,
-            None,
-            None,
-        )
-        .map_err(untrusted)?;
+        let path = ee
+            .verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &anchors,
+                intermediates,
+                now,
+                usage,
+                None,
+                None,
+            )
+            .map_err(untrusted)?;
+        // Remember the issuer only when the verified path went through it:
+        // with roots that sign leaves directly (SPIRE's layout), a chain
+        // `[leaf, X]` verifies without ever using `X`, and remembering `X`
+        // would let leaves that `X` signs skip the chain check.
         if let (Some(cache), [issuer]) = (issuers, intermediates) {
-            cache.remember(issuer, bundle.roots());
+            let mut used = path.intermediate_certificates();
+            let through_issuer = used
+                .next()
+                .is_some_and(|c| c.der().as_ref() == issuer.as_ref());
+            if through_issuer && used.next().is_none() {
+                cache.remember(issuer, bundle.roots());
+            }
         }
     }
 
