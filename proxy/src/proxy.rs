@@ -159,14 +159,36 @@ impl Proxy {
             addr: config.inbound_addr,
             source,
         })?;
+        let outbound_listener =
+            TcpListener::bind(config.outbound_addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.outbound_addr,
+                    source,
+                })?;
+        let outbound_addr = outbound_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: config.outbound_addr,
+                source,
+            })?;
         let policies = PolicyCache::new(
             PolicyClient::new(api.clone()),
             &config.namespace,
             &config.workload,
         );
+        // Callers name app ports; the proxy's own listeners are never one.
+        let ports = inbound::policy::Ports {
+            app: config.app_ports.iter().map(|p| p.port).collect(),
+            own: [inbound_addr, outbound_addr, admin_addr]
+                .iter()
+                .map(SocketAddr::port)
+                .collect(),
+        };
         let inbound = Arc::new(Inbound::new(
             policies,
-            config.app_ip,
+            (config.app_ip, ports),
+            config.trust_domain.clone(),
             config.inbound_fail_fast,
             config.max_in_flight,
             metrics.clone(),
@@ -189,19 +211,6 @@ impl Proxy {
             open_connections.clone(),
         ));
 
-        let outbound_listener =
-            TcpListener::bind(config.outbound_addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.outbound_addr,
-                    source,
-                })?;
-        let outbound_addr = outbound_listener
-            .local_addr()
-            .map_err(|source| StartError::Bind {
-                addr: config.outbound_addr,
-                source,
-            })?;
         let outbound = Outbound::new(
             api.clone(),
             outbound::endpoint::Dialer::new(creds.clone(), bundles.clone(), config.connect_timeout),

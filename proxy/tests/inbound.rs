@@ -10,7 +10,7 @@ use std::{
 };
 
 use http::{Request, StatusCode};
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Empty};
 use mesh_core::{
     api::v1::{WatchRequest, discovery_client::DiscoveryClient, discovery_update::Kind},
     grpc,
@@ -338,6 +338,12 @@ async fn a_linked_clusters_caller_is_verified_with_its_own_bundle() {
                     m.contains(&format!("client_id=\"{east_id}\"")),
                     "east's identity was verified and counted: {m}"
                 );
+                // No exported Service targets the port: a linked cluster's
+                // caller is refused for that before any authorization.
+                assert!(
+                    m.contains("mesh_proxy_inbound_refused_total{reason=\"not_exported\"} 1"),
+                    "{m}"
+                );
                 break;
             }
         }
@@ -347,4 +353,88 @@ async fn a_linked_clusters_caller_is_verified_with_its_own_bundle() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// An authorized caller names ports it was never given: the proxy's own
+/// outbound (requests would leave with api's identity), admin (`/tap`) and
+/// inbound ports, and an app-side port the workload does not declare.
+/// Each is refused with its reason, and nothing connects to that port,
+/// over HTTP/2 and over opaque TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_reach_declared_app_ports_only_never_the_proxys_own() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let web = w.join("web").await;
+    // Something listening on an undeclared port of the app's address: it
+    // must never be connected to.
+    let undeclared = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let undeclared_port = undeclared.local_addr().unwrap().port();
+    let own = [
+        (w.proxy.outbound_addr.port(), "proxy_port"),
+        (w.proxy.admin_addr.port(), "proxy_port"),
+        (w.proxy.inbound_addr.port(), "proxy_port"),
+        (undeclared_port, "undeclared_port"),
+    ];
+    for (port, reason) in own {
+        let mut send = w.connect(&web, id("api")).await.unwrap();
+        let req = Request::get("http://api.shop.svc.cluster.local/metrics")
+            .header(DST_PORT, port.to_string())
+            .header(ORIG_PROTO, "HTTP/1.1")
+            .body(Empty::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(
+            resp.status(),
+            StatusCode::FORBIDDEN,
+            "port {port} ({reason})"
+        );
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(
+            !String::from_utf8_lossy(&body).contains("mesh_proxy_"),
+            "the admin port's answer leaked"
+        );
+    }
+    // Opaque TCP: the 2-byte port preface names an undeclared port.
+    let mut tls = client_config(
+        CredentialStore::new(web.clone()),
+        w.bundles.clone(),
+        ExpectedIdentity::Exact(id("api")),
+    )
+    .unwrap();
+    tls.alpn_protocols = vec![mesh_proxy::inbound::ALPN_TCP.to_vec()];
+    for port in [undeclared_port, w.proxy.admin_addr.port()] {
+        let tcp = tokio::net::TcpStream::connect(w.proxy.inbound_addr)
+            .await
+            .unwrap();
+        let mut stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls.clone()))
+            .connect(
+                rustls::pki_types::ServerName::try_from("api.shop").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap();
+        stream.write_all(&port.to_be_bytes()).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+        assert!(buf.is_empty(), "port {port} answered through opaque TCP");
+    }
+    let accepted = tokio::time::timeout(Duration::from_millis(200), undeclared.accept()).await;
+    assert!(accepted.is_err(), "the undeclared port was connected to");
+
+    let m = w.metrics().await;
+    assert!(
+        m.contains("mesh_proxy_inbound_refused_total{reason=\"proxy_port\"} 4"),
+        "{m}"
+    );
+    assert!(
+        m.contains("mesh_proxy_inbound_refused_total{reason=\"undeclared_port\"} 2"),
+        "{m}"
+    );
+    assert!(
+        !m.contains(&format!("port=\"{undeclared_port}\"")),
+        "a refused port makes no metric label: {m}"
+    );
 }

@@ -7,7 +7,9 @@ use mesh_core::api::v1::{
 };
 
 use super::{Index, discovery::app_protocol_hint};
-use crate::resources::types::{HttpRouteRule, Object, PortRef, ServerSpec, parse_duration};
+use crate::resources::types::{
+    HttpRouteRule, Object, PortRef, ServerSpec, is_exported, parse_duration,
+};
 
 /// Default retries when an HTTPRoute asks for retries without details.
 const DEFAULT_RETRY_CODES: [u32; 1] = [503];
@@ -69,6 +71,7 @@ impl Index {
                     any_authenticated: true,
                     ..Default::default()
                 }],
+                exported: self.exports_port(ns, workload, port),
             };
         };
         let server_name = &server.metadata.name;
@@ -113,7 +116,34 @@ impl Index {
             server: format!("{ns}/{server_name}"),
             require_mtls: true,
             authorizations,
+            exported: self.exports_port(ns, workload, port),
         }
+    }
+
+    /// Whether `port` of the workload is the target port of an exported
+    /// Service selecting it: the one fact that lets a linked cluster's
+    /// caller in, at the gateway (which checks the Service) and here.
+    fn exports_port(&self, ns: &str, workload: &str, port: u16) -> bool {
+        let Some(w) = self.workloads.get(&(ns.to_owned(), workload.to_owned())) else {
+            return false;
+        };
+        self.services
+            .iter()
+            .filter(|((sns, _), svc)| sns == ns && is_exported(svc))
+            .any(|(_, svc)| {
+                let selects = !svc.spec.selector.is_empty()
+                    && svc
+                        .spec
+                        .selector
+                        .iter()
+                        .all(|(k, v)| w.reg.labels.get(k) == Some(v));
+                selects
+                    && svc
+                        .spec
+                        .ports
+                        .iter()
+                        .any(|p| p.target_port.unwrap_or(p.port) == port)
+            })
     }
 
     /// Outbound policy: the HTTPRoutes attached to the authority's service port.

@@ -28,12 +28,12 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo},
 };
-use mesh_core::identity::{SpiffeId, tls::peer_leaf};
+use mesh_core::identity::{SpiffeId, TrustDomain, tls::peer_leaf};
 use rustls::ServerConfig;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_rustls::TlsAcceptor;
 
-use self::policy::{Denied, PolicyCache, authorize};
+use self::policy::{Denied, PolicyCache, Ports, authorize};
 use crate::metrics::{Metrics, ReasonLabels};
 
 /// ALPN between proxies for HTTP (carried over HTTP/2).
@@ -63,6 +63,10 @@ pub struct Inbound {
     /// Requests being served; none past the limit (shed with 503).
     in_flight: Arc<tokio::sync::Semaphore>,
     pub app_ip: std::net::IpAddr,
+    /// The ports callers may name.
+    pub ports: Ports,
+    /// Callers of other trust domains reach exported ports only.
+    pub trust_domain: TrustDomain,
     pub fail_fast: Duration,
     pub metrics: Metrics,
     http1: Client<HttpConnector, Incoming>,
@@ -72,7 +76,8 @@ pub struct Inbound {
 impl Inbound {
     pub fn new(
         policies: PolicyCache,
-        app_ip: std::net::IpAddr,
+        (app_ip, ports): (std::net::IpAddr, Ports),
+        trust_domain: TrustDomain,
         fail_fast: Duration,
         max_in_flight: usize,
         metrics: Metrics,
@@ -87,6 +92,8 @@ impl Inbound {
             policies,
             in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
             app_ip,
+            ports,
+            trust_domain,
             fail_fast,
             metrics,
             http1,
@@ -217,7 +224,11 @@ async fn opaque(
         return;
     };
     let port = u16::from_be_bytes(port);
-    if let Err(denied) = authorize_request(inbound, client_id, port).await {
+    let checked = match inbound.ports.check(port) {
+        Ok(()) => authorize_request(inbound, client_id, port).await,
+        Err(denied) => Err(denied),
+    };
+    if let Err(denied) = checked {
         inbound.metrics.refuse_inbound(denied.reason());
         tracing::info!(client = %client_id, %peer, port, reason = denied.reason(), "inbound TCP connection refused");
         return;
@@ -271,20 +282,18 @@ async fn handle(
             "mesh: the request has no valid mesh-dst-port header\n",
         );
     };
+    // A port the workload does not declare gets neither a policy watch
+    // nor a metric label: refused before either exists.
+    if let Err(denied) = inbound.ports.check(port) {
+        inbound.metrics.refuse_inbound(denied.reason());
+        tracing::info!(client = %client_id, port, reason = denied.reason(), "inbound request refused");
+        return refusal(&denied, client_id, port);
+    }
     let response = match authorize_request(inbound, client_id, port).await {
         Err(denied) => {
             inbound.metrics.refuse_inbound(denied.reason());
             tracing::info!(client = %client_id, port, reason = denied.reason(), "inbound request refused");
-            match denied {
-                Denied::Unauthorized => text(
-                    StatusCode::FORBIDDEN,
-                    &format!("mesh: {client_id} is not authorized for port {port}\n"),
-                ),
-                Denied::NoPolicy => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("mesh: no policy for port {port} from the control plane yet\n"),
-                ),
-            }
+            refusal(&denied, client_id, port)
         }
         Ok(()) => forward(inbound, client_id, port, req).await,
     };
@@ -310,6 +319,37 @@ async fn handle(
     response
 }
 
+/// The answer to a refused request: 503 while the policy is not known,
+/// 403 otherwise, saying what was refused.
+fn refusal(denied: &Denied, client_id: &SpiffeId, port: u16) -> Response<Body> {
+    let (status, why) = match denied {
+        Denied::NoPolicy => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no policy for port {port} from the control plane yet"),
+        ),
+        Denied::Unauthorized => (
+            StatusCode::FORBIDDEN,
+            format!("{client_id} is not authorized for port {port}"),
+        ),
+        Denied::NotExported => (
+            StatusCode::FORBIDDEN,
+            format!(
+                "port {port} is not exported to trust domain {}",
+                client_id.trust_domain_str()
+            ),
+        ),
+        Denied::UndeclaredPort => (
+            StatusCode::FORBIDDEN,
+            format!("port {port} is not an app port of this workload"),
+        ),
+        Denied::ProxyPort => (
+            StatusCode::FORBIDDEN,
+            format!("port {port} is the proxy's own"),
+        ),
+    };
+    text(status, &format!("mesh: {why}\n"))
+}
+
 /// authorize: the port's policy must admit the verified caller.
 async fn authorize_request(
     inbound: &Inbound,
@@ -321,7 +361,7 @@ async fn authorize_request(
         .get(port, inbound.fail_fast)
         .await
         .ok_or(Denied::NoPolicy)?;
-    authorize(&policy, client_id)
+    authorize(&policy, client_id, &inbound.trust_domain)
 }
 
 /// route + forward: to the app, as the protocol the caller's app spoke.
