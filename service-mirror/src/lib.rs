@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod metrics;
 pub mod mirror;
+pub mod validate;
 
 use std::{net::SocketAddr, path::PathBuf};
 

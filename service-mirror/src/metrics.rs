@@ -20,6 +20,12 @@ pub struct LinkLabels {
     pub cluster: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub cluster: String,
+    pub reason: &'static str,
+}
+
 /// Probe latency buckets, in seconds: 0.5 ms to 2 s (the probe timeout).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ProbeBuckets;
@@ -41,6 +47,8 @@ pub struct Metrics {
     pub last_sync: Family<LinkLabels, Gauge>,
     pub probe_latency: Family<LinkLabels, Histogram, ProbeBuckets>,
     pub probe_failures: Family<LinkLabels, Counter>,
+    /// Exported services a linked cluster sent that were not mirrored.
+    pub exports_refused: Family<RefusedLabels, Counter>,
 }
 
 impl Metrics {
@@ -76,6 +84,12 @@ impl Metrics {
                 r,
                 "probe_failures",
                 "Gateway probes that failed or timed out",
+                Family::default(),
+            ),
+            exports_refused: registered(
+                r,
+                "exports_refused",
+                "Exported services from a linked cluster refused (bad name, identity, ports, or over a cap)",
                 Family::default(),
             ),
             registry: Arc::default(),

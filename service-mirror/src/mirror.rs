@@ -28,10 +28,10 @@ use std::{
 
 use mesh_core::{
     api::v1::{
-        Exports, LinkedBundle, LinkedTrust, ProtocolHint, WatchExportsRequest,
+        Exports, LinkedBundle, LinkedTrust, WatchExportsRequest,
         federation_client::FederationClient,
     },
-    identity::{BundleStore, CredentialStore, ExpectedIdentity, SpiffeId},
+    identity::{BundleStore, CredentialStore, ExpectedIdentity, SpiffeId, TrustDomain},
 };
 use mesh_proxy::{
     identity::backoff,
@@ -40,7 +40,10 @@ use mesh_proxy::{
 use tokio::{sync::watch, task::JoinHandle};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::metrics::{LinkLabels, Metrics};
+use crate::{
+    metrics::{LinkLabels, Metrics, RefusedLabels},
+    validate,
+};
 
 /// Probe cadence (DESIGN.md section 6).
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -129,6 +132,13 @@ async fn controller(
     let labels = LinkLabels {
         cluster: link.cluster.clone(),
     };
+    let trust_domain = match TrustDomain::parse(&link.trust_domain) {
+        Ok(td) => td,
+        Err(e) => {
+            tracing::error!(link = %link.cluster, "cannot mirror: trust domain {:?}: {e}", link.trust_domain);
+            return;
+        }
+    };
     let tunnel = match connector(&link, &creds, &bundles) {
         Ok(tunnel) => tunnel,
         Err(e) => {
@@ -149,19 +159,42 @@ async fn controller(
     let probe = tokio::spawn(probe(tunnel, state_tx, metrics.clone(), labels.clone()));
     let _guard = AbortOnDrop(vec![exports, probe]);
     let path = mirrors_file(&config_dir, &link.cluster);
+    let mut refused_before = Vec::new();
     loop {
         let state = state_rx.borrow_and_update().clone();
         // Before the first exports arrive, an existing file (from before a
         // restart or an outage) is left as it is.
         if let Some(exports) = &state.exports {
-            let text = render(&link.cluster, exports, state.alive);
-            let services = exports.services.len();
+            let (mirrors, refused) =
+                validate::mirrors(&link.cluster, &trust_domain, exports, state.alive);
+            // Counted and logged once per new exports message, not per
+            // probe state change.
+            if refused != refused_before {
+                for r in &refused {
+                    metrics
+                        .exports_refused
+                        .get_or_create(&RefusedLabels {
+                            cluster: link.cluster.clone(),
+                            reason: r.reason,
+                        })
+                        .inc();
+                    tracing::warn!(link = %link.cluster, service = %r.service, reason = r.reason, "not mirrored: {}", r.detail);
+                }
+                refused_before = refused;
+            }
             metrics
                 .services
                 .get_or_create(&labels)
-                .set(i64::try_from(services).unwrap_or(i64::MAX));
-            if let Err(e) = write_if_changed(&path, &text) {
-                tracing::error!(path = %path.display(), error = %e, "cannot write mirrors");
+                .set(i64::try_from(mirrors.len()).unwrap_or(i64::MAX));
+            match validate::render(&link.cluster, &mirrors) {
+                Ok(text) => {
+                    if let Err(e) = write_if_changed(&path, &text) {
+                        tracing::error!(path = %path.display(), error = %e, "cannot write mirrors");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(link = %link.cluster, error = %e, "cannot serialize mirrors; keeping the file")
+                }
             }
         }
         if state_rx.changed().await.is_err() {
@@ -330,45 +363,6 @@ fn remove_mirrors(config_dir: &Path, cluster: &str, metrics: &Metrics) {
     metrics.alive.get_or_create(&labels).set(0);
 }
 
-/// The mirrors of `exports` as YAML documents, in a stable order.
-pub fn render(cluster: &str, exports: &Exports, alive: bool) -> String {
-    let mut services: Vec<_> = exports.services.iter().collect();
-    services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    let mut out =
-        format!("# Written by the service mirror for the Link to {cluster}; do not edit.\n");
-    for svc in services {
-        let ports: Vec<String> = svc
-            .ports
-            .iter()
-            .map(|p| {
-                let protocol = match ProtocolHint::try_from(p.protocol) {
-                    Ok(ProtocolHint::Http1) => ", appProtocol: http",
-                    Ok(ProtocolHint::Http2) => ", appProtocol: h2c",
-                    Ok(ProtocolHint::Grpc) => ", appProtocol: grpc",
-                    Ok(ProtocolHint::Opaque) => ", appProtocol: opaque",
-                    _ => "",
-                };
-                let target = if p.target_port == 0 {
-                    p.port
-                } else {
-                    p.target_port
-                };
-                format!("{{port: {}, targetPort: {target}{protocol}}}", p.port)
-            })
-            .collect();
-        let identities: Vec<String> = svc.identities.iter().map(|i| format!("\"{i}\"")).collect();
-        let ready = alive && svc.ready_endpoints > 0;
-        out.push_str(&format!(
-            "---\napiVersion: multicluster.mesh.rs/v1alpha1\nkind: MirroredService\nmetadata:\n  name: {name}-{cluster}\n  namespace: {ns}\n  labels: {{multicluster.mesh.rs/mirror-of: {cluster}}}\nspec:\n  link: {cluster}\n  remoteName: {name}\n  ports: [{ports}]\n  identities: [{identities}]\n  ready: {ready}\n",
-            name = svc.name,
-            ns = svc.namespace,
-            ports = ports.join(", "),
-            identities = identities.join(", "),
-        ));
-    }
-    out
-}
-
 /// Writes `text` to `path` unless it already holds exactly that.
 fn write_if_changed(path: &Path, text: &str) -> std::io::Result<()> {
     if std::fs::read_to_string(path).is_ok_and(|old| old == text) {
@@ -381,7 +375,7 @@ fn write_if_changed(path: &Path, text: &str) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use mesh_core::api::v1::{ExportedPort, ExportedService};
+    use mesh_core::api::v1::{ExportedPort, ExportedService, ProtocolHint};
 
     use super::*;
 
@@ -416,25 +410,37 @@ mod tests {
                 },
             ],
         };
-        let text = render("east", &exports, true);
+        let td: TrustDomain = "east.mesh.local".parse().unwrap();
+        let render = |alive| {
+            let (mirrors, refused) = validate::mirrors("east", &td, &exports, alive);
+            assert!(refused.is_empty(), "{refused:?}");
+            validate::render("east", &mirrors).unwrap()
+        };
+        let text = render(true);
         let api = text.find("name: api-east").unwrap();
         let db = text.find("name: db-east").unwrap();
         assert!(api < db, "sorted by namespace and name");
-        assert!(text.contains("ports: [{port: 80, targetPort: 8080, appProtocol: http}]"));
-        assert!(text.contains("identities: [\"spiffe://east.mesh.local/ns/shop/sa/api\"]"));
         let readies: Vec<&str> = text.lines().filter(|l| l.contains("ready:")).collect();
         assert_eq!(
             readies,
             ["  ready: true", "  ready: false"],
             "db has no endpoint"
         );
-        assert!(
-            !render("east", &exports, false).contains("ready: true"),
-            "gateway down"
-        );
-        // The control plane reads it back.
+        assert!(!render(false).contains("ready: true"), "gateway down");
+        // The control plane reads it back, field for field.
         let parsed =
             mesh_control::resources::parse::parse_file(Path::new("mirror-east.yaml"), &text);
-        assert_eq!(parsed.unwrap().len(), 2);
+        let parsed = parsed.unwrap();
+        let (_, mesh_control::resources::Resource::MirroredService(api)) = &parsed[0] else {
+            panic!("{parsed:?}");
+        };
+        assert_eq!(api.spec.ports[0].port, 80);
+        assert_eq!(api.spec.ports[0].target_port, Some(8080));
+        assert_eq!(api.spec.ports[0].app_protocol.as_deref(), Some("http"));
+        assert_eq!(
+            api.spec.identities,
+            ["spiffe://east.mesh.local/ns/shop/sa/api"]
+        );
+        assert_eq!(parsed.len(), 2);
     }
 }

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub const CORE_V1: &str = "v1";
 pub const POLICY_V1ALPHA1: &str = "policy.mesh.rs/v1alpha1";
@@ -14,15 +14,15 @@ pub const MULTICLUSTER_V1ALPHA1: &str = "multicluster.mesh.rs/v1alpha1";
 pub const EXPORTED_LABEL: &str = "multicluster.mesh.rs/exported";
 
 /// `metadata` of every resource.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Metadata {
     pub name: String,
     #[serde(default = "default_namespace")]
     pub namespace: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
 }
 
@@ -69,7 +69,7 @@ impl Resource {
 }
 
 /// A whole document of one kind.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Object<S> {
     pub api_version: String,
@@ -88,20 +88,20 @@ pub struct ServiceSpec {
     pub ports: Vec<ServicePort>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServicePort {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     pub port: u16,
     /// The workload port; defaults to `port`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_port: Option<u16>,
     /// `http`, `h2c`/`http2`, `grpc` or `opaque`/`tcp`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_protocol: Option<String>,
     /// Only `TCP` is meshed.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
 }
 
@@ -308,7 +308,7 @@ pub struct LinkSpec {
 /// `multicluster.mesh.rs/v1alpha1/MirroredService`: a service of a linked
 /// cluster, named `<svc>-<cluster>` in the same namespace, reached through
 /// that cluster's gateway. Written by the service mirror (or by hand).
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MirroredServiceSpec {
     /// The `clusterName` of the Link it comes through.
