@@ -370,6 +370,24 @@ fn unmodified_curl_reaches_a_service_through_both_proxies() {
         "{by_ip}"
     );
 
+    // A Host discovery does not know, sent to the meshed workload's
+    // address: the original destination is asked about too, so it still
+    // rides mTLS instead of going there in plaintext.
+    let unknown_host = ns.as_nobody(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "-H",
+        "Host: not-a-service.example",
+        "http://127.0.0.2:9000/unknown-host",
+    ]);
+    let unknown_host = String::from_utf8_lossy(&unknown_host.stdout);
+    assert!(
+        unknown_host.contains("client=spiffe://west.mesh.local/ns/shop/sa/web path=/unknown-host"),
+        "{unknown_host}"
+    );
+
     // Opaque TCP to the meshed workload's address rides mTLS between the
     // proxies: api's proxy counts it from web's verified identity.
     let tcp = ns.as_nobody(&[

@@ -86,3 +86,19 @@ fn mismatched_and_malformed_files_are_named() {
     let err = files::load_ca(a.path()).unwrap_err().to_string();
     assert!(err.contains("root.crt: No such file"), "{err}");
 }
+
+/// A private key others can read is refused, as ssh refuses one, with the
+/// command that fixes it; after the fix it loads.
+#[test]
+fn a_key_readable_by_others_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_ca(tmp.path(), "west.mesh.local");
+    let key = tmp.path().join("issuer.key");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+    let err = files::load_ca(tmp.path()).unwrap_err().to_string();
+    assert!(err.contains("issuer.key"), "{err}");
+    assert!(err.contains("readable by others (mode 0644)"), "{err}");
+    assert!(err.contains("chmod 600"), "{err}");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    files::load_ca(tmp.path()).unwrap();
+}

@@ -138,6 +138,50 @@ async fn an_endpoint_with_the_wrong_identity_gets_no_bytes() {
         m.contains("mesh_proxy_outbound_failures_total{reason=\"connect\"} 1"),
         "{m}"
     );
+    // The failure is counted against the destination chosen, with its
+    // cluster and mTLS, as a success would be.
+    assert!(
+        m.contains(&format!("mesh_proxy_outbound_requests_total{{authority=\"{authority}\",dst_cluster=\"west\",status_code=\"502\",classification=\"failure\",tls=\"mtls\"}} 1")),
+        "{m}"
+    );
+}
+
+/// A destination discovery said was meshed, then stops knowing (its
+/// Service dropped from the configuration, or a control plane answering
+/// before it has read it): refused with 503, never sent in plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_lost_from_discovery_fails_closed() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let web = w.proxy("web", "web-0", &[("app", "web")]).await;
+    let authority = format!("api.shop.svc.cluster.local:{}", w.app_port);
+    let url = format!("http://{authority}/x");
+    let (status, raw) = via_proxy(web.outbound_addr, &url, &authority).await;
+    assert_eq!(status, 200, "{raw}");
+    // The Service disappears from the configuration.
+    std::fs::write(
+        w.dir.path().join("config/shop.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: fake, namespace: shop}\nspec:\n  selector: {app: fake}\n  ports: [{port: 1}]\n",
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let raw = loop {
+        let (status, raw) = via_proxy(web.outbound_addr, &url, &authority).await;
+        if status != 200 {
+            assert_eq!(status, 503, "{raw}");
+            break raw;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the Service never went away"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(raw.contains("no longer knows it"), "{raw}");
+    let m = metrics(web.admin_addr).await;
+    assert!(
+        m.contains("mesh_proxy_outbound_failures_total{reason=\"no_longer_known\"}"),
+        "{m}"
+    );
 }
 
 /// `other` registers a workload `<app>-0` (label `app=<app>`) on 127.0.0.1

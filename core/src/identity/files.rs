@@ -254,6 +254,24 @@ fn one_cert(path: &Path) -> Result<CertificateDer<'static>, FileError> {
 }
 
 fn load_key(path: &Path) -> Result<KeyPair, FileError> {
+    // As ssh does: a key others can read may already be someone else's.
+    let mode = fs::metadata(path)
+        .map_err(|source| FileError::Io {
+            path: path.to_owned(),
+            source,
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(FileError::invalid(
+            path,
+            format!(
+                "is a private key readable by others (mode {:04o}); run `chmod 600 {}`",
+                mode & 0o7777,
+                path.display()
+            ),
+        ));
+    }
     let text = String::from_utf8(read(path)?)
         .map_err(|_| FileError::invalid(path, "is not a PEM text file"))?;
     KeyPair::from_pem(&text)

@@ -173,11 +173,16 @@ pub fn follow_endpoints<S: Send + 'static>(
 }
 
 impl Key {
-    /// The SPIFFE ID the endpoint must present; `None` when not meshed.
-    pub fn identity(&self) -> Option<SpiffeId> {
-        (!self.spiffe_id.is_empty())
-            .then(|| SpiffeId::parse(&self.spiffe_id).ok())
-            .flatten()
+    /// The SPIFFE ID the endpoint must present: `Ok(None)` when discovery
+    /// says it is not meshed (no ID at all), an error when the ID does not
+    /// parse. An unparsable ID is never taken to mean plaintext.
+    pub fn identity(&self) -> Result<Option<SpiffeId>, String> {
+        if self.spiffe_id.is_empty() {
+            return Ok(None);
+        }
+        SpiffeId::parse(&self.spiffe_id)
+            .map(Some)
+            .map_err(|e| format!("endpoint identity {:?}: {e}", self.spiffe_id))
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -230,7 +230,8 @@ enum Transport {
     Plain(Client<HttpConnector, Body>),
     /// Meshed but without a proxy port: refused rather than sent in plaintext.
     Refused(SpiffeId),
-    /// In a linked cluster, but the tunnel cannot be set up (why).
+    /// In a linked cluster, but the tunnel cannot be set up, or an
+    /// identity that does not parse (why): refused, never plaintext.
     Untunnelable(String),
 }
 
@@ -249,7 +250,7 @@ impl EndpointService {
     /// `app_addr` then carries only the destination's app port.
     pub fn reach(
         app_addr: SocketAddr,
-        identity: Option<SpiffeId>,
+        identity: Result<Option<SpiffeId>, String>,
         proxy_port: u16,
         via: Option<&Via>,
         dialer: &Dialer,
@@ -269,13 +270,15 @@ impl EndpointService {
             };
         }
         let transport = match identity {
-            None => {
+            // Discovery sent an ID we cannot verify: fail closed.
+            Err(why) => Transport::Untunnelable(why),
+            Ok(None) => {
                 let mut http = HttpConnector::new();
                 http.set_connect_timeout(Some(dialer.connect_timeout));
                 Transport::Plain(Client::builder(TokioExecutor::new()).build(http))
             }
-            Some(id) if proxy_port == 0 => Transport::Refused(id),
-            Some(id) => match client_config(
+            Ok(Some(id)) if proxy_port == 0 => Transport::Refused(id),
+            Ok(Some(id)) => match client_config(
                 dialer.creds.clone(),
                 dialer.bundles.clone(),
                 ExpectedIdentity::Exact(id.clone()),

@@ -20,6 +20,12 @@ pub enum OutboundError {
     DiscoveryUnavailable { authority: String },
     #[error("endpoint {0} is meshed but has no proxy port; refusing to send in plaintext")]
     MeshedWithoutProxy(SpiffeId),
+    #[error(
+        "discovery said {authority} was meshed and no longer knows it; refusing plaintext until it says otherwise"
+    )]
+    NoLongerKnown { authority: String },
+    #[error("route rule {route} has no backend with a weight above 0")]
+    NoBackend { route: String },
     #[error("connecting to the endpoint failed: {0}")]
     Connect(String),
     #[error("the request is malformed")]
@@ -57,7 +63,9 @@ impl OutboundError {
                 (StatusCode::SERVICE_UNAVAILABLE, "discovery_unavailable")
             }
             Self::AllEjected { .. } => (StatusCode::SERVICE_UNAVAILABLE, "all_ejected"),
+            Self::NoLongerKnown { .. } => (StatusCode::SERVICE_UNAVAILABLE, "no_longer_known"),
             Self::MeshedWithoutProxy(_) => (StatusCode::BAD_GATEWAY, "meshed_without_proxy"),
+            Self::NoBackend { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "no_backend"),
             Self::Connect(_) => (StatusCode::BAD_GATEWAY, "connect"),
             Self::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),

@@ -37,7 +37,7 @@ pub mod tcp;
 pub mod tunnel;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -107,6 +107,11 @@ pub struct Outbound {
     policies: Follower<String, OutboundPolicy>,
     splitter: Arc<Splitter>,
     balancers: Arc<Mutex<HashMap<String, Destination>>>,
+    /// Authorities discovery once said were meshed: plaintext to them is
+    /// refused even when discovery later stops knowing them (a control
+    /// plane restarting before it has read its configuration, a dropped
+    /// file), since an answer that is missing is not "not meshed".
+    once_meshed: Arc<Mutex<HashSet<String>>>,
     /// How endpoints are reached (credentials, bundles, tunnels to
     /// gateways, connect timeout).
     dialer: Dialer,
@@ -162,6 +167,7 @@ impl Outbound {
             policies,
             splitter: Arc::default(),
             balancers: Arc::default(),
+            once_meshed: Arc::default(),
             dialer,
             metrics,
             fail_fast,
@@ -396,20 +402,58 @@ async fn handle(
             },
         );
     };
-    let meshed = !matches!(update.kind, Some(Kind::NoSuchService(_)));
+    let mut meshed = !matches!(update.kind, Some(Kind::NoSuchService(_)));
+    // Where the request goes: the Host, or the original `ip:port`.
+    let (mut dest, mut update) = (authority.clone(), update);
+    // Transparent mode, a Host discovery does not know: the connection was
+    // going to an `ip:port`, which may be a meshed workload. Ask about that
+    // before choosing plaintext, as the opaque path does.
+    if let Some(to) = redirected.filter(|to| !meshed && to.to_string() != authority) {
+        let orig = to.to_string();
+        let Some(by_address) = outbound.discovery.get(&orig, outbound.fail_fast).await else {
+            return fail(
+                outbound,
+                &authority,
+                OutboundError::DiscoveryUnavailable { authority: orig },
+            );
+        };
+        if !matches!(by_address.kind, Some(Kind::NoSuchService(_))) {
+            (dest, update, meshed) = (orig, by_address, true);
+        }
+    }
+    {
+        let mut once = outbound
+            .once_meshed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if meshed {
+            if !once.contains(&authority) {
+                once.insert(authority.clone());
+            }
+        } else if once.contains(&authority) {
+            drop(once);
+            return fail(
+                outbound,
+                &authority,
+                OutboundError::NoLongerKnown {
+                    authority: authority.clone(),
+                },
+            );
+        }
+    }
     if req.method() == Method::CONNECT {
         if meshed {
-            return match connect_mesh_tcp(outbound, &authority, Carry::Opaque).await {
-                Ok(conn) => tunnel(outbound, req, conn, &authority, "mtls"),
-                Err(e) => fail(outbound, &authority, e),
+            return match connect_mesh_tcp(outbound, &dest, Carry::Opaque).await {
+                Ok(conn) => tunnel(outbound, req, conn, &dest, "mtls"),
+                Err(e) => fail_to(outbound, &authority, cluster_of(&update), "mtls", e),
             };
         }
         return connect_plain(outbound, req, &authority).await;
     }
     let result = if upgrade::is_upgrade(&req) {
-        upgrade(outbound, &authority, meshed, redirected, req).await
+        upgrade(outbound, &dest, meshed, redirected, req).await
     } else if meshed {
-        to_mesh(outbound, &authority, req).await
+        to_mesh(outbound, &dest, req).await
     } else {
         // Transparent mode: go where the app was really connecting.
         let target = redirected.map_or_else(|| authority.clone(), |to| to.to_string());
@@ -430,18 +474,33 @@ async fn handle(
         }
         Err(e) => {
             tap(e.classify().0, tls);
-            fail(outbound, &authority, e)
+            fail_to(outbound, &authority, cluster_of(&update), tls, e)
         }
     }
 }
 
+/// A request that failed before a destination was chosen.
 fn fail(outbound: &Outbound, authority: &str, e: OutboundError) -> Response<Body> {
+    fail_to(outbound, authority, "", "none", e)
+}
+
+/// A request that failed on its way to the destination discovery chose:
+/// counted with that destination's cluster and TLS, as a success would be,
+/// so failed cross-cluster or mTLS requests are not counted as local or
+/// plaintext.
+fn fail_to(
+    outbound: &Outbound,
+    authority: &str,
+    cluster: &str,
+    tls: &'static str,
+    e: OutboundError,
+) -> Response<Body> {
     let (status, reason) = e.classify();
     outbound.metrics.refuse_outbound(reason);
     tracing::info!(%authority, reason, "outbound request failed: {e}");
     outbound
         .metrics
-        .outbound_response(authority, "", status, "none", None);
+        .outbound_response(authority, cluster, status, tls, None);
     e.response()
 }
 
@@ -520,6 +579,9 @@ async fn to_mesh(
         parts.uri.path(),
         &parts.headers,
     );
+    if plan.backends.is_empty() {
+        return Err(OutboundError::NoBackend { route: plan.route });
+    }
     let was_http1 = parts.version <= Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     // HTTP/2 carries the authority in the URI; the other side restores Host.

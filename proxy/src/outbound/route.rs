@@ -19,7 +19,8 @@ pub const MAX_RETRY_BODY: u64 = 64 * 1024;
 pub struct Plan {
     /// `<ns>/<name>#<rule>` of the matched rule, or `default`.
     pub route: String,
-    /// Backend authorities with weights; never empty.
+    /// Backend authorities with weights. Empty when the matched rule's
+    /// backends all weigh 0: Gateway API answers 500 then.
     pub backends: Vec<(String, u32)>,
     /// The whole request, retries included.
     pub request_timeout: Option<Duration>,
@@ -83,7 +84,9 @@ pub fn plan(
             let ms = |v: u64| (v > 0).then(|| Duration::from_millis(v));
             return Plan {
                 route: format!("{}#{i}", route.name),
-                backends: if backends.is_empty() {
+                // A rule that names no backend goes to the parent service;
+                // one whose backends all weigh 0 goes nowhere.
+                backends: if rule.backends.is_empty() {
                     default.backends
                 } else {
                     backends
@@ -117,6 +120,7 @@ impl Default for Splitter {
 }
 
 impl Splitter {
+    /// `plan.backends` must not be empty.
     pub fn pick(&self, plan: &Plan) -> String {
         if plan.backends.len() == 1 {
             return plan.backends[0].0.clone();
@@ -201,6 +205,24 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn backends_that_all_weigh_zero_get_nothing() {
+        let mut p = policy();
+        for b in &mut p.routes[0].rules[1].backends {
+            b.weight = 0;
+        }
+        let zero = plan(Some(&p), "api:80", &Method::GET, "/", &HeaderMap::new());
+        assert_eq!(zero.route, "shop/api#1");
+        assert!(zero.backends.is_empty(), "not the parent service: {zero:?}");
+        p.routes[0].rules[1].backends.clear();
+        let none = plan(Some(&p), "api:80", &Method::GET, "/", &HeaderMap::new());
+        assert_eq!(
+            none.backends,
+            vec![("api:80".to_owned(), 1)],
+            "no backendRefs: the parent"
+        );
     }
 
     #[test]

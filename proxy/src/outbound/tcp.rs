@@ -234,7 +234,8 @@ pub fn tcp_balancer(
         move |key| {
             TcpEndpoint::new(
                 key.addr(),
-                key.identity(),
+                // No ID (or one that does not parse) is refused when dialled.
+                key.identity().ok().flatten(),
                 key.proxy_port(),
                 key.via(),
                 &dialer,
