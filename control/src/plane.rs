@@ -117,8 +117,18 @@ impl ControlPlane {
         tracing::info!(count = restored.len(), "restored workload registrations");
         index.restore(restored, Instant::now());
         let mut config_dir = ConfigDir::new(&config.config_dir);
-        let scan = config_dir.scan();
+        let mut scan = config_dir.scan();
         report_config_errors(&scan.errors, &metrics);
+        // Start with every file that is there, once none is mid-write (a
+        // file that keeps changing is left to the poller after 2 s).
+        for _ in 0..10 {
+            if !scan.unsettled {
+                break;
+            }
+            tokio::time::sleep(crate::resources::dir::SETTLE).await;
+            scan = config_dir.scan();
+            report_config_errors(&scan.errors, &metrics);
+        }
         index.set_resources(config_dir.resources());
         trust_links(&index, &local_bundle, &bundles);
         let shared = Shared::new(index);
@@ -442,7 +452,8 @@ async fn watch_config(
 
 /// Marks silent workloads not ready and removes forgotten ones.
 async fn sweep(shared: Arc<Shared>, store: Arc<dyn Store>, metrics: Metrics) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(crate::index::SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut before = Instant::now();
     loop {
         tick.tick().await;

@@ -93,10 +93,22 @@ struct Workload {
     last_heartbeat: Instant,
 }
 
+/// How often the liveness sweep runs (`plane::sweep`).
+pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// A gap between sweeps longer than this means the control plane itself
+/// was stalled (SIGSTOP, a frozen VM, a long pause): nobody could be heard
+/// meanwhile, so silence in that time is not held against the workloads.
+const STALLED: Duration = Duration::from_secs(2);
+
 /// Everything the views are computed from.
 #[derive(Debug)]
 pub struct Index {
     cluster: String,
+    /// When the sweep last ran (`None` until it first does): readiness is
+    /// never judged further ahead than `STALLED` past it, so answers
+    /// computed right after a stall (before the sweep catches up) do not
+    /// see every workload as silent.
+    awake: Option<Instant>,
     cluster_domain: String,
     liveness: Liveness,
     services: BTreeMap<Key, Object<ServiceSpec>>,
@@ -113,6 +125,7 @@ impl Index {
     pub fn new(cluster: &str, cluster_domain: &str, liveness: Liveness) -> Self {
         Self {
             cluster: cluster.to_owned(),
+            awake: None,
             cluster_domain: cluster_domain.to_owned(),
             liveness,
             services: BTreeMap::new(),
@@ -249,13 +262,30 @@ impl Index {
     /// within `misses` heartbeat intervals.
     fn is_ready(&self, w: &Workload, now: Instant) -> bool {
         let deadline = self.liveness.heartbeat_interval * self.liveness.misses;
-        w.reg.healthy && now.saturating_duration_since(w.last_heartbeat) <= deadline
+        let judged = self.awake.map_or(now, |awake| now.min(awake + STALLED));
+        w.reg.healthy && judged.saturating_duration_since(w.last_heartbeat) <= deadline
     }
 
     /// Removes registrations silent for longer than the grace period and
     /// returns their keys. Also returns whether any workload's readiness
     /// flipped since `before` (the previous sweep's time).
+    ///
+    /// When the sweep itself ran late (more than `STALLED` after `before`:
+    /// the control plane was stalled), the time it lost is added to every
+    /// workload's heartbeat window first: the judge's own pause is not
+    /// evidence against the workloads.
     pub fn sweep(&mut self, before: Instant, now: Instant) -> (Vec<Key>, bool) {
+        let gap = now.saturating_duration_since(before);
+        if gap > STALLED {
+            let lost = gap - SWEEP_EVERY;
+            tracing::warn!(
+                "the control plane was stalled for {lost:?}; heartbeat windows are extended by as much"
+            );
+            for w in self.workloads.values_mut() {
+                w.last_heartbeat = (w.last_heartbeat + lost).min(now);
+            }
+        }
+        self.awake = Some(now);
         let flipped = self
             .workloads
             .values()
@@ -341,12 +371,40 @@ pub(crate) mod tests {
         );
 
         let late = t31 + Duration::from_secs(301);
-        let (removed, _) = index.sweep(t31, late);
+        let (removed, _) = index.sweep(late - Duration::from_secs(1), late);
         assert_eq!(removed, vec![key.clone()]);
         assert!(matches!(
             index.heartbeat(&key, owner, true, late),
             Err(RegistryError::NotFound { .. })
         ));
+    }
+
+    /// The control plane itself stalls for 40 s (SIGSTOP, a frozen VM):
+    /// when it resumes, no workload is judged silent for the time it could
+    /// not listen, neither by an answer computed before the sweep catches
+    /// up nor by the sweep; real silence afterwards still counts.
+    #[test]
+    fn the_judges_own_pause_is_not_held_against_workloads() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut index = Index::new("west", "cluster.local", Liveness::default());
+        index
+            .register(reg("shop", "api-0", "api", &[], "10.0.0.1"), t0)
+            .unwrap();
+        index.sweep(t0, t0 + s(1));
+        let resumed = t0 + s(41);
+        assert_eq!(
+            index.workload_counts(resumed),
+            (1, 0),
+            "before the sweep runs"
+        );
+        let (removed, changed) = index.sweep(t0 + s(1), resumed);
+        assert!(removed.is_empty() && !changed);
+        assert_eq!(index.workload_counts(resumed), (1, 0), "after it");
+        // 31 s of real silence after the pause: not ready.
+        let later = resumed + s(31);
+        index.sweep(later - s(1), later);
+        assert_eq!(index.workload_counts(later), (0, 1));
     }
 
     #[test]

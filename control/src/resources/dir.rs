@@ -5,12 +5,34 @@
 //! The directory is polled (content compared), which works the same on
 //! every filesystem, including Kubernetes ConfigMap mounts that swap
 //! symlinks; a poll of a few small files is cheap.
+//!
+//! What an operator's typo or a dropped file cannot do: replace a resource
+//! that is serving. When two files define the same kind/namespace/name, the
+//! copy already serving keeps serving and the other is refused, naming
+//! both. A file over [`MAX_FILE`] is refused unread; a file modified in the
+//! last [`SETTLE`] is read again at the next poll, so one being written is
+//! not applied half-written.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
+    time::{Duration, SystemTime},
 };
+
+/// The largest config file read; larger ones are refused.
+pub const MAX_FILE: u64 = 1024 * 1024;
+/// A file changed more recently than this may still be being written: it
+/// is read again at the next poll.
+pub const SETTLE: Duration = Duration::from_millis(200);
+
+/// `(kind, namespace, name)`: what may be defined once.
+type ResourceKey = (&'static str, String, String);
+
+fn key_of(res: &Resource) -> ResourceKey {
+    let m = res.metadata();
+    (res.kind(), m.namespace.clone(), m.name.clone())
+}
 
 use super::{
     parse::{ConfigError, parse_file},
@@ -31,12 +53,16 @@ pub struct Scan {
     pub changed: bool,
     /// New errors (each bad content is reported once).
     pub errors: Vec<ConfigError>,
+    /// Some file changed too recently to be read: scan again after [`SETTLE`].
+    pub unsettled: bool,
 }
 
 #[derive(Debug)]
 pub struct ConfigDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    /// The file whose copy of each resource is serving.
+    owners: BTreeMap<ResourceKey, PathBuf>,
 }
 
 impl ConfigDir {
@@ -44,6 +70,7 @@ impl ConfigDir {
         Self {
             dir: dir.into(),
             files: BTreeMap::new(),
+            owners: BTreeMap::new(),
         }
     }
 
@@ -70,6 +97,37 @@ impl ConfigDir {
             }
         }
         for path in &paths {
+            match fs::metadata(path) {
+                Ok(meta) if meta.len() > MAX_FILE => {
+                    let reason = format!(
+                        "the file is {} bytes; the limit is {MAX_FILE}: split it",
+                        meta.len()
+                    );
+                    let state = self.files.entry(path.clone()).or_default();
+                    // Reported once per size; its last good version stays.
+                    if state.content.as_deref() != Some(reason.as_str()) {
+                        scan.errors.push(ConfigError {
+                            file: path.clone(),
+                            line: 0,
+                            reason: reason.clone(),
+                            kind: "too_large",
+                        });
+                        state.content = Some(reason);
+                    }
+                    continue;
+                }
+                Ok(meta) => {
+                    let age = meta
+                        .modified()
+                        .ok()
+                        .and_then(|m| SystemTime::now().duration_since(m).ok());
+                    if age.is_some_and(|age| age < SETTLE) {
+                        scan.unsettled = true;
+                        continue;
+                    }
+                }
+                Err(_) => {}
+            }
             let text = match fs::read_to_string(path) {
                 Ok(text) => text,
                 Err(e) => {
@@ -96,48 +154,58 @@ impl ConfigDir {
             state.content = Some(text);
         }
         if scan.changed {
-            scan.errors.extend(self.duplicates());
+            scan.errors.extend(self.settle_owners());
         }
         scan
     }
 
-    /// The good resources of every file; where two files define the same
-    /// kind/namespace/name, the first file (by name) wins.
+    /// The serving resources: for each kind/namespace/name, its owner's copy.
     pub fn resources(&self) -> Vec<Resource> {
-        let mut seen = BTreeSet::new();
         let mut out = Vec::new();
-        for (_, res) in self.files.values().flat_map(|f| f.good.iter()) {
-            let m = res.metadata();
-            if seen.insert((res.kind(), m.namespace.clone(), m.name.clone())) {
-                out.push(res.clone());
+        let mut seen = BTreeSet::new();
+        for (path, state) in &self.files {
+            for (_, res) in &state.good {
+                let key = key_of(res);
+                if self.owners.get(&key) == Some(path) && seen.insert(key) {
+                    out.push(res.clone());
+                }
             }
         }
         out
     }
 
-    fn duplicates(&self) -> Vec<ConfigError> {
-        let mut first: BTreeMap<(&str, &str, &str), &Path> = BTreeMap::new();
+    /// Keeps each resource with the file already serving it; a resource
+    /// nobody serves goes to the first file (by name) that defines it.
+    /// Every other copy is refused, naming the one that serves.
+    fn settle_owners(&mut self) -> Vec<ConfigError> {
+        let defines = |state: &FileState, key: &ResourceKey| {
+            state.good.iter().any(|(_, r)| key_of(r) == *key)
+        };
+        let files = &self.files;
+        self.owners
+            .retain(|key, path| files.get(path).is_some_and(|state| defines(state, key)));
         let mut errors = Vec::new();
         for (path, state) in &self.files {
+            let mut in_this_file = BTreeSet::new();
             for (line, res) in &state.good {
-                let m = res.metadata();
-                let key = (res.kind(), m.namespace.as_str(), m.name.as_str());
-                match first.get(&key) {
-                    Some(earlier) => errors.push(ConfigError {
+                let key = key_of(res);
+                let owner = self
+                    .owners
+                    .entry(key.clone())
+                    .or_insert_with(|| path.clone());
+                if owner != path || !in_this_file.insert(key.clone()) {
+                    errors.push(ConfigError {
                         file: path.clone(),
                         line: *line,
                         reason: format!(
-                            "{} {}/{} is already defined in {}; this copy is ignored",
+                            "{} {}/{} is already defined in {}, which keeps serving; this copy is refused: remove one of them",
                             key.0,
                             key.1,
                             key.2,
-                            earlier.display()
+                            owner.display()
                         ),
                         kind: "duplicate",
-                    }),
-                    None => {
-                        first.insert(key, path);
-                    }
+                    });
                 }
             }
         }
@@ -173,6 +241,7 @@ mod tests {
         let file = tmp.path().join("shop.yaml");
         fs::write(&file, SVC).unwrap();
         let mut dir = ConfigDir::new(tmp.path());
+        settle();
         let scan = dir.scan();
         assert!(scan.changed && scan.errors.is_empty());
         assert_eq!(dir.resources().len(), 1);
@@ -182,6 +251,7 @@ mod tests {
             "apiVersion: v1\nkind: Service\nmetadata: {name: api}\nspec: {portz: []}\n",
         )
         .unwrap();
+        settle();
         let scan = dir.scan();
         assert!(!scan.changed);
         assert_eq!(scan.errors.len(), 1);
@@ -203,10 +273,71 @@ mod tests {
         fs::write(tmp.path().join("b.yml"), SVC).unwrap();
         fs::write(tmp.path().join("notes.txt"), "ignored").unwrap();
         let mut dir = ConfigDir::new(tmp.path());
+        settle();
         let scan = dir.scan();
         assert_eq!(scan.errors.len(), 1);
         assert_eq!(scan.errors[0].kind, "duplicate");
         assert!(scan.errors[0].file.ends_with("b.yml"));
         assert_eq!(dir.resources().len(), 1);
+    }
+
+    /// A copy that appears in a file that sorts first does not take over
+    /// the resource already serving: the serving copy stays, the new one
+    /// is refused and named, and it takes over only when the first goes.
+    #[test]
+    fn a_new_duplicate_never_replaces_the_serving_copy() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join("b.yaml"), SVC).unwrap();
+        let mut dir = ConfigDir::new(tmp.path());
+        settle();
+        assert!(dir.scan().errors.is_empty());
+        let hijack = SVC.replace("8080", "9999");
+        fs::write(tmp.path().join("a.yaml"), &hijack).unwrap();
+        settle();
+        let scan = dir.scan();
+        assert_eq!(scan.errors.len(), 1, "{:?}", scan.errors);
+        assert!(scan.errors[0].file.ends_with("a.yaml"));
+        assert!(
+            scan.errors[0]
+                .reason
+                .contains("b.yaml, which keeps serving"),
+            "{}",
+            scan.errors[0].reason
+        );
+        let Resource::Service(svc) = &dir.resources()[0] else {
+            panic!()
+        };
+        assert_eq!(svc.spec.ports[0].port, 8080, "the serving copy stays");
+
+        fs::remove_file(tmp.path().join("b.yaml")).unwrap();
+        assert!(dir.scan().changed);
+        let Resource::Service(svc) = &dir.resources()[0] else {
+            panic!()
+        };
+        assert_eq!(svc.spec.ports[0].port, 9999);
+    }
+
+    #[test]
+    fn oversized_and_fresh_files_wait() {
+        let tmp = tempfile::tempdir().unwrap();
+        let big = tmp.path().join("big.yaml");
+        fs::write(&big, format!("{SVC}#{}\n", "x".repeat(MAX_FILE as usize))).unwrap();
+        let mut dir = ConfigDir::new(tmp.path());
+        settle();
+        let scan = dir.scan();
+        assert_eq!(scan.errors[0].kind, "too_large");
+        assert!(dir.resources().is_empty());
+
+        // Just written: not read until it has settled.
+        let fresh = tmp.path().join("fresh.yaml");
+        fs::write(&fresh, SVC).unwrap();
+        assert!(!dir.scan().changed);
+        settle();
+        assert!(dir.scan().changed);
+        assert_eq!(dir.resources().len(), 1);
+    }
+
+    fn settle() {
+        std::thread::sleep(SETTLE + Duration::from_millis(50));
     }
 }
