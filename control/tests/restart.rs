@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_core::api::v1::{WatchRequest, discovery_update::Kind};
+use mesh_core::api::v1::{HeartbeatRequest, WatchRequest, discovery_update::Kind};
 use support::*;
 
 /// A port free right now (the OS may hand it out again later; fine here).
@@ -30,6 +30,10 @@ struct Addrs {
 }
 
 fn spawn(root: &Path, addrs: &Addrs) -> Child {
+    spawn_with(root, addrs, &[])
+}
+
+fn spawn_with(root: &Path, addrs: &Addrs, extra: &[&str]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -49,6 +53,7 @@ fn spawn(root: &Path, addrs: &Addrs) -> Child {
         .arg(addrs.api.to_string())
         .arg("--admin-addr")
         .arg(addrs.admin.to_string())
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -147,4 +152,87 @@ async fn kill_9_and_restart_keeps_registrations_and_tokens() {
     assert_eq!(web.id().as_str(), format!("spiffe://{TD}/ns/shop/sa/web"));
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// The control plane is stopped (SIGSTOP) for 5 s, past a 2 s heartbeat
+/// window, while its workload keeps heartbeating, then continued: a
+/// discovery watcher never receives an empty endpoint set for it. Before,
+/// the resumed sweep judged every workload silent and pushed empty sets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_control_plane_pushes_no_empty_endpoint_sets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (ca_dir, config_dir, _) = make_dirs(root);
+    std::fs::write(config_dir.join("shop.yaml"), API_SERVICE).unwrap();
+    let addrs = Addrs {
+        identity: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        api: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        admin: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+    };
+    let mut child = spawn_with(
+        root,
+        &addrs,
+        &["--heartbeat-interval", "1s", "--heartbeat-misses", "2"],
+    );
+    wait_ready(addrs.admin, root).await;
+    let c = Clients {
+        bundles: bundles_of(&ca_dir),
+        identity: addrs.identity,
+        api: addrs.api,
+    };
+    let api = c.join(&token_via_cli(root, "api"), "shop", "api").await;
+    let mut registry = c.registry(&api);
+    registry
+        .register(register_request("shop", "api-0", "api", "127.0.0.7"))
+        .await
+        .unwrap();
+    // The workload heartbeats every 500 ms, as a proxy would.
+    let beats = tokio::spawn(async move {
+        loop {
+            let _ = registry
+                .heartbeat(HeartbeatRequest {
+                    namespace: "shop".into(),
+                    name: "api-0".into(),
+                    healthy: true,
+                })
+                .await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    let mut watch = c
+        .discovery(&api)
+        .watch(WatchRequest {
+            authority: "api.shop.svc.cluster.local:8080".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sizes = tokio::spawn(async move {
+        let mut sizes = Vec::new();
+        while let Ok(Some(update)) = watch.message().await {
+            if let Some(Kind::Endpoints(set)) = update.kind {
+                sizes.push(set.endpoints.len());
+            }
+        }
+        sizes
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(ok.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    signal("-CONT");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    beats.abort();
+    let sizes = sizes.await.unwrap();
+    assert_eq!(sizes.first(), Some(&1), "{sizes:?}");
+    assert!(
+        !sizes.contains(&0),
+        "an empty endpoint set was pushed after the pause: {sizes:?}"
+    );
 }
