@@ -283,7 +283,7 @@ fn unmodified_curl_reaches_a_service_through_both_proxies() {
             "127.0.0.2",
             "127.0.0.2:4140",
             "127.0.0.1:14191",
-            "http=9000",
+            "http=9000,tcp=9001",
             "app=api",
         ),
     );
