@@ -284,7 +284,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// `multicluster.mesh.rs/v1alpha1/Link`: another cluster this one calls
 /// (its gateway) and trusts (its trust domain and bundle). Written by
 /// `mesh multicluster link`, run against the other cluster.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LinkSpec {
     /// The other cluster's name (mirrors are named `<svc>-<cluster>`).
@@ -293,13 +293,13 @@ pub struct LinkSpec {
     /// `host:port` of its gateway; hosts may be DNS names. Empty: the Link
     /// only admits the trust domain (`mesh multicluster allow`) and nothing
     /// is mirrored or reached through it.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gateway_addresses: Vec<String>,
     /// The SPIFFE ID its gateway presents (required with gateway addresses).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub gateway_identity: String,
     /// `quic` (the default) or `tcp`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<String>,
     /// Its trust bundle: a SPIFFE bundle document (JSON) or PEM roots.
     pub trust_bundle: String,
