@@ -29,6 +29,18 @@ struct Addrs {
     admin: SocketAddr,
 }
 
+impl Addrs {
+    /// Loopback addresses on ports free right now.
+    fn free() -> Self {
+        let free = || SocketAddr::from(([127, 0, 0, 1], free_port()));
+        Self {
+            identity: free(),
+            api: free(),
+            admin: free(),
+        }
+    }
+}
+
 fn spawn(root: &Path, addrs: &Addrs) -> Child {
     spawn_with(root, addrs, &[])
 }
@@ -101,11 +113,7 @@ async fn kill_9_and_restart_keeps_registrations_and_tokens() {
     let (ca_dir, config_dir, _) = make_dirs(root);
     std::fs::write(config_dir.join("shop.yaml"), API_SERVICE).unwrap();
     let bundles = bundles_of(&ca_dir);
-    let addrs = Addrs {
-        identity: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        api: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        admin: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-    };
+    let addrs = Addrs::free();
 
     let mut child = spawn(root, &addrs);
     wait_ready(addrs.admin, root).await;
@@ -164,11 +172,7 @@ async fn a_paused_control_plane_pushes_no_empty_endpoint_sets() {
     let root = tmp.path();
     let (ca_dir, config_dir, _) = make_dirs(root);
     std::fs::write(config_dir.join("shop.yaml"), API_SERVICE).unwrap();
-    let addrs = Addrs {
-        identity: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        api: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        admin: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-    };
+    let addrs = Addrs::free();
     let mut child = spawn_with(
         root,
         &addrs,

@@ -120,6 +120,15 @@ pub async fn join(
     })
 }
 
+/// Binds `addr` and returns the listener with the address it got (the
+/// port is chosen by the OS when `addr` asks for 0).
+async fn listen(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let bind_error = |source| StartError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let bound = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, bound))
+}
+
 impl Proxy {
     /// Starts the proxy. Returns once it holds an identity and serves
     /// inbound traffic; until then `/ready` says why it is not ready.
@@ -149,29 +158,8 @@ impl Proxy {
         // the port's policy decides who is admitted.
         let inbound_tls =
             tls::server_config(creds.clone(), bundles.clone(), ExpectedIdentity::AnyTrusted)?;
-        let listener = TcpListener::bind(config.inbound_addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: config.inbound_addr,
-                source,
-            })?;
-        let inbound_addr = listener.local_addr().map_err(|source| StartError::Bind {
-            addr: config.inbound_addr,
-            source,
-        })?;
-        let outbound_listener =
-            TcpListener::bind(config.outbound_addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.outbound_addr,
-                    source,
-                })?;
-        let outbound_addr = outbound_listener
-            .local_addr()
-            .map_err(|source| StartError::Bind {
-                addr: config.outbound_addr,
-                source,
-            })?;
+        let (listener, inbound_addr) = listen(config.inbound_addr).await?;
+        let (outbound_listener, outbound_addr) = listen(config.outbound_addr).await?;
         let policies = PolicyCache::new(
             PolicyClient::new(api.clone()),
             &config.namespace,
