@@ -344,6 +344,22 @@ impl Metrics {
         A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
         B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
     {
+        self.splice_until(a, b, (direction, peer, tls), None).await;
+    }
+
+    /// [`Metrics::splice`], cut off at `until` when one is given (an
+    /// inbound connection's maximum age). Bytes of a connection that was
+    /// cut are not counted: `copy_bidirectional` reports them only at the end.
+    pub async fn splice_until<A, B>(
+        &self,
+        a: &mut A,
+        b: &mut B,
+        (direction, peer, tls): (&'static str, &str, &'static str),
+        until: Option<tokio::time::Instant>,
+    ) where
+        A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+        B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    {
         let peer = match direction {
             "inbound" => self.client_ids.get(peer),
             _ => self.authorities.get(peer),
@@ -360,7 +376,17 @@ impl Metrics {
             .get_or_create(&DirectionLabels { direction })
             .clone();
         open.inc();
-        let (sent, received) = tokio::io::copy_bidirectional(a, b).await.unwrap_or((0, 0));
+        let copy = tokio::io::copy_bidirectional(a, b);
+        let (sent, received) = match until {
+            None => copy.await.unwrap_or((0, 0)),
+            Some(until) => match tokio::time::timeout_at(until, copy).await {
+                Ok(done) => done.unwrap_or((0, 0)),
+                Err(_) => {
+                    tracing::debug!(direction, "connection reached its maximum age; closed");
+                    (0, 0)
+                }
+            },
+        };
         open.dec();
         for (flow, n) in [("sent", sent), ("received", received)] {
             self.tcp_bytes

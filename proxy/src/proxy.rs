@@ -173,14 +173,16 @@ impl Proxy {
                 .map(SocketAddr::port)
                 .collect(),
         };
-        let inbound = Arc::new(Inbound::new(
+        let mut inbound = Inbound::new(
             policies,
             (config.app_ip, ports),
             config.trust_domain.clone(),
             config.inbound_fail_fast,
             config.max_in_flight,
             metrics.clone(),
-        ));
+        );
+        inbound.drain_grace = config.shutdown_grace;
+        let inbound = Arc::new(inbound);
         let (draining_tx, draining) = tokio::sync::watch::channel(false);
         let open_connections = Arc::new(());
         tasks.spawn(inbound::accept(

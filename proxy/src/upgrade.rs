@@ -46,6 +46,9 @@ pub struct Splice {
     pub direction: &'static str,
     pub peer: String,
     pub tls: &'static str,
+    /// When the spliced connection is closed whatever it carries (an
+    /// inbound connection's maximum age); `None`: when either side ends.
+    pub until: Option<tokio::time::Instant>,
 }
 
 /// Sends `req` on a new HTTP/1.1 connection over `io`. On `101`, the
@@ -75,7 +78,12 @@ where
                     let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
                     splice
                         .metrics
-                        .splice(&mut a, &mut b, splice.direction, &splice.peer, splice.tls)
+                        .splice_until(
+                            &mut a,
+                            &mut b,
+                            (splice.direction, &splice.peer, splice.tls),
+                            splice.until,
+                        )
                         .await;
                 }
                 Err(e) => tracing::debug!(error = %e, "protocol upgrade failed"),

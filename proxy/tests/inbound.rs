@@ -438,3 +438,210 @@ async fn callers_reach_declared_app_ports_only_never_the_proxys_own() {
         "a refused port makes no metric label: {m}"
     );
 }
+
+/// An app that echoes raw bytes; a connection that opens with an HTTP/1.1
+/// request is answered `101` first, then echoed (an upgraded protocol that
+/// never ends by itself).
+async fn echo_app() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut first = [0u8; 3];
+                if tcp.peek(&mut first).await.is_ok() && &first == b"GET" {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if tcp.read_exact(&mut byte).await.is_err() {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let switched = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n";
+                    if tcp.write_all(switched).await.is_err() {
+                        return;
+                    }
+                }
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    port
+}
+
+/// An HTTP/1.1 app whose responses never end (a long stream).
+async fn endless_app() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    let never = tokio_stream::pending::<
+                        Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+                    >();
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::StreamBody::new(never),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+/// Writes `ping` and expects it back within 5 s.
+async fn echoes<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S) -> bool {
+    if s.write_all(b"ping").await.is_err() {
+        return false;
+    }
+    let mut back = [0u8; 4];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await,
+        Ok(Ok(_)) if &back == b"ping"
+    )
+}
+
+/// A caller whose certificate expires in 5 s holds three long-lived
+/// connections: an HTTP/2 request that never ends, opaque TCP and an
+/// upgraded connection. None carries traffic past the peer's expiry plus
+/// 60 s (plus the 10 s GOAWAY grace for HTTP/2), and each still works just
+/// before that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_connection_outlives_the_peer_certificate() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let echo = echo_app().await;
+    let endless = endless_app().await;
+    let db = start_proxy(
+        w.plane(),
+        w.dir.path(),
+        &w.anchors,
+        Spec {
+            sa: "db",
+            name: "db-0",
+            labels: &[("app", "db")],
+            app_ports: vec![
+                mesh_proxy::env::AppPort {
+                    name: "tcp".into(),
+                    port: echo,
+                },
+                mesh_proxy::env::AppPort {
+                    name: "http".into(),
+                    port: endless,
+                },
+            ],
+            ip: "127.0.0.1".parse().unwrap(),
+        },
+    )
+    .await;
+    let web = w.join_for("web", Duration::from_secs(5)).await;
+    let started = Instant::now();
+    let tls = |alpn: &[u8]| {
+        let mut tls = client_config(
+            CredentialStore::new(web.clone()),
+            w.bundles.clone(),
+            ExpectedIdentity::Exact(id("db")),
+        )
+        .unwrap();
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+    };
+    let dial = |alpn: &'static [u8]| {
+        let connector = tls(alpn);
+        async move {
+            let tcp = tokio::net::TcpStream::connect(db.inbound_addr)
+                .await
+                .unwrap();
+            connector
+                .connect(
+                    rustls::pki_types::ServerName::try_from("db.shop").unwrap(),
+                    tcp,
+                )
+                .await
+                .unwrap()
+        }
+    };
+
+    // Opaque TCP.
+    let mut opaque = dial(mesh_proxy::inbound::ALPN_TCP).await;
+    opaque.write_all(&echo.to_be_bytes()).await.unwrap();
+    assert!(echoes(&mut opaque).await);
+    // An upgraded connection.
+    let mut upgraded = dial(mesh_proxy::upgrade::ALPN_HTTP1).await;
+    upgraded
+        .write_all(
+            format!(
+                "GET http://db.shop.svc.cluster.local:{echo}/ HTTP/1.1\r\nHost: db.shop.svc.cluster.local:{echo}\r\n{DST_PORT}: {echo}\r\n{ORIG_PROTO}: HTTP/1.1\r\nUpgrade: echo\r\nConnection: upgrade\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        upgraded.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    assert!(echoes(&mut upgraded).await);
+    // HTTP/2: a request whose body never ends keeps its stream open.
+    let h2 = dial(mesh_proxy::inbound::ALPN_H2).await;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(h2),
+    )
+    .await
+    .unwrap();
+    let h2_conn = tokio::spawn(conn);
+    let resp = send
+        .send_request(
+            Request::get(format!("http://db.shop.svc.cluster.local:{endless}/"))
+                .header(DST_PORT, endless.to_string())
+                .header(ORIG_PROTO, "HTTP/1.1")
+                .body(Empty::<bytes::Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // Its body never ends: the stream stays open until the proxy cuts it.
+    let held = tokio::spawn(resp.into_body().collect());
+
+    // Just before the deadline (5 s + 60 s), the raw connections still work.
+    tokio::time::sleep_until((started + Duration::from_secs(58)).into()).await;
+    assert!(echoes(&mut opaque).await, "opaque TCP closed too early");
+    assert!(echoes(&mut upgraded).await, "the upgrade closed too early");
+    assert!(!held.is_finished() && !h2_conn.is_finished());
+
+    // Past it, they are closed.
+    tokio::time::sleep_until((started + Duration::from_secs(68)).into()).await;
+    assert!(
+        !echoes(&mut opaque).await,
+        "opaque TCP outlived the peer certificate"
+    );
+    assert!(
+        !echoes(&mut upgraded).await,
+        "the upgrade outlived the peer certificate"
+    );
+    // HTTP/2 got GOAWAY at the deadline; the held stream is cut after the grace.
+    let closed = tokio::time::timeout(Duration::from_secs(15), h2_conn).await;
+    assert!(
+        closed.is_ok(),
+        "HTTP/2 outlived the peer certificate and the grace"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5 + 60 + 10 + 5),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -68,6 +68,9 @@ pub struct Inbound {
     /// Callers of other trust domains reach exported ports only.
     pub trust_domain: TrustDomain,
     pub fail_fast: Duration,
+    /// How long connections have to finish after GOAWAY at shutdown before
+    /// they are closed regardless (`MESH_PROXY_SHUTDOWN_GRACE`).
+    pub drain_grace: Duration,
     pub metrics: Metrics,
     http1: Client<HttpConnector, Incoming>,
     http2: Client<HttpConnector, Incoming>,
@@ -95,6 +98,7 @@ impl Inbound {
             ports,
             trust_domain,
             fail_fast,
+            drain_grace: Duration::from_secs(120),
             metrics,
             http1,
             http2,
@@ -107,6 +111,9 @@ impl Inbound {
 pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(24 * 3600);
 /// How long past the peer certificate's expiry a connection may stay.
 const PAST_PEER_EXPIRY: Duration = Duration::from_secs(60);
+/// How long an HTTP/2 connection that reached its maximum age has, after
+/// GOAWAY, to finish its streams before it is closed regardless.
+pub const AGE_GRACE: Duration = Duration::from_secs(10);
 
 /// How long a connection from a peer whose leaf expires at `not_after` may
 /// live from `now`: min(not_after + 60 s, 24 h). A connection never
@@ -162,15 +169,21 @@ pub async fn accept(
             let Some((client_id, not_after)) = peer_leaf(tls.get_ref().1) else {
                 return;
             };
-            if tls.get_ref().1.alpn_protocol() == Some(ALPN_TCP) {
-                return opaque(&inbound, tls, &client_id, peer).await;
-            }
+            // No connection of any kind outlives its peer's identity by
+            // more than a minute (and none lives over 24 h).
             let age = max_connection_age(not_after, mesh_core::identity::cert::now());
+            let deadline = tokio::time::Instant::now() + age;
+            if tls.get_ref().1.alpn_protocol() == Some(ALPN_TCP) {
+                return opaque(&inbound, tls, &client_id, peer, deadline).await;
+            }
+            let drain_grace = inbound.drain_grace;
             let svc = service_fn(move |req| {
                 let (inbound, client_id) = (inbound.clone(), client_id.clone());
                 // Boxed, so an idle connection does not hold room for it.
                 Box::pin(async move {
-                    Ok::<_, std::convert::Infallible>(handle(&inbound, &client_id, req).await)
+                    Ok::<_, std::convert::Infallible>(
+                        handle(&inbound, &client_id, deadline, req).await,
+                    )
                 })
             });
             // HTTP/2 (ALPN h2) for requests; HTTP/1.1 (ALPN http/1.1) for
@@ -187,22 +200,25 @@ pub async fn accept(
                 .max_header_list_size(MAX_HEADER_LIST);
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
             tokio::pin!(conn);
-            let too_old = tokio::time::sleep(age);
-            tokio::pin!(too_old);
-            let served = tokio::select! {
-                served = conn.as_mut() => served,
-                () = async { let _ = draining.wait_for(|d| *d).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            // GOAWAY first; streams still open after the grace are cut.
+            let (why, grace) = tokio::select! {
+                served = conn.as_mut() => {
+                    if let Err(e) = served {
+                        tracing::debug!(%peer, error = %e, "inbound connection ended");
+                    }
+                    return;
                 }
-                () = &mut too_old => {
-                    tracing::debug!(%peer, "connection reached its maximum age; draining");
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
+                () = async { let _ = draining.wait_for(|d| *d).await; } => ("shutting down", drain_grace),
+                () = tokio::time::sleep_until(deadline) => ("the connection reached its maximum age", AGE_GRACE),
             };
-            if let Err(e) = served {
-                tracing::debug!(%peer, error = %e, "inbound connection ended");
+            tracing::debug!(%peer, "{why}; draining");
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(grace, conn.as_mut()).await {
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "inbound connection ended"),
+                Ok(Ok(())) => {}
+                Err(_) => {
+                    tracing::debug!(%peer, "{why}; streams still open after {grace:?} are closed")
+                }
             }
         });
     }
@@ -216,6 +232,7 @@ async fn opaque(
     mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     client_id: &SpiffeId,
     peer: SocketAddr,
+    deadline: tokio::time::Instant,
 ) {
     use tokio::io::AsyncReadExt;
     let mut port = [0u8; 2];
@@ -237,7 +254,12 @@ async fn opaque(
         Ok(mut app) => {
             inbound
                 .metrics
-                .splice(&mut tls, &mut app, "inbound", client_id.as_str(), "mtls")
+                .splice_until(
+                    &mut tls,
+                    &mut app,
+                    ("inbound", client_id.as_str(), "mtls"),
+                    Some(deadline),
+                )
                 .await;
         }
         Err(e) => {
@@ -262,6 +284,7 @@ fn refused_handshake(metrics: &Metrics, peer: SocketAddr, e: &std::io::Error) {
 async fn handle(
     inbound: &Inbound,
     client_id: &SpiffeId,
+    deadline: tokio::time::Instant,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let started = std::time::Instant::now();
@@ -295,7 +318,7 @@ async fn handle(
             tracing::info!(client = %client_id, port, reason = denied.reason(), "inbound request refused");
             refusal(&denied, client_id, port)
         }
-        Ok(()) => forward(inbound, client_id, port, req).await,
+        Ok(()) => forward(inbound, client_id, (port, deadline), req).await,
     };
     inbound.metrics.inbound_response(
         port,
@@ -368,7 +391,7 @@ async fn authorize_request(
 async fn forward(
     inbound: &Inbound,
     client_id: &SpiffeId,
-    port: u16,
+    (port, deadline): (u16, tokio::time::Instant),
     req: Request<Incoming>,
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
@@ -379,7 +402,7 @@ async fn forward(
     };
     let req = Request::from_parts(parts, body);
     if was_http1 && crate::upgrade::is_upgrade(&req) {
-        return forward_upgrade(inbound, client_id, port, req).await;
+        return forward_upgrade(inbound, client_id, (port, deadline), req).await;
     }
     let client = if was_http1 {
         &inbound.http1
@@ -404,7 +427,7 @@ async fn forward(
 async fn forward_upgrade(
     inbound: &Inbound,
     client_id: &SpiffeId,
-    port: u16,
+    (port, deadline): (u16, tokio::time::Instant),
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let asked = hyper::upgrade::on(&mut req);
@@ -419,6 +442,8 @@ async fn forward_upgrade(
         direction: "inbound",
         peer: client_id.as_str().to_owned(),
         tls: "mtls",
+        // The upgraded connection is cut at the same maximum age.
+        until: Some(deadline),
     };
     let sent = match tokio::net::TcpStream::connect(SocketAddr::new(inbound.app_ip, port)).await {
         Ok(app) => crate::upgrade::send(app, req, asked, splice)

@@ -531,6 +531,7 @@ async fn upgrade(
         direction: "outbound",
         peer: authority.to_owned(),
         tls,
+        until: None,
     };
     if meshed {
         let conn = connect_mesh_tcp(outbound, authority, Carry::Http1Upgrade).await?;

@@ -381,6 +381,11 @@ impl World {
     }
     /// An SVID for `shop/<sa>`, joined with a token like any workload.
     pub async fn join(&self, sa: &str) -> Credentials {
+        self.join_for(sa, Duration::ZERO).await
+    }
+
+    /// [`World::join`], asking for a leaf of `ttl` (zero: the default).
+    pub async fn join_for(&self, sa: &str, ttl: Duration) -> Credentials {
         let (token, _) = create_token(
             self.plane().store().as_ref(),
             "shop",
@@ -401,7 +406,7 @@ impl World {
                 identity: id(sa).to_string(),
                 csr,
                 token,
-                ttl_seconds: 0,
+                ttl_seconds: ttl.as_secs(),
             })
             .await
             .unwrap()
