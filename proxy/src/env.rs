@@ -94,7 +94,31 @@ impl SystemComponent {
             max_in_flight: 100_000,
             shutdown_grace: Duration::from_secs(30),
             worker_threads: 1,
+            destinations: DestinationLimits::default(),
         })
+    }
+}
+
+/// Bounds on the state the app's traffic creates in the proxy: every
+/// distinct authority (or `ip:port`) it calls is a control-plane watch, a
+/// task and a balancer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DestinationLimits {
+    /// A destination not called for this long is forgotten
+    /// (`MESH_PROXY_DESTINATION_IDLE`, default 1 min, as Linkerd's
+    /// discovery cache).
+    pub idle: Duration,
+    /// Destinations followed at once; a new one past this is refused with
+    /// 503 (`MESH_PROXY_MAX_DESTINATIONS`, default 1000).
+    pub max: usize,
+}
+
+impl Default for DestinationLimits {
+    fn default() -> Self {
+        Self {
+            idle: Duration::from_secs(60),
+            max: 1_000,
+        }
     }
 }
 
@@ -156,6 +180,8 @@ pub struct Config {
     /// Runtime threads: 1 (the default) runs everything on one thread,
     /// which costs the least CPU and memory per request.
     pub worker_threads: usize,
+    /// Idle eviction and the cap on destinations followed.
+    pub destinations: DestinationLimits,
 }
 
 const PREFIX: &str = "MESH_PROXY_";
@@ -324,6 +350,29 @@ pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
     if max_in_flight.is_none() {
         errors.push(format!("{PREFIX}MAX_IN_FLIGHT must be a positive number"));
     }
+    let destination_idle = get("DESTINATION_IDLE")
+        .map(|t| {
+            humantime::parse_duration(&t)
+                .map_err(|e| e.to_string())
+                .and_then(|t| {
+                    if t < Duration::from_secs(1) {
+                        Err("must be at least 1s".to_owned())
+                    } else {
+                        Ok(t)
+                    }
+                })
+                .map_err(|e| errors.push(format!("{PREFIX}DESTINATION_IDLE: {e}")))
+        })
+        .unwrap_or(Ok(DestinationLimits::default().idle))
+        .ok();
+    let max_destinations = get("MAX_DESTINATIONS")
+        .map(|v| v.parse::<usize>().ok().filter(|n| *n > 0))
+        .unwrap_or(Some(DestinationLimits::default().max));
+    if max_destinations.is_none() {
+        errors.push(format!(
+            "{PREFIX}MAX_DESTINATIONS must be a positive number"
+        ));
+    }
     let detect_timeout = get("DETECT_TIMEOUT")
         .map(|t| {
             humantime::parse_duration(&t)
@@ -358,6 +407,10 @@ pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
             max_in_flight: max_in_flight?,
             shutdown_grace: shutdown_grace?,
             worker_threads: worker_threads?,
+            destinations: DestinationLimits {
+                idle: destination_idle?,
+                max: max_destinations?,
+            },
         })
     })();
     match built {

@@ -1,7 +1,9 @@
 //! Following control-plane watch streams: one stream per key (an app port,
 //! an authority), started on first use, reconnected with backoff. The
 //! latest value is cached; while the control plane is away the last value
-//! keeps applying.
+//! keeps applying. Keys not used for a while can be evicted
+//! ([`Follower::evict_idle`]): the stream stops once nothing else holds
+//! its value either.
 
 use std::{
     collections::HashMap,
@@ -29,7 +31,13 @@ type Open<K, T> = Arc<
 pub struct Follower<K, T> {
     what: &'static str,
     open: Open<K, T>,
-    keys: Arc<Mutex<HashMap<K, Latest<T>>>>,
+    keys: Arc<Mutex<HashMap<K, Followed<T>>>>,
+}
+
+/// One followed key: its value, and when it was last asked for.
+struct Followed<T> {
+    latest: Latest<T>,
+    used: tokio::time::Instant,
 }
 
 impl<K, T> Clone for Follower<K, T> {
@@ -71,14 +79,52 @@ where
     /// The updates of `key` (starting its stream on first use). Values are
     /// shared, so reading one on the request path copies nothing.
     pub fn watch(&self, key: &K) -> Latest<T> {
+        let now = tokio::time::Instant::now();
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(rx) = keys.get(key) {
-            return rx.clone();
+        if let Some(followed) = keys.get_mut(key) {
+            followed.used = now;
+            return followed.latest.clone();
         }
         let (tx, rx) = watch::channel(None);
-        keys.insert(key.clone(), rx.clone());
+        keys.insert(
+            key.clone(),
+            Followed {
+                latest: rx.clone(),
+                used: now,
+            },
+        );
         tokio::spawn(follow(self.what, self.open.clone(), key.clone(), tx));
         rx
+    }
+
+    /// Whether `key` may be followed: it already is, or fewer than `max`
+    /// keys are.
+    pub fn has_room_for(&self, key: &K, max: usize) -> bool {
+        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        keys.contains_key(key) || keys.len() < max
+    }
+
+    /// Stops following keys not asked for since `before`; returns them.
+    /// Their streams end once no one else holds their values.
+    pub fn evict_idle(&self, before: tokio::time::Instant) -> Vec<K> {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let idle: Vec<K> = keys
+            .iter()
+            .filter(|(_, f)| f.used < before)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &idle {
+            keys.remove(key);
+        }
+        idle
+    }
+
+    /// Stops following `key` (it was evicted elsewhere).
+    pub fn remove(&self, key: &K) {
+        self.keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
     }
 
     /// The current value of `key`, waiting up to `wait` for a first one.
@@ -103,10 +149,19 @@ async fn follow<K: fmt::Debug + Clone, T>(
     tx: watch::Sender<Option<Arc<T>>>,
 ) {
     let mut failures = 0;
-    loop {
-        match open(key.clone()).await {
+    // Ends when the last holder of the value is gone (the key was evicted).
+    while !tx.is_closed() {
+        let opened = tokio::select! {
+            opened = open(key.clone()) => opened,
+            () = tx.closed() => return,
+        };
+        match opened {
             Ok(mut stream) => loop {
-                match stream.message().await {
+                let message = tokio::select! {
+                    message = stream.message() => message,
+                    () = tx.closed() => return,
+                };
+                match message {
                     Ok(Some(value)) => {
                         failures = 0;
                         tx.send_replace(Some(Arc::new(value)));
@@ -120,7 +175,10 @@ async fn follow<K: fmt::Debug + Clone, T>(
             },
             Err(e) => tracing::warn!(?key, error = %e.message(), "cannot watch {what}"),
         }
-        tokio::time::sleep(backoff(failures)).await;
+        tokio::select! {
+            () = tokio::time::sleep(backoff(failures)) => {}
+            () = tx.closed() => return,
+        }
         failures += 1;
     }
 }

@@ -208,9 +208,11 @@ impl Proxy {
             OUTBOUND_FAIL_FAST,
             (config.max_in_flight, config.header_read_timeout),
         );
+        let outbound = Arc::new(outbound.with_limits(config.destinations));
+        tasks.spawn(outbound::evict_idle_forever(outbound.clone()));
         tasks.spawn(outbound::accept(
             outbound_listener,
-            Arc::new(outbound),
+            outbound,
             config.detect_timeout,
         ));
 

@@ -760,3 +760,78 @@ async fn a_websocket_crosses_two_proxies_with_mtls_and_identity() {
     );
     assert!(m.contains(&upgraded), "{m}");
 }
+
+/// The number in `metric{labels} N` of a Prometheus text page, or 0.
+fn gauge(page: &str, series: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// An app that calls a new address each time would grow a watch, a task
+/// and a balancer per address forever. Past the cap a new destination is
+/// refused with 503 (known ones keep working); destinations idle for the
+/// idle time are forgotten, and their discovery streams on the control
+/// plane end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destinations_are_capped_and_forgotten_when_idle() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let web = w
+        .proxy_with("web", "web-0", &[("app", "web")], |c| {
+            c.destinations.max = 3;
+            c.destinations.idle = Duration::from_secs(1);
+        })
+        .await;
+    let (plain, _) = app_at("127.0.0.9:0".parse().unwrap(), Duration::ZERO).await;
+    let streams = || async {
+        gauge(
+            &metrics(w.plane().admin_addr).await,
+            "mesh_control_watch_streams{api=\"discovery\"}",
+        )
+    };
+    let before = streams().await;
+    let port = plain.port();
+    let call = |authority: String| async move {
+        via_proxy(
+            web.outbound_addr,
+            &format!("http://{authority}/x"),
+            &authority,
+        )
+        .await
+    };
+    // Three destinations: the app, and two addresses where nothing listens.
+    let (status, raw) = call(format!("127.0.0.9:{port}")).await;
+    assert_eq!(status, 200, "{raw}");
+    for other in ["127.0.0.21", "127.0.0.22"] {
+        let (status, raw) = call(format!("{other}:{port}")).await;
+        assert_eq!(status, 502, "{raw}");
+    }
+    let (status, raw) = call(format!("127.0.0.23:{port}")).await;
+    assert_eq!(status, 503, "a fourth destination is past the cap: {raw}");
+    assert!(raw.contains("MESH_PROXY_MAX_DESTINATIONS"), "{raw}");
+    let (status, raw) = call(format!("127.0.0.9:{port}")).await;
+    assert_eq!(status, 200, "a known destination keeps working: {raw}");
+    assert_eq!(
+        streams().await,
+        before + 3,
+        "one discovery stream per destination"
+    );
+    let m = metrics(web.admin_addr).await;
+    assert!(
+        m.contains("mesh_proxy_outbound_failures_total{reason=\"too_many_destinations\"} 1"),
+        "{m}"
+    );
+
+    // Idle for longer than the idle time: forgotten, streams closed, and a
+    // new destination is admitted again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while streams().await > before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle destinations were never forgotten"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, raw) = call(format!("127.0.0.23:{port}")).await;
+    assert_ne!(status, 503, "{raw}");
+}

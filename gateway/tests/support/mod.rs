@@ -121,6 +121,7 @@ pub async fn proxy(
         max_in_flight: 1000,
         shutdown_grace: Duration::from_secs(1),
         worker_threads: 1,
+        destinations: Default::default(),
     })
     .await
     .unwrap()

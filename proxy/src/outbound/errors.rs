@@ -26,6 +26,10 @@ pub enum OutboundError {
     NoLongerKnown { authority: String },
     #[error("route rule {route} has no backend with a weight above 0")]
     NoBackend { route: String },
+    #[error(
+        "this proxy already follows {max} destinations (MESH_PROXY_MAX_DESTINATIONS); {authority} is refused until some go idle"
+    )]
+    TooManyDestinations { authority: String, max: usize },
     #[error("connecting to the endpoint failed: {0}")]
     Connect(String),
     #[error("the request is malformed")]
@@ -65,6 +69,9 @@ impl OutboundError {
             Self::AllEjected { .. } => (StatusCode::SERVICE_UNAVAILABLE, "all_ejected"),
             Self::NoLongerKnown { .. } => (StatusCode::SERVICE_UNAVAILABLE, "no_longer_known"),
             Self::MeshedWithoutProxy(_) => (StatusCode::BAD_GATEWAY, "meshed_without_proxy"),
+            Self::TooManyDestinations { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "too_many_destinations")
+            }
             Self::NoBackend { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "no_backend"),
             Self::Connect(_) => (StatusCode::BAD_GATEWAY, "connect"),
             Self::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),

@@ -117,6 +117,7 @@ pub struct Outbound {
     dialer: Dialer,
     metrics: Metrics,
     fail_fast: Duration,
+    limits: crate::env::DestinationLimits,
     plain: Client<HttpConnector, Body>,
 }
 
@@ -171,8 +172,52 @@ impl Outbound {
             dialer,
             metrics,
             fail_fast,
+            limits: crate::env::DestinationLimits::default(),
             plain: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
         }
+    }
+
+    /// Sets the idle time and the cap on destinations followed.
+    pub fn with_limits(mut self, limits: crate::env::DestinationLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Whether a request for `authority` may be followed: a known one
+    /// always, a new one only below the cap.
+    fn admit(&self, authority: &str) -> Result<(), OutboundError> {
+        let key = authority.to_owned();
+        if self.discovery.has_room_for(&key, self.limits.max) {
+            return Ok(());
+        }
+        Err(OutboundError::TooManyDestinations {
+            authority: key,
+            max: self.limits.max,
+        })
+    }
+
+    /// Forgets destinations not called for `limits.idle`: their discovery
+    /// and policy watches, balancers (and pooled connections), and whether
+    /// they were once meshed. Returns how many were forgotten.
+    pub fn evict_idle(&self) -> usize {
+        let Some(before) = tokio::time::Instant::now().checked_sub(self.limits.idle) else {
+            return 0;
+        };
+        let gone = self.discovery.evict_idle(before);
+        self.policies.evict_idle(before);
+        if gone.is_empty() {
+            return 0;
+        }
+        let mut balancers = self.balancers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tcp = self.tcp_balancers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut once = self.once_meshed.lock().unwrap_or_else(|p| p.into_inner());
+        for key in &gone {
+            balancers.remove(key);
+            tcp.remove(key);
+            once.remove(key);
+        }
+        tracing::debug!(count = gone.len(), "idle destinations forgotten");
+        gone.len()
     }
 
     fn balancer(&self, authority: &str) -> Destination {
@@ -198,6 +243,18 @@ impl Outbound {
                 )
             })
             .clone()
+    }
+}
+
+/// Forgets idle destinations for as long as the proxy runs, checking a
+/// few times per idle period.
+pub async fn evict_idle_forever(outbound: Arc<Outbound>) {
+    let every = (outbound.limits.idle / 4).max(Duration::from_millis(250));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        outbound.evict_idle();
     }
 }
 
@@ -292,6 +349,11 @@ async fn opaque(
         return;
     };
     let authority = to.to_string();
+    if let Err(e) = outbound.admit(&authority) {
+        outbound.metrics.refuse_outbound(e.classify().1);
+        tracing::info!("opaque connection refused: {e}");
+        return;
+    }
     let Some(update) = outbound.discovery.get(&authority, outbound.fail_fast).await else {
         // Whether the destination is meshed is unknown: fail closed.
         let e = OutboundError::DiscoveryUnavailable { authority };
@@ -392,6 +454,9 @@ async fn handle(
             })
         });
     };
+    if let Err(e) = outbound.admit(&authority) {
+        return fail(outbound, &authority, e);
+    }
     // discover
     let Some(update) = outbound.discovery.get(&authority, outbound.fail_fast).await else {
         return fail(
@@ -410,6 +475,9 @@ async fn handle(
     // before choosing plaintext, as the opaque path does.
     if let Some(to) = redirected.filter(|to| !meshed && to.to_string() != authority) {
         let orig = to.to_string();
+        if let Err(e) = outbound.admit(&orig) {
+            return fail(outbound, &authority, e);
+        }
         let Some(by_address) = outbound.discovery.get(&orig, outbound.fail_fast).await else {
             return fail(
                 outbound,

@@ -293,6 +293,7 @@ pub fn proxy_config(
         max_in_flight: 100_000,
         shutdown_grace: Duration::from_secs(5),
         worker_threads: 1,
+        destinations: Default::default(),
     }
 }
 
