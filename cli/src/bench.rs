@@ -418,11 +418,16 @@ async fn setup(dir: &Path) -> Result<Setup> {
         procs.0.push(child);
         Ok((pid, inbound, outbound, padmin))
     };
-    for sa in ["server", "client"] {
+    for (sa, app) in [("server", "app"), ("client", "client")] {
         let req = AdminRequest::CreateToken {
             namespace: "bench".into(),
             service_account: sa.into(),
             ttl_seconds: 600,
+            claims: Some(mesh_control::store::WorkloadClaims {
+                workload: format!("{sa}-0"),
+                labels: [("app".to_owned(), app.to_owned())].into(),
+                addresses: vec![std::net::Ipv4Addr::LOCALHOST.into()],
+            }),
         };
         let resp = admin_socket::request(&admin_socket, &req).await?;
         std::fs::write(
@@ -629,10 +634,12 @@ pub(crate) async fn certify(
             tls::client_config_without_cert,
         },
     };
+    // An identity for a client of the bench, which registers nothing.
     let req = AdminRequest::CreateToken {
         namespace: namespace.to_owned(),
         service_account: service_account.to_owned(),
         ttl_seconds: 600,
+        claims: None,
     };
     let answer = admin_socket::request(admin, &req).await?;
     let token = answer

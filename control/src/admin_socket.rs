@@ -18,7 +18,7 @@ use tokio::{
 use crate::{
     metrics::Metrics,
     resources::parse::check_name,
-    store::{Store, TokenRecord},
+    store::{Store, TokenRecord, WorkloadClaims},
     tokens,
 };
 
@@ -35,6 +35,9 @@ pub enum AdminRequest {
         namespace: String,
         service_account: String,
         ttl_seconds: u64,
+        /// The workload it is for (what its identity may register).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        claims: Option<WorkloadClaims>,
     },
 }
 
@@ -55,7 +58,11 @@ pub fn create_token(
     service_account: &str,
     ttl: Duration,
     now: i64,
+    claims: Option<WorkloadClaims>,
 ) -> Result<(String, TokenRecord), String> {
+    if let Some(claims) = &claims {
+        claims.check()?;
+    }
     check_name("namespace", namespace)?;
     check_name("service account", service_account)?;
     if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
@@ -72,6 +79,7 @@ pub fn create_token(
         created_at: now,
         expires_at: now + ttl.as_secs() as i64,
         used_at: None,
+        claims,
     };
     store
         .create_token(&hash, &record)
@@ -158,11 +166,19 @@ async fn handle(
                 namespace,
                 service_account,
                 ttl_seconds,
+                claims,
             }) => {
                 let now = mesh_core::identity::cert::now().unix_timestamp();
                 let ttl = Duration::from_secs(ttl_seconds);
                 let created = tokio::task::spawn_blocking(move || {
-                    create_token(store.as_ref(), &namespace, &service_account, ttl, now)
+                    create_token(
+                        store.as_ref(),
+                        &namespace,
+                        &service_account,
+                        ttl,
+                        now,
+                        claims,
+                    )
                 })
                 .await
                 .unwrap_or_else(|e| Err(e.to_string()));

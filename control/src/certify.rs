@@ -133,6 +133,12 @@ impl IdentityService {
         if req.token.is_empty() {
             self.renew(peer, requested, &req.csr, ttl).await
         } else {
+            // Unauthenticated: limited by the caller's address, which costs
+            // nothing to look up, before the token store is read. (The
+            // identity's own budget applies too, once the token names it.)
+            if let Some(peer) = peer {
+                self.limit_key(&format!("ip:{}", peer.remote.ip()), "this address")?;
+            }
             self.redeem(&req.token, requested, &req.csr, ttl).await
         }
     }
@@ -229,18 +235,21 @@ impl IdentityService {
     }
 
     fn limit(&self, id: &SpiffeId) -> Result<(), Refusal> {
-        self.limiter
-            .check(id.as_str(), Instant::now())
-            .map_err(|wait| {
-                refuse(
-                    "rate_limited",
-                    Code::ResourceExhausted,
-                    format!(
-                        "{id} is certifying too often; retry in {} ms",
-                        wait.as_millis().max(1)
-                    ),
-                )
-            })
+        self.limit_key(id.as_str(), id.as_str())
+    }
+
+    /// One request from `key`'s budget; `who` names it in the refusal.
+    fn limit_key(&self, key: &str, who: &str) -> Result<(), Refusal> {
+        self.limiter.check(key, Instant::now()).map_err(|wait| {
+            refuse(
+                "rate_limited",
+                Code::ResourceExhausted,
+                format!(
+                    "{who} is certifying too often; retry in {} ms",
+                    wait.as_millis().max(1)
+                ),
+            )
+        })
     }
 
     fn sign(&self, csr: &[u8], id: &SpiffeId, ttl: Duration) -> Result<CertifyResponse, Refusal> {

@@ -47,6 +47,19 @@ pub struct TokenCreateArgs {
     /// How long the token may be used.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     ttl: Duration,
+    /// The workload (replica) name it is for. Its identity may then
+    /// register this workload only, with exactly `--labels` and (when given)
+    /// only `--addresses`. Without it the identity may register nothing
+    /// (what a gateway or a service mirror needs).
+    #[arg(long)]
+    workload: Option<String>,
+    /// The workload's labels, `app=web,version=v1` (with --workload).
+    #[arg(long, requires = "workload", value_parser = parse_labels, default_value = "")]
+    labels: std::collections::BTreeMap<String, String>,
+    /// Addresses it may register, `10.0.0.5,10.0.0.6` (with --workload);
+    /// without: any address no other workload holds.
+    #[arg(long, requires = "workload", value_delimiter = ',')]
+    addresses: Vec<std::net::IpAddr>,
     /// The control plane's data directory: its admin socket is used when it
     /// runs, otherwise the database is opened directly.
     #[arg(long, env = "MESH_CONTROL_DATA_DIR", conflicts_with = "admin_socket")]
@@ -118,6 +131,9 @@ pub struct RunArgs {
     /// Certify requests per second one identity may sustain.
     #[arg(long, env = "MESH_CONTROL_CERTIFY_RATE", default_value_t = 10.0)]
     certify_rate: f64,
+    /// Registered workloads one namespace may hold; more are refused.
+    #[arg(long, env = "MESH_CONTROL_MAX_WORKLOADS_PER_NAMESPACE", default_value_t = crate::index::MAX_WORKLOADS_PER_NAMESPACE)]
+    max_workloads_per_namespace: usize,
 }
 
 impl RunArgs {
@@ -178,6 +194,7 @@ impl RunArgs {
             leaf_ttl: self.leaf_ttl,
             certify_burst: self.certify_burst,
             certify_rate: self.certify_rate,
+            max_workloads_per_namespace: self.max_workloads_per_namespace,
         })
     }
 }
@@ -218,8 +235,29 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `k=v,k2=v2` (empty: no labels).
+fn parse_labels(text: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .ok_or_else(|| format!("{kv:?} is not KEY=VALUE"))
+        })
+        .collect()
+}
+
 async fn token_create(args: TokenCreateArgs) -> anyhow::Result<()> {
     let who = format!("ns/{}/sa/{}", args.namespace, args.service_account);
+    let claims = args
+        .workload
+        .clone()
+        .map(|workload| crate::store::WorkloadClaims {
+            workload,
+            labels: args.labels.clone(),
+            addresses: args.addresses.clone(),
+        });
     let socket = match (&args.admin_socket, &args.data_dir) {
         (Some(path), _) => Some(path.clone()),
         (None, Some(dir)) => Some(dir.join(admin_socket::SOCKET_FILE)).filter(|p| p.exists()),
@@ -231,6 +269,7 @@ async fn token_create(args: TokenCreateArgs) -> anyhow::Result<()> {
                 namespace: args.namespace,
                 service_account: args.service_account,
                 ttl_seconds: args.ttl.as_secs(),
+                claims,
             };
             let resp = admin_socket::request(&path, &req).await.map_err(|e| {
                 anyhow::anyhow!(
@@ -257,6 +296,7 @@ async fn token_create(args: TokenCreateArgs) -> anyhow::Result<()> {
                 &args.service_account,
                 args.ttl,
                 now,
+                claims,
             )
             .map_err(|e| anyhow::anyhow!(e))?;
             (token, record.expires_at)

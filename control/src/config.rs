@@ -36,6 +36,8 @@ pub struct Config {
     pub certify_burst: u32,
     /// ...and per second after that.
     pub certify_rate: f64,
+    /// Registered workloads one namespace may hold.
+    pub max_workloads_per_namespace: usize,
 }
 
 /// The identity the control plane serves as.

@@ -113,6 +113,7 @@ impl ControlPlane {
         );
         let store: Arc<dyn Store> = Arc::new(LocalStore::open(&config.data_dir)?);
         let mut index = Index::new(&config.cluster, &config.cluster_domain, config.liveness);
+        index.set_max_per_namespace(config.max_workloads_per_namespace);
         let restored = store.registrations()?;
         tracing::info!(count = restored.len(), "restored workload registrations");
         index.restore(restored, Instant::now());

@@ -203,7 +203,74 @@ impl ApiServices {
             RegistryError::NotFound { .. } => {
                 self.refuse("not_registered", Code::NotFound, e.to_string())
             }
+            RegistryError::AddressTaken { .. } => {
+                self.refuse("address_taken", Code::PermissionDenied, e.to_string())
+            }
+            RegistryError::NamespaceFull { .. } => {
+                self.refuse("namespace_full", Code::ResourceExhausted, e.to_string())
+            }
         }
+    }
+
+    /// A registration may claim only what the token its identity joined
+    /// with granted for that workload: the same identity, exactly the
+    /// granted labels, and (when the token named any) only granted
+    /// addresses. A workload's word about itself is not enough.
+    async fn check_granted(&self, reg: &Registration) -> Result<(), Status> {
+        let store = self.store.clone();
+        let (ns, name) = (reg.namespace.clone(), reg.name.clone());
+        let grant = tokio::task::spawn_blocking(move || store.grant(&ns, &name))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let workload = format!("{}/{}", reg.namespace, reg.name);
+        let Some(grant) = grant else {
+            return Err(self.refuse(
+                "not_granted",
+                Code::PermissionDenied,
+                format!(
+                    "no join token was created for workload {workload}; create the workload's token with `mesh control token create --workload {} --labels ...`",
+                    reg.name
+                ),
+            ));
+        };
+        if grant.spiffe_id != reg.spiffe_id {
+            return Err(self.refuse(
+                "not_owner",
+                Code::PermissionDenied,
+                format!(
+                    "workload {workload} was granted to {}; only its owner may register it, not {}",
+                    grant.spiffe_id, reg.spiffe_id
+                ),
+            ));
+        }
+        if grant.claims.labels != reg.labels {
+            return Err(self.refuse(
+                "labels_not_granted",
+                Code::PermissionDenied,
+                format!(
+                    "workload {workload} may register the labels its token granted ({:?}), not {:?}",
+                    grant.claims.labels, reg.labels
+                ),
+            ));
+        }
+        let allowed = &grant.claims.addresses;
+        if allowed.is_empty() {
+            // Not fixed by the operator: no other workload's address.
+            return self
+                .shared
+                .read()
+                .addresses_free(reg)
+                .map_err(|e| self.registry_error(e));
+        }
+        if let Some(a) = reg.addresses.iter().find(|a| !allowed.contains(a)) {
+            return Err(self.refuse(
+                "address_not_granted",
+                Code::PermissionDenied,
+                format!("workload {workload} may not register address {a}: its token granted {allowed:?}"),
+            ));
+        }
+        Ok(())
     }
 
     async fn persist(
@@ -407,6 +474,7 @@ impl Registry for ApiServices {
         // Check ownership first, persist, then publish: a registration is
         // only ever visible once it is committed.
         let key = reg.key();
+        self.check_granted(&reg).await?;
         self.shared
             .read()
             .may_register(&reg)

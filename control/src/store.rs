@@ -1,11 +1,12 @@
-//! Durable state: join tokens, workload registrations, issued serials.
+//! Durable state: join tokens, the workload claims redeemed tokens
+//! granted, workload registrations, issued serials.
 //!
 //! Controllers use the [`Store`] trait; [`LocalStore`] keeps it in an
 //! embedded redb database under `--data-dir`. Every write is one committed
 //! (fsynced) transaction, so `kill -9` loses nothing a caller was told
 //! succeeded. Calls block on disk I/O: call them from `spawn_blocking`.
 
-use std::{path::Path, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, path::Path, time::Duration};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,7 @@ use crate::index::Registration;
 const TOKENS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("join_tokens");
 const REGISTRATIONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("registrations");
 const SERIALS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("issued_serials");
+const GRANTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("workload_grants");
 
 /// The database file inside `--data-dir`.
 pub const DB_FILE: &str = "control.redb";
@@ -30,6 +32,67 @@ pub struct TokenRecord {
     pub expires_at: i64,
     /// Unix seconds of the one use, once used.
     pub used_at: Option<i64>,
+    /// What the workload joining with it may register; without claims,
+    /// the identity it gets may register nothing (a gateway's, a mirror's).
+    #[serde(default)]
+    pub claims: Option<WorkloadClaims>,
+}
+
+/// The workload a join token is for, fixed when the token is created: the
+/// registration its identity may make later is bounded by this, not by
+/// what the workload says about itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadClaims {
+    /// The workload (replica) name it registers as.
+    pub workload: String,
+    /// Exactly the labels it registers (what Service selectors match).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The addresses it may register; empty: any address no other
+    /// workload holds.
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+}
+
+/// Labels a token may grant at most.
+pub const MAX_CLAIMED_LABELS: usize = 64;
+/// Addresses a token may grant at most.
+pub const MAX_CLAIMED_ADDRESSES: usize = 16;
+
+impl WorkloadClaims {
+    /// Kubernetes rules for the name and labels, and bounded counts.
+    pub fn check(&self) -> Result<(), String> {
+        crate::resources::parse::check_name("workload", &self.workload)?;
+        if self.labels.len() > MAX_CLAIMED_LABELS {
+            return Err(format!("at most {MAX_CLAIMED_LABELS} labels"));
+        }
+        let chars = |s: &str, extra: &[u8]| {
+            s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
+        };
+        for (k, v) in &self.labels {
+            if k.is_empty() || k.len() > 253 || !chars(k, b"-_./") {
+                return Err(format!("label key {k:?} is not a Kubernetes label key"));
+            }
+            if v.len() > 63 || !chars(v, b"-_.") {
+                return Err(format!("label {k}={v:?}: not a Kubernetes label value"));
+            }
+        }
+        if self.addresses.len() > MAX_CLAIMED_ADDRESSES {
+            return Err(format!("at most {MAX_CLAIMED_ADDRESSES} addresses"));
+        }
+        Ok(())
+    }
+}
+
+/// What a redeemed token granted: the claims, and the identity that may
+/// use them (the one the token's SVID names).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub spiffe_id: String,
+    pub claims: WorkloadClaims,
+    /// Unix seconds.
+    pub granted_at: i64,
 }
 
 /// An issued certificate, for audit.
@@ -74,7 +137,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn close(&self) {}
     fn create_token(&self, hash: &[u8; 32], record: &TokenRecord) -> Result<(), StoreError>;
     fn get_token(&self, hash: &[u8; 32]) -> Result<Option<TokenRecord>, StoreError>;
-    /// Marks the token used and records the serial it paid for, in one
+    /// Marks the token used and records the serial it paid for (and the
+    /// grant of its claims, for the serial's identity), in one
     /// transaction; re-checks use and expiry inside it.
     fn consume_token(
         &self,
@@ -83,6 +147,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         serial: &SerialRecord,
     ) -> Result<Result<(), TokenError>, StoreError>;
     fn record_serial(&self, serial: &SerialRecord) -> Result<(), StoreError>;
+    /// What a redeemed token granted workload `namespace/name`.
+    fn grant(&self, namespace: &str, name: &str) -> Result<Option<Grant>, StoreError>;
     fn put_registration(&self, reg: &Registration) -> Result<(), StoreError>;
     fn delete_registration(&self, namespace: &str, name: &str) -> Result<(), StoreError>;
     fn registrations(&self) -> Result<Vec<Registration>, StoreError>;
@@ -132,6 +198,7 @@ impl LocalStore {
         tx.open_table(TOKENS).map_err(db_err)?;
         tx.open_table(REGISTRATIONS).map_err(db_err)?;
         tx.open_table(SERIALS).map_err(db_err)?;
+        tx.open_table(GRANTS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(Self {
             db: std::sync::RwLock::new(Some(std::sync::Arc::new(db))),
@@ -207,6 +274,18 @@ impl Store for LocalStore {
             tokens
                 .insert(hash.as_slice(), encode(&record).as_slice())
                 .map_err(db_err)?;
+            if let Some(claims) = &record.claims {
+                let grant = Grant {
+                    spiffe_id: serial.spiffe_id.clone(),
+                    claims: claims.clone(),
+                    granted_at: now,
+                };
+                let key = format!("{}/{}", record.namespace, claims.workload);
+                tx.open_table(GRANTS)
+                    .map_err(db_err)?
+                    .insert(key.as_str(), encode(&grant).as_slice())
+                    .map_err(db_err)?;
+            }
             tx.open_table(SERIALS)
                 .map_err(db_err)?
                 .insert(serial.serial.as_str(), encode(serial).as_slice())
@@ -223,6 +302,16 @@ impl Store for LocalStore {
             .insert(serial.serial.as_str(), encode(serial).as_slice())
             .map_err(db_err)?;
         tx.commit().map_err(db_err)
+    }
+
+    fn grant(&self, namespace: &str, name: &str) -> Result<Option<Grant>, StoreError> {
+        let key = format!("{namespace}/{name}");
+        let tx = self.db()?.begin_read().map_err(db_err)?;
+        let table = tx.open_table(GRANTS).map_err(db_err)?;
+        let value = table.get(key.as_str()).map_err(db_err)?;
+        value
+            .map(|v| decode("workload_grants", v.value()))
+            .transpose()
     }
 
     fn put_registration(&self, reg: &Registration) -> Result<(), StoreError> {
@@ -306,6 +395,11 @@ mod tests {
             created_at: 100,
             expires_at: 200,
             used_at: None,
+            claims: Some(WorkloadClaims {
+                workload: "web-0".into(),
+                labels: [("app".to_owned(), "web".to_owned())].into(),
+                addresses: vec![],
+            }),
         };
         store.create_token(&[1; 32], &record).unwrap();
         store.create_token(&[2; 32], &record).unwrap();
@@ -314,10 +408,14 @@ mod tests {
             store.consume_token(&[9; 32], 150, &serial("a")).unwrap(),
             Err(TokenError::Unknown)
         );
+        assert_eq!(store.grant("shop", "web-0").unwrap(), None);
         assert_eq!(
             store.consume_token(&[1; 32], 150, &serial("a")).unwrap(),
             Ok(())
         );
+        let grant = store.grant("shop", "web-0").unwrap().unwrap();
+        assert_eq!(grant.claims.labels["app"], "web");
+        assert_eq!(grant.spiffe_id, serial("a").spiffe_id);
         assert_eq!(
             store.consume_token(&[1; 32], 160, &serial("b")).unwrap(),
             Err(TokenError::Used { at: 150 })

@@ -80,5 +80,6 @@ pub fn config_for(root: &Path, cluster: &str, td: &str) -> Config {
         leaf_ttl: Duration::from_secs(24 * 3600),
         certify_burst: 100,
         certify_rate: 10.0,
+        max_workloads_per_namespace: crate::index::MAX_WORKLOADS_PER_NAMESPACE,
     }
 }

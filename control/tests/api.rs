@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use mesh_control::index::Liveness;
 use mesh_core::api::v1::{
     DeregisterRequest, DiscoveryUpdate, HeartbeatRequest, InboundRequest, OutboundRequest,
-    WatchRequest, discovery_update::Kind,
+    RegisterRequest, WatchRequest, discovery_update::Kind,
 };
 use support::*;
 use tonic::{Code, Streaming};
@@ -58,7 +58,9 @@ async fn registration_reaches_a_watcher_within_a_second() {
         "full (empty) state first"
     );
 
-    let api = tp.join("shop", "api").await;
+    let api = tp
+        .join_workload(("shop", "api"), "api-0", "api", "127.0.0.7")
+        .await;
     let started = Instant::now();
     tp.registry(&api)
         .register(register_request("shop", "api-0", "api", "127.0.0.7"))
@@ -141,7 +143,9 @@ async fn silent_workloads_leave_discovery_and_come_back() {
     .await;
     std::fs::write(tp.config_dir().join("shop.yaml"), API_SERVICE).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let api = tp.join("shop", "api").await;
+    let api = tp
+        .join_workload(("shop", "api"), "api-0", "api", "127.0.0.7")
+        .await;
     let mut registry = tp.registry(&api);
     let resp = registry
         .register(register_request("shop", "api-0", "api", "127.0.0.7"))
@@ -176,7 +180,9 @@ async fn silent_workloads_leave_discovery_and_come_back() {
 #[tokio::test]
 async fn registry_refuses_other_namespaces_and_other_owners() {
     let tp = TestPlane::start().await;
-    let api = tp.join("shop", "api").await;
+    let api = tp
+        .join_workload(("shop", "api"), "api-0", "api", "127.0.0.7")
+        .await;
     let other = tp.join("shop", "other").await;
     let err = tp
         .registry(&api)
@@ -233,7 +239,9 @@ async fn policy_streams_follow_the_config() {
     )
     .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let api = tp.join("shop", "api").await;
+    let api = tp
+        .join_workload(("shop", "api"), "api-0", "api", "127.0.0.7")
+        .await;
     tp.registry(&api)
         .register(register_request("shop", "api-0", "api", "127.0.0.7"))
         .await
@@ -276,4 +284,92 @@ async fn policy_streams_follow_the_config() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+/// A workload with a valid identity tries to claim more than its token
+/// granted: a Service's selector labels, another workload's address, a
+/// workload nobody granted, and (with a token that fixed no address) an
+/// address another workload holds. Each is refused with its reason, and
+/// discovery still lists only the real endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_claims_only_what_its_token_granted() {
+    let tp = TestPlane::start().await;
+    std::fs::write(tp.config_dir().join("shop.yaml"), API_SERVICE).unwrap();
+    let api = tp
+        .join_workload(("shop", "api"), "api-0", "api", "127.0.0.7")
+        .await;
+    tp.registry(&api)
+        .register(register_request("shop", "api-0", "api", "127.0.0.7"))
+        .await
+        .unwrap();
+    let web = tp
+        .join_workload(("shop", "web"), "web-0", "web", "127.0.0.9")
+        .await;
+    let refused = |req: RegisterRequest, creds: &mesh_core::identity::Credentials| {
+        let mut registry = tp.registry(creds);
+        async move { registry.register(req).await.unwrap_err() }
+    };
+    // The api Service's selector, from a token that granted app=web.
+    let err = refused(register_request("shop", "web-0", "api", "127.0.0.9"), &web).await;
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("labels its token granted"), "{err}");
+    // api's address.
+    let err = refused(register_request("shop", "web-0", "web", "127.0.0.7"), &web).await;
+    assert!(
+        err.message().contains("may not register address 127.0.0.7"),
+        "{err}"
+    );
+    // A workload no token named.
+    let err = refused(register_request("shop", "api-9", "api", "127.0.0.9"), &web).await;
+    assert!(err.message().contains("no join token was created"), "{err}");
+    // A token that fixed no address: any address but another workload's.
+    let token = tp.token_with(
+        "shop",
+        "web",
+        Some(mesh_control::store::WorkloadClaims {
+            addresses: vec![],
+            ..claims("web-1", "web", "127.0.0.1")
+        }),
+    );
+    let web1 = tp.clients().join(&token, "shop", "web").await;
+    let err = refused(register_request("shop", "web-1", "web", "127.0.0.7"), &web1).await;
+    assert!(
+        err.message().contains("registered by workload shop/api-0"),
+        "{err}"
+    );
+    tp.registry(&web1)
+        .register(register_request("shop", "web-1", "web", "127.0.0.10"))
+        .await
+        .unwrap();
+
+    let m = tp.metrics().await;
+    for reason in [
+        "labels_not_granted",
+        "address_not_granted",
+        "not_granted",
+        "address_taken",
+    ] {
+        assert_eq!(
+            sample(
+                &m,
+                &format!("mesh_control_registry_refused_total{{reason=\"{reason}\"}}")
+            ),
+            1.0,
+            "{reason}"
+        );
+    }
+    let mut watch = tp
+        .discovery(&web)
+        .watch(WatchRequest {
+            authority: "api.shop.svc.cluster.local:8080".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The Service file is read within a poll or two.
+    let mut kind = next(&mut watch, Duration::from_secs(5)).await;
+    while !matches!(&kind, Kind::Endpoints(set) if !set.endpoints.is_empty()) {
+        kind = next(&mut watch, Duration::from_secs(5)).await;
+    }
+    assert_eq!(addresses(&kind), ["127.0.0.7:8080"]);
 }

@@ -60,6 +60,7 @@ async fn token_then_renewal_then_each_refusal() {
                 created_at: t - 700,
                 expires_at: t - 100,
                 used_at: None,
+                claims: None,
             },
         )
         .unwrap();
@@ -243,5 +244,48 @@ async fn tls_refusals_are_counted_and_metrics_pass_promtool() {
         "promtool check metrics: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A flood of made-up join tokens from one address: past the burst it is
+/// refused by the address's own budget, before the token store is read,
+/// and a token from the same address is refused the same way until the
+/// budget refills.
+#[tokio::test]
+async fn a_flood_of_random_tokens_is_limited_before_the_store() {
+    let tp = TestPlane::start().await;
+    let web_id = format!("spiffe://{TD}/ns/shop/sa/web");
+    let mut client = tp.anonymous_identity();
+    let (mut unknown, mut limited) = (0, 0);
+    for _ in 0..130 {
+        let (_, csr) = new_key_and_csr().unwrap();
+        let err = client
+            .certify(CertifyRequest {
+                identity: web_id.clone(),
+                csr,
+                token: mesh_control::tokens::generate(),
+                ttl_seconds: 0,
+            })
+            .await
+            .unwrap_err();
+        match err.code() {
+            Code::Unauthenticated => unknown += 1,
+            Code::ResourceExhausted => {
+                assert!(err.message().contains("this address"), "{err}");
+                limited += 1;
+            }
+            other => panic!("{other:?}: {err}"),
+        }
+    }
+    // The burst (100) plus what refills while the flood runs.
+    assert!(unknown <= 110, "{unknown} reached the token store");
+    assert!(limited >= 20, "only {limited} were rate limited");
+    let m = tp.metrics().await;
+    assert!(
+        sample(
+            &m,
+            "mesh_control_certify_refused_total{reason=\"rate_limited\"}"
+        ) >= 20.0,
+        "{m}"
     );
 }

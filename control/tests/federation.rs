@@ -83,7 +83,9 @@ async fn a_linked_cluster_watches_exports_and_nothing_else() {
     let east = OtherCluster::new("east.mesh.local");
     std::fs::write(tp.config_dir().join("shop.yaml"), EXPORTED).unwrap();
     std::fs::write(tp.config_dir().join("link-east.yaml"), east.link("east")).unwrap();
-    let api = tp.join("shop", "api").await;
+    let api = tp
+        .join_workload(("shop", "api"), "api-0", "api", "127.0.0.7")
+        .await;
     tp.registry(&api)
         .register(register_request("shop", "api-0", "api", "127.0.0.7"))
         .await

@@ -89,11 +89,18 @@ async fn wait_ready(addr: SocketAddr, root: &Path) {
     }
 }
 
-fn token_via_cli(root: &Path, sa: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_mesh-control"))
-        .args([
-            "token", "create", "--ns", "shop", "--sa", sa, "--ttl", "10m",
-        ])
+/// A token for `shop/<sa>` through the CLI; with `workload` = (name, ip),
+/// for that workload (label app=<sa>).
+fn token_via_cli(root: &Path, sa: &str, workload: Option<(&str, &str)>) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mesh-control"));
+    cmd.args([
+        "token", "create", "--ns", "shop", "--sa", sa, "--ttl", "10m",
+    ]);
+    if let Some((name, ip)) = workload {
+        cmd.args(["--workload", name, "--labels", &format!("app={sa}")])
+            .args(["--addresses", ip]);
+    }
+    let out = cmd
         .arg("--data-dir")
         .arg(root.join("data"))
         .output()
@@ -122,15 +129,20 @@ async fn kill_9_and_restart_keeps_registrations_and_tokens() {
         identity: addrs.identity,
         api: addrs.api,
     };
-    let api = c.join(&token_via_cli(root, "api"), "shop", "api").await;
+    let mut api = None;
     for (i, ip) in ["127.0.0.7", "127.0.0.8"].iter().enumerate() {
-        c.registry(&api)
-            .register(register_request("shop", &format!("api-{i}"), "api", ip))
+        let name = format!("api-{i}");
+        let token = token_via_cli(root, "api", Some((&name, ip)));
+        let creds = c.join(&token, "shop", "api").await;
+        c.registry(&creds)
+            .register(register_request("shop", &name, "api", ip))
             .await
             .unwrap();
+        api = Some(creds);
     }
+    let api = api.unwrap();
     // A token created before the crash, used after it.
-    let spare = token_via_cli(root, "web");
+    let spare = token_via_cli(root, "web", None);
 
     child.kill().unwrap(); // SIGKILL: no shutdown code runs.
     child.wait().unwrap();
@@ -184,7 +196,13 @@ async fn a_paused_control_plane_pushes_no_empty_endpoint_sets() {
         identity: addrs.identity,
         api: addrs.api,
     };
-    let api = c.join(&token_via_cli(root, "api"), "shop", "api").await;
+    let api = c
+        .join(
+            &token_via_cli(root, "api", Some(("api-0", "127.0.0.7"))),
+            "shop",
+            "api",
+        )
+        .await;
     let mut registry = c.registry(&api);
     registry
         .register(register_request("shop", "api-0", "api", "127.0.0.7"))

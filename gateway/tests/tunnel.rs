@@ -204,6 +204,55 @@ fn local_creds(c: &Cluster, path: &str) -> Credentials {
     Credentials::new(issued.chain, key).unwrap()
 }
 
+/// An SVID for `shop/<sa>` through Certify, with a token for workload
+/// `workload` (label app=<sa>, address 127.0.0.1), as a proxy joins.
+async fn joined(c: &Cluster, sa: &str, workload: &str) -> Credentials {
+    use mesh_core::{
+        api::v1::{CertifyRequest, identity_client::IdentityClient},
+        identity::tls::client_config_without_cert,
+    };
+    let (token, _) = mesh_control::admin_socket::create_token(
+        c.plane.store().as_ref(),
+        "shop",
+        sa,
+        Duration::from_secs(600),
+        now().unix_timestamp(),
+        Some(mesh_control::store::WorkloadClaims {
+            workload: workload.into(),
+            labels: [("app".to_owned(), sa.to_owned())].into(),
+            addresses: vec!["127.0.0.1".parse().unwrap()],
+        }),
+    )
+    .unwrap();
+    let tls = client_config_without_cert(
+        c.bundles.clone(),
+        ExpectedIdentity::Exact(id("/ns/mesh-system/sa/control")),
+    )
+    .unwrap();
+    let mut identity = IdentityClient::new(
+        mesh_core::grpc::channel(&c.plane.identity_addr.to_string(), tls).unwrap(),
+    );
+    let (key, csr) = new_key_and_csr().unwrap();
+    let resp = identity
+        .certify(CertifyRequest {
+            identity: id(&format!("/ns/shop/sa/{sa}")).to_string(),
+            csr,
+            token,
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    Credentials::new(
+        resp.chain
+            .into_iter()
+            .map(rustls::pki_types::CertificateDer::from)
+            .collect(),
+        key,
+    )
+    .unwrap()
+}
+
 /// An exported service whose only endpoint's proxy port never completes a
 /// TCP handshake (a listener with a full accept queue drops SYNs, as a
 /// black hole does): the gateway refuses the stream with 502 after its
@@ -227,7 +276,7 @@ async fn a_destination_that_never_answers_is_refused_after_the_connect_timeout()
     let _queued = std::net::TcpStream::connect(stuck_addr).unwrap();
 
     let tls = client_config(
-        CredentialStore::new(local_creds(&c, "/ns/shop/sa/stuck")),
+        CredentialStore::new(joined(&c, "stuck", "stuck-0").await),
         c.bundles.clone(),
         ExpectedIdentity::Exact(id("/ns/mesh-system/sa/control")),
     )

@@ -187,7 +187,12 @@ async fn a_destination_lost_from_discovery_fails_closed() {
 /// `other` registers a workload `<app>-0` (label `app=<app>`) on 127.0.0.1
 /// whose proxy would listen on `proxy_port`.
 async fn register_as_other(w: &World, app: &str, proxy_port: u16) {
-    let other = w.join("other").await;
+    let claims = mesh_control::store::WorkloadClaims {
+        workload: format!("{app}-0"),
+        labels: [("app".to_owned(), app.to_owned())].into(),
+        addresses: vec!["127.0.0.1".parse().unwrap()],
+    };
+    let other = w.join_with("other", Duration::ZERO, Some(claims)).await;
     let tls = mesh_core::identity::tls::client_config(
         mesh_core::identity::CredentialStore::new(other),
         w.bundles.clone(),

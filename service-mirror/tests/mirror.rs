@@ -71,8 +71,8 @@ async fn federated() -> Federated {
         join_token_file: Some(token(
             &west,
             west_dir.path(),
-            "mesh-system",
-            "service-mirror",
+            ("mesh-system", "service-mirror"),
+            None,
         )),
         credentials_dir: None,
         config_dir: config_dir.clone(),

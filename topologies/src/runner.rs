@@ -165,6 +165,10 @@ pub struct TokenFor {
     pub namespace: String,
     pub service_account: String,
     pub file: PathBuf,
+    /// The workload it is for: name, labels and address (a replica's
+    /// proxy); `None` for system components, which register nothing.
+    #[serde(default)]
+    pub claims: Option<mesh_control::store::WorkloadClaims>,
 }
 
 /// One cluster's addresses and directories.
@@ -710,6 +714,7 @@ impl Run {
                     namespace: token.namespace.clone(),
                     service_account: token.service_account.clone(),
                     ttl_seconds: 600,
+                    claims: token.claims.clone(),
                 },
             )
             .await
@@ -1120,6 +1125,7 @@ fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Result<RunRecord
             namespace: "mesh-system".into(),
             service_account: sa.into(),
             file: dir.join(format!("tokens/mesh-system-{sa}.token")),
+            claims: None,
         };
         if let (Some(tunnel), Some(admin)) = (info.gateway, info.gateway_admin) {
             let mut args = vec!["gateway".to_owned()];
@@ -1331,6 +1337,11 @@ fn replica_components(
                 namespace: w.namespace.clone(),
                 service_account: w.service_account().to_owned(),
                 file: token.clone(),
+                claims: Some(mesh_control::store::WorkloadClaims {
+                    workload: replica.to_owned(),
+                    labels: w.labels(),
+                    addresses: vec![ip],
+                }),
             }),
             netns: place.netns.clone(),
             exe: mesh.to_owned(),

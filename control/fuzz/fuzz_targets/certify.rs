@@ -45,7 +45,7 @@ fn world() -> &'static World {
         let bundle = TrustBundle::with_roots(ca.trust_domain().clone(), [root.cert().clone()]).unwrap();
         let store = Arc::new(LocalStore::open(dir.path()).unwrap());
         // Long-lived and never consumed unless a fuzzed CSR verifies.
-        let token = create_token(store.as_ref(), "a", "b", Duration::from_secs(86_400 * 7), now().unix_timestamp())
+        let token = create_token(store.as_ref(), "a", "b", Duration::from_secs(86_400 * 7), now().unix_timestamp(), None)
             .unwrap()
             .0;
         let service = IdentityService {

@@ -85,7 +85,16 @@ pub enum RegistryError {
     NotOwner { key: Key, owner: String },
     #[error("workload {}/{} is not registered (it may have been removed after missing heartbeats); register again", key.0, key.1)]
     NotFound { key: Key },
+    #[error("address {address} is registered by workload {}/{}; a workload may not claim another's address", holder.0, holder.1)]
+    AddressTaken { address: IpAddr, holder: Key },
+    #[error(
+        "namespace {namespace} already has {max} registered workloads (--max-workloads-per-namespace)"
+    )]
+    NamespaceFull { namespace: String, max: usize },
 }
+
+/// Registered workloads one namespace may hold by default.
+pub const MAX_WORKLOADS_PER_NAMESPACE: usize = 1_000;
 
 #[derive(Clone, Debug)]
 struct Workload {
@@ -111,6 +120,8 @@ pub struct Index {
     awake: Option<Instant>,
     cluster_domain: String,
     liveness: Liveness,
+    /// Registrations one namespace may hold.
+    max_per_namespace: usize,
     services: BTreeMap<Key, Object<ServiceSpec>>,
     servers: BTreeMap<Key, Object<ServerSpec>>,
     authorizations: BTreeMap<Key, Object<AuthorizationPolicySpec>>,
@@ -128,6 +139,7 @@ impl Index {
             awake: None,
             cluster_domain: cluster_domain.to_owned(),
             liveness,
+            max_per_namespace: MAX_WORKLOADS_PER_NAMESPACE,
             services: BTreeMap::new(),
             servers: BTreeMap::new(),
             authorizations: BTreeMap::new(),
@@ -137,6 +149,11 @@ impl Index {
             mirrors: BTreeMap::new(),
             workloads: BTreeMap::new(),
         }
+    }
+
+    /// Sets how many registrations one namespace may hold.
+    pub fn set_max_per_namespace(&mut self, max: usize) {
+        self.max_per_namespace = max;
     }
 
     pub fn cluster_domain(&self) -> &str {
@@ -184,17 +201,51 @@ impl Index {
         changed
     }
 
-    /// Whether `reg` may be stored: new, or replacing its owner's own.
+    /// Whether `reg` may be stored: new (below its namespace's cap), or
+    /// replacing its owner's own.
     pub fn may_register(&self, reg: &Registration) -> Result<(), RegistryError> {
-        match self.workloads.get(&reg.key()) {
+        let key = reg.key();
+        match self.workloads.get(&key) {
             Some(existing) if existing.reg.spiffe_id != reg.spiffe_id => {
-                Err(RegistryError::NotOwner {
-                    key: reg.key(),
+                return Err(RegistryError::NotOwner {
+                    key,
                     owner: existing.reg.spiffe_id.clone(),
-                })
+                });
             }
-            _ => Ok(()),
+            Some(_) => {}
+            None => {
+                let in_namespace = self
+                    .workloads
+                    .keys()
+                    .filter(|(ns, _)| *ns == reg.namespace)
+                    .count();
+                if in_namespace >= self.max_per_namespace {
+                    return Err(RegistryError::NamespaceFull {
+                        namespace: reg.namespace.clone(),
+                        max: self.max_per_namespace,
+                    });
+                }
+            }
         }
+        Ok(())
+    }
+
+    /// `Err` when another workload than `reg`'s holds one of its
+    /// addresses (for registrations whose token fixed no addresses).
+    pub fn addresses_free(&self, reg: &Registration) -> Result<(), RegistryError> {
+        let key = reg.key();
+        for (other, w) in &self.workloads {
+            if *other == key {
+                continue;
+            }
+            if let Some(address) = reg.addresses.iter().find(|a| w.reg.addresses.contains(a)) {
+                return Err(RegistryError::AddressTaken {
+                    address: *address,
+                    holder: other.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Adds or replaces a registration; only its owner may replace it.
@@ -405,6 +456,26 @@ pub(crate) mod tests {
         let later = resumed + s(31);
         index.sweep(later - s(1), later);
         assert_eq!(index.workload_counts(later), (0, 1));
+    }
+
+    #[test]
+    fn a_namespace_holds_at_most_its_cap() {
+        let now = Instant::now();
+        let mut index = Index::new("west", "cluster.local", Liveness::default());
+        index.set_max_per_namespace(1);
+        index
+            .register(reg("shop", "api-0", "api", &[], "10.0.0.1"), now)
+            .unwrap();
+        assert!(matches!(
+            index.register(reg("shop", "api-1", "api", &[], "10.0.0.2"), now),
+            Err(RegistryError::NamespaceFull { max: 1, .. })
+        ));
+        index
+            .register(reg("shop", "api-0", "api", &[], "10.0.0.3"), now)
+            .expect("replacing its own registration is not a new one");
+        index
+            .register(reg("billing", "db-0", "db", &[], "10.0.0.4"), now)
+            .expect("another namespace has its own cap");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use mesh_control::{ControlPlane, admin_socket::create_token, config::Config};
+use mesh_control::{
+    ControlPlane, admin_socket::create_token, config::Config, store::WorkloadClaims,
+};
 use mesh_core::{
     api::v1::{
         CertifyRequest, CertifyResponse, RegisterRequest, WorkloadPort,
@@ -91,13 +93,19 @@ impl TestPlane {
         self.clients().registry(creds)
     }
 
+    /// A token for `ns/sa` that may register nothing.
     pub fn token(&self, ns: &str, sa: &str) -> String {
+        self.token_with(ns, sa, None)
+    }
+
+    pub fn token_with(&self, ns: &str, sa: &str, claims: Option<WorkloadClaims>) -> String {
         create_token(
             self.plane().store().as_ref(),
             ns,
             sa,
             Duration::from_secs(600),
             now().unix_timestamp(),
+            claims,
         )
         .unwrap()
         .0
@@ -106,6 +114,19 @@ impl TestPlane {
     /// Joins as `ns/sa` with a fresh token: the workload's first SVID.
     pub async fn join(&self, ns: &str, sa: &str) -> Credentials {
         self.clients().join(&self.token(ns, sa), ns, sa).await
+    }
+
+    /// Joins as `ns/sa` with a token for workload `name` (label
+    /// `app=<app>`, address `ip`): what [`register_request`] claims.
+    pub async fn join_workload(
+        &self,
+        (ns, sa): (&str, &str),
+        name: &str,
+        app: &str,
+        ip: &str,
+    ) -> Credentials {
+        let token = self.token_with(ns, sa, Some(claims(name, app, ip)));
+        self.clients().join(&token, ns, sa).await
     }
 
     pub async fn metrics(&self) -> String {
@@ -225,6 +246,15 @@ pub fn sample(metrics: &str, series: &str) -> f64 {
         .lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// What a token for [`register_request`]'s workload grants.
+pub fn claims(name: &str, app: &str, ip: &str) -> WorkloadClaims {
+    WorkloadClaims {
+        workload: name.into(),
+        labels: [("app".to_owned(), app.to_owned())].into(),
+        addresses: vec![ip.parse().unwrap()],
+    }
 }
 
 pub fn register_request(ns: &str, name: &str, app: &str, ip: &str) -> RegisterRequest {

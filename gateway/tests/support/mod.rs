@@ -63,14 +63,21 @@ pub async fn app(ip: &str) -> SocketAddr {
     addr
 }
 
-/// A join token for `ns/sa`, written to a file under `dir`.
-pub fn token(plane: &ControlPlane, dir: &Path, ns: &str, sa: &str) -> std::path::PathBuf {
+/// A join token for `ns/sa` (for workload `claims`, if any), written to a
+/// file under `dir`.
+pub fn token(
+    plane: &ControlPlane,
+    dir: &Path,
+    (ns, sa): (&str, &str),
+    claims: Option<mesh_control::store::WorkloadClaims>,
+) -> std::path::PathBuf {
     let (token, _) = create_token(
         plane.store().as_ref(),
         ns,
         sa,
         Duration::from_secs(600),
         now().unix_timestamp(),
+        claims,
     )
     .unwrap();
     let path = dir.join(format!("{ns}-{sa}.token"));
@@ -100,7 +107,16 @@ pub async fn proxy(
         control_api_addr: plane.api_addr.to_string(),
         control_identity: SpiffeId::workload(&td, "mesh-system", "control").unwrap(),
         trust_anchors: dir.join("ca/bundle.json"),
-        bootstrap: Bootstrap::TokenFile(token(plane, dir, "shop", sa)),
+        bootstrap: Bootstrap::TokenFile(token(
+            plane,
+            dir,
+            ("shop", sa),
+            Some(mesh_control::store::WorkloadClaims {
+                workload: format!("{sa}-0"),
+                labels: [("app".to_owned(), sa.to_owned())].into(),
+                addresses: vec![ip],
+            }),
+        )),
         inbound_addr: SocketAddr::new(ip, 0),
         outbound_addr: SocketAddr::new(ip, 0),
         admin_addr: "127.0.0.1:0".parse().unwrap(),
@@ -147,7 +163,7 @@ pub async fn gateway_at(
         control_api_addr: plane.api_addr.to_string(),
         control_identity: None,
         trust_anchors: dir.join("ca/bundle.json"),
-        join_token_file: Some(token(plane, dir, "mesh-system", "gateway")),
+        join_token_file: Some(token(plane, dir, ("mesh-system", "gateway"), None)),
         credentials_dir: None,
         tunnel_addr,
         admin_addr: "127.0.0.1:0".parse().unwrap(),

@@ -255,12 +255,22 @@ pub fn proxy_config(
         ip,
     } = spec;
     let token_file = dir.join(format!("{name}.token"));
+    // The token grants exactly the workload this proxy registers.
+    let claims = mesh_control::store::WorkloadClaims {
+        workload: name.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        addresses: vec![ip],
+    };
     let (token, _) = create_token(
         plane.store().as_ref(),
         "shop",
         sa,
         Duration::from_secs(600),
         now().unix_timestamp(),
+        Some(claims),
     )
     .unwrap();
     std::fs::write(&token_file, token).unwrap();
@@ -387,12 +397,24 @@ impl World {
 
     /// [`World::join`], asking for a leaf of `ttl` (zero: the default).
     pub async fn join_for(&self, sa: &str, ttl: Duration) -> Credentials {
+        self.join_with(sa, ttl, None).await
+    }
+
+    /// [`World::join`] with a token granting `claims` (what the identity
+    /// may register), asking for a leaf of `ttl` (zero: the default).
+    pub async fn join_with(
+        &self,
+        sa: &str,
+        ttl: Duration,
+        claims: Option<mesh_control::store::WorkloadClaims>,
+    ) -> Credentials {
         let (token, _) = create_token(
             self.plane().store().as_ref(),
             "shop",
             sa,
             Duration::from_secs(600),
             now().unix_timestamp(),
+            claims,
         )
         .unwrap();
         let tls =
