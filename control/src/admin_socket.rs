@@ -3,7 +3,7 @@
 //! plane. One JSON request line in, one JSON response line out.
 
 use std::{
-    os::unix::fs::{MetadataExt, PermissionsExt},
+    os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -112,9 +112,24 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
         }
         std::fs::remove_file(path).map_err(err)?;
     }
-    let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    Ok(listener)
+    // Bound inside a fresh 0700 directory, given mode 0600 there, then
+    // renamed into place: no other user can connect in between, as they
+    // could while a socket bound in place still had the umask's mode.
+    let parent = path.parent().unwrap_or_else(|| Path::new("."));
+    let private = parent.join(format!(".admin-sock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(err)?;
+    let staged = private.join("sock");
+    let bound = UnixListener::bind(&staged).and_then(|listener| {
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, path)?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_dir_all(&private);
+    bound.map_err(err)
 }
 
 /// Serves admin requests until the task is dropped.
@@ -221,4 +236,23 @@ pub async fn request(path: &Path, req: &AdminRequest) -> std::io::Result<AdminRe
     let mut answer = String::new();
     BufReader::new(read).read_line(&mut answer).await?;
     serde_json::from_str(&answer).map_err(std::io::Error::other)
+}
+
+#[cfg(test)]
+mod bind_tests {
+    use super::*;
+
+    /// The socket appears at its path already 0600 (it was given its mode
+    /// before it was put there), and nothing is left beside it.
+    #[tokio::test]
+    async fn the_socket_arrives_with_its_mode() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(SOCKET_FILE);
+        let _listener = bind(&path).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+        UnixStream::connect(&path).await.unwrap();
+    }
 }

@@ -23,6 +23,8 @@ use super::errors::OutboundError;
 /// Consecutive failures before an endpoint is ejected.
 pub const THRESHOLD: u32 = 5;
 const MIN_EJECTION: Duration = Duration::from_secs(1);
+/// How often an endpoint whose probe is in flight checks whether it ended.
+const PROBE_WAIT: Duration = Duration::from_millis(10);
 const MAX_EJECTION: Duration = Duration::from_secs(60);
 
 /// Which endpoints of one destination are ejected, shared with the request
@@ -73,6 +75,9 @@ struct State {
     ejections: u32,
     ejected_until: Option<Instant>,
     probing: bool,
+    /// The one probe request has been sent and has not ended yet: until
+    /// it does, the endpoint is not ready for any other request.
+    probe_in_flight: bool,
 }
 
 /// Called when an endpoint is ejected, with the ejection time.
@@ -142,6 +147,7 @@ fn record(state: &Mutex<State>, failed: bool) -> Change {
     s.ejections += 1;
     s.consecutive = 0;
     s.probing = false;
+    s.probe_in_flight = false;
     let until = Instant::now() + backoff;
     s.ejected_until = Some(until);
     Change::Ejected(until, backoff)
@@ -162,11 +168,21 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, OutboundError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), OutboundError>> {
-        let until = self
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .ejected_until;
+        let (until, probe_in_flight) = {
+            let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            (s.ejected_until, s.probe_in_flight)
+        };
+        if probe_in_flight {
+            // One probe at a time: others go to other endpoints meanwhile.
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(PROBE_WAIT)));
+            if sleep.as_mut().poll(cx).is_ready() {
+                self.sleep = None;
+                cx.waker().wake_by_ref();
+            }
+            return Poll::Pending;
+        }
         if let Some(until) = until {
             let sleep = self
                 .sleep
@@ -187,6 +203,12 @@ where
     }
 
     fn call(&mut self, req: http::Request<crate::inbound::Body>) -> Self::Future {
+        {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if s.probing {
+                s.probe_in_flight = true;
+            }
+        }
         let fut = self.inner.call(req);
         let (state, health, key, on_eject) = (
             self.state.clone(),
@@ -217,6 +239,49 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After an ejection, when the timer fires, exactly one request (the
+    /// probe) goes through; the endpoint is not ready for others until
+    /// the probe has answered.
+    #[tokio::test(start_paused = true)]
+    async fn one_probe_at_a_time() {
+        use std::future::poll_fn;
+        use tower::Service;
+
+        let fail = tower::service_fn(|_req: http::Request<crate::inbound::Body>| async {
+            Err::<Response<Incoming>, _>(OutboundError::Connect("refused".into()))
+        });
+        let health = Arc::new(Health::default());
+        let mut svc = Accrual::new("a".to_owned(), fail, health, Arc::new(|_: &String, _| {}));
+        let req = || {
+            http::Request::new(
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+        };
+        use http_body_util::BodyExt;
+        for _ in 0..THRESHOLD {
+            poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+            let _ = svc.call(req()).await;
+        }
+        let ready = |svc: &mut Accrual<String, _>| {
+            let waker = std::task::Waker::noop();
+            svc.poll_ready(&mut Context::from_waker(waker)).is_ready()
+        };
+        assert!(!ready(&mut svc), "ejected");
+        tokio::time::advance(MIN_EJECTION + Duration::from_millis(1)).await;
+        assert!(ready(&mut svc), "the timer fired: one probe may go");
+        let probe = svc.call(req());
+        assert!(!ready(&mut svc), "not ready while the probe is in flight");
+        tokio::time::advance(Duration::from_millis(50)).await;
+        assert!(
+            !ready(&mut svc),
+            "still not ready: the probe has not answered"
+        );
+        let _ = probe.await;
+        assert!(!ready(&mut svc), "the probe failed: ejected again");
+    }
 
     #[test]
     fn ejects_after_the_threshold_and_backs_off_on_failed_probes() {
