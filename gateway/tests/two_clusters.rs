@@ -631,3 +631,72 @@ async fn hold_connect(proxy: std::net::SocketAddr, authority: &str) -> tokio::ne
     );
     tcp
 }
+
+/// A gateway's refusal over QUIC (a target that is not exported) is an
+/// answer, not a broken transport: it reaches the caller once, and the
+/// proxy neither asks again over TCP nor stops using QUIC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_over_quic_does_not_pin_tcp() {
+    let l = linked("quic", Path::Direct).await;
+    // A mirror of a service east does not export.
+    let config = l._west_dir.path().join("config");
+    let nope = format!(
+        "apiVersion: multicluster.mesh.rs/v1alpha1\nkind: MirroredService\nmetadata: {{name: nope-east, namespace: shop}}\nspec:\n  link: east\n  remoteName: nope\n  ports: [{{port: {}, appProtocol: http}}]\n  identities: [\"spiffe://{EAST}/ns/shop/sa/api\"]\n  ready: true\n",
+        l.port
+    );
+    std::fs::write(config.join("nope.yaml"), nope).unwrap();
+    let authority = format!("nope-east.shop.svc.cluster.local:{}", l.port);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // Until west has read the mirror, the name is unknown (and goes
+        // straight through, failing to resolve).
+        let (status, raw) = get(l.web.outbound_addr, &authority).await;
+        if raw.contains("refused") {
+            assert_eq!(status, 502, "{raw}");
+            assert!(raw.contains("403"), "{raw}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never refused: {raw}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let m = gateway_metrics(l.east.gateway.admin_addr).await;
+    assert_eq!(
+        metric(&m, "mesh_gateway_tunnels_total", "tcp"),
+        0,
+        "no TCP tunnel was opened to ask again: {m}"
+    );
+    // And QUIC carries the next call.
+    reach(
+        l.web.outbound_addr,
+        &format!("http://api-east.shop.svc.cluster.local:{}/hello", l.port),
+    )
+    .await;
+    let m = gateway_metrics(l.east.gateway.admin_addr).await;
+    assert_eq!(metric(&m, "mesh_gateway_tunnels_total", "tcp"), 0, "{m}");
+    assert!(metric(&m, "mesh_gateway_streams_total", "quic") >= 1, "{m}");
+}
+
+/// A plain GET of `authority` through an explicit-mode proxy: the status.
+async fn get(proxy: std::net::SocketAddr, authority: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    tcp.write_all(
+        format!(
+            "GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_string(&mut raw)).await;
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, raw)
+}

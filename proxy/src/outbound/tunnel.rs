@@ -112,6 +112,23 @@ pub enum Inner {
 
 /// How long TCP is used after QUIC did not open.
 pub const QUIC_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The gateway answered a stream with a status other than 200 (not
+/// exported, not linked, ...): an answer, not a broken transport.
+#[derive(Debug, thiserror::Error)]
+#[error("gateway {gateway} refused {target}: {status}")]
+pub struct Refused {
+    pub gateway: String,
+    pub target: String,
+    pub status: u16,
+}
+
+impl Refused {
+    /// Whether `e` is a gateway's refusal.
+    pub fn is(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|inner| inner.is::<Self>())
+    }
+}
 /// The reserved target that leads to the gateway's own control plane API.
 pub const FEDERATION_TARGET: &str = "federation.mesh-system.mesh:8086";
 /// The reserved target the gateway answers itself: 200 while ready.
@@ -307,6 +324,9 @@ impl Tunnel {
             if open || skip.is_none_or(|until| tokio::time::Instant::now() >= until) {
                 match self.quic_stream(quic, target).await {
                     Ok(stream) => return Ok(Box::new(stream)),
+                    // The gateway answered over QUIC: QUIC works, and TCP
+                    // would get the same answer.
+                    Err(e) if Refused::is(&e) => return Err(e),
                     Err(e) => {
                         *quic.skip_until.lock().unwrap_or_else(|p| p.into_inner()) =
                             Some(tokio::time::Instant::now() + QUIC_RETRY_AFTER);
@@ -318,7 +338,8 @@ impl Tunnel {
         Ok(Box::new(self.tcp_stream(target).await?))
     }
 
-    /// One QUIC stream to `target`, its header answered with 200.
+    /// One QUIC stream to `target`, its header answered with 200. A
+    /// gateway's refusal (any other status) comes back as [`Refused`].
     async fn quic_stream(
         &self,
         quic: &QuicTunnel,
@@ -364,10 +385,11 @@ impl Tunnel {
         )
         .await?;
         if status != 200 {
-            return Err(io::Error::other(format!(
-                "gateway {} refused {target}: {status}",
-                self.gateway
-            )));
+            return Err(io::Error::other(Refused {
+                gateway: self.gateway.clone(),
+                target: target.to_owned(),
+                status,
+            }));
         }
         Ok(Guarded {
             stream: tokio::io::join(recv, send),
@@ -436,11 +458,11 @@ impl Tunnel {
         )
         .await?;
         if resp.status() != StatusCode::OK {
-            return Err(io::Error::other(format!(
-                "gateway {} refused {target}: {}",
-                self.gateway,
-                resp.status()
-            )));
+            return Err(io::Error::other(Refused {
+                gateway: self.gateway.clone(),
+                target: target.to_owned(),
+                status: resp.status().as_u16(),
+            }));
         }
         let stream = hyper::upgrade::on(&mut resp)
             .await
