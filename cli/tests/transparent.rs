@@ -26,6 +26,7 @@ fn require_root_and_tools() {
     for (tool, arg, package) in [
         ("ip", "-V", "iproute2"),
         ("iptables", "--version", "iptables"),
+        ("ip6tables", "--version", "iptables"),
         ("curl", "--version", "curl"),
         ("setpriv", "--version", "util-linux"),
         ("/usr/bin/python3", "--version", "python3"),
@@ -253,8 +254,10 @@ fn unmodified_curl_reaches_a_service_through_both_proxies() {
         &[],
     );
     ns.wait_ok("http://127.0.0.1:19990/ready", "the control plane");
-    for sa in ["api", "web"] {
-        // The admin socket is a file, so it is reachable from outside the namespace.
+    for (sa, ip) in [("api", "127.0.0.2"), ("web", "127.0.0.3")] {
+        // The admin socket is a file, so it is reachable from outside the
+        // namespace. Each token grants exactly the workload its proxy
+        // registers.
         let out = run(
             MESH,
             &[
@@ -265,6 +268,12 @@ fn unmodified_curl_reaches_a_service_through_both_proxies() {
                 "shop",
                 "--sa",
                 sa,
+                "--workload",
+                &format!("{sa}-0"),
+                "--labels",
+                &format!("app={sa}"),
+                "--addresses",
+                ip,
                 "--data-dir",
                 &data.display().to_string(),
             ],
@@ -341,6 +350,14 @@ fn unmodified_curl_reaches_a_service_through_both_proxies() {
     );
     let rules = ns.exec(&["iptables", "-t", "nat", "-S", "MESH_OUTBOUND"]);
     assert!(String::from_utf8_lossy(&rules.stdout).contains("--to-ports 4140"));
+    // IPv6 is on in the namespace: its TCP is redirected too, never
+    // leaving the workload around the proxy.
+    let rules6 = ns.exec(&["ip6tables", "-t", "nat", "-S", "MESH_OUTBOUND"]);
+    assert!(
+        String::from_utf8_lossy(&rules6.stdout).contains("--to-ports 4140"),
+        "{}",
+        String::from_utf8_lossy(&rules6.stderr)
+    );
 
     // Now the same curl goes through the web proxy, over mTLS, to the api
     // proxy, and the app sees web's verified identity.

@@ -4,12 +4,17 @@
 //! port; TCP the workload opens is redirected to the outbound port. The
 //! proxy's own traffic (by user id) and chosen ports are left alone, so the
 //! proxy never loops into itself. The rules live in two chains of the `nat`
-//! table, `MESH_INBOUND` and `MESH_OUTBOUND`.
+//! table, `MESH_INBOUND` and `MESH_OUTBOUND`, for IPv4 (`iptables`) and,
+//! where IPv6 is enabled, for IPv6 too (`ip6tables`): otherwise IPv6 TCP
+//! would leave the workload without the proxy. Applying refuses when IPv6
+//! is enabled and `ip6tables` cannot be used.
 
 use std::process::Command;
 
 pub const INBOUND_CHAIN: &str = "MESH_INBOUND";
 pub const OUTBOUND_CHAIN: &str = "MESH_OUTBOUND";
+/// The tools the rules are applied with: IPv4, then IPv6.
+pub const TOOLS: [&str; 2] = ["iptables", "ip6tables"];
 
 /// What to redirect where.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,10 +41,22 @@ pub enum ProxyOwner {
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
-    #[error("cannot run iptables ({0}); install it (`apt-get install -y iptables`)")]
-    Missing(std::io::Error),
-    #[error("`iptables {command}` failed: {stderr}; applying rules needs root (CAP_NET_ADMIN)")]
-    Failed { command: String, stderr: String },
+    #[error("cannot run {tool} ({source}); install it (`apt-get install -y iptables`)")]
+    Missing {
+        tool: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "IPv6 is enabled here but `ip6tables` cannot be run ({0}): IPv6 traffic would bypass the proxy; install iptables (it brings ip6tables) or disable IPv6 (sysctl net.ipv6.conf.all.disable_ipv6=1)"
+    )]
+    Ipv6Unhandled(std::io::Error),
+    #[error("`{tool} {command}` failed: {stderr}; applying rules needs root (CAP_NET_ADMIN)")]
+    Failed {
+        tool: &'static str,
+        command: String,
+        stderr: String,
+    },
     #[error(
         "the {0} chain already exists: the rules are already applied; remove them with `iptables -t nat -F {0}` and `-X {0}` after unlinking it"
     )]
@@ -119,40 +136,60 @@ impl Rules {
         out
     }
 
-    /// The rules as a shell script.
+    /// The rules as a shell script, for IPv4 and IPv6 (skip the
+    /// `ip6tables` lines where IPv6 is disabled).
     pub fn script(&self) -> String {
-        self.commands()
+        TOOLS
             .iter()
-            .map(|c| format!("iptables {}\n", c.join(" ")))
+            .flat_map(|tool| {
+                self.commands()
+                    .into_iter()
+                    .map(move |c| format!("{tool} {}\n", c.join(" ")))
+            })
             .collect()
     }
 
-    /// Applies the rules with the `iptables` command. Refuses to apply
-    /// twice; stops at the first failing command.
+    /// Applies the rules with `iptables`, and with `ip6tables` when IPv6 is
+    /// enabled. Refuses to apply twice; stops at the first failing command.
     pub fn apply(&self) -> Result<(), InitError> {
-        for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
-            let exists = Command::new("iptables")
-                .args(["-t", "nat", "-L", chain, "-n"])
-                .output()
-                .map_err(InitError::Missing)?;
-            if exists.status.success() {
-                return Err(InitError::AlreadyApplied(chain));
+        let tools: &[&'static str] = if ipv6_enabled() { &TOOLS } else { &TOOLS[..1] };
+        for &tool in tools {
+            for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
+                let exists = Command::new(tool)
+                    .args(["-t", "nat", "-L", chain, "-n"])
+                    .output()
+                    .map_err(|source| match tool {
+                        "ip6tables" => InitError::Ipv6Unhandled(source),
+                        _ => InitError::Missing { tool, source },
+                    })?;
+                if exists.status.success() {
+                    return Err(InitError::AlreadyApplied(chain));
+                }
             }
         }
-        for args in self.commands() {
-            let out = Command::new("iptables")
-                .args(&args)
-                .output()
-                .map_err(InitError::Missing)?;
-            if !out.status.success() {
-                return Err(InitError::Failed {
-                    command: args.join(" "),
-                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-                });
+        for &tool in tools {
+            for args in self.commands() {
+                let out = Command::new(tool)
+                    .args(&args)
+                    .output()
+                    .map_err(|source| InitError::Missing { tool, source })?;
+                if !out.status.success() {
+                    return Err(InitError::Failed {
+                        tool,
+                        command: args.join(" "),
+                        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                    });
+                }
             }
         }
         Ok(())
     }
+}
+
+/// Whether this network namespace has IPv6 (the kernel's own switch).
+fn ipv6_enabled() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+        .is_ok_and(|v| v.trim() == "0")
 }
 
 #[cfg(test)]
@@ -168,8 +205,15 @@ mod tests {
             skip_inbound_ports: vec![4191],
             skip_outbound_ports: vec![443],
         };
+        let script = rules.script();
+        let (v4, v6) = script.split_at(script.find("ip6tables").unwrap());
         assert_eq!(
-            rules.script(),
+            v6,
+            v4.replace("iptables", "ip6tables"),
+            "the same rules for IPv6"
+        );
+        assert_eq!(
+            v4,
             "iptables -t nat -N MESH_INBOUND\n\
              iptables -t nat -A MESH_INBOUND -p tcp --dport 4191 -j RETURN\n\
              iptables -t nat -A MESH_INBOUND -p tcp -j REDIRECT --to-ports 4143\n\
