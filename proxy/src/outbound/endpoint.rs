@@ -235,6 +235,11 @@ enum Transport {
     Untunnelable(String),
 }
 
+/// What carried a response on the wire, set by the endpoint that sent
+/// it: `mtls` or `none`. Metrics read this, not what discovery said.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OnTheWire(pub &'static str);
+
 /// One endpoint of a destination, as the balancer sees it.
 #[derive(Clone, Debug)]
 pub struct EndpointService {
@@ -328,13 +333,19 @@ impl tower::Service<Request<Body>> for EndpointService {
                         .parse()
                         .map_err(|_| OutboundError::BadRequest)?;
                     *req.version_mut() = http::Version::HTTP_11;
-                    client.request(req).await.map_err(OutboundError::connect)
+                    let mut resp = client.request(req).await.map_err(OutboundError::connect)?;
+                    resp.extensions_mut().insert(OnTheWire("none"));
+                    Ok(resp)
                 }
                 Transport::Meshed(client) => {
                     req.headers_mut()
                         .insert(DST_PORT, HeaderValue::from(app_addr.port()));
                     *req.version_mut() = http::Version::HTTP_2;
-                    client.request(req).await.map_err(OutboundError::connect)
+                    // The connector only makes mTLS connections (direct or
+                    // inside a gateway tunnel).
+                    let mut resp = client.request(req).await.map_err(OutboundError::connect)?;
+                    resp.extensions_mut().insert(OnTheWire("mtls"));
+                    Ok(resp)
                 }
             }
         })

@@ -530,6 +530,12 @@ async fn handle(
     let tls = if meshed { "mtls" } else { "none" };
     match result {
         Ok(resp) => {
+            // What the endpoint actually used on the wire; upgrades and
+            // passthrough answer for themselves (mTLS splice, plaintext).
+            let tls = resp
+                .extensions()
+                .get::<endpoint::OnTheWire>()
+                .map_or(tls, |wire| wire.0);
             outbound.metrics.outbound_response(
                 &authority,
                 cluster_of(&update),
