@@ -95,7 +95,7 @@ where
     let (mut send, conn) = conn::http2::handshake(TokioExecutor::new(), io).await?;
     tokio::spawn(conn);
     let req = Request::get("http://api.bench.svc.cluster.local:8080/")
-        .header(mesh_proxy::inbound::DST_PORT, "8080")
+        .header(mesh_proxy::wire::DST_PORT, "8080")
         .body(Empty::<Bytes>::new())?;
     let resp = send.send_request(req).await?;
     let status = resp.status();

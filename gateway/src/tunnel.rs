@@ -52,7 +52,7 @@ pub const FEDERATION_TARGET: &str = mesh_proxy::outbound::tunnel::FEDERATION_TAR
 /// by the gateway itself, 200 while it is ready, nothing spliced.
 pub const PROBE_TARGET: &str = mesh_proxy::outbound::tunnel::PROBE_TARGET;
 /// How long connecting to a local destination proxy may take.
-pub use mesh_proxy::outbound::CONNECT_TIMEOUT;
+pub use mesh_proxy::env::CONNECT_TIMEOUT;
 /// Streams per tunnel connection (DESIGN.md section 6, external).
 pub const MAX_STREAMS: u32 = mesh_proxy::outbound::tunnel::MAX_STREAMS;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -89,7 +89,7 @@ impl SystemComponent {
             labels: BTreeMap::new(),
             inbound_fail_fast: Duration::from_secs(1),
             detect_timeout: Duration::from_secs(10),
-            connect_timeout: crate::outbound::CONNECT_TIMEOUT,
+            connect_timeout: CONNECT_TIMEOUT,
             header_read_timeout: Duration::from_secs(10),
             max_in_flight: 100_000,
             shutdown_grace: Duration::from_secs(30),
@@ -185,6 +185,11 @@ pub struct Config {
 }
 
 const PREFIX: &str = "MESH_PROXY_";
+
+/// How long reaching a peer may take by default (`MESH_PROXY_CONNECT_TIMEOUT`):
+/// TCP connect and TLS handshake to an endpoint's proxy or a gateway, or a
+/// tunnel stream's setup and its inner handshake, each on its own.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Parses the configuration from `vars` (the process environment).
 pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
@@ -334,7 +339,7 @@ pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
                 })
                 .map_err(|e| errors.push(format!("{PREFIX}CONNECT_TIMEOUT: {e}")))
         })
-        .unwrap_or(Ok(crate::outbound::CONNECT_TIMEOUT))
+        .unwrap_or(Ok(CONNECT_TIMEOUT))
         .ok();
     let worker_threads = get("WORKER_THREADS")
         .map(|v| v.parse::<usize>().ok().filter(|n| (1..=64).contains(n)))

@@ -23,6 +23,7 @@ pub mod proxy;
 pub mod register;
 pub mod trust;
 pub mod upgrade;
+pub mod wire;
 
 pub use env::Config;
 pub use proxy::{Proxy, StartError};

@@ -190,8 +190,8 @@ impl Proxy {
             {
                 let mut tls = inbound_tls;
                 tls.alpn_protocols = vec![
-                    inbound::ALPN_H2.to_vec(),
-                    inbound::ALPN_TCP.to_vec(),
+                    crate::wire::ALPN_H2.to_vec(),
+                    crate::wire::ALPN_TCP.to_vec(),
                     crate::upgrade::ALPN_HTTP1.to_vec(),
                 ];
                 Arc::new(tls)

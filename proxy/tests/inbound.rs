@@ -16,7 +16,7 @@ use mesh_core::{
     grpc,
     identity::{CredentialStore, ExpectedIdentity, tls::client_config},
 };
-use mesh_proxy::inbound::{DST_PORT, ORIG_PROTO};
+use mesh_proxy::wire::{DST_PORT, ORIG_PROTO};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -400,7 +400,7 @@ async fn callers_reach_declared_app_ports_only_never_the_proxys_own() {
         ExpectedIdentity::Exact(id("api")),
     )
     .unwrap();
-    tls.alpn_protocols = vec![mesh_proxy::inbound::ALPN_TCP.to_vec()];
+    tls.alpn_protocols = vec![mesh_proxy::wire::ALPN_TCP.to_vec()];
     for port in [undeclared_port, w.proxy.admin_addr.port()] {
         let tcp = tokio::net::TcpStream::connect(w.proxy.inbound_addr)
             .await
@@ -568,7 +568,7 @@ async fn no_connection_outlives_the_peer_certificate() {
     };
 
     // Opaque TCP.
-    let mut opaque = dial(mesh_proxy::inbound::ALPN_TCP).await;
+    let mut opaque = dial(mesh_proxy::wire::ALPN_TCP).await;
     opaque.write_all(&echo.to_be_bytes()).await.unwrap();
     assert!(echoes(&mut opaque).await);
     // An upgraded connection.
@@ -595,7 +595,7 @@ async fn no_connection_outlives_the_peer_certificate() {
     );
     assert!(echoes(&mut upgraded).await);
     // HTTP/2: a request whose body never ends keeps its stream open.
-    let h2 = dial(mesh_proxy::inbound::ALPN_H2).await;
+    let h2 = dial(mesh_proxy::wire::ALPN_H2).await;
     let (mut send, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(h2),

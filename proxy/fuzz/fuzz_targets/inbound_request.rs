@@ -6,9 +6,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use mesh_core::identity::SpiffeId;
-use mesh_proxy::inbound::{
-    CLIENT_ID, DST_PORT, ORIG_PROTO,
-    rewrite::{dst_port, for_app},
+use mesh_proxy::{
+    inbound::rewrite::{dst_port, for_app},
+    wire::{CLIENT_ID, DST_PORT, ORIG_PROTO},
 };
 
 fuzz_target!(|data: &[u8]| {

@@ -22,7 +22,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -34,27 +34,12 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_rustls::TlsAcceptor;
 
 use self::policy::{Denied, PolicyCache, Ports, authorize};
-use crate::metrics::{Metrics, ReasonLabels};
+use crate::{
+    metrics::{Metrics, ReasonLabels},
+    wire::{ALPN_TCP, Body, MAX_HEADER_LIST, MESH_MAX_CONCURRENT_STREAMS},
+};
 
-/// ALPN between proxies for HTTP (carried over HTTP/2).
-pub const ALPN_H2: &[u8] = b"h2";
-/// ALPN between proxies for opaque TCP: the client proxy then sends the
-/// app port (2 bytes, big endian) and the connection carries raw bytes.
-pub const ALPN_TCP: &[u8] = b"mesh-tcp/1";
-
-/// The header naming the app port a meshed request is for.
-pub const DST_PORT: &str = "mesh-dst-port";
-/// The header marking a request that was HTTP/1.1 before the client proxy.
-pub const ORIG_PROTO: &str = "mesh-orig-proto";
-/// The header carrying the verified caller identity to the app.
-pub const CLIENT_ID: &str = "mesh-client-id";
-/// Mesh-internal HTTP/2 concurrency (DESIGN.md section 6).
-pub const MESH_MAX_CONCURRENT_STREAMS: u32 = 200;
-/// Header list limit (DESIGN.md section 6).
-pub const MAX_HEADER_LIST: u32 = 16 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// What the inbound side needs to serve.
 #[derive(Clone, Debug)]

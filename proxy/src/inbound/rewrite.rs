@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use http::{HeaderMap, HeaderValue, Uri, Version, header, request::Parts};
 use mesh_core::identity::SpiffeId;
 
-use super::{CLIENT_ID, DST_PORT, ORIG_PROTO};
+use crate::wire::{CLIENT_ID, DST_PORT, ORIG_PROTO};
 
 /// Why a meshed request cannot be forwarded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

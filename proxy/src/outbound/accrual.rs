@@ -153,11 +153,11 @@ fn record(state: &Mutex<State>, failed: bool) -> Change {
     Change::Ejected(until, backoff)
 }
 
-impl<K, S> tower::Service<http::Request<crate::inbound::Body>> for Accrual<K, S>
+impl<K, S> tower::Service<http::Request<crate::wire::Body>> for Accrual<K, S>
 where
     K: Eq + Hash + Clone + Send + Sync + 'static,
     S: tower::Service<
-            http::Request<crate::inbound::Body>,
+            http::Request<crate::wire::Body>,
             Response = Response<Incoming>,
             Error = OutboundError,
         >,
@@ -202,7 +202,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<crate::inbound::Body>) -> Self::Future {
+    fn call(&mut self, req: http::Request<crate::wire::Body>) -> Self::Future {
         {
             let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
             if s.probing {
@@ -248,7 +248,7 @@ mod tests {
         use std::future::poll_fn;
         use tower::Service;
 
-        let fail = tower::service_fn(|_req: http::Request<crate::inbound::Body>| async {
+        let fail = tower::service_fn(|_req: http::Request<crate::wire::Body>| async {
             Err::<Response<Incoming>, _>(OutboundError::Connect("refused".into()))
         });
         let health = Arc::new(Health::default());

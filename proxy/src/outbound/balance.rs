@@ -24,7 +24,7 @@ use super::{
     endpoint::{Dialer, EndpointService},
     tunnel::TunnelConnector,
 };
-use crate::{inbound::Body, metrics::Metrics};
+use crate::{metrics::Metrics, wire::Body};
 
 /// Latency assumed for an endpoint before it has answered.
 const DEFAULT_RTT: Duration = Duration::from_millis(30);

@@ -36,7 +36,7 @@ use super::{
     errors::OutboundError,
     tunnel::{Gateways, TunnelConnector},
 };
-use crate::inbound::{Body, DST_PORT};
+use crate::wire::{Body, DST_PORT};
 
 /// A byte stream to a destination proxy: mTLS directly, or mTLS inside a
 /// gateway tunnel stream.

@@ -7,7 +7,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use mesh_core::identity::SpiffeId;
 
-use crate::inbound::Body;
+use crate::wire::Body;
 
 /// Why an outbound request failed; says whether a retry could help.
 #[derive(Debug, thiserror::Error)]

@@ -62,11 +62,6 @@ use tower::{Service, ServiceExt};
 
 use crate::detect::{Protocol, detect};
 
-/// How long reaching a peer may take by default (`MESH_PROXY_CONNECT_TIMEOUT`):
-/// TCP connect and TLS handshake to an endpoint's proxy or a gateway, or a
-/// tunnel stream's setup and its inner handshake, each on its own.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-
 use self::{
     balance::{Balancer, DestinationHealth, balancer, has_endpoints},
     endpoint::Dialer,
@@ -76,9 +71,9 @@ use self::{
 };
 use crate::{
     follow::Follower,
-    inbound::{Body, DST_PORT, ORIG_PROTO},
     metrics::Metrics,
     upgrade,
+    wire::{Body, DST_PORT, ORIG_PROTO},
 };
 
 /// Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1).
@@ -671,7 +666,7 @@ async fn to_mesh(
     let uri: Uri = format!("http://{authority}{path}")
         .parse()
         .map_err(|_| OutboundError::BadRequest)?;
-    let build = |body: crate::inbound::Body| {
+    let build = |body: crate::wire::Body| {
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = uri.clone();
@@ -727,7 +722,7 @@ async fn to_mesh(
 async fn attempt(
     outbound: &Outbound,
     plan: &Plan,
-    req: Request<crate::inbound::Body>,
+    req: Request<crate::wire::Body>,
 ) -> Result<Response<Incoming>, OutboundError> {
     let backend = outbound.splitter.pick(plan);
     wait_for_endpoints(outbound, &backend).await?;

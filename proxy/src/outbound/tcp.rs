@@ -38,7 +38,7 @@ use super::{
     errors::OutboundError,
     tunnel::{Inner, TunnelConnector},
 };
-use crate::{inbound::ALPN_TCP, upgrade::ALPN_HTTP1};
+use crate::{upgrade::ALPN_HTTP1, wire::ALPN_TCP};
 
 /// What a connection will carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -554,7 +554,7 @@ pub struct Gateways {
 
 impl Default for Gateways {
     fn default() -> Self {
-        Self::new(super::CONNECT_TIMEOUT)
+        Self::new(crate::env::CONNECT_TIMEOUT)
     }
 }
 
@@ -652,7 +652,7 @@ impl TunnelConnector {
             target: target.to_owned(),
             inner_tls: [
                 config(b"h2")?,
-                config(crate::inbound::ALPN_TCP)?,
+                config(crate::wire::ALPN_TCP)?,
                 config(crate::upgrade::ALPN_HTTP1)?,
             ],
         })
@@ -688,7 +688,7 @@ impl TunnelConnector {
         .await?;
         let want = match inner {
             Inner::H2 => None,
-            Inner::Tcp => Some(crate::inbound::ALPN_TCP),
+            Inner::Tcp => Some(crate::wire::ALPN_TCP),
             Inner::Http1 => Some(crate::upgrade::ALPN_HTTP1),
         };
         if let Some(want) = want

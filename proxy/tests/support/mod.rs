@@ -33,7 +33,7 @@ use mesh_core::{
 use mesh_proxy::{
     Config, Proxy,
     env::{AppPort, Bootstrap},
-    inbound::{CLIENT_ID, DST_PORT, ORIG_PROTO},
+    wire::{CLIENT_ID, DST_PORT, ORIG_PROTO},
 };
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::{

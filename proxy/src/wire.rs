@@ -1,0 +1,27 @@
+//! What two Mesh proxies agree on between them, used by both directions:
+//! the ALPN names, the mesh headers, the HTTP/2 limits, and the body type
+//! requests are carried in. Its own module so that neither direction
+//! imports the other.
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+
+/// ALPN between proxies for HTTP (carried over HTTP/2).
+pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN between proxies for opaque TCP: the client proxy then sends the
+/// app port (2 bytes, big endian) and the connection carries raw bytes.
+pub const ALPN_TCP: &[u8] = b"mesh-tcp/1";
+
+/// The header naming the app port a meshed request is for.
+pub const DST_PORT: &str = "mesh-dst-port";
+/// The header marking a request that was HTTP/1.1 before the client proxy.
+pub const ORIG_PROTO: &str = "mesh-orig-proto";
+/// The header carrying the verified caller identity to the app.
+pub const CLIENT_ID: &str = "mesh-client-id";
+/// Mesh-internal HTTP/2 concurrency (DESIGN.md section 6).
+pub const MESH_MAX_CONCURRENT_STREAMS: u32 = 200;
+/// Header list limit (DESIGN.md section 6).
+pub const MAX_HEADER_LIST: u32 = 16 * 1024;
+
+/// A request or response body, whichever side it came from.
+pub type Body = BoxBody<Bytes, hyper::Error>;
