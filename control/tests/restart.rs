@@ -130,10 +130,12 @@ async fn kill_9_and_restart_keeps_registrations_and_tokens() {
         api: addrs.api,
     };
     let mut api = None;
+    let mut used = Vec::new();
     for (i, ip) in ["127.0.0.7", "127.0.0.8"].iter().enumerate() {
         let name = format!("api-{i}");
         let token = token_via_cli(root, "api", Some((&name, ip)));
         let creds = c.join(&token, "shop", "api").await;
+        used.push(token);
         c.registry(&creds)
             .register(register_request("shop", &name, "api", ip))
             .await
@@ -146,6 +148,15 @@ async fn kill_9_and_restart_keeps_registrations_and_tokens() {
 
     child.kill().unwrap(); // SIGKILL: no shutdown code runs.
     child.wait().unwrap();
+    // Every serial issued before the crash is on disk.
+    let serials_before = {
+        let store = mesh_control::store::LocalStore::open(&root.join("data")).unwrap();
+        store.serial_count().unwrap()
+    };
+    assert!(
+        serials_before >= 2,
+        "{serials_before} serials after kill -9"
+    );
 
     let mut child = spawn(root, &addrs);
     wait_ready(addrs.admin, root).await;
@@ -170,8 +181,19 @@ async fn kill_9_and_restart_keeps_registrations_and_tokens() {
     assert_eq!(got, vec!["127.0.0.7:8080", "127.0.0.8:8080"]);
     let web = c.join(&spare, "shop", "web").await;
     assert_eq!(web.id().as_str(), format!("spiffe://{TD}/ns/shop/sa/web"));
+    // A token used before the crash stays used after it.
+    let id = format!("spiffe://{TD}/ns/shop/sa/api");
+    let err = certify(&mut c.anonymous_identity(), &id, &used[0])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err}");
     child.kill().unwrap();
     child.wait().unwrap();
+    let store = mesh_control::store::LocalStore::open(&root.join("data")).unwrap();
+    assert!(
+        store.serial_count().unwrap() > serials_before,
+        "the serials from before the crash are kept, and web's is added"
+    );
 }
 
 /// The control plane is stopped (SIGSTOP) for 5 s, past a 2 s heartbeat

@@ -105,3 +105,65 @@ async fn split_timeout_and_retries_follow_the_route() {
         "{m}"
     );
 }
+
+/// `request` (a whole HTTP/1.1 request) through the proxy: the status.
+async fn send_raw(proxy: SocketAddr, request: &[u8]) -> (u16, String) {
+    let mut tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    tcp.write_all(request).await.unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).await.unwrap();
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, raw)
+}
+
+/// Retries replay only what was buffered: a body over 64 KiB, or one of
+/// unknown length (chunked), is sent once even when the route retries;
+/// a small body is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_and_unknown_length_bodies_are_never_replayed() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let p = w.app_port;
+    // Fails its first four requests with 503.
+    let (_flaky, hits) = w
+        .replica("127.0.0.4", "flaky", "flaky-0", "flaky", Duration::ZERO, 4)
+        .await;
+    let config = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: flaky, namespace: shop}}\nspec:\n  selector: {{app: flaky}}\n  ports: [{{port: {p}}}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: flaky, namespace: shop}}\nspec:\n  parentRefs: [{{name: flaky, kind: Service, port: {p}}}]\n  rules:\n  - retry: {{attempts: 3, codes: [503], backoff: 10ms}}\n    backendRefs: [{{name: flaky, port: {p}}}]\n"
+    );
+    std::fs::write(w.dir.path().join("config").join("flaky.yaml"), config).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let web = w.proxy("web", "web-0", &[("app", "web")]).await;
+    let authority = format!("flaky.shop.svc.cluster.local:{p}");
+    let head = |extra: &str| {
+        format!(
+            "POST http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n{extra}\r\n"
+        )
+    };
+
+    let big = vec![b'x'; 70 * 1024];
+    let mut request = head(&format!("Content-Length: {}\r\n", big.len())).into_bytes();
+    request.extend_from_slice(&big);
+    let (status, raw) = send_raw(web.outbound_addr, &request).await;
+    assert_eq!(status, 503, "over 64 KiB: sent once, not retried: {raw}");
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+
+    let mut request = head("Transfer-Encoding: chunked\r\n").into_bytes();
+    request.extend_from_slice(b"5\r\nhello\r\n0\r\n\r\n");
+    let (status, raw) = send_raw(web.outbound_addr, &request).await;
+    assert_eq!(status, 503, "unknown length: sent once: {raw}");
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+
+    let mut request = head("Content-Length: 5\r\n").into_bytes();
+    request.extend_from_slice(b"hello");
+    let (status, raw) = send_raw(web.outbound_addr, &request).await;
+    assert_eq!(status, 200, "a small body is replayed: {raw}");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        5,
+        "two more 503s, then success"
+    );
+}

@@ -179,6 +179,40 @@ async fn gateway_killed_mirrors_go_unready_then_recover_and_crashed_apps_restart
         .await
     );
     assert_eq!(east_alive(&record), Some(true));
+    // The operator's view of the live link: `gateways` and `check` pass.
+    let west = record.clusters.iter().find(|c| c.name == "west").unwrap();
+    let mirror_admin = west.mirror_admin.unwrap().to_string();
+    let config_dir = s.run.cluster("west").unwrap().config_dir();
+    let multicluster = |args: &[&str]| {
+        let out = std::process::Command::new(mesh_exe())
+            .arg("multicluster")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, table) = multicluster(&["gateways", "--mirror-admin", &mirror_admin]);
+    assert!(ok, "{table}");
+    let east_row = table
+        .lines()
+        .find(|l| l.starts_with("east"))
+        .unwrap_or_default();
+    assert!(east_row.contains("yes"), "east is alive: {table}");
+    let check = |config_dir: &std::path::Path| {
+        multicluster(&[
+            "check",
+            "--config-dir",
+            &config_dir.display().to_string(),
+            "--mirror-admin",
+            &mirror_admin,
+        ])
+    };
+    let (ok, report) = check(&config_dir);
+    assert!(ok, "check fails on a healthy link: {report}");
+    assert!(report.contains("ok   gateway"), "{report}");
 
     let mirror_file = s
         .run
@@ -195,6 +229,10 @@ async fn gateway_killed_mirrors_go_unready_then_recover_and_crashed_apps_restart
         "the link stayed alive 4s after the gateway died"
     );
     let down_after = killed.elapsed();
+    // With east's gateway down, `check` fails and says which gateway.
+    let (ok, report) = check(&config_dir);
+    assert!(!ok, "check passes with the gateway down: {report}");
+    assert!(report.contains("FAIL"), "{report}");
     assert!(
         eventually(Duration::from_secs(2), || std::fs::read_to_string(
             &mirror_file

@@ -234,3 +234,31 @@ pub fn balancer(
     let balance = Balance::new(discover);
     (Buffer::new(BoxService::new(balance), QUEUE), health)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// No ID means "not meshed" (discovery said so); an ID that does not
+    /// parse is an error, never taken to mean plaintext.
+    #[test]
+    fn an_unparsable_identity_is_an_error_not_plaintext() {
+        let key = |id: &str| Key {
+            addr: "127.0.0.1:8080".parse().unwrap(),
+            spiffe_id: id.to_owned(),
+            proxy_port: 4143,
+            via: None,
+        };
+        assert_eq!(key("").identity(), Ok(None));
+        assert!(
+            key("spiffe://west.mesh.local/ns/shop/sa/api")
+                .identity()
+                .is_ok_and(|id| id.is_some())
+        );
+        let bad = key("spiffe://West.mesh.local/ns/shop/sa/api").identity();
+        assert!(
+            bad.as_ref().is_err_and(|e| e.contains("endpoint identity")),
+            "{bad:?}"
+        );
+    }
+}

@@ -207,6 +207,21 @@ mod tests {
         }
     }
 
+    /// The retry budget is 20 % of requests plus 10 per second over 10 s:
+    /// with no requests, 100 retries, then none; each 5 requests buy one.
+    #[test]
+    fn the_retry_budget_runs_out() {
+        let splitter = Splitter::default();
+        let granted = (0..150).filter(|_| splitter.withdraw()).count();
+        assert_eq!(granted, 100, "the 10/s floor over the 10 s window");
+        assert!(!splitter.withdraw(), "exhausted");
+        for _ in 0..50 {
+            splitter.deposit();
+        }
+        let granted = (0..50).filter(|_| splitter.withdraw()).count();
+        assert_eq!(granted, 10, "20 % of 50 requests");
+    }
+
     #[test]
     fn backends_that_all_weigh_zero_get_nothing() {
         let mut p = policy();
