@@ -99,7 +99,11 @@ where
 
     /// Whether `key` may be followed: it already is, or fewer than `max`
     /// keys are.
-    pub fn has_room_for(&self, key: &K, max: usize) -> bool {
+    pub fn has_room_for<Q>(&self, key: &Q, max: usize) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         keys.contains_key(key) || keys.len() < max
     }

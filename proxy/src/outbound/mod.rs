@@ -181,12 +181,11 @@ impl Outbound {
     /// Whether a request for `authority` may be followed: a known one
     /// always, a new one only below the cap.
     fn admit(&self, authority: &str) -> Result<(), OutboundError> {
-        let key = authority.to_owned();
-        if self.discovery.has_room_for(&key, self.limits.max) {
+        if self.discovery.has_room_for(authority, self.limits.max) {
             return Ok(());
         }
         Err(OutboundError::TooManyDestinations {
-            authority: key,
+            authority: authority.to_owned(),
             max: self.limits.max,
         })
     }
@@ -463,8 +462,9 @@ async fn handle(
         );
     };
     let mut meshed = !matches!(update.kind, Some(Kind::NoSuchService(_)));
-    // Where the request goes: the Host, or the original `ip:port`.
-    let (mut dest, mut update) = (authority.clone(), update);
+    // Where the request goes: the Host, or (below) the original `ip:port`.
+    let mut by_orig_dst: Option<String> = None;
+    let mut update = update;
     // Transparent mode, a Host discovery does not know: the connection was
     // going to an `ip:port`, which may be a meshed workload. Ask about that
     // before choosing plaintext, as the opaque path does.
@@ -481,19 +481,20 @@ async fn handle(
             );
         };
         if !matches!(by_address.kind, Some(Kind::NoSuchService(_))) {
-            (dest, update, meshed) = (orig, by_address, true);
+            (by_orig_dst, update, meshed) = (Some(orig), by_address, true);
         }
     }
+    let dest = by_orig_dst.as_deref().unwrap_or(&authority);
     {
         let mut once = outbound
             .once_meshed
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if meshed {
-            if !once.contains(&authority) {
+            if !once.contains(authority.as_str()) {
                 once.insert(authority.clone());
             }
-        } else if once.contains(&authority) {
+        } else if once.contains(authority.as_str()) {
             drop(once);
             return fail(
                 outbound,
@@ -506,17 +507,17 @@ async fn handle(
     }
     if req.method() == Method::CONNECT {
         if meshed {
-            return match connect_mesh_tcp(outbound, &dest, Carry::Opaque).await {
-                Ok(conn) => tunnel(outbound, req, conn, &dest, "mtls"),
+            return match connect_mesh_tcp(outbound, dest, Carry::Opaque).await {
+                Ok(conn) => tunnel(outbound, req, conn, dest, "mtls"),
                 Err(e) => fail_to(outbound, &authority, cluster_of(&update), "mtls", e),
             };
         }
         return connect_plain(outbound, req, &authority).await;
     }
     let result = if upgrade::is_upgrade(&req) {
-        upgrade(outbound, &dest, meshed, redirected, req).await
+        upgrade(outbound, dest, meshed, redirected, req).await
     } else if meshed {
-        to_mesh(outbound, &dest, req).await
+        to_mesh(outbound, dest, req).await
     } else {
         // Transparent mode: go where the app was really connecting.
         let target = redirected.map_or_else(|| authority.clone(), |to| to.to_string());
