@@ -113,6 +113,20 @@ fn token_via_cli(root: &Path, sa: &str, workload: Option<(&str, &str)>) -> Strin
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
+/// A discovery watch on the `api` service, as `creds`.
+async fn watch_api(
+    c: &Clients,
+    creds: &mesh_core::identity::Credentials,
+) -> tonic::Streaming<mesh_core::api::v1::DiscoveryUpdate> {
+    c.discovery(creds)
+        .watch(WatchRequest {
+            authority: "api.shop.svc.cluster.local:8080".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_and_restart_keeps_registrations_and_tokens() {
     let tmp = tempfile::tempdir().unwrap();
@@ -160,14 +174,7 @@ async fn kill_9_and_restart_keeps_registrations_and_tokens() {
 
     let mut child = spawn(root, &addrs);
     wait_ready(addrs.admin, root).await;
-    let mut watch = c
-        .discovery(&api)
-        .watch(WatchRequest {
-            authority: "api.shop.svc.cluster.local:8080".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch_api(&c, &api).await;
     let update = watch.message().await.unwrap().unwrap().kind.unwrap();
     let mut got = match update {
         Kind::Endpoints(set) => set
@@ -243,14 +250,7 @@ async fn a_paused_control_plane_pushes_no_empty_endpoint_sets() {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     });
-    let mut watch = c
-        .discovery(&api)
-        .watch(WatchRequest {
-            authority: "api.shop.svc.cluster.local:8080".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch_api(&c, &api).await;
     let sizes = tokio::spawn(async move {
         let mut sizes = Vec::new();
         while let Ok(Some(update)) = watch.message().await {

@@ -650,7 +650,7 @@ async fn a_refusal_over_quic_does_not_pin_tcp() {
     loop {
         // Until west has read the mirror, the name is unknown (and goes
         // straight through, failing to resolve).
-        let (status, raw) = get(l.web.outbound_addr, &authority).await;
+        let (status, raw) = via_proxy(l.web.outbound_addr, &format!("http://{authority}/")).await;
         if raw.contains("refused") {
             assert_eq!(status, 502, "{raw}");
             assert!(raw.contains("403"), "{raw}");
@@ -677,26 +677,4 @@ async fn a_refusal_over_quic_does_not_pin_tcp() {
     let m = gateway_metrics(l.east.gateway.admin_addr).await;
     assert_eq!(metric(&m, "mesh_gateway_tunnels_total", "tcp"), 0, "{m}");
     assert!(metric(&m, "mesh_gateway_streams_total", "quic") >= 1, "{m}");
-}
-
-/// A plain GET of `authority` through an explicit-mode proxy: the status.
-async fn get(proxy: std::net::SocketAddr, authority: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    tcp.write_all(
-        format!(
-            "GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut raw = String::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_string(&mut raw)).await;
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, raw)
 }

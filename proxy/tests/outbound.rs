@@ -13,23 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// What an unmodified HTTP client does with `HTTP_PROXY` set.
 async fn via_proxy(proxy: SocketAddr, url: &str, host: &str) -> (u16, String) {
-    let mut tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    tcp.write_all(
-        format!("GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut raw = String::new();
-    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_string(&mut raw))
-        .await
-        .expect("the proxy answered in time")
-        .unwrap();
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, raw)
+    let request = format!("GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    send_raw(proxy, request.as_bytes()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,20 +9,10 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn via_proxy(proxy: SocketAddr, authority: &str, path: &str) -> (u16, String) {
-    let mut tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    let req = format!(
+    let request = format!(
         "GET http://{authority}{path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
     );
-    tcp.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = String::new();
-    tcp.read_to_string(&mut raw).await.unwrap();
-    (
-        raw.split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0),
-        raw,
-    )
+    send_raw(proxy, request.as_bytes()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,20 +94,6 @@ async fn split_timeout_and_retries_follow_the_route() {
         m.contains("mesh_proxy_outbound_failures_total{reason=\"timeout\"} 1"),
         "{m}"
     );
-}
-
-/// `request` (a whole HTTP/1.1 request) through the proxy: the status.
-async fn send_raw(proxy: SocketAddr, request: &[u8]) -> (u16, String) {
-    let mut tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    tcp.write_all(request).await.unwrap();
-    let mut raw = String::new();
-    tcp.read_to_string(&mut raw).await.unwrap();
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, raw)
 }
 
 /// Retries replay only what was buffered: a body over 64 KiB, or one of

@@ -102,6 +102,24 @@ fn websocket(
     Some(resp)
 }
 
+/// Sends `request` (a whole HTTP/1.1 request) to `proxy` and reads the
+/// answer until the connection closes: its status and the whole text.
+pub async fn send_raw(proxy: SocketAddr, request: &[u8]) -> (u16, String) {
+    let mut tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    tcp.write_all(request).await.unwrap();
+    let mut raw = String::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_string(&mut raw))
+        .await
+        .expect("the proxy answered in time")
+        .unwrap();
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, raw)
+}
+
 /// An HTTP/1.1 app that answers with what it saw, and counts requests.
 pub async fn app() -> (SocketAddr, Arc<AtomicUsize>) {
     app_at("127.0.0.1:0".parse().unwrap(), Duration::ZERO).await
