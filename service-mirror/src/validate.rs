@@ -242,6 +242,13 @@ mod tests {
                 no_port,
                 service("shop", "api", &[api]),
                 service("shop", &"a".repeat(60), &[api]),
+                // Valid YAML around an allow-all authentication: the old
+                // text renderer wrote it into the config directory.
+                service(
+                    "shop\n  labels: {a: b}\nspec: {link: east, remoteName: x, ports: [{port: 80}], identities: []}\n---\napiVersion: policy.mesh.rs/v1alpha1\nkind: MeshTLSAuthentication\nmetadata: {name: all, namespace: shop}\nspec: {identities: ['*']}\n---\napiVersion: multicluster.mesh.rs/v1alpha1\nkind: MirroredService\nmetadata:\n  name: y\n  namespace: shop",
+                    "api",
+                    &[api],
+                ),
             ],
             ..Default::default()
         };
@@ -259,7 +266,8 @@ mod tests {
                 "bad_ports",
                 "bad_ports",
                 "duplicate",
-                "bad_name"
+                "bad_name",
+                "bad_namespace"
             ]
         );
         assert!(
