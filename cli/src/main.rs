@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_cross;
 mod identity;
+mod install;
 mod multicluster;
 
 #[derive(Debug, Parser)]
@@ -33,6 +34,11 @@ enum Command {
     /// Link clusters: print Link resources and what to delete to unlink.
     #[command(subcommand)]
     Multicluster(multicluster::MulticlusterCmd),
+    /// Print the Kubernetes manifests of the control plane (`--crds` first),
+    /// for `kubectl apply -f -`.
+    Install(Box<install::InstallArgs>),
+    /// Print everything `mesh install` created, for `kubectl delete -f -`.
+    Uninstall,
     /// Measure the data plane on this machine: meshed against direct, in one run.
     Bench(bench::BenchArgs),
     /// Run a whole federated mesh on this machine from a topology file, with live traffic.
@@ -72,6 +78,14 @@ fn main() -> ExitCode {
             let is_server = args.command.is_none();
             mesh_core::telemetry::init(if is_server { "info" } else { "warn" });
             mesh_control::cli::run(*args)
+        }
+        Command::Install(args) => {
+            mesh_core::telemetry::init("warn");
+            report(install::install(*args, &mut std::io::stdout().lock()))
+        }
+        Command::Uninstall => {
+            mesh_core::telemetry::init("warn");
+            report(install::uninstall(&mut std::io::stdout().lock()))
         }
         Command::Multicluster(cmd) => {
             mesh_core::telemetry::init("warn");

@@ -419,7 +419,10 @@ async fn a_failing_endpoint_is_ejected_and_success_recovers() {
         bad_before <= 12,
         "the failing endpoint is ejected after 5 failures: {bad_before} reached it"
     );
-    assert!(probes <= 2, "an ejected endpoint gets probes only: {probes}");
+    assert!(
+        probes <= 2,
+        "an ejected endpoint gets probes only: {probes}"
+    );
     let m = metrics(web.admin_addr).await;
     assert!(m.contains("mesh_proxy_endpoint_ejections_total"), "{m}");
     assert!(!m.contains("mesh_proxy_endpoint_ejections_total 0"), "{m}");

@@ -8,6 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod kube;
+
 use mesh_core::metrics_text::{self, Sample};
 use mesh_topologies::{Options, Run, Topology};
 

@@ -4,6 +4,8 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub const CORE_V1: &str = "v1";
@@ -88,7 +90,7 @@ pub struct ServiceSpec {
     pub ports: Vec<ServicePort>,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServicePort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,18 +109,28 @@ pub struct ServicePort {
 
 /// `policy.mesh.rs/v1alpha1/Server`: a port of the workloads a label
 /// selector picks, which authorization policies then target.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[kube(
+    group = "policy.mesh.rs",
+    version = "v1alpha1",
+    kind = "Server",
+    namespaced,
+    status = "ServerStatus",
+    shortname = "meshserver",
+    category = "mesh"
+)]
 pub struct ServerSpec {
     pub pod_selector: LabelSelector,
     /// A port number, or the name of a registered workload port.
+    #[schemars(schema_with = "int_or_string")]
     pub port: PortRef,
     /// `HTTP/1`, `HTTP/2`, `gRPC`, `opaque` or `unknown` (detect).
     #[serde(default)]
     pub proxy_protocol: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LabelSelector {
     #[serde(default)]
@@ -133,22 +145,35 @@ impl LabelSelector {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
 #[serde(untagged)]
 pub enum PortRef {
     Number(u16),
     Name(String),
 }
 
+/// A Kubernetes `IntOrString`: what a structural schema allows for an
+/// untagged number-or-name.
+fn int_or_string(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({ "x-kubernetes-int-or-string": true })
+}
+
 /// `policy.mesh.rs/v1alpha1/AuthorizationPolicy`: who may use a Server.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[kube(
+    group = "policy.mesh.rs",
+    version = "v1alpha1",
+    kind = "AuthorizationPolicy",
+    namespaced,
+    category = "mesh"
+)]
 pub struct AuthorizationPolicySpec {
     pub target_ref: TargetRef,
     pub required_authentication_refs: Vec<TargetRef>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TargetRef {
     #[serde(default)]
@@ -162,22 +187,38 @@ pub struct TargetRef {
 /// `policy.mesh.rs/v1alpha1/MeshTLSAuthentication`: a set of identities.
 /// Each entry is an exact SPIFFE ID, `spiffe://<trust-domain>/*` for a whole
 /// trust domain, or `*` for any verified identity.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[kube(
+    group = "policy.mesh.rs",
+    version = "v1alpha1",
+    kind = "MeshTLSAuthentication",
+    root = "MeshTlsAuthentication",
+    namespaced,
+    category = "mesh"
+)]
 pub struct MeshTlsAuthenticationSpec {
     pub identities: Vec<String>,
 }
 
 /// `gateway.networking.k8s.io/v1/HTTPRoute`, attached to a Service port.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[kube(
+    group = "policy.mesh.rs",
+    version = "v1alpha1",
+    kind = "HTTPRoute",
+    root = "HttpRoute",
+    namespaced,
+    category = "mesh"
+)]
 pub struct HttpRouteSpec {
     pub parent_refs: Vec<ParentRef>,
     #[serde(default)]
     pub rules: Vec<HttpRouteRule>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ParentRef {
     #[serde(default)]
@@ -192,7 +233,7 @@ pub struct ParentRef {
     pub port: Option<u16>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteRule {
     #[serde(default)]
@@ -205,7 +246,7 @@ pub struct HttpRouteRule {
     pub retry: Option<HttpRouteRetry>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteMatch {
     #[serde(default)]
@@ -216,7 +257,7 @@ pub struct HttpRouteMatch {
     pub method: Option<String>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpPathMatch {
     /// `PathPrefix` (default) or `Exact`.
@@ -225,7 +266,7 @@ pub struct HttpPathMatch {
     pub value: String,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpHeaderMatch {
     /// Only `Exact` is supported.
@@ -235,7 +276,7 @@ pub struct HttpHeaderMatch {
     pub value: String,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackendRef {
     pub name: String,
@@ -255,7 +296,7 @@ fn one() -> u32 {
 }
 
 /// Gateway API durations (`10s`, `500ms`, `1m30s`), kept as written.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteTimeouts {
     #[serde(default)]
@@ -264,7 +305,7 @@ pub struct HttpRouteTimeouts {
     pub backend_request: Option<String>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteRetry {
     #[serde(default)]
@@ -284,8 +325,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// `multicluster.mesh.rs/v1alpha1/Link`: another cluster this one calls
 /// (its gateway) and trusts (its trust domain and bundle). Written by
 /// `mesh multicluster link`, run against the other cluster.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[kube(
+    group = "multicluster.mesh.rs",
+    version = "v1alpha1",
+    kind = "Link",
+    namespaced,
+    status = "LinkStatus",
+    category = "mesh"
+)]
 pub struct LinkSpec {
     /// The other cluster's name (mirrors are named `<svc>-<cluster>`).
     pub cluster_name: String,
@@ -308,8 +357,15 @@ pub struct LinkSpec {
 /// `multicluster.mesh.rs/v1alpha1/MirroredService`: a service of a linked
 /// cluster, named `<svc>-<cluster>` in the same namespace, reached through
 /// that cluster's gateway. Written by the service mirror (or by hand).
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[kube(
+    group = "multicluster.mesh.rs",
+    version = "v1alpha1",
+    kind = "MirroredService",
+    namespaced,
+    category = "mesh"
+)]
 pub struct MirroredServiceSpec {
     /// The `clusterName` of the Link it comes through.
     pub link: String,
@@ -331,4 +387,71 @@ pub fn is_exported(service: &Object<ServiceSpec>) -> bool {
         .get(EXPORTED_LABEL)
         .map(String::as_str)
         == Some("true")
+}
+
+/// Where an operator looks first: the standard condition list.
+pub type Condition = k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
+/// `Server` status: `Accepted` says whether the control plane serves it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// `Link` status: `Alive` (its gateway answers probes) and how many of its
+/// services are mirrored here.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirrored_services: Option<u32>,
+}
+
+/// `workload.mesh.rs/v1alpha1/ExternalWorkload`: a workload outside
+/// Kubernetes (a VM, a bare-metal host) in the mesh. On the `kube` store a
+/// workload's registration is kept as one of these, named like the
+/// workload, in its namespace; its labels are the object's labels.
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
+#[kube(
+    group = "workload.mesh.rs",
+    version = "v1alpha1",
+    kind = "ExternalWorkload",
+    namespaced,
+    status = "ExternalWorkloadStatus",
+    category = "mesh"
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExternalWorkloadSpec {
+    /// The SPIFFE ID it presents (the identity that registered it).
+    pub identity: String,
+    /// Its IP addresses.
+    pub addresses: Vec<String>,
+    /// Its application ports.
+    #[serde(default)]
+    pub ports: Vec<ExternalWorkloadPort>,
+    /// Its proxy's inbound port; absent when it has no proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_port: Option<u16>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExternalWorkloadPort {
+    pub name: String,
+    pub port: u16,
+    /// `http`, `http2`, `grpc`, `opaque` or absent (detect).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+}
+
+/// `ExternalWorkload` status: `Ready` follows its heartbeats.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalWorkloadStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
 }
