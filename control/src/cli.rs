@@ -69,6 +69,12 @@ pub struct TokenCreateArgs {
     admin_socket: Option<PathBuf>,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    Local,
+    Kube,
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// This cluster's name.
@@ -84,7 +90,16 @@ pub struct RunArgs {
     /// CA directory (from `mesh identity ca create`).
     #[arg(long, env = "MESH_CONTROL_CA")]
     ca: Option<PathBuf>,
-    /// Directory of resource YAML files (watched).
+    /// Where resources and workloads come from: `local` (a watched
+    /// directory of YAML, registrations in an embedded database) or `kube`
+    /// (the API server: Services, EndpointSlices, Pods and Mesh CRDs).
+    #[arg(long, env = "MESH_CONTROL_STORE", value_enum, default_value = "local")]
+    store: StoreKind,
+    /// With `--store kube`: the kubeconfig [default: KUBECONFIG,
+    /// ~/.kube/config, or the in-cluster service account].
+    #[arg(long, env = "MESH_CONTROL_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Directory of resource YAML files (watched; `--store local`).
     #[arg(long, env = "MESH_CONTROL_CONFIG_DIR")]
     config_dir: Option<PathBuf>,
     /// Directory for the state database and admin socket.
@@ -147,8 +162,21 @@ impl RunArgs {
             v.unwrap_or_default()
         };
         let ca_dir = need(self.ca, "--ca (MESH_CONTROL_CA)");
-        let config_dir = need(self.config_dir, "--config-dir (MESH_CONTROL_CONFIG_DIR)");
+        let kube = self.store == StoreKind::Kube;
+        let mut store_errors: Vec<String> = Vec::new();
+        let config_dir = if kube {
+            if self.config_dir.is_some() {
+                store_errors.push("--config-dir is for --store local; with --store kube resources come from the API server".into());
+            }
+            PathBuf::new()
+        } else {
+            need(self.config_dir, "--config-dir (MESH_CONTROL_CONFIG_DIR)")
+        };
         let data_dir = need(self.data_dir, "--data-dir (MESH_CONTROL_DATA_DIR)");
+        if !kube && self.kubeconfig.is_some() {
+            store_errors.push("--kubeconfig is for --store kube".into());
+        }
+        errors.extend(store_errors);
         let cluster = self.cluster.unwrap_or_default();
         if let Err(e) = crate::resources::parse::check_name("--cluster", &cluster) {
             errors.push(e);
@@ -195,6 +223,9 @@ impl RunArgs {
             certify_burst: self.certify_burst,
             certify_rate: self.certify_rate,
             max_workloads_per_namespace: self.max_workloads_per_namespace,
+            kube: kube.then_some(crate::config::KubeSettings {
+                kubeconfig: self.kubeconfig,
+            }),
         })
     }
 }

@@ -38,6 +38,17 @@ pub struct Config {
     pub certify_rate: f64,
     /// Registered workloads one namespace may hold.
     pub max_workloads_per_namespace: usize,
+    /// The `kube` store: resources and Pods from this API server instead
+    /// of `config_dir`.
+    pub kube: Option<KubeSettings>,
+}
+
+/// How the `kube` store reaches the API server.
+#[derive(Clone, Debug, Default)]
+pub struct KubeSettings {
+    /// A kubeconfig file; without it, `KUBECONFIG`, `~/.kube/config`, or
+    /// the in-cluster service account, in that order.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// The identity the control plane serves as.

@@ -42,6 +42,15 @@ use crate::{
     store::{LocalStore, Store, StoreError},
 };
 
+/// How long the `kube` store waits for its first full lists.
+const KUBE_SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where configuration and cluster workloads come from.
+enum Source {
+    Dir(ConfigDir),
+    Kube(crate::k8s::watch::Cluster),
+}
+
 /// Largest gRPC request accepted (CSRs and registrations are small).
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Largest gRPC response sent (an endpoint set of a big service).
@@ -68,6 +77,8 @@ pub enum StartError {
     Socket(#[from] admin_socket::SocketError),
     #[error("config directory {}: {reason}", dir.display())]
     ConfigDir { dir: PathBuf, reason: String },
+    #[error("kube store: {0}")]
+    Kube(String),
 }
 
 /// A running control plane. Dropping it does not stop it; call
@@ -92,7 +103,7 @@ pub struct ControlPlane {
 impl ControlPlane {
     pub async fn start(config: Config) -> Result<Self, StartError> {
         tracing::info!(?config, "starting control plane");
-        if !config.config_dir.is_dir() {
+        if config.kube.is_none() && !config.config_dir.is_dir() {
             return Err(StartError::ConfigDir {
                 dir: config.config_dir.clone(),
                 reason: "is not a directory; create it (it may be empty)".into(),
@@ -117,22 +128,44 @@ impl ControlPlane {
         let restored = store.registrations()?;
         tracing::info!(count = restored.len(), "restored workload registrations");
         index.restore(restored, Instant::now());
-        let mut config_dir = ConfigDir::new(&config.config_dir);
-        let mut scan = config_dir.scan();
-        report_config_errors(&scan.errors, &metrics);
-        // Start with every file that is there, once none is mid-write (a
-        // file that keeps changing is left to the poller after 2 s).
-        for _ in 0..10 {
-            if !scan.unsettled {
-                break;
+        let mut tasks = JoinSet::new();
+        let source = match &config.kube {
+            None => {
+                let mut config_dir = ConfigDir::new(&config.config_dir);
+                let mut scan = config_dir.scan();
+                report_config_errors(&scan.errors, &metrics);
+                // Start with every file that is there, once none is mid-write
+                // (a file that keeps changing is left to the poller after 2 s).
+                for _ in 0..10 {
+                    if !scan.unsettled {
+                        break;
+                    }
+                    tokio::time::sleep(crate::resources::dir::SETTLE).await;
+                    scan = config_dir.scan();
+                    report_config_errors(&scan.errors, &metrics);
+                }
+                index.set_resources(config_dir.resources());
+                trust_links(&index, &local_bundle, &bundles);
+                Source::Dir(config_dir)
             }
-            tokio::time::sleep(crate::resources::dir::SETTLE).await;
-            scan = config_dir.scan();
-            report_config_errors(&scan.errors, &metrics);
-        }
-        index.set_resources(config_dir.resources());
-        trust_links(&index, &local_bundle, &bundles);
+            Some(kube) => {
+                let client = crate::k8s::client(kube.kubeconfig.as_deref())
+                    .await
+                    .map_err(StartError::Kube)?;
+                let cluster =
+                    crate::k8s::watch::Cluster::start(client, KUBE_SYNC_TIMEOUT, &mut tasks)
+                        .await
+                        .map_err(StartError::Kube)?;
+                Source::Kube(cluster)
+            }
+        };
         let shared = Shared::new(index);
+        if let Source::Kube(cluster) = &source {
+            let (local, bundles) = (local_bundle.clone(), bundles.clone());
+            cluster.apply(&shared, &td, &metrics, &move |index: &mut Index| {
+                trust_links(index, &local, &bundles)
+            });
+        }
         let ca_slot: CaSlot = Arc::new(RwLock::new(Arc::new(ca)));
 
         // Our own identity, for both gRPC listeners.
@@ -160,7 +193,6 @@ impl ControlPlane {
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut servers = JoinSet::new();
-        let mut tasks = JoinSet::new();
         let stopped = move || {
             let mut rx = shutdown_rx.clone();
             async move {
@@ -256,13 +288,26 @@ impl ControlPlane {
             store.clone(),
             metrics.clone(),
         ));
-        tasks.spawn(watch_config(
-            config_dir,
-            shared.clone(),
-            metrics.clone(),
-            config.poll_interval,
-            (local_bundle, bundles.clone()),
-        ));
+        match source {
+            Source::Dir(config_dir) => {
+                tasks.spawn(watch_config(
+                    config_dir,
+                    shared.clone(),
+                    metrics.clone(),
+                    config.poll_interval,
+                    (local_bundle, bundles.clone()),
+                ));
+            }
+            Source::Kube(cluster) => {
+                let bundles = bundles.clone();
+                tasks.spawn(cluster.follow(
+                    shared.clone(),
+                    td.clone(),
+                    metrics.clone(),
+                    move |index: &mut Index| trust_links(index, &local_bundle, &bundles),
+                ));
+            }
+        }
         tasks.spawn(sweep(shared.clone(), store.clone(), metrics.clone()));
         tasks.spawn(maintain_issuer(
             config.ca_dir.clone(),

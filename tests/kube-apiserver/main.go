@@ -257,7 +257,9 @@ func startControllerManager(dir, kubeconfig, saKey, caFile string) (*exec.Cmd, <
 	}
 	cmd := exec.Command(self, "kube-controller-manager",
 		"--kubeconfig="+kubeconfig,
-		"--controllers=*",
+		// No kubelet heartbeats here: the node lifecycle controller would
+		// taint the test node and evict its pods.
+		"--controllers=*,-node-lifecycle-controller",
 		"--use-service-account-credentials=false",
 		"--service-account-private-key-file="+saKey,
 		"--root-ca-file="+caFile,

@@ -11,6 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// The one Node of a test cluster.
+pub const NODE: &str = "node-0";
+
 /// One running cluster control plane (no kubelet: tests play the kubelet).
 #[derive(Debug)]
 pub struct Kube {
@@ -85,14 +88,21 @@ impl Kube {
                 )
             });
         let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
-        Self {
+        let kube = Self {
             child,
             _stdin: stdin,
             kubeconfig: PathBuf::from(ready["kubeconfig"].as_str().unwrap()),
             server: ready["server"].as_str().unwrap().to_owned(),
             dir,
             started_in: started.elapsed(),
-        }
+        };
+        // The node the tests' pods "run" on: EndpointSlices leave out a pod
+        // whose node does not exist.
+        kube.apply(
+            &serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}})
+                .to_string(),
+        );
+        kube
     }
 
     /// `kubectl ARGS` against this cluster as admin.
@@ -148,5 +158,111 @@ impl Drop for Kube {
         // The controller manager follows: its stdin closes.
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port (bound, then released for the process under test).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Kube {
+    /// The API server's CA (PEM), as the admin kubeconfig carries it.
+    pub fn ca_pem(&self) -> Vec<u8> {
+        use base64::Engine as _;
+        let data = self.kubectl_ok(&[
+            "config",
+            "view",
+            "--raw",
+            "-o",
+            "jsonpath={.clusters[0].cluster.certificate-authority-data}",
+        ]);
+        base64::engine::general_purpose::STANDARD
+            .decode(data.trim())
+            .expect("base64 CA data")
+    }
+
+    /// A kubeconfig file (in this cluster's directory) that authenticates
+    /// with `token`, e.g. a ServiceAccount's from `kubectl create token`.
+    /// Serialized as JSON, which is YAML.
+    pub fn kubeconfig_for_token(&self, name: &str, token: &str) -> PathBuf {
+        use base64::Engine as _;
+        let ca = base64::engine::general_purpose::STANDARD.encode(self.ca_pem());
+        let config = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{ "name": "test", "cluster": { "server": self.server, "certificate-authority-data": ca } }],
+            "users": [{ "name": name, "user": { "token": token } }],
+            "contexts": [{ "name": name, "context": { "cluster": "test", "user": name } }],
+            "current-context": name,
+        });
+        let path = self.dir.path().join(format!("{name}.kubeconfig"));
+        std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+        path
+    }
+
+    /// A token of ServiceAccount `ns/sa` (`kubectl create token`), for
+    /// `audience` when given.
+    pub fn token(&self, ns: &str, sa: &str, audience: Option<&str>, duration: &str) -> String {
+        let mut args = vec!["create", "token", sa, "-n", ns, "--duration", duration];
+        if let Some(audience) = audience {
+            args.extend(["--audience", audience]);
+        }
+        self.kubectl_ok(&args).trim().to_owned()
+    }
+
+    /// Plays the scheduler and the kubelet: the Pod `ns/name` is bound to
+    /// the test node, runs at `ip` and is Ready.
+    pub fn run_pod(&self, ns: &str, name: &str, ip: &str) {
+        let node = self.kubectl_ok(&[
+            "get",
+            "pod",
+            name,
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.spec.nodeName}",
+        ]);
+        if node.trim().is_empty() {
+            let binding = serde_json::json!({
+                "apiVersion": "v1", "kind": "Binding",
+                "metadata": { "name": name, "namespace": ns },
+                "target": { "apiVersion": "v1", "kind": "Node", "name": NODE },
+            });
+            let path = format!("/api/v1/namespaces/{ns}/pods/{name}/binding");
+            let out = self
+                .kubectl_with_input(&["create", "--raw", &path, "-f", "-"], &binding.to_string());
+            assert!(
+                out.status.success(),
+                "binding {ns}/{name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let status = serde_json::json!({
+            "status": {
+                "phase": "Running",
+                "podIP": ip,
+                "podIPs": [{ "ip": ip }],
+                "conditions": [
+                    { "type": "Ready", "status": "True" },
+                    { "type": "ContainersReady", "status": "True" },
+                ],
+            }
+        });
+        self.kubectl_ok(&[
+            "patch",
+            "pod",
+            name,
+            "-n",
+            ns,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ]);
     }
 }

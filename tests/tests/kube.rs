@@ -120,3 +120,283 @@ fn crds_and_the_control_plane_apply_to_a_real_api_server() {
     let left = kube.kubectl_ok(&["get", "crd", "-o", "name"]);
     assert!(!left.contains("mesh.rs"), "{left}");
 }
+
+/// `mesh control --store kube` as a process, killed on drop.
+struct Control {
+    child: std::process::Child,
+    api: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    log: std::path::PathBuf,
+    _data: tempfile::TempDir,
+}
+
+impl Control {
+    fn start(kubeconfig: &std::path::Path, ca_dir: &std::path::Path, cluster: &str) -> Self {
+        use mesh_tests::kube::free_port;
+        let data = tempfile::tempdir().unwrap();
+        let log = data.path().join("control.log");
+        let api: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let identity = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(mesh_exe())
+            .args(["control", "--store", "kube", "--cluster", cluster])
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--ca")
+            .arg(ca_dir)
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(["--identity-addr", &identity])
+            .args(["--api-addr", &api.to_string()])
+            .args(["--admin-addr", &admin.to_string()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut control = Self {
+            child,
+            api,
+            admin,
+            log,
+            _data: data,
+        };
+        control.wait_ready();
+        control
+    }
+
+    fn wait_ready(&mut self) {
+        use std::io::{Read, Write};
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the control plane exited ({status}):\n{}", self.log_text());
+            }
+            if let Ok(mut s) = std::net::TcpStream::connect(self.admin) {
+                let _ = s.write_all(b"GET /ready HTTP/1.0\r\n\r\n");
+                let mut out = String::new();
+                let _ = s.read_to_string(&mut out);
+                if out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200") {
+                    return;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the control plane was not ready in 60 s:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Discovery client presenting an SVID for `id`, signed with the CA in
+/// `ca_dir` (the test is the operator here).
+fn discovery_client(
+    api: std::net::SocketAddr,
+    ca_dir: &std::path::Path,
+    id: &str,
+) -> mesh_core::api::v1::discovery_client::DiscoveryClient<tonic::transport::Channel> {
+    use mesh_core::identity::{
+        BundleStore, CredentialStore, Credentials, ExpectedIdentity, SpiffeId, TrustBundleSet,
+        cert, files, tls,
+    };
+    let out = tempfile::tempdir().unwrap();
+    mesh(&[
+        "identity",
+        "issue",
+        "--ca",
+        ca_dir.to_str().unwrap(),
+        "--spiffe-id",
+        id,
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    let chain = cert::certs_from_pem(&std::fs::read(out.path().join("leaf.crt")).unwrap()).unwrap();
+    let key = cert::key_from_pem(&std::fs::read(out.path().join("leaf.key")).unwrap()).unwrap();
+    let id = SpiffeId::parse(id).unwrap();
+    let td = id.trust_domain().clone();
+    let bundle = files::load_bundle(&ca_dir.join(files::BUNDLE), td.clone()).unwrap();
+    let control = SpiffeId::workload(&td, "mesh-system", "control").unwrap();
+    let cfg = tls::client_config(
+        CredentialStore::new(Credentials::new(chain, key).unwrap()),
+        BundleStore::new([bundle].into_iter().collect::<TrustBundleSet>()),
+        ExpectedIdentity::Exact(control),
+    )
+    .unwrap();
+    mesh_core::api::v1::discovery_client::DiscoveryClient::new(
+        mesh_core::grpc::channel(&api.to_string(), cfg).unwrap(),
+    )
+}
+
+/// Watches `authority` until `done` holds for its endpoints (30 s at most).
+async fn endpoints_until(
+    client: &mut mesh_core::api::v1::discovery_client::DiscoveryClient<tonic::transport::Channel>,
+    authority: &str,
+    done: impl Fn(&[mesh_core::api::v1::Endpoint]) -> bool,
+) -> Vec<mesh_core::api::v1::Endpoint> {
+    use mesh_core::api::v1::{WatchRequest, discovery_update::Kind};
+    let mut stream = client
+        .watch(WatchRequest {
+            authority: authority.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let update = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("{authority}: not as expected in 30 s; last: {last:?}"))
+            .unwrap()
+            .expect("the stream stays open");
+        if let Some(Kind::Endpoints(set)) = &update.kind
+            && done(&set.endpoints)
+        {
+            return set.endpoints.clone();
+        }
+        last = Some(update);
+    }
+}
+
+/// The control plane runs as a process with a token of the `mesh-control`
+/// ServiceAccount (so the RBAC `mesh install` prints is what is tested),
+/// becomes ready, and serves discovery from Services, EndpointSlices and
+/// Pods: the pod the test "runs" (status patched Ready) is an mTLS
+/// endpoint with its service account's SPIFFE ID and its proxy's port; one
+/// that is not ready is not an endpoint; readiness lost is seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_on_the_kube_store_serves_discovery() {
+    let kube = Kube::start();
+    kube.apply(&mesh(&["install", "--crds"]));
+    kube.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd",
+        "--all",
+        "--timeout=60s",
+    ]);
+    let ca = tempfile::tempdir().unwrap();
+    let ca_dir = ca.path().join("ca");
+    mesh(&[
+        "identity",
+        "ca",
+        "create",
+        "--trust-domain",
+        "east.mesh.local",
+        "--out",
+        ca_dir.to_str().unwrap(),
+    ]);
+    kube.apply(&mesh(&[
+        "install",
+        "--ca",
+        ca_dir.to_str().unwrap(),
+        "--set",
+        "cluster=east",
+    ]));
+
+    let token = kube.token("mesh-system", "mesh-control", None, "1h");
+    let kubeconfig = kube.kubeconfig_for_token("mesh-control", &token);
+    let control = Control::start(&kubeconfig, &ca_dir, "east");
+
+    kube.apply(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: api, namespace: shop}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec:
+  selector: {app: api}
+  ports: [{name: http, port: 8080, targetPort: 8080, appProtocol: http}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-0, namespace: shop, labels: {app: api}}
+spec:
+  serviceAccountName: api
+  containers:
+  - {name: app, image: api, ports: [{name: http, containerPort: 8080}]}
+  - {name: mesh-proxy, image: mesh, ports: [{name: mesh-inbound, containerPort: 4143}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-1, namespace: shop, labels: {app: api}}
+spec:
+  serviceAccountName: api
+  containers:
+  - {name: app, image: api, ports: [{name: http, containerPort: 8080}]}
+  - {name: mesh-proxy, image: mesh, ports: [{name: mesh-inbound, containerPort: 4143}]}
+"#,
+    );
+    kube.run_pod("shop", "api-0", "10.244.0.7");
+
+    let mut client = discovery_client(
+        control.api,
+        &ca_dir,
+        "spiffe://east.mesh.local/ns/shop/sa/web",
+    );
+    let authority = "api.shop.svc.cluster.local:8080";
+    let eps = endpoints_until(&mut client, authority, |eps| !eps.is_empty()).await;
+    assert_eq!(eps.len(), 1, "{eps:?}");
+    assert_eq!(eps[0].address, "10.244.0.7:8080");
+    assert_eq!(eps[0].spiffe_id, "spiffe://east.mesh.local/ns/shop/sa/api");
+    assert_eq!(eps[0].proxy_port, 4143);
+    assert_eq!(eps[0].cluster, "east");
+    assert_eq!(eps[0].workload, "shop/api-0");
+    // The controller manager made the EndpointSlice the control plane read.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let slices = kube.kubectl_ok(&[
+            "get",
+            "endpointslices",
+            "-n",
+            "shop",
+            "-l",
+            "kubernetes.io/service-name=api",
+            "-o",
+            "jsonpath={.items[*].endpoints[*].addresses[*]}",
+        ]);
+        if slices.trim() == "10.244.0.7" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no EndpointSlice lists api-0: {slices:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
+    // Readiness lost (the kubelet would report it): no endpoint.
+    let unready =
+        serde_json::json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}});
+    kube.kubectl_ok(&[
+        "patch",
+        "pod",
+        "api-0",
+        "-n",
+        "shop",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &unready.to_string(),
+    ]);
+    endpoints_until(&mut client, authority, |eps| eps.is_empty()).await;
+    drop(control);
+}

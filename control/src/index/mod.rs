@@ -100,6 +100,10 @@ pub const MAX_WORKLOADS_PER_NAMESPACE: usize = 1_000;
 struct Workload {
     reg: Registration,
     last_heartbeat: Instant,
+    /// Kept by the cluster (a Pod on the `kube` store): its readiness is
+    /// `reg.healthy` as the cluster reports it, with no heartbeats, and it
+    /// is never swept.
+    managed: bool,
 }
 
 /// How often the liveness sweep runs (`plane::sweep`).
@@ -257,6 +261,7 @@ impl Index {
             Workload {
                 reg,
                 last_heartbeat: now,
+                managed: false,
             },
         );
         Ok(())
@@ -271,9 +276,38 @@ impl Index {
                 Workload {
                     reg,
                     last_heartbeat: now,
+                    managed: false,
                 },
             );
         }
+    }
+
+    /// Replaces every cluster-managed workload (Pods on the `kube` store)
+    /// with `regs`. Registrations made through the Registry stay, unless a
+    /// Pod of the same name replaces one. Returns whether anything changed.
+    pub fn set_managed(&mut self, regs: Vec<Registration>, now: Instant) -> bool {
+        let before: BTreeMap<Key, Registration> = self
+            .workloads
+            .iter()
+            .filter(|(_, w)| w.managed)
+            .map(|(k, w)| (k.clone(), w.reg.clone()))
+            .collect();
+        let after: BTreeMap<Key, Registration> = regs.into_iter().map(|r| (r.key(), r)).collect();
+        if before == after {
+            return false;
+        }
+        self.workloads.retain(|_, w| !w.managed);
+        for (key, reg) in after {
+            self.workloads.insert(
+                key,
+                Workload {
+                    reg,
+                    last_heartbeat: now,
+                    managed: true,
+                },
+            );
+        }
+        true
     }
 
     /// Records a heartbeat. Returns the updated registration and whether
@@ -314,7 +348,8 @@ impl Index {
     fn is_ready(&self, w: &Workload, now: Instant) -> bool {
         let deadline = self.liveness.heartbeat_interval * self.liveness.misses;
         let judged = self.awake.map_or(now, |awake| now.min(awake + STALLED));
-        w.reg.healthy && judged.saturating_duration_since(w.last_heartbeat) <= deadline
+        w.reg.healthy
+            && (w.managed || judged.saturating_duration_since(w.last_heartbeat) <= deadline)
     }
 
     /// Removes registrations silent for longer than the grace period and
@@ -345,7 +380,7 @@ impl Index {
         let removed: Vec<Key> = self
             .workloads
             .iter()
-            .filter(|(_, w)| now.saturating_duration_since(w.last_heartbeat) > grace)
+            .filter(|(_, w)| !w.managed && now.saturating_duration_since(w.last_heartbeat) > grace)
             .map(|(k, _)| k.clone())
             .collect();
         for key in &removed {

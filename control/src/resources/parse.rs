@@ -141,7 +141,7 @@ fn short_reason(e: &serde_saphyr::Error) -> String {
 }
 
 /// Checks what the schema cannot: names, references, values.
-fn validate(resource: &Resource) -> Result<(), String> {
+pub fn validate(resource: &Resource) -> Result<(), String> {
     let meta = resource.metadata();
     check_name("metadata.name", &meta.name)?;
     check_name("metadata.namespace", &meta.namespace)?;
