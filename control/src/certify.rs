@@ -40,6 +40,9 @@ pub struct IdentityService {
     pub metrics: Metrics,
     /// Default and maximum leaf lifetime.
     pub leaf_ttl: Duration,
+    /// On the `kube` store: service-account tokens are checked with the
+    /// API server's TokenReview.
+    pub reviewer: Option<crate::k8s::review::TokenReviewer>,
 }
 
 /// A refusal: the gRPC status and the metric reason.
@@ -139,7 +142,13 @@ impl IdentityService {
             if let Some(peer) = peer {
                 self.limit_key(&format!("ip:{}", peer.remote.ip()), "this address")?;
             }
-            self.redeem(&req.token, requested, &req.csr, ttl).await
+            match &self.reviewer {
+                Some(reviewer) if crate::k8s::review::looks_like_jwt(&req.token) => {
+                    self.redeem_service_account(reviewer, &req.token, requested, &req.csr, ttl)
+                        .await
+                }
+                _ => self.redeem(&req.token, requested, &req.csr, ttl).await,
+            }
         }
     }
 
@@ -199,6 +208,51 @@ impl IdentityService {
             .await?
             .map_err(token_refusal)?;
         self.issued("token");
+        Ok(response)
+    }
+
+    /// A Kubernetes service-account token: the API server says whose it
+    /// is, and only that service account's SPIFFE ID is issued.
+    async fn redeem_service_account(
+        &self,
+        reviewer: &crate::k8s::review::TokenReviewer,
+        token: &str,
+        requested: SpiffeId,
+        csr: &[u8],
+        ttl: Duration,
+    ) -> Result<CertifyResponse, Refusal> {
+        let reviewed = reviewer.review(token).await.map_err(|e| {
+            let code = match e {
+                crate::k8s::review::Refused::Unavailable(_) => Code::Unavailable,
+                _ => Code::Unauthenticated,
+            };
+            refuse(e.reason(), code, e.to_string())
+        })?;
+        let bound = SpiffeId::workload(
+            &self.trust_domain,
+            &reviewed.namespace,
+            &reviewed.service_account,
+        )
+        .map_err(|e| {
+            refuse(
+                "token_invalid",
+                Code::Unauthenticated,
+                format!("the token's service account is not a valid identity: {e}"),
+            )
+        })?;
+        self.limit(&bound)?;
+        if requested != bound {
+            return Err(refuse(
+                "token_identity_mismatch",
+                Code::PermissionDenied,
+                format!("this service-account token is for {bound}, not {requested}"),
+            ));
+        }
+        let response = self.sign(csr, &requested, ttl)?;
+        let serial = self.serial_record(&response, &requested, "service_account");
+        let store = self.store.clone();
+        blocking(move || store.record_serial(&serial)).await?;
+        self.issued("service_account");
         Ok(response)
     }
 

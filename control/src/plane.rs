@@ -129,6 +129,7 @@ impl ControlPlane {
         tracing::info!(count = restored.len(), "restored workload registrations");
         index.restore(restored, Instant::now());
         let mut tasks = JoinSet::new();
+        let mut reviewer = None;
         let source = match &config.kube {
             None => {
                 let mut config_dir = ConfigDir::new(&config.config_dir);
@@ -152,6 +153,7 @@ impl ControlPlane {
                 let client = crate::k8s::client(kube.kubeconfig.as_deref())
                     .await
                     .map_err(StartError::Kube)?;
+                reviewer = Some(crate::k8s::review::TokenReviewer::new(client.clone()));
                 let cluster =
                     crate::k8s::watch::Cluster::start(client, KUBE_SYNC_TIMEOUT, &mut tasks)
                         .await
@@ -208,6 +210,7 @@ impl ControlPlane {
             limiter: Arc::new(RateLimiter::new(config.certify_burst, config.certify_rate)),
             metrics: metrics.clone(),
             leaf_ttl: config.leaf_ttl,
+            reviewer,
         };
         let identity_tls =
             tls::server_config_optional_client(creds.clone(), bundles.clone(), clients.clone())

@@ -195,6 +195,20 @@ impl ApiServices {
         }
     }
 
+    /// Whether `key` is a Pod the cluster keeps (then the Registry call is
+    /// a no-op for its own identity, and refused for any other).
+    fn kept_by_cluster(&self, key: &Key, id: &SpiffeId) -> Result<bool, Status> {
+        let index = self.shared.read();
+        match index.managed_identity(key) {
+            None => Ok(false),
+            Some(owner) if owner == id.as_str() => Ok(true),
+            Some(owner) => Err(self.registry_error(RegistryError::NotOwner {
+                key: key.clone(),
+                owner: owner.to_owned(),
+            })),
+        }
+    }
+
     fn registry_error(&self, e: RegistryError) -> Status {
         match e {
             RegistryError::NotOwner { .. } => {
@@ -474,6 +488,14 @@ impl Registry for ApiServices {
         // Check ownership first, persist, then publish: a registration is
         // only ever visible once it is committed.
         let key = reg.key();
+        if self.kept_by_cluster(&key, &id)? {
+            // A Pod: the cluster says where it runs and whether it is
+            // ready; its proxy's registration changes nothing.
+            return Ok(Response::new(RegisterResponse {
+                spiffe_id: id.to_string(),
+                heartbeat_interval_seconds: self.liveness.heartbeat_interval.as_secs(),
+            }));
+        }
         self.check_granted(&reg).await?;
         self.shared
             .read()
@@ -499,6 +521,9 @@ impl Registry for ApiServices {
         let r = req.into_inner();
         self.same_namespace(&caller_ns, &r.namespace)?;
         let key: Key = (r.namespace, r.name);
+        if self.kept_by_cluster(&key, &id)? {
+            return Ok(Response::new(HeartbeatResponse {}));
+        }
         let (reg, health_changed) = self
             .shared
             .update(|index| {
@@ -523,6 +548,9 @@ impl Registry for ApiServices {
         let r = req.into_inner();
         self.same_namespace(&caller_ns, &r.namespace)?;
         let key: Key = (r.namespace, r.name);
+        if self.kept_by_cluster(&key, &id)? {
+            return Ok(Response::new(DeregisterResponse {}));
+        }
         self.shared
             .update(|index| {
                 let result = index.deregister(&key, id.as_str());

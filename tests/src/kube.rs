@@ -266,3 +266,121 @@ impl Kube {
         ]);
     }
 }
+
+/// The pod network of the test clusters: EndpointSlices refuse loopback
+/// addresses, so pods get addresses of this range, which a `local` route
+/// on `lo` makes bindable on this machine (like 127.0.0.0/8). Needs root.
+pub const POD_NET: &str = "10.244.0.0/24";
+
+/// Adds the local route for [`POD_NET`] (idempotent). Fails loudly
+/// without root: the Kubernetes end-to-end tests need it.
+pub fn pod_network() {
+    let out = Command::new("ip")
+        .args(["route", "replace", "local", POD_NET, "dev", "lo"])
+        .output()
+        .expect("`ip` (iproute2) is installed");
+    assert!(
+        out.status.success(),
+        "cannot route {POD_NET} locally (run the tests as root): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A GET of `url` through the HTTP proxy at `proxy`: status and body.
+pub fn http_get_via(proxy: std::net::SocketAddr, url: &str) -> (u16, String) {
+    use std::io::Read;
+    let host = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let mut s = std::net::TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let request = format!("GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Whether `GET /ready` on an admin address answers 200.
+pub fn is_ready(admin: std::net::SocketAddr) -> bool {
+    use std::io::Read;
+    let Ok(mut s) = std::net::TcpStream::connect(admin) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.write_all(b"GET /ready HTTP/1.0\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200")
+}
+
+impl Kube {
+    /// A service-account token for `ns/sa` and `audience` that expired an
+    /// hour ago, signed with this cluster's service-account key (the API
+    /// server mints no token shorter than ten minutes). Everything else is
+    /// what `kubectl create token` gives, so only the expiry is wrong.
+    pub fn expired_token(&self, ns: &str, sa: &str, audience: &str) -> String {
+        use aws_lc_rs::{rand::SystemRandom, signature};
+        use base64::Engine as _;
+        let uid = self.kubectl_ok(&["get", "sa", sa, "-n", ns, "-o", "jsonpath={.metadata.uid}"]);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = serde_json::json!({
+            "aud": [audience],
+            "exp": now - 3600,
+            "iat": now - 7200,
+            "nbf": now - 7200,
+            "iss": "https://kubernetes.default.svc",
+            "sub": format!("system:serviceaccount:{ns}:{sa}"),
+            "kubernetes.io": { "namespace": ns, "serviceaccount": { "name": sa, "uid": uid.trim() } },
+        });
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let header = serde_json::json!({ "alg": "RS256", "typ": "JWT" });
+        let signing_input = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let pem = std::fs::read(self.dir.path().join("cluster/sa.key")).unwrap();
+        let key = mesh_core::identity::cert::key_from_pem(&pem).unwrap();
+        let rustls::pki_types::PrivateKeyDer::Pkcs8(pkcs8) = key else {
+            panic!("sa.key is PKCS#8")
+        };
+        let pair = signature::RsaKeyPair::from_pkcs8(pkcs8.secret_pkcs8_der()).unwrap();
+        let mut sig = vec![0; pair.public_modulus_len()];
+        pair.sign(
+            &signature::RSA_PKCS1_SHA256,
+            &SystemRandom::new(),
+            signing_input.as_bytes(),
+            &mut sig,
+        )
+        .unwrap();
+        format!("{signing_input}.{}", b64(&sig))
+    }
+}
+
+/// `GET path` of an admin server (HTTP/1.0): the whole response.
+pub fn http_get_admin(admin: std::net::SocketAddr, path: &str) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}

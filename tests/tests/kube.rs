@@ -125,6 +125,7 @@ fn crds_and_the_control_plane_apply_to_a_real_api_server() {
 struct Control {
     child: std::process::Child,
     api: std::net::SocketAddr,
+    identity: std::net::SocketAddr,
     admin: std::net::SocketAddr,
     log: std::path::PathBuf,
     _data: tempfile::TempDir,
@@ -137,7 +138,7 @@ impl Control {
         let log = data.path().join("control.log");
         let api: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let identity = format!("127.0.0.1:{}", free_port());
+        let identity: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let child = Command::new(mesh_exe())
             .args(["control", "--store", "kube", "--cluster", cluster])
             .arg("--kubeconfig")
@@ -146,7 +147,7 @@ impl Control {
             .arg(ca_dir)
             .arg("--data-dir")
             .arg(data.path())
-            .args(["--identity-addr", &identity])
+            .args(["--identity-addr", &identity.to_string()])
             .args(["--api-addr", &api.to_string()])
             .args(["--admin-addr", &admin.to_string()])
             .stdout(Stdio::null())
@@ -156,6 +157,7 @@ impl Control {
         let mut control = Self {
             child,
             api,
+            identity,
             admin,
             log,
             _data: data,
@@ -399,4 +401,360 @@ spec:
     ]);
     endpoints_until(&mut client, authority, |eps| eps.is_empty()).await;
     drop(control);
+}
+
+/// A cluster with Mesh installed as a user would: CRDs, `mesh install`
+/// applied for real, and the control plane running as a process with a
+/// token of the `mesh-control` ServiceAccount.
+struct Installed {
+    _ca: tempfile::TempDir,
+    ca_dir: std::path::PathBuf,
+    control: Control,
+}
+
+fn install(kube: &Kube, td: &str, cluster: &str) -> Installed {
+    kube.apply(&mesh(&["install", "--crds"]));
+    kube.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd",
+        "--all",
+        "--timeout=60s",
+    ]);
+    let ca = tempfile::tempdir().unwrap();
+    let ca_dir = ca.path().join("ca");
+    mesh(&[
+        "identity",
+        "ca",
+        "create",
+        "--trust-domain",
+        td,
+        "--out",
+        ca_dir.to_str().unwrap(),
+    ]);
+    let set = format!("cluster={cluster}");
+    kube.apply(&mesh(&[
+        "install",
+        "--ca",
+        ca_dir.to_str().unwrap(),
+        "--set",
+        &set,
+    ]));
+    let token = kube.token("mesh-system", "mesh-control", None, "1h");
+    let kubeconfig = kube.kubeconfig_for_token("mesh-control", &token);
+    let control = Control::start(&kubeconfig, &ca_dir, cluster);
+    Installed {
+        _ca: ca,
+        ca_dir,
+        control,
+    }
+}
+
+/// A meshed workload as the kubelet would run it: its app (`mesh demo
+/// serve`) and its proxy (`mesh proxy`, bootstrapped with the projected
+/// service-account token `kubectl create token` makes), at its pod IP.
+struct PodProcesses {
+    children: Vec<std::process::Child>,
+    outbound: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for PodProcesses {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn run_meshed(
+    kube: &Kube,
+    installed: &Installed,
+    td: &str,
+    sa: &str,
+    pod: &str,
+    ip: &str,
+    labels: &str,
+) -> PodProcesses {
+    use mesh_tests::kube::free_port;
+    kube.run_pod("shop", pod, ip);
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    let token = kube.token("shop", sa, Some("identity.mesh.rs"), "1h");
+    std::fs::write(&token_file, token).unwrap();
+    let outbound: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let log = |what: &str| std::fs::File::create(dir.path().join(format!("{what}.log"))).unwrap();
+    let app = Command::new(mesh_exe())
+        .args([
+            "demo",
+            "serve",
+            "--cluster",
+            "east",
+            "--workload",
+            pod,
+            "--ip",
+            ip,
+            "--http-port",
+            "8080",
+        ])
+        .stdout(Stdio::null())
+        .stderr(log("app"))
+        .spawn()
+        .unwrap();
+    let c = &installed.control;
+    let env = [
+        ("CLUSTER", "east".to_owned()),
+        ("TRUST_DOMAIN", td.to_owned()),
+        ("NAMESPACE", "shop".to_owned()),
+        ("SERVICE_ACCOUNT", sa.to_owned()),
+        ("WORKLOAD", pod.to_owned()),
+        ("CONTROL_IDENTITY_ADDR", c.identity.to_string()),
+        ("CONTROL_API_ADDR", c.api.to_string()),
+        (
+            "TRUST_ANCHORS",
+            installed.ca_dir.join("bundle.json").display().to_string(),
+        ),
+        ("JOIN_TOKEN_FILE", token_file.display().to_string()),
+        ("INBOUND_ADDR", format!("{ip}:4143")),
+        ("OUTBOUND_ADDR", outbound.to_string()),
+        ("ADMIN_ADDR", admin.to_string()),
+        ("APP_IP", ip.to_owned()),
+        ("APP_PORTS", "http=8080".to_owned()),
+        ("WORKLOAD_ADDRESSES", ip.to_owned()),
+        ("LABELS", labels.to_owned()),
+        ("SHUTDOWN_GRACE", "1s".to_owned()),
+    ];
+    let proxy = Command::new(mesh_exe())
+        .arg("proxy")
+        .envs(env.iter().map(|(k, v)| (format!("MESH_PROXY_{k}"), v)))
+        .stdout(Stdio::null())
+        .stderr(log("proxy"))
+        .spawn()
+        .unwrap();
+    let processes = PodProcesses {
+        children: vec![app, proxy],
+        outbound,
+        admin,
+        _dir: dir,
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !mesh_tests::kube::is_ready(admin) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the proxy of {pod} was not ready in 30 s:\n{}",
+            std::fs::read_to_string(processes._dir.path().join("proxy.log")).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    processes
+}
+
+/// End to end on the kube store: pods created through the API (status
+/// patched by the test), their apps and proxies as local processes. Each
+/// proxy bootstraps with a real `kubectl create token` token (TokenReview),
+/// web reaches api over mTLS with its identity, a forbidden identity gets
+/// 403.
+#[test]
+fn meshed_pods_talk_with_mtls_and_policy_on_the_kube_store() {
+    mesh_tests::kube::pod_network();
+    let kube = Kube::start();
+    let td = "east.mesh.local";
+    let installed = install(&kube, td, "east");
+    let pod = |name: &str, sa: &str, app: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: {app}}}}}\nspec:\n  serviceAccountName: {sa}\n  containers:\n  - {{name: app, image: demo, ports: [{{name: http, containerPort: 8080}}]}}\n  - {{name: mesh-proxy, image: mesh, ports: [{{name: mesh-inbound, containerPort: 4143}}]}}\n"
+        )
+    };
+    let mut manifests = String::from(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: api, namespace: shop}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: web, namespace: shop}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: stranger, namespace: shop}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec:
+  selector: {app: api}
+  ports: [{name: http, port: 8080, targetPort: 8080, appProtocol: http}]
+---
+apiVersion: policy.mesh.rs/v1alpha1
+kind: Server
+metadata: {name: api-http, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  port: 8080
+---
+apiVersion: policy.mesh.rs/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web-only, namespace: shop}
+spec:
+  targetRef: {kind: Server, name: api-http}
+  requiredAuthenticationRefs: [{kind: MeshTLSAuthentication, name: web}]
+---
+apiVersion: policy.mesh.rs/v1alpha1
+kind: MeshTLSAuthentication
+metadata: {name: web, namespace: shop}
+spec:
+  identities: ["spiffe://east.mesh.local/ns/shop/sa/web"]
+"#,
+    );
+    manifests.push_str(&pod("api-0", "api", "api"));
+    manifests.push_str(&pod("web-0", "web", "web"));
+    manifests.push_str(&pod("stranger-0", "stranger", "stranger"));
+    kube.apply(&manifests);
+
+    let _api = run_meshed(
+        &kube,
+        &installed,
+        td,
+        "api",
+        "api-0",
+        "10.244.0.10",
+        "app=api",
+    );
+    let web = run_meshed(
+        &kube,
+        &installed,
+        td,
+        "web",
+        "web-0",
+        "10.244.0.11",
+        "app=web",
+    );
+    let stranger = run_meshed(
+        &kube,
+        &installed,
+        td,
+        "stranger",
+        "stranger-0",
+        "10.244.0.12",
+        "app=stranger",
+    );
+
+    let url = "http://api.shop.svc.cluster.local:8080/hello";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (status, body) = loop {
+        let (status, body) = mesh_tests::kube::http_get_via(web.outbound, url);
+        if status == 200 || std::time::Instant::now() > deadline {
+            break (status, body);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("spiffe://east.mesh.local/ns/shop/sa/web"),
+        "{body}"
+    );
+    assert!(body.contains("api-0"), "{body}");
+
+    let (status, body) = mesh_tests::kube::http_get_via(stranger.outbound, url);
+    assert_eq!(status, 403, "{body}");
+    let _ = web.admin;
+}
+
+/// Certify on Kubernetes: a service-account token is checked with
+/// TokenReview; the wrong audience, an expired token, a deleted service
+/// account and an identity of another namespace are each refused with
+/// their own status and `reason` label, and a good token gets its
+/// service account's SVID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certify_checks_service_account_tokens_with_token_review() {
+    use mesh_core::{
+        api::v1::{CertifyRequest, identity_client::IdentityClient},
+        identity::{
+            BundleStore, ExpectedIdentity, SpiffeId, TrustBundleSet, csr::new_key_and_csr, files,
+            tls,
+        },
+    };
+    let kube = Kube::start();
+    let td = "east.mesh.local";
+    let installed = install(&kube, td, "east");
+    kube.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: shop}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: gone, namespace: shop}\n");
+
+    let td_parsed: mesh_core::identity::TrustDomain = td.parse().unwrap();
+    let bundle =
+        files::load_bundle(&installed.ca_dir.join(files::BUNDLE), td_parsed.clone()).unwrap();
+    let cfg = tls::client_config_without_cert(
+        BundleStore::new([bundle].into_iter().collect::<TrustBundleSet>()),
+        ExpectedIdentity::Exact(SpiffeId::workload(&td_parsed, "mesh-system", "control").unwrap()),
+    )
+    .unwrap();
+    let mut client = IdentityClient::new(
+        mesh_core::grpc::channel(&installed.control.identity.to_string(), cfg).unwrap(),
+    );
+    let mut certify = async |id: &str, token: &str| {
+        let (_, csr) = new_key_and_csr().unwrap();
+        client
+            .certify(CertifyRequest {
+                identity: id.to_owned(),
+                csr,
+                token: token.to_owned(),
+                ttl_seconds: 0,
+            })
+            .await
+    };
+    let web = "spiffe://east.mesh.local/ns/shop/sa/web";
+
+    let good = kube.token("shop", "web", Some("identity.mesh.rs"), "1h");
+    let issued = certify(web, &good)
+        .await
+        .expect("a good token is honoured")
+        .into_inner();
+    assert!(!issued.chain.is_empty());
+
+    let for_the_api_server = kube.token("shop", "web", None, "1h");
+    let e = certify(web, &for_the_api_server).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("audience"), "{e:?}");
+
+    let expired = kube.expired_token("shop", "web", "identity.mesh.rs");
+    let e = certify(web, &expired).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("expired"), "{e:?}");
+
+    let orphan = kube.token("shop", "gone", Some("identity.mesh.rs"), "1h");
+    kube.kubectl_ok(&["delete", "sa", "gone", "-n", "shop"]);
+    let e = certify("spiffe://east.mesh.local/ns/shop/sa/gone", &orphan)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("no longer exists"), "{e:?}");
+
+    let e = certify("spiffe://east.mesh.local/ns/bank/sa/web", &good)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("ns/shop/sa/web"), "{e:?}");
+
+    let metrics = mesh_tests::kube::http_get_admin(installed.control.admin, "/metrics");
+    for reason in [
+        "token_wrong_audience",
+        "token_expired",
+        "token_service_account_gone",
+        "token_identity_mismatch",
+    ] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("mesh_control_certify_refused")
+                    && l.contains(&format!("reason=\"{reason}\""))
+                    && !l.ends_with(" 0")),
+            "no refusal counted as {reason}:\n{metrics}"
+        );
+    }
 }

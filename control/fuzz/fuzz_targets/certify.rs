@@ -56,6 +56,7 @@ fn world() -> &'static World {
             limiter: Arc::new(RateLimiter::new(u32::MAX, 1e9)),
             metrics: Metrics::new(),
             leaf_ttl: Duration::from_secs(3600),
+            reviewer: None,
         };
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         World { runtime, service, token, _dir: dir }

@@ -282,6 +282,15 @@ impl Index {
         }
     }
 
+    /// The SPIFFE ID of the cluster-managed workload `key` (a Pod), if it
+    /// is one: the Registry leaves it to the cluster.
+    pub fn managed_identity(&self, key: &Key) -> Option<&str> {
+        self.workloads
+            .get(key)
+            .filter(|w| w.managed)
+            .map(|w| w.reg.spiffe_id.as_str())
+    }
+
     /// Replaces every cluster-managed workload (Pods on the `kube` store)
     /// with `regs`. Registrations made through the Registry stay, unless a
     /// Pod of the same name replaces one. Returns whether anything changed.

@@ -3,6 +3,7 @@
 pub mod crds;
 pub mod install;
 pub mod manifest;
+pub mod review;
 pub mod watch;
 
 use std::path::Path;
