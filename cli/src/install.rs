@@ -65,6 +65,7 @@ pub(crate) fn install(args: InstallArgs, out: &mut impl Write) -> Result<ExitCod
                     .with_context(|| format!("cannot read {}", dir.join(name).display()))
             };
             Some(IssuerFiles {
+                root_crt: read(files::ROOT_CERT)?,
                 issuer_crt: read(files::ISSUER_CERT)?,
                 issuer_key: read(files::ISSUER_KEY)?,
                 bundle_json: read(files::BUNDLE)?,
@@ -72,7 +73,7 @@ pub(crate) fn install(args: InstallArgs, out: &mut impl Write) -> Result<ExitCod
         }
         None => {
             eprintln!(
-                "note: no --ca; create Secret {}/{} (issuer.crt, issuer.key, bundle.json) before the control plane starts",
+                "note: no --ca; create Secret {}/{} (root.crt, issuer.crt, issuer.key, bundle.json) before the control plane starts",
                 install::NAMESPACE,
                 install::ISSUER_SECRET
             );

@@ -88,8 +88,13 @@ pub struct RunArgs {
     )]
     cluster_domain: String,
     /// CA directory (from `mesh identity ca create`).
-    #[arg(long, env = "MESH_CONTROL_CA")]
+    #[arg(long, env = "MESH_CONTROL_CA", conflicts_with = "ca_secret")]
     ca: Option<PathBuf>,
+    /// With `--store kube`: the Secret `NAMESPACE/NAME` holding the issuer
+    /// (root.crt, issuer.crt, issuer.key, bundle.json; `mesh install --ca`
+    /// creates mesh-system/mesh-issuer), reloaded when it changes.
+    #[arg(long, env = "MESH_CONTROL_CA_SECRET")]
+    ca_secret: Option<String>,
     /// Where resources and workloads come from: `local` (a watched
     /// directory of YAML, registrations in an embedded database) or `kube`
     /// (the API server: Services, EndpointSlices, Pods and Mesh CRDs).
@@ -161,9 +166,27 @@ impl RunArgs {
             }
             v.unwrap_or_default()
         };
-        let ca_dir = need(self.ca, "--ca (MESH_CONTROL_CA)");
-        let kube = self.store == StoreKind::Kube;
         let mut store_errors: Vec<String> = Vec::new();
+        let ca_secret = match &self.ca_secret {
+            None => None,
+            Some(text) => match crate::k8s::issuer::parse_ref(text) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    store_errors.push(e);
+                    None
+                }
+            },
+        };
+        let ca_dir = if self.ca_secret.is_some() {
+            // Written from the Secret under the data directory.
+            self.data_dir.clone().unwrap_or_default().join("issuer")
+        } else {
+            need(
+                self.ca,
+                "--ca (MESH_CONTROL_CA) or, with --store kube, --ca-secret",
+            )
+        };
+        let kube = self.store == StoreKind::Kube;
         let config_dir = if kube {
             if self.config_dir.is_some() {
                 store_errors.push("--config-dir is for --store local; with --store kube resources come from the API server".into());
@@ -175,6 +198,9 @@ impl RunArgs {
         let data_dir = need(self.data_dir, "--data-dir (MESH_CONTROL_DATA_DIR)");
         if !kube && self.kubeconfig.is_some() {
             store_errors.push("--kubeconfig is for --store kube".into());
+        }
+        if !kube && ca_secret.is_some() {
+            store_errors.push("--ca-secret is for --store kube".into());
         }
         errors.extend(store_errors);
         let cluster = self.cluster.unwrap_or_default();
@@ -225,6 +251,7 @@ impl RunArgs {
             max_workloads_per_namespace: self.max_workloads_per_namespace,
             kube: kube.then_some(crate::config::KubeSettings {
                 kubeconfig: self.kubeconfig,
+                ca_secret,
             }),
         })
     }

@@ -49,6 +49,9 @@ pub struct KubeSettings {
     /// A kubeconfig file; without it, `KUBECONFIG`, `~/.kube/config`, or
     /// the in-cluster service account, in that order.
     pub kubeconfig: Option<PathBuf>,
+    /// The Secret (`namespace`, `name`) holding the issuer; then `ca_dir`
+    /// is where its files are written.
+    pub ca_secret: Option<(String, String)>,
 }
 
 /// The identity the control plane serves as.

@@ -112,6 +112,28 @@ impl ControlPlane {
         let metrics = Metrics::new();
         let readiness = Readiness::new("starting");
 
+        let mut tasks = JoinSet::new();
+        let client = match &config.kube {
+            None => None,
+            Some(kube) => Some(
+                crate::k8s::client(kube.kubeconfig.as_deref())
+                    .await
+                    .map_err(StartError::Kube)?,
+            ),
+        };
+        if let (Some(client), Some(kube)) = (&client, &config.kube)
+            && let Some(secret) = &kube.ca_secret
+        {
+            crate::k8s::issuer::fetch(client, secret, &config.ca_dir)
+                .await
+                .map_err(StartError::Kube)?;
+            tasks.spawn(crate::k8s::issuer::follow(
+                client.clone(),
+                secret.clone(),
+                config.ca_dir.clone(),
+            ));
+        }
+
         // Load: CA, trust bundle, state, configuration.
         let ca = files::load_ca(&config.ca_dir)?;
         let td = ca.trust_domain().clone();
@@ -122,15 +144,20 @@ impl ControlPlane {
                 .into_iter()
                 .collect::<TrustBundleSet>(),
         );
-        let store: Arc<dyn Store> = Arc::new(LocalStore::open(&config.data_dir)?);
+        let store: Arc<dyn Store> = match &client {
+            None => Arc::new(LocalStore::open(&config.data_dir)?),
+            Some(client) => Arc::new(crate::k8s::store::KubeStore::new(
+                client.clone(),
+                CONTROL_NAMESPACE,
+            )),
+        };
         let mut index = Index::new(&config.cluster, &config.cluster_domain, config.liveness);
         index.set_max_per_namespace(config.max_workloads_per_namespace);
         let restored = store.registrations()?;
         tracing::info!(count = restored.len(), "restored workload registrations");
         index.restore(restored, Instant::now());
-        let mut tasks = JoinSet::new();
         let mut reviewer = None;
-        let source = match &config.kube {
+        let source = match &client {
             None => {
                 let mut config_dir = ConfigDir::new(&config.config_dir);
                 let mut scan = config_dir.scan();
@@ -149,15 +176,15 @@ impl ControlPlane {
                 trust_links(&index, &local_bundle, &bundles);
                 Source::Dir(config_dir)
             }
-            Some(kube) => {
-                let client = crate::k8s::client(kube.kubeconfig.as_deref())
-                    .await
-                    .map_err(StartError::Kube)?;
+            Some(client) => {
                 reviewer = Some(crate::k8s::review::TokenReviewer::new(client.clone()));
-                let cluster =
-                    crate::k8s::watch::Cluster::start(client, KUBE_SYNC_TIMEOUT, &mut tasks)
-                        .await
-                        .map_err(StartError::Kube)?;
+                let cluster = crate::k8s::watch::Cluster::start(
+                    client.clone(),
+                    KUBE_SYNC_TIMEOUT,
+                    &mut tasks,
+                )
+                .await
+                .map_err(StartError::Kube)?;
                 Source::Kube(cluster)
             }
         };

@@ -111,12 +111,21 @@ fn crds_and_the_control_plane_apply_to_a_real_api_server() {
         );
     }
 
-    // Uninstall: what it prints deletes the CRDs (and their objects).
+    // Uninstall: what it prints deletes the CRDs (and their objects). The
+    // namespace finishes terminating in the background.
     let out = kube.kubectl_with_input(
-        &["delete", "--ignore-not-found", "-f", "-"],
+        &["delete", "--ignore-not-found", "--wait=false", "-f", "-"],
         &mesh(&["uninstall"]),
     );
     assert!(out.status.success(), "{}", stderr(&out));
+    kube.kubectl_ok(&[
+        "wait",
+        "--for=delete",
+        "crd/servers.policy.mesh.rs",
+        "crd/authorizationpolicies.policy.mesh.rs",
+        "crd/links.multicluster.mesh.rs",
+        "--timeout=60s",
+    ]);
     let left = kube.kubectl_ok(&["get", "crd", "-o", "name"]);
     assert!(!left.contains("mesh.rs"), "{left}");
 }
@@ -128,11 +137,13 @@ struct Control {
     identity: std::net::SocketAddr,
     admin: std::net::SocketAddr,
     log: std::path::PathBuf,
-    _data: tempfile::TempDir,
+    data: tempfile::TempDir,
 }
 
 impl Control {
-    fn start(kubeconfig: &std::path::Path, ca_dir: &std::path::Path, cluster: &str) -> Self {
+    /// Runs it as the Deployment does: issuer from the Secret `mesh install`
+    /// made.
+    fn start(kubeconfig: &std::path::Path, cluster: &str) -> Self {
         use mesh_tests::kube::free_port;
         let data = tempfile::tempdir().unwrap();
         let log = data.path().join("control.log");
@@ -143,8 +154,7 @@ impl Control {
             .args(["control", "--store", "kube", "--cluster", cluster])
             .arg("--kubeconfig")
             .arg(kubeconfig)
-            .arg("--ca")
-            .arg(ca_dir)
+            .args(["--ca-secret", "mesh-system/mesh-issuer"])
             .arg("--data-dir")
             .arg(data.path())
             .args(["--identity-addr", &identity.to_string()])
@@ -160,7 +170,7 @@ impl Control {
             identity,
             admin,
             log,
-            _data: data,
+            data,
         };
         control.wait_ready();
         control
@@ -310,7 +320,7 @@ async fn the_control_plane_on_the_kube_store_serves_discovery() {
 
     let token = kube.token("mesh-system", "mesh-control", None, "1h");
     let kubeconfig = kube.kubeconfig_for_token("mesh-control", &token);
-    let control = Control::start(&kubeconfig, &ca_dir, "east");
+    let control = Control::start(&kubeconfig, "east");
 
     kube.apply(
         r#"apiVersion: v1
@@ -409,6 +419,7 @@ spec:
 struct Installed {
     _ca: tempfile::TempDir,
     ca_dir: std::path::PathBuf,
+    kubeconfig: std::path::PathBuf,
     control: Control,
 }
 
@@ -442,10 +453,11 @@ fn install(kube: &Kube, td: &str, cluster: &str) -> Installed {
     ]));
     let token = kube.token("mesh-system", "mesh-control", None, "1h");
     let kubeconfig = kube.kubeconfig_for_token("mesh-control", &token);
-    let control = Control::start(&kubeconfig, &ca_dir, cluster);
+    let control = Control::start(&kubeconfig, cluster);
     Installed {
         _ca: ca,
         ca_dir,
+        kubeconfig,
         control,
     }
 }
@@ -756,5 +768,222 @@ async fn certify_checks_service_account_tokens_with_token_review() {
                     && !l.ends_with(" 0")),
             "no refusal counted as {reason}:\n{metrics}"
         );
+    }
+}
+
+/// An anonymous Identity client and mTLS Registry clients of a control
+/// plane of trust domain `td` whose bundle is in `ca_dir`.
+fn identity_client(
+    control: &Control,
+    ca_dir: &std::path::Path,
+    td: &str,
+) -> mesh_core::api::v1::identity_client::IdentityClient<tonic::transport::Channel> {
+    use mesh_core::identity::{
+        BundleStore, ExpectedIdentity, SpiffeId, TrustBundleSet, files, tls,
+    };
+    let td: mesh_core::identity::TrustDomain = td.parse().unwrap();
+    let bundle = files::load_bundle(&ca_dir.join(files::BUNDLE), td.clone()).unwrap();
+    let cfg = tls::client_config_without_cert(
+        BundleStore::new([bundle].into_iter().collect::<TrustBundleSet>()),
+        ExpectedIdentity::Exact(SpiffeId::workload(&td, "mesh-system", "control").unwrap()),
+    )
+    .unwrap();
+    mesh_core::api::v1::identity_client::IdentityClient::new(
+        mesh_core::grpc::channel(&control.identity.to_string(), cfg).unwrap(),
+    )
+}
+
+/// Certifies `id` with `token`: the chain (leaf first) and the key.
+async fn certify(
+    client: &mut mesh_core::api::v1::identity_client::IdentityClient<tonic::transport::Channel>,
+    id: &str,
+    token: &str,
+) -> Result<(Vec<Vec<u8>>, rustls::pki_types::PrivateKeyDer<'static>), tonic::Status> {
+    let (key, csr) = mesh_core::identity::csr::new_key_and_csr().unwrap();
+    let resp = client
+        .certify(mesh_core::api::v1::CertifyRequest {
+            identity: id.to_owned(),
+            csr,
+            token: token.to_owned(),
+            ttl_seconds: 0,
+        })
+        .await?
+        .into_inner();
+    Ok((resp.chain, key))
+}
+
+/// What the local store keeps in redb lives in the API server on the kube
+/// store: a join token is a Secret holding only its hash, redeemed once
+/// (a compare-and-swap); the registration its workload makes is an
+/// ExternalWorkload; the SVID issued is an Event on the ServiceAccount. A
+/// new control plane with an empty data directory serves the registration.
+/// And the issuer comes from its Secret: a new issuer put there is what
+/// the next SVID is signed with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_and_the_issuer_live_in_the_api_server() {
+    use mesh_core::api::v1::{RegisterRequest, WorkloadPort, registry_client::RegistryClient};
+    use mesh_core::identity::{
+        BundleStore, CredentialStore, Credentials, ExpectedIdentity, SpiffeId, TrustBundleSet,
+        cert, files, tls,
+    };
+    let kube = Kube::start();
+    let td = "east.mesh.local";
+    let mut installed = install(&kube, td, "east");
+    kube.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: vm, namespace: shop}\nspec:\n  selector: {app: vm}\n  ports: [{name: http, port: 8080}]\n");
+
+    // A join token for a VM, made through the running control plane.
+    let socket = installed.control.data.path().join("admin.sock");
+    let token = mesh(&[
+        "control",
+        "token",
+        "create",
+        "--ns",
+        "shop",
+        "--sa",
+        "vm",
+        "--workload",
+        "vm-1",
+        "--labels",
+        "app=vm",
+        "--addresses",
+        "10.244.0.20",
+        "--admin-socket",
+        socket.to_str().unwrap(),
+    ]);
+    let token = token.trim();
+    let secrets = kube.kubectl_ok(&[
+        "get",
+        "secrets",
+        "-n",
+        "mesh-system",
+        "--field-selector",
+        "type=mesh.rs/join-token",
+        "-o",
+        "json",
+    ]);
+    assert!(secrets.contains("mesh-join-"), "{secrets}");
+    assert!(!secrets.contains(token), "the token itself is never stored");
+
+    let vm = "spiffe://east.mesh.local/ns/shop/sa/vm";
+    let mut identity = identity_client(&installed.control, &installed.ca_dir, td);
+    let (chain, key) = certify(&mut identity, vm, token)
+        .await
+        .expect("the join token is honoured");
+    let reused = certify(&mut identity, vm, token).await.unwrap_err();
+    assert_eq!(reused.code(), tonic::Code::AlreadyExists, "{reused:?}");
+
+    // The VM registers; its registration is an ExternalWorkload.
+    let tdp: mesh_core::identity::TrustDomain = td.parse().unwrap();
+    let bundle = files::load_bundle(&installed.ca_dir.join(files::BUNDLE), tdp.clone()).unwrap();
+    let creds = Credentials::new(chain.into_iter().map(Into::into).collect(), key).unwrap();
+    let cfg = tls::client_config(
+        CredentialStore::new(creds),
+        BundleStore::new([bundle].into_iter().collect::<TrustBundleSet>()),
+        ExpectedIdentity::Exact(SpiffeId::workload(&tdp, "mesh-system", "control").unwrap()),
+    )
+    .unwrap();
+    let mut registry = RegistryClient::new(
+        mesh_core::grpc::channel(&installed.control.api.to_string(), cfg).unwrap(),
+    );
+    registry
+        .register(RegisterRequest {
+            namespace: "shop".into(),
+            name: "vm-1".into(),
+            addresses: vec!["10.244.0.20".into()],
+            ports: vec![WorkloadPort {
+                name: "http".into(),
+                port: 8080,
+                protocol: 1,
+            }],
+            labels: [("app".to_owned(), "vm".to_owned())].into(),
+            healthy: true,
+            proxy_port: 4143,
+        })
+        .await
+        .expect("the grant allows this registration");
+    let identity_of = kube.kubectl_ok(&[
+        "get",
+        "externalworkload",
+        "vm-1",
+        "-n",
+        "shop",
+        "-o",
+        "jsonpath={.spec.identity}",
+    ]);
+    assert_eq!(identity_of, vm);
+    let events = kube.kubectl_ok(&["get", "events", "-n", "shop", "-o", "json"]);
+    assert!(
+        events.contains("\"Issued\"") && events.contains("ns/shop/sa/vm"),
+        "{events}"
+    );
+
+    // A new control plane, nothing on its disk: the registration serves.
+    drop(std::mem::replace(
+        &mut installed.control,
+        Control::start(&installed.kubeconfig, "east"),
+    ));
+    let mut client = discovery_client(
+        installed.control.api,
+        &installed.ca_dir,
+        "spiffe://east.mesh.local/ns/shop/sa/web",
+    );
+    let eps = endpoints_until(&mut client, "vm.shop.svc.cluster.local:8080", |eps| {
+        !eps.is_empty()
+    })
+    .await;
+    assert_eq!(eps[0].address, "10.244.0.20:8080");
+    assert_eq!(eps[0].spiffe_id, vm);
+
+    // A new issuer (same root) into the Secret: the next SVID is signed by it.
+    let next = tempfile::tempdir().unwrap();
+    let next_ca = next.path().join("ca");
+    mesh(&[
+        "identity",
+        "ca",
+        "create",
+        "--trust-domain",
+        td,
+        "--shared-root",
+        installed.ca_dir.to_str().unwrap(),
+        "--out",
+        next_ca.to_str().unwrap(),
+    ]);
+    let file = |dir: &std::path::Path, name: &str| {
+        format!("--from-file={name}={}", dir.join(name).display())
+    };
+    let secret = kube.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "mesh-issuer",
+        "-n",
+        "mesh-system",
+        &file(&installed.ca_dir, "root.crt"),
+        &file(&next_ca, "issuer.crt"),
+        &file(&next_ca, "issuer.key"),
+        &file(&next_ca, "bundle.json"),
+        "--dry-run=client",
+        "-o",
+        "json",
+    ]);
+    kube.apply(&secret);
+    let new_issuer =
+        cert::certs_from_pem(&std::fs::read(next_ca.join("issuer.crt")).unwrap()).unwrap();
+    let mut identity = identity_client(&installed.control, &installed.ca_dir, td);
+    kube.kubectl_ok(&["create", "sa", "vm", "-n", "shop"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let good = kube.token("shop", "vm", Some("identity.mesh.rs"), "1h");
+        if let Ok((chain, _)) = certify(&mut identity, vm, &good).await
+            && chain.get(1).map(Vec::as_slice) == Some(new_issuer[0].as_ref())
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new issuer did not sign in 30 s:\n{}",
+            installed.control.log_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }

@@ -186,6 +186,7 @@ fn merge(into: &mut Value, overlay: Value) {
 /// The issuer's files, read from a CA directory, for the Secret.
 #[derive(Clone, Debug)]
 pub struct IssuerFiles {
+    pub root_crt: String,
     pub issuer_crt: String,
     pub issuer_key: String,
     pub bundle_json: String,
@@ -236,6 +237,8 @@ fn cluster_rules() -> Value {
         { "apiGroups": ["workload.mesh.rs"], "resources": ["externalworkloads"], "verbs": write },
         { "apiGroups": ["workload.mesh.rs"], "resources": ["externalworkloads/status"], "verbs": status },
         { "apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"] },
+        // The audit trail of issued SVIDs.
+        { "apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"] },
     ])
 }
 
@@ -297,6 +300,7 @@ pub fn objects(values: &Values, issuer: Option<&IssuerFiles>) -> Vec<Value> {
             "metadata": metadata(ISSUER_SECRET, CONTROL, true),
             "type": "Opaque",
             "stringData": {
+                "root.crt": issuer.root_crt,
                 "issuer.crt": issuer.issuer_crt,
                 "issuer.key": issuer.issuer_key,
                 "bundle.json": issuer.bundle_json,
@@ -318,6 +322,7 @@ pub fn objects(values: &Values, issuer: Option<&IssuerFiles>) -> Vec<Value> {
                 "control", "--store", "kube",
                 "--cluster", values.cluster,
                 "--ca-secret", format!("{NAMESPACE}/{ISSUER_SECRET}"),
+                "--data-dir", "/var/run/mesh",
                 "--identity-addr", "0.0.0.0:8080",
                 "--api-addr", "0.0.0.0:8086",
             ],
@@ -340,7 +345,10 @@ pub fn objects(values: &Values, issuer: Option<&IssuerFiles>) -> Vec<Value> {
                 "readOnlyRootFilesystem": true,
                 "capabilities": { "drop": ["ALL"] },
             },
+            "volumeMounts": [{ "name": "data", "mountPath": "/var/run/mesh" }],
         }],
+        // The issuer files written from the Secret and the admin socket.
+        "volumes": [{ "name": "data", "emptyDir": { "medium": "Memory", "sizeLimit": "16Mi" } }],
     });
     if values.replicas > 1 {
         pod_spec["affinity"] = json!({

@@ -2,8 +2,10 @@
 
 pub mod crds;
 pub mod install;
+pub mod issuer;
 pub mod manifest;
 pub mod review;
+pub mod store;
 pub mod watch;
 
 use std::path::Path;
