@@ -95,6 +95,10 @@ pub struct RunArgs {
     /// creates mesh-system/mesh-issuer), reloaded when it changes.
     #[arg(long, env = "MESH_CONTROL_CA_SECRET")]
     ca_secret: Option<String>,
+    /// With `--store kube`: this replica's name in the writer Lease
+    /// [default: the host name and process id].
+    #[arg(long, env = "MESH_CONTROL_POD_NAME")]
+    pod_name: Option<String>,
     /// Where resources and workloads come from: `local` (a watched
     /// directory of YAML, registrations in an embedded database) or `kube`
     /// (the API server: Services, EndpointSlices, Pods and Mesh CRDs).
@@ -252,6 +256,12 @@ impl RunArgs {
             kube: kube.then_some(crate::config::KubeSettings {
                 kubeconfig: self.kubeconfig,
                 ca_secret,
+                replica: self.pod_name.unwrap_or_else(|| {
+                    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                        .map(|h| h.trim().to_owned())
+                        .unwrap_or_else(|_| "control".into());
+                    format!("{host}-{}", std::process::id())
+                }),
             }),
         })
     }

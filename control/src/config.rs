@@ -52,6 +52,8 @@ pub struct KubeSettings {
     /// The Secret (`namespace`, `name`) holding the issuer; then `ca_dir`
     /// is where its files are written.
     pub ca_secret: Option<(String, String)>,
+    /// This replica's name in the writer Lease (the Pod name).
+    pub replica: String,
 }
 
 /// The identity the control plane serves as.

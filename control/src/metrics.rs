@@ -58,6 +58,9 @@ pub struct Metrics {
     pub registry_refused: Family<ReasonLabels, Counter>,
     pub watch_streams: Family<ApiLabels, Gauge>,
     pub tokens_created: Counter,
+    /// 1 while this replica holds the writer Lease (`kube` store); 1 on the
+    /// `local` store, where there is one replica.
+    pub leader: Gauge,
 }
 
 impl Metrics {
@@ -118,6 +121,12 @@ impl Metrics {
                 "issuer_reloads",
                 "Issuer reloaded from disk",
                 Counter::default(),
+            ),
+            leader: registered(
+                r,
+                "leader",
+                "1 while this replica is the one that writes (holds the Lease)",
+                Gauge::default(),
             ),
             workloads: registered(
                 r,

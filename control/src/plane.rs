@@ -98,6 +98,8 @@ pub struct ControlPlane {
     servers: JoinSet<()>,
     /// Loops that run until aborted.
     tasks: JoinSet<()>,
+    /// The writer Lease candidacy (`kube` store), released on shutdown.
+    candidate: Option<crate::k8s::lease::Candidate>,
 }
 
 impl ControlPlane {
@@ -157,6 +159,7 @@ impl ControlPlane {
         tracing::info!(count = restored.len(), "restored workload registrations");
         index.restore(restored, Instant::now());
         let mut reviewer = None;
+        let mut candidate_slot = None;
         let source = match &client {
             None => {
                 let mut config_dir = ConfigDir::new(&config.config_dir);
@@ -174,6 +177,8 @@ impl ControlPlane {
                 }
                 index.set_resources(config_dir.resources());
                 trust_links(&index, &local_bundle, &bundles);
+                // One replica: it is the writer.
+                metrics.leader.set(1);
                 Source::Dir(config_dir)
             }
             Some(client) => {
@@ -185,6 +190,22 @@ impl ControlPlane {
                 )
                 .await
                 .map_err(StartError::Kube)?;
+                let replica = config
+                    .kube
+                    .as_ref()
+                    .map(|k| k.replica.clone())
+                    .unwrap_or_default();
+                let candidate = crate::k8s::lease::Candidate::new(
+                    client.clone(),
+                    CONTROL_NAMESPACE,
+                    crate::k8s::install::LEASE,
+                    &replica,
+                );
+                let (leader_tx, leader_rx) = watch::channel(false);
+                tasks.spawn(candidate.clone().run(leader_tx));
+                tasks.spawn(show_leader(leader_rx.clone(), metrics.clone()));
+                tasks.spawn(cluster.clone().write_statuses(client.clone(), leader_rx));
+                candidate_slot = Some(candidate);
                 Source::Kube(cluster)
             }
         };
@@ -364,6 +385,7 @@ impl ControlPlane {
             shutdown,
             servers,
             tasks,
+            candidate: candidate_slot,
         })
     }
 
@@ -390,6 +412,10 @@ impl ControlPlane {
         }
         self.servers.shutdown().await;
         self.tasks.shutdown().await;
+        // Another replica takes over at once rather than after expiry.
+        if let Some(candidate) = &self.candidate {
+            candidate.release().await;
+        }
         // Connections a client keeps open may outlive the servers; the
         // store's file lock must not.
         self.store.close();
@@ -638,6 +664,16 @@ async fn maintain_issuer(
 }
 
 /// Forgets tokens a day after they expired.
+/// `mesh_control_leader` follows the Lease.
+async fn show_leader(mut leader: watch::Receiver<bool>, metrics: Metrics) {
+    loop {
+        metrics.leader.set(i64::from(*leader.borrow_and_update()));
+        if leader.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 async fn prune_tokens(store: Arc<dyn Store>) {
     let mut tick = tokio::time::interval(Duration::from_secs(3600));
     loop {

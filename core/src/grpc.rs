@@ -169,6 +169,9 @@ pub struct ChannelError {
 /// A lazily connecting gRPC channel to `target` (`host:port`) through TLS
 /// with `config` (which decides the server identity accepted). Reconnects
 /// on its own after failures.
+/// How long a client channel's TCP connect and TLS handshake may take.
+pub const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
+
 pub fn channel(target: &str, mut config: ClientConfig) -> Result<Channel, ChannelError> {
     let err = |reason: String| ChannelError {
         target: target.to_owned(),
@@ -184,7 +187,9 @@ pub fn channel(target: &str, mut config: ClientConfig) -> Result<Channel, Channe
         .keep_alive_while_idle(true);
     let connector = tower::service_fn(move |uri: http::Uri| {
         let config = config.clone();
-        async move {
+        // TCP and TLS together: a peer (or a middlebox) that accepts the
+        // connection and then says nothing must not stall the channel.
+        let connect = async move {
             let host = uri
                 .host()
                 .unwrap_or_default()
@@ -197,6 +202,16 @@ pub fn channel(target: &str, mut config: ClientConfig) -> Result<Channel, Channe
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
             let tls = TlsConnector::from(config).connect(name, tcp).await?;
             Ok::<_, io::Error>(TokioIo::new(tls))
+        };
+        async move {
+            tokio::time::timeout(CONNECT_DEADLINE, connect)
+                .await
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no TLS session within {CONNECT_DEADLINE:?}"),
+                    )
+                })?
         }
     });
     Ok(endpoint.connect_with_connector_lazy(connector))

@@ -146,6 +146,9 @@ where
     }
 }
 
+/// How long opening a watch stream may take before it is retried.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
+
 async fn follow<K: fmt::Debug + Clone, T>(
     what: &'static str,
     open: Open<K, T>,
@@ -155,8 +158,11 @@ async fn follow<K: fmt::Debug + Clone, T>(
     let mut failures = 0;
     // Ends when the last holder of the value is gone (the key was evicted).
     while !tx.is_closed() {
+        // A watch that does not open in time is retried, so a stalled
+        // connection never leaves the key unfollowed.
         let opened = tokio::select! {
-            opened = open(key.clone()) => opened,
+            opened = tokio::time::timeout(OPEN_TIMEOUT, open(key.clone())) => opened
+                .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded(format!("the watch did not open within {OPEN_TIMEOUT:?}")))),
             () = tx.closed() => return,
         };
         match opened {

@@ -384,3 +384,41 @@ pub fn http_get_admin(admin: std::net::SocketAddr, path: &str) -> String {
     let _ = s.read_to_string(&mut out);
     out
 }
+
+/// What a Kubernetes Service gives the pods of a Deployment (no kube-proxy
+/// here): one address in front of the backends. Each new connection goes
+/// to the first backend that accepts it, in the order given, so a test
+/// knows which one its clients use until that one dies. Lives as long as
+/// the test process.
+pub fn service_vip(backends: Vec<std::net::SocketAddr>) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let backend = backends.iter().find_map(|to| {
+                std::net::TcpStream::connect_timeout(to, Duration::from_millis(500)).ok()
+            });
+            let Some(backend) = backend else { continue };
+            let (Ok(client2), Ok(backend2)) = (client.try_clone(), backend.try_clone()) else {
+                continue;
+            };
+            let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                });
+            };
+            pipe(client, backend);
+            pipe(backend2, client2);
+        }
+    });
+    addr
+}
+
+/// The value of a sample line `name value` (no labels) in Prometheus text.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}

@@ -481,9 +481,27 @@ impl Drop for PodProcesses {
     }
 }
 
+/// Where a proxy finds its control plane: identity and API addresses.
+#[derive(Clone, Copy)]
+struct ControlAddrs {
+    identity: std::net::SocketAddr,
+    api: std::net::SocketAddr,
+}
+
+impl Control {
+    fn addrs(&self) -> ControlAddrs {
+        ControlAddrs {
+            identity: self.identity,
+            api: self.api,
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run_meshed(
     kube: &Kube,
-    installed: &Installed,
+    control: ControlAddrs,
+    ca_dir: &std::path::Path,
     td: &str,
     sa: &str,
     pod: &str,
@@ -516,7 +534,7 @@ fn run_meshed(
         .stderr(log("app"))
         .spawn()
         .unwrap();
-    let c = &installed.control;
+    let c = control;
     let env = [
         ("CLUSTER", "east".to_owned()),
         ("TRUST_DOMAIN", td.to_owned()),
@@ -527,7 +545,7 @@ fn run_meshed(
         ("CONTROL_API_ADDR", c.api.to_string()),
         (
             "TRUST_ANCHORS",
-            installed.ca_dir.join("bundle.json").display().to_string(),
+            ca_dir.join("bundle.json").display().to_string(),
         ),
         ("JOIN_TOKEN_FILE", token_file.display().to_string()),
         ("INBOUND_ADDR", format!("{ip}:4143")),
@@ -541,6 +559,10 @@ fn run_meshed(
     ];
     let proxy = Command::new(mesh_exe())
         .arg("proxy")
+        .env(
+            "RUST_LOG",
+            std::env::var("MESH_TEST_PROXY_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .envs(env.iter().map(|(k, v)| (format!("MESH_PROXY_{k}"), v)))
         .stdout(Stdio::null())
         .stderr(log("proxy"))
@@ -632,7 +654,8 @@ spec:
 
     let _api = run_meshed(
         &kube,
-        &installed,
+        installed.control.addrs(),
+        &installed.ca_dir,
         td,
         "api",
         "api-0",
@@ -641,7 +664,8 @@ spec:
     );
     let web = run_meshed(
         &kube,
-        &installed,
+        installed.control.addrs(),
+        &installed.ca_dir,
         td,
         "web",
         "web-0",
@@ -650,7 +674,8 @@ spec:
     );
     let stranger = run_meshed(
         &kube,
-        &installed,
+        installed.control.addrs(),
+        &installed.ca_dir,
         td,
         "stranger",
         "stranger-0",
@@ -986,4 +1011,174 @@ async fn state_and_the_issuer_live_in_the_api_server() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
+}
+
+/// HA: three replicas on one API server all serve; one holds the writer
+/// Lease. A running load (web -> api through their proxies, which reach the
+/// control plane through a Service-like address) sees no failed request
+/// while the leader is killed; another replica takes over the Lease within
+/// 15 s (measured) and writes statuses from then on.
+#[test]
+fn a_killed_leader_is_replaced_without_failed_requests() {
+    use std::{
+        sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicUsize, Ordering},
+        },
+        time::{Duration, Instant},
+    };
+    mesh_tests::kube::pod_network();
+    let kube = Kube::start();
+    let td = "east.mesh.local";
+    let first = install(&kube, td, "east");
+    let mut replicas = vec![
+        first.control,
+        Control::start(&first.kubeconfig, "east"),
+        Control::start(&first.kubeconfig, "east"),
+    ];
+    let leader_of = |replicas: &[Control]| -> Vec<usize> {
+        replicas
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| {
+                let m = mesh_tests::kube::http_get_admin(c.admin, "/metrics");
+                mesh_tests::kube::metric_value(&m, "mesh_control_leader") == Some(1.0)
+            })
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let leader = loop {
+        let leaders = leader_of(&replicas);
+        assert!(leaders.len() <= 1, "two writers at once: {leaders:?}");
+        if let [one] = leaders[..] {
+            break one;
+        }
+        assert!(Instant::now() < deadline, "no replica took the Lease");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // Proxies reach the control plane as pods do: through a Service, here
+    // one that sends them to the leader while it lives, the worst case.
+    replicas.swap(0, leader);
+    let leader = 0;
+    let control = ControlAddrs {
+        identity: mesh_tests::kube::service_vip(replicas.iter().map(|c| c.identity).collect()),
+        api: mesh_tests::kube::service_vip(replicas.iter().map(|c| c.api).collect()),
+    };
+    kube.apply(&format!(
+        "{}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: api-0, namespace: shop, labels: {{app: api}}}}\nspec:\n  serviceAccountName: api\n  containers:\n  - {{name: app, image: demo, ports: [{{name: http, containerPort: 8080}}]}}\n  - {{name: mesh-proxy, image: mesh, ports: [{{name: mesh-inbound, containerPort: 4143}}]}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web-0, namespace: shop, labels: {{app: web}}}}\nspec:\n  serviceAccountName: web\n  containers:\n  - {{name: app, image: demo, ports: [{{name: http, containerPort: 8080}}]}}\n  - {{name: mesh-proxy, image: mesh, ports: [{{name: mesh-inbound, containerPort: 4143}}]}}\n",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: api, namespace: shop}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: shop}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\nspec:\n  selector: {app: api}\n  ports: [{name: http, port: 8080, targetPort: 8080, appProtocol: http}]\n"
+    ));
+    let _api = run_meshed(
+        &kube,
+        control,
+        &first.ca_dir,
+        td,
+        "api",
+        "api-0",
+        "10.244.0.30",
+        "app=api",
+    );
+    let web = run_meshed(
+        &kube,
+        control,
+        &first.ca_dir,
+        td,
+        "web",
+        "web-0",
+        "10.244.0.31",
+        "app=web",
+    );
+    let url = "http://api.shop.svc.cluster.local:8080/";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mesh_tests::kube::http_get_via(web.outbound, url).0 != 200 {
+        assert!(Instant::now() < deadline, "web never reached api");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The load: one request every 20 ms until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load = {
+        let (stop, sent, failed, outbound) =
+            (stop.clone(), sent.clone(), failed.clone(), web.outbound);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let (status, body) = mesh_tests::kube::http_get_via(outbound, url);
+                sent.fetch_add(1, Ordering::Relaxed);
+                if status != 200 {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("failed request: {status} {body}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+
+    let killed_at = Instant::now();
+    let mut dead = replicas.remove(leader);
+    dead.child.kill().unwrap();
+    dead.child.wait().unwrap();
+    let deadline = killed_at + Duration::from_secs(30);
+    let takeover = loop {
+        let leaders = leader_of(&replicas);
+        assert!(leaders.len() <= 1, "two writers at once: {leaders:?}");
+        if leaders.len() == 1 {
+            break killed_at.elapsed();
+        }
+        assert!(Instant::now() < deadline, "no replica took over in 30 s");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The proxies follow another replica now: a new api replica is
+    // discovered and reached.
+    kube.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: api-1, namespace: shop, labels: {app: api}}\nspec:\n  serviceAccountName: api\n  containers:\n  - {name: app, image: demo, ports: [{name: http, containerPort: 8080}]}\n  - {name: mesh-proxy, image: mesh, ports: [{name: mesh-inbound, containerPort: 4143}]}\n");
+    let _api_1 = run_meshed(
+        &kube,
+        control,
+        &first.ca_dir,
+        td,
+        "api",
+        "api-1",
+        "10.244.0.32",
+        "app=api",
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !mesh_tests::kube::http_get_via(web.outbound, url)
+        .1
+        .contains("api-1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "web's proxy never learnt of api-1 after the leader died:\n{}",
+            std::fs::read_to_string(web._dir.path().join("proxy.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The new writer writes: a Server gets its Accepted condition.
+    kube.apply("apiVersion: policy.mesh.rs/v1alpha1\nkind: Server\nmetadata: {name: api-admin, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: api}}\n  port: 9090\n");
+    kube.kubectl_ok(&[
+        "wait",
+        "-n",
+        "shop",
+        "--for=condition=Accepted",
+        "server/api-admin",
+        "--timeout=20s",
+    ]);
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!(
+        "leader killed: another replica held the Lease after {takeover:?} (Lease {:?}, renewed every {:?}); {sent} requests during the test, {failed} failed",
+        Duration::from_secs(10),
+        Duration::from_secs(2),
+    );
+    assert!(
+        takeover <= Duration::from_secs(15),
+        "takeover took {takeover:?}"
+    );
+    assert_eq!(failed, 0, "{failed} of {sent} requests failed");
+    assert!(sent > 100, "the load ran: {sent}");
+    drop(dead);
 }

@@ -3,6 +3,7 @@
 pub mod crds;
 pub mod install;
 pub mod issuer;
+pub mod lease;
 pub mod manifest;
 pub mod review;
 pub mod store;

@@ -520,3 +520,71 @@ pub fn workload(
         proxy_port: proxy_port.unwrap_or(0),
     })
 }
+
+impl Cluster {
+    /// The `Accepted` condition of every Server, written where it differs
+    /// from what the Server shows for its current generation. Run by the
+    /// Lease holder only.
+    pub async fn write_server_status(&self, client: &Client) {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        use kube::api::{Patch, PatchParams};
+        for server in self.servers.state() {
+            let Some((object, _)) = object(&*server, types::POLICY_V1ALPHA1, "Server") else {
+                continue;
+            };
+            let verdict = validate(&Resource::Server(object));
+            let (status, reason, message) = match &verdict {
+                Ok(()) => ("True", "Accepted", "served to proxies".to_owned()),
+                Err(why) => ("False", "Invalid", why.clone()),
+            };
+            let generation = server.metadata.generation;
+            let current = server
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Accepted"));
+            if current.is_some_and(|c| {
+                c.status == status && c.reason == reason && c.observed_generation == generation
+            }) {
+                continue;
+            }
+            let condition = types::Condition {
+                type_: "Accepted".into(),
+                status: status.into(),
+                reason: reason.into(),
+                message,
+                observed_generation: generation,
+                last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
+            };
+            let patch = serde_json::json!({ "status": { "conditions": [condition] } });
+            let (Some(ns), name) = (server.namespace(), server.name_any()) else {
+                continue;
+            };
+            let api: Api<types::Server> = Api::namespaced(client.clone(), &ns);
+            if let Err(e) = api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                tracing::warn!(error = %e, "cannot write the status of Server {ns}/{name}");
+            }
+        }
+    }
+
+    /// Writes statuses while `leader` says this replica holds the Lease.
+    pub async fn write_statuses(
+        self,
+        client: Client,
+        mut leader: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            if *leader.borrow_and_update() {
+                self.write_server_status(&client).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = leader.changed() => {}
+                }
+            } else if leader.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
