@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_cross;
+mod check;
 mod identity;
 mod install;
 mod multicluster;
@@ -39,6 +40,9 @@ enum Command {
     Install(Box<install::InstallArgs>),
     /// Print everything `mesh install` created, for `kubectl delete -f -`.
     Uninstall,
+    /// Check a cluster before (`--pre`) and after `mesh install`: API
+    /// server, CRDs, control plane, issuer, webhook. Non-zero exit on failure.
+    Check(check::CheckArgs),
     /// Measure the data plane on this machine: meshed against direct, in one run.
     Bench(bench::BenchArgs),
     /// Run a whole federated mesh on this machine from a topology file, with live traffic.
@@ -82,6 +86,10 @@ fn main() -> ExitCode {
         Command::Install(args) => {
             mesh_core::telemetry::init("warn");
             report(install::install(*args, &mut std::io::stdout().lock()))
+        }
+        Command::Check(args) => {
+            mesh_core::telemetry::init("warn");
+            report(check::run(args, &mut std::io::stdout().lock()))
         }
         Command::Uninstall => {
             mesh_core::telemetry::init("warn");

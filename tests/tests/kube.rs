@@ -1182,3 +1182,116 @@ fn a_killed_leader_is_replaced_without_failed_requests() {
     assert!(sent > 100, "the load ran: {sent}");
     drop(dead);
 }
+
+/// `mesh ARGS` with a kubeconfig: exit success and stdout.
+fn mesh_on(kube: &Kube, args: &[&str]) -> (bool, String) {
+    let out = Command::new(mesh_exe())
+        .args(args)
+        .env("KUBECONFIG", &kube.kubeconfig)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// `mesh check --pre` passes on a fresh cluster; `mesh check` fails there
+/// naming the missing CRDs and the control plane with their fixes, passes
+/// once Mesh is installed and running, and fails again (non-zero) for a
+/// CRD that is not this version's and for an issuer about to expire.
+#[test]
+fn mesh_check_says_what_is_wrong_and_how_to_fix_it() {
+    let kube = Kube::start();
+    let (ok, out) = mesh_on(&kube, &["check", "--pre"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("√ can create customresourcedefinitions"),
+        "{out}"
+    );
+
+    let (ok, out) = mesh_on(&kube, &["check"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("× CRDs are installed: missing: servers.policy.mesh.rs"),
+        "{out}"
+    );
+    assert!(
+        out.contains("hint: mesh install --crds | kubectl apply -f -"),
+        "{out}"
+    );
+    assert!(out.contains("× control plane is running"), "{out}");
+
+    let installed = install(&kube, "east.mesh.local", "east");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let out = loop {
+        let (ok, out) = mesh_on(&kube, &["check"]);
+        if ok {
+            break out;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mesh check never passed:\n{out}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert!(out.contains("√ control plane is running"), "{out}");
+    assert!(
+        out.contains("√ issuer is valid for more than 60 days"),
+        "{out}"
+    );
+    assert!(out.contains("Status check results are √"), "{out}");
+    let (ok, out) = mesh_on(&kube, &["check", "--pre"]);
+    assert!(
+        !ok && out.contains("× no Mesh control plane runs here yet"),
+        "{out}"
+    );
+
+    // A CRD edited away from this version's schema.
+    kube.kubectl_ok(&[
+        "patch", "crd", "servers.policy.mesh.rs", "--type=json", "-p",
+        r#"[{"op": "add", "path": "/spec/versions/0/additionalPrinterColumns", "value": [{"name": "Port", "type": "string", "jsonPath": ".spec.port"}]}]"#,
+    ]);
+    let (ok, out) = mesh_on(&kube, &["check"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("× CRDs are current") && out.contains("servers.policy.mesh.rs"),
+        "{out}"
+    );
+    kube.apply(&mesh(&["install", "--crds"]));
+
+    // An issuer with 30 days left.
+    let short = tempfile::tempdir().unwrap();
+    let short_ca = short.path().join("ca");
+    mesh(&[
+        "identity",
+        "ca",
+        "create",
+        "--trust-domain",
+        "east.mesh.local",
+        "--shared-root",
+        installed.ca_dir.to_str().unwrap(),
+        "--issuer-ttl",
+        "30d",
+        "--out",
+        short_ca.to_str().unwrap(),
+    ]);
+    kube.apply(&mesh(&[
+        "install",
+        "--ca",
+        short_ca.to_str().unwrap(),
+        "--set",
+        "cluster=east",
+    ]));
+    let (ok, out) = mesh_on(&kube, &["check"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("× issuer is valid for more than 60 days: it expires in"),
+        "{out}"
+    );
+    assert!(
+        out.contains("mesh identity ca create --shared-root"),
+        "{out}"
+    );
+}
