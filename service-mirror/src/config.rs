@@ -14,6 +14,12 @@ use mesh_proxy::{
 pub const NAMESPACE: &str = "mesh-system";
 pub const SERVICE_ACCOUNT: &str = "service-mirror";
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Store {
+    Local,
+    Kube,
+}
+
 #[derive(Clone, Debug, Args)]
 pub struct MirrorArgs {
     /// This cluster's name.
@@ -41,10 +47,23 @@ pub struct MirrorArgs {
     /// Or an existing SVID: a directory with leaf.crt and leaf.key.
     #[arg(long, env = "MESH_SERVICE_MIRROR_CREDENTIALS_DIR")]
     pub credentials_dir: Option<PathBuf>,
-    /// The local control plane's config directory; mirrors of cluster C are
-    /// written to `mirror-C.yaml` there.
+    /// Where mirrors go: `local` (files in the control plane's config
+    /// directory) or `kube` (MirroredService objects in the API server).
+    #[arg(
+        long,
+        env = "MESH_SERVICE_MIRROR_STORE",
+        value_enum,
+        default_value = "local"
+    )]
+    pub store: Store,
+    /// With `--store kube`: the kubeconfig [default: KUBECONFIG,
+    /// ~/.kube/config, or in-cluster].
+    #[arg(long, env = "MESH_SERVICE_MIRROR_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// With `--store local`: the control plane's config directory; mirrors
+    /// of cluster C are written to `mirror-C.yaml` there.
     #[arg(long, env = "MESH_SERVICE_MIRROR_CONFIG_DIR")]
-    pub config_dir: PathBuf,
+    pub config_dir: Option<PathBuf>,
     /// `/ready`, `/live`, `/metrics`; loopback only.
     #[arg(
         long,

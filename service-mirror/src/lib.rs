@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod metrics;
 pub mod mirror;
+pub mod sink;
 pub mod validate;
 
 use std::{net::SocketAddr, path::PathBuf};
@@ -28,19 +29,39 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct ServiceMirror {
     pub admin_addr: SocketAddr,
-    pub config_dir: PathBuf,
+    pub config_dir: Option<PathBuf>,
     tasks: JoinSet<()>,
 }
 
 impl ServiceMirror {
     pub async fn start(args: MirrorArgs) -> Result<Self, StartError> {
         let config = args.identity_config().map_err(StartError::Config)?;
-        if !args.config_dir.is_dir() {
-            return Err(StartError::Config(format!(
-                "--config-dir {} is not a directory; give the control plane's --config-dir",
-                args.config_dir.display()
-            )));
-        }
+        let sink = match (&args.config_dir, args.store) {
+            (Some(dir), config::Store::Local) => {
+                if !dir.is_dir() {
+                    return Err(StartError::Config(format!(
+                        "--config-dir {} is not a directory; give the control plane's --config-dir",
+                        dir.display()
+                    )));
+                }
+                sink::Sink::Dir(dir.clone())
+            }
+            (None, config::Store::Local) => {
+                return Err(StartError::Config(
+                    "--config-dir is required with --store local (the control plane's --config-dir)".into(),
+                ));
+            }
+            (Some(_), config::Store::Kube) => {
+                return Err(StartError::Config(
+                    "--config-dir is for --store local; with --store kube mirrors go to the API server".into(),
+                ));
+            }
+            (None, config::Store::Kube) => sink::Sink::Kube(
+                mesh_control::k8s::client(args.kubeconfig.as_deref())
+                    .await
+                    .map_err(StartError::Config)?,
+            ),
+        };
         tracing::info!(?args, "starting service mirror");
         let metrics = metrics::Metrics::new();
         let mut tasks = JoinSet::new();
@@ -60,7 +81,7 @@ impl ServiceMirror {
         tasks.spawn(mirror::run(
             api,
             args.cluster.clone(),
-            args.config_dir.clone(),
+            sink,
             creds,
             bundles,
             metrics,

@@ -21,7 +21,6 @@
 
 use std::{
     collections::HashMap,
-    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -42,6 +41,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::{
     metrics::{LinkLabels, Metrics, RefusedLabels},
+    sink::Sink,
     validate,
 };
 
@@ -63,11 +63,14 @@ struct LinkState {
 pub async fn run(
     api: Channel,
     cluster: String,
-    config_dir: PathBuf,
+    sink: Sink,
     creds: CredentialStore,
     bundles: BundleStore,
     metrics: Metrics,
 ) {
+    if let Err(e) = sink.remove_orphans().await {
+        tracing::warn!("cannot look for mirrors of deleted Links: {e}");
+    }
     let mut links = mesh_proxy::trust::linked_trust(api);
     let mut running: HashMap<String, (LinkedBundle, JoinHandle<()>)> = HashMap::new();
     loop {
@@ -96,7 +99,7 @@ pub async fn run(
                 task.abort();
             }
             if !current.bundles.iter().any(|l| l.cluster == name) {
-                remove_mirrors(&config_dir, &name, &metrics);
+                remove_mirrors(&sink, &name, &metrics).await;
             }
         }
         for link in current.bundles {
@@ -106,7 +109,7 @@ pub async fn run(
             let task = tokio::spawn(controller(
                 link.clone(),
                 cluster.clone(),
-                config_dir.clone(),
+                sink.clone(),
                 creds.clone(),
                 bundles.clone(),
                 metrics.clone(),
@@ -124,7 +127,7 @@ pub async fn run(
 async fn controller(
     link: LinkedBundle,
     cluster: String,
-    config_dir: PathBuf,
+    sink: Sink,
     creds: CredentialStore,
     bundles: BundleStore,
     metrics: Metrics,
@@ -158,7 +161,6 @@ async fn controller(
     ));
     let probe = tokio::spawn(probe(tunnel, state_tx, metrics.clone(), labels.clone()));
     let _guard = AbortOnDrop(vec![exports, probe]);
-    let path = mirrors_file(&config_dir, &link.cluster);
     let mut refused_before = Vec::new();
     loop {
         let state = state_rx.borrow_and_update().clone();
@@ -186,16 +188,11 @@ async fn controller(
                 .services
                 .get_or_create(&labels)
                 .set(i64::try_from(mirrors.len()).unwrap_or(i64::MAX));
-            match validate::render(&link.cluster, &mirrors) {
-                Ok(text) => {
-                    if let Err(e) = write_if_changed(&path, &text) {
-                        tracing::error!(path = %path.display(), error = %e, "cannot write mirrors");
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(link = %link.cluster, error = %e, "cannot serialize mirrors; keeping the file")
-                }
+            if let Err(e) = sink.write(&link.cluster, &mirrors, &metrics).await {
+                tracing::error!(link = %link.cluster, "cannot write mirrors; the last ones stay: {e}");
             }
+            sink.link_status(&link.cluster, state.alive, mirrors.len())
+                .await;
         }
         if state_rx.changed().await.is_err() {
             return;
@@ -344,33 +341,18 @@ fn unix_now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// Where the mirrors of `cluster` live.
-pub fn mirrors_file(config_dir: &Path, cluster: &str) -> PathBuf {
-    config_dir.join(format!("mirror-{cluster}.yaml"))
-}
+pub use crate::sink::mirrors_file;
 
-fn remove_mirrors(config_dir: &Path, cluster: &str, metrics: &Metrics) {
-    let path = mirrors_file(config_dir, cluster);
-    match std::fs::remove_file(&path) {
+async fn remove_mirrors(sink: &Sink, cluster: &str, metrics: &Metrics) {
+    match sink.remove(cluster).await {
         Ok(()) => tracing::info!(link = %cluster, "Link deleted; its mirrors are removed"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot remove mirrors"),
+        Err(e) => tracing::error!(link = %cluster, "cannot remove mirrors: {e}"),
     }
     let labels = LinkLabels {
         cluster: cluster.to_owned(),
     };
     metrics.services.get_or_create(&labels).set(0);
     metrics.alive.get_or_create(&labels).set(0);
-}
-
-/// Writes `text` to `path` unless it already holds exactly that.
-fn write_if_changed(path: &Path, text: &str) -> std::io::Result<()> {
-    if std::fs::read_to_string(path).is_ok_and(|old| old == text) {
-        return Ok(());
-    }
-    let tmp = path.with_extension("yaml.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
@@ -428,8 +410,10 @@ mod tests {
         );
         assert!(!render(false).contains("ready: true"), "gateway down");
         // The control plane reads it back, field for field.
-        let parsed =
-            mesh_control::resources::parse::parse_file(Path::new("mirror-east.yaml"), &text);
+        let parsed = mesh_control::resources::parse::parse_file(
+            std::path::Path::new("mirror-east.yaml"),
+            &text,
+        );
         let parsed = parsed.unwrap();
         let (_, mesh_control::resources::Resource::MirroredService(api)) = &parsed[0] else {
             panic!("{parsed:?}");

@@ -75,7 +75,9 @@ async fn federated() -> Federated {
             None,
         )),
         credentials_dir: None,
-        config_dir: config_dir.clone(),
+        config_dir: Some(config_dir.clone()),
+        store: mesh_service_mirror::config::Store::Local,
+        kubeconfig: None,
         admin_addr: "127.0.0.1:0".parse().unwrap(),
     })
     .await

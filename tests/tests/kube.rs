@@ -500,6 +500,7 @@ impl Control {
 #[allow(clippy::too_many_arguments)]
 fn run_meshed(
     kube: &Kube,
+    cluster: &str,
     control: ControlAddrs,
     ca_dir: &std::path::Path,
     td: &str,
@@ -522,7 +523,7 @@ fn run_meshed(
             "demo",
             "serve",
             "--cluster",
-            "east",
+            cluster,
             "--workload",
             pod,
             "--ip",
@@ -536,7 +537,7 @@ fn run_meshed(
         .unwrap();
     let c = control;
     let env = [
-        ("CLUSTER", "east".to_owned()),
+        ("CLUSTER", cluster.to_owned()),
         ("TRUST_DOMAIN", td.to_owned()),
         ("NAMESPACE", "shop".to_owned()),
         ("SERVICE_ACCOUNT", sa.to_owned()),
@@ -654,6 +655,7 @@ spec:
 
     let _api = run_meshed(
         &kube,
+        "east",
         installed.control.addrs(),
         &installed.ca_dir,
         td,
@@ -664,6 +666,7 @@ spec:
     );
     let web = run_meshed(
         &kube,
+        "east",
         installed.control.addrs(),
         &installed.ca_dir,
         td,
@@ -674,6 +677,7 @@ spec:
     );
     let stranger = run_meshed(
         &kube,
+        "east",
         installed.control.addrs(),
         &installed.ca_dir,
         td,
@@ -1071,6 +1075,7 @@ fn a_killed_leader_is_replaced_without_failed_requests() {
     ));
     let _api = run_meshed(
         &kube,
+        "east",
         control,
         &first.ca_dir,
         td,
@@ -1081,6 +1086,7 @@ fn a_killed_leader_is_replaced_without_failed_requests() {
     );
     let web = run_meshed(
         &kube,
+        "east",
         control,
         &first.ca_dir,
         td,
@@ -1135,6 +1141,7 @@ fn a_killed_leader_is_replaced_without_failed_requests() {
     kube.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: api-1, namespace: shop, labels: {app: api}}\nspec:\n  serviceAccountName: api\n  containers:\n  - {name: app, image: demo, ports: [{name: http, containerPort: 8080}]}\n  - {name: mesh-proxy, image: mesh, ports: [{name: mesh-inbound, containerPort: 4143}]}\n");
     let _api_1 = run_meshed(
         &kube,
+        "east",
         control,
         &first.ca_dir,
         td,
@@ -1293,5 +1300,254 @@ fn mesh_check_says_what_is_wrong_and_how_to_fix_it() {
     assert!(
         out.contains("mesh identity ca create --shared-root"),
         "{out}"
+    );
+}
+
+/// A long-running helper process, killed on drop; its log is kept.
+struct Daemon {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    /// `mesh ARGS`, bootstrapped with a token of ServiceAccount
+    /// `mesh-system/sa` (for `identity.mesh.rs`) passed as `--join-token-file`.
+    fn mesh_with_token(
+        kube: &Kube,
+        sa: &str,
+        args: &[String],
+        admin: std::net::SocketAddr,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(
+            &token,
+            kube.token("mesh-system", sa, Some("identity.mesh.rs"), "1h"),
+        )
+        .unwrap();
+        let log = dir.path().join("log");
+        let child = Command::new(mesh_exe())
+            .args(args)
+            .arg("--join-token-file")
+            .arg(&token)
+            .args(["--admin-addr", &admin.to_string()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let daemon = Self {
+            child,
+            log,
+            _dir: dir,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !mesh_tests::kube::is_ready(admin) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mesh {} was not ready in 30 s:\n{}",
+                args.join(" "),
+                std::fs::read_to_string(&daemon.log).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        daemon
+    }
+}
+
+/// Two clusters, each its own API server and control plane on the kube
+/// store. East exports `api`; west links east (a Link applied with
+/// kubectl), east admits west. West's service mirror, bootstrapped with
+/// its ServiceAccount's token and running with that account's RBAC,
+/// writes `api-east` as a MirroredService object; web in west reaches it
+/// through east's gateway, and east's api sees web's own identity. The
+/// Link's status says alive and one service mirrored. Deleting the Link
+/// deletes its mirror and nothing the mirror did not create.
+#[test]
+fn a_linked_cluster_on_kubernetes_is_mirrored_and_reached_through_its_gateway() {
+    use mesh_tests::kube::free_port;
+    mesh_tests::kube::pod_network();
+    let east = Kube::start();
+    let west = Kube::start();
+    let east_mesh = install(&east, "east.mesh.local", "east");
+    let west_mesh = install(&west, "west.mesh.local", "west");
+
+    east.apply(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: api, namespace: shop}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: api, namespace: shop, labels: {{multicluster.mesh.rs/exported: \"true\"}}}}\nspec:\n  selector: {{app: api}}\n  ports: [{{name: http, port: 8080, targetPort: 8080, appProtocol: http}}]\n{}",
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {name: api-0, namespace: shop, labels: {app: api}}\nspec:\n  serviceAccountName: api\n  containers:\n  - {name: app, image: demo, ports: [{name: http, containerPort: 8080}]}\n  - {name: mesh-proxy, image: mesh, ports: [{name: mesh-inbound, containerPort: 4143}]}\n"
+    ));
+    let _api = run_meshed(
+        &east,
+        "east",
+        east_mesh.control.addrs(),
+        &east_mesh.ca_dir,
+        "east.mesh.local",
+        "api",
+        "api-0",
+        "10.244.0.40",
+        "app=api",
+    );
+    let tunnel = format!("127.0.0.1:{}", free_port());
+    let c = east_mesh.control.addrs();
+    let _gateway = Daemon::mesh_with_token(
+        &east,
+        "gateway",
+        &[
+            "gateway",
+            "--cluster",
+            "east",
+            "--trust-domain",
+            "east.mesh.local",
+            "--control-identity-addr",
+            &c.identity.to_string(),
+            "--control-api-addr",
+            &c.api.to_string(),
+            "--trust-anchors",
+            &east_mesh.ca_dir.join("bundle.json").display().to_string(),
+            "--tunnel-addr",
+            &tunnel,
+        ]
+        .map(str::to_owned),
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+    );
+
+    // The Links, applied as a user would with kubectl.
+    west.apply(&mesh(&[
+        "multicluster",
+        "link",
+        "--cluster-name",
+        "east",
+        "--gateway",
+        &tunnel,
+        "--ca",
+        east_mesh.ca_dir.to_str().unwrap(),
+    ]));
+    east.apply(&mesh(&[
+        "multicluster",
+        "allow",
+        "--cluster-name",
+        "west",
+        "--ca",
+        west_mesh.ca_dir.to_str().unwrap(),
+    ]));
+
+    // West's service mirror, as its own ServiceAccount with its own RBAC.
+    let token = west.token("mesh-system", "service-mirror", None, "1h");
+    let mirror_kubeconfig = west.kubeconfig_for_token("service-mirror", &token);
+    let w = west_mesh.control.addrs();
+    west.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: shop}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: shop, labels: {app: web}}\nspec:\n  serviceAccountName: web\n  containers:\n  - {name: app, image: demo, ports: [{name: http, containerPort: 8080}]}\n  - {name: mesh-proxy, image: mesh, ports: [{name: mesh-inbound, containerPort: 4143}]}\n---\napiVersion: multicluster.mesh.rs/v1alpha1\nkind: MirroredService\nmetadata: {name: other-east, namespace: shop, labels: {multicluster.mesh.rs/link: east}}\nspec: {link: east, remoteName: other, ports: [{port: 80}], identities: [\"spiffe://east.mesh.local/ns/shop/sa/other\"]}\n");
+    let _mirror = Daemon::mesh_with_token(
+        &west,
+        "service-mirror",
+        &[
+            "service-mirror",
+            "--store",
+            "kube",
+            "--cluster",
+            "west",
+            "--trust-domain",
+            "west.mesh.local",
+            "--kubeconfig",
+            mirror_kubeconfig.to_str().unwrap(),
+            "--control-identity-addr",
+            &w.identity.to_string(),
+            "--control-api-addr",
+            &w.api.to_string(),
+            "--trust-anchors",
+            &west_mesh.ca_dir.join("bundle.json").display().to_string(),
+        ]
+        .map(str::to_owned),
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+    );
+    west.kubectl_ok(&[
+        "wait",
+        "-n",
+        "shop",
+        "--for=jsonpath={.spec.ready}=true",
+        "mirroredservice/api-east",
+        "--timeout=30s",
+    ]);
+    let labels = west.kubectl_ok(&[
+        "get",
+        "mirroredservice",
+        "api-east",
+        "-n",
+        "shop",
+        "-o",
+        "jsonpath={.metadata.labels}",
+    ]);
+    assert!(
+        labels.contains("mesh-service-mirror")
+            && labels.contains("\"multicluster.mesh.rs/link\":\"east\""),
+        "{labels}"
+    );
+
+    let web = run_meshed(
+        &west,
+        "west",
+        w,
+        &west_mesh.ca_dir,
+        "west.mesh.local",
+        "web",
+        "web-0",
+        "10.244.0.50",
+        "app=web",
+    );
+    let url = "http://api-east.shop.svc.cluster.local:8080/through-the-gateway";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (status, body) = loop {
+        let (status, body) = mesh_tests::kube::http_get_via(web.outbound, url);
+        if status == 200 || std::time::Instant::now() > deadline {
+            break (status, body);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("spiffe://west.mesh.local/ns/shop/sa/web"),
+        "the caller's own identity crosses the gateway: {body}"
+    );
+    assert!(body.contains("api-0"), "{body}");
+
+    west.kubectl_ok(&[
+        "wait",
+        "-n",
+        "mesh-system",
+        "--for=condition=Alive",
+        "link/east",
+        "--timeout=20s",
+    ]);
+    let mirrored = west.kubectl_ok(&[
+        "get",
+        "link",
+        "east",
+        "-n",
+        "mesh-system",
+        "-o",
+        "jsonpath={.status.mirroredServices}",
+    ]);
+    assert_eq!(mirrored, "1");
+
+    // Unlink: the mirror goes; the hand-made object stays.
+    west.kubectl_ok(&["delete", "link", "east", "-n", "mesh-system"]);
+    west.kubectl_ok(&[
+        "wait",
+        "-n",
+        "shop",
+        "--for=delete",
+        "mirroredservice/api-east",
+        "--timeout=30s",
+    ]);
+    let left = west.kubectl_ok(&["get", "mirroredservice", "-n", "shop", "-o", "name"]);
+    assert_eq!(
+        left.trim(),
+        "mirroredservice.multicluster.mesh.rs/other-east"
     );
 }

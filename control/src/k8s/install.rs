@@ -18,6 +18,10 @@ pub const NAMESPACE: &str = "mesh-system";
 pub const CONTROL: &str = "mesh-control";
 /// The Secret holding the issuer (`issuer.crt`, `issuer.key`, `bundle.json`).
 pub const ISSUER_SECRET: &str = "mesh-issuer";
+/// The gateway's and the service mirror's ServiceAccounts (their SPIFFE
+/// IDs: `ns/mesh-system/sa/gateway`, `ns/mesh-system/sa/service-mirror`).
+pub const GATEWAY: &str = "gateway";
+pub const SERVICE_MIRROR: &str = "service-mirror";
 /// The ConfigMap recording what was installed.
 pub const CONFIG: &str = "mesh-config";
 /// The Lease the writer among the replicas holds.
@@ -283,6 +287,30 @@ pub fn objects(values: &Values, issuer: Option<&IssuerFiles>) -> Vec<Value> {
             "metadata": metadata(CONTROL, CONTROL, true),
             "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": CONTROL },
             "subjects": [{ "kind": "ServiceAccount", "name": CONTROL, "namespace": NAMESPACE }],
+        }),
+        json!({
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": metadata(GATEWAY, GATEWAY, true),
+        }),
+        json!({
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": metadata(SERVICE_MIRROR, SERVICE_MIRROR, true),
+        }),
+        // The service mirror writes mirrors and Link status, nothing else.
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": metadata(SERVICE_MIRROR, SERVICE_MIRROR, false),
+            "rules": [
+                { "apiGroups": ["multicluster.mesh.rs"], "resources": ["mirroredservices"], "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"] },
+                { "apiGroups": ["multicluster.mesh.rs"], "resources": ["links"], "verbs": ["get", "list", "watch"] },
+                { "apiGroups": ["multicluster.mesh.rs"], "resources": ["links/status"], "verbs": ["get", "update", "patch"] },
+            ],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": metadata(SERVICE_MIRROR, SERVICE_MIRROR, false),
+            "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": SERVICE_MIRROR },
+            "subjects": [{ "kind": "ServiceAccount", "name": SERVICE_MIRROR, "namespace": NAMESPACE }],
         }),
         json!({
             "apiVersion": "v1", "kind": "ConfigMap",
