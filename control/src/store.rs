@@ -38,6 +38,22 @@ pub struct TokenRecord {
     pub claims: Option<WorkloadClaims>,
 }
 
+impl TokenRecord {
+    /// Marks the token used at `now`, unless it was used or has expired.
+    pub fn redeem(&mut self, now: i64) -> Result<(), TokenError> {
+        if let Some(at) = self.used_at {
+            return Err(TokenError::Used { at });
+        }
+        if self.expires_at <= now {
+            return Err(TokenError::Expired {
+                ago: now - self.expires_at,
+            });
+        }
+        self.used_at = Some(now);
+        Ok(())
+    }
+}
+
 /// The workload a join token is for, fixed when the token is created: the
 /// registration its identity may make later is bounded by this, not by
 /// what the workload says about itself.
@@ -262,15 +278,9 @@ impl Store for LocalStore {
                 None => return Ok(Err(TokenError::Unknown)),
                 Some(r) => r,
             };
-            if let Some(at) = record.used_at {
-                return Ok(Err(TokenError::Used { at }));
+            if let Err(e) = record.redeem(now) {
+                return Ok(Err(e));
             }
-            if record.expires_at <= now {
-                return Ok(Err(TokenError::Expired {
-                    ago: now - record.expires_at,
-                }));
-            }
-            record.used_at = Some(now);
             tokens
                 .insert(hash.as_slice(), encode(&record).as_slice())
                 .map_err(db_err)?;

@@ -422,3 +422,44 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
+
+/// A Pod as injection makes it: the app's container (port `http` 8080)
+/// and the `mesh-proxy` container with its `mesh-inbound` port. As JSON,
+/// which `kubectl apply` reads like YAML.
+pub fn meshed_pod(ns: &str, name: &str, sa: &str, labels: &[(&str, &str)]) -> String {
+    let labels: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v)))
+        .collect();
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": name, "namespace": ns, "labels": labels },
+        "spec": {
+            "serviceAccountName": sa,
+            "containers": [
+                { "name": "app", "image": "demo", "ports": [{ "name": "http", "containerPort": 8080 }] },
+                { "name": "mesh-proxy", "image": "mesh", "ports": [{ "name": "mesh-inbound", "containerPort": 4143 }] },
+            ],
+        },
+    })
+    .to_string()
+}
+
+/// GETs `url` through `proxy` until `done` holds or `within` passes: the
+/// last status and body.
+pub fn get_until(
+    proxy: std::net::SocketAddr,
+    url: &str,
+    within: Duration,
+    done: impl Fn(u16, &str) -> bool,
+) -> (u16, String) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, body) = http_get_via(proxy, url);
+        if done(status, &body) || Instant::now() > deadline {
+            return (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -337,26 +337,16 @@ metadata: {name: api, namespace: shop}
 spec:
   selector: {app: api}
   ports: [{name: http, port: 8080, targetPort: 8080, appProtocol: http}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: api-0, namespace: shop, labels: {app: api}}
-spec:
-  serviceAccountName: api
-  containers:
-  - {name: app, image: api, ports: [{name: http, containerPort: 8080}]}
-  - {name: mesh-proxy, image: mesh, ports: [{name: mesh-inbound, containerPort: 4143}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: api-1, namespace: shop, labels: {app: api}}
-spec:
-  serviceAccountName: api
-  containers:
-  - {name: app, image: api, ports: [{name: http, containerPort: 8080}]}
-  - {name: mesh-proxy, image: mesh, ports: [{name: mesh-inbound, containerPort: 4143}]}
 "#,
     );
+    for name in ["api-0", "api-1"] {
+        kube.apply(&mesh_tests::kube::meshed_pod(
+            "shop",
+            name,
+            "api",
+            &[("app", "api")],
+        ));
+    }
     kube.run_pod("shop", "api-0", "10.244.0.7");
 
     let mut client = discovery_client(
@@ -510,6 +500,11 @@ fn run_meshed(
     labels: &str,
 ) -> PodProcesses {
     use mesh_tests::kube::free_port;
+    let pod_labels: Vec<(&str, &str)> = labels
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
+    kube.apply(&mesh_tests::kube::meshed_pod("shop", pod, sa, &pod_labels));
     kube.run_pod("shop", pod, ip);
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
@@ -598,12 +593,7 @@ fn meshed_pods_talk_with_mtls_and_policy_on_the_kube_store() {
     let kube = Kube::start();
     let td = "east.mesh.local";
     let installed = install(&kube, td, "east");
-    let pod = |name: &str, sa: &str, app: &str| {
-        format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: {app}}}}}\nspec:\n  serviceAccountName: {sa}\n  containers:\n  - {{name: app, image: demo, ports: [{{name: http, containerPort: 8080}}]}}\n  - {{name: mesh-proxy, image: mesh, ports: [{{name: mesh-inbound, containerPort: 4143}}]}}\n"
-        )
-    };
-    let mut manifests = String::from(
+    let manifests = String::from(
         r#"apiVersion: v1
 kind: Namespace
 metadata: {name: shop}
@@ -648,9 +638,6 @@ spec:
   identities: ["spiffe://east.mesh.local/ns/shop/sa/web"]
 "#,
     );
-    manifests.push_str(&pod("api-0", "api", "api"));
-    manifests.push_str(&pod("web-0", "web", "web"));
-    manifests.push_str(&pod("stranger-0", "stranger", "stranger"));
     kube.apply(&manifests);
 
     let _api = run_meshed(
@@ -688,14 +675,12 @@ spec:
     );
 
     let url = "http://api.shop.svc.cluster.local:8080/hello";
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let (status, body) = loop {
-        let (status, body) = mesh_tests::kube::http_get_via(web.outbound, url);
-        if status == 200 || std::time::Instant::now() > deadline {
-            break (status, body);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(300));
-    };
+    let (status, body) = mesh_tests::kube::get_until(
+        web.outbound,
+        url,
+        std::time::Duration::from_secs(30),
+        |s, _| s == 200,
+    );
     assert_eq!(status, 200, "{body}");
     assert!(
         body.contains("spiffe://east.mesh.local/ns/shop/sa/web"),
@@ -1069,10 +1054,7 @@ fn a_killed_leader_is_replaced_without_failed_requests() {
         identity: mesh_tests::kube::service_vip(replicas.iter().map(|c| c.identity).collect()),
         api: mesh_tests::kube::service_vip(replicas.iter().map(|c| c.api).collect()),
     };
-    kube.apply(&format!(
-        "{}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: api-0, namespace: shop, labels: {{app: api}}}}\nspec:\n  serviceAccountName: api\n  containers:\n  - {{name: app, image: demo, ports: [{{name: http, containerPort: 8080}}]}}\n  - {{name: mesh-proxy, image: mesh, ports: [{{name: mesh-inbound, containerPort: 4143}}]}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web-0, namespace: shop, labels: {{app: web}}}}\nspec:\n  serviceAccountName: web\n  containers:\n  - {{name: app, image: demo, ports: [{{name: http, containerPort: 8080}}]}}\n  - {{name: mesh-proxy, image: mesh, ports: [{{name: mesh-inbound, containerPort: 4143}}]}}\n",
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: api, namespace: shop}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: shop}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\nspec:\n  selector: {app: api}\n  ports: [{name: http, port: 8080, targetPort: 8080, appProtocol: http}]\n"
-    ));
+    kube.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: api, namespace: shop}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: shop}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\nspec:\n  selector: {app: api}\n  ports: [{name: http, port: 8080, targetPort: 8080, appProtocol: http}]\n");
     let _api = run_meshed(
         &kube,
         "east",
@@ -1096,11 +1078,9 @@ fn a_killed_leader_is_replaced_without_failed_requests() {
         "app=web",
     );
     let url = "http://api.shop.svc.cluster.local:8080/";
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while mesh_tests::kube::http_get_via(web.outbound, url).0 != 200 {
-        assert!(Instant::now() < deadline, "web never reached api");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (status, body) =
+        mesh_tests::kube::get_until(web.outbound, url, Duration::from_secs(30), |s, _| s == 200);
+    assert_eq!(status, 200, "web never reached api: {body}");
 
     // The load: one request every 20 ms until told to stop.
     let stop = Arc::new(AtomicBool::new(false));
@@ -1138,7 +1118,6 @@ fn a_killed_leader_is_replaced_without_failed_requests() {
     };
     // The proxies follow another replica now: a new api replica is
     // discovered and reached.
-    kube.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: api-1, namespace: shop, labels: {app: api}}\nspec:\n  serviceAccountName: api\n  containers:\n  - {name: app, image: demo, ports: [{name: http, containerPort: 8080}]}\n  - {name: mesh-proxy, image: mesh, ports: [{name: mesh-inbound, containerPort: 4143}]}\n");
     let _api_1 = run_meshed(
         &kube,
         "east",
@@ -1150,18 +1129,15 @@ fn a_killed_leader_is_replaced_without_failed_requests() {
         "10.244.0.32",
         "app=api",
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !mesh_tests::kube::http_get_via(web.outbound, url)
-        .1
-        .contains("api-1")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "web's proxy never learnt of api-1 after the leader died:\n{}",
-            std::fs::read_to_string(web._dir.path().join("proxy.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (_, body) =
+        mesh_tests::kube::get_until(web.outbound, url, Duration::from_secs(30), |_, b| {
+            b.contains("api-1")
+        });
+    assert!(
+        body.contains("api-1"),
+        "web's proxy never learnt of api-1 after the leader died:\n{}",
+        std::fs::read_to_string(web._dir.path().join("proxy.log")).unwrap_or_default()
+    );
     // The new writer writes: a Server gets its Accepted condition.
     kube.apply("apiVersion: policy.mesh.rs/v1alpha1\nkind: Server\nmetadata: {name: api-admin, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: api}}\n  port: 9090\n");
     kube.kubectl_ok(&[
@@ -1379,10 +1355,9 @@ fn a_linked_cluster_on_kubernetes_is_mirrored_and_reached_through_its_gateway() 
     let east_mesh = install(&east, "east.mesh.local", "east");
     let west_mesh = install(&west, "west.mesh.local", "west");
 
-    east.apply(&format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: api, namespace: shop}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: api, namespace: shop, labels: {{multicluster.mesh.rs/exported: \"true\"}}}}\nspec:\n  selector: {{app: api}}\n  ports: [{{name: http, port: 8080, targetPort: 8080, appProtocol: http}}]\n{}",
-        "---\napiVersion: v1\nkind: Pod\nmetadata: {name: api-0, namespace: shop, labels: {app: api}}\nspec:\n  serviceAccountName: api\n  containers:\n  - {name: app, image: demo, ports: [{name: http, containerPort: 8080}]}\n  - {name: mesh-proxy, image: mesh, ports: [{name: mesh-inbound, containerPort: 4143}]}\n"
-    ));
+    east.apply(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: api, namespace: shop}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop, labels: {multicluster.mesh.rs/exported: \"true\"}}\nspec:\n  selector: {app: api}\n  ports: [{name: http, port: 8080, targetPort: 8080, appProtocol: http}]\n",
+    );
     let _api = run_meshed(
         &east,
         "east",
@@ -1442,7 +1417,7 @@ fn a_linked_cluster_on_kubernetes_is_mirrored_and_reached_through_its_gateway() 
     let token = west.token("mesh-system", "service-mirror", None, "1h");
     let mirror_kubeconfig = west.kubeconfig_for_token("service-mirror", &token);
     let w = west_mesh.control.addrs();
-    west.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: shop}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: shop, labels: {app: web}}\nspec:\n  serviceAccountName: web\n  containers:\n  - {name: app, image: demo, ports: [{name: http, containerPort: 8080}]}\n  - {name: mesh-proxy, image: mesh, ports: [{name: mesh-inbound, containerPort: 4143}]}\n---\napiVersion: multicluster.mesh.rs/v1alpha1\nkind: MirroredService\nmetadata: {name: other-east, namespace: shop, labels: {multicluster.mesh.rs/link: east}}\nspec: {link: east, remoteName: other, ports: [{port: 80}], identities: [\"spiffe://east.mesh.local/ns/shop/sa/other\"]}\n");
+    west.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: shop}\n---\napiVersion: multicluster.mesh.rs/v1alpha1\nkind: MirroredService\nmetadata: {name: other-east, namespace: shop, labels: {multicluster.mesh.rs/link: east}}\nspec: {link: east, remoteName: other, ports: [{port: 80}], identities: [\"spiffe://east.mesh.local/ns/shop/sa/other\"]}\n");
     let _mirror = Daemon::mesh_with_token(
         &west,
         "service-mirror",
@@ -1501,14 +1476,12 @@ fn a_linked_cluster_on_kubernetes_is_mirrored_and_reached_through_its_gateway() 
         "app=web",
     );
     let url = "http://api-east.shop.svc.cluster.local:8080/through-the-gateway";
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let (status, body) = loop {
-        let (status, body) = mesh_tests::kube::http_get_via(web.outbound, url);
-        if status == 200 || std::time::Instant::now() > deadline {
-            break (status, body);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(300));
-    };
+    let (status, body) = mesh_tests::kube::get_until(
+        web.outbound,
+        url,
+        std::time::Duration::from_secs(30),
+        |s, _| s == 200,
+    );
     assert_eq!(status, 200, "{body}");
     assert!(
         body.contains("spiffe://west.mesh.local/ns/shop/sa/web"),

@@ -176,15 +176,9 @@ impl Store for KubeStore {
             return Ok(Err(TokenError::Unknown));
         }
         let mut record: TokenRecord = read_record(&secret, "join_tokens")?;
-        if let Some(at) = record.used_at {
-            return Ok(Err(TokenError::Used { at }));
+        if let Err(e) = record.redeem(now) {
+            return Ok(Err(e));
         }
-        if record.expires_at <= now {
-            return Ok(Err(TokenError::Expired {
-                ago: now - record.expires_at,
-            }));
-        }
-        record.used_at = Some(now);
         let json = serde_json::to_vec(&record).map_err(|e| StoreError::Db(e.to_string()))?;
         secret
             .data
