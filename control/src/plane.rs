@@ -136,6 +136,7 @@ impl ControlPlane {
             ));
         }
 
+        let mut kube_store_slot = None;
         // Load: CA, trust bundle, state, configuration.
         let ca = files::load_ca(&config.ca_dir)?;
         let td = ca.trust_domain().clone();
@@ -148,10 +149,15 @@ impl ControlPlane {
         );
         let store: Arc<dyn Store> = match &client {
             None => Arc::new(LocalStore::open(&config.data_dir)?),
-            Some(client) => Arc::new(crate::k8s::store::KubeStore::new(
-                client.clone(),
-                CONTROL_NAMESPACE,
-            )),
+            Some(client) => {
+                let kube_store = crate::k8s::store::KubeStore::new(
+                    client.clone(),
+                    CONTROL_NAMESPACE,
+                    config.liveness.grace,
+                );
+                kube_store_slot = Some(kube_store.clone());
+                Arc::new(kube_store)
+            }
         };
         let mut index = Index::new(&config.cluster, &config.cluster_domain, config.liveness);
         index.set_max_per_namespace(config.max_workloads_per_namespace);
@@ -204,7 +210,14 @@ impl ControlPlane {
                 let (leader_tx, leader_rx) = watch::channel(false);
                 tasks.spawn(candidate.clone().run(leader_tx));
                 tasks.spawn(show_leader(leader_rx.clone(), metrics.clone()));
-                tasks.spawn(cluster.clone().write_statuses(client.clone(), leader_rx));
+                tasks.spawn(
+                    cluster
+                        .clone()
+                        .write_statuses(client.clone(), leader_rx.clone()),
+                );
+                if let Some(store) = kube_store_slot.clone() {
+                    tasks.spawn(collect_dead(store, leader_rx, config.liveness.grace));
+                }
                 candidate_slot = Some(candidate);
                 Source::Kube(cluster)
             }
@@ -575,6 +588,9 @@ async fn sweep(shared: Arc<Shared>, store: Arc<dyn Store>, metrics: Metrics) {
         }
         for (ns, name) in removed {
             tracing::info!(workload = %format!("{ns}/{name}"), "registration removed after missing heartbeats");
+            if !store.sweep_deletes() {
+                continue;
+            }
             let store = store.clone();
             let result =
                 tokio::task::spawn_blocking(move || store.delete_registration(&ns, &name)).await;
@@ -664,6 +680,29 @@ async fn maintain_issuer(
 }
 
 /// Forgets tokens a day after they expired.
+/// The writer's garbage collection of dead ExternalWorkloads, every third
+/// of the removal grace (at most every 30 s).
+async fn collect_dead(
+    store: crate::k8s::store::KubeStore,
+    mut leader: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let every = (grace / 3).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        if *leader.borrow_and_update() {
+            if let Err(e) = store.collect_dead().await {
+                tracing::warn!("garbage collection of ExternalWorkloads failed: {e}");
+            }
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                _ = leader.changed() => {}
+            }
+        } else if leader.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// `mesh_control_leader` follows the Lease.
 async fn show_leader(mut leader: watch::Receiver<bool>, metrics: Metrics) {
     loop {

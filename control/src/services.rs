@@ -534,8 +534,18 @@ impl Registry for ApiServices {
                 (result, changed)
             })
             .map_err(|e| self.registry_error(e))?;
+        let now = mesh_core::identity::cert::now().unix_timestamp();
+        // Where replicas share the store, the heartbeat is recorded for the
+        // writer's garbage collection (the store rate-limits the writes).
+        let shared_store = !self.store.sweep_deletes();
         if health_changed {
-            self.persist(move |s| s.put_registration(&reg)).await?;
+            self.persist(move |s| {
+                s.put_registration(&reg)?;
+                s.heartbeat(&reg, now)
+            })
+            .await?;
+        } else if shared_store {
+            self.persist(move |s| s.heartbeat(&reg, now)).await?;
         }
         Ok(Response::new(HeartbeatResponse {}))
     }

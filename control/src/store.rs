@@ -170,6 +170,18 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn registrations(&self) -> Result<Vec<Registration>, StoreError>;
     /// Deletes tokens that expired more than `keep` ago; returns how many.
     fn prune_tokens(&self, now: i64, keep: Duration) -> Result<usize, StoreError>;
+    /// A heartbeat of `reg` arrived (unix seconds `now`). Stores shared
+    /// by several replicas record it so that the writer can tell a dead
+    /// workload from one another replica hears.
+    fn heartbeat(&self, _reg: &Registration, _now: i64) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Whether the liveness sweep deletes a silent workload's stored
+    /// registration itself. `false` where several replicas share the
+    /// store: only the writer collects, from the recorded heartbeats.
+    fn sweep_deletes(&self) -> bool {
+        true
+    }
 }
 
 /// The embedded `local` store.

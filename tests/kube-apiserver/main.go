@@ -8,7 +8,9 @@
 // prints one line `READY {"kubeconfig": ..., "server": ...}` once the API
 // server answers /readyz and the controller manager has created the
 // `default` ServiceAccount, then serves until stdin closes (the test that
-// started it is gone) or SIGTERM. Everything lives under D.
+// started it is gone) or SIGTERM. Everything lives under D: run `up` again
+// on the same D and the same cluster comes back (same etcd data, ports,
+// keys and certificates), as after an API server restart.
 package main
 
 import (
@@ -87,23 +89,47 @@ func freePort() int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
+// ports are kept in D so that a restart serves where clients look.
+type ports struct {
+	API        int `json:"api"`
+	EtcdClient int `json:"etcdClient"`
+	EtcdPeer   int `json:"etcdPeer"`
+}
+
+func loadPorts(dir string) ports {
+	path := filepath.Join(dir, "ports.json")
+	var p ports
+	if data, err := os.ReadFile(path); err == nil && json.Unmarshal(data, &p) == nil && p.API != 0 {
+		return p
+	}
+	p = ports{API: freePort(), EtcdClient: freePort(), EtcdPeer: freePort()}
+	data, _ := json.Marshal(p)
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		fail("%v", err)
+	}
+	return p
+}
+
 func up(dir string) {
 	exitWhenStdinCloses()
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		fail("%v", err)
 	}
-	etcd := startEtcd(dir)
+	p := loadPorts(dir)
+	etcd := startEtcd(dir, p)
 	defer etcd.Close()
 
 	saKey := filepath.Join(dir, "sa.key")
 	saPub := filepath.Join(dir, "sa.pub")
-	writeServiceAccountKeys(saKey, saPub)
+	if _, err := os.Stat(saKey); err != nil {
+		writeServiceAccountKeys(saKey, saPub)
+	}
 	tokens := filepath.Join(dir, "tokens.csv")
 	if err := os.WriteFile(tokens, []byte(adminToken+",admin,admin,system:masters\n"), 0o600); err != nil {
 		fail("%v", err)
 	}
 	certDir := filepath.Join(dir, "certs")
-	port := freePort()
+	port := p.API
 	server := "https://127.0.0.1:" + strconv.Itoa(port)
 	api := apiapp.NewAPIServerCommand()
 	api.SetArgs([]string{
@@ -154,14 +180,14 @@ func up(dir string) {
 	_ = kcm.Process.Kill()
 }
 
-func startEtcd(dir string) *embed.Etcd {
+func startEtcd(dir string, p ports) *embed.Etcd {
 	cfg := embed.NewConfig()
 	cfg.Name = "default"
 	cfg.Dir = filepath.Join(dir, "etcd")
 	cfg.UnsafeNoFsync = true
 	cfg.LogLevel = "error"
-	client, _ := url.Parse("http://127.0.0.1:" + strconv.Itoa(freePort()))
-	peer, _ := url.Parse("http://127.0.0.1:" + strconv.Itoa(freePort()))
+	client, _ := url.Parse("http://127.0.0.1:" + strconv.Itoa(p.EtcdClient))
+	peer, _ := url.Parse("http://127.0.0.1:" + strconv.Itoa(p.EtcdPeer))
 	cfg.ListenClientUrls = []url.URL{*client}
 	cfg.AdvertiseClientUrls = []url.URL{*client}
 	cfg.ListenPeerUrls = []url.URL{*peer}

@@ -14,9 +14,42 @@ use std::{
 /// The one Node of a test cluster.
 pub const NODE: &str = "node-0";
 
+/// At most this many test clusters run at once in one test binary (each
+/// is an etcd, an API server and a controller manager: about 0.5 GiB and a
+/// burst of CPU at start). A test holding two asks for them one by one.
+const MAX_CLUSTERS: usize = 4;
+
+/// Counts running clusters; [`Slot`] gives one back on drop.
+static RUNNING: (std::sync::Mutex<usize>, std::sync::Condvar) =
+    (std::sync::Mutex::new(0), std::sync::Condvar::new());
+
+#[derive(Debug)]
+struct Slot;
+
+impl Slot {
+    fn take() -> Self {
+        let (lock, freed) = &RUNNING;
+        let mut running = lock.lock().unwrap_or_else(|p| p.into_inner());
+        while *running >= MAX_CLUSTERS {
+            running = freed.wait(running).unwrap_or_else(|p| p.into_inner());
+        }
+        *running += 1;
+        Self
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let (lock, freed) = &RUNNING;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        freed.notify_one();
+    }
+}
+
 /// One running cluster control plane (no kubelet: tests play the kubelet).
 #[derive(Debug)]
 pub struct Kube {
+    _slot: Slot,
     child: Child,
     /// Held open: the control plane exits when this closes.
     _stdin: ChildStdin,
@@ -54,41 +87,12 @@ impl Kube {
     /// Starts one and waits until the API server is ready and the
     /// controller manager works (the `default` ServiceAccount exists).
     pub fn start() -> Self {
-        let exe = kube_exe();
+        let slot = Slot::take();
         let dir = tempfile::tempdir().unwrap();
         let started = Instant::now();
-        let log = std::fs::File::create(dir.path().join("kube.log")).unwrap();
-        let mut child = Command::new(&exe)
-            .args(["up", "--dir"])
-            .arg(dir.path().join("cluster"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("{}: {e}", exe.display()));
-        let stdin = child.stdin.take().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if let Some(json) = line.strip_prefix("READY ") {
-                    let _ = tx.send(json.to_owned());
-                }
-            }
-        });
-        let ready = rx
-            .recv_timeout(Duration::from_secs(180))
-            .unwrap_or_else(|_| {
-                let log = std::fs::read_to_string(dir.path().join("kube.log")).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(30).collect();
-                panic!(
-                    "the test API server was not ready in 180 s; last log lines:\n{}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                )
-            });
-        let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+        let (child, stdin, ready) = launch(dir.path());
         let kube = Self {
+            _slot: slot,
             child,
             _stdin: stdin,
             kubeconfig: PathBuf::from(ready["kubeconfig"].as_str().unwrap()),
@@ -103,6 +107,21 @@ impl Kube {
                 .to_string(),
         );
         kube
+    }
+
+    /// Stops the API server and the controller manager (an outage); etcd's
+    /// data stays for [`Kube::start_again`].
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts them again on the same data, ports, keys and certificates.
+    pub fn start_again(&mut self) {
+        let (child, stdin, ready) = launch(self.dir.path());
+        assert_eq!(ready["server"].as_str(), Some(self.server.as_str()));
+        self.child = child;
+        self._stdin = stdin;
     }
 
     /// `kubectl ARGS` against this cluster as admin.
@@ -151,6 +170,46 @@ impl Kube {
         );
         String::from_utf8(out.stdout).unwrap()
     }
+}
+
+/// Runs `mesh-test-kube up` on `dir` and waits for its READY line.
+fn launch(dir: &std::path::Path) -> (Child, ChildStdin, serde_json::Value) {
+    let exe = kube_exe();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("kube.log"))
+        .unwrap();
+    let mut child = Command::new(&exe)
+        .args(["up", "--dir"])
+        .arg(dir.join("cluster"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", exe.display()));
+    let stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if let Some(json) = line.strip_prefix("READY ") {
+                let _ = tx.send(json.to_owned());
+            }
+        }
+    });
+    let ready = rx
+        .recv_timeout(Duration::from_secs(180))
+        .unwrap_or_else(|_| {
+            let log = std::fs::read_to_string(dir.join("kube.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            panic!(
+                "the test API server was not ready in 180 s; last log lines:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        });
+    (child, stdin, serde_json::from_str(&ready).unwrap())
 }
 
 impl Drop for Kube {

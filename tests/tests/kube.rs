@@ -123,7 +123,11 @@ fn crds_and_the_control_plane_apply_to_a_real_api_server() {
         "--for=delete",
         "crd/servers.policy.mesh.rs",
         "crd/authorizationpolicies.policy.mesh.rs",
+        "crd/meshtlsauthentications.policy.mesh.rs",
+        "crd/httproutes.policy.mesh.rs",
         "crd/links.multicluster.mesh.rs",
+        "crd/mirroredservices.multicluster.mesh.rs",
+        "crd/externalworkloads.workload.mesh.rs",
         "--timeout=60s",
     ]);
     let left = kube.kubectl_ok(&["get", "crd", "-o", "name"]);
@@ -144,6 +148,11 @@ impl Control {
     /// Runs it as the Deployment does: issuer from the Secret `mesh install`
     /// made.
     fn start(kubeconfig: &std::path::Path, cluster: &str) -> Self {
+        Self::start_with(kubeconfig, cluster, &[])
+    }
+
+    /// The same, with more flags.
+    fn start_with(kubeconfig: &std::path::Path, cluster: &str, extra: &[&str]) -> Self {
         use mesh_tests::kube::free_port;
         let data = tempfile::tempdir().unwrap();
         let log = data.path().join("control.log");
@@ -160,6 +169,7 @@ impl Control {
             .args(["--identity-addr", &identity.to_string()])
             .args(["--api-addr", &api.to_string()])
             .args(["--admin-addr", &admin.to_string()])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -1522,5 +1532,182 @@ fn a_linked_cluster_on_kubernetes_is_mirrored_and_reached_through_its_gateway() 
     assert_eq!(
         left.trim(),
         "mirroredservice.multicluster.mesh.rs/other-east"
+    );
+}
+
+/// A watch that breaks reconnects and re-lists without dropping the last
+/// good state: with the API server down, discovery still answers with the
+/// endpoint it knew; once it is back, a pod added since is discovered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_survives_an_api_server_outage_and_resyncs_after() {
+    let mut kube = Kube::start();
+    let installed = install(&kube, "east.mesh.local", "east");
+    kube.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: api, namespace: shop}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\nspec:\n  selector: {app: api}\n  ports: [{name: http, port: 8080, targetPort: 8080, appProtocol: http}]\n");
+    for name in ["api-0", "api-1"] {
+        kube.apply(&mesh_tests::kube::meshed_pod(
+            "shop",
+            name,
+            "api",
+            &[("app", "api")],
+        ));
+    }
+    kube.run_pod("shop", "api-0", "10.244.0.60");
+    let authority = "api.shop.svc.cluster.local:8080";
+    let mut client = discovery_client(
+        installed.control.api,
+        &installed.ca_dir,
+        "spiffe://east.mesh.local/ns/shop/sa/web",
+    );
+    endpoints_until(&mut client, authority, |eps| eps.len() == 1).await;
+
+    kube.stop();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    // A new watch during the outage: the last good state, not nothing.
+    let mut client = discovery_client(
+        installed.control.api,
+        &installed.ca_dir,
+        "spiffe://east.mesh.local/ns/shop/sa/web",
+    );
+    let eps = endpoints_until(&mut client, authority, |_| true).await;
+    assert_eq!(
+        eps.len(),
+        1,
+        "the last good state serves during the outage: {eps:?}"
+    );
+    assert_eq!(eps[0].address, "10.244.0.60:8080");
+
+    kube.start_again();
+    kube.run_pod("shop", "api-1", "10.244.0.61");
+    let eps = endpoints_until(&mut client, authority, |eps| eps.len() == 2).await;
+    let mut addresses: Vec<&str> = eps.iter().map(|e| e.address.as_str()).collect();
+    addresses.sort_unstable();
+    assert_eq!(addresses, ["10.244.0.60:8080", "10.244.0.61:8080"]);
+    assert!(
+        installed.control.log_text().contains("works again"),
+        "the control plane says its watches recovered:\n{}",
+        installed.control.log_text()
+    );
+}
+
+/// Garbage collection of dead ExternalWorkloads is the writer's, from the
+/// heartbeats every replica records: a VM that heartbeats to a replica
+/// that does not write is kept for twice the removal grace, and once it
+/// falls silent the writer deletes its ExternalWorkload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_collects_dead_external_workloads_from_recorded_heartbeats() {
+    use mesh_core::api::v1::{
+        HeartbeatRequest, RegisterRequest, WorkloadPort, registry_client::RegistryClient,
+    };
+    use mesh_core::identity::{
+        BundleStore, CredentialStore, Credentials, ExpectedIdentity, SpiffeId, TrustBundleSet,
+        files, tls,
+    };
+    use std::time::{Duration, Instant};
+    let kube = Kube::start();
+    let td = "east.mesh.local";
+    let first = install(&kube, td, "east");
+    let fast = ["--removal-grace", "6s", "--heartbeat-interval", "1s"];
+    drop(first.control);
+    let replicas = [
+        Control::start_with(&first.kubeconfig, "east", &fast),
+        Control::start_with(&first.kubeconfig, "east", &fast),
+    ];
+    let is_leader = |c: &Control| {
+        let m = mesh_tests::kube::http_get_admin(c.admin, "/metrics");
+        mesh_tests::kube::metric_value(&m, "mesh_control_leader") == Some(1.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !replicas.iter().any(is_leader) {
+        assert!(Instant::now() < deadline, "no replica took the Lease");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let follower = replicas.iter().find(|c| !is_leader(c)).unwrap();
+    kube.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n");
+
+    // A VM joins and registers through the replica that does not write.
+    let socket = follower.data.path().join("admin.sock");
+    let token = mesh(&[
+        "control",
+        "token",
+        "create",
+        "--ns",
+        "shop",
+        "--sa",
+        "vm",
+        "--workload",
+        "vm-1",
+        "--labels",
+        "app=vm",
+        "--admin-socket",
+        socket.to_str().unwrap(),
+    ]);
+    let vm = "spiffe://east.mesh.local/ns/shop/sa/vm";
+    let mut identity = identity_client(follower, &first.ca_dir, td);
+    let (chain, key) = certify(&mut identity, vm, token.trim()).await.unwrap();
+    let tdp: mesh_core::identity::TrustDomain = td.parse().unwrap();
+    let bundle = files::load_bundle(&first.ca_dir.join(files::BUNDLE), tdp.clone()).unwrap();
+    let cfg = tls::client_config(
+        CredentialStore::new(
+            Credentials::new(chain.into_iter().map(Into::into).collect(), key).unwrap(),
+        ),
+        BundleStore::new([bundle].into_iter().collect::<TrustBundleSet>()),
+        ExpectedIdentity::Exact(SpiffeId::workload(&tdp, "mesh-system", "control").unwrap()),
+    )
+    .unwrap();
+    let mut registry =
+        RegistryClient::new(mesh_core::grpc::channel(&follower.api.to_string(), cfg).unwrap());
+    registry
+        .register(RegisterRequest {
+            namespace: "shop".into(),
+            name: "vm-1".into(),
+            addresses: vec!["10.244.0.70".into()],
+            ports: vec![WorkloadPort {
+                name: "http".into(),
+                port: 8080,
+                protocol: 1,
+            }],
+            labels: [("app".to_owned(), "vm".to_owned())].into(),
+            healthy: true,
+            proxy_port: 4143,
+        })
+        .await
+        .unwrap();
+    let exists = || {
+        kube.kubectl(&["get", "externalworkload", "vm-1", "-n", "shop"])
+            .status
+            .success()
+    };
+    // Alive: heartbeats for twice the grace, and it stays.
+    let alive_until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < alive_until {
+        registry
+            .heartbeat(HeartbeatRequest {
+                namespace: "shop".into(),
+                name: "vm-1".into(),
+                healthy: true,
+            })
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(exists(), "a live VM's ExternalWorkload was collected");
+    }
+    // Silent: the writer collects it.
+    let silent_at = Instant::now();
+    while exists() {
+        assert!(
+            silent_at.elapsed() < Duration::from_secs(30),
+            "a silent VM's ExternalWorkload was never collected"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!(
+        "collected {:?} after the last heartbeat (removal grace 6 s)",
+        silent_at.elapsed()
+    );
+    let writer = replicas.iter().find(|c| is_leader(c)).unwrap();
+    assert!(
+        writer.log_text().contains("ExternalWorkload deleted"),
+        "{}",
+        writer.log_text()
     );
 }

@@ -39,12 +39,23 @@ const RECORD_KEY: &str = "record";
 /// The field manager of every write.
 const MANAGER: &str = "mesh-control";
 
+/// The annotation holding a registration's last recorded heartbeat (unix
+/// seconds).
+pub const HEARTBEAT_ANNOTATION: &str = "workload.mesh.rs/last-heartbeat";
+
 /// Durable state in the API server.
 #[derive(Clone)]
 pub struct KubeStore {
     client: Client,
     /// The control plane's own namespace (tokens and grants live there).
     namespace: String,
+    /// A registration silent this long is dead (`--removal-grace`).
+    grace: Duration,
+    /// When each workload's heartbeat was last written: at most every
+    /// [`KubeStore::stamp_every`].
+    stamped: std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<(String, String), std::time::Instant>>,
+    >,
 }
 
 impl std::fmt::Debug for KubeStore {
@@ -78,11 +89,64 @@ fn run<T>(future: impl std::future::Future<Output = T>) -> T {
 }
 
 impl KubeStore {
-    pub fn new(client: Client, namespace: &str) -> Self {
+    pub fn new(client: Client, namespace: &str, grace: Duration) -> Self {
         Self {
             client,
             namespace: namespace.to_owned(),
+            grace,
+            stamped: Default::default(),
         }
+    }
+
+    /// How often a live workload's heartbeat is written: often enough that
+    /// the writer never takes it for dead.
+    fn stamp_every(&self) -> Duration {
+        (self.grace / 3).min(Duration::from_secs(60))
+    }
+
+    /// Deletes the ExternalWorkloads whose last heartbeat (or, without one,
+    /// creation) is older than the grace period, wherever they were
+    /// registered. Run by the Lease holder. Returns how many.
+    pub async fn collect_dead(&self) -> Result<usize, String> {
+        let api: Api<ExternalWorkload> = Api::all(self.client.clone());
+        let now = k8s_openapi::jiff::Timestamp::now().as_second();
+        let mut deleted = 0;
+        for o in api
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?
+            .items
+        {
+            let stamp = o
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(HEARTBEAT_ANNOTATION))
+                .and_then(|v| v.parse::<i64>().ok())
+                .or_else(|| {
+                    o.metadata
+                        .creation_timestamp
+                        .as_ref()
+                        .map(|t| t.0.as_second())
+                })
+                .unwrap_or(now);
+            if now - stamp <= self.grace.as_secs() as i64 {
+                continue;
+            }
+            let (Some(ns), Some(name)) = (&o.metadata.namespace, &o.metadata.name) else {
+                continue;
+            };
+            let ns_api: Api<ExternalWorkload> = Api::namespaced(self.client.clone(), ns);
+            match ns_api.delete(name, &DeleteParams::default()).await {
+                Ok(_) => {
+                    tracing::info!(workload = %format!("{ns}/{name}"), "ExternalWorkload deleted: no heartbeat for {}s", now - stamp);
+                    deleted += 1;
+                }
+                Err(e) if is_status(&e, 404) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(deleted)
     }
 
     fn secrets(&self) -> Api<Secret> {
@@ -270,8 +334,38 @@ impl Store for KubeStore {
         }
     }
 
+    fn heartbeat(&self, reg: &Registration, now: i64) -> Result<(), StoreError> {
+        let key = (reg.namespace.clone(), reg.name.clone());
+        {
+            let mut stamped = self.stamped.lock().unwrap_or_else(|p| p.into_inner());
+            if stamped
+                .get(&key)
+                .is_some_and(|at| at.elapsed() < self.stamp_every())
+            {
+                return Ok(());
+            }
+            stamped.insert(key, std::time::Instant::now());
+        }
+        let patch = serde_json::json!({ "metadata": { "annotations": { HEARTBEAT_ANNOTATION: now.to_string() } } });
+        let api: Api<ExternalWorkload> = Api::namespaced(self.client.clone(), &reg.namespace);
+        match run(api.patch(&reg.name, &PatchParams::default(), &Patch::Merge(&patch))) {
+            Ok(_) => Ok(()),
+            // Collected meanwhile: the registration is written again whole.
+            Err(e) if is_status(&e, 404) => self.put_registration(reg),
+            Err(e) => Err(api_err(e)),
+        }
+    }
+
+    fn sweep_deletes(&self) -> bool {
+        false
+    }
+
     fn put_registration(&self, reg: &Registration) -> Result<(), StoreError> {
-        let object = external_workload(reg);
+        let mut object = external_workload(reg);
+        object.metadata.annotations.get_or_insert_default().insert(
+            HEARTBEAT_ANNOTATION.to_owned(),
+            k8s_openapi::jiff::Timestamp::now().as_second().to_string(),
+        );
         let api: Api<ExternalWorkload> = Api::namespaced(self.client.clone(), &reg.namespace);
         run(api.patch(
             &reg.name,
