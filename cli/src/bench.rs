@@ -346,12 +346,18 @@ async fn setup(dir: &Path) -> Result<Setup> {
     let app = app().await?;
     let config = dir.join("config");
     std::fs::create_dir_all(&config)?;
+    let service = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": { "name": "app", "namespace": "bench" },
+        "spec": {
+            "selector": { "app": "app" },
+            "ports": [{ "port": app.port(), "appProtocol": "http" }],
+        },
+    });
     std::fs::write(
         config.join("bench.yaml"),
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: app, namespace: bench}}\nspec:\n  selector: {{app: app}}\n  ports: [{{port: {}, appProtocol: http}}]\n",
-            app.port()
-        ),
+        serde_saphyr::to_string(&service)?,
     )?;
     let (identity, api, admin) = (addr(free_port()?), addr(free_port()?), addr(free_port()?));
     let log = |name: &str| -> Result<std::fs::File> {

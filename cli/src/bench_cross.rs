@@ -36,28 +36,48 @@ use crate::bench::{BenchArgs, Proto, certify, latency, median, percentile};
 /// West: a client's proxy and an in-cluster `api`; east and north: an
 /// exported `api` each, linked from west over TCP and over QUIC.
 fn topology() -> String {
+    use serde_json::{Value, json};
     let workload = |name: &str, port: u16| {
-        format!(
-            "      - {{name: {name}, namespace: bench, ports: [{{name: http, port: {port}}}], command: [mesh, demo, serve, --http-port, \"{port}\"]}}\n"
-        )
+        json!({
+            "name": name,
+            "namespace": "bench",
+            "ports": [{ "name": "http", "port": port }],
+            "command": ["mesh", "demo", "serve", "--http-port", port.to_string()],
+        })
     };
-    let cluster = |name: &str, exported: bool, extra: &str| {
-        let labels = if exported {
-            ", labels: {multicluster.mesh.rs/exported: \"true\"}"
-        } else {
-            ""
-        };
-        format!(
-            "  - name: {name}\n    trustDomain: {name}.bench.local\n    workloads:\n{}{extra}    resources: |\n      apiVersion: v1\n      kind: Service\n      metadata: {{name: api, namespace: bench{labels}}}\n      spec: {{selector: {{app: api}}, ports: [{{port: 8080, appProtocol: http}}]}}\n",
-            workload("api", 8080)
-        )
+    let cluster = |name: &str, exported: bool, mut workloads: Vec<Value>| {
+        let mut metadata = json!({ "name": "api", "namespace": "bench" });
+        if exported {
+            metadata["labels"] = json!({ "multicluster.mesh.rs/exported": "true" });
+        }
+        let service = json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": metadata,
+            "spec": { "selector": { "app": "api" }, "ports": [{ "port": 8080, "appProtocol": "http" }] },
+        });
+        workloads.insert(0, workload("api", 8080));
+        json!({
+            "name": name,
+            "trustDomain": format!("{name}.bench.local"),
+            "workloads": workloads,
+            // The control plane's resource YAML, itself serialized.
+            "resources": serde_saphyr::to_string(&service).expect("a JSON value serializes"),
+        })
     };
-    format!(
-        "name: bench-cross\nclusters:\n{}{}{}links:\n  - {{from: west, to: east, transport: tcp}}\n  - {{from: west, to: north, transport: quic}}\n",
-        cluster("west", false, &workload("client", 9000)),
-        cluster("east", true, ""),
-        cluster("north", true, ""),
-    )
+    let topology = json!({
+        "name": "bench-cross",
+        "clusters": [
+            cluster("west", false, vec![workload("client", 9000)]),
+            cluster("east", true, Vec::new()),
+            cluster("north", true, Vec::new()),
+        ],
+        "links": [
+            { "from": "west", "to": "east", "transport": "tcp" },
+            { "from": "west", "to": "north", "transport": "quic" },
+        ],
+    });
+    serde_saphyr::to_string(&topology).expect("a JSON value serializes")
 }
 
 /// The three paths compared.
