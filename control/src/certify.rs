@@ -248,12 +248,8 @@ impl IdentityService {
                 format!("this service-account token is for {bound}, not {requested}"),
             ));
         }
-        let response = self.sign(csr, &requested, ttl)?;
-        let serial = self.serial_record(&response, &requested, "service_account");
-        let store = self.store.clone();
-        blocking(move || store.record_serial(&serial)).await?;
-        self.issued("service_account");
-        Ok(response)
+        self.issue_recorded(csr, &requested, ttl, "service_account")
+            .await
     }
 
     async fn renew(
@@ -280,11 +276,23 @@ impl IdentityService {
                 ),
             ));
         }
-        let response = self.sign(csr, &requested, ttl)?;
-        let serial = self.serial_record(&response, &requested, "renewal");
+        self.issue_recorded(csr, &requested, ttl, "renewal").await
+    }
+
+    /// Signs `id` and records the serial: the end of every path that has
+    /// no token to consume.
+    async fn issue_recorded(
+        &self,
+        csr: &[u8],
+        id: &SpiffeId,
+        ttl: Duration,
+        via: &'static str,
+    ) -> Result<CertifyResponse, Refusal> {
+        let response = self.sign(csr, id, ttl)?;
+        let serial = self.serial_record(&response, id, via);
         let store = self.store.clone();
         blocking(move || store.record_serial(&serial)).await?;
-        self.issued("renewal");
+        self.issued(via);
         Ok(response)
     }
 

@@ -372,19 +372,6 @@ pub fn http_get_via(proxy: std::net::SocketAddr, url: &str) -> (u16, String) {
     (status, body)
 }
 
-/// Whether `GET /ready` on an admin address answers 200.
-pub fn is_ready(admin: std::net::SocketAddr) -> bool {
-    use std::io::Read;
-    let Ok(mut s) = std::net::TcpStream::connect(admin) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = s.write_all(b"GET /ready HTTP/1.0\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200")
-}
-
 impl Kube {
     /// A service-account token for `ns/sa` and `audience` that expired an
     /// hour ago, signed with this cluster's service-account key (the API
@@ -432,18 +419,6 @@ impl Kube {
     }
 }
 
-/// `GET path` of an admin server (HTTP/1.0): the whole response.
-pub fn http_get_admin(admin: std::net::SocketAddr, path: &str) -> String {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect(admin).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-        .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
 /// What a Kubernetes Service gives the pods of a Deployment (no kube-proxy
 /// here): one address in front of the backends. Each new connection goes
 /// to the first backend that accepts it, in the order given, so a test
@@ -474,12 +449,6 @@ pub fn service_vip(backends: Vec<std::net::SocketAddr>) -> std::net::SocketAddr 
         }
     });
     addr
-}
-
-/// The value of a sample line `name value` (no labels) in Prometheus text.
-pub fn metric_value(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// A Pod as injection makes it: the app's container (port `http` 8080)

@@ -61,6 +61,11 @@ pub fn write(secret: &Secret, dir: &Path) -> Result<(), String> {
     }
     for (key, value) in values {
         let path = dir.join(key);
+        // A re-list delivers the same Secret again: leave the files (and
+        // the issuer reload that watches them) alone.
+        if std::fs::read(&path).is_ok_and(|old| &old == value) {
+            continue;
+        }
         let written = if key == files::ISSUER_KEY {
             files::write_private(&path, value)
         } else {

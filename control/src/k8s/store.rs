@@ -26,6 +26,8 @@ use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 
+use mesh_core::identity::cert::hex;
+
 use crate::{
     index::Registration,
     resources::types::{ExternalWorkload, ExternalWorkloadPort, ExternalWorkloadSpec},
@@ -72,10 +74,6 @@ fn api_err(e: kube::Error) -> StoreError {
 
 fn is_status(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn sha256_hex(text: &str) -> String {

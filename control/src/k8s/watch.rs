@@ -286,7 +286,8 @@ impl Cluster {
             .collect()
     }
 
-    /// Applies changes to `shared` as they come, until the task is aborted.
+    /// Applies changes to `shared` as they come (after the first
+    /// [`Cluster::apply`]), until the task is aborted.
     pub async fn follow(
         self,
         shared: Arc<Shared>,
@@ -294,10 +295,11 @@ impl Cluster {
         metrics: Metrics,
         on_resources: impl Fn(&mut Index) + Send + 'static,
     ) {
+        // Start applied the first lists; from here, each change.
         loop {
-            self.apply(&shared, &td, &metrics, &on_resources);
             self.changed.notified().await;
             tokio::time::sleep(BATCH).await;
+            self.apply(&shared, &td, &metrics, &on_resources);
         }
     }
 

@@ -225,7 +225,8 @@ fn strip_leading_zeros(b: &[u8]) -> &[u8] {
     &b[start..]
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
