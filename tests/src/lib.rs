@@ -32,8 +32,11 @@ pub fn mesh_exe() -> PathBuf {
             .parent()
             .and_then(Path::parent)
             .expect("tests run from target/<profile>/deps");
+        // `--workspace --tests` resolves features as `cargo test
+        // --workspace` does, so the binary reuses the test build's
+        // dependencies instead of compiling a second copy of them.
         let mut cargo = std::process::Command::new(env!("CARGO"));
-        cargo.args(["build", "-p", "mesh-cli", "--bin", "mesh"]);
+        cargo.args(["build", "--workspace", "--tests", "--bin", "mesh"]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cargo.arg("--release");
         }
