@@ -25,8 +25,14 @@ pub(crate) struct InstallArgs {
     /// replica per node.
     #[arg(long, conflicts_with = "crds")]
     ha: bool,
+    /// The CNI plugin (`mesh install-cni`) sets up interception: injected
+    /// pods get no privileged `mesh-init` container.
+    #[arg(long, conflicts_with = "crds")]
+    cni_enabled: bool,
     /// A setting, KEY=VALUE (repeatable): cluster, trustDomain, image,
-    /// imagePullPolicy, replicas, logLevel, resources.{requests,limits}.{cpu,memory}.
+    /// imagePullPolicy, replicas, logLevel, resources.{requests,limits}.{cpu,memory},
+    /// cniEnabled, webhookFailurePolicy, proxy.{image,logLevel,cpuRequest,
+    /// cpuLimit,memoryRequest,memoryLimit,uid,await,nativeSidecar,shutdownGrace}.
     #[arg(long = "set", value_name = "KEY=VALUE", conflicts_with = "crds")]
     sets: Vec<String>,
     /// A YAML file of settings (repeatable; later files and --set win).
@@ -46,6 +52,9 @@ pub(crate) fn install(args: InstallArgs, out: &mut impl Write) -> Result<ExitCod
         files_read.push((path.display().to_string(), text));
     }
     let mut sets = args.sets.clone();
+    if args.cni_enabled {
+        sets.insert(0, "cniEnabled=true".into());
+    }
     let issuer = match &args.ca {
         Some(dir) => {
             let ca = files::load_ca(dir)?;

@@ -9,6 +9,7 @@ mod bench;
 mod bench_cross;
 mod check;
 mod identity;
+mod inject;
 mod install;
 mod multicluster;
 
@@ -40,6 +41,11 @@ enum Command {
     Install(Box<install::InstallArgs>),
     /// Print everything `mesh install` created, for `kubectl delete -f -`.
     Uninstall,
+    /// Mesh workloads in manifests: add `mesh.rs/inject: enabled` to pod
+    /// templates and namespaces (or, with --manual, the whole injected spec).
+    Inject(inject::InjectArgs),
+    /// Undo `mesh inject` (with or without --manual) in manifests.
+    Uninject(inject::UninjectArgs),
     /// Check a cluster before (`--pre`) and after `mesh install`: API
     /// server, CRDs, control plane, issuer, webhook. Non-zero exit on failure.
     Check(check::CheckArgs),
@@ -90,6 +96,14 @@ fn main() -> ExitCode {
         Command::Check(args) => {
             mesh_core::telemetry::init("warn");
             report(check::run(args, &mut std::io::stdout().lock()))
+        }
+        Command::Inject(args) => {
+            mesh_core::telemetry::init("warn");
+            report(inject::inject(args, &mut std::io::stdout().lock()))
+        }
+        Command::Uninject(args) => {
+            mesh_core::telemetry::init("warn");
+            report(inject::uninject(args, &mut std::io::stdout().lock()))
         }
         Command::Uninstall => {
             mesh_core::telemetry::init("warn");

@@ -99,6 +99,14 @@ pub struct RunArgs {
     /// [default: the host name and process id].
     #[arg(long, env = "MESH_CONTROL_POD_NAME")]
     pod_name: Option<String>,
+    /// With `--store kube`: serve the sidecar injection webhook (HTTPS,
+    /// `POST /inject`) here; `mesh install` sets 0.0.0.0:8443.
+    #[arg(long, env = "MESH_CONTROL_WEBHOOK_ADDR")]
+    webhook_addr: Option<SocketAddr>,
+    /// Lifetime of the webhook's serving certificate, issued by this
+    /// control plane and renewed at half life without a restart.
+    #[arg(long, env = "MESH_CONTROL_WEBHOOK_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    webhook_cert_ttl: Duration,
     /// Where resources and workloads come from: `local` (a watched
     /// directory of YAML, registrations in an embedded database) or `kube`
     /// (the API server: Services, EndpointSlices, Pods and Mesh CRDs).
@@ -206,6 +214,12 @@ impl RunArgs {
         if !kube && ca_secret.is_some() {
             store_errors.push("--ca-secret is for --store kube".into());
         }
+        if !kube && self.webhook_addr.is_some() {
+            store_errors.push("--webhook-addr is for --store kube".into());
+        }
+        if self.webhook_cert_ttl < Duration::from_secs(10) {
+            store_errors.push("--webhook-cert-ttl must be at least 10s".into());
+        }
         errors.extend(store_errors);
         let cluster = self.cluster.unwrap_or_default();
         if let Err(e) = crate::resources::parse::check_name("--cluster", &cluster) {
@@ -256,6 +270,8 @@ impl RunArgs {
             kube: kube.then_some(crate::config::KubeSettings {
                 kubeconfig: self.kubeconfig,
                 ca_secret,
+                webhook_addr: self.webhook_addr,
+                webhook_cert_ttl: self.webhook_cert_ttl,
                 replica: self.pod_name.unwrap_or_else(|| {
                     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
                         .map(|h| h.trim().to_owned())

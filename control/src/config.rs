@@ -54,6 +54,10 @@ pub struct KubeSettings {
     pub ca_secret: Option<(String, String)>,
     /// This replica's name in the writer Lease (the Pod name).
     pub replica: String,
+    /// Where the injection webhook listens (HTTPS), if it runs.
+    pub webhook_addr: Option<std::net::SocketAddr>,
+    /// The webhook serving certificate's lifetime (renewed at half).
+    pub webhook_cert_ttl: Duration,
 }
 
 /// The identity the control plane serves as.

@@ -18,6 +18,7 @@ pub mod certify;
 pub mod cli;
 pub mod config;
 pub mod index;
+pub mod inject;
 pub mod k8s;
 pub mod metrics;
 pub mod plane;

@@ -61,6 +61,15 @@ pub struct Metrics {
     /// 1 while this replica holds the writer Lease (`kube` store); 1 on the
     /// `local` store, where there is one replica.
     pub leader: Gauge,
+    /// Admission requests of the injection webhook, by result
+    /// (`injected`, `skipped`, `refused`) and reason.
+    pub injections: Family<InjectionLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InjectionLabels {
+    pub result: String,
+    pub reason: String,
 }
 
 impl Metrics {
@@ -121,6 +130,12 @@ impl Metrics {
                 "issuer_reloads",
                 "Issuer reloaded from disk",
                 Counter::default(),
+            ),
+            injections: registered(
+                r,
+                "injections",
+                "Pods seen by the injection webhook, by result and reason",
+                Family::default(),
             ),
             leader: registered(
                 r,

@@ -166,6 +166,7 @@ impl ControlPlane {
         index.restore(restored, Instant::now());
         let mut reviewer = None;
         let mut candidate_slot = None;
+        let mut leader_slot = None;
         let source = match &client {
             None => {
                 let mut config_dir = ConfigDir::new(&config.config_dir);
@@ -208,6 +209,7 @@ impl ControlPlane {
                     &replica,
                 );
                 let (leader_tx, leader_rx) = watch::channel(false);
+                leader_slot = Some(leader_rx.clone());
                 tasks.spawn(candidate.clone().run(leader_tx));
                 tasks.spawn(show_leader(leader_rx.clone(), metrics.clone()));
                 tasks.spawn(
@@ -249,6 +251,10 @@ impl ControlPlane {
         let identity_listener = bind("identity", config.identity_addr).await?;
         let api_listener = bind("API", config.api_addr).await?;
         let admin_listener = admin::bind(config.admin_addr).await?;
+        let webhook_listener = match config.kube.as_ref().and_then(|k| k.webhook_addr) {
+            Some(addr) => Some(bind("webhook", addr).await?),
+            None => None,
+        };
         let socket_listener = admin_socket::bind(&config.admin_socket)?;
         let identity_addr = local(&identity_listener, "identity", config.identity_addr)?;
         let api_addr = local(&api_listener, "API", config.api_addr)?;
@@ -369,6 +375,26 @@ impl ControlPlane {
                     td.clone(),
                     metrics.clone(),
                     move |index: &mut Index| trust_links(index, &local_bundle, &bundles),
+                ));
+            }
+        }
+        if let (Some(client), Some(kube)) = (&client, &config.kube) {
+            if let Some(listener) = webhook_listener {
+                crate::inject::webhook::serve(
+                    listener,
+                    client.clone(),
+                    ca_slot.clone(),
+                    kube.webhook_cert_ttl,
+                    metrics.clone(),
+                    &mut tasks,
+                )
+                .map_err(StartError::Kube)?;
+            }
+            if let Some(leader) = leader_slot {
+                tasks.spawn(crate::inject::sync::keep_in_step(
+                    client.clone(),
+                    config.ca_dir.clone(),
+                    leader,
                 ));
             }
         }

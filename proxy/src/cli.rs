@@ -23,6 +23,19 @@ pub struct ProxyArgs {
 pub enum ProxyCommand {
     /// Print the iptables rules that redirect the workload's TCP to the proxy (or apply them).
     Init(InitArgs),
+    /// Ask the proxy's admin endpoint whether it is ready or live (exit 0
+    /// if so): what the injected pod's probes run.
+    Probe(ProbeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// `ready` (has its identity and serves) or `live` (the process answers).
+    #[arg(value_parser = ["ready", "live"])]
+    what: String,
+    /// Keep asking until it passes or this long has passed (e.g. 120s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    wait: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -57,8 +70,12 @@ pub struct InitArgs {
 
 /// Runs `mesh proxy ...`; `vars` is the environment.
 pub fn main(args: ProxyArgs, vars: HashMap<String, String>) -> ExitCode {
-    let Some(ProxyCommand::Init(init)) = args.command else {
-        return run(vars);
+    let init = match args.command {
+        None => return run(vars),
+        Some(ProxyCommand::Probe(probe)) => {
+            return crate::probe::main(&probe.what, probe.wait, &vars);
+        }
+        Some(ProxyCommand::Init(init)) => init,
     };
     let rules = Rules {
         inbound_port: init.inbound_port,

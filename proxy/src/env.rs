@@ -78,7 +78,7 @@ impl SystemComponent {
             control_identity_addr: self.control_identity_addr,
             control_api_addr: self.control_api_addr,
             control_identity,
-            trust_anchors: self.trust_anchors,
+            trust_anchors: TrustAnchors::File(self.trust_anchors),
             bootstrap: self.bootstrap,
             inbound_addr: self.listen,
             outbound_addr: SocketAddr::new(ip, 0),
@@ -89,6 +89,7 @@ impl SystemComponent {
             labels: BTreeMap::new(),
             inbound_fail_fast: Duration::from_secs(1),
             detect_timeout: Duration::from_secs(10),
+            opaque_ports: Vec::new(),
             connect_timeout: CONNECT_TIMEOUT,
             header_read_timeout: Duration::from_secs(10),
             max_in_flight: 100_000,
@@ -146,8 +147,8 @@ pub struct Config {
     pub control_api_addr: String,
     /// The SPIFFE ID the control plane must present.
     pub control_identity: SpiffeId,
-    /// Trust bundle of this trust domain (SPIFFE JSON or PEM file).
-    pub trust_anchors: PathBuf,
+    /// Trust bundle of this trust domain (SPIFFE JSON or PEM).
+    pub trust_anchors: TrustAnchors,
     pub bootstrap: Bootstrap,
     /// Meshed traffic from other proxies (mTLS).
     pub inbound_addr: SocketAddr,
@@ -167,6 +168,9 @@ pub struct Config {
     /// How long the outbound side waits for the app's first bytes before
     /// treating the connection as opaque TCP.
     pub detect_timeout: Duration,
+    /// Destination ports whose traffic is opaque TCP without detection
+    /// (server-speaks-first protocols: no wait for the detect timeout).
+    pub opaque_ports: Vec<u16>,
     /// How long reaching a peer may take: TCP connect and TLS handshake to
     /// an endpoint's proxy or a gateway, and a tunnel stream's setup with
     /// its inner handshake (each on its own).
@@ -185,6 +189,35 @@ pub struct Config {
 }
 
 const PREFIX: &str = "MESH_PROXY_";
+/// A bundle given inline (`MESH_PROXY_TRUST_ANCHORS_BUNDLE`) is at most this
+/// large.
+const MAX_INLINE_BUNDLE: usize = 64 * 1024;
+
+/// Where the trust domain's bundle comes from: a file, or the bundle
+/// itself (how injected pods get it, in their spec).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TrustAnchors {
+    File(PathBuf),
+    Inline(String),
+}
+
+impl TrustAnchors {
+    pub fn load(
+        &self,
+        td: TrustDomain,
+    ) -> Result<mesh_core::identity::TrustBundle, mesh_core::identity::files::FileError> {
+        match self {
+            Self::File(path) => mesh_core::identity::files::load_bundle(path, td),
+            Self::Inline(text) => mesh_core::identity::TrustBundle::from_any(td, text.as_bytes())
+                .map_err(|e| {
+                    mesh_core::identity::files::FileError::invalid(
+                        std::path::Path::new("MESH_PROXY_TRUST_ANCHORS_BUNDLE"),
+                        e.to_string(),
+                    )
+                }),
+        }
+    }
+}
 
 /// How long reaching a peer may take by default (`MESH_PROXY_CONNECT_TIMEOUT`):
 /// TCP connect and TLS handshake to an endpoint's proxy or a gateway, or a
@@ -213,7 +246,29 @@ pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
     let control_identity_addr =
         required("CONTROL_IDENTITY_ADDR", "control plane identity host:port");
     let control_api_addr = required("CONTROL_API_ADDR", "control plane API host:port");
-    let trust_anchors = PathBuf::from(required("TRUST_ANCHORS", "the trust domain's bundle file"));
+    let trust_anchors = match (get("TRUST_ANCHORS"), get("TRUST_ANCHORS_BUNDLE")) {
+        (Some(file), None) => Some(TrustAnchors::File(PathBuf::from(file))),
+        (None, Some(text)) if text.len() <= MAX_INLINE_BUNDLE => Some(TrustAnchors::Inline(text)),
+        (None, Some(text)) => {
+            errors.push(format!(
+                "{PREFIX}TRUST_ANCHORS_BUNDLE is {} bytes; at most {MAX_INLINE_BUNDLE}",
+                text.len()
+            ));
+            None
+        }
+        (Some(_), Some(_)) => {
+            errors.push(format!(
+                "{PREFIX}TRUST_ANCHORS (a file) and {PREFIX}TRUST_ANCHORS_BUNDLE (the bundle itself) are exclusive; give one"
+            ));
+            None
+        }
+        (None, None) => {
+            errors.push(format!(
+                "{PREFIX}TRUST_ANCHORS (the trust domain's bundle file) or {PREFIX}TRUST_ANCHORS_BUNDLE is required"
+            ));
+            None
+        }
+    };
 
     let trust_domain = TrustDomain::parse(&td_text);
     let identity = trust_domain
@@ -385,6 +440,19 @@ pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
         })
         .unwrap_or(Ok(Duration::from_secs(10)))
         .ok();
+    let opaque_ports = get("OPAQUE_PORTS")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse::<u16>().ok().filter(|p| *p > 0))
+        .collect::<Option<Vec<u16>>>()
+        .unwrap_or_else(|| {
+            errors.push(format!(
+                "{PREFIX}OPAQUE_PORTS: write ports 1-65535, comma separated"
+            ));
+            Vec::new()
+        });
     let built = (|| {
         Some(Config {
             cluster,
@@ -396,7 +464,7 @@ pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
             control_identity_addr,
             control_api_addr,
             control_identity: control_identity?,
-            trust_anchors,
+            trust_anchors: trust_anchors?,
             bootstrap: bootstrap?,
             inbound_addr: inbound_addr?,
             outbound_addr: outbound_addr?,
@@ -407,6 +475,7 @@ pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
             labels,
             inbound_fail_fast: inbound_fail_fast?,
             detect_timeout: detect_timeout?,
+            opaque_ports,
             connect_timeout: connect_timeout?,
             header_read_timeout: header_read_timeout?,
             max_in_flight: max_in_flight?,

@@ -19,11 +19,12 @@ pub mod inbound;
 pub mod init;
 pub mod metrics;
 pub mod outbound;
+pub mod probe;
 pub mod proxy;
 pub mod register;
 pub mod trust;
 pub mod upgrade;
 pub mod wire;
 
-pub use env::Config;
+pub use env::{Config, TrustAnchors};
 pub use proxy::{Proxy, StartError};

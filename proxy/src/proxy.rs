@@ -8,9 +8,7 @@ use mesh_core::{
     api::v1::{policy_client::PolicyClient, registry_client::RegistryClient},
     grpc,
     identity::{
-        BundleStore, CredentialStore, ExpectedIdentity, TrustBundleSet,
-        files::{self, FileError},
-        tls,
+        BundleStore, CredentialStore, ExpectedIdentity, TrustBundleSet, files::FileError, tls,
     },
 };
 use tokio::{net::TcpListener, task::JoinSet};
@@ -85,7 +83,7 @@ pub async fn join(
     tap: Option<admin::Tap>,
     tasks: &mut JoinSet<()>,
 ) -> Result<Joined, StartError> {
-    let bundle = files::load_bundle(&config.trust_anchors, config.trust_domain.clone())?;
+    let bundle = config.trust_anchors.load(config.trust_domain.clone())?;
     let bundles = BundleStore::new([bundle.clone()].into_iter().collect::<TrustBundleSet>());
     let readiness = Readiness::new("waiting for an identity from the control plane");
     let admin_listener = admin::bind(config.admin_addr).await?;
@@ -214,6 +212,7 @@ impl Proxy {
             outbound_listener,
             outbound,
             config.detect_timeout,
+            config.opaque_ports.clone().into(),
         ));
 
         tasks.spawn(register::keep_registered(

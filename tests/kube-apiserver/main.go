@@ -146,6 +146,9 @@ func up(dir string) {
 		"--service-account-key-file=" + saPub,
 		"--service-account-signing-key-file=" + saKey,
 		"--enable-admission-plugins=MutatingAdmissionWebhook,ValidatingAdmissionWebhook",
+		// No kube-proxy here to route ClusterIPs: webhooks are called at
+		// their Service's endpoint (the pod IP), as aggregated APIs are.
+		"--enable-aggregator-routing=true",
 		"--service-cluster-ip-range=10.96.0.0/16",
 		"--profiling=false",
 		"--v=0",

@@ -11,6 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::mesh_exe;
+
 /// The one Node of a test cluster.
 pub const NODE: &str = "node-0";
 
@@ -489,5 +491,181 @@ pub fn get_until(
             return (status, body);
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `mesh ARGS`, which must succeed; its stdout.
+pub fn mesh(args: &[&str]) -> String {
+    let out = Command::new(mesh_exe())
+        .args(args)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mesh {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `mesh control --store kube` as a process, killed on drop.
+#[derive(Debug)]
+pub struct Control {
+    pub child: std::process::Child,
+    pub api: std::net::SocketAddr,
+    pub identity: std::net::SocketAddr,
+    pub admin: std::net::SocketAddr,
+    pub log: std::path::PathBuf,
+    pub data: tempfile::TempDir,
+}
+
+impl Control {
+    /// Runs it as the Deployment does: issuer from the Secret `mesh install`
+    /// made.
+    pub fn start(kubeconfig: &std::path::Path, cluster: &str) -> Self {
+        Self::start_with(kubeconfig, cluster, &[])
+    }
+
+    /// The same, with more flags.
+    pub fn start_with(kubeconfig: &std::path::Path, cluster: &str, extra: &[&str]) -> Self {
+        use free_port;
+        let data = tempfile::tempdir().unwrap();
+        let log = data.path().join("control.log");
+        let api: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let identity: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let child = Command::new(mesh_exe())
+            .args(["control", "--store", "kube", "--cluster", cluster])
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(["--ca-secret", "mesh-system/mesh-issuer"])
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(["--identity-addr", &identity.to_string()])
+            .args(["--api-addr", &api.to_string()])
+            .args(["--admin-addr", &admin.to_string()])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut control = Self {
+            child,
+            api,
+            identity,
+            admin,
+            log,
+            data,
+        };
+        control.wait_ready();
+        control
+    }
+
+    pub fn wait_ready(&mut self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the control plane exited ({status}):\n{}", self.log_text());
+            }
+            if crate::get(self.admin, "/ready").0 == 200 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the control plane was not ready in 60 s:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A cluster with Mesh installed as a user would: CRDs, `mesh install`
+/// applied for real, and the control plane running as a process with a
+/// token of the `mesh-control` ServiceAccount.
+#[derive(Debug)]
+pub struct Installed {
+    pub _ca: tempfile::TempDir,
+    pub ca_dir: std::path::PathBuf,
+    pub kubeconfig: std::path::PathBuf,
+    pub control: Control,
+}
+
+pub fn install(kube: &Kube, td: &str, cluster: &str) -> Installed {
+    install_with(kube, td, cluster, &[], &[])
+}
+
+/// [`install`] with more `mesh install` arguments and control-plane flags.
+pub fn install_with(
+    kube: &Kube,
+    td: &str,
+    cluster: &str,
+    install_args: &[&str],
+    control_flags: &[&str],
+) -> Installed {
+    kube.apply(&mesh(&["install", "--crds"]));
+    kube.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd",
+        "--all",
+        "--timeout=60s",
+    ]);
+    let ca = tempfile::tempdir().unwrap();
+    let ca_dir = ca.path().join("ca");
+    mesh(&[
+        "identity",
+        "ca",
+        "create",
+        "--trust-domain",
+        td,
+        "--out",
+        ca_dir.to_str().unwrap(),
+    ]);
+    let set = format!("cluster={cluster}");
+    let mut args = vec!["install", "--ca", ca_dir.to_str().unwrap(), "--set", &set];
+    args.extend(install_args);
+    kube.apply(&mesh(&args));
+    let token = kube.token("mesh-system", "mesh-control", None, "1h");
+    let kubeconfig = kube.kubeconfig_for_token("mesh-control", &token);
+    let control = Control::start_with(&kubeconfig, cluster, control_flags);
+    Installed {
+        _ca: ca,
+        ca_dir,
+        kubeconfig,
+        control,
+    }
+}
+
+/// Where a proxy finds its control plane: identity and API addresses.
+#[derive(Clone, Copy, Debug)]
+pub struct ControlAddrs {
+    pub identity: std::net::SocketAddr,
+    pub api: std::net::SocketAddr,
+}
+
+impl Control {
+    pub fn addrs(&self) -> ControlAddrs {
+        ControlAddrs {
+            identity: self.identity,
+            api: self.api,
+        }
     }
 }

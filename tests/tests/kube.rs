@@ -3,27 +3,10 @@
 
 use std::process::{Command, Stdio};
 
-use mesh_tests::{kube::Kube, mesh_exe};
-
-/// `mesh ARGS`, which must succeed; its stdout.
-fn mesh(args: &[&str]) -> String {
-    let out = Command::new(mesh_exe())
-        .args(args)
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mesh {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use mesh_tests::{
+    kube::{Control, ControlAddrs, Kube, install, mesh, stderr},
+    mesh_exe,
+};
 
 /// The CRDs apply; the API server's structural schema then refuses a bad
 /// AuthorizationPolicy naming the field, and accepts a good one; the
@@ -134,88 +117,6 @@ fn crds_and_the_control_plane_apply_to_a_real_api_server() {
     ]);
     let left = kube.kubectl_ok(&["get", "crd", "-o", "name"]);
     assert!(!left.contains("mesh.rs"), "{left}");
-}
-
-/// `mesh control --store kube` as a process, killed on drop.
-struct Control {
-    child: std::process::Child,
-    api: std::net::SocketAddr,
-    identity: std::net::SocketAddr,
-    admin: std::net::SocketAddr,
-    log: std::path::PathBuf,
-    data: tempfile::TempDir,
-}
-
-impl Control {
-    /// Runs it as the Deployment does: issuer from the Secret `mesh install`
-    /// made.
-    fn start(kubeconfig: &std::path::Path, cluster: &str) -> Self {
-        Self::start_with(kubeconfig, cluster, &[])
-    }
-
-    /// The same, with more flags.
-    fn start_with(kubeconfig: &std::path::Path, cluster: &str, extra: &[&str]) -> Self {
-        use mesh_tests::kube::free_port;
-        let data = tempfile::tempdir().unwrap();
-        let log = data.path().join("control.log");
-        let api: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let identity: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let child = Command::new(mesh_exe())
-            .args(["control", "--store", "kube", "--cluster", cluster])
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .args(["--ca-secret", "mesh-system/mesh-issuer"])
-            .arg("--data-dir")
-            .arg(data.path())
-            .args(["--identity-addr", &identity.to_string()])
-            .args(["--api-addr", &api.to_string()])
-            .args(["--admin-addr", &admin.to_string()])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut control = Self {
-            child,
-            api,
-            identity,
-            admin,
-            log,
-            data,
-        };
-        control.wait_ready();
-        control
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("the control plane exited ({status}):\n{}", self.log_text());
-            }
-            if mesh_tests::get(self.admin, "/ready").0 == 200 {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the control plane was not ready in 60 s:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Control {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A Discovery client presenting an SVID for `id`, signed with the CA in
@@ -409,55 +310,6 @@ spec:
     drop(control);
 }
 
-/// A cluster with Mesh installed as a user would: CRDs, `mesh install`
-/// applied for real, and the control plane running as a process with a
-/// token of the `mesh-control` ServiceAccount.
-struct Installed {
-    _ca: tempfile::TempDir,
-    ca_dir: std::path::PathBuf,
-    kubeconfig: std::path::PathBuf,
-    control: Control,
-}
-
-fn install(kube: &Kube, td: &str, cluster: &str) -> Installed {
-    kube.apply(&mesh(&["install", "--crds"]));
-    kube.kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "crd",
-        "--all",
-        "--timeout=60s",
-    ]);
-    let ca = tempfile::tempdir().unwrap();
-    let ca_dir = ca.path().join("ca");
-    mesh(&[
-        "identity",
-        "ca",
-        "create",
-        "--trust-domain",
-        td,
-        "--out",
-        ca_dir.to_str().unwrap(),
-    ]);
-    let set = format!("cluster={cluster}");
-    kube.apply(&mesh(&[
-        "install",
-        "--ca",
-        ca_dir.to_str().unwrap(),
-        "--set",
-        &set,
-    ]));
-    let token = kube.token("mesh-system", "mesh-control", None, "1h");
-    let kubeconfig = kube.kubeconfig_for_token("mesh-control", &token);
-    let control = Control::start(&kubeconfig, cluster);
-    Installed {
-        _ca: ca,
-        ca_dir,
-        kubeconfig,
-        control,
-    }
-}
-
 /// A meshed workload as the kubelet would run it: its app (`mesh demo
 /// serve`) and its proxy (`mesh proxy`, bootstrapped with the projected
 /// service-account token `kubectl create token` makes), at its pod IP.
@@ -473,22 +325,6 @@ impl Drop for PodProcesses {
         for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
-        }
-    }
-}
-
-/// Where a proxy finds its control plane: identity and API addresses.
-#[derive(Clone, Copy)]
-struct ControlAddrs {
-    identity: std::net::SocketAddr,
-    api: std::net::SocketAddr,
-}
-
-impl Control {
-    fn addrs(&self) -> ControlAddrs {
-        ControlAddrs {
-            identity: self.identity,
-            api: self.api,
         }
     }
 }

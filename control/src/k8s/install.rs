@@ -11,6 +11,7 @@ use super::{
     crds::PART_OF,
     manifest::{self, ManifestError},
 };
+use crate::inject::{InjectConfig, ProxyValues, annotations};
 
 /// The namespace everything of the control plane lives in.
 pub const NAMESPACE: &str = "mesh-system";
@@ -26,6 +27,10 @@ pub const SERVICE_MIRROR: &str = "service-mirror";
 pub const CONFIG: &str = "mesh-config";
 /// The Lease the writer among the replicas holds.
 pub const LEASE: &str = "mesh-control";
+/// The MutatingWebhookConfiguration of sidecar injection.
+pub const WEBHOOK: &str = "mesh-proxy-injector";
+/// The webhook's port in the control plane's pods.
+pub const WEBHOOK_PORT: u16 = 8443;
 
 /// Settings an operator changes. Every field has a default; unknown keys are
 /// refused naming the key.
@@ -42,6 +47,14 @@ pub struct Values {
     /// `error`, `warn`, `info`, `debug` or `trace`.
     pub log_level: String,
     pub resources: Resources,
+    /// What injection gives each meshed pod (`--set proxy.logLevel=debug`).
+    pub proxy: ProxyValues,
+    /// The CNI plugin (`mesh install-cni`) sets up interception, so
+    /// injection adds no privileged `mesh-init` container.
+    pub cni_enabled: bool,
+    /// `Fail` (a pod that should be meshed never starts without its
+    /// proxy) or `Ignore`.
+    pub webhook_failure_policy: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -80,6 +93,9 @@ impl Default for Values {
                     memory: "512Mi".into(),
                 },
             },
+            proxy: ProxyValues::default(),
+            cni_enabled: false,
+            webhook_failure_policy: "Fail".into(),
         }
     }
 }
@@ -128,15 +144,20 @@ impl Values {
                 };
                 at = object.entry(part.to_owned()).or_insert(Value::Null);
             }
-            // Numbers stay numbers (replicas=3); everything else is a string.
-            *at = value
-                .parse::<u64>()
-                .map(Value::from)
-                .unwrap_or_else(|_| Value::from(value));
+            // Numbers and booleans keep their type (replicas=3,
+            // cniEnabled=true); everything else is a string.
+            *at = match value {
+                "true" => Value::from(true),
+                "false" => Value::from(false),
+                _ => value
+                    .parse::<u64>()
+                    .map(Value::from)
+                    .unwrap_or_else(|_| Value::from(value)),
+            };
         }
         let values: Self = serde_json::from_value(tree).map_err(|e| {
             ValuesError::Invalid(format!(
-                "{e}; known settings: cluster, trustDomain, image, imagePullPolicy, replicas, logLevel, resources.requests.cpu, resources.requests.memory, resources.limits.cpu, resources.limits.memory"
+                "{e}; known settings: cluster, trustDomain, image, imagePullPolicy, replicas, logLevel, resources.requests.cpu, resources.requests.memory, resources.limits.cpu, resources.limits.memory, cniEnabled, webhookFailurePolicy, proxy.image, proxy.logLevel, proxy.cpuRequest, proxy.cpuLimit, proxy.memoryRequest, proxy.memoryLimit, proxy.uid, proxy.await, proxy.nativeSidecar, proxy.shutdownGrace"
             ))
         })?;
         values.check()?;
@@ -165,6 +186,43 @@ impl Values {
                 "imagePullPolicy {:?}: use Always, IfNotPresent or Never",
                 self.image_pull_policy
             )));
+        }
+        if !["Fail", "Ignore"].contains(&self.webhook_failure_policy.as_str()) {
+            return Err(ValuesError::Invalid(format!(
+                "webhookFailurePolicy {:?}: use Fail or Ignore",
+                self.webhook_failure_policy
+            )));
+        }
+        // The proxy settings are checked as their annotations are.
+        let p = &self.proxy;
+        let mut annotations = BTreeMap::new();
+        for (key, value) in [
+            ("proxy-log-level", &p.log_level),
+            ("shutdown-grace", &p.shutdown_grace),
+        ]
+        .into_iter()
+        .chain(
+            [
+                ("proxy-cpu-request", &p.cpu_request),
+                ("proxy-cpu-limit", &p.cpu_limit),
+                ("proxy-memory-request", &p.memory_request),
+                ("proxy-memory-limit", &p.memory_limit),
+                ("proxy-image", &p.image),
+            ]
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty()),
+        ) {
+            annotations.insert(
+                format!("{}{key}", annotations::CONFIG_PREFIX),
+                value.clone(),
+            );
+        }
+        if let Err(errors) = annotations::overrides(p, Some(&annotations)) {
+            return Err(ValuesError::Invalid(
+                errors
+                    .join("; ")
+                    .replace("annotation config.mesh.rs/", "proxy setting "),
+            ));
         }
         if self.image.is_empty() || self.image.chars().any(char::is_whitespace) {
             return Err(ValuesError::Invalid(format!(
@@ -241,6 +299,8 @@ fn cluster_rules() -> Value {
         { "apiGroups": ["workload.mesh.rs"], "resources": ["externalworkloads"], "verbs": write },
         { "apiGroups": ["workload.mesh.rs"], "resources": ["externalworkloads/status"], "verbs": status },
         { "apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"] },
+        // Keeps the injection webhook's caBundle at the current root.
+        { "apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"], "resourceNames": [WEBHOOK], "verbs": ["get", "patch"] },
         // The audit trail of issued SVIDs.
         { "apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"] },
     ])
@@ -252,6 +312,8 @@ fn namespace_rules() -> Value {
     json!([
         { "apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"] },
         { "apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "list", "watch", "create", "update", "patch"] },
+        // mesh-config: what injection renders, and the trust bundle.
+        { "apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "patch"] },
     ])
 }
 
@@ -315,11 +377,7 @@ pub fn objects(values: &Values, issuer: Option<&IssuerFiles>) -> Vec<Value> {
         json!({
             "apiVersion": "v1", "kind": "ConfigMap",
             "metadata": metadata(CONFIG, CONTROL, true),
-            "data": {
-                "version": env!("CARGO_PKG_VERSION"),
-                "cluster": values.cluster,
-                "trustDomain": values.trust_domain,
-            },
+            "data": config_data(values, issuer),
         }),
     ];
     if let Some(issuer) = issuer {
@@ -353,6 +411,7 @@ pub fn objects(values: &Values, issuer: Option<&IssuerFiles>) -> Vec<Value> {
                 "--data-dir", "/var/run/mesh",
                 "--identity-addr", "0.0.0.0:8080",
                 "--api-addr", "0.0.0.0:8086",
+                "--webhook-addr", format!("0.0.0.0:{WEBHOOK_PORT}"),
             ],
             "env": [
                 { "name": "RUST_LOG", "value": values.log_level },
@@ -361,6 +420,7 @@ pub fn objects(values: &Values, issuer: Option<&IssuerFiles>) -> Vec<Value> {
             "ports": [
                 { "name": "identity", "containerPort": 8080, "protocol": "TCP" },
                 { "name": "api", "containerPort": 8086, "protocol": "TCP" },
+                { "name": "webhook", "containerPort": WEBHOOK_PORT, "protocol": "TCP" },
             ],
             "readinessProbe": { "tcpSocket": { "port": "api" }, "periodSeconds": 2, "failureThreshold": 2 },
             "livenessProbe": { "tcpSocket": { "port": "identity" }, "periodSeconds": 10, "failureThreshold": 3 },
@@ -409,6 +469,7 @@ pub fn objects(values: &Values, issuer: Option<&IssuerFiles>) -> Vec<Value> {
             "ports": [
                 { "name": "identity", "port": 8080, "targetPort": "identity", "protocol": "TCP" },
                 { "name": "api", "port": 8086, "targetPort": "api", "protocol": "TCP" },
+                { "name": "webhook", "port": 443, "targetPort": "webhook", "protocol": "TCP" },
             ],
         },
     }));
@@ -419,7 +480,94 @@ pub fn objects(values: &Values, issuer: Option<&IssuerFiles>) -> Vec<Value> {
             "spec": { "maxUnavailable": 1, "selector": { "matchLabels": selector } },
         }));
     }
+    // Last: it sends pods to the Service above.
+    docs.push(webhook_configuration(values, issuer));
     docs
+}
+
+/// What injection renders from, as `mesh-config` holds it.
+pub fn inject_config(values: &Values) -> InjectConfig {
+    let control = format!("{CONTROL}.{NAMESPACE}.svc");
+    InjectConfig {
+        version: env!("CARGO_PKG_VERSION").into(),
+        cluster: values.cluster.clone(),
+        trust_domain: values.trust_domain.clone(),
+        image: values.image.clone(),
+        image_pull_policy: values.image_pull_policy.clone(),
+        control_identity_addr: format!("{control}:8080"),
+        control_api_addr: format!("{control}:8086"),
+        cni_enabled: values.cni_enabled,
+        proxy: values.proxy.clone(),
+    }
+}
+
+fn config_data(values: &Values, issuer: Option<&IssuerFiles>) -> Value {
+    let mut data = json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "cluster": values.cluster,
+        "trustDomain": values.trust_domain,
+        crate::inject::config::CONFIG_KEY: serde_json::to_string(&inject_config(values))
+            .expect("plain data serializes"),
+    });
+    if let Some(issuer) = issuer {
+        data[crate::inject::config::BUNDLE_KEY] = json!(issuer.bundle_json);
+    }
+    data
+}
+
+/// Two webhooks, both failing closed where injection is wanted and nowhere
+/// else: pods in namespaces labelled `mesh.rs/inject=enabled`, and pods
+/// labelled so in other namespaces. `kube-system`, `mesh-system` and
+/// namespaces labelled `config.mesh.rs/admission-webhooks=disabled` are
+/// never sent, so a control plane that is down never blocks them.
+fn webhook_configuration(values: &Values, issuer: Option<&IssuerFiles>) -> Value {
+    use base64::Engine;
+    let mut client_config = json!({
+        "service": { "name": CONTROL, "namespace": NAMESPACE, "path": crate::inject::webhook::PATH, "port": 443 },
+    });
+    if let Some(issuer) = issuer {
+        client_config["caBundle"] =
+            json!(base64::engine::general_purpose::STANDARD.encode(&issuer.root_crt));
+    }
+    let excluded = [
+        json!({ "key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": annotations::EXCLUDED_NAMESPACES }),
+        json!({ "key": annotations::WEBHOOK_OPT_OUT, "operator": "NotIn", "values": ["disabled"] }),
+    ];
+    let hook = |name: &str, namespace: Value, object: Option<Value>| {
+        let mut expressions = vec![namespace];
+        expressions.extend(excluded.iter().cloned());
+        let mut h = json!({
+            "name": name,
+            "clientConfig": client_config,
+            "rules": [{ "operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced" }],
+            "namespaceSelector": { "matchExpressions": expressions },
+            "failurePolicy": values.webhook_failure_policy,
+            "timeoutSeconds": 10,
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "reinvocationPolicy": "IfNeeded",
+        });
+        if let Some(object) = object {
+            h["objectSelector"] = object;
+        }
+        h
+    };
+    json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": metadata(WEBHOOK, CONTROL, false),
+        "webhooks": [
+            hook(
+                "namespaces.inject.mesh.rs",
+                json!({ "key": annotations::INJECT, "operator": "In", "values": ["enabled"] }),
+                None,
+            ),
+            hook(
+                "pods.inject.mesh.rs",
+                json!({ "key": annotations::INJECT, "operator": "NotIn", "values": ["enabled"] }),
+                Some(json!({ "matchLabels": { annotations::INJECT: "enabled" } })),
+            ),
+        ],
+    })
 }
 
 /// `mesh install` output.
@@ -454,8 +602,20 @@ pub fn uninstall_yaml() -> Result<String, ManifestError> {
             "metadata": { "name": crd.metadata.name },
         }));
     }
-    // Namespace last: deleting it removes what is left inside.
-    let namespace = docs.remove(0);
+    // The webhook first, so pod creation never waits on a control plane
+    // being deleted; the namespace last: deleting it removes what is left.
+    if let Some(at) = docs
+        .iter()
+        .position(|d| d["kind"] == "MutatingWebhookConfiguration")
+    {
+        let hook = docs.remove(at);
+        docs.insert(0, hook);
+    }
+    let at = docs
+        .iter()
+        .position(|d| d["kind"] == "Namespace")
+        .expect("the namespace is installed");
+    let namespace = docs.remove(at);
     docs.push(namespace);
     manifest::yaml(&docs)
 }

@@ -86,11 +86,23 @@ where
     K: KubeResource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
+    reflect_with(api, watcher::Config::default(), what, changed, tasks)
+}
+
+/// [`reflect`] with a watch configuration (e.g. a field selector).
+pub(crate) fn reflect_with<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    what: &'static str,
+    changed: Arc<Notify>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> reflector::Store<K>
+where
+    K: KubeResource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
     let (reader, writer) = reflector::store();
-    let stream = reflector(
-        writer,
-        watcher(api, watcher::Config::default()).default_backoff(),
-    );
+    let stream = reflector(writer, watcher(api, config).default_backoff());
     tasks.spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;

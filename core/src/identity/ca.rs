@@ -254,6 +254,57 @@ impl CertificateAuthority {
     }
 }
 
+/// A TLS server certificate for DNS names, with its key (PKCS#8 DER).
+#[derive(Debug)]
+pub struct DnsServerCert {
+    /// The leaf, then the issuer and any intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key_der: Vec<u8>,
+    pub not_after: OffsetDateTime,
+}
+
+impl CertificateAuthority {
+    /// A server certificate for DNS `names` and no SPIFFE ID: what the
+    /// Kubernetes API server checks when it calls the injection webhook.
+    /// Mesh peers never accept it, as it names no workload.
+    pub fn issue_dns_server(
+        &self,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<DnsServerCert, CaError> {
+        if ttl.is_zero() {
+            return Err(CaError::ZeroTtl);
+        }
+        let now = super::cert::now();
+        if let Err(ago) = self.issuer_info.remaining(now) {
+            return Err(CaError::IssuerExpired { ago });
+        }
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Mesh");
+        if let Some(first) = names.first() {
+            dn.push(DnType::CommonName, first.as_str());
+        }
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
+        params.not_before = (now - NOT_BEFORE_SKEW).max(self.issuer_info.not_before);
+        params.not_after = (now + ttl).min(self.issuer_info.not_after);
+        let leaf = params.signed_by(&key, &self.issuer)?.der().clone();
+        let mut chain = vec![leaf];
+        chain.extend(self.chain.iter().cloned());
+        Ok(DnsServerCert {
+            chain,
+            key_der: key.serialize_der(),
+            not_after: params.not_after,
+        })
+    }
+}
+
 fn ca_params(
     common_name: &str,
     not_before: OffsetDateTime,

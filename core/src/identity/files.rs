@@ -49,7 +49,7 @@ pub enum FileError {
 }
 
 impl FileError {
-    fn invalid(path: &Path, problem: impl Into<String>) -> Self {
+    pub fn invalid(path: &Path, problem: impl Into<String>) -> Self {
         Self::Invalid {
             path: path.to_owned(),
             problem: problem.into(),

@@ -106,7 +106,7 @@ pub async fn proxy(
         control_identity_addr: plane.identity_addr.to_string(),
         control_api_addr: plane.api_addr.to_string(),
         control_identity: SpiffeId::workload(&td, "mesh-system", "control").unwrap(),
-        trust_anchors: dir.join("ca/bundle.json"),
+        trust_anchors: mesh_proxy::TrustAnchors::File(dir.join("ca/bundle.json")),
         bootstrap: Bootstrap::TokenFile(token(
             plane,
             dir,
@@ -132,6 +132,7 @@ pub async fn proxy(
         labels: [("app".to_owned(), sa.to_owned())].into(),
         inbound_fail_fast: Duration::from_secs(2),
         detect_timeout: Duration::from_secs(1),
+        opaque_ports: Vec::new(),
         connect_timeout: Duration::from_secs(1),
         header_read_timeout: Duration::from_secs(10),
         max_in_flight: 1000,

@@ -253,7 +253,12 @@ pub async fn evict_idle_forever(outbound: Arc<Outbound>) {
 }
 
 /// accept: serves the outbound listener, explicit or redirected.
-pub async fn accept(listener: TcpListener, outbound: Arc<Outbound>, detect_timeout: Duration) {
+pub async fn accept(
+    listener: TcpListener,
+    outbound: Arc<Outbound>,
+    detect_timeout: Duration,
+    opaque_ports: Arc<[u16]>,
+) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -262,8 +267,13 @@ pub async fn accept(listener: TcpListener, outbound: Arc<Outbound>, detect_timeo
         let _ = tcp.set_nodelay(true);
         let redirected = original_dst(&tcp);
         let outbound = outbound.clone();
+        let skip_detect = redirected.is_some_and(|to| opaque_ports.contains(&to.port()));
         tokio::spawn(async move {
-            let protocol = detect_protocol(&tcp, detect_timeout).await;
+            let protocol = if skip_detect {
+                Protocol::Opaque
+            } else {
+                detect_protocol(&tcp, detect_timeout).await
+            };
             let svc = {
                 let outbound = outbound.clone();
                 // Boxed: hyper keeps room for the service's future in every
