@@ -365,15 +365,23 @@ fn set_switch(meta: &mut Value) -> bool {
 
 fn remove_switch(meta: &mut Value) -> bool {
     let mut changed = false;
+    let Some(meta) = meta.as_object_mut() else {
+        return false;
+    };
     for key in ["labels", "annotations"] {
-        if let Some(map) = meta[key].as_object_mut() {
-            changed |= map.remove(INJECT).is_some();
-            if key == "annotations" {
-                changed |= map.remove(PROXY_VERSION).is_some();
-            }
-            if map.is_empty() {
-                meta.as_object_mut().map(|m| m.remove(key));
-            }
+        let Some(map) = meta.get_mut(key).and_then(Value::as_object_mut) else {
+            continue;
+        };
+        // An explicit `disabled` is the owner's choice, not ours to undo.
+        if map.get(INJECT).is_some_and(|v| v == "enabled") {
+            map.remove(INJECT);
+            changed = true;
+        }
+        if key == "annotations" {
+            changed |= map.remove(PROXY_VERSION).is_some();
+        }
+        if map.is_empty() {
+            meta.remove(key);
         }
     }
     changed
@@ -381,24 +389,23 @@ fn remove_switch(meta: &mut Value) -> bool {
 
 /// Undoes both `mesh inject` and `mesh inject --manual`.
 fn uninject_template(template: &mut Value) -> bool {
-    let mut changed = remove_switch(&mut template["metadata"]);
-    let spec = &mut template["spec"];
-    for list in ["initContainers", "containers"] {
-        if let Some(items) = spec[list].as_array_mut() {
-            let before = items.len();
-            items.retain(|c| c["name"] != pod::PROXY && c["name"] != pod::INIT);
-            changed |= items.len() != before;
-            if items.is_empty() && list == "initContainers" {
-                spec.as_object_mut().map(|s| s.remove(list));
-            }
-        }
-    }
-    if let Some(volumes) = spec["volumes"].as_array_mut() {
-        let before = volumes.len();
-        volumes.retain(|v| v["name"] != pod::TOKEN_VOLUME);
-        changed |= volumes.len() != before;
-        if volumes.is_empty() {
-            spec.as_object_mut().map(|s| s.remove("volumes"));
+    let mut changed = template.get_mut("metadata").is_some_and(remove_switch);
+    let Some(spec) = template.get_mut("spec").and_then(Value::as_object_mut) else {
+        return changed;
+    };
+    for (list, unwanted) in [
+        ("initContainers", [pod::PROXY, pod::INIT]),
+        ("containers", [pod::PROXY, pod::INIT]),
+        ("volumes", [pod::TOKEN_VOLUME, pod::TOKEN_VOLUME]),
+    ] {
+        let Some(items) = spec.get_mut(list).and_then(Value::as_array_mut) else {
+            continue;
+        };
+        let before = items.len();
+        items.retain(|c| !unwanted.iter().any(|u| c["name"] == *u));
+        changed |= items.len() != before;
+        if items.is_empty() && list != "containers" {
+            spec.remove(list);
         }
     }
     changed
