@@ -3,7 +3,7 @@
 # layout made with umoci (Debian package `umoci`), holding only the release
 # binary, the shared libraries it links (from ldd), CA certificates and a
 # non-root user. Every Mesh component runs from it (`mesh control`, `mesh
-# proxy`, `mesh gateway`, `mesh service-mirror`).
+# proxy`, `mesh gateway`, `mesh service-mirror`), and `mesh-cni`.
 #
 #   image/build.sh [TAG]          -> target/image/mesh (OCI layout), target/image/mesh-TAG.tar
 #
@@ -14,8 +14,8 @@ cd "$(dirname "$0")/.."
 tag="${1:-$(cargo metadata --no-deps --format-version 1 | python3 -c 'import json,sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"]=="mesh-cli"))')}"
 command -v umoci >/dev/null || { echo "error: umoci is not installed (apt-get install umoci)" >&2; exit 1; }
 
-echo "== cargo build --release -p mesh-cli" >&2
-cargo build --release -p mesh-cli --bin mesh
+echo "== cargo build --release -p mesh-cli -p mesh-cni" >&2
+cargo build --release -p mesh-cli --bin mesh -p mesh-cni --bin mesh-cni
 bin=target/release/mesh
 
 out=target/image
@@ -28,8 +28,10 @@ umoci unpack --rootless --image "$layout:$tag" "$out/bundle"
 root="$out/bundle/rootfs"
 
 install -D -m 0755 "$bin" "$root/usr/bin/mesh"
+# The CNI plugin, copied onto each node by `mesh install-cni`'s DaemonSet.
+install -D -m 0755 target/release/mesh-cni "$root/usr/bin/mesh-cni"
 # Debug info stays in target/release; the image carries the code only.
-strip --strip-unneeded "$root/usr/bin/mesh"
+strip --strip-unneeded "$root/usr/bin/mesh" "$root/usr/bin/mesh-cni"
 # The dynamic loader and the libraries the binary links, nothing else.
 for lib in $(ldd "$bin" | awk '/=> \// {print $3} /^\t\// {print $1}'); do
   install -D -m 0755 "$(readlink -f "$lib")" "$root$lib"

@@ -101,3 +101,41 @@ pub(crate) fn uninstall(out: &mut impl Write) -> Result<ExitCode> {
     out.write_all(install::uninstall_yaml()?.as_bytes())?;
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(Debug, Args)]
+pub(crate) struct InstallCniArgs {
+    /// The image holding /usr/bin/mesh-cni (the Mesh image).
+    #[arg(long, default_value_t = Values::default().image)]
+    image: String,
+    #[arg(long, default_value = "IfNotPresent", value_parser = ["Always", "IfNotPresent", "Never"])]
+    image_pull_policy: String,
+    /// The nodes' CNI binary directory.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    cni_bin_dir: String,
+    /// The nodes' CNI configuration directory.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: String,
+}
+
+pub(crate) fn install_cni(args: InstallCniArgs, out: &mut impl Write) -> Result<ExitCode> {
+    if args.image.is_empty() || args.image.chars().any(char::is_whitespace) {
+        bail!("--image {:?} is not an image reference", args.image);
+    }
+    for dir in [&args.cni_bin_dir, &args.cni_conf_dir] {
+        if !dir.starts_with('/') {
+            bail!("{dir:?} is not an absolute path");
+        }
+    }
+    let values = mesh_control::k8s::cni::CniValues {
+        image: args.image,
+        image_pull_policy: args.image_pull_policy,
+        bin_dir: args.cni_bin_dir,
+        conf_dir: args.cni_conf_dir,
+    };
+    eprintln!(
+        "note: then install the control plane with `mesh install --cni-enabled` so injected pods get no mesh-init container"
+    );
+    let docs = mesh_control::k8s::cni::objects(&values);
+    out.write_all(mesh_control::k8s::manifest::yaml(&docs)?.as_bytes())?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -41,6 +41,9 @@ enum Command {
     Install(Box<install::InstallArgs>),
     /// Print everything `mesh install` created, for `kubectl delete -f -`.
     Uninstall,
+    /// Print the DaemonSet that installs the mesh-cni plugin on every node
+    /// (chained after the cluster's network plugin), for `kubectl apply -f -`.
+    InstallCni(install::InstallCniArgs),
     /// Mesh workloads in manifests: add `mesh.rs/inject: enabled` to pod
     /// templates and namespaces (or, with --manual, the whole injected spec).
     Inject(inject::InjectArgs),
@@ -96,6 +99,10 @@ fn main() -> ExitCode {
         Command::Check(args) => {
             mesh_core::telemetry::init("warn");
             report(check::run(args, &mut std::io::stdout().lock()))
+        }
+        Command::InstallCni(args) => {
+            mesh_core::telemetry::init("warn");
+            report(install::install_cni(args, &mut std::io::stdout().lock()))
         }
         Command::Inject(args) => {
             mesh_core::telemetry::init("warn");

@@ -9,7 +9,7 @@
 //! would leave the workload without the proxy. Applying refuses when IPv6
 //! is enabled and `ip6tables` cannot be used.
 
-use std::process::Command;
+use std::process::{Command, Output};
 
 pub const INBOUND_CHAIN: &str = "MESH_INBOUND";
 pub const OUTBOUND_CHAIN: &str = "MESH_OUTBOUND";
@@ -152,16 +152,20 @@ impl Rules {
     /// Applies the rules with `iptables`, and with `ip6tables` when IPv6 is
     /// enabled. Refuses to apply twice; stops at the first failing command.
     pub fn apply(&self) -> Result<(), InitError> {
-        let tools: &[&'static str] = if ipv6_enabled() { &TOOLS } else { &TOOLS[..1] };
+        self.apply_with(&here, ipv6_enabled())
+    }
+
+    /// [`Self::apply`] through `run` (e.g. inside a pod's network
+    /// namespace), for IPv6 too when `ipv6`.
+    pub fn apply_with(&self, run: Run<'_>, ipv6: bool) -> Result<(), InitError> {
+        let tools: &[&'static str] = if ipv6 { &TOOLS } else { &TOOLS[..1] };
         for &tool in tools {
             for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
-                let exists = Command::new(tool)
-                    .args(["-t", "nat", "-L", chain, "-n"])
-                    .output()
-                    .map_err(|source| match tool {
-                        "ip6tables" => InitError::Ipv6Unhandled(source),
-                        _ => InitError::Missing { tool, source },
-                    })?;
+                let args = ["-t", "nat", "-L", chain, "-n"].map(str::to_owned);
+                let exists = run(tool, &args).map_err(|source| match tool {
+                    "ip6tables" => InitError::Ipv6Unhandled(source),
+                    _ => InitError::Missing { tool, source },
+                })?;
                 if exists.status.success() {
                     return Err(InitError::AlreadyApplied(chain));
                 }
@@ -169,16 +173,42 @@ impl Rules {
         }
         for &tool in tools {
             for args in self.commands() {
-                let out = Command::new(tool)
-                    .args(&args)
-                    .output()
-                    .map_err(|source| InitError::Missing { tool, source })?;
+                must(run, tool, &args)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that the rules are there as [`Self::commands`] says, and
+    /// nothing else in their chains: `Err` describes the drift.
+    pub fn check_with(&self, run: Run<'_>, ipv6: bool) -> Result<(), String> {
+        let tools: &[&'static str] = if ipv6 { &TOOLS } else { &TOOLS[..1] };
+        for &tool in tools {
+            let mut expected = std::collections::HashMap::<String, usize>::new();
+            for mut args in self.commands() {
+                // `-t nat -A CHAIN spec...` -> `-t nat -C CHAIN spec...`
+                if args.get(2).is_none_or(|a| a != "-A") {
+                    continue;
+                }
+                args[2] = "-C".to_owned();
+                *expected.entry(args[3].clone()).or_default() += 1;
+                let out = run(tool, &args).map_err(|e| format!("cannot run {tool}: {e}"))?;
                 if !out.status.success() {
-                    return Err(InitError::Failed {
-                        tool,
-                        command: args.join(" "),
-                        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-                    });
+                    return Err(format!("{tool}: rule missing: {}", args[3..].join(" ")));
+                }
+            }
+            for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
+                let args = ["-t", "nat", "-S", chain].map(str::to_owned);
+                let out = run(tool, &args).map_err(|e| format!("cannot run {tool}: {e}"))?;
+                let rules = String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| l.starts_with("-A "))
+                    .count();
+                let want = expected.get(chain).copied().unwrap_or(0);
+                if rules != want {
+                    return Err(format!(
+                        "{tool}: chain {chain} holds {rules} rules; expected {want}"
+                    ));
                 }
             }
         }
@@ -186,8 +216,56 @@ impl Rules {
     }
 }
 
+/// Runs `tool` with `args` and returns its output.
+pub type Run<'a> = &'a dyn Fn(&'static str, &[String]) -> std::io::Result<Output>;
+
+/// Runs the tool in this process's network namespace.
+pub fn here(tool: &'static str, args: &[String]) -> std::io::Result<Output> {
+    Command::new(tool).args(args).output()
+}
+
+fn must(run: Run<'_>, tool: &'static str, args: &[String]) -> Result<(), InitError> {
+    let out = run(tool, args).map_err(|source| InitError::Missing { tool, source })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(InitError::Failed {
+            tool,
+            command: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// Removes the rules (the jumps, then the chains); what is already gone is
+/// fine, so this may run any number of times.
+pub fn remove_with(run: Run<'_>, ipv6: bool) -> Result<(), InitError> {
+    let tools: &[&'static str] = if ipv6 { &TOOLS } else { &TOOLS[..1] };
+    for &tool in tools {
+        for (hook, chain) in [("PREROUTING", INBOUND_CHAIN), ("OUTPUT", OUTBOUND_CHAIN)] {
+            let jump = ["-t", "nat", "-D", hook, "-p", "tcp", "-j", chain].map(str::to_owned);
+            // Deleted until none is left.
+            while run(tool, &jump)
+                .map_err(|source| InitError::Missing { tool, source })?
+                .status
+                .success()
+            {}
+            let exists = ["-t", "nat", "-L", chain, "-n"].map(str::to_owned);
+            if run(tool, &exists)
+                .map_err(|source| InitError::Missing { tool, source })?
+                .status
+                .success()
+            {
+                must(run, tool, &["-t", "nat", "-F", chain].map(str::to_owned))?;
+                must(run, tool, &["-t", "nat", "-X", chain].map(str::to_owned))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Whether this network namespace has IPv6 (the kernel's own switch).
-fn ipv6_enabled() -> bool {
+pub fn ipv6_enabled() -> bool {
     std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
         .is_ok_and(|v| v.trim() == "0")
 }

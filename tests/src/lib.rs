@@ -36,7 +36,7 @@ pub fn mesh_exe() -> PathBuf {
         // --workspace` does, so the binary reuses the test build's
         // dependencies instead of compiling a second copy of them.
         let mut cargo = std::process::Command::new(env!("CARGO"));
-        cargo.args(["build", "--workspace", "--tests", "--bin", "mesh"]);
+        cargo.args(["build", "--workspace", "--tests", "--bins"]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cargo.arg("--release");
         }
@@ -51,6 +51,14 @@ pub fn mesh_exe() -> PathBuf {
         exe
     })
     .clone()
+}
+
+/// Another binary of the workspace (`mesh-cni`, `mesh-proxy`), built with
+/// `mesh` by [`mesh_exe`].
+pub fn workspace_exe(name: &str) -> PathBuf {
+    let exe = mesh_exe().with_file_name(name);
+    assert!(exe.exists(), "{} was not built", exe.display());
+    exe
 }
 
 /// A topology file of `topologies/`, as text.

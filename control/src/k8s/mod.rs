@@ -1,5 +1,6 @@
 //! Mesh on Kubernetes: the CRDs and the manifests `mesh install` prints.
 
+pub mod cni;
 pub mod crds;
 pub mod install;
 pub mod issuer;
