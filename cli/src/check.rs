@@ -27,7 +27,7 @@ const ISSUER_MIN_LEFT: Duration = Duration::from_secs(60 * 24 * 3600);
 /// A Lease renewed longer ago than this has no live holder.
 const LEASE_STALE: Duration = Duration::from_secs(15);
 /// The injection webhook's configuration, when installed.
-const WEBHOOK: &str = "mesh-injector";
+const WEBHOOK: &str = install::WEBHOOK;
 
 #[derive(Debug, Args)]
 pub(crate) struct CheckArgs {
@@ -37,22 +37,29 @@ pub(crate) struct CheckArgs {
     /// The kubeconfig [default: KUBECONFIG, ~/.kube/config, in-cluster].
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// Also check the data plane: meshed pods, their proxies and pods that
+    /// escaped injection.
+    #[arg(long, conflicts_with = "pre")]
+    proxy: bool,
+    /// With --proxy: only this namespace [default: all].
+    #[arg(short = 'n', long, requires = "proxy")]
+    namespace: Option<String>,
 }
 
 /// One check's result.
-struct Outcome {
+pub(crate) struct Outcome {
     name: String,
     result: Result<String, (String, String)>,
 }
 
-fn pass(name: &str, detail: impl Into<String>) -> Outcome {
+pub(crate) fn pass(name: &str, detail: impl Into<String>) -> Outcome {
     Outcome {
         name: name.to_owned(),
         result: Ok(detail.into()),
     }
 }
 
-fn fail(name: &str, problem: impl Into<String>, hint: impl Into<String>) -> Outcome {
+pub(crate) fn fail(name: &str, problem: impl Into<String>, hint: impl Into<String>) -> Outcome {
     Outcome {
         name: name.to_owned(),
         result: Err((problem.into(), hint.into())),
@@ -128,6 +135,12 @@ async fn checks(args: &CheckArgs) -> Vec<(String, Vec<Outcome>)> {
     } else {
         sections.push(("mesh-crds".into(), crd_checks(&client).await));
         sections.push(("mesh-control-plane".into(), control_checks(&client).await));
+        if args.proxy {
+            sections.push((
+                "mesh-data-plane".into(),
+                crate::check_proxy::checks(&client, args.namespace.as_deref()).await,
+            ));
+        }
     }
     sections
 }

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_cross;
 mod check;
+mod check_proxy;
 mod identity;
 mod inject;
 mod install;
@@ -50,7 +51,8 @@ enum Command {
     /// Undo `mesh inject` (with or without --manual) in manifests.
     Uninject(inject::UninjectArgs),
     /// Check a cluster before (`--pre`) and after `mesh install`: API
-    /// server, CRDs, control plane, issuer, webhook. Non-zero exit on failure.
+    /// server, CRDs, control plane, issuer, webhook; with `--proxy`, the
+    /// meshed pods. Non-zero exit on failure.
     Check(check::CheckArgs),
     /// Measure the data plane on this machine: meshed against direct, in one run.
     Bench(bench::BenchArgs),

@@ -534,12 +534,30 @@ impl Control {
 
     /// The same, with more flags.
     pub fn start_with(kubeconfig: &std::path::Path, cluster: &str, extra: &[&str]) -> Self {
-        use free_port;
         let data = tempfile::tempdir().unwrap();
         let log = data.path().join("control.log");
-        let api: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let identity: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        // Free loopback ports, unless `extra` names the address.
+        let addr = |flag: &str| -> std::net::SocketAddr {
+            extra
+                .iter()
+                .position(|a| *a == flag)
+                .and_then(|i| extra.get(i + 1))
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| format!("127.0.0.1:{}", free_port()))
+                .parse()
+                .unwrap()
+        };
+        let (api, admin, identity) = (
+            addr("--api-addr"),
+            addr("--admin-addr"),
+            addr("--identity-addr"),
+        );
+        let extra: Vec<&str> = extra
+            .chunks(2)
+            .filter(|kv| !["--api-addr", "--admin-addr", "--identity-addr"].contains(&kv[0]))
+            .flatten()
+            .copied()
+            .collect();
         let child = Command::new(mesh_exe())
             .args(["control", "--store", "kube", "--cluster", cluster])
             .arg("--kubeconfig")
@@ -550,7 +568,7 @@ impl Control {
             .args(["--identity-addr", &identity.to_string()])
             .args(["--api-addr", &api.to_string()])
             .args(["--admin-addr", &admin.to_string()])
-            .args(extra)
+            .args(&extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -667,5 +685,69 @@ impl Control {
             identity: self.identity,
             api: self.api,
         }
+    }
+}
+
+/// The pods of `ns` matching `selector`, once there are `count`.
+pub fn pods_until(
+    kube: &Kube,
+    ns: &str,
+    selector: &str,
+    count: usize,
+    control: Option<&Control>,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = kube.kubectl_ok(&["get", "pods", "-n", ns, "-l", selector, "-o", "json"]);
+        let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let items = list["items"].as_array().cloned().unwrap_or_default();
+        if items.len() >= count {
+            return items;
+        }
+        if Instant::now() > deadline {
+            let events = kube.kubectl(&["get", "events", "-n", ns]);
+            panic!(
+                "no {count} pods {selector} in {ns} within 60 s; events:\n{}\ncontrol plane:\n{}",
+                String::from_utf8_lossy(&events.stdout),
+                control.map(|c| c.log_text()).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Plays the kubelet for the control plane's Deployment: its pod runs at
+/// `ip`, where the process listens; returns once the Service's endpoint
+/// is that address.
+pub fn control_pod_runs_at(kube: &Kube, installed: &Installed, ip: &str) {
+    let control = pods_until(
+        kube,
+        "mesh-system",
+        "app.kubernetes.io/name=mesh-control",
+        1,
+        None,
+    );
+    let control_pod = control[0]["metadata"]["name"].as_str().unwrap().to_owned();
+    kube.run_pod("mesh-system", &control_pod, ip);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let endpoints = kube.kubectl(&[
+            "get",
+            "endpoints",
+            "mesh-control",
+            "-n",
+            "mesh-system",
+            "-o",
+            "jsonpath={.subsets[0].addresses[0].ip}",
+        ]);
+        if String::from_utf8_lossy(&endpoints.stdout) == ip {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the webhook endpoint is ready:\n{}",
+            installed.control.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(300));
     }
 }
