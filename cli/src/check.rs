@@ -329,7 +329,7 @@ async fn control_checks(client: &Client) -> Vec<Outcome> {
         .await;
     out.push(match webhook {
         Ok(None) => pass("injection webhook", "not installed"),
-        Ok(Some(config)) => webhook_reachable(&config).await,
+        Ok(Some(config)) => webhook_reachable(client, &config).await,
         Err(e) => fail(
             "injection webhook",
             e.to_string(),
@@ -357,8 +357,9 @@ fn issuer_left(secret: &Secret) -> Result<Duration, String> {
         })
 }
 
-/// A webhook declared by URL is dialled; by Service, the Service must exist.
-async fn webhook_reachable(config: &MutatingWebhookConfiguration) -> Outcome {
+/// A webhook declared by URL is dialled; by Service, the Service must have
+/// a ready endpoint (else pods in meshed namespaces are refused).
+async fn webhook_reachable(client: &Client, config: &MutatingWebhookConfiguration) -> Outcome {
     let name = "injection webhook is reachable";
     let Some(hook) = config.webhooks.as_ref().and_then(|w| w.first()) else {
         return fail(
@@ -388,5 +389,45 @@ async fn webhook_reachable(config: &MutatingWebhookConfiguration) -> Outcome {
             ),
         };
     }
-    pass(name, "served through its Service")
+    let Some(service) = &hook.client_config.service else {
+        return fail(
+            name,
+            "it names neither a URL nor a Service",
+            "mesh install | kubectl apply -f -",
+        );
+    };
+    let endpoints = Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::namespaced(
+        client.clone(),
+        &service.namespace,
+    )
+    .list(
+        &kube::api::ListParams::default()
+            .labels(&format!("kubernetes.io/service-name={}", service.name)),
+    )
+    .await;
+    let ready = endpoints.map(|list| {
+        list.items
+            .iter()
+            .flat_map(|s| s.endpoints.iter())
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+            .count()
+    });
+    match ready {
+        Ok(0) => fail(
+            name,
+            format!(
+                "Service {}/{} has no ready endpoint: pods in meshed namespaces are refused until it has one",
+                service.namespace, service.name
+            ),
+            "kubectl -n mesh-system get pods; kubectl -n mesh-system logs deploy/mesh-control",
+        ),
+        Ok(n) => pass(
+            name,
+            format!(
+                "{n} ready endpoints behind Service {}/{}",
+                service.namespace, service.name
+            ),
+        ),
+        Err(e) => fail(name, e.to_string(), "check your access to endpointslices"),
+    }
 }

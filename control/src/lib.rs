@@ -2,16 +2,16 @@
 //!
 //! What it does: issues SVIDs (Identity), tells proxies where services are
 //! (Discovery) and what is allowed and how to route (Policy), and keeps the
-//! registrations of workloads that announce themselves (Registry). It reads
-//! configuration resources from a watched directory and keeps durable state
-//! in an embedded database (the `local` store).
+//! registrations of workloads that announce themselves (Registry). Its
+//! state lives in a watched directory plus an embedded database (the
+//! `local` store) or in a Kubernetes API server (the `kube` store, [`k8s`]),
+//! where it also serves the sidecar injection webhook ([`inject`]).
 //!
-//! What it does not do: sit in the request path, or talk to Kubernetes (the
-//! `kube` store comes later behind the same [`store::Store`] interface).
+//! What it does not do: sit in the request path.
 //!
-//! Shape: watch (config dir, registrations) -> [`index::Index`] (pure,
-//! tested without a network) -> serve (gRPC watch streams re-render from the
-//! index when it changes).
+//! Shape: watch (config dir or API server, registrations) ->
+//! [`index::Index`] (pure, tested without a network) -> serve (gRPC watch
+//! streams re-render from the index when it changes).
 
 pub mod admin_socket;
 pub mod certify;

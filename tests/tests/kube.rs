@@ -1046,6 +1046,13 @@ fn mesh_check_says_what_is_wrong_and_how_to_fix_it() {
     assert!(out.contains("× control plane is running"), "{out}");
 
     let installed = install(&kube, "east.mesh.local", "east");
+    // No control-plane pod is ready behind the webhook's Service yet.
+    let (ok, out) = mesh_on(&kube, &["check"]);
+    assert!(
+        !ok && out.contains("× injection webhook is reachable: Service mesh-system/mesh-control has no ready endpoint"),
+        "{out}"
+    );
+    mesh_tests::kube::control_pod_runs_at(&kube, &installed, "10.244.0.53");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let out = loop {
         let (ok, out) = mesh_on(&kube, &["check"]);
