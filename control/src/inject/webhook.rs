@@ -113,14 +113,22 @@ impl Cluster {
             .map_err(|e| format!("cannot read namespace {name}: {e}"))
     }
 
-    fn inject_config(&self) -> Result<(InjectConfig, String), String> {
-        let cm = self
+    async fn inject_config(&self) -> Result<(InjectConfig, String), String> {
+        if let Some(cm) = self
             .config
             .get(&reflector::ObjectRef::new(CONFIG).within(NAMESPACE))
-            .ok_or_else(|| {
-                format!("ConfigMap {NAMESPACE}/{CONFIG} is missing; re-apply `mesh install`")
-            })?;
-        config_from(cm.data.as_ref())
+        {
+            return config_from(cm.data.as_ref());
+        }
+        // Not in the cache (yet): ask once.
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), NAMESPACE);
+        match api.get_opt(CONFIG).await {
+            Ok(Some(cm)) => config_from(cm.data.as_ref()),
+            Ok(None) => Err(format!(
+                "ConfigMap {NAMESPACE}/{CONFIG} is missing; re-apply `mesh install`"
+            )),
+            Err(e) => Err(format!("cannot read ConfigMap {NAMESPACE}/{CONFIG}: {e}")),
+        }
     }
 }
 
@@ -294,7 +302,7 @@ async fn handle(
     };
     let namespace = request["namespace"].as_str().unwrap_or_default();
     let admission = match cluster.namespace(namespace).await {
-        Ok(ns) => admit(request, &ns, cluster.inject_config()),
+        Ok(ns) => admit(request, &ns, cluster.inject_config().await),
         Err(e) => Admission::Deny {
             reason: "namespace_unknown",
             message: e,
