@@ -163,6 +163,26 @@ class H(socketserver.StreamRequestHandler):
 socketserver.ThreadingTCPServer(("127.0.0.2", 9001), H).serve_forever()
 "#;
 
+/// A server-speaks-first app (as MySQL or SMTP): a banner on accept.
+const BANNER_APP: &str = r#"
+import socketserver
+class H(socketserver.StreamRequestHandler):
+    def handle(self):
+        self.wfile.write(b"hello from api\n")
+        self.rfile.readline()
+socketserver.ThreadingTCPServer(("127.0.0.2", 9002), H).serve_forever()
+"#;
+
+/// Connects to the banner app and waits for its first line, sending
+/// nothing: prints the line and how long it took.
+const BANNER_CLIENT: &str = r#"
+import socket, time
+start = time.monotonic()
+s = socket.create_connection(("127.0.0.2", 9002), timeout=8)
+line = s.makefile().readline().strip()
+print("%s in %.1fs" % (line, time.monotonic() - start))
+"#;
+
 /// An opaque TCP client: one line to 127.0.0.2:9001, prints the answer.
 const TCP_CLIENT: &str = r#"
 import socket
@@ -282,6 +302,7 @@ fn unmodified_curl_reaches_a_service_through_both_proxies() {
     }
     ns.spawn("app", &["python3", "-c", APP], &[]);
     ns.spawn("tcp-app", &["python3", "-c", TCP_APP], &[]);
+    ns.spawn("banner-app", &["python3", "-c", BANNER_APP], &[]);
     ns.wait_ok("http://127.0.0.2:9000/", "the app");
     ns.spawn(
         "api-proxy",
@@ -292,23 +313,22 @@ fn unmodified_curl_reaches_a_service_through_both_proxies() {
             "127.0.0.2",
             "127.0.0.2:4140",
             "127.0.0.1:14191",
-            "http=9000,tcp=9001",
+            "http=9000,tcp=9001,banner=9002",
             "app=api",
         ),
     );
-    ns.spawn(
-        "web-proxy",
-        &[MESH, "proxy"],
-        &proxy_env(
-            dir,
-            "web",
-            "127.0.0.3",
-            "127.0.0.1:4140",
-            "127.0.0.1:24191",
-            "",
-            "app=web",
-        ),
+    // 9002 is server-speaks-first: opaque at once, no 10 s detection wait.
+    let mut web_env = proxy_env(
+        dir,
+        "web",
+        "127.0.0.3",
+        "127.0.0.1:4140",
+        "127.0.0.1:24191",
+        "",
+        "app=web",
     );
+    web_env.push(("MESH_PROXY_OPAQUE_PORTS", "9002".into()));
+    ns.spawn("web-proxy", &[MESH, "proxy"], &web_env);
     ns.wait_ok("http://127.0.0.1:14191/ready", "the api proxy");
     ns.wait_ok("http://127.0.0.1:24191/ready", "the web proxy");
 
@@ -419,10 +439,26 @@ fn unmodified_curl_reaches_a_service_through_both_proxies() {
         "{}",
         String::from_utf8_lossy(&tcp.stderr)
     );
+    // A banner before the client says anything: with 9002 opaque it comes
+    // at once (without MESH_PROXY_OPAQUE_PORTS, only after the 10 s
+    // detect timeout, past this client's 8 s).
+    let banner = ns.as_nobody(&["/usr/bin/python3", "-c", BANNER_CLIENT]);
+    let banner = String::from_utf8_lossy(&banner.stdout);
+    let took: f64 = banner
+        .trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|t| t.trim_end_matches('s').parse().ok())
+        .unwrap_or(99.0);
+    assert!(
+        banner.starts_with("hello from api in") && took < 2.0,
+        "{banner}"
+    );
+    // Both opaque connections (ping and banner) came over mTLS from web.
     let metrics = ns.exec(&["curl", "-s", "http://127.0.0.1:14191/metrics"]);
     let metrics = String::from_utf8_lossy(&metrics.stdout);
     assert!(
-        metrics.contains("mesh_proxy_tcp_connections_total{direction=\"inbound\",peer=\"spiffe://west.mesh.local/ns/shop/sa/web\",tls=\"mtls\"} 1"),
+        metrics.contains("mesh_proxy_tcp_connections_total{direction=\"inbound\",peer=\"spiffe://west.mesh.local/ns/shop/sa/web\",tls=\"mtls\"} 2"),
         "{metrics}"
     );
 

@@ -555,9 +555,15 @@ mod tests {
             ("APP_PORTS", "http=8080,9090"),
             ("LABELS", "app=api,version=v1"),
             ("CONNECT_TIMEOUT", "250ms"),
+            ("OPAQUE_PORTS", "3306, 5432"),
         ]))
         .unwrap();
         assert_eq!(c.connect_timeout, Duration::from_millis(250));
+        assert_eq!(c.opaque_ports, [3306, 5432]);
+        assert_eq!(
+            c.trust_anchors,
+            TrustAnchors::File(PathBuf::from("/ca/bundle.json"))
+        );
         assert_eq!(
             c.identity.as_str(),
             "spiffe://west.mesh.local/ns/shop/sa/api"
@@ -589,6 +595,9 @@ mod tests {
             ("APP_PORTS", "http=80x"),
             ("INBOUND_ADDR", "0.0.0.0:4143"),
             ("CONNECT_TIMEOUT", "0s"),
+            ("OPAQUE_PORTS", "3306,0"),
+            ("TRUST_ANCHORS", "/ca/bundle.json"),
+            ("TRUST_ANCHORS_BUNDLE", "{}"),
         ]))
         .unwrap_err();
         let all = errors.join("\n");
@@ -601,8 +610,28 @@ mod tests {
             "MESH_PROXY_APP_PORTS: \"http=80x\" is not NAME=PORT",
             "MESH_PROXY_WORKLOAD_ADDRESSES is required",
             "MESH_PROXY_CONNECT_TIMEOUT: must be more than zero",
+            "MESH_PROXY_OPAQUE_PORTS: write ports 1-65535",
+            "MESH_PROXY_TRUST_ANCHORS (a file) and MESH_PROXY_TRUST_ANCHORS_BUNDLE (the bundle itself) are exclusive",
         ] {
             assert!(all.contains(want), "missing {want:?} in:\n{all}");
         }
+    }
+
+    /// The bundle given inline (what injected pods get) loads like the
+    /// file; one that is not a bundle is refused naming the variable.
+    #[test]
+    fn an_inline_bundle_loads() {
+        let td = TrustDomain::parse("west.mesh.local").unwrap();
+        let root = mesh_core::identity::RootCa::generate(
+            Duration::from_secs(3600),
+            mesh_core::identity::cert::now(),
+        )
+        .unwrap();
+        let pem = mesh_core::identity::cert::certs_to_pem(std::slice::from_ref(root.cert()));
+        let inline = TrustAnchors::Inline(pem);
+        assert_eq!(inline.load(td.clone()).unwrap().roots().len(), 1);
+        let bad = TrustAnchors::Inline("not a bundle".into());
+        let e = bad.load(td).unwrap_err().to_string();
+        assert!(e.contains("MESH_PROXY_TRUST_ANCHORS_BUNDLE"), "{e}");
     }
 }
