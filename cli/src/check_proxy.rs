@@ -13,8 +13,8 @@ use k8s_openapi::api::{
 use kube::{Api, Client, api::ListParams};
 use mesh_control::{
     inject::{
-        annotations::{self, EXCLUDED_NAMESPACES, INJECT, PROXY_VERSION, Switch},
-        pod::{self, NamespaceMeta},
+        annotations::{EXCLUDED_NAMESPACES, INJECT, PROXY_VERSION},
+        pod::{self, Decision, NamespaceMeta},
     },
     k8s::install::{CONFIG, NAMESPACE},
 };
@@ -100,7 +100,8 @@ pub(crate) async fn checks(client: &Client, namespace: Option<&str>) -> Vec<Outc
         }
     };
     let mut healthy = 0;
-    let mut identities: BTreeMap<(String, String), Result<(), String>> = BTreeMap::new();
+    // The SVID audit events, read once per namespace.
+    let mut issued: BTreeMap<String, Result<BTreeMap<String, u64>, String>> = BTreeMap::new();
     for p in &pods {
         let ns = p.metadata.namespace.clone().unwrap_or_default();
         let name = p.metadata.name.clone().unwrap_or_default();
@@ -147,11 +148,10 @@ pub(crate) async fn checks(client: &Client, namespace: Option<&str>) -> Vec<Outc
             .as_ref()
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_else(|| "default".into());
-        let key = (ns.clone(), sa.clone());
-        if !identities.contains_key(&key) {
-            identities.insert(key.clone(), valid_svid(client, &ns, &sa).await);
+        if !issued.contains_key(&ns) {
+            issued.insert(ns.clone(), latest_svids(client, &ns).await);
         }
-        if let Err(why) = &identities[&key] {
+        if let Err(why) = valid_svid(&issued[&ns], &ns, &sa) {
             out.push(fail(
                 &what,
                 why.clone(),
@@ -173,22 +173,17 @@ pub(crate) async fn checks(client: &Client, namespace: Option<&str>) -> Vec<Outc
 
 /// Why a pod without a proxy should have one, if it should.
 fn escaped(ns: &NamespaceMeta, pod: &Value) -> Option<String> {
-    let meta = &pod["metadata"];
-    let labels = pod::string_map(&meta["labels"]);
-    let notes = pod::string_map(&meta["annotations"]);
-    let pod_switch = annotations::switch(labels.as_ref(), notes.as_ref(), "pod").ok()?;
-    let ns_switch =
-        annotations::switch(Some(&ns.labels), Some(&ns.annotations), "namespace").ok()?;
-    if pod_switch.or(ns_switch) != Some(Switch::Enabled) || pod["spec"]["hostNetwork"] == true {
+    // The webhook's own decision: would it inject this pod?
+    if pod::decide(ns, pod) != Ok(Decision::Inject) {
         return None;
     }
-    let labelled = |m: &Option<BTreeMap<String, String>>| {
-        m.as_ref()
-            .and_then(|m| m.get(INJECT))
+    let labelled = |labels: Option<BTreeMap<String, String>>| {
+        labels
+            .and_then(|m| m.get(INJECT).cloned())
             .is_some_and(|v| v == "enabled")
     };
-    let ns_labelled = ns.labels.get(INJECT).is_some_and(|v| v == "enabled");
-    if !labelled(&labels) && !ns_labelled {
+    if !labelled(pod::string_map(&pod["metadata"]["labels"])) && !labelled(Some(ns.labels.clone()))
+    {
         return Some(format!(
             "{INJECT}: enabled is an annotation only, and the webhook is called for labelled namespaces and pods; label namespace {} (kubectl label namespace {} {INJECT}=enabled) and recreate the pod",
             ns.name, ns.name
@@ -241,33 +236,44 @@ fn proxy_ready(p: &Pod) -> bool {
         .any(|c| c.name == pod::PROXY && c.ready)
 }
 
-/// Whether the control plane issued an SVID to `ns/sa` that has not
-/// expired (its audit Events: `reason: Issued`).
-async fn valid_svid(client: &Client, ns: &str, sa: &str) -> Result<(), String> {
+/// The latest `notAfter` of the SVIDs the control plane issued to each
+/// ServiceAccount of `ns` (its audit Events: `reason: Issued`).
+async fn latest_svids(client: &Client, ns: &str) -> Result<BTreeMap<String, u64>, String> {
     let events = Api::<Event>::namespaced(client.clone(), ns)
         .list(&ListParams::default())
         .await
         .map_err(|e| format!("cannot read the SVID audit events: {e}"))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let latest = events
+    let mut latest = BTreeMap::new();
+    for e in events
         .items
         .iter()
         .filter(|e| e.reason.as_deref() == Some("Issued"))
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(sa))
-        .filter_map(|e| {
-            e.note
-                .as_deref()?
-                .rsplit("notAfter unix ")
-                .next()?
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .max();
-    match latest {
-        Some(not_after) if not_after > now => Ok(()),
+    {
+        let sa = e.regarding.as_ref().and_then(|r| r.name.clone());
+        let not_after = e
+            .note
+            .as_deref()
+            .and_then(|n| n.rsplit("notAfter unix ").next())
+            .and_then(|t| t.trim().parse::<u64>().ok());
+        if let (Some(sa), Some(not_after)) = (sa, not_after) {
+            let at: &mut u64 = latest.entry(sa).or_default();
+            *at = (*at).max(not_after);
+        }
+    }
+    Ok(latest)
+}
+
+/// Whether `ns/sa` holds an SVID that has not expired.
+fn valid_svid(
+    issued: &Result<BTreeMap<String, u64>, String>,
+    ns: &str,
+    sa: &str,
+) -> Result<(), String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match issued.as_ref().map_err(Clone::clone)?.get(sa) {
+        Some(not_after) if *not_after > now => Ok(()),
         Some(_) => Err(format!("every SVID issued to {ns}/{sa} has expired")),
         None => Err(format!("no SVID was ever issued to {ns}/{sa}")),
     }

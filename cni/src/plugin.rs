@@ -61,6 +61,8 @@ fn run(vars: &HashMap<String, String>, input: &[u8]) -> Result<Option<Value>, Cn
             format!("type {:?}", config.kind),
         ));
     }
+    // iptables inside the pod's network namespace.
+    let run = |tool: &'static str, args: &[String]| in_netns(&env.netns, tool, args);
     match env.command {
         Command::Version => unreachable!("answered above"),
         Command::Status | Command::Gc => Ok(None),
@@ -73,8 +75,6 @@ fn run(vars: &HashMap<String, String>, input: &[u8]) -> Result<Option<Value>, Cn
                 )
             })?;
             if let Some(rules) = rules_for(&env, &config)? {
-                let netns = env.netns.clone();
-                let run = move |tool: &'static str, args: &[String]| in_netns(&netns, tool, args);
                 rules.apply_with(&run, ipv6_in(&env.netns)).map_err(|e| {
                     CniError::new(
                         Code::Apply,
@@ -96,8 +96,6 @@ fn run(vars: &HashMap<String, String>, input: &[u8]) -> Result<Option<Value>, Cn
             if env.netns.is_empty() || !std::path::Path::new(&env.netns).exists() {
                 return Ok(None);
             }
-            let netns = env.netns.clone();
-            let run = move |tool: &'static str, args: &[String]| in_netns(&netns, tool, args);
             mesh_proxy::init::remove_with(&run, ipv6_in(&env.netns)).map_err(|e| {
                 CniError::new(
                     Code::Apply,
@@ -116,8 +114,6 @@ fn run(vars: &HashMap<String, String>, input: &[u8]) -> Result<Option<Value>, Cn
                 ));
             }
             if let Some(rules) = rules_for(&env, &config)? {
-                let netns = env.netns.clone();
-                let run = move |tool: &'static str, args: &[String]| in_netns(&netns, tool, args);
                 rules
                     .check_with(&run, ipv6_in(&env.netns))
                     .map_err(|drift| {

@@ -751,3 +751,33 @@ pub fn control_pod_runs_at(kube: &Kube, installed: &Installed, ip: &str) {
         std::thread::sleep(Duration::from_millis(300));
     }
 }
+
+/// Namespace `shop` (with `namespace_labels`), ServiceAccounts api, web
+/// and stranger, the Service api on 8080, and policy that admits only
+/// web (of trust domain `td`) to api's port 8080: a `kind: List` for
+/// `kubectl apply`.
+pub fn only_web_may_call_api(td: &str, namespace_labels: serde_json::Value) -> String {
+    let sa = |name: &str| serde_json::json!({ "apiVersion": "v1", "kind": "ServiceAccount", "metadata": { "name": name, "namespace": "shop" } });
+    let policy = "policy.mesh.rs/v1alpha1";
+    let web = mesh_core::identity::SpiffeId::workload(
+        &td.parse().expect("a trust domain"),
+        "shop",
+        "web",
+    )
+    .expect("a SPIFFE ID");
+    serde_json::json!({ "apiVersion": "v1", "kind": "List", "items": [
+        { "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": "shop", "labels": namespace_labels } },
+        sa("api"), sa("web"), sa("stranger"),
+        { "apiVersion": "v1", "kind": "Service", "metadata": { "name": "api", "namespace": "shop" },
+          "spec": { "selector": { "app": "api" },
+                    "ports": [{ "name": "http", "port": 8080, "targetPort": 8080, "appProtocol": "http" }] } },
+        { "apiVersion": policy, "kind": "Server", "metadata": { "name": "api-http", "namespace": "shop" },
+          "spec": { "podSelector": { "matchLabels": { "app": "api" } }, "port": 8080 } },
+        { "apiVersion": policy, "kind": "AuthorizationPolicy", "metadata": { "name": "web-only", "namespace": "shop" },
+          "spec": { "targetRef": { "kind": "Server", "name": "api-http" },
+                    "requiredAuthenticationRefs": [{ "kind": "MeshTLSAuthentication", "name": "web" }] } },
+        { "apiVersion": policy, "kind": "MeshTLSAuthentication", "metadata": { "name": "web", "namespace": "shop" },
+          "spec": { "identities": [web.to_string()] } },
+    ] })
+    .to_string()
+}

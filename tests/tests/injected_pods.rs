@@ -407,47 +407,10 @@ fn injected_pods_run_as_the_kubelet_would_and_talk_over_mtls() {
     ];
     let installed = install_with(&kube, "west.mesh.local", "west", &[], &flags);
     control_pod_runs_at(&kube, &installed, CONTROL_IP);
-    kube.apply(
-        r#"apiVersion: v1
-kind: Namespace
-metadata: {name: shop, labels: {mesh.rs/inject: enabled}}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: api, namespace: shop}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: web, namespace: shop}
----
-apiVersion: v1
-kind: Service
-metadata: {name: api, namespace: shop}
-spec:
-  selector: {app: api}
-  ports: [{name: http, port: 8080, targetPort: 8080}]
----
-apiVersion: policy.mesh.rs/v1alpha1
-kind: Server
-metadata: {name: api-http, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: api}}
-  port: 8080
----
-apiVersion: policy.mesh.rs/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: web-only, namespace: shop}
-spec:
-  targetRef: {kind: Server, name: api-http}
-  requiredAuthenticationRefs: [{kind: MeshTLSAuthentication, name: web}]
----
-apiVersion: policy.mesh.rs/v1alpha1
-kind: MeshTLSAuthentication
-metadata: {name: web, namespace: shop}
-spec:
-  identities: ["spiffe://west.mesh.local/ns/shop/sa/web"]
-"#,
-    );
+    kube.apply(&mesh_tests::kube::only_web_may_call_api(
+        "west.mesh.local",
+        json!({ "mesh.rs/inject": "enabled" }),
+    ));
     let _bridge = Bridge::new();
     let mut pods = Vec::new();
     for (name, sa, ip) in [

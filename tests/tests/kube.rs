@@ -214,36 +214,8 @@ async fn endpoints_until(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_plane_on_the_kube_store_serves_discovery() {
     let kube = Kube::start();
-    kube.apply(&mesh(&["install", "--crds"]));
-    kube.kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "crd",
-        "--all",
-        "--timeout=60s",
-    ]);
-    let ca = tempfile::tempdir().unwrap();
-    let ca_dir = ca.path().join("ca");
-    mesh(&[
-        "identity",
-        "ca",
-        "create",
-        "--trust-domain",
-        "east.mesh.local",
-        "--out",
-        ca_dir.to_str().unwrap(),
-    ]);
-    kube.apply(&mesh(&[
-        "install",
-        "--ca",
-        ca_dir.to_str().unwrap(),
-        "--set",
-        "cluster=east",
-    ]));
-
-    let token = kube.token("mesh-system", "mesh-control", None, "1h");
-    let kubeconfig = kube.kubeconfig_for_token("mesh-control", &token);
-    let control = Control::start(&kubeconfig, "east");
+    let installed = install(&kube, "east.mesh.local", "east");
+    let (control, ca_dir) = (installed.control, installed.ca_dir);
 
     kube.apply(
         r#"apiVersion: v1
@@ -451,52 +423,10 @@ fn meshed_pods_talk_with_mtls_and_policy_on_the_kube_store() {
     let kube = Kube::start();
     let td = "east.mesh.local";
     let installed = install(&kube, td, "east");
-    let manifests = String::from(
-        r#"apiVersion: v1
-kind: Namespace
-metadata: {name: shop}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: api, namespace: shop}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: web, namespace: shop}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: stranger, namespace: shop}
----
-apiVersion: v1
-kind: Service
-metadata: {name: api, namespace: shop}
-spec:
-  selector: {app: api}
-  ports: [{name: http, port: 8080, targetPort: 8080, appProtocol: http}]
----
-apiVersion: policy.mesh.rs/v1alpha1
-kind: Server
-metadata: {name: api-http, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: api}}
-  port: 8080
----
-apiVersion: policy.mesh.rs/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: web-only, namespace: shop}
-spec:
-  targetRef: {kind: Server, name: api-http}
-  requiredAuthenticationRefs: [{kind: MeshTLSAuthentication, name: web}]
----
-apiVersion: policy.mesh.rs/v1alpha1
-kind: MeshTLSAuthentication
-metadata: {name: web, namespace: shop}
-spec:
-  identities: ["spiffe://east.mesh.local/ns/shop/sa/web"]
-"#,
-    );
-    kube.apply(&manifests);
+    kube.apply(&mesh_tests::kube::only_web_may_call_api(
+        td,
+        serde_json::json!({}),
+    ));
 
     let _api = run_meshed(
         &kube,

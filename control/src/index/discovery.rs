@@ -354,11 +354,31 @@ mod tests {
         .unwrap();
         let mut bundle = mesh_core::identity::TrustBundle::new("east.mesh.local".parse().unwrap());
         bundle.add_root(root.cert().clone()).unwrap();
-        let json = bundle.to_spiffe_json().unwrap().replace('\n', "");
+        let json = bundle.to_spiffe_json().unwrap();
         let mirror = |ready: bool| {
-            format!(
-                "apiVersion: multicluster.mesh.rs/v1alpha1\nkind: Link\nmetadata: {{name: east}}\nspec:\n  clusterName: east\n  trustDomain: east.mesh.local\n  gatewayAddresses: [\"gw.east:4143\"]\n  gatewayIdentity: spiffe://east.mesh.local/ns/mesh-system/sa/gateway\n  transport: tcp\n  trustBundle: '{json}'\n---\napiVersion: multicluster.mesh.rs/v1alpha1\nkind: MirroredService\nmetadata: {{name: api-east, namespace: shop}}\nspec:\n  link: east\n  remoteName: api\n  ports: [{{port: 80, targetPort: 8080, appProtocol: http}}]\n  identities: [\"spiffe://east.mesh.local/ns/shop/sa/api\"]\n  ready: {ready}\n"
-            )
+            let docs = [
+                serde_json::json!({
+                    "apiVersion": "multicluster.mesh.rs/v1alpha1", "kind": "Link",
+                    "metadata": { "name": "east" },
+                    "spec": {
+                        "clusterName": "east", "trustDomain": "east.mesh.local",
+                        "gatewayAddresses": ["gw.east:4143"],
+                        "gatewayIdentity": "spiffe://east.mesh.local/ns/mesh-system/sa/gateway",
+                        "transport": "tcp", "trustBundle": json,
+                    },
+                }),
+                serde_json::json!({
+                    "apiVersion": "multicluster.mesh.rs/v1alpha1", "kind": "MirroredService",
+                    "metadata": { "name": "api-east", "namespace": "shop" },
+                    "spec": {
+                        "link": "east", "remoteName": "api",
+                        "ports": [{ "port": 80, "targetPort": 8080, "appProtocol": "http" }],
+                        "identities": ["spiffe://east.mesh.local/ns/shop/sa/api"],
+                        "ready": ready,
+                    },
+                }),
+            ];
+            serde_saphyr::to_string_multiple(&docs).unwrap()
         };
         let eps = endpoints(
             index(&mirror(true)).discovery("api-east.shop.svc.cluster.local:80", Instant::now()),

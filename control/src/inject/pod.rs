@@ -34,7 +34,39 @@ pub const MESH_BIN: &str = "/usr/bin/mesh";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
     Inject,
-    Skip(&'static str),
+    Skip(Skip),
+}
+
+/// Why a pod is left alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skip {
+    ExcludedNamespace,
+    AlreadyInjected,
+    NotEnabled,
+    HostNetwork,
+}
+
+impl Skip {
+    /// The metric's `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::ExcludedNamespace => "excluded_namespace",
+            Self::AlreadyInjected => "already_injected",
+            Self::NotEnabled => "not_enabled",
+            Self::HostNetwork => "host_network",
+        }
+    }
+}
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::ExcludedNamespace => "namespace is excluded from injection",
+            Self::AlreadyInjected => "already injected",
+            Self::NotEnabled => "injection is not enabled",
+            Self::HostNetwork => "hostNetwork pods share the node's network and cannot be meshed",
+        })
+    }
 }
 
 /// The namespace as the webhook sees it.
@@ -50,10 +82,10 @@ pub struct NamespaceMeta {
 /// already carry a proxy are left alone.
 pub fn decide(ns: &NamespaceMeta, pod: &Value) -> Result<Decision, String> {
     if EXCLUDED_NAMESPACES.contains(&ns.name.as_str()) {
-        return Ok(Decision::Skip("namespace is excluded from injection"));
+        return Ok(Decision::Skip(Skip::ExcludedNamespace));
     }
     if is_injected(pod) {
-        return Ok(Decision::Skip("already injected"));
+        return Ok(Decision::Skip(Skip::AlreadyInjected));
     }
     let meta = &pod["metadata"];
     let pod_switch = annotations::switch(
@@ -68,12 +100,10 @@ pub fn decide(ns: &NamespaceMeta, pod: &Value) -> Result<Decision, String> {
     )?;
     let wanted = pod_switch.or(ns_switch) == Some(Switch::Enabled);
     if !wanted {
-        return Ok(Decision::Skip("injection is not enabled"));
+        return Ok(Decision::Skip(Skip::NotEnabled));
     }
     if pod["spec"]["hostNetwork"] == json!(true) {
-        return Ok(Decision::Skip(
-            "hostNetwork pods share the node's network and cannot be meshed",
-        ));
+        return Ok(Decision::Skip(Skip::HostNetwork));
     }
     Ok(Decision::Inject)
 }

@@ -388,12 +388,11 @@ pub fn admit(
     match pod::decide(ns, original) {
         Ok(Decision::Inject) => {}
         Ok(Decision::Skip(why)) => {
-            let warnings = if why.contains("hostNetwork") {
-                vec![format!("mesh: not injected: {why}")]
-            } else {
-                Vec::new()
+            let warnings = match why {
+                pod::Skip::HostNetwork => vec![format!("mesh: not injected: {why}")],
+                _ => Vec::new(),
             };
-            return allow(skip_reason(why), warnings);
+            return allow(why.label(), warnings);
         }
         Err(message) => {
             return Admission::Deny {
@@ -429,18 +428,6 @@ pub fn admit(
             reason: "internal",
             message: format!("mesh: cannot encode the patch: {e}"),
         },
-    }
-}
-
-fn skip_reason(why: &str) -> &'static str {
-    if why.contains("excluded") {
-        "excluded_namespace"
-    } else if why.contains("already") {
-        "already_injected"
-    } else if why.contains("hostNetwork") {
-        "host_network"
-    } else {
-        "not_enabled"
     }
 }
 

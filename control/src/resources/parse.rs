@@ -371,9 +371,16 @@ mod tests {
     #[test]
     fn a_bad_link_names_the_field_and_the_fix() {
         let link = |td: &str, gw: &str, transport: &str, bundle: &str| {
-            format!(
-                "apiVersion: multicluster.mesh.rs/v1alpha1\nkind: Link\nmetadata: {{name: east}}\nspec:\n  clusterName: east\n  trustDomain: {td}\n  gatewayAddresses: [\"{gw}\"]\n  gatewayIdentity: spiffe://east.mesh.local/ns/mesh-system/sa/gateway\n  transport: {transport}\n  trustBundle: '{bundle}'\n"
-            )
+            serde_saphyr::to_string(&serde_json::json!({
+                "apiVersion": "multicluster.mesh.rs/v1alpha1", "kind": "Link",
+                "metadata": { "name": "east" },
+                "spec": {
+                    "clusterName": "east", "trustDomain": td, "gatewayAddresses": [gw],
+                    "gatewayIdentity": "spiffe://east.mesh.local/ns/mesh-system/sa/gateway",
+                    "transport": transport, "trustBundle": bundle,
+                },
+            }))
+            .unwrap()
         };
         let reason = |text: String| parse(&text).unwrap_err().to_string();
         let no_roots = r#"{"keys": []}"#;
