@@ -433,6 +433,7 @@ async fn setup(dir: &Path) -> Result<Setup> {
                 workload: format!("{sa}-0"),
                 labels: [("app".to_owned(), app.to_owned())].into(),
                 addresses: vec![std::net::Ipv4Addr::LOCALHOST.into()],
+                ports: Vec::new(),
             }),
         };
         let resp = admin_socket::request(&admin_socket, &req).await?;
@@ -665,6 +666,7 @@ pub(crate) async fn certify(
             csr,
             token,
             ttl_seconds: 0,
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -13,6 +13,7 @@ mod identity;
 mod inject;
 mod install;
 mod multicluster;
+mod vm;
 
 #[derive(Debug, Parser)]
 #[command(name = "mesh", version, about = "Mesh: a federated service mesh", long_about = None)]
@@ -54,6 +55,10 @@ enum Command {
     /// server, CRDs, control plane, issuer, webhook; with `--proxy`, the
     /// meshed pods. Non-zero exit on failure.
     Check(check::CheckArgs),
+    /// VMs: `token create` on the cluster side prints the line a VM runs;
+    /// `join`, `run`, `leave`, `status` are the VM agent's own commands.
+    #[command(subcommand)]
+    Vm(vm::VmCmd),
     /// Measure the data plane on this machine: meshed against direct, in one run.
     Bench(bench::BenchArgs),
     /// Run a whole federated mesh on this machine from a topology file, with live traffic.
@@ -127,6 +132,14 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Vm(cmd) => {
+            let serving = matches!(
+                cmd,
+                vm::VmCmd::Agent(mesh_vm_agent::cli::AgentCommand::Run(_))
+            );
+            mesh_core::telemetry::init(if serving { "info" } else { "warn" });
+            report(vm::run(cmd, &mut std::io::stdout().lock()))
         }
         Command::Bench(args) => {
             mesh_core::telemetry::init("warn");

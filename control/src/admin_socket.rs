@@ -49,6 +49,39 @@ pub struct AdminResponse {
     pub expires_at: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Who issued it, for a join string: the cluster, its trust domain and
+    /// the pin of its trust bundle (`TrustBundle::pin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterFacts>,
+}
+
+/// What a joining VM must be told about this cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterFacts {
+    pub cluster: String,
+    pub trust_domain: String,
+    pub bundle_pin: String,
+}
+
+/// Where [`ClusterFacts`] come from in a running control plane.
+#[derive(Clone, Debug)]
+pub struct Facts {
+    pub cluster: String,
+    pub trust_domain: mesh_core::identity::TrustDomain,
+    pub bundles: mesh_core::identity::BundleStore,
+}
+
+impl Facts {
+    /// The facts as of now (the bundle may have rotated since start).
+    pub fn now(&self) -> Option<ClusterFacts> {
+        let bundles = self.bundles.current();
+        let bundle = bundles.get(&self.trust_domain)?;
+        Some(ClusterFacts {
+            cluster: self.cluster.clone(),
+            trust_domain: self.trust_domain.to_string(),
+            bundle_pin: bundle.pin(),
+        })
+    }
 }
 
 /// Creates and stores a join token; returns it (shown once) and its record.
@@ -133,14 +166,21 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
 }
 
 /// Serves admin requests until the task is dropped.
-pub async fn serve(listener: UnixListener, path: PathBuf, store: Arc<dyn Store>, metrics: Metrics) {
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    store: Arc<dyn Store>,
+    metrics: Metrics,
+    facts: Facts,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let (store, metrics, path) = (store.clone(), metrics.clone(), path.clone());
+        let facts = facts.now();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, &path, store, &metrics).await {
+            if let Err(e) = handle(stream, &path, store, &metrics, facts).await {
                 tracing::warn!(error = %e, "admin socket request failed");
             }
         });
@@ -152,6 +192,7 @@ async fn handle(
     path: &Path,
     store: Arc<dyn Store>,
     metrics: &Metrics,
+    facts: Option<ClusterFacts>,
 ) -> std::io::Result<()> {
     // The file mode already keeps others out; check the peer as well, in
     // case the directory or mode was loosened.
@@ -210,6 +251,7 @@ async fn handle(
                             token: Some(token),
                             expires_at: Some(record.expires_at),
                             error: None,
+                            cluster: facts,
                         }
                     }
                     Err(e) => AdminResponse {

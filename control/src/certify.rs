@@ -7,11 +7,14 @@ use std::{
 };
 
 use mesh_core::{
-    api::v1::{CertifyRequest, CertifyResponse, identity_server::Identity},
+    api::v1::{
+        CertifyRequest, CertifyResponse, TrustBundleRequest, TrustBundleResponse,
+        identity_server::Identity,
+    },
     grpc,
     identity::{
         BundleStore, CertificateAuthority, SpiffeId, TrustDomain, ca::CaError, cert::now,
-        csr::MAX_CSR_LEN,
+        csr::MAX_CSR_LEN, enroll,
     },
 };
 use tonic::{Code, Request, Response, Status};
@@ -68,6 +71,24 @@ impl Identity for IdentityService {
         self.handle(peer.as_ref(), request.into_inner())
             .await
             .map(Response::new)
+    }
+
+    async fn trust_bundle(
+        &self,
+        _request: Request<TrustBundleRequest>,
+    ) -> Result<Response<TrustBundleResponse>, Status> {
+        // Public facts: the roots verify this control plane's certificate,
+        // which every client sees anyway.
+        let roots = self
+            .bundles
+            .current()
+            .get(&self.trust_domain)
+            .map(|b| b.roots().iter().map(|r| r.to_vec()).collect())
+            .unwrap_or_default();
+        Ok(Response::new(TrustBundleResponse {
+            trust_domain: self.trust_domain.to_string(),
+            roots,
+        }))
     }
 }
 
@@ -133,7 +154,9 @@ impl IdentityService {
             0 => self.leaf_ttl,
             s => Duration::from_secs(s).min(self.leaf_ttl),
         };
-        if req.token.is_empty() {
+        if req.token.is_empty() && !req.workload.is_empty() {
+            self.reenroll(peer, requested, &req, ttl).await
+        } else if req.token.is_empty() {
             self.renew(peer, requested, &req.csr, ttl).await
         } else {
             // Unauthenticated: limited by the caller's address, which costs
@@ -147,7 +170,10 @@ impl IdentityService {
                     self.redeem_service_account(reviewer, &req.token, requested, &req.csr, ttl)
                         .await
                 }
-                _ => self.redeem(&req.token, requested, &req.csr, ttl).await,
+                _ => {
+                    let key = enrollment_key(&req.enrollment_key)?;
+                    self.redeem(&req.token, requested, &req.csr, ttl, key).await
+                }
             }
         }
     }
@@ -158,6 +184,7 @@ impl IdentityService {
         requested: SpiffeId,
         csr: &[u8],
         ttl: Duration,
+        enrollment_key: Option<String>,
     ) -> Result<CertifyResponse, Refusal> {
         let hash = tokens::hash(token).ok_or_else(|| {
             refuse(
@@ -202,7 +229,8 @@ impl IdentityService {
             ));
         }
         let response = self.sign(csr, &requested, ttl)?;
-        let serial = self.serial_record(&response, &requested, "token");
+        let mut serial = self.serial_record(&response, &requested, "token");
+        serial.enrollment_key = enrollment_key;
         let store = self.store.clone();
         blocking(move || store.consume_token(&hash, now_s, &serial))
             .await?
@@ -279,6 +307,73 @@ impl IdentityService {
         self.issue_recorded(csr, &requested, ttl, "renewal").await
     }
 
+    /// A workload whose SVID expired proves it holds the enrollment key its
+    /// grant recorded at join (see `mesh_core::identity::enroll`).
+    async fn reenroll(
+        &self,
+        peer: Option<&grpc::PeerInfo>,
+        requested: SpiffeId,
+        req: &CertifyRequest,
+        ttl: Duration,
+    ) -> Result<CertifyResponse, Refusal> {
+        if let Some(peer) = peer {
+            self.limit_key(&format!("ip:{}", peer.remote.ip()), "this address")?;
+        }
+        self.limit(&requested)?;
+        let denied = |why: String| refuse("enrollment_refused", Code::PermissionDenied, why);
+        let Some(namespace) = crate::services::workload_namespace(&requested) else {
+            return Err(denied(format!(
+                "{requested} is not a workload identity; only workloads re-enroll"
+            )));
+        };
+        if crate::resources::parse::check_name("workload", &req.workload).is_err() {
+            return Err(refuse(
+                "bad_workload",
+                Code::InvalidArgument,
+                format!("workload {:?} is not a valid name", req.workload),
+            ));
+        }
+        let store = self.store.clone();
+        let (ns, name) = (namespace.clone(), req.workload.clone());
+        let grant = blocking(move || store.grant(&ns, &name)).await?;
+        let rejoin = format!(
+            "create a new token with `mesh vm token create --namespace {namespace} --workload {}` and join again",
+            req.workload
+        );
+        let Some(grant) = grant else {
+            return Err(denied(format!(
+                "workload {namespace}/{} has no grant (it left, or never joined); {rejoin}",
+                req.workload
+            )));
+        };
+        if grant.spiffe_id != requested.as_str() {
+            return Err(denied(format!(
+                "workload {namespace}/{} belongs to {}, not {requested}",
+                req.workload, grant.spiffe_id
+            )));
+        }
+        let Some(key) = grant.enrollment_key.as_deref() else {
+            return Err(denied(format!(
+                "workload {namespace}/{} joined without an enrollment key, so it cannot re-enroll; {rejoin}",
+                req.workload
+            )));
+        };
+        if !enroll::verify(
+            key,
+            requested.as_str(),
+            &req.workload,
+            &req.csr,
+            &req.enrollment_signature,
+        ) {
+            return Err(denied(format!(
+                "the re-enrollment of {namespace}/{} is not signed by the key it joined with",
+                req.workload
+            )));
+        }
+        self.issue_recorded(&req.csr, &requested, ttl, "reenrollment")
+            .await
+    }
+
     /// Signs `id` and records the serial: the end of every path that has
     /// no token to consume.
     async fn issue_recorded(
@@ -342,6 +437,7 @@ impl IdentityService {
             not_after: r.not_after,
             issued_at: now().unix_timestamp(),
             via: via.to_owned(),
+            enrollment_key: None,
         }
     }
 
@@ -351,6 +447,21 @@ impl IdentityService {
             .get_or_create(&CertifyLabels { via: via.into() })
             .inc();
     }
+}
+
+/// The enrollment key given with a token, checked for shape.
+fn enrollment_key(key: &[u8]) -> Result<Option<String>, Refusal> {
+    if key.is_empty() {
+        return Ok(None);
+    }
+    if !enroll::valid_public_key(key) {
+        return Err(refuse(
+            "bad_enrollment_key",
+            Code::InvalidArgument,
+            "enrollment_key must be an uncompressed P-256 point (65 bytes)",
+        ));
+    }
+    Ok(Some(enroll::encode_public_key(key)))
 }
 
 fn token_refusal(e: TokenError) -> Refusal {

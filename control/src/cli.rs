@@ -60,6 +60,10 @@ pub struct TokenCreateArgs {
     /// without: any address no other workload holds.
     #[arg(long, requires = "workload", value_delimiter = ',')]
     addresses: Vec<std::net::IpAddr>,
+    /// Application ports it may register, `5432,8080` (with --workload);
+    /// without: any.
+    #[arg(long, requires = "workload", value_delimiter = ',')]
+    ports: Vec<u16>,
     /// The control plane's data directory: its admin socket is used when it
     /// runs, otherwise the database is opened directly.
     #[arg(long, env = "MESH_CONTROL_DATA_DIR", conflicts_with = "admin_socket")]
@@ -320,7 +324,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 /// `k=v,k2=v2` (empty: no labels).
-fn parse_labels(text: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+pub fn parse_labels(text: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
     text.split(',')
         .map(str::trim)
         .filter(|kv| !kv.is_empty())
@@ -332,6 +336,32 @@ fn parse_labels(text: &str) -> Result<std::collections::BTreeMap<String, String>
         .collect()
 }
 
+/// Asks a running control plane (its admin socket) for a join token.
+pub async fn request_token(
+    socket: &std::path::Path,
+    namespace: String,
+    service_account: String,
+    ttl: Duration,
+    claims: Option<crate::store::WorkloadClaims>,
+) -> anyhow::Result<admin_socket::AdminResponse> {
+    let req = AdminRequest::CreateToken {
+        namespace,
+        service_account,
+        ttl_seconds: ttl.as_secs(),
+        claims,
+    };
+    let resp = admin_socket::request(socket, &req).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the control plane at {}: {e}; is it running?",
+            socket.display()
+        )
+    })?;
+    if let Some(err) = resp.error {
+        anyhow::bail!("{err}");
+    }
+    Ok(resp)
+}
+
 async fn token_create(args: TokenCreateArgs) -> anyhow::Result<()> {
     let who = format!("ns/{}/sa/{}", args.namespace, args.service_account);
     let claims = args
@@ -341,6 +371,7 @@ async fn token_create(args: TokenCreateArgs) -> anyhow::Result<()> {
             workload,
             labels: args.labels.clone(),
             addresses: args.addresses.clone(),
+            ports: args.ports.clone(),
         });
     let socket = match (&args.admin_socket, &args.data_dir) {
         (Some(path), _) => Some(path.clone()),
@@ -349,21 +380,14 @@ async fn token_create(args: TokenCreateArgs) -> anyhow::Result<()> {
     };
     let (token, expires_at) = match socket {
         Some(path) => {
-            let req = AdminRequest::CreateToken {
-                namespace: args.namespace,
-                service_account: args.service_account,
-                ttl_seconds: args.ttl.as_secs(),
+            let resp = request_token(
+                &path,
+                args.namespace,
+                args.service_account,
+                args.ttl,
                 claims,
-            };
-            let resp = admin_socket::request(&path, &req).await.map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot reach the control plane at {}: {e}; is it running?",
-                    path.display()
-                )
-            })?;
-            if let Some(err) = resp.error {
-                anyhow::bail!("{err}");
-            }
+            )
+            .await?;
             (
                 resp.token.unwrap_or_default(),
                 resp.expires_at.unwrap_or_default(),

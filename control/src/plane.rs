@@ -357,6 +357,11 @@ impl ControlPlane {
             config.admin_socket.clone(),
             store.clone(),
             metrics.clone(),
+            admin_socket::Facts {
+                cluster: config.cluster.clone(),
+                trust_domain: td.clone(),
+                bundles: bundles.clone(),
+            },
         ));
         match source {
             Source::Dir(config_dir) => {

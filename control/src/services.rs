@@ -268,6 +268,21 @@ impl ApiServices {
                 ),
             ));
         }
+        let ports = &grant.claims.ports;
+        if let Some(p) = reg
+            .ports
+            .iter()
+            .find(|p| !ports.is_empty() && !ports.contains(&p.port))
+        {
+            return Err(self.refuse(
+                "port_not_granted",
+                Code::PermissionDenied,
+                format!(
+                    "workload {workload} may not register port {}: its token granted {ports:?}",
+                    p.port
+                ),
+            ));
+        }
         let allowed = &grant.claims.addresses;
         if allowed.is_empty() {
             // Not fixed by the operator: no other workload's address.
@@ -301,7 +316,7 @@ impl ApiServices {
 }
 
 /// `ns` of `spiffe://<td>/ns/<ns>/sa/<sa>`.
-fn workload_namespace(id: &SpiffeId) -> Option<String> {
+pub(crate) fn workload_namespace(id: &SpiffeId) -> Option<String> {
     let parts: Vec<&str> = id.path().split('/').collect();
     match parts.as_slice() {
         ["", "ns", ns, "sa", _] => Some((*ns).to_owned()),

@@ -68,7 +68,13 @@ pub struct WorkloadClaims {
     /// workload holds.
     #[serde(default)]
     pub addresses: Vec<IpAddr>,
+    /// The application ports it may register; empty: any port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
 }
+
+/// Ports a token may grant at most.
+pub const MAX_CLAIMED_PORTS: usize = 64;
 
 /// Labels a token may grant at most.
 pub const MAX_CLAIMED_LABELS: usize = 64;
@@ -97,6 +103,12 @@ impl WorkloadClaims {
         if self.addresses.len() > MAX_CLAIMED_ADDRESSES {
             return Err(format!("at most {MAX_CLAIMED_ADDRESSES} addresses"));
         }
+        if self.ports.len() > MAX_CLAIMED_PORTS {
+            return Err(format!("at most {MAX_CLAIMED_PORTS} ports"));
+        }
+        if self.ports.contains(&0) {
+            return Err("port 0 is not a port".into());
+        }
         Ok(())
     }
 }
@@ -109,6 +121,11 @@ pub struct Grant {
     pub claims: WorkloadClaims,
     /// Unix seconds.
     pub granted_at: i64,
+    /// The enrollment public key the token's holder gave (a VM agent's;
+    /// base64 of an uncompressed P-256 point). Its signature lets the
+    /// workload re-enroll after its SVID expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_key: Option<String>,
 }
 
 /// An issued certificate, for audit.
@@ -118,8 +135,12 @@ pub struct SerialRecord {
     pub spiffe_id: String,
     pub not_after: i64,
     pub issued_at: i64,
-    /// `token` or `renewal`.
+    /// `token`, `renewal`, `service_account` or `reenrollment`.
     pub via: String,
+    /// With `token`: the enrollment key the holder gave, which goes into
+    /// the grant of the token's claims.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_key: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -301,6 +322,7 @@ impl Store for LocalStore {
                     spiffe_id: serial.spiffe_id.clone(),
                     claims: claims.clone(),
                     granted_at: now,
+                    enrollment_key: serial.enrollment_key.clone(),
                 };
                 let key = format!("{}/{}", record.namespace, claims.workload);
                 tx.open_table(GRANTS)
@@ -404,6 +426,7 @@ mod tests {
             not_after: 2,
             issued_at: 1,
             via: "token".into(),
+            enrollment_key: None,
         }
     }
 
@@ -421,6 +444,7 @@ mod tests {
                 workload: "web-0".into(),
                 labels: [("app".to_owned(), "web".to_owned())].into(),
                 addresses: vec![],
+                ports: Vec::new(),
             }),
         };
         store.create_token(&[1; 32], &record).unwrap();

@@ -123,6 +123,7 @@ async fn token_then_renewal_then_each_refusal() {
             csr: b"not a csr".to_vec(),
             token: token.clone(),
             ttl_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -169,6 +170,7 @@ async fn ttl_is_clamped_and_anchors_are_returned() {
             csr,
             token: tp.token("shop", "web"),
             ttl_seconds: 7 * 24 * 3600,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -265,6 +267,7 @@ async fn a_flood_of_random_tokens_is_limited_before_the_store() {
                 csr,
                 token: mesh_control::tokens::generate(),
                 ttl_seconds: 0,
+                ..Default::default()
             })
             .await
             .unwrap_err();

@@ -41,6 +41,7 @@ async fn measure(
                 csr,
                 token: String::new(),
                 ttl_seconds: 0,
+                ..Default::default()
             })
             .await
             .expect("the victim's renewals all succeed");
@@ -80,6 +81,7 @@ async fn flood_from_one_identity_does_not_slow_another() {
                     csr: csr.clone(),
                     token: String::new(),
                     ttl_seconds: 0,
+                    ..Default::default()
                 };
                 match client.certify(req).await {
                     Ok(_) => ok.fetch_add(1, Ordering::Relaxed),

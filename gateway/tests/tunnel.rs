@@ -221,6 +221,7 @@ async fn joined(c: &Cluster, sa: &str, workload: &str) -> Credentials {
             workload: workload.into(),
             labels: [("app".to_owned(), sa.to_owned())].into(),
             addresses: vec!["127.0.0.1".parse().unwrap()],
+            ports: Vec::new(),
         }),
     )
     .unwrap();
@@ -239,6 +240,7 @@ async fn joined(c: &Cluster, sa: &str, workload: &str) -> Credentials {
             csr,
             token,
             ttl_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -81,6 +81,7 @@ async fn certify(
             csr,
             token,
             ttl_seconds: 0,
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -27,4 +27,4 @@ pub mod upgrade;
 pub mod wire;
 
 pub use env::{Config, TrustAnchors};
-pub use proxy::{Proxy, StartError};
+pub use proxy::{Extras, Proxy, StartError};

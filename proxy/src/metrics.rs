@@ -165,8 +165,14 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut r = Registry::with_prefix("mesh_proxy");
-        let r = &mut r;
+        Self::with(|_| {})
+    }
+
+    /// The proxy's metrics plus those `extra` registers on the same
+    /// registry, unprefixed (the VM agent's own).
+    pub fn with(extra: impl FnOnce(&mut Registry)) -> Self {
+        let mut root = Registry::default();
+        let r = root.sub_registry_with_prefix("mesh_proxy");
         let metrics = Self {
             inbound_requests: registered(
                 r,
@@ -251,8 +257,9 @@ impl Metrics {
             tap: tokio::sync::broadcast::channel(1024).0,
             registry: Arc::default(),
         };
+        extra(&mut root);
         Self {
-            registry: Arc::new(std::mem::take(r)),
+            registry: Arc::new(root),
             ..metrics
         }
     }

@@ -47,6 +47,30 @@ pub enum StartError {
     },
 }
 
+/// What a host of the proxy adds to it.
+pub struct Extras {
+    /// The app's health, reported with the registration.
+    pub health: register::Health,
+    /// Registers the host's metrics next to the proxy's (served on the
+    /// same admin `/metrics`).
+    pub metrics: Box<dyn FnOnce(&mut prometheus_client::registry::Registry) + Send>,
+}
+
+impl Default for Extras {
+    fn default() -> Self {
+        Self {
+            health: register::always_healthy(),
+            metrics: Box::new(|_| {}),
+        }
+    }
+}
+
+impl std::fmt::Debug for Extras {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Extras").finish_non_exhaustive()
+    }
+}
+
 /// A running proxy.
 #[derive(Debug)]
 pub struct Proxy {
@@ -54,6 +78,10 @@ pub struct Proxy {
     pub outbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub credentials: CredentialStore,
+    /// Our trust bundle and each linked cluster's.
+    pub bundles: BundleStore,
+    /// `/ready` of the admin endpoint.
+    pub readiness: Readiness,
     api: Channel,
     config: Config,
     tasks: JoinSet<()>,
@@ -131,8 +159,15 @@ impl Proxy {
     /// Starts the proxy. Returns once it holds an identity and serves
     /// inbound traffic; until then `/ready` says why it is not ready.
     pub async fn start(config: Config) -> Result<Self, StartError> {
+        Self::start_with(config, Extras::default()).await
+    }
+
+    /// [`Self::start`] for a host that runs the proxy in its own process
+    /// (the VM agent): the app's health from its checks, its own metrics.
+    pub async fn start_with(config: Config, extras: Extras) -> Result<Self, StartError> {
         tracing::info!(?config, "starting proxy");
-        let metrics = Metrics::new();
+        let Extras { health, metrics } = extras;
+        let metrics = Metrics::with(metrics);
         let mut tasks = JoinSet::new();
         let Joined {
             bundles,
@@ -219,11 +254,12 @@ impl Proxy {
             RegistryClient::new(api.clone()),
             config.clone(),
             inbound_addr.port(),
+            health,
         ));
         let (renew_metrics, renew_ready) = (metrics.clone(), readiness.clone());
         tasks.spawn(identity::renew_forever(
             config.clone(),
-            bundles,
+            bundles.clone(),
             creds.clone(),
             move |state| match state {
                 Ok(not_after) => {
@@ -244,6 +280,8 @@ impl Proxy {
             outbound_addr,
             admin_addr,
             credentials: creds,
+            bundles,
+            readiness,
             api,
             config,
             tasks,

@@ -1,5 +1,8 @@
 //! Registers the workload with the control plane and keeps it alive with
-//! heartbeats; registers again if the control plane forgot it.
+//! heartbeats; registers again if the control plane forgot it. The health
+//! each carries is the app's, as the caller's checks see it (a sidecar
+//! reports healthy; the VM agent probes its app), and a change is sent at
+//! once rather than at the next heartbeat.
 
 use std::time::Duration;
 
@@ -11,7 +14,16 @@ use tonic::{Code, transport::Channel};
 
 use crate::{env::Config, identity::backoff};
 
-fn request(config: &Config, proxy_port: u16) -> RegisterRequest {
+/// The app's health as the registration reports it.
+pub type Health = tokio::sync::watch::Receiver<bool>;
+
+/// Health that is always good (a sidecar: the kubelet or the app's own
+/// readiness decides elsewhere).
+pub fn always_healthy() -> Health {
+    tokio::sync::watch::channel(true).1
+}
+
+fn request(config: &Config, proxy_port: u16, healthy: bool) -> RegisterRequest {
     RegisterRequest {
         namespace: config.namespace.clone(),
         name: config.workload.clone(),
@@ -30,16 +42,22 @@ fn request(config: &Config, proxy_port: u16) -> RegisterRequest {
             })
             .collect(),
         labels: config.labels.clone().into_iter().collect(),
-        healthy: true,
+        healthy,
         proxy_port: u32::from(proxy_port),
     }
 }
 
 /// Registers, then heartbeats forever.
-pub async fn keep_registered(mut client: RegistryClient<Channel>, config: Config, proxy_port: u16) {
+pub async fn keep_registered(
+    mut client: RegistryClient<Channel>,
+    config: Config,
+    proxy_port: u16,
+    mut health: Health,
+) {
     let mut failures = 0;
     loop {
-        let interval = match client.register(request(&config, proxy_port)).await {
+        let healthy = *health.borrow_and_update();
+        let interval = match client.register(request(&config, proxy_port, healthy)).await {
             Ok(resp) => {
                 failures = 0;
                 let secs = resp.into_inner().heartbeat_interval_seconds.max(1);
@@ -55,11 +73,16 @@ pub async fn keep_registered(mut client: RegistryClient<Channel>, config: Config
             }
         };
         loop {
-            tokio::time::sleep(interval).await;
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                // A sender that went away leaves the last value standing.
+                Ok(()) = health.changed() => {}
+            }
+            let healthy = *health.borrow_and_update();
             let beat = HeartbeatRequest {
                 namespace: config.namespace.clone(),
                 name: config.workload.clone(),
-                healthy: true,
+                healthy,
             };
             match client.heartbeat(beat).await {
                 Ok(_) => {}

@@ -176,6 +176,7 @@ async fn register_as_other(w: &World, app: &str, proxy_port: u16) {
         workload: format!("{app}-0"),
         labels: [("app".to_owned(), app.to_owned())].into(),
         addresses: vec!["127.0.0.1".parse().unwrap()],
+        ports: Vec::new(),
     };
     let other = w.join_with("other", Duration::ZERO, Some(claims)).await;
     let tls = mesh_core::identity::tls::client_config(

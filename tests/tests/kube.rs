@@ -519,6 +519,7 @@ async fn certify_checks_service_account_tokens_with_token_review() {
                 csr,
                 token: token.to_owned(),
                 ttl_seconds: 0,
+                ..Default::default()
             })
             .await
     };
@@ -604,6 +605,7 @@ async fn certify(
             csr,
             token: token.to_owned(),
             ttl_seconds: 0,
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -1341,6 +1341,7 @@ fn replica_components(
                     workload: replica.to_owned(),
                     labels: w.labels(),
                     addresses: vec![ip],
+                    ports: Vec::new(),
                 }),
             }),
             netns: place.netns.clone(),

@@ -261,6 +261,7 @@ impl Store for KubeStore {
                 spiffe_id: serial.spiffe_id.clone(),
                 claims: claims.clone(),
                 granted_at: now,
+                enrollment_key: serial.enrollment_key.clone(),
             };
             let secret = self.record_secret(
                 Self::grant_name(&record.namespace, &claims.workload),

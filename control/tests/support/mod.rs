@@ -208,6 +208,7 @@ pub async fn certify(
             csr,
             token: token.into(),
             ttl_seconds: 0,
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -254,6 +255,7 @@ pub fn claims(name: &str, app: &str, ip: &str) -> WorkloadClaims {
         workload: name.into(),
         labels: [("app".to_owned(), app.to_owned())].into(),
         addresses: vec![ip.parse().unwrap()],
+        ports: Vec::new(),
     }
 }
 

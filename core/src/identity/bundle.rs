@@ -230,6 +230,33 @@ impl TrustBundle {
     pub fn to_pem(&self) -> String {
         certs_to_pem(&self.roots)
     }
+
+    /// The pin of this bundle's roots, `sha256:<hex>`: SHA-256 over the
+    /// roots' SubjectPublicKeyInfo, sorted, each preceded by its length (4
+    /// bytes, big endian). A join string carries it, so a VM can check the
+    /// roots it fetched over a connection it could not verify yet, as
+    /// `kubeadm join --discovery-token-ca-cert-hash` does. Covering the
+    /// whole set means a bundle with an extra root does not match.
+    pub fn pin(&self) -> String {
+        let mut spkis: Vec<Vec<u8>> = self
+            .roots
+            .iter()
+            .map(|root| {
+                x509_parser::parse_x509_certificate(root)
+                    .map(|(_, c)| c.tbs_certificate.subject_pki.raw.to_vec())
+                    // Roots were parsed when the bundle was made; a
+                    // certificate that does not parse pins as a whole.
+                    .unwrap_or_else(|_| root.to_vec())
+            })
+            .collect();
+        spkis.sort();
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        for spki in &spkis {
+            ctx.update(&(spki.len() as u32).to_be_bytes());
+            ctx.update(spki);
+        }
+        format!("sha256:{}", super::cert::hex(ctx.finish().as_ref()))
+    }
 }
 
 /// The bundles of every trust domain this party trusts, one per domain.
@@ -393,6 +420,20 @@ mod tests {
 
     fn td() -> TrustDomain {
         "west.mesh.local".parse().unwrap()
+    }
+
+    #[test]
+    fn the_pin_covers_exactly_the_set_of_roots() {
+        let (a, b) = (root(), root());
+        let one = TrustBundle::with_roots(td(), [a.clone()]).unwrap();
+        let both = TrustBundle::with_roots(td(), [a.clone(), b.clone()]).unwrap();
+        let swapped = TrustBundle::with_roots(td(), [b.clone(), a.clone()]).unwrap();
+        assert!(one.pin().starts_with("sha256:") && one.pin().len() == 7 + 64);
+        assert_eq!(one.pin(), one.clone().pin(), "the pin is stable");
+        assert_eq!(both.pin(), swapped.pin(), "order does not matter");
+        assert_ne!(one.pin(), both.pin(), "an extra root changes the pin");
+        let other = TrustBundle::with_roots(td(), [b]).unwrap();
+        assert_ne!(one.pin(), other.pin());
     }
 
     #[test]

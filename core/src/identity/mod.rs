@@ -8,6 +8,7 @@ pub mod bundle;
 pub mod ca;
 pub mod cert;
 pub mod csr;
+pub mod enroll;
 pub mod files;
 pub mod spiffe_id;
 pub mod svid;

@@ -60,6 +60,9 @@ pub struct Credentials {
     id: SpiffeId,
     info: CertInfo,
     key: Arc<CertifiedKey>,
+    /// The private key as given, for those who hand it on or keep it on
+    /// disk (the VM agent's Workload API and its state directory).
+    key_der: Arc<PrivateKeyDer<'static>>,
 }
 
 impl Credentials {
@@ -75,7 +78,7 @@ impl Credentials {
         let provider = crypto::provider();
         let signing_key = provider
             .key_provider
-            .load_private_key(key)
+            .load_private_key(key.clone_key())
             .map_err(TlsError::Key)?;
         let certified = CertifiedKey::new(chain, signing_key);
         certified.keys_match().map_err(TlsError::Key)?;
@@ -83,7 +86,13 @@ impl Credentials {
             id,
             info,
             key: Arc::new(certified),
+            key_der: Arc::new(key),
         })
+    }
+
+    /// The leaf's private key.
+    pub fn key_der(&self) -> &PrivateKeyDer<'static> {
+        &self.key_der
     }
 
     pub fn id(&self) -> &SpiffeId {
@@ -101,29 +110,53 @@ impl Credentials {
 
 /// A value many readers share and a writer replaces whole. Readers get an
 /// `Arc` snapshot, so a swap never disturbs one already handed out.
-#[derive(Debug, Default)]
-struct Slot<T>(Arc<RwLock<Arc<T>>>);
+/// Every swap is announced on a watch channel, for those who push the
+/// new value on (the VM agent's Workload API streams, its files).
+#[derive(Debug)]
+struct Slot<T> {
+    value: Arc<RwLock<Arc<T>>>,
+    swapped: Arc<tokio::sync::watch::Sender<()>>,
+}
+
+impl<T: Default> Default for Slot<T> {
+    fn default() -> Self {
+        Self::new(T::default())
+    }
+}
 
 impl<T> Clone for Slot<T> {
     fn clone(&self) -> Self {
-        Self(self.0.clone())
+        Self {
+            value: self.value.clone(),
+            swapped: self.swapped.clone(),
+        }
     }
 }
 
 impl<T> Slot<T> {
     fn new(value: T) -> Self {
-        Self(Arc::new(RwLock::new(Arc::new(value))))
+        Self {
+            value: Arc::new(RwLock::new(Arc::new(value))),
+            swapped: Arc::new(tokio::sync::watch::Sender::new(())),
+        }
+    }
+
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
+        self.swapped.subscribe()
     }
 
     fn get(&self) -> Arc<T> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.value.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Replaces the value if `check` accepts the swap from the current one.
     fn swap_if<E>(&self, value: T, check: impl FnOnce(&T, &T) -> Result<(), E>) -> Result<(), E> {
-        let mut slot = self.0.write().unwrap_or_else(|p| p.into_inner());
-        check(&slot, &value)?;
-        *slot = Arc::new(value);
+        {
+            let mut slot = self.value.write().unwrap_or_else(|p| p.into_inner());
+            check(&slot, &value)?;
+            *slot = Arc::new(value);
+        }
+        self.swapped.send_replace(());
         Ok(())
     }
 }
@@ -139,6 +172,11 @@ impl CredentialStore {
 
     pub fn current(&self) -> Arc<Credentials> {
         self.0.get()
+    }
+
+    /// Changes each time credentials are rotated.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
+        self.0.subscribe()
     }
 
     /// Puts renewed credentials in place. The identity must stay the same:
@@ -169,6 +207,11 @@ impl BundleStore {
 
     pub fn current(&self) -> Arc<TrustBundleSet> {
         self.0.get()
+    }
+
+    /// Changes each time the bundles are replaced.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
+        self.0.subscribe()
     }
 
     pub fn replace(&self, bundles: TrustBundleSet) {

@@ -115,6 +115,7 @@ pub async fn proxy(
                 workload: format!("{sa}-0"),
                 labels: [("app".to_owned(), sa.to_owned())].into(),
                 addresses: vec![ip],
+                ports: Vec::new(),
             }),
         )),
         inbound_addr: SocketAddr::new(ip, 0),

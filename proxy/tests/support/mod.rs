@@ -281,6 +281,7 @@ pub fn proxy_config(
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
         addresses: vec![ip],
+        ports: Vec::new(),
     };
     let (token, _) = create_token(
         plane.store().as_ref(),
@@ -449,6 +450,7 @@ impl World {
                 csr,
                 token,
                 ttl_seconds: ttl.as_secs(),
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -1,0 +1,337 @@
+//! `mesh-vm-agent join | run | leave | status` (also `mesh vm ...`).
+
+use std::{
+    io::Write,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use clap::{Args, Subcommand};
+
+use crate::{
+    config::{
+        AgentConfig, DEFAULT_CONFIG, DEFAULT_STATE_DIR, DEFAULT_WORKLOAD_SOCKET, WorkloadApiConfig,
+    },
+    health::{Check, HealthConfig},
+    join::{JoinOptions, join},
+    join_string::JoinString,
+    systemd,
+};
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Join this VM to a cluster with the line `mesh vm token create` printed:
+    /// checks the cluster's pinned trust bundle, gets the VM's SPIFFE
+    /// identity, writes its config and keys, and starts the systemd unit.
+    Join(Box<JoinArgs>),
+    /// Run the agent (what the systemd unit runs).
+    Run(ConfigArg),
+    /// Leave the mesh: stop and remove the unit, deregister, delete the
+    /// config and keys.
+    Leave(LeaveArgs),
+    /// Show what this VM joined as and whether its agent is ready.
+    Status(ConfigArg),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    /// The agent's config, written by `join`.
+    #[arg(long, env = "MESH_VM_AGENT_CONFIG", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// The join string (`mesh-vm1.…`) from `mesh vm token create`.
+    pub join_string: String,
+    /// Write the config and keys only; do not install or start the unit.
+    #[arg(long)]
+    pub no_systemd: bool,
+    /// Join again although this VM already joined (replaces its identity).
+    #[arg(long)]
+    pub force: bool,
+    /// Where the config goes.
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Where keys and certificates go (0700; files 0600).
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// The address other workloads reach this VM at [default: this VM's
+    /// address on the route to the control plane].
+    #[arg(long)]
+    pub address: Option<IpAddr>,
+    /// Where the app listens.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub app_ip: IpAddr,
+    /// The proxy's inbound listener (mTLS from other proxies).
+    #[arg(long, default_value = "0.0.0.0:4143")]
+    pub inbound_addr: SocketAddr,
+    /// The proxy's outbound listener (`HTTP_PROXY=http://127.0.0.1:4140`).
+    #[arg(long, default_value = "127.0.0.1:4140")]
+    pub outbound_addr: SocketAddr,
+    /// `/metrics`, `/ready`, `/live` (loopback only).
+    #[arg(long, default_value = "127.0.0.1:4191")]
+    pub admin_addr: SocketAddr,
+    /// Health check: GET this URL, 200-399 is healthy (e.g.
+    /// http://127.0.0.1:8080/healthz).
+    #[arg(long, group = "check")]
+    pub health_http: Option<String>,
+    /// Health check: a TCP connection to this address is accepted.
+    #[arg(long, group = "check")]
+    pub health_tcp: Option<SocketAddr>,
+    /// Health check: this program exits 0 (split on spaces; no shell).
+    #[arg(long, group = "check")]
+    pub health_command: Option<String>,
+    /// How often the check runs.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub health_period: Duration,
+    /// How long one check may take.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub health_timeout: Duration,
+    /// Failures in a row that make the app unhealthy.
+    #[arg(long, default_value_t = 3)]
+    pub health_failure_threshold: u32,
+    /// Successes in a row that make it healthy again.
+    #[arg(long, default_value_t = 1)]
+    pub health_success_threshold: u32,
+    /// The Workload API socket.
+    #[arg(long, default_value = DEFAULT_WORKLOAD_SOCKET)]
+    pub workload_api_socket: PathBuf,
+    /// Unix uids allowed to fetch the identity from the Workload API
+    /// (repeat or comma separate); without: nobody.
+    #[arg(long, value_delimiter = ',')]
+    pub workload_api_uid: Vec<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct LeaveArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Do not touch systemd (the agent was joined with --no-systemd).
+    #[arg(long)]
+    pub no_systemd: bool,
+}
+
+impl JoinArgs {
+    fn health(&self) -> Option<HealthConfig> {
+        let check = if let Some(url) = &self.health_http {
+            Check::Http(url.clone())
+        } else if let Some(addr) = self.health_tcp {
+            Check::Tcp(addr)
+        } else if let Some(cmd) = &self.health_command {
+            Check::Command(cmd.split_whitespace().map(str::to_owned).collect())
+        } else {
+            return None;
+        };
+        Some(HealthConfig {
+            check,
+            period: self.health_period,
+            timeout: self.health_timeout,
+            success_threshold: self.health_success_threshold,
+            failure_threshold: self.health_failure_threshold,
+        })
+    }
+}
+
+/// Runs one agent command.
+pub fn main(command: AgentCommand) -> ExitCode {
+    let result = match command {
+        AgentCommand::Run(args) => run(&args.config),
+        AgentCommand::Join(args) => runtime().and_then(|rt| rt.block_on(join_cmd(*args))),
+        AgentCommand::Leave(args) => leave(&args),
+        AgentCommand::Status(args) => status(&args.config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(mesh_core::shutdown::runtime_with(1)?)
+}
+
+fn run(config: &Path) -> anyhow::Result<()> {
+    runtime()?.block_on(crate::agent::run(config))
+}
+
+async fn join_cmd(args: JoinArgs) -> anyhow::Result<()> {
+    let js = JoinString::decode(&args.join_string)?;
+    let health = args.health();
+    if let Some(h) = &health {
+        h.check().map_err(anyhow::Error::msg)?;
+    }
+    let opts = JoinOptions {
+        config_path: args.config.clone(),
+        state_dir: args.state_dir.clone(),
+        address: args.address,
+        app_ip: args.app_ip,
+        inbound_addr: args.inbound_addr,
+        outbound_addr: args.outbound_addr,
+        admin_addr: args.admin_addr,
+        health,
+        workload_api: WorkloadApiConfig {
+            socket: args.workload_api_socket.clone(),
+            allowed_uids: args.workload_api_uid.clone(),
+        },
+        force: args.force,
+    };
+    if !args.no_systemd && !systemd::booted() {
+        anyhow::bail!(
+            "systemd is not running on this machine; join with --no-systemd and start `mesh-vm-agent run --config {}` yourself",
+            args.config.display()
+        );
+    }
+    eprintln!(
+        "joining cluster {} as {}/{} (spiffe://{}/ns/{}/sa/{}) through {}",
+        js.cluster,
+        js.namespace,
+        js.workload,
+        js.trust_domain,
+        js.namespace,
+        js.service_account,
+        js.identity_addr
+    );
+    let joined = join(&js, &opts).await?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "trust bundle of {} verified against the pin",
+        js.trust_domain
+    )?;
+    writeln!(
+        out,
+        "identity {} issued, valid until {}",
+        joined.identity, joined.not_after
+    )?;
+    for f in &joined.files {
+        writeln!(out, "wrote {} (0600)", f.display())?;
+    }
+    writeln!(
+        out,
+        "registers as {}/{} at {} with ports {:?} and labels {:?}",
+        joined.config.namespace,
+        joined.config.workload,
+        joined.config.address,
+        joined.config.ports,
+        joined.config.labels
+    )?;
+    if args.no_systemd {
+        writeln!(
+            out,
+            "systemd left alone (--no-systemd): start the agent with `mesh-vm-agent run --config {}`",
+            args.config.display()
+        )?;
+        return Ok(());
+    }
+    let unit_path = Path::new(systemd::PACKAGED_UNIT_PATH);
+    if unit_path.exists() && args.config == Path::new(DEFAULT_CONFIG) {
+        writeln!(out, "using the packaged unit {}", unit_path.display())?;
+    } else {
+        let exe = std::env::current_exe()?;
+        let unit = systemd::agent_unit(&exe, &args.config).map_err(anyhow::Error::msg)?;
+        mesh_core::identity::files::write_public(Path::new(systemd::UNIT_PATH), unit.as_bytes())?;
+        writeln!(out, "wrote {}", systemd::UNIT_PATH)?;
+    }
+    systemd::systemctl(&["daemon-reload"]).map_err(anyhow::Error::msg)?;
+    systemd::systemctl(&["enable", systemd::UNIT]).map_err(anyhow::Error::msg)?;
+    // A rejoin replaces the identity the running agent holds.
+    systemd::systemctl(&["restart", systemd::UNIT]).map_err(anyhow::Error::msg)?;
+    writeln!(out, "started and enabled {}", systemd::UNIT)?;
+    writeln!(
+        out,
+        "apps: HTTP_PROXY=http://{} for mesh calls; SPIFFE_ENDPOINT_SOCKET=unix://{} for the identity",
+        joined.config.outbound_addr,
+        joined.config.workload_api.socket.display()
+    )?;
+    Ok(())
+}
+
+fn leave(args: &LeaveArgs) -> anyhow::Result<()> {
+    let path = &args.config.config;
+    let config = AgentConfig::load(path)?;
+    let mut out = std::io::stdout().lock();
+    if !args.no_systemd && systemd::booted() {
+        // Stopping deregisters the workload (the agent does on SIGTERM).
+        let _ = systemd::systemctl(&["disable", "--now", systemd::UNIT]);
+        writeln!(out, "stopped and disabled {}", systemd::UNIT)?;
+        if Path::new(systemd::UNIT_PATH).exists() {
+            std::fs::remove_file(systemd::UNIT_PATH)?;
+            let _ = systemd::systemctl(&["daemon-reload"]);
+            writeln!(out, "removed {}", systemd::UNIT_PATH)?;
+        }
+    }
+    for name in [
+        crate::config::LEAF_CRT,
+        crate::config::LEAF_KEY,
+        crate::config::BUNDLE,
+        crate::config::ENROLL_KEY,
+    ] {
+        let f = config.state_file(name);
+        if f.exists() {
+            std::fs::remove_file(&f)?;
+            writeln!(out, "removed {}", f.display())?;
+        }
+    }
+    std::fs::remove_file(path)?;
+    writeln!(out, "removed {}", path.display())?;
+    writeln!(
+        out,
+        "left cluster {}; the control plane forgets {}/{} once its heartbeats stop (removal grace, 5 minutes by default)",
+        config.cluster, config.namespace, config.workload
+    )?;
+    Ok(())
+}
+
+fn status(path: &Path) -> anyhow::Result<()> {
+    let config = AgentConfig::load(path)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "joined cluster {} as {}/{} ({})",
+        config.cluster,
+        config.namespace,
+        config.workload,
+        config.identity().map_err(anyhow::Error::msg)?
+    )?;
+    let crt = config.state_file(crate::config::LEAF_CRT);
+    match mesh_core::identity::files::read(&crt)
+        .ok()
+        .and_then(|pem| mesh_core::identity::cert::certs_from_pem(&pem).ok())
+        .and_then(|chain| mesh_core::identity::cert::CertInfo::parse(chain.first()?).ok())
+    {
+        Some(info) => writeln!(out, "identity valid until {}", info.not_after)?,
+        None => writeln!(out, "no readable identity at {}", crt.display())?,
+    }
+    let ready = std::net::TcpStream::connect_timeout(&config.admin_addr, Duration::from_secs(1))
+        .ok()
+        .and_then(|mut s| {
+            use std::io::Read;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            s.write_all(b"GET /ready HTTP/1.0\r\n\r\n").ok()?;
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).ok()?;
+            Some(answer)
+        });
+    match ready {
+        Some(a) if a.starts_with("HTTP/1.1 200") || a.starts_with("HTTP/1.0 200") => {
+            writeln!(out, "agent ready ({})", config.admin_addr)?
+        }
+        Some(a) => writeln!(
+            out,
+            "agent not ready: {}",
+            a.split("\r\n\r\n").nth(1).unwrap_or("").trim()
+        )?,
+        None => writeln!(
+            out,
+            "agent not running (nothing answers at {})",
+            config.admin_addr
+        )?,
+    }
+    Ok(())
+}
