@@ -33,6 +33,18 @@ pub enum AgentCommand {
     Leave(LeaveArgs),
     /// Show what this VM joined as and whether its agent is ready.
     Status(ConfigArg),
+    /// Print the systemd unit that runs the agent (what `join` installs and
+    /// the .deb ships).
+    Unit(UnitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UnitArgs {
+    /// The agent's binary as the unit runs it.
+    #[arg(long, default_value = "/usr/bin/mesh-vm-agent")]
+    pub exe: PathBuf,
+    #[command(flatten)]
+    pub config: ConfigArg,
 }
 
 #[derive(Debug, Args)]
@@ -142,6 +154,9 @@ pub fn main(command: AgentCommand) -> ExitCode {
         AgentCommand::Join(args) => runtime().and_then(|rt| rt.block_on(join_cmd(*args))),
         AgentCommand::Leave(args) => leave(&args),
         AgentCommand::Status(args) => status(&args.config),
+        AgentCommand::Unit(args) => systemd::agent_unit(&args.exe, &args.config.config)
+            .map_err(anyhow::Error::msg)
+            .and_then(|unit| Ok(std::io::stdout().lock().write_all(unit.as_bytes())?)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -207,7 +222,8 @@ async fn join_cmd(args: JoinArgs) -> anyhow::Result<()> {
     writeln!(
         out,
         "identity {} issued, valid until {}",
-        joined.identity, joined.not_after
+        joined.identity,
+        rfc3339(joined.not_after)
     )?;
     for f in &joined.files {
         writeln!(out, "wrote {} (0600)", f.display())?;
@@ -250,6 +266,11 @@ async fn join_cmd(args: JoinArgs) -> anyhow::Result<()> {
         joined.config.workload_api.socket.display()
     )?;
     Ok(())
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
 }
 
 fn leave(args: &LeaveArgs) -> anyhow::Result<()> {
@@ -305,7 +326,7 @@ fn status(path: &Path) -> anyhow::Result<()> {
         .and_then(|pem| mesh_core::identity::cert::certs_from_pem(&pem).ok())
         .and_then(|chain| mesh_core::identity::cert::CertInfo::parse(chain.first()?).ok())
     {
-        Some(info) => writeln!(out, "identity valid until {}", info.not_after)?,
+        Some(info) => writeln!(out, "identity valid until {}", rfc3339(info.not_after))?,
         None => writeln!(out, "no readable identity at {}", crt.display())?,
     }
     let ready = std::net::TcpStream::connect_timeout(&config.admin_addr, Duration::from_secs(1))

@@ -88,11 +88,15 @@ pub fn agent_unit(exe: &Path, config: &Path) -> Result<String, String> {
         .set("RuntimeDirectory", "mesh")
         .set("RuntimeDirectoryMode", "0755")
         .set("ConfigurationDirectory", "mesh")
+        .set("UMask", "0077")
         .set("NoNewPrivileges", "yes")
         .set("ProtectSystem", "strict")
         .set("ProtectHome", "yes")
         .set("PrivateTmp", "yes")
         .set("PrivateDevices", "yes")
+        .set("PrivateMounts", "yes")
+        .set("ProtectKernelTunables", "yes")
+        .set("ProtectProc", "invisible")
         .set("ProtectKernelModules", "yes")
         .set("ProtectKernelLogs", "yes")
         .set("ProtectControlGroups", "yes")
@@ -104,6 +108,8 @@ pub fn agent_unit(exe: &Path, config: &Path) -> Result<String, String> {
         .set("LockPersonality", "yes")
         .set("MemoryDenyWriteExecute", "yes")
         .set("SystemCallArchitectures", "native")
+        .set("SystemCallFilter", "@system-service")
+        .set("SystemCallErrorNumber", "EPERM")
         .set(
             "RestrictAddressFamilies",
             "AF_UNIX AF_INET AF_INET6 AF_NETLINK",
