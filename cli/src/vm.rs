@@ -44,7 +44,7 @@ pub(crate) struct TokenCreateArgs {
     ttl: Duration,
     /// The control plane's address as the VM reaches it: `host` (identity
     /// on 8080, API on 8086) or use --identity-addr and --api-addr.
-    #[arg(long, required_unless_present_all = ["identity_addr", "api_addr"])]
+    #[arg(long, required_unless_present_any = ["gateway", "identity_addr"])]
     control_addr: Option<String>,
     /// The identity service as the VM reaches it, `host:port`.
     #[arg(long)]
@@ -52,6 +52,11 @@ pub(crate) struct TokenCreateArgs {
     /// The control plane API as the VM reaches it, `host:port`.
     #[arg(long)]
     api_addr: Option<String>,
+    /// The cluster's gateway as the VM reaches it (`host:port`), when it
+    /// is the VM's only route to the cluster: the VM then reaches the
+    /// control plane and services, and is called, through it.
+    #[arg(long)]
+    gateway: Option<String>,
     /// The running control plane's data directory (for its admin socket).
     #[arg(long, env = "MESH_CONTROL_DATA_DIR", conflicts_with = "admin_socket")]
     data_dir: Option<PathBuf>,
@@ -122,6 +127,7 @@ async fn token_create(args: TokenCreateArgs) -> anyhow::Result<String> {
         trust_domain: facts.trust_domain,
         identity_addr,
         api_addr,
+        gateway: args.gateway.clone(),
         token: resp.token.unwrap_or_default(),
         pin: facts.bundle_pin,
         namespace: args.namespace,

@@ -170,6 +170,15 @@ pub struct RunArgs {
     /// Registered workloads one namespace may hold; more are refused.
     #[arg(long, env = "MESH_CONTROL_MAX_WORKLOADS_PER_NAMESPACE", default_value_t = crate::index::MAX_WORKLOADS_PER_NAMESPACE)]
     max_workloads_per_namespace: usize,
+    /// This cluster's gateway as its own workloads reach it (`host:port`,
+    /// repeat for several): VMs whose only route is to the gateway are
+    /// reached through it.
+    #[arg(
+        long = "gateway-addr",
+        env = "MESH_CONTROL_GATEWAY_ADDR",
+        value_delimiter = ','
+    )]
+    gateway_addresses: Vec<String>,
 }
 
 impl RunArgs {
@@ -271,6 +280,7 @@ impl RunArgs {
             certify_burst: self.certify_burst,
             certify_rate: self.certify_rate,
             max_workloads_per_namespace: self.max_workloads_per_namespace,
+            gateway_addresses: self.gateway_addresses,
             kube: kube.then_some(crate::config::KubeSettings {
                 kubeconfig: self.kubeconfig,
                 ca_secret,

@@ -38,6 +38,10 @@ pub struct Config {
     pub certify_rate: f64,
     /// Registered workloads one namespace may hold.
     pub max_workloads_per_namespace: usize,
+    /// This cluster's gateway as its own workloads reach it (`host:port`):
+    /// where they find workloads registered as reached through it (VMs
+    /// with no route from them). Empty: no such workload is served.
+    pub gateway_addresses: Vec<String>,
     /// The `kube` store: resources and Pods from this API server instead
     /// of `config_dir`.
     pub kube: Option<KubeSettings>,

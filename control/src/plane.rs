@@ -161,6 +161,14 @@ impl ControlPlane {
         };
         let mut index = Index::new(&config.cluster, &config.cluster_domain, config.liveness);
         index.set_max_per_namespace(config.max_workloads_per_namespace);
+        if !config.gateway_addresses.is_empty() {
+            let identity = SpiffeId::workload(&td, crate::config::CONTROL_NAMESPACE, "gateway")
+                .map_err(|e| StartError::OwnIdentity(e.to_string()))?;
+            index.set_gateway(Some(crate::index::LocalGateway {
+                addresses: config.gateway_addresses.clone(),
+                identity: identity.to_string(),
+            }));
+        }
         let restored = store.registrations()?;
         tracing::info!(count = restored.len(), "restored workload registrations");
         index.restore(restored, Instant::now());

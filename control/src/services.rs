@@ -16,11 +16,11 @@ use std::{
 
 use mesh_core::{
     api::v1::{
-        DeregisterRequest, DeregisterResponse, DiscoveryUpdate, Exports, HeartbeatRequest,
-        HeartbeatResponse, InboundPolicy, InboundRequest, LinkedTrust, OutboundPolicy,
-        OutboundRequest, RegisterRequest, RegisterResponse, WatchExportsRequest, WatchRequest,
-        WatchTrustRequest, discovery_server::Discovery, federation_server::Federation,
-        policy_server::Policy, registry_server::Registry,
+        DeregisterRequest, DeregisterResponse, DiscoveryUpdate, Exports, GatewayWorkloads,
+        HeartbeatRequest, HeartbeatResponse, InboundPolicy, InboundRequest, LinkedTrust,
+        OutboundPolicy, OutboundRequest, RegisterRequest, RegisterResponse, WatchExportsRequest,
+        WatchGatewayWorkloadsRequest, WatchRequest, WatchTrustRequest, discovery_server::Discovery,
+        federation_server::Federation, policy_server::Policy, registry_server::Registry,
     },
     grpc,
     identity::{SpiffeId, TrustDomain},
@@ -499,6 +499,7 @@ impl Registry for ApiServices {
             labels: r.labels.into_iter().collect(),
             healthy: r.healthy,
             proxy_port,
+            via_gateway: r.via_gateway,
         };
         // Check ownership first, persist, then publish: a registration is
         // only ever visible once it is committed.
@@ -586,5 +587,33 @@ impl Registry for ApiServices {
         self.persist(move |s| s.delete_registration(&key.0, &key.1))
             .await?;
         Ok(Response::new(DeregisterResponse {}))
+    }
+
+    type WatchGatewayWorkloadsStream = ReceiverStream<Result<GatewayWorkloads, Status>>;
+
+    async fn watch_gateway_workloads(
+        &self,
+        req: Request<WatchGatewayWorkloadsRequest>,
+    ) -> Result<Response<Self::WatchGatewayWorkloadsStream>, Status> {
+        let id = self.local_caller(&req)?;
+        let gateway = SpiffeId::workload(
+            &self.trust_domain,
+            crate::config::CONTROL_NAMESPACE,
+            "gateway",
+        )
+        .map_err(|e| Status::internal(e.to_string()))?;
+        if id != gateway {
+            return Err(self.refuse(
+                "not_gateway",
+                Code::PermissionDenied,
+                format!("only this cluster's gateway ({gateway}) may watch the workloads behind it, not {id}"),
+            ));
+        }
+        Ok(Response::new(watch_stream(
+            self.shared.clone(),
+            &self.metrics,
+            "gateway_workloads",
+            |index, now| index.gateway_workloads(now),
+        )))
     }
 }

@@ -81,6 +81,7 @@ pub fn config_for(root: &Path, cluster: &str, td: &str) -> Config {
         certify_burst: 100,
         certify_rate: 10.0,
         max_workloads_per_namespace: crate::index::MAX_WORKLOADS_PER_NAMESPACE,
+        gateway_addresses: Vec::new(),
         kube: None,
     }
 }

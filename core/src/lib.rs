@@ -17,4 +17,5 @@ pub mod grpc;
 pub mod identity;
 pub mod metrics_text;
 pub mod shutdown;
+pub mod targets;
 pub mod telemetry;

@@ -7,8 +7,9 @@ use std::{net::SocketAddr, sync::Arc};
 
 use mesh_core::{
     api::v1::{
-        WatchExportsRequest, WatchRequest, discovery_client::DiscoveryClient,
-        federation_client::FederationClient,
+        WatchExportsRequest, WatchGatewayWorkloadsRequest, WatchRequest,
+        discovery_client::DiscoveryClient, federation_client::FederationClient,
+        registry_client::RegistryClient,
     },
     identity::{ExpectedIdentity, tls},
 };
@@ -87,23 +88,44 @@ impl Gateway {
                     .map(tonic::Response::into_inner)
             }
         });
+        let registry = RegistryClient::new(api.clone());
+        let behind = Follower::new("gateway workloads", move |(): ()| {
+            let mut client = registry.clone();
+            async move {
+                client
+                    .watch_gateway_workloads(WatchGatewayWorkloadsRequest {})
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+        });
         // Start following exports now, so the first stream need not wait.
         let _ = exports.watch(&());
+        let _ = behind.watch(&());
         let tunnel = Arc::new(Tunnel::new(
             readiness.clone(),
             args.trust_domain.clone(),
             args.cluster_domain.clone(),
-            args.control_api_addr.clone(),
+            (
+                args.control_api_addr.clone(),
+                args.control_identity_addr.clone(),
+            ),
             exports,
             discovery,
+            behind,
             metrics.clone(),
         ));
 
         // Callers are verified against their own trust domain's bundle; the
-        // tunnel then admits linked trust domains only.
-        let mut tunnel_tls =
-            tls::server_config(creds.clone(), bundles.clone(), ExpectedIdentity::AnyTrusted)?;
-        tunnel_tls.alpn_protocols = vec![ALPN_TUNNEL.to_vec()];
+        // tunnel then decides by who they are (linked clusters, this
+        // cluster's workloads behind the gateway). A caller without a
+        // certificate (a VM joining) may only reach the identity service.
+        let mut tunnel_tls = tls::server_config_optional_client(
+            creds.clone(),
+            bundles.clone(),
+            ExpectedIdentity::AnyTrusted,
+        )?;
+        tunnel_tls.alpn_protocols =
+            vec![ALPN_TUNNEL.to_vec(), crate::behind::ALPN_REVERSE.to_vec()];
         let listener = TcpListener::bind(args.tunnel_addr)
             .await
             .map_err(|source| StartError::Bind {

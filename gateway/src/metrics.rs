@@ -45,6 +45,8 @@ pub struct Metrics {
     pub refused: Family<RefusedLabels, Counter>,
     pub tls_refused: Family<ReasonLabels, Counter>,
     pub bytes: Family<BytesLabels, Counter>,
+    /// Workloads behind the gateway with a reverse connection open.
+    pub reverse_open: Gauge,
 }
 
 impl Metrics {
@@ -87,8 +89,15 @@ impl Metrics {
             "Bytes carried on spliced streams",
             Family::default(),
         );
+        let reverse_open = registered(
+            r,
+            "reverse_connections",
+            "Workloads behind this gateway (VMs) with their reverse connection open",
+            Gauge::default(),
+        );
         Self {
             registry: Arc::new(registry),
+            reverse_open,
             tunnels,
             tunnels_open,
             streams,

@@ -117,7 +117,7 @@ async fn stream(
     let upstream = match tunnel.open(&target).await {
         Ok(upstream) => upstream,
         Err(refusal) => {
-            let code = tunnel.refused(&caller, &refusal, "quic");
+            let code = tunnel.refused(Some(&caller), &refusal, "quic");
             let _ = answer(&mut send, code.as_u16()).await;
             return;
         }
@@ -126,7 +126,7 @@ async fn stream(
         return;
     }
     tunnel
-        .splice(&caller, "quic", tokio::io::join(recv, send), upstream)
+        .splice(Some(&caller), "quic", tokio::io::join(recv, send), upstream)
         .await;
 }
 

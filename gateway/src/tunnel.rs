@@ -14,6 +14,11 @@
 //!   proxy inside the stream, so the destination authorizes the real caller.
 //! - The reserved target [`FEDERATION_TARGET`] leads to the local control
 //!   plane's API (where the caller's service mirror watches exports).
+//! - This cluster's own callers may use it for two things only: workloads
+//!   behind the gateway (`behind.rs`: VMs) reach the control plane (the
+//!   identity target, even before they have a certificate, and the API)
+//!   and the cluster's meshed endpoints; and any of them reaches those
+//!   workloads. Everything else of theirs is refused (`same_trust_domain`).
 
 use std::{
     net::SocketAddr,
@@ -30,11 +35,12 @@ use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_core::{
-    api::v1::{DiscoveryUpdate, Exports, discovery_update::Kind},
+    api::v1::{DiscoveryUpdate, Exports, GatewayWorkloads, discovery_update::Kind},
     identity::{
         SpiffeId, TrustDomain,
         tls::{peer_identity, refusal_reason},
     },
+    targets::{IDENTITY as IDENTITY_TARGET, parse_vm},
 };
 use mesh_proxy::follow::Follower;
 use rustls::ServerConfig;
@@ -69,8 +75,14 @@ pub struct Tunnel {
     pub trust_domain: TrustDomain,
     pub cluster_domain: String,
     pub control_api: String,
+    /// The control plane's identity service (for workloads behind the gateway).
+    pub control_identity: String,
     pub exports: Follower<(), Exports>,
     pub discovery: Follower<String, DiscoveryUpdate>,
+    /// The workloads registered as behind this gateway.
+    pub behind: Follower<(), GatewayWorkloads>,
+    /// Their open reverse connections.
+    pub reverse: crate::behind::Reverse,
     pub metrics: Metrics,
     next: Arc<AtomicUsize>,
 }
@@ -98,6 +110,12 @@ pub enum Refusal {
     Loop(String),
     #[error("cannot reach {0}")]
     Unreachable(String),
+    #[error("{0} is not a meshed workload's proxy")]
+    NotMeshed(String),
+    #[error("{0}: a caller without a certificate may only reach the identity service")]
+    NoIdentity(String),
+    #[error("{0}: callers of this cluster reach its services directly")]
+    SameTrustDomain(String),
 }
 
 impl Refusal {
@@ -109,18 +127,23 @@ impl Refusal {
             Self::NoEndpoint(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_ready_endpoint"),
             Self::Loop(_) => (StatusCode::LOOP_DETECTED, "loop_detected"),
             Self::Unreachable(_) => (StatusCode::BAD_GATEWAY, "unreachable"),
+            Self::NotMeshed(_) => (StatusCode::FORBIDDEN, "not_meshed"),
+            Self::NoIdentity(_) => (StatusCode::FORBIDDEN, "no_identity"),
+            Self::SameTrustDomain(_) => (StatusCode::FORBIDDEN, "same_trust_domain"),
         }
     }
 }
 
 impl Tunnel {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         readiness: mesh_core::admin::Readiness,
         trust_domain: TrustDomain,
         cluster_domain: String,
-        control_api: String,
+        (control_api, control_identity): (String, String),
         exports: Follower<(), Exports>,
         discovery: Follower<String, DiscoveryUpdate>,
+        behind: Follower<(), GatewayWorkloads>,
         metrics: Metrics,
     ) -> Self {
         Self {
@@ -128,10 +151,75 @@ impl Tunnel {
             trust_domain,
             cluster_domain,
             control_api,
+            control_identity,
             exports,
             discovery,
+            behind,
+            reverse: crate::behind::Reverse::default(),
             metrics,
             next: Arc::default(),
+        }
+    }
+
+    /// Where `caller`'s stream for `target` goes, by who the caller is:
+    /// no certificate, this cluster's, or a linked cluster's.
+    pub async fn open_for(
+        &self,
+        caller: Option<&SpiffeId>,
+        target: &str,
+    ) -> Result<Box<dyn Upstream>, Refusal> {
+        let Some(caller) = caller else {
+            return if target == IDENTITY_TARGET {
+                self.connect(target, &self.control_identity).await
+            } else {
+                Err(Refusal::NoIdentity(target.to_owned()))
+            };
+        };
+        if !caller.is_member_of(&self.trust_domain) {
+            // Linked clusters: exported services and the federation API.
+            if target == IDENTITY_TARGET || parse_vm(target).is_some() {
+                return Err(Refusal::NotExported(target.to_owned()));
+            }
+            return self
+                .open(target)
+                .await
+                .map(|t| Box::new(t) as Box<dyn Upstream>);
+        }
+        if target == IDENTITY_TARGET {
+            return self.connect(target, &self.control_identity).await;
+        }
+        if target == FEDERATION_TARGET {
+            return self.connect(target, &self.control_api).await;
+        }
+        if let Some((namespace, name, _)) = parse_vm(target) {
+            return crate::behind::open_to_workload(self, namespace, name, target)
+                .await
+                .map(|io| Box::new(io) as Box<dyn Upstream>);
+        }
+        if target.parse::<SocketAddr>().is_ok() && crate::behind::is_behind(self, caller).await {
+            let to = crate::behind::meshed_endpoint(self, target).await?;
+            return self.connect(target, &to.to_string()).await;
+        }
+        Err(Refusal::SameTrustDomain(target.to_owned()))
+    }
+
+    /// A bounded TCP connect to `to` for the stream asking for `target`.
+    async fn connect(&self, target: &str, to: &str) -> Result<Box<dyn Upstream>, Refusal> {
+        match mesh_proxy::outbound::endpoint::within(
+            CONNECT_TIMEOUT,
+            || format!("connecting to {to}"),
+            TcpStream::connect(to),
+        )
+        .await
+        {
+            Ok(tcp) => {
+                let _ = tcp.set_nodelay(true);
+                Ok(Box::new(tcp))
+            }
+            Err(e) => {
+                tracing::warn!(%target, %to, error = %e, "tunnel destination unreachable");
+                Err(Refusal::Unreachable(target.to_owned()))
+            }
         }
     }
 
@@ -213,25 +301,31 @@ impl Tunnel {
     }
 
     /// Counts a refused stream and logs it; the status to answer with.
-    pub fn refused(&self, caller: &SpiffeId, refusal: &Refusal, transport: &str) -> StatusCode {
+    pub fn refused(
+        &self,
+        caller: Option<&SpiffeId>,
+        refusal: &Refusal,
+        transport: &str,
+    ) -> StatusCode {
         let (status, reason) = refusal.classify();
-        self.metrics.refuse(reason, caller.trust_domain().as_str());
-        tracing::info!(%caller, reason, transport, "tunnel stream refused: {refusal}");
+        self.metrics.refuse(reason, &trust_domain_label(caller));
+        tracing::info!(caller = ?caller.map(SpiffeId::as_str), reason, transport, "tunnel stream refused: {refusal}");
         status
     }
 
     /// Splices the caller's stream to `upstream`, counting the stream and
     /// its bytes under the caller's trust domain.
-    pub async fn splice<A>(
+    pub async fn splice<A, B>(
         &self,
-        caller: &SpiffeId,
+        caller: Option<&SpiffeId>,
         transport: &'static str,
         mut caller_side: A,
-        mut upstream: TcpStream,
+        mut upstream: B,
     ) where
         A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+        B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let td = caller.trust_domain().to_string();
+        let td = trust_domain_label(caller);
         self.metrics
             .streams
             .get_or_create(&PeerLabels {
@@ -254,6 +348,17 @@ impl Tunnel {
         }
     }
 }
+
+/// The `peer_trust_domain` label: `none` for a caller without a certificate.
+fn trust_domain_label(caller: Option<&SpiffeId>) -> String {
+    caller.map_or_else(|| "none".to_owned(), |c| c.trust_domain().to_string())
+}
+
+/// Where a stream goes: a TCP connection, or a stream on a workload's
+/// reverse connection.
+pub trait Upstream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Upstream for T {}
 
 /// `<svc>.<ns>.svc.<domain>:<port>` into its parts.
 pub fn parse_target<'a>(target: &'a str, cluster_domain: &str) -> Option<(&'a str, &'a str, u16)> {
@@ -299,17 +404,16 @@ pub async fn accept(listener: TcpListener, tls: Arc<ServerConfig>, tunnel: Arc<T
                     return;
                 }
             };
-            let Some(caller) = peer_identity(tls.get_ref().1) else {
-                return;
-            };
-            let td = caller.trust_domain();
-            if td == tunnel.trust_domain {
-                tunnel.metrics.refuse("same_trust_domain", td.as_str());
-                tracing::info!(%peer, %caller, "tunnel refused: callers of this cluster do not use its gateway");
+            let caller = peer_identity(tls.get_ref().1);
+            if tls.get_ref().1.alpn_protocol() == Some(crate::behind::ALPN_REVERSE) {
+                match caller {
+                    Some(caller) => crate::behind::serve(tunnel, caller, tls).await,
+                    None => tunnel.metrics.refuse("no_identity", "none"),
+                }
                 return;
             }
             let labels = PeerLabels {
-                peer_trust_domain: td.to_string(),
+                peer_trust_domain: trust_domain_label(caller.as_ref()),
                 transport: "tcp",
             };
             tunnel.metrics.tunnels.get_or_create(&labels).inc();
@@ -338,18 +442,24 @@ pub async fn accept(listener: TcpListener, tls: Arc<ServerConfig>, tunnel: Arc<T
 }
 
 /// One stream: check and resolve its target, answer, then splice.
-async fn stream(tunnel: &Arc<Tunnel>, caller: &SpiffeId, req: Request<Incoming>) -> Response<Body> {
+async fn stream(
+    tunnel: &Arc<Tunnel>,
+    caller: &Option<SpiffeId>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let target = req.uri().authority().map(|a| a.as_str().to_owned());
     let opened = match (req.method(), target.as_deref()) {
-        (&Method::CONNECT, Some(PROBE_TARGET)) => return status(tunnel.probe_status(), ""),
-        (&Method::CONNECT, Some(target)) => tunnel.open(target).await,
+        (&Method::CONNECT, Some(PROBE_TARGET)) if caller.is_some() => {
+            return status(tunnel.probe_status(), "");
+        }
+        (&Method::CONNECT, Some(target)) => tunnel.open_for(caller.as_ref(), target).await,
         (&Method::CONNECT, None) => Err(Refusal::BadTarget(String::new())),
         _ => Err(Refusal::NotConnect),
     };
     let upstream = match opened {
         Ok(upstream) => upstream,
         Err(refusal) => {
-            let code = tunnel.refused(caller, &refusal, "tcp");
+            let code = tunnel.refused(caller.as_ref(), &refusal, "tcp");
             return status(code, &format!("mesh gateway: {refusal}\n"));
         }
     };
@@ -357,7 +467,7 @@ async fn stream(tunnel: &Arc<Tunnel>, caller: &SpiffeId, req: Request<Incoming>)
     tokio::spawn(async move {
         if let Ok(upgraded) = hyper::upgrade::on(req).await {
             tunnel
-                .splice(&caller, "tcp", TokioIo::new(upgraded), upstream)
+                .splice(caller.as_ref(), "tcp", TokioIo::new(upgraded), upstream)
                 .await;
         }
     });

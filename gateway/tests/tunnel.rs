@@ -299,6 +299,7 @@ async fn a_destination_that_never_answers_is_refused_after_the_connect_timeout()
             labels: [("app".to_owned(), "stuck".to_owned())].into(),
             healthy: true,
             proxy_port: u32::from(stuck_addr.port()),
+            via_gateway: false,
         })
         .await
         .unwrap();

@@ -96,6 +96,7 @@ impl SystemComponent {
             shutdown_grace: Duration::from_secs(30),
             worker_threads: 1,
             destinations: DestinationLimits::default(),
+            via_gateway: None,
         })
     }
 }
@@ -186,6 +187,19 @@ pub struct Config {
     pub worker_threads: usize,
     /// Idle eviction and the cap on destinations followed.
     pub destinations: DestinationLimits,
+    /// Set for a workload with no route to the cluster's workloads (a VM
+    /// whose only route is to the cluster's gateway): the control plane,
+    /// every endpoint and every caller are reached through the gateway.
+    pub via_gateway: Option<GatewayRoute>,
+}
+
+/// The cluster's own gateway, as a workload behind it reaches it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayRoute {
+    /// `host:port` of its tunnel listener.
+    pub address: String,
+    /// What it presents: `spiffe://<td>/ns/mesh-system/sa/gateway`.
+    pub identity: SpiffeId,
 }
 
 const PREFIX: &str = "MESH_PROXY_";
@@ -453,6 +467,16 @@ pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
             ));
             Vec::new()
         });
+    let via_gateway = match (get("VIA_GATEWAY"), trust_domain.as_ref()) {
+        (Some(address), Some(td)) => match SpiffeId::workload(td, "mesh-system", "gateway") {
+            Ok(identity) if address.contains(':') => Some(Some(GatewayRoute { address, identity })),
+            _ => {
+                errors.push(format!("{PREFIX}VIA_GATEWAY: give the gateway's host:port"));
+                None
+            }
+        },
+        _ => Some(None),
+    };
     let built = (|| {
         Some(Config {
             cluster,
@@ -485,6 +509,7 @@ pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
                 idle: destination_idle?,
                 max: max_destinations?,
             },
+            via_gateway: via_gateway?,
         })
     })();
     match built {

@@ -112,6 +112,11 @@ pub async fn bootstrap(
 ) -> Result<Credentials, IdentityError> {
     let token = match &config.bootstrap {
         Bootstrap::Credentials(dir) => return load_credentials(dir, config, bundles),
+        Bootstrap::TokenFile(_) if config.via_gateway.is_some() => {
+            return Err(IdentityError::Credentials(
+                "a workload behind the gateway joins with `mesh-vm-agent join`, which fetches its first SVID through the gateway".into(),
+            ));
+        }
         Bootstrap::TokenFile(path) => {
             let text = String::from_utf8_lossy(&files::read(path)?)
                 .trim()
@@ -214,7 +219,23 @@ pub async fn renew_forever(
                 continue;
             }
         };
-        let mut client = identity_client(&config, tls);
+        let mut client = match &config.via_gateway {
+            Some(route) => match crate::proxy::through_gateway(
+                route,
+                mesh_core::targets::IDENTITY,
+                ExpectedIdentity::Exact(config.control_identity.clone()),
+                &store,
+                &bundles,
+            ) {
+                Ok(channel) => IdentityClient::new(channel),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reach the identity service through the gateway");
+                    failures += 1;
+                    continue;
+                }
+            },
+            None => identity_client(&config, tls),
+        };
         let renewed = certify(&mut client, &config, String::new())
             .await
             .map_err(|s| s.message().to_owned())

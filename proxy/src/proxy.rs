@@ -129,9 +129,22 @@ pub async fn join(
     ));
     let creds = CredentialStore::new(identity::bootstrap(config, &bundles).await?);
     let control = ExpectedIdentity::Exact(config.control_identity.clone());
-    let api_tls = tls::client_config(creds.clone(), bundles.clone(), control)?;
-    let api = grpc::channel(&config.control_api_addr, api_tls)
-        .map_err(|e| StartError::ControlAddress(e.to_string()))?;
+    let api = match &config.via_gateway {
+        // Behind the gateway: mTLS to the control plane inside the tunnel.
+        Some(route) => through_gateway(
+            route,
+            crate::outbound::tunnel::FEDERATION_TARGET,
+            control,
+            &creds,
+            &bundles,
+        )
+        .map_err(StartError::ControlAddress)?,
+        None => {
+            let api_tls = tls::client_config(creds.clone(), bundles.clone(), control)?;
+            grpc::channel(&config.control_api_addr, api_tls)
+                .map_err(|e| StartError::ControlAddress(e.to_string()))?
+        }
+    };
     tasks.spawn(crate::trust::follow_linked_bundles(
         api.clone(),
         bundle,
@@ -144,6 +157,39 @@ pub async fn join(
         readiness,
         admin_addr,
     })
+}
+
+/// A gRPC channel to `target` behind this cluster's gateway: a tunnel
+/// with our SVID, and inside it mTLS to a server that must be `server`.
+/// Connects lazily, and again after failures, as any channel.
+pub fn through_gateway(
+    route: &crate::env::GatewayRoute,
+    target: &str,
+    server: ExpectedIdentity,
+    creds: &CredentialStore,
+    bundles: &BundleStore,
+) -> Result<Channel, String> {
+    let tunnel = crate::outbound::tunnel::Gateways::default().connector(
+        &route.address,
+        route.identity.clone(),
+        target,
+        server,
+        false,
+        creds,
+        bundles,
+    )?;
+    let host = target.rsplit_once(':').map_or(target, |(h, _)| h);
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{host}"))
+            .map_err(|e| e.to_string())?
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
+                let tunnel = tunnel.clone();
+                async move { tunnel.connect().await }
+            })),
+    )
 }
 
 /// Binds `addr` and returns the listener with the address it got (the
@@ -236,7 +282,8 @@ impl Proxy {
 
         let outbound = Outbound::new(
             api.clone(),
-            outbound::endpoint::Dialer::new(creds.clone(), bundles.clone(), config.connect_timeout),
+            outbound::endpoint::Dialer::new(creds.clone(), bundles.clone(), config.connect_timeout)
+                .with_route(config.via_gateway.clone()),
             metrics.clone(),
             OUTBOUND_FAIL_FAST,
             (config.max_in_flight, config.header_read_timeout),

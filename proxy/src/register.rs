@@ -44,6 +44,7 @@ fn request(config: &Config, proxy_port: u16, healthy: bool) -> RegisterRequest {
         labels: config.labels.clone().into_iter().collect(),
         healthy,
         proxy_port: u32::from(proxy_port),
+        via_gateway: config.via_gateway.is_some(),
     }
 }
 

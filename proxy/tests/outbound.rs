@@ -201,6 +201,7 @@ async fn register_as_other(w: &World, app: &str, proxy_port: u16) {
             labels: [("app".to_owned(), app.to_owned())].into(),
             healthy: true,
             proxy_port: u32::from(proxy_port),
+            via_gateway: false,
         })
         .await
         .unwrap();

@@ -698,6 +698,7 @@ async fn state_and_the_issuer_live_in_the_api_server() {
             labels: [("app".to_owned(), "vm".to_owned())].into(),
             healthy: true,
             proxy_port: 4143,
+            via_gateway: false,
         })
         .await
         .expect("the grant allows this registration");
@@ -1454,6 +1455,7 @@ async fn the_writer_collects_dead_external_workloads_from_recorded_heartbeats() 
             labels: [("app".to_owned(), "vm".to_owned())].into(),
             healthy: true,
             proxy_port: 4143,
+            via_gateway: false,
         })
         .await
         .unwrap();

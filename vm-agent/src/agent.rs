@@ -15,7 +15,6 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use mesh_core::{
     api::v1::{CertifyRequest, identity_client::IdentityClient},
-    grpc,
     identity::{
         BundleStore, CredentialStore, Credentials, ExpectedIdentity, SpiffeId, TrustBundleSet,
         TrustDomain,
@@ -23,7 +22,6 @@ use mesh_core::{
         csr::new_key_and_csr,
         enroll::EnrollmentKey,
         files,
-        tls::client_config_without_cert,
         verify::{PeerRole, verify_peer},
     },
 };
@@ -126,6 +124,23 @@ impl Agent {
             proxy.readiness.clone(),
             metrics.reenrollments.clone(),
         ));
+        if let Some(gateway) = &config.gateway {
+            // Callers reach this VM through the gateway.
+            let inbound = match proxy.inbound_addr {
+                a if a.ip().is_unspecified() => {
+                    std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), a.port())
+                }
+                a => a,
+            };
+            tasks.spawn(crate::via_gateway::keep_reverse(
+                gateway.clone(),
+                config.gateway_identity().map_err(anyhow::Error::msg)?,
+                proxy.credentials.clone(),
+                proxy.bundles.clone(),
+                format!("{}/{}", config.namespace, config.workload),
+                inbound,
+            ));
+        }
         let listener = workload_api::bind(&config.workload_api.socket)?;
         tasks.spawn(workload_api::serve(
             listener,
@@ -191,10 +206,12 @@ pub async fn reenroll(
     enroll: &EnrollmentKey,
 ) -> Result<Credentials, String> {
     let td: TrustDomain = config.trust_domain.parse().map_err(|e| format!("{e}"))?;
-    let control = SpiffeId::workload(&td, "mesh-system", "control").map_err(|e| e.to_string())?;
-    let tls = client_config_without_cert(bundles.clone(), ExpectedIdentity::Exact(control))
-        .map_err(|e| e.to_string())?;
-    let channel = grpc::channel(&config.identity_addr, tls).map_err(|e| e.to_string())?;
+    let channel = crate::join::identity_channel(
+        &td,
+        &config.identity_addr,
+        config.gateway.as_deref(),
+        bundles,
+    )?;
     let (key, csr) = new_key_and_csr().map_err(|e| e.to_string())?;
     let signature = enroll
         .sign(identity.as_str(), &config.workload, &csr)

@@ -15,7 +15,7 @@ use std::{
 use mesh_core::identity::{SpiffeId, TrustDomain, files};
 use mesh_proxy::{
     Config, TrustAnchors,
-    env::{AppPort, Bootstrap, DestinationLimits},
+    env::{AppPort, Bootstrap, DestinationLimits, GatewayRoute},
 };
 use serde::{Deserialize, Serialize};
 
@@ -43,9 +43,15 @@ pub struct AgentConfig {
     /// The cluster joined and its trust domain.
     pub cluster: String,
     pub trust_domain: String,
-    /// The control plane's identity (Certify) and API `host:port`.
+    /// The control plane's identity (Certify) and API `host:port`; unused
+    /// with `gateway`.
     pub identity_addr: String,
     pub api_addr: String,
+    /// The cluster's gateway (`host:port`) when it is the VM's only route
+    /// to the cluster: the control plane, services and callers are all
+    /// reached through it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
     /// Who the VM is: `spiffe://<td>/ns/<namespace>/sa/<service_account>`,
     /// registered as `<namespace>/<workload>`.
     pub namespace: String,
@@ -134,6 +140,9 @@ impl AgentConfig {
         join_string::check_host_port("identity_addr", &self.identity_addr)
             .map_err(|e| e.to_string())?;
         join_string::check_host_port("api_addr", &self.api_addr).map_err(|e| e.to_string())?;
+        if let Some(gw) = &self.gateway {
+            join_string::check_host_port("gateway", gw).map_err(|e| e.to_string())?;
+        }
         if !self.admin_addr.ip().is_loopback() {
             return Err(format!(
                 "admin_addr {} is not a loopback address; admin endpoints stay on loopback",
@@ -149,6 +158,12 @@ impl AgentConfig {
     pub fn identity(&self) -> Result<SpiffeId, String> {
         let td: TrustDomain = self.trust_domain.parse().map_err(|e| format!("{e}"))?;
         SpiffeId::workload(&td, &self.namespace, &self.service_account).map_err(|e| e.to_string())
+    }
+
+    /// What the cluster's gateway presents.
+    pub fn gateway_identity(&self) -> Result<SpiffeId, String> {
+        let td: TrustDomain = self.trust_domain.parse().map_err(|e| format!("{e}"))?;
+        SpiffeId::workload(&td, "mesh-system", "gateway").map_err(|e| e.to_string())
     }
 
     pub fn state_file(&self, name: &str) -> PathBuf {
@@ -195,6 +210,13 @@ impl AgentConfig {
             shutdown_grace: Duration::from_secs(30),
             worker_threads: 1,
             destinations: DestinationLimits::default(),
+            via_gateway: match &self.gateway {
+                Some(address) => Some(GatewayRoute {
+                    address: address.clone(),
+                    identity: self.gateway_identity()?,
+                }),
+                None => None,
+            },
         })
     }
 }

@@ -138,13 +138,14 @@ pub async fn join(js: &JoinString, opts: &JoinOptions) -> Result<Joined, JoinErr
 
     let address = match opts.address {
         Some(a) => a,
-        None => route_source(&js.identity_addr)?,
+        None => route_source(js.gateway.as_deref().unwrap_or(&js.identity_addr))?,
     };
     let config = AgentConfig {
         cluster: js.cluster.clone(),
         trust_domain: js.trust_domain.clone(),
         identity_addr: js.identity_addr.clone(),
         api_addr: js.api_addr.clone(),
+        gateway: js.gateway.clone(),
         namespace: js.namespace.clone(),
         service_account: js.service_account.clone(),
         workload: js.workload.clone(),
@@ -229,7 +230,13 @@ pub async fn fetch_pinned_bundle(
         reason,
     };
     let tls = unverified_client_config().map_err(|e| unreachable(e.to_string()))?;
-    let channel = grpc::channel(&js.identity_addr, tls).map_err(|e| unreachable(e.to_string()))?;
+    let channel = match &js.gateway {
+        // Through the gateway: neither it nor the control plane can be
+        // verified yet; the pin decides.
+        Some(gateway) => crate::via_gateway::identity_channel(gateway, tls.clone(), tls),
+        None => grpc::channel(&js.identity_addr, tls).map_err(|e| e.to_string()),
+    }
+    .map_err(unreachable)?;
     let answer = tokio::time::timeout(
         STEP_TIMEOUT,
         IdentityClient::new(channel).trust_bundle(TrustBundleRequest {}),
@@ -272,15 +279,15 @@ async fn certify_with_token(
 ) -> Result<Credentials, JoinError> {
     let td = bundle.trust_domain().clone();
     let bundles = BundleStore::new([bundle.clone()].into_iter().collect::<TrustBundleSet>());
-    let control = SpiffeId::workload(&td, "mesh-system", "control")
-        .map_err(|e| JoinError::Other(e.to_string()))?;
-    let tls = client_config_without_cert(bundles.clone(), ExpectedIdentity::Exact(control))
-        .map_err(|e| JoinError::Other(e.to_string()))?;
     let unreachable = |reason: String| JoinError::Unreachable {
-        addr: js.identity_addr.clone(),
+        addr: js
+            .gateway
+            .clone()
+            .unwrap_or_else(|| js.identity_addr.clone()),
         reason,
     };
-    let channel = grpc::channel(&js.identity_addr, tls).map_err(|e| unreachable(e.to_string()))?;
+    let channel = identity_channel(&td, &js.identity_addr, js.gateway.as_deref(), &bundles)
+        .map_err(unreachable)?;
     let (key, csr) = new_key_and_csr().map_err(|e| JoinError::Other(e.to_string()))?;
     let request = CertifyRequest {
         identity: identity.to_string(),
@@ -309,6 +316,27 @@ async fn certify_with_token(
     )
     .map_err(|e| JoinError::BadCertificate(e.to_string()))?;
     Ok(creds)
+}
+
+/// A channel to the identity service, verified against `bundles`: direct,
+/// or through the gateway (no client certificate on the tunnel).
+pub fn identity_channel(
+    td: &TrustDomain,
+    identity_addr: &str,
+    gateway: Option<&str>,
+    bundles: &BundleStore,
+) -> Result<tonic::transport::Channel, String> {
+    let id = |sa: &str| SpiffeId::workload(td, "mesh-system", sa).map_err(|e| e.to_string());
+    let expect = |sa: &str| -> Result<rustls::ClientConfig, String> {
+        client_config_without_cert(bundles.clone(), ExpectedIdentity::Exact(id(sa)?))
+            .map_err(|e| e.to_string())
+    };
+    match gateway {
+        Some(gateway) => {
+            crate::via_gateway::identity_channel(gateway, expect("gateway")?, expect("control")?)
+        }
+        None => grpc::channel(identity_addr, expect("control")?).map_err(|e| e.to_string()),
+    }
 }
 
 fn refused(code: Code) -> bool {

@@ -34,6 +34,10 @@ pub struct JoinString {
     pub identity_addr: String,
     /// `host:port` of the control plane's API (Discovery, Policy, Registry).
     pub api_addr: String,
+    /// `host:port` of the cluster's gateway, for a VM whose only route to
+    /// the cluster is to its gateway: everything goes through it then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
     /// The single-use join token.
     pub token: String,
     /// `sha256:<hex>` of the trust bundle's roots (`TrustBundle::pin`).
@@ -58,6 +62,7 @@ impl std::fmt::Debug for JoinString {
             .field("trust_domain", &self.trust_domain)
             .field("identity_addr", &self.identity_addr)
             .field("api_addr", &self.api_addr)
+            .field("gateway", &self.gateway)
             .field("pin", &self.pin)
             .field("namespace", &self.namespace)
             .field("service_account", &self.service_account)
@@ -124,6 +129,9 @@ impl JoinString {
             .map_err(|e| field("trust_domain", e.to_string()))?;
         check_host_port("identity_addr", &self.identity_addr)?;
         check_host_port("api_addr", &self.api_addr)?;
+        if let Some(gw) = &self.gateway {
+            check_host_port("gateway", gw)?;
+        }
         let token_ok = self.token.starts_with("mesh-join-")
             && self.token.len() < 128
             && self.token[10..]
@@ -230,6 +238,7 @@ pub(crate) mod tests {
             trust_domain: "west.mesh.local".into(),
             identity_addr: "10.0.2.100:8080".into(),
             api_addr: "control.west.example:8086".into(),
+            gateway: None,
             token: "mesh-join-abcdefABCDEF0123456789_-abcdefABCDEF0123456".into(),
             pin: format!("sha256:{}", "ab".repeat(32)),
             namespace: "shop".into(),

@@ -21,6 +21,7 @@ pub mod join;
 pub mod join_string;
 pub mod systemd;
 pub mod uds;
+pub mod via_gateway;
 pub mod workload_api;
 
 pub use agent::Agent;

@@ -335,3 +335,235 @@ async fn reenrollment_needs_the_enrollment_key_the_vm_joined_with() {
         .unwrap_err();
     assert!(err.contains("has no grant"), "{err}");
 }
+
+/// A VM whose only route is to the gateway: it joins, reaches the control
+/// plane, calls in and is called, all through the gateway, with its own
+/// identity end to end. The VM's listeners are on an address the cluster's
+/// workloads never dial: every byte to it comes over its reverse connection.
+#[tokio::test]
+async fn a_vm_behind_the_gateway_joins_calls_and_is_called_through_it() {
+    let gw_addr: std::net::SocketAddr = (ip("127.0.0.90"), free_port()).into();
+    let world = World::with_gateway(Duration::from_secs(3600), Some(gw_addr)).await;
+    let gateway = world.gateway(gw_addr).await;
+    let _api_app = echo_app((ip("127.0.0.92"), APP_PORT).into(), "api").await;
+    let _api = world.sidecar("api", ip("127.0.0.92"), true).await;
+    let web = world.sidecar("web", ip("127.0.0.93"), false).await;
+
+    // The VM: its app and proxy on 127.0.0.91, registered as 10.0.2.15 (a
+    // qemu guest's address, which nothing here routes to).
+    let vm_ip = ip("127.0.0.91");
+    let _vm_app = echo_app((vm_ip, APP_PORT).into(), "billing").await;
+    let mut js = world
+        .join_string("billing-1", Duration::from_secs(600))
+        .await;
+    js.gateway = Some(gw_addr.to_string());
+    // The control plane's own addresses are not used (nor reachable).
+    js.identity_addr = "192.0.2.1:8080".into();
+    js.api_addr = "192.0.2.1:8086".into();
+    let mut opts = world.vm_options("billing-1", vm_ip);
+    opts.address = Some(ip("10.0.2.15"));
+    let joined = join(&js, &opts).await.unwrap();
+    assert_eq!(
+        joined.config.gateway.as_deref(),
+        Some(gw_addr.to_string().as_str())
+    );
+    let agent = Agent::start(AgentConfig::load(&opts.config_path).unwrap())
+        .await
+        .unwrap();
+
+    // Called: web reaches the VM's app through the gateway, and the app sees web.
+    let (status, body) = until(
+        web.outbound_addr,
+        &svc("billing"),
+        Duration::from_secs(15),
+        |s, _| s == 200,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        format!("app=billing client=spiffe://{TD}/ns/shop/sa/web")
+    );
+    // Calling: the VM reaches api through the gateway, and api sees the VM.
+    let (status, body) = until(
+        agent.proxy.outbound_addr,
+        &svc("api"),
+        Duration::from_secs(15),
+        |s, _| s == 200,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        format!("app=api client=spiffe://{TD}/ns/shop/sa/billing")
+    );
+    let metrics = reqwest_metrics(gateway.admin_addr).await;
+    assert!(
+        metrics.contains("mesh_gateway_reverse_connections 1"),
+        "{metrics}"
+    );
+    gateway.shutdown().await;
+    agent.stop(Duration::from_millis(100)).await;
+}
+
+/// CONNECT `target` on a fresh tunnel to `gateway`, with `creds` or none:
+/// the gateway's answer.
+async fn connect_status(
+    gateway: std::net::SocketAddr,
+    creds: Option<&mesh_core::identity::CredentialStore>,
+    bundles: &mesh_core::identity::BundleStore,
+    target: &str,
+) -> u16 {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let gw_id: mesh_core::identity::SpiffeId = format!("spiffe://{TD}/ns/mesh-system/sa/gateway")
+        .parse()
+        .unwrap();
+    let expect = mesh_core::identity::ExpectedIdentity::Exact(gw_id);
+    let mut tls = match creds {
+        Some(c) => mesh_core::identity::tls::client_config(c.clone(), bundles.clone(), expect),
+        None => mesh_core::identity::tls::client_config_without_cert(bundles.clone(), expect),
+    }
+    .unwrap();
+    tls.alpn_protocols = vec![mesh_proxy::outbound::tunnel::ALPN_TUNNEL.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(gateway).await.unwrap();
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(
+            rustls::pki_types::ServerName::try_from("gateway").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(target)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    send.send_request(req).await.unwrap().status().as_u16()
+}
+
+/// What the gateway refuses: a caller without a certificate anywhere but
+/// the identity service; this cluster's workloads that are not behind it
+/// anywhere but the control plane and VMs; a VM anywhere but a meshed
+/// proxy; and a reverse connection claiming someone else's workload.
+#[tokio::test]
+async fn the_gateway_admits_vms_and_nothing_more() {
+    let gw_addr: std::net::SocketAddr = (ip("127.0.0.100"), free_port()).into();
+    let world = World::with_gateway(Duration::from_secs(3600), Some(gw_addr)).await;
+    let gateway = world.gateway(gw_addr).await;
+    let api = world.sidecar("api", ip("127.0.0.102"), true).await;
+    let web = world.sidecar("web", ip("127.0.0.103"), false).await;
+    let bundles = mesh_control::test_util::bundles_of(&world.cfg.ca_dir);
+    let vm_ip = ip("127.0.0.101");
+    let mut js = world
+        .join_string("billing-1", Duration::from_secs(600))
+        .await;
+    js.gateway = Some(gw_addr.to_string());
+    let opts = world.vm_options("billing-1", vm_ip);
+    join(&js, &opts).await.unwrap();
+    let agent = Agent::start(AgentConfig::load(&opts.config_path).unwrap())
+        .await
+        .unwrap();
+    let api_proxy = format!("127.0.0.102:{}", api.inbound_addr.port());
+
+    let identity = mesh_core::targets::IDENTITY;
+    let federation = mesh_proxy::outbound::tunnel::FEDERATION_TARGET;
+    assert_eq!(connect_status(gw_addr, None, &bundles, identity).await, 200);
+    assert_eq!(
+        connect_status(gw_addr, None, &bundles, federation).await,
+        403
+    );
+    assert_eq!(
+        connect_status(gw_addr, None, &bundles, &api_proxy).await,
+        403
+    );
+    assert_eq!(
+        connect_status(gw_addr, None, &bundles, &svc("api")).await,
+        403
+    );
+
+    // web is of this cluster but not behind the gateway.
+    let webc = Some(&web.credentials);
+    assert_eq!(
+        connect_status(gw_addr, webc, &bundles, &api_proxy).await,
+        403
+    );
+    assert_eq!(
+        connect_status(gw_addr, webc, &bundles, &svc("api")).await,
+        403
+    );
+
+    // The VM, once registered: meshed proxies only.
+    let vmc = Some(&agent.proxy.credentials);
+    let mut status = 0;
+    for _ in 0..50 {
+        status = connect_status(gw_addr, vmc, &bundles, &api_proxy).await;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200, "the registered VM reaches a meshed proxy");
+    assert_eq!(
+        connect_status(gw_addr, vmc, &bundles, "127.0.0.102:22").await,
+        403,
+        "not a meshed workload's proxy"
+    );
+    assert_eq!(
+        connect_status(gw_addr, vmc, &bundles, &svc("api")).await,
+        403
+    );
+
+    // web claims to be billing-1 on a reverse connection: refused.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let gw_id: mesh_core::identity::SpiffeId =
+            format!("spiffe://{TD}/ns/mesh-system/sa/gateway")
+                .parse()
+                .unwrap();
+        let mut tls = mesh_core::identity::tls::client_config(
+            web.credentials.clone(),
+            bundles.clone(),
+            mesh_core::identity::ExpectedIdentity::Exact(gw_id),
+        )
+        .unwrap();
+        tls.alpn_protocols = vec![mesh_proxy::outbound::tunnel::ALPN_REVERSE.to_vec()];
+        let tcp = tokio::net::TcpStream::connect(gw_addr).await.unwrap();
+        let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+            .connect(
+                rustls::pki_types::ServerName::try_from("gateway").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap();
+        let claim = b"shop/billing-1";
+        s.write_all(&(claim.len() as u16).to_be_bytes())
+            .await
+            .unwrap();
+        s.write_all(claim).await.unwrap();
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the gateway closes the connection")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "no HTTP/2 on a refused claim");
+    }
+    let metrics = reqwest_metrics(gateway.admin_addr).await;
+    for reason in [
+        "no_identity",
+        "same_trust_domain",
+        "not_meshed",
+        "not_behind",
+    ] {
+        assert!(
+            metrics.contains(&format!("reason=\"{reason}\"")),
+            "{reason} counted:\n{metrics}"
+        );
+    }
+    gateway.shutdown().await;
+    agent.stop(Duration::from_millis(100)).await;
+}

@@ -126,7 +126,9 @@ impl Index {
                     .workloads
                     .values()
                     .filter(|w| w.reg.namespace == auth.namespace)
-                    .filter(|w| selects(&w.reg.labels) && self.is_ready(w, now))
+                    .filter(|w| {
+                        selects(&w.reg.labels) && self.is_ready(w, now) && self.reachable(w)
+                    })
                     .filter_map(|w| {
                         let ip = *w.reg.addresses.first()?;
                         Some(self.endpoint(w, SocketAddr::new(ip, target), protocol as i32))
@@ -139,6 +141,12 @@ impl Index {
             }
         };
         DiscoveryUpdate { kind: Some(kind) }
+    }
+
+    /// Whether `w` can be an endpoint: one reached through the gateway
+    /// needs a gateway to be reached through.
+    fn reachable(&self, w: &super::Workload) -> bool {
+        !w.reg.via_gateway || self.gateway.is_some()
     }
 
     /// A mirrored service's answer: one "via gateway" endpoint when the
@@ -192,8 +200,24 @@ impl Index {
         })
     }
 
-    /// Workload `w` as an endpoint at `address`.
+    /// Workload `w` as an endpoint at `address`; through this cluster's
+    /// gateway when it registered as reached that way.
     fn endpoint(&self, w: &super::Workload, address: SocketAddr, protocol: i32) -> Endpoint {
+        let via_gateway = match (&self.gateway, w.reg.via_gateway) {
+            (Some(gw), true) => Some(ViaGateway {
+                gateway_addresses: gw.addresses.clone(),
+                gateway_identity: gw.identity.clone(),
+                target_authority: mesh_core::targets::vm(
+                    &w.reg.namespace,
+                    &w.reg.name,
+                    w.reg.proxy_port,
+                ),
+                destination_identities: vec![w.reg.spiffe_id.clone()],
+                quic: false,
+                target_port: u32::from(address.port()),
+            }),
+            _ => None,
+        };
         Endpoint {
             address: address.to_string(),
             spiffe_id: w.reg.spiffe_id.clone(),
@@ -202,7 +226,7 @@ impl Index {
             priority: 0,
             protocol,
             labels: w.reg.labels.clone().into_iter().collect(),
-            via_gateway: None,
+            via_gateway,
             workload: format!("{}/{}", w.reg.namespace, w.reg.name),
             proxy_port: u32::from(w.reg.proxy_port),
         }
@@ -275,6 +299,37 @@ mod tests {
             discovery_update::Kind::Endpoints(set) => set.endpoints,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_vm_behind_the_gateway_is_reached_through_it_and_only_with_one() {
+        let now = Instant::now();
+        let mut index = index(API);
+        let mut vm = reg("shop", "api-vm", "api", &[("app", "api")], "10.0.2.15");
+        vm.via_gateway = true;
+        index.register(vm, now).unwrap();
+        let auth = "api.shop.svc.cluster.local:80";
+        assert!(
+            endpoints(index.discovery(auth, now)).is_empty(),
+            "without a gateway it cannot be reached"
+        );
+        index.set_gateway(Some(crate::index::LocalGateway {
+            addresses: vec!["gw.west:4143".into()],
+            identity: "spiffe://west.mesh.local/ns/mesh-system/sa/gateway".into(),
+        }));
+        let eps = endpoints(index.discovery(auth, now));
+        assert_eq!(eps.len(), 1);
+        let via = eps[0].via_gateway.as_ref().expect("through the gateway");
+        assert_eq!(via.gateway_addresses, vec!["gw.west:4143"]);
+        assert_eq!(via.target_authority, "api-vm.shop.vm.mesh:4143");
+        assert_eq!(via.target_port, 8080);
+        assert_eq!(
+            via.destination_identities,
+            vec!["spiffe://west.mesh.local/ns/shop/sa/api"]
+        );
+        let behind = index.gateway_workloads(now).workloads;
+        assert_eq!(behind.len(), 1);
+        assert_eq!((behind[0].name.as_str(), behind[0].ready), ("api-vm", true));
     }
 
     #[test]

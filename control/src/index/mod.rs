@@ -42,6 +42,10 @@ pub struct Registration {
     pub healthy: bool,
     /// The workload proxy's inbound port; 0 when it has none.
     pub proxy_port: u16,
+    /// Reached through this cluster's gateway (a VM with no route from
+    /// the cluster's workloads).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub via_gateway: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +138,16 @@ pub struct Index {
     links: BTreeMap<Key, Object<LinkSpec>>,
     mirrors: BTreeMap<Key, Object<MirroredServiceSpec>>,
     workloads: BTreeMap<Key, Workload>,
+    /// This cluster's gateway, for workloads reached through it.
+    gateway: Option<LocalGateway>,
+}
+
+/// This cluster's own gateway: where its workloads reach VMs that have no
+/// route from them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalGateway {
+    pub addresses: Vec<String>,
+    pub identity: String,
 }
 
 impl Index {
@@ -152,6 +166,29 @@ impl Index {
             links: BTreeMap::new(),
             mirrors: BTreeMap::new(),
             workloads: BTreeMap::new(),
+            gateway: None,
+        }
+    }
+
+    /// This cluster's gateway (`--gateway-addr`).
+    pub fn set_gateway(&mut self, gateway: Option<LocalGateway>) {
+        self.gateway = gateway;
+    }
+
+    /// The workloads reached through this cluster's gateway, for it.
+    pub fn gateway_workloads(&self, now: Instant) -> mesh_core::api::v1::GatewayWorkloads {
+        mesh_core::api::v1::GatewayWorkloads {
+            workloads: self
+                .workloads
+                .values()
+                .filter(|w| w.reg.via_gateway)
+                .map(|w| mesh_core::api::v1::GatewayWorkload {
+                    namespace: w.reg.namespace.clone(),
+                    name: w.reg.name.clone(),
+                    spiffe_id: w.reg.spiffe_id.clone(),
+                    ready: self.is_ready(w, now),
+                })
+                .collect(),
         }
     }
 
@@ -436,6 +473,7 @@ pub(crate) mod tests {
                 .collect(),
             healthy: true,
             proxy_port: 4143,
+            via_gateway: false,
         }
     }
 

@@ -431,6 +431,7 @@ pub fn external_workload(reg: &Registration) -> ExternalWorkload {
                 })
                 .collect(),
             proxy_port: (reg.proxy_port != 0).then_some(reg.proxy_port),
+            via_gateway: reg.via_gateway,
         },
     );
     object.metadata.namespace = Some(reg.namespace.clone());
@@ -497,6 +498,7 @@ pub fn registration(o: &ExternalWorkload) -> Option<Registration> {
             .and_then(|a| a.get("workload.mesh.rs/healthy"))
             .is_none_or(|h| h == "true"),
         proxy_port: o.spec.proxy_port.unwrap_or(0),
+        via_gateway: o.spec.via_gateway,
     })
 }
 
@@ -519,6 +521,7 @@ mod tests {
             labels: BTreeMap::from([("app".into(), "api".into())]),
             healthy: false,
             proxy_port: 4143,
+            via_gateway: true,
         };
         assert_eq!(registration(&external_workload(&reg)), Some(reg));
     }

@@ -532,6 +532,7 @@ pub fn workload(
         labels: pod.labels().clone(),
         healthy,
         proxy_port: proxy_port.unwrap_or(0),
+        via_gateway: false,
     })
 }
 

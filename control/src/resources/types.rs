@@ -436,6 +436,10 @@ pub struct ExternalWorkloadSpec {
     /// Its proxy's inbound port; absent when it has no proxy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_port: Option<u16>,
+    /// Reached through this cluster's gateway (a VM with no route from the
+    /// cluster's pods).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub via_gateway: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]

@@ -272,6 +272,7 @@ pub fn register_request(ns: &str, name: &str, app: &str, ip: &str) -> RegisterRe
         labels: [("app".to_owned(), app.to_owned())].into(),
         healthy: true,
         proxy_port: 4143,
+        via_gateway: false,
     }
 }
 

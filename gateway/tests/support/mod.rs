@@ -140,6 +140,7 @@ pub async fn proxy(
         shutdown_grace: Duration::from_secs(1),
         worker_threads: 1,
         destinations: Default::default(),
+        via_gateway: None,
     })
     .await
     .unwrap()

@@ -53,6 +53,9 @@ pub struct Dialer {
     pub bundles: BundleStore,
     pub gateways: Gateways,
     pub connect_timeout: Duration,
+    /// Set for a workload whose only route is to its cluster's gateway:
+    /// every meshed endpoint is reached through it.
+    pub route: Option<crate::env::GatewayRoute>,
 }
 
 impl Dialer {
@@ -62,7 +65,39 @@ impl Dialer {
             bundles,
             gateways: Gateways::new(connect_timeout),
             connect_timeout,
+            route: None,
         }
+    }
+
+    /// Reaches every meshed endpoint through `route` when it is set.
+    pub fn with_route(mut self, route: Option<crate::env::GatewayRoute>) -> Self {
+        self.route = route;
+        self
+    }
+
+    /// How an endpoint is reached: `via` as discovery said, or, for a
+    /// workload behind its gateway, through the gateway to the endpoint's
+    /// proxy address (`ip:proxy_port`, which the gateway checks is a
+    /// meshed workload's).
+    pub fn via_for(
+        &self,
+        app_addr: SocketAddr,
+        identity: Option<&SpiffeId>,
+        proxy_port: u16,
+        via: Option<&Via>,
+    ) -> Option<Via> {
+        if let Some(via) = via {
+            return Some(via.clone());
+        }
+        let route = self.route.as_ref()?;
+        let id = identity?;
+        (proxy_port != 0).then(|| Via {
+            gateway: route.address.clone(),
+            quic: false,
+            gateway_identity: route.identity.to_string(),
+            target: SocketAddr::new(app_addr.ip(), proxy_port).to_string(),
+            identities: vec![id.to_string()],
+        })
     }
 }
 
@@ -260,7 +295,13 @@ impl EndpointService {
         via: Option<&Via>,
         dialer: &Dialer,
     ) -> Self {
-        if let Some(via) = via {
+        let routed = dialer.via_for(
+            app_addr,
+            identity.as_ref().ok().and_then(Option::as_ref),
+            proxy_port,
+            via,
+        );
+        if let Some(via) = &routed {
             let transport = match via.connector(dialer) {
                 Ok(tunnel) => Transport::Meshed(
                     Client::builder(TokioExecutor::new())

@@ -113,7 +113,8 @@ impl TcpEndpoint {
         via: Option<&Via>,
         dialer: &Dialer,
     ) -> Self {
-        if let Some(via) = via {
+        let routed = dialer.via_for(app, identity.as_ref(), proxy_port, via);
+        if let Some(via) = &routed {
             return Self {
                 app,
                 identity,

@@ -39,6 +39,9 @@ use super::endpoint::{Guarded, MeshIo, Stream, within};
 
 /// ALPN of a tunnel connection to a gateway.
 pub const ALPN_TUNNEL: &[u8] = b"mesh-tunnel/h2";
+/// ALPN of the connection a workload behind its own cluster's gateway (a
+/// VM with no other route) keeps open so the gateway can reach it.
+pub const ALPN_REVERSE: &[u8] = b"mesh-reverse/h2";
 /// ALPN of a QUIC tunnel connection to a gateway.
 pub const ALPN_QUIC: &[u8] = b"mesh-tunnel/quic";
 /// Streams one tunnel connection carries at most: what the gateway allows

@@ -324,6 +324,7 @@ pub fn proxy_config(
         shutdown_grace: Duration::from_secs(5),
         worker_threads: 1,
         destinations: Default::default(),
+        via_gateway: None,
     }
 }
 

@@ -118,9 +118,15 @@ impl World {
     /// A control plane on fixed ports, with Services `api` and `billing`
     /// (the VM's) on [`APP_PORT`].
     pub async fn new(leaf_ttl: Duration) -> Self {
+        Self::with_gateway(leaf_ttl, None).await
+    }
+
+    /// [`World::new`], telling the control plane its gateway's address.
+    pub async fn with_gateway(leaf_ttl: Duration, gateway: Option<SocketAddr>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = test_util::config(dir.path());
         cfg.leaf_ttl = leaf_ttl;
+        cfg.gateway_addresses = gateway.iter().map(ToString::to_string).collect();
         cfg.identity_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         cfg.api_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let service = |name: &str| {
@@ -183,6 +189,7 @@ impl World {
             trust_domain: facts.trust_domain,
             identity_addr: self.cfg.identity_addr.to_string(),
             api_addr: self.cfg.api_addr.to_string(),
+            gateway: None,
             token: resp.token.unwrap(),
             pin: facts.bundle_pin,
             namespace: "shop".into(),
@@ -193,6 +200,36 @@ impl World {
         };
         // Through its text form, as a user copies it.
         JoinString::decode(&js.encode()).unwrap()
+    }
+
+    /// This cluster's gateway on `addr`, joined with a token.
+    pub async fn gateway(&self, addr: SocketAddr) -> mesh_gateway::Gateway {
+        let (token, _) = create_token(
+            self.plane().store().as_ref(),
+            "mesh-system",
+            "gateway",
+            Duration::from_secs(600),
+            now().unix_timestamp(),
+            None,
+        )
+        .unwrap();
+        let token_file = self.dir.path().join("gateway.token");
+        std::fs::write(&token_file, token).unwrap();
+        mesh_gateway::Gateway::start(mesh_gateway::GatewayArgs {
+            cluster: "west".into(),
+            trust_domain: TD.parse().unwrap(),
+            cluster_domain: "cluster.local".into(),
+            control_identity_addr: self.cfg.identity_addr.to_string(),
+            control_api_addr: self.cfg.api_addr.to_string(),
+            control_identity: None,
+            trust_anchors: self.anchors.clone(),
+            join_token_file: Some(token_file),
+            credentials_dir: None,
+            tunnel_addr: addr,
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
+        })
+        .await
+        .unwrap()
     }
 
     /// Where a VM called `name` keeps its files, and how it listens.
@@ -284,6 +321,7 @@ impl World {
             shutdown_grace: Duration::from_secs(1),
             worker_threads: 1,
             destinations: Default::default(),
+            via_gateway: None,
         })
         .await
         .unwrap()
