@@ -92,15 +92,18 @@ async fn token_create(args: TokenCreateArgs) -> anyhow::Result<String> {
             _ => format!("{a}:{port}"),
         })
     };
+    // Behind the gateway, the control plane's own addresses are not used.
     let identity_addr = args
         .identity_addr
         .clone()
         .or_else(|| with_port(&args.control_addr, 8080))
+        .or_else(|| args.gateway.clone())
         .unwrap_or_default();
     let api_addr = args
         .api_addr
         .clone()
         .or_else(|| with_port(&args.control_addr, 8086))
+        .or_else(|| args.gateway.clone())
         .unwrap_or_default();
     let claims = WorkloadClaims {
         workload: args.workload.clone(),

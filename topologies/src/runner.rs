@@ -1078,30 +1078,40 @@ fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Result<RunRecord
         let log = |what: &str| state.join("logs").join(format!("{}-{what}.log", c.name));
         let s = |v: &dyn std::fmt::Display| v.to_string();
         let anchors = dir.join("ca/bundle.json");
+        // VMs whose only route is to the gateway are reached through it.
+        let gateway_flag: Vec<String> = info
+            .gateway
+            .iter()
+            .flat_map(|g| ["--gateway-addr".to_owned(), g.to_string()])
+            .collect();
         components.push(Component::new(
             format!("{}/control", c.name),
             &c.name,
             Kind::Control,
             &mesh,
-            vec![
-                "control".into(),
-                "--cluster".into(),
-                c.name.clone(),
-                "--ca".into(),
-                s(&dir.join("ca").display()),
-                "--config-dir".into(),
-                s(&dir.join("config").display()),
-                "--data-dir".into(),
-                s(&dir.join("data").display()),
-                "--identity-addr".into(),
-                s(&info.control_identity),
-                "--api-addr".into(),
-                s(&info.control_api),
-                "--admin-addr".into(),
-                s(&info.control_admin),
-                "--poll-interval".into(),
-                "250ms".into(),
-            ],
+            [
+                vec![
+                    "control".into(),
+                    "--cluster".into(),
+                    c.name.clone(),
+                    "--ca".into(),
+                    s(&dir.join("ca").display()),
+                    "--config-dir".into(),
+                    s(&dir.join("config").display()),
+                    "--data-dir".into(),
+                    s(&dir.join("data").display()),
+                    "--identity-addr".into(),
+                    s(&info.control_identity),
+                    "--api-addr".into(),
+                    s(&info.control_api),
+                    "--admin-addr".into(),
+                    s(&info.control_admin),
+                    "--poll-interval".into(),
+                    "250ms".into(),
+                ],
+                gateway_flag,
+            ]
+            .concat(),
             Ready::Admin(info.control_admin),
             log("control"),
         ));
