@@ -69,9 +69,53 @@ pub struct Cluster {
     /// directory.
     #[serde(default)]
     pub resources: Option<Spanned<String>>,
-    /// Room for VMs; not supported yet.
+    /// VMs: each an agent (`mesh vm run`, joined with `mesh vm token
+    /// create` and `mesh vm join`) and its app.
     #[serde(default)]
-    pub vms: Vec<Spanned<serde_json::Value>>,
+    pub vms: Vec<Spanned<Vm>>,
+}
+
+/// A VM of a cluster: the VM agent, joined as a user would join it, and
+/// the app it fronts. On loopback, like a replica, with its own address.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Vm {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Defaults to the VM's name.
+    #[serde(default)]
+    pub service_account: Option<String>,
+    /// Defaults to `app: <name>`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The app's ports (at least one: the first is health-checked).
+    pub ports: Vec<AppPort>,
+    /// What the VM runs. `mesh` means this `mesh` binary.
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Reach the cluster only through its gateway (the cluster must run
+    /// one: another cluster links to it).
+    #[serde(default)]
+    pub behind_gateway: bool,
+}
+
+impl Vm {
+    /// The workload the VM's app is, for the parts a replica's app shares.
+    pub fn as_workload(&self) -> Workload {
+        Workload {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            service_account: self.service_account.clone(),
+            replicas: 1,
+            labels: self.labels.clone(),
+            ports: self.ports.clone(),
+            command: self.command.clone(),
+            env: self.env.clone(),
+            traffic: false,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -234,20 +278,57 @@ impl Topology {
                     format!("{root:?} is not a cluster listed before {:?}", c.name),
                 ));
             }
-            if let Some(vm) = c.vms.first() {
-                return Err(fail(
-                    vm.referenced.line(),
-                    at("vms"),
-                    "VMs are not supported yet; remove the entry".into(),
-                ));
-            }
+            let linked_to = self.links.iter().any(|l| l.value.to == c.name);
             let mut workloads = BTreeSet::new();
+            for (j, vm) in c.vms.iter().enumerate() {
+                let line = vm.referenced.line();
+                let vm = &vm.value;
+                let at = |f: &str| format!("clusters[{i}].vms[{j}].{f}");
+                if self.network == Network::Namespaces {
+                    return Err(fail(
+                        line,
+                        at("name"),
+                        "VMs run with `network: loopback` only for now".into(),
+                    ));
+                }
+                let w = vm.as_workload();
+                check_name(&w.name).map_err(|r| fail(line, at("name"), r))?;
+                check_name(&w.namespace).map_err(|r| fail(line, at("namespace"), r))?;
+                check_name(w.service_account()).map_err(|r| fail(line, at("serviceAccount"), r))?;
+                if !workloads.insert(w.name.clone()) {
+                    return Err(fail(
+                        line,
+                        at("name"),
+                        format!("{:?} is listed twice in {}", w.name, c.name),
+                    ));
+                }
+                if vm.ports.is_empty() {
+                    return Err(fail(
+                        line,
+                        at("ports"),
+                        "a VM needs at least one port (its first is health-checked)".into(),
+                    ));
+                }
+                if vm.command.is_empty() {
+                    return Err(fail(line, at("command"), "the command is empty".into()));
+                }
+                if vm.behind_gateway && !linked_to {
+                    return Err(fail(
+                        line,
+                        at("behindGateway"),
+                        format!(
+                            "{} runs no gateway (no cluster links to it); link one to it, or drop behindGateway",
+                            c.name
+                        ),
+                    ));
+                }
+            }
             for (j, w) in c.workloads.iter().enumerate() {
                 let line = w.referenced.line();
                 let w = &w.value;
                 let at = |f: &str| format!("clusters[{i}].workloads[{j}].{f}");
                 check_name(&w.name).map_err(|r| fail(line, at("name"), r))?;
-                if !workloads.insert(w.name.as_str()) {
+                if !workloads.insert(w.name.clone()) {
                     return Err(fail(
                         line,
                         at("name"),

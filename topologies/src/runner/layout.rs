@@ -266,6 +266,27 @@ pub(super) fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Resul
                 });
             }
         }
+        for vm in &c.vms {
+            let ip = ip(1 + (next / 250) as u8, (next % 250) as u8 + 1);
+            next += 1;
+            let place = Placement {
+                ip,
+                netns: None,
+                proxy_ip: ip,
+            };
+            let (parts, replica) = vm_components(
+                &mesh,
+                &c.name,
+                &c.trust_domain,
+                &info,
+                &vm.value,
+                &place,
+                &dir,
+                state,
+            );
+            components.extend(parts);
+            info.replicas.push(replica);
+        }
         clusters.push(info);
     }
     Ok(RunRecord {
@@ -285,11 +306,11 @@ pub(super) fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Resul
 #[derive(Clone, Debug)]
 pub(super) struct Placement {
     /// The app's (and the workload's registered) address.
-    ip: IpAddr,
-    netns: Option<String>,
+    pub(super) ip: IpAddr,
+    pub(super) netns: Option<String>,
     /// Where its proxy's outbound and admin listen: the replica's address,
     /// or its namespace's loopback.
-    proxy_ip: IpAddr,
+    pub(super) proxy_ip: IpAddr,
 }
 
 #[allow(clippy::too_many_arguments)]

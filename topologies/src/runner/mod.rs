@@ -40,11 +40,13 @@ mod layout;
 mod processes;
 mod readiness;
 mod record;
+mod vms;
 
 use layout::*;
 pub use processes::process_alive;
 pub use readiness::{fetch_admin, scrape, scrape_in};
 pub use record::{ClusterInfo, Component, Kind, Ready, ReplicaInfo, RunRecord, TokenFor};
+use vms::*;
 
 /// The run record in the state directory, read by `mesh status` and `mesh down`.
 pub const RECORD: &str = "mesh-up.json";

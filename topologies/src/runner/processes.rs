@@ -105,6 +105,9 @@ impl Run {
             };
             mesh_core::identity::files::write_private(&token.file, secret.as_bytes())?;
         }
+        if let Some(join) = &c.vm_join {
+            self.join_vm(&c, join).await?;
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -50,6 +50,9 @@ pub struct Component {
     pub env: Vec<(String, String)>,
     /// A fresh join token is written here before each start.
     pub token: Option<TokenFor>,
+    /// A VM agent joins (once) before its first start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_join: Option<super::vms::VmJoin>,
     pub ready: Ready,
     pub log: PathBuf,
     /// Started after the rest is ready (load generators).
@@ -88,6 +91,7 @@ impl Component {
             args,
             env: Vec::new(),
             token: None,
+            vm_join: None,
             ready,
             log,
             traffic: false,
