@@ -16,6 +16,7 @@ pub mod crypto;
 pub mod grpc;
 pub mod identity;
 pub mod metrics_text;
+pub mod names;
 pub mod shutdown;
 pub mod targets;
 pub mod telemetry;

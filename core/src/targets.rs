@@ -21,12 +21,7 @@ pub fn parse_vm(target: &str) -> Option<(&str, &str, u16)> {
     let (host, port) = target.rsplit_once(':')?;
     let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
     let (name, namespace) = host.strip_suffix(VM_SUFFIX)?.split_once('.')?;
-    let label = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 63
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    };
+    let label = crate::names::is_dns_label;
     (label(name) && label(namespace)).then_some((namespace, name, port))
 }
 

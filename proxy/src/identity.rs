@@ -9,11 +9,10 @@ use mesh_core::{
     grpc,
     identity::{
         BundleStore, CredentialStore, Credentials, ExpectedIdentity, SpiffeId,
-        cert::{self, certs_from_pem, key_from_pem, unix_time},
+        cert::{self, certs_from_pem, key_from_pem},
         csr::new_key_and_csr,
         files,
         tls::{client_config, client_config_without_cert},
-        verify::{PeerRole, verify_peer},
     },
 };
 use rustls::pki_types::CertificateDer;
@@ -92,16 +91,9 @@ async fn certify(
 
 /// Checks new credentials are ours and chain to our trust domain's roots.
 fn validate(creds: &Credentials, config: &Config, bundles: &BundleStore) -> Result<(), String> {
-    let expected = ExpectedIdentity::Exact(config.identity.clone());
-    verify_peer(
-        creds.chain(),
-        &bundles.current(),
-        &expected,
-        PeerRole::Client,
-        unix_time(cert::now()),
-    )
-    .map(|_| ())
-    .map_err(|e| e.to_string())
+    creds
+        .check(&config.identity, &bundles.current())
+        .map_err(|e| e.to_string())
 }
 
 /// Gets the first SVID. Retries while the control plane is unreachable;
@@ -156,7 +148,9 @@ pub async fn bootstrap(
     }
 }
 
-fn is_refusal(code: Code) -> bool {
+/// Whether the control plane refused for good (retrying cannot help),
+/// rather than being unreachable.
+pub fn is_refusal(code: Code) -> bool {
     matches!(
         code,
         Code::Unauthenticated

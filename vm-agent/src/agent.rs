@@ -16,13 +16,11 @@ use std::{path::Path, sync::Arc, time::Duration};
 use mesh_core::{
     api::v1::{CertifyRequest, identity_client::IdentityClient},
     identity::{
-        BundleStore, CredentialStore, Credentials, ExpectedIdentity, SpiffeId, TrustBundleSet,
-        TrustDomain,
-        cert::{self, certs_from_pem, key_from_pem, unix_time},
+        BundleStore, CredentialStore, Credentials, SpiffeId, TrustBundleSet, TrustDomain,
+        cert::{self, certs_from_pem, key_from_pem},
         csr::new_key_and_csr,
         enroll::EnrollmentKey,
         files,
-        verify::{PeerRole, verify_peer},
     },
 };
 use mesh_proxy::{Extras, Proxy, identity::backoff};
@@ -187,14 +185,9 @@ fn load_credentials(
     let key = key_from_pem(&files::read(&key).map_err(|e| e.to_string())?)
         .map_err(|e| format!("{}: {e}", key.display()))?;
     let creds = Credentials::new(chain, key).map_err(|e| e.to_string())?;
-    verify_peer(
-        creds.chain(),
-        &bundles.current(),
-        &ExpectedIdentity::Exact(identity.clone()),
-        PeerRole::Client,
-        unix_time(cert::now()),
-    )
-    .map_err(|e| format!("{}: {e}", crt.display()))?;
+    creds
+        .check(identity, &bundles.current())
+        .map_err(|e| format!("{}: {e}", crt.display()))?;
     Ok(creds)
 }
 
@@ -230,14 +223,9 @@ pub async fn reenroll(
     let chain: Vec<CertificateDer<'static>> =
         answer.chain.into_iter().map(CertificateDer::from).collect();
     let creds = Credentials::new(chain, key).map_err(|e| e.to_string())?;
-    verify_peer(
-        creds.chain(),
-        &bundles.current(),
-        &ExpectedIdentity::Exact(identity.clone()),
-        PeerRole::Client,
-        unix_time(cert::now()),
-    )
-    .map_err(|e| e.to_string())?;
+    creds
+        .check(identity, &bundles.current())
+        .map_err(|e| e.to_string())?;
     Ok(creds)
 }
 

@@ -10,7 +10,6 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    sync::Arc,
     time::Duration,
 };
 
@@ -20,20 +19,14 @@ use mesh_core::{
     identity::{
         BundleStore, Credentials, ExpectedIdentity, SpiffeId, TrustBundle, TrustBundleSet,
         TrustDomain,
-        cert::{self, certs_to_pem, key_to_pem, unix_time},
+        cert::{certs_to_pem, key_to_pem},
         csr::new_key_and_csr,
         enroll::EnrollmentKey,
         files,
-        tls::client_config_without_cert,
-        verify::{PeerRole, verify_peer},
+        tls::{self, client_config_without_cert},
     },
 };
-use rustls::{
-    DigitallySignedStruct, SignatureScheme,
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    pki_types::{CertificateDer, ServerName, UnixTime},
-};
-use tonic::Code;
+use rustls::pki_types::CertificateDer;
 
 use crate::{
     config::{AgentConfig, BUNDLE, ENROLL_KEY, LEAF_CRT, LEAF_KEY, WorkloadApiConfig},
@@ -229,7 +222,7 @@ pub async fn fetch_pinned_bundle(
         addr: js.identity_addr.clone(),
         reason,
     };
-    let tls = unverified_client_config().map_err(|e| unreachable(e.to_string()))?;
+    let tls = tls::client_config_for_pinning().map_err(|e| unreachable(e.to_string()))?;
     let channel = match &js.gateway {
         // Through the gateway: neither it nor the control plane can be
         // verified yet; the pin decides.
@@ -301,20 +294,17 @@ async fn certify_with_token(
         .map_err(|_| unreachable(format!("no answer in {STEP_TIMEOUT:?}")))?;
     let answer = match answer {
         Ok(a) => a.into_inner(),
-        Err(s) if refused(s.code()) => return Err(JoinError::Refused(s.message().to_owned())),
+        Err(s) if mesh_proxy::identity::is_refusal(s.code()) => {
+            return Err(JoinError::Refused(s.message().to_owned()));
+        }
         Err(s) => return Err(unreachable(s.message().to_owned())),
     };
     let chain = answer.chain.into_iter().map(CertificateDer::from).collect();
     let creds =
         Credentials::new(chain, key).map_err(|e| JoinError::BadCertificate(e.to_string()))?;
-    verify_peer(
-        creds.chain(),
-        &bundles.current(),
-        &ExpectedIdentity::Exact(identity.clone()),
-        PeerRole::Client,
-        unix_time(cert::now()),
-    )
-    .map_err(|e| JoinError::BadCertificate(e.to_string()))?;
+    creds
+        .check(identity, &bundles.current())
+        .map_err(|e| JoinError::BadCertificate(e.to_string()))?;
     Ok(creds)
 }
 
@@ -339,17 +329,6 @@ pub fn identity_channel(
     }
 }
 
-fn refused(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unauthenticated
-            | Code::AlreadyExists
-            | Code::FailedPrecondition
-            | Code::PermissionDenied
-            | Code::InvalidArgument
-    )
-}
-
 /// The local address of the route to `addr` (no packet is sent).
 fn route_source(addr: &str) -> Result<IpAddr, JoinError> {
     use std::net::ToSocketAddrs;
@@ -371,62 +350,4 @@ fn route_source(addr: &str) -> Result<IpAddr, JoinError> {
     let socket = std::net::UdpSocket::bind(bind).map_err(|e| err(e.to_string()))?;
     socket.connect(target).map_err(|e| err(e.to_string()))?;
     Ok(socket.local_addr().map_err(|e| err(e.to_string()))?.ip())
-}
-
-/// TLS 1.3 that accepts any server certificate: only for fetching the
-/// bundle, which is checked against the pin before anything trusts it.
-/// The handshake's own signatures are still checked.
-fn unverified_client_config() -> Result<rustls::ClientConfig, rustls::Error> {
-    let provider = mesh_core::crypto::provider();
-    let verifier = Arc::new(AnyServer(provider.clone()));
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth())
-}
-
-#[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }

@@ -173,14 +173,7 @@ impl JoinString {
 /// A Kubernetes DNS label: lower-case letters, digits and '-', at most 63,
 /// starting and ending with a letter or digit.
 pub fn check_name(what: &'static str, name: &str) -> Result<(), JoinStringError> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
+    if mesh_core::names::is_dns_label(name) {
         Ok(())
     } else {
         Err(field(

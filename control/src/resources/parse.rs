@@ -256,14 +256,7 @@ pub fn validate(resource: &Resource) -> Result<(), String> {
 
 /// A DNS-1123 label, as Kubernetes names are.
 pub fn check_name(field: &str, name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
+    if mesh_core::names::is_dns_label(name) {
         Ok(())
     } else {
         Err(format!(

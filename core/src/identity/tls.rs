@@ -95,6 +95,20 @@ impl Credentials {
         &self.key_der
     }
 
+    /// Whether these are `id`'s credentials, chaining to `bundles`, valid
+    /// now: what every holder checks before using credentials it was given
+    /// (issued, renewed, or read from disk).
+    pub fn check(&self, id: &SpiffeId, bundles: &TrustBundleSet) -> Result<(), VerifyError> {
+        super::verify::verify_peer(
+            self.chain(),
+            bundles,
+            &ExpectedIdentity::Exact(id.clone()),
+            PeerRole::Client,
+            super::cert::unix_time(super::cert::now()),
+        )
+        .map(|_| ())
+    }
+
     pub fn id(&self) -> &SpiffeId {
         &self.id
     }
@@ -450,6 +464,42 @@ macro_rules! handshake_signature_methods {
                 .supported_schemes()
         }
     };
+}
+
+/// TLS 1.3 that accepts any server certificate (the handshake's own
+/// signatures are still checked). Only for fetching something that is then
+/// checked against a pin before anything trusts it or is sent: the VM
+/// agent's first look at a cluster's trust bundle.
+pub fn client_config_for_pinning() -> Result<ClientConfig, TlsError> {
+    let provider = crypto::provider();
+    let verifier = Arc::new(AnyServer {
+        provider: provider.clone(),
+    });
+    Ok(ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth())
+}
+
+#[derive(Debug)]
+struct AnyServer {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    handshake_signature_methods!();
 }
 
 impl ServerCertVerifier for SpiffeVerifier {
