@@ -120,18 +120,14 @@ async fn a_joined_vm_is_called_with_mtls_calls_in_and_health_decides_its_readine
 
     // The app comes up: web reaches it over mTLS, and the app sees web.
     let app = echo_app((vm_ip, APP_PORT).into(), "billing").await;
-    let (status, body) = until(
+    answers_with(
         web.outbound_addr,
-        &svc("billing"),
+        "billing",
         Duration::from_secs(10),
-        |s, _| s == 200,
+        "billing",
+        "web",
     )
     .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(
-        body,
-        format!("app=billing client=spiffe://{TD}/ns/shop/sa/web")
-    );
 
     // The VM calls in: api sees the VM's own identity.
     let (status, body) = get_via(agent.proxy.outbound_addr, &svc("api")).await;
@@ -181,6 +177,23 @@ async fn a_joined_vm_is_called_with_mtls_calls_in_and_health_decides_its_readine
     )
     .await;
     assert_eq!(status, 503, "a stopped agent is deregistered");
+}
+
+/// Calls `service` through `proxy` until it answers 200 (within
+/// `within`), and checks that app `app` answered and saw caller `sa`.
+async fn answers_with(
+    proxy: std::net::SocketAddr,
+    service: &str,
+    within: Duration,
+    app: &str,
+    sa: &str,
+) {
+    let (status, body) = until(proxy, &svc(service), within, |s, _| s == 200).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        format!("app={app} client=spiffe://{TD}/ns/shop/sa/{sa}")
+    );
 }
 
 async fn reqwest_metrics(admin: std::net::SocketAddr) -> String {
@@ -372,31 +385,23 @@ async fn a_vm_behind_the_gateway_joins_calls_and_is_called_through_it() {
         .unwrap();
 
     // Called: web reaches the VM's app through the gateway, and the app sees web.
-    let (status, body) = until(
+    answers_with(
         web.outbound_addr,
-        &svc("billing"),
+        "billing",
         Duration::from_secs(15),
-        |s, _| s == 200,
+        "billing",
+        "web",
     )
     .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(
-        body,
-        format!("app=billing client=spiffe://{TD}/ns/shop/sa/web")
-    );
     // Calling: the VM reaches api through the gateway, and api sees the VM.
-    let (status, body) = until(
+    answers_with(
         agent.proxy.outbound_addr,
-        &svc("api"),
+        "api",
         Duration::from_secs(15),
-        |s, _| s == 200,
+        "api",
+        "billing",
     )
     .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(
-        body,
-        format!("app=api client=spiffe://{TD}/ns/shop/sa/billing")
-    );
     let metrics = reqwest_metrics(gateway.admin_addr).await;
     assert!(
         metrics.contains("mesh_gateway_reverse_connections 1"),
