@@ -4,8 +4,8 @@
 //! The bundle is fetched over a TLS connection that cannot be verified yet
 //! (the VM has no roots); it is trusted only when its pin matches the join
 //! string's, and only then is the token sent, over a connection verified
-//! against those roots, to the control plane's own SPIFFE ID. Nothing is
-//! written before the pin matched; a refused token changes nothing.
+//! against those roots, to the control plane's own SPIFFE ID. No config or
+//! key is written before the pin matched; a refused token changes nothing.
 
 use std::{
     net::{IpAddr, SocketAddr},

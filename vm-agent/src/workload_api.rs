@@ -258,7 +258,10 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
 
 /// Serves the Workload API until the task is dropped.
 pub async fn serve(listener: UnixListener, api: WorkloadApi) {
+    // Bounded: at most 256 connections (`uds`), each with at most 16
+    // streams, each one task and a 4-message buffer.
     let result = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(16))
         .add_service(SpiffeWorkloadApiServer::new(api))
         .serve_with_incoming(crate::uds::incoming(listener))
         .await;
