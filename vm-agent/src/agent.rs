@@ -39,6 +39,7 @@ use crate::{
 #[derive(Clone, Debug, Default)]
 pub struct AgentMetrics {
     pub health: HealthMetrics,
+    pub dns: crate::dns::DnsMetrics,
     pub workload_api: WorkloadApiMetrics,
     pub reenrollments: Counter,
 }
@@ -46,6 +47,7 @@ pub struct AgentMetrics {
 impl AgentMetrics {
     fn register(&self, r: &mut prometheus_client::registry::Registry) {
         self.health.register(r);
+        self.dns.register(r);
         self.workload_api.register(r);
         r.register(
             "mesh_vm_agent_reenrollments",
@@ -60,6 +62,8 @@ impl AgentMetrics {
 pub struct Agent {
     pub proxy: Proxy,
     pub config: AgentConfig,
+    /// Where it serves DNS, when it does.
+    pub dns_addr: Option<std::net::SocketAddr>,
     tasks: tokio::task::JoinSet<()>,
 }
 
@@ -139,6 +143,27 @@ impl Agent {
                 inbound,
             ));
         }
+        let dns_addr = match &config.dns {
+            Some(dns) => {
+                let socket = tokio::net::UdpSocket::bind(dns.listen)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot serve DNS on {}: {e}", dns.listen))?;
+                let bound = socket.local_addr()?;
+                let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+                let upstreams = crate::dns::upstreams_from_resolv_conf(&resolv, bound);
+                tracing::info!(%bound, ?upstreams, "serving DNS for mesh names");
+                tasks.spawn(crate::dns::serve(
+                    socket,
+                    crate::dns::Dns {
+                        cluster_domain: dns.cluster_domain.clone(),
+                        upstreams,
+                        metrics: metrics.dns.clone(),
+                    },
+                ));
+                Some(bound)
+            }
+            None => None,
+        };
         let listener = workload_api::bind(&config.workload_api.socket)?;
         tasks.spawn(workload_api::serve(
             listener,
@@ -161,6 +186,7 @@ impl Agent {
         Ok(Self {
             proxy,
             config,
+            dns_addr,
             tasks,
         })
     }

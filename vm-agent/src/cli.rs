@@ -111,6 +111,16 @@ pub struct JoinArgs {
     /// The Workload API socket.
     #[arg(long, default_value = DEFAULT_WORKLOAD_SOCKET)]
     pub workload_api_socket: PathBuf,
+    /// Serve DNS for mesh names here (UDP, loopback), forwarding other names
+    /// to the VM's resolvers.
+    #[arg(long, default_value = crate::dns::DEFAULT_ADDR)]
+    pub dns_addr: SocketAddr,
+    /// Do not serve DNS.
+    #[arg(long)]
+    pub no_dns: bool,
+    /// Names under `svc.<this>` are the mesh's.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
     /// Unix uids allowed to fetch the identity from the Workload API
     /// (repeat or comma separate); without: nobody.
     #[arg(long, value_delimiter = ',')]
@@ -194,6 +204,10 @@ async fn join_cmd(args: JoinArgs) -> anyhow::Result<()> {
             socket: args.workload_api_socket.clone(),
             allowed_uids: args.workload_api_uid.clone(),
         },
+        dns: (!args.no_dns).then(|| crate::config::DnsConfig {
+            listen: args.dns_addr,
+            cluster_domain: args.cluster_domain.clone(),
+        }),
         force: args.force,
     };
     if !args.no_systemd && !systemd::booted() {
@@ -237,6 +251,13 @@ async fn join_cmd(args: JoinArgs) -> anyhow::Result<()> {
         joined.config.ports,
         joined.config.labels
     )?;
+    if let (true, Some(dns)) = (args.no_systemd, &joined.config.dns) {
+        writeln!(
+            out,
+            "DNS for mesh names will be served on {} (not wired into the resolver: --no-systemd)",
+            dns.listen
+        )?;
+    }
     if args.no_systemd {
         writeln!(
             out,
@@ -254,6 +275,9 @@ async fn join_cmd(args: JoinArgs) -> anyhow::Result<()> {
         mesh_core::identity::files::write_public(Path::new(systemd::UNIT_PATH), unit.as_bytes())?;
         writeln!(out, "wrote {}", systemd::UNIT_PATH)?;
     }
+    if let Some(dns) = &joined.config.dns {
+        wire_dns(&mut out, dns)?;
+    }
     systemd::systemctl(&["daemon-reload"]).map_err(anyhow::Error::msg)?;
     systemd::systemctl(&["enable", systemd::UNIT]).map_err(anyhow::Error::msg)?;
     // A rejoin replaces the identity the running agent holds.
@@ -265,6 +289,43 @@ async fn join_cmd(args: JoinArgs) -> anyhow::Result<()> {
         joined.config.outbound_addr,
         joined.config.workload_api.socket.display()
     )?;
+    Ok(())
+}
+
+/// Sends the mesh's names to the agent: a systemd-resolved drop-in where
+/// resolved runs, otherwise what to add.
+fn wire_dns(out: &mut impl Write, dns: &crate::config::DnsConfig) -> anyhow::Result<()> {
+    let domain = format!("svc.{}", dns.cluster_domain);
+    if Path::new("/run/systemd/resolve").is_dir() && dns.listen.port() == 53 {
+        let dropin = systemd::Unit::default()
+            .section("Resolve")
+            .set("DNS", &dns.listen.ip().to_string())
+            .set("Domains", &format!("~{domain}"))
+            .render()
+            .map_err(anyhow::Error::msg)?;
+        let dir = Path::new(systemd::RESOLVED_DROPIN)
+            .parent()
+            .unwrap_or(Path::new("/"));
+        std::fs::create_dir_all(dir)?;
+        mesh_core::identity::files::write_public(
+            Path::new(systemd::RESOLVED_DROPIN),
+            dropin.as_bytes(),
+        )?;
+        let _ = systemd::systemctl(&["try-reload-or-restart", "systemd-resolved.service"]);
+        writeln!(
+            out,
+            "wrote {}: systemd-resolved sends *.{domain} to {}",
+            systemd::RESOLVED_DROPIN,
+            dns.listen
+        )?;
+    } else {
+        writeln!(
+            out,
+            "DNS for *.{domain} is served on {}; systemd-resolved does not run here, so point your resolver's {domain} zone there (or add `nameserver {}` to /etc/resolv.conf)",
+            dns.listen,
+            dns.listen.ip()
+        )?;
+    }
     Ok(())
 }
 
@@ -286,6 +347,11 @@ fn leave(args: &LeaveArgs) -> anyhow::Result<()> {
             let _ = systemd::systemctl(&["daemon-reload"]);
             writeln!(out, "removed {}", systemd::UNIT_PATH)?;
         }
+    }
+    if Path::new(systemd::RESOLVED_DROPIN).exists() && config.dns.is_some() {
+        std::fs::remove_file(systemd::RESOLVED_DROPIN)?;
+        let _ = systemd::systemctl(&["try-reload-or-restart", "systemd-resolved.service"]);
+        writeln!(out, "removed {}", systemd::RESOLVED_DROPIN)?;
     }
     for name in [
         crate::config::LEAF_CRT,

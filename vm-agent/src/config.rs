@@ -75,6 +75,19 @@ pub struct AgentConfig {
     #[serde(default)]
     pub health: Option<HealthConfig>,
     pub workload_api: WorkloadApiConfig,
+    /// DNS for mesh names; none: not served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsConfig>,
+}
+
+/// Where the agent serves DNS, and which names are the mesh's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// A loopback address (UDP).
+    pub listen: SocketAddr,
+    /// Names under `svc.<cluster_domain>` are mesh names.
+    pub cluster_domain: String,
 }
 
 /// The SPIFFE Workload API the agent serves to the VM's apps.
@@ -151,6 +164,14 @@ impl AgentConfig {
         }
         if let Some(h) = &self.health {
             h.check()?;
+        }
+        if let Some(dns) = &self.dns
+            && !dns.listen.ip().is_loopback()
+        {
+            return Err(format!(
+                "dns.listen {} is not a loopback address; the agent serves DNS to this VM only",
+                dns.listen
+            ));
         }
         Ok(())
     }

@@ -51,6 +51,7 @@ pub struct JoinOptions {
     pub admin_addr: SocketAddr,
     pub health: Option<HealthConfig>,
     pub workload_api: WorkloadApiConfig,
+    pub dns: Option<crate::config::DnsConfig>,
     /// Rejoin even when a config exists.
     pub force: bool,
 }
@@ -152,6 +153,7 @@ pub async fn join(js: &JoinString, opts: &JoinOptions) -> Result<Joined, JoinErr
         state_dir: opts.state_dir.clone(),
         health: opts.health.clone(),
         workload_api: opts.workload_api.clone(),
+        dns: opts.dns.clone(),
     };
     let state = |name: &str| opts.state_dir.join(name);
     write_credentials(&opts.state_dir, &creds)?;

@@ -9,13 +9,16 @@
 //! with health from its checks, and serves the SPIFFE Workload API to the
 //! VM's apps; `leave` undoes `join`.
 //!
-//! What it does not do yet: DNS for mesh names, transparent capture on the
-//! VM (explicit `HTTP_PROXY` works), reaching the cluster through its
-//! gateway, JWT-SVIDs.
+//! It also serves DNS for mesh names and reaches the cluster through its
+//! gateway when that is the VM's only route.
+//!
+//! What it does not do yet: transparent capture on the VM (explicit
+//! `HTTP_PROXY` works), JWT-SVIDs.
 
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod dns;
 pub mod health;
 pub mod join;
 pub mod join_string;

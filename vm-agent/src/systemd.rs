@@ -13,6 +13,8 @@ use std::{fmt::Write as _, path::Path, process::Command};
 pub const UNIT: &str = "mesh-vm-agent.service";
 /// Where `join` writes the unit when the package did not install one.
 pub const UNIT_PATH: &str = "/etc/systemd/system/mesh-vm-agent.service";
+/// The systemd-resolved drop-in `join` writes for mesh names.
+pub const RESOLVED_DROPIN: &str = "/etc/systemd/resolved.conf.d/mesh.conf";
 /// Where the `.deb` installs it.
 pub const PACKAGED_UNIT_PATH: &str = "/lib/systemd/system/mesh-vm-agent.service";
 

@@ -111,6 +111,32 @@ async fn a_joined_vm_is_called_with_mtls_calls_in_and_health_decides_its_readine
         .await
         .unwrap();
 
+    // Mesh names resolve on the VM, through the agent's DNS.
+    {
+        use hickory_proto::{
+            op::{Message, Query},
+            rr::{Name, RData, RecordType, rdata::A},
+        };
+        let dns = agent.dns_addr.expect("the agent serves DNS");
+        let mut q = Message::query();
+        q.queries.push(Query::query(
+            Name::from_ascii("api.shop.svc.cluster.local.").unwrap(),
+            RecordType::A,
+        ));
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.send_to(&q.to_vec().unwrap(), dns).await.unwrap();
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let answer = Message::from_vec(&buf[..n]).unwrap();
+        assert_eq!(
+            answer.answers[0].data,
+            RData::A(A(mesh_vm_agent::dns::MESH_ADDRESS))
+        );
+    }
+
     // The app is not up: the VM is registered but not ready.
     let (status, _) = get_via(web.outbound_addr, &svc("billing")).await;
     assert_eq!(

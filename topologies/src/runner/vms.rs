@@ -149,6 +149,8 @@ impl Run {
             .args(["--inbound-addr", &SocketAddr::new(ip, 4143).to_string()])
             .args(["--outbound-addr", &SocketAddr::new(ip, 4140).to_string()])
             .args(["--admin-addr", &SocketAddr::new(ip, 4191).to_string()])
+            // Its own address, and a port that needs no privilege.
+            .args(["--dns-addr", &SocketAddr::new(ip, 1053).to_string()])
             .args(["--health-tcp", &SocketAddr::new(ip, first_port).to_string()])
             .args(["--health-period", "1s"]);
         self.run_logged(c, &mut enroll).await?;

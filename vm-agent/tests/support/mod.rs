@@ -248,6 +248,10 @@ impl World {
                 socket: root.join("run/workload.sock"),
                 allowed_uids: vec![0],
             },
+            dns: Some(mesh_vm_agent::config::DnsConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                cluster_domain: "cluster.local".into(),
+            }),
             force: false,
         }
     }
