@@ -3,7 +3,7 @@
 //! plane. One JSON request line in, one JSON response line out.
 
 use std::{
-    os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -131,38 +131,10 @@ pub struct SocketError {
 
 /// Binds the socket (replacing a stale file) with mode 0600.
 pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
-    let err = |source| SocketError {
+    mesh_core::unix_socket::bind(path, 0o600).map_err(|source| SocketError {
         path: path.to_owned(),
         source,
-    };
-    if path.exists() {
-        // A live control plane answers; a stale file from a crash does not.
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another control plane is serving this socket",
-            )));
-        }
-        std::fs::remove_file(path).map_err(err)?;
-    }
-    // Bound inside a fresh 0700 directory, given mode 0600 there, then
-    // renamed into place: no other user can connect in between, as they
-    // could while a socket bound in place still had the umask's mode.
-    let parent = path.parent().unwrap_or_else(|| Path::new("."));
-    let private = parent.join(format!(".admin-sock-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&private);
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&private)
-        .map_err(err)?;
-    let staged = private.join("sock");
-    let bound = UnixListener::bind(&staged).and_then(|listener| {
-        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
-        std::fs::rename(&staged, path)?;
-        Ok(listener)
-    });
-    let _ = std::fs::remove_dir_all(&private);
-    bound.map_err(err)
+    })
 }
 
 /// Serves admin requests until the task is dropped.
@@ -282,6 +254,8 @@ pub async fn request(path: &Path, req: &AdminRequest) -> std::io::Result<AdminRe
 
 #[cfg(test)]
 mod bind_tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     /// The socket appears at its path already 0600 (it was given its mode

@@ -20,3 +20,4 @@ pub mod names;
 pub mod shutdown;
 pub mod targets;
 pub mod telemetry;
+pub mod unix_socket;

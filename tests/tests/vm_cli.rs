@@ -28,6 +28,22 @@ impl Drop for Kill {
     }
 }
 
+/// Starts `cmd` and waits until its admin endpoint at `admin` is ready.
+async fn start_ready(cmd: &mut Command, admin: &str) -> Kill {
+    let child = Kill(
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the command starts"),
+    );
+    let addr = admin.parse().unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || get(addr, "/ready").0 == 200).await,
+        "{cmd:?} is ready at {admin}"
+    );
+    child
+}
+
 #[tokio::test]
 async fn a_vm_joins_runs_and_leaves_with_the_commands_the_readme_gives() {
     let dir = tempfile::tempdir().unwrap();
@@ -48,7 +64,7 @@ async fn a_vm_joins_runs_and_leaves_with_the_commands_the_readme_gives() {
     );
     assert!(ok, "{err}");
     std::fs::create_dir_all(d("config")).unwrap();
-    let _control = Kill(
+    let _control = start_ready(
         Command::new(&mesh)
             .args(["control", "--cluster", "west"])
             .arg("--ca")
@@ -64,20 +80,10 @@ async fn a_vm_joins_runs_and_leaves_with_the_commands_the_readme_gives() {
                 "127.0.0.81:8086",
                 "--admin-addr",
                 "127.0.0.81:9990",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    assert!(
-        eventually(Duration::from_secs(20), || get(
-            "127.0.0.81:9990".parse().unwrap(),
-            "/ready"
-        )
-        .0 == 200)
-        .await
-    );
+            ]),
+        "127.0.0.81:9990",
+    )
+    .await;
 
     let token = |workload: &str| {
         output(
@@ -144,25 +150,14 @@ async fn a_vm_joins_runs_and_leaves_with_the_commands_the_readme_gives() {
     assert!(!ok);
     assert!(err.contains("join string"), "{err}");
 
-    let _run = Kill(
+    let _run = start_ready(
         Command::new(&agent)
             .arg("run")
             .arg("--config")
-            .arg(d("etc/vm-agent.json"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    assert!(
-        eventually(Duration::from_secs(20), || get(
-            "127.0.0.82:4191".parse().unwrap(),
-            "/ready"
-        )
-        .0 == 200)
-        .await,
-        "the agent is ready"
-    );
+            .arg(d("etc/vm-agent.json")),
+        "127.0.0.82:4191",
+    )
+    .await;
     let (ok, out, err) = output(
         Command::new(&agent)
             .arg("status")

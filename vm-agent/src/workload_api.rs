@@ -12,10 +12,7 @@
 //! Connections go through `uds`, which lets gRPC C-core clients (py-spiffe)
 //! in.
 
-use std::{
-    os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use mesh_core::identity::{BundleStore, CredentialStore, TrustDomain};
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
@@ -235,25 +232,10 @@ pub struct SocketError {
 /// Binds the socket (replacing a stale one), mode 0666: the uid check
 /// decides who is served.
 pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
-    let err = |source| SocketError {
+    mesh_core::unix_socket::bind(path, 0o666).map_err(|source| SocketError {
         path: path.to_owned(),
         source,
-    };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(err)?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another agent is serving this socket",
-            )));
-        }
-        std::fs::remove_file(path).map_err(err)?;
-    }
-    let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(err)?;
-    Ok(listener)
+    })
 }
 
 /// Serves the Workload API until the task is dropped.

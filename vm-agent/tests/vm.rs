@@ -166,19 +166,13 @@ async fn a_joined_vm_is_called_with_mtls_calls_in_and_health_decides_its_readine
     // The app goes down: the VM leaves discovery, callers get 503 fast.
     app.abort();
     let started = tokio::time::Instant::now();
-    let (status, _) = until(
-        web.outbound_addr,
-        &svc("billing"),
-        Duration::from_secs(10),
-        |s, _| s == 503,
-    )
-    .await;
+    let status = status_within(web.outbound_addr, "billing", Duration::from_secs(10), 503).await;
     assert_eq!(status, 503);
     println!(
         "unhealthy VM out of discovery {:?} after its app stopped",
         started.elapsed()
     );
-    let metrics = reqwest_metrics(agent.proxy.admin_addr).await;
+    let metrics = admin_metrics(agent.proxy.admin_addr).await;
     assert!(metrics.contains("mesh_vm_agent_app_healthy 0"), "{metrics}");
     assert!(
         metrics.contains("mesh_vm_agent_health_check_failures_total{reason=\"refused\"}"),
@@ -187,22 +181,23 @@ async fn a_joined_vm_is_called_with_mtls_calls_in_and_health_decides_its_readine
 
     // Stopping deregisters at once.
     let _app = echo_app((vm_ip, APP_PORT).into(), "billing").await;
-    until(
-        web.outbound_addr,
-        &svc("billing"),
-        Duration::from_secs(10),
-        |s, _| s == 200,
-    )
-    .await;
+    status_within(web.outbound_addr, "billing", Duration::from_secs(10), 200).await;
     agent.stop(Duration::from_secs(1)).await;
-    let (status, _) = until(
-        web.outbound_addr,
-        &svc("billing"),
-        Duration::from_secs(5),
-        |s, _| s == 503,
-    )
-    .await;
+    let status = status_within(web.outbound_addr, "billing", Duration::from_secs(5), 503).await;
     assert_eq!(status, 503, "a stopped agent is deregistered");
+}
+
+/// Calls `service` through `proxy` until it answers `want` or `within`
+/// passes; the last status.
+async fn status_within(
+    proxy: std::net::SocketAddr,
+    service: &str,
+    within: Duration,
+    want: u16,
+) -> u16 {
+    until(proxy, &svc(service), within, |s, _| s == want)
+        .await
+        .0
 }
 
 /// Calls `service` through `proxy` until it answers 200 (within
@@ -222,7 +217,7 @@ async fn answers_with(
     );
 }
 
-async fn reqwest_metrics(admin: std::net::SocketAddr) -> String {
+async fn admin_metrics(admin: std::net::SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
@@ -316,7 +311,7 @@ async fn past_its_lifetime_without_a_control_plane_the_vm_fails_closed_then_reco
     let chain = mesh_core::identity::cert::certs_from_pem(on_disk.as_bytes()).unwrap();
     let info = mesh_core::identity::cert::CertInfo::parse(&chain[0]).unwrap();
     assert!(info.not_after > not_after);
-    let metrics = reqwest_metrics(agent.proxy.admin_addr).await;
+    let metrics = admin_metrics(agent.proxy.admin_addr).await;
     assert!(
         metrics.contains("mesh_vm_agent_reenrollments_total 1"),
         "{metrics}"
@@ -428,7 +423,7 @@ async fn a_vm_behind_the_gateway_joins_calls_and_is_called_through_it() {
         "billing",
     )
     .await;
-    let metrics = reqwest_metrics(gateway.admin_addr).await;
+    let metrics = admin_metrics(gateway.admin_addr).await;
     assert!(
         metrics.contains("mesh_gateway_reverse_connections 1"),
         "{metrics}"
@@ -583,7 +578,7 @@ async fn the_gateway_admits_vms_and_nothing_more() {
             .unwrap_or(0);
         assert_eq!(n, 0, "no HTTP/2 on a refused claim");
     }
-    let metrics = reqwest_metrics(gateway.admin_addr).await;
+    let metrics = admin_metrics(gateway.admin_addr).await;
     for reason in [
         "no_identity",
         "same_trust_domain",

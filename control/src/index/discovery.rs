@@ -255,7 +255,7 @@ impl Index {
         } else {
             let endpoints = at_ip
                 .into_iter()
-                .filter(|w| self.is_ready(w, now))
+                .filter(|w| self.is_ready(w, now) && self.reachable(w))
                 .map(|w| {
                     let protocol = w
                         .reg
