@@ -61,7 +61,7 @@ pub const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 /// the app saw in `x-seen`, and then one echoed text frame: the client's
 /// masked frame comes back unmasked, prefixed `echo `.
 fn websocket(
-    mut req: Request<hyper::body::Incoming>,
+    req: &mut Request<hyper::body::Incoming>,
     seen: &str,
 ) -> Option<http::Response<Full<Bytes>>> {
     let asked = req.headers().get("upgrade")?.as_bytes() == b"websocket";
@@ -69,7 +69,7 @@ fn websocket(
     if !(asked && key) {
         return None;
     }
-    let upgrade = hyper::upgrade::on(&mut req);
+    let upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut io = TokioIo::new(upgrade.await.unwrap());
@@ -145,7 +145,7 @@ pub async fn app_with(
             let (tcp, _) = listener.accept().await.unwrap();
             let counter = counter.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let svc = service_fn(move |mut req: Request<hyper::body::Incoming>| {
                     let seen = counter.fetch_add(1, Ordering::SeqCst);
                     let h = |name: &str| {
                         req.headers()
@@ -162,11 +162,17 @@ pub async fn app_with(
                         req.version(),
                         h(DST_PORT)
                     );
-                    let ws = websocket(req, &body);
+                    let ws = websocket(&mut req, &body);
                     async move {
                         if let Some(resp) = ws {
                             return Ok(resp);
                         }
+                        // Read the whole request before answering, as a real
+                        // app does: answering early and closing makes the
+                        // kernel reset the connection under the unread body,
+                        // which can discard the response before the proxy
+                        // reads it.
+                        let _ = req.into_body().collect().await;
                         tokio::time::sleep(delay).await;
                         let mut resp = http::Response::new(Full::new(Bytes::from(body)));
                         if seen < fail_first {
