@@ -139,14 +139,7 @@ impl Rules {
     /// The rules as a shell script, for IPv4 and IPv6 (skip the
     /// `ip6tables` lines where IPv6 is disabled).
     pub fn script(&self) -> String {
-        TOOLS
-            .iter()
-            .flat_map(|tool| {
-                self.commands()
-                    .into_iter()
-                    .map(move |c| format!("{tool} {}\n", c.join(" ")))
-            })
-            .collect()
+        script_of(&self.commands())
     }
 
     /// Applies the rules with `iptables`, and with `ip6tables` when IPv6 is
@@ -158,62 +151,197 @@ impl Rules {
     /// [`Self::apply`] through `run` (e.g. inside a pod's network
     /// namespace), for IPv6 too when `ipv6`.
     pub fn apply_with(&self, run: Run<'_>, ipv6: bool) -> Result<(), InitError> {
-        let tools: &[&'static str] = if ipv6 { &TOOLS } else { &TOOLS[..1] };
-        for &tool in tools {
-            for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
-                let args = ["-t", "nat", "-L", chain, "-n"].map(str::to_owned);
-                let exists = run(tool, &args).map_err(|source| match tool {
-                    "ip6tables" => InitError::Ipv6Unhandled(source),
-                    _ => InitError::Missing { tool, source },
-                })?;
-                if exists.status.success() {
-                    return Err(InitError::AlreadyApplied(chain));
-                }
-            }
-        }
-        for &tool in tools {
-            for args in self.commands() {
-                must(run, tool, &args)?;
-            }
-        }
-        Ok(())
+        apply_commands(&self.commands(), run, ipv6)
     }
 
     /// Checks that the rules are there as [`Self::commands`] says, and
     /// nothing else in their chains: `Err` describes the drift.
     pub fn check_with(&self, run: Run<'_>, ipv6: bool) -> Result<(), String> {
-        let tools: &[&'static str] = if ipv6 { &TOOLS } else { &TOOLS[..1] };
-        for &tool in tools {
-            let mut expected = std::collections::HashMap::<String, usize>::new();
-            for mut args in self.commands() {
-                // `-t nat -A CHAIN spec...` -> `-t nat -C CHAIN spec...`
-                if args.get(2).is_none_or(|a| a != "-A") {
-                    continue;
-                }
-                args[2] = "-C".to_owned();
-                *expected.entry(args[3].clone()).or_default() += 1;
-                let out = run(tool, &args).map_err(|e| format!("cannot run {tool}: {e}"))?;
-                if !out.status.success() {
-                    return Err(format!("{tool}: rule missing: {}", args[3..].join(" ")));
-                }
-            }
-            for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
-                let args = ["-t", "nat", "-S", chain].map(str::to_owned);
-                let out = run(tool, &args).map_err(|e| format!("cannot run {tool}: {e}"))?;
-                let rules = String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .filter(|l| l.starts_with("-A "))
-                    .count();
-                let want = expected.get(chain).copied().unwrap_or(0);
-                if rules != want {
-                    return Err(format!(
-                        "{tool}: chain {chain} holds {rules} rules; expected {want}"
-                    ));
-                }
+        check_commands(&self.commands(), run, ipv6)
+    }
+}
+
+/// Capture on a host the app shares with other software (a VM): only the
+/// app's users' outbound TCP goes to the proxy, and only the listed inbound
+/// ports; SSH, the agent (it runs as another user), other users and every
+/// other port are left alone. Outbound traffic to the host's own addresses
+/// is never captured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostRules {
+    pub inbound_port: u16,
+    pub outbound_port: u16,
+    /// The users whose outbound TCP is captured.
+    pub app_uids: Vec<u32>,
+    /// Inbound destination ports redirected to the proxy (the app's).
+    pub inbound_ports: Vec<u16>,
+    /// Outbound destination ports never captured.
+    pub skip_outbound_ports: Vec<u16>,
+}
+
+/// SSH: never captured, in either direction.
+pub const SSH_PORT: u16 = 22;
+
+impl HostRules {
+    /// The iptables argument lists, in order.
+    pub fn commands(&self) -> Vec<Vec<String>> {
+        let mut out: Vec<Vec<String>> = Vec::new();
+        let mut add = |args: &[&str]| {
+            let mut cmd = vec!["-t".to_owned(), "nat".to_owned()];
+            cmd.extend(args.iter().map(|a| (*a).to_owned()));
+            out.push(cmd);
+        };
+        let inbound = self.inbound_port.to_string();
+        let outbound = self.outbound_port.to_string();
+        add(&["-N", INBOUND_CHAIN]);
+        for port in self.inbound_ports.iter().filter(|p| **p != SSH_PORT) {
+            let port = port.to_string();
+            add(&[
+                "-A",
+                INBOUND_CHAIN,
+                "-p",
+                "tcp",
+                "--dport",
+                &port,
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                &inbound,
+            ]);
+        }
+        add(&["-A", "PREROUTING", "-p", "tcp", "-j", INBOUND_CHAIN]);
+
+        add(&["-N", OUTBOUND_CHAIN]);
+        add(&[
+            "-A",
+            OUTBOUND_CHAIN,
+            "-m",
+            "addrtype",
+            "--dst-type",
+            "LOCAL",
+            "-j",
+            "RETURN",
+        ]);
+        let mut skip: Vec<u16> = std::iter::once(SSH_PORT)
+            .chain(self.skip_outbound_ports.iter().copied())
+            .collect();
+        skip.sort_unstable();
+        skip.dedup();
+        for port in skip {
+            let port = port.to_string();
+            add(&[
+                "-A",
+                OUTBOUND_CHAIN,
+                "-p",
+                "tcp",
+                "--dport",
+                &port,
+                "-j",
+                "RETURN",
+            ]);
+        }
+        for uid in &self.app_uids {
+            let uid = uid.to_string();
+            add(&[
+                "-A",
+                OUTBOUND_CHAIN,
+                "-p",
+                "tcp",
+                "-m",
+                "owner",
+                "--uid-owner",
+                &uid,
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                &outbound,
+            ]);
+        }
+        add(&["-A", "OUTPUT", "-p", "tcp", "-j", OUTBOUND_CHAIN]);
+        out
+    }
+
+    /// The rules as a shell script, for IPv4 and IPv6.
+    pub fn script(&self) -> String {
+        script_of(&self.commands())
+    }
+
+    /// Applies the rules, for IPv6 too when `ipv6`; refuses to apply twice.
+    pub fn apply_with(&self, run: Run<'_>, ipv6: bool) -> Result<(), InitError> {
+        apply_commands(&self.commands(), run, ipv6)
+    }
+
+    /// Checks that the rules are there and nothing else in their chains.
+    pub fn check_with(&self, run: Run<'_>, ipv6: bool) -> Result<(), String> {
+        check_commands(&self.commands(), run, ipv6)
+    }
+}
+
+fn script_of(commands: &[Vec<String>]) -> String {
+    TOOLS
+        .iter()
+        .flat_map(|tool| {
+            commands
+                .iter()
+                .map(move |c| format!("{tool} {}\n", c.join(" ")))
+        })
+        .collect()
+}
+
+fn apply_commands(commands: &[Vec<String>], run: Run<'_>, ipv6: bool) -> Result<(), InitError> {
+    let tools: &[&'static str] = if ipv6 { &TOOLS } else { &TOOLS[..1] };
+    for &tool in tools {
+        for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
+            let args = ["-t", "nat", "-L", chain, "-n"].map(str::to_owned);
+            let exists = run(tool, &args).map_err(|source| match tool {
+                "ip6tables" => InitError::Ipv6Unhandled(source),
+                _ => InitError::Missing { tool, source },
+            })?;
+            if exists.status.success() {
+                return Err(InitError::AlreadyApplied(chain));
             }
         }
-        Ok(())
     }
+    for &tool in tools {
+        for args in commands {
+            must(run, tool, args)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_commands(commands: &[Vec<String>], run: Run<'_>, ipv6: bool) -> Result<(), String> {
+    let tools: &[&'static str] = if ipv6 { &TOOLS } else { &TOOLS[..1] };
+    for &tool in tools {
+        let mut expected = std::collections::HashMap::<String, usize>::new();
+        for args in commands {
+            // `-t nat -A CHAIN spec...` -> `-t nat -C CHAIN spec...`
+            if args.get(2).is_none_or(|a| a != "-A") {
+                continue;
+            }
+            let mut args = args.clone();
+            args[2] = "-C".to_owned();
+            *expected.entry(args[3].clone()).or_default() += 1;
+            let out = run(tool, &args).map_err(|e| format!("cannot run {tool}: {e}"))?;
+            if !out.status.success() {
+                return Err(format!("{tool}: rule missing: {}", args[3..].join(" ")));
+            }
+        }
+        for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
+            let args = ["-t", "nat", "-S", chain].map(str::to_owned);
+            let out = run(tool, &args).map_err(|e| format!("cannot run {tool}: {e}"))?;
+            let rules = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.starts_with("-A "))
+                .count();
+            let want = expected.get(chain).copied().unwrap_or(0);
+            if rules != want {
+                return Err(format!(
+                    "{tool}: chain {chain} holds {rules} rules; expected {want}"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs `tool` with `args` and returns its output.
@@ -317,6 +445,34 @@ mod tests {
             rules
                 .script()
                 .contains("iptables -t nat -A MESH_OUTBOUND -m owner --gid-owner 0 -j RETURN\n")
+        );
+    }
+
+    #[test]
+    fn host_rules_capture_only_the_app_users_and_ports_never_ssh() {
+        let rules = HostRules {
+            inbound_port: 4143,
+            outbound_port: 4140,
+            app_uids: vec![1001, 1002],
+            inbound_ports: vec![5432, 22],
+            skip_outbound_ports: vec![25, 22],
+        };
+        let script = rules.script();
+        let (v4, v6) = script.split_at(script.find("ip6tables").unwrap());
+        assert_eq!(v6, v4.replace("iptables", "ip6tables"));
+        assert_eq!(
+            v4,
+            "iptables -t nat -N MESH_INBOUND\n\
+             iptables -t nat -A MESH_INBOUND -p tcp --dport 5432 -j REDIRECT --to-ports 4143\n\
+             iptables -t nat -A PREROUTING -p tcp -j MESH_INBOUND\n\
+             iptables -t nat -N MESH_OUTBOUND\n\
+             iptables -t nat -A MESH_OUTBOUND -m addrtype --dst-type LOCAL -j RETURN\n\
+             iptables -t nat -A MESH_OUTBOUND -p tcp --dport 22 -j RETURN\n\
+             iptables -t nat -A MESH_OUTBOUND -p tcp --dport 25 -j RETURN\n\
+             iptables -t nat -A MESH_OUTBOUND -p tcp -m owner --uid-owner 1001 -j REDIRECT --to-ports 4140\n\
+             iptables -t nat -A MESH_OUTBOUND -p tcp -m owner --uid-owner 1002 -j REDIRECT --to-ports 4140\n\
+             iptables -t nat -A OUTPUT -p tcp -j MESH_OUTBOUND\n",
+            "22 is never redirected inbound, always skipped outbound; nothing but the app's users"
         );
     }
 }

@@ -368,6 +368,15 @@ async fn a_debian_vm_joins_through_the_gateway_and_serves_after_restart_and_rebo
         called.contains("spiffe://east.mesh.local/ns/shop/sa/billing"),
         "api sees the VM's identity: {called}"
     );
+    // The app's user, no proxy settings: the agent's DNS and the capture
+    // rules take its call through the proxy, under the VM's identity.
+    let direct = guest.expect("DIRECT").await;
+    assert!(
+        direct.contains("spiffe://east.mesh.local/ns/shop/sa/billing"),
+        "transparent capture under the hardened unit: {direct}"
+    );
+    let rules: u32 = guest.expect("RULES").await.trim().parse().unwrap();
+    assert!(rules > 0, "the capture rules are in place");
     let answer = api_calls_the_vm(api_proxy).await;
     assert!(
         answer.contains("\"client_id\": \"spiffe://east.mesh.local/ns/shop/sa/api\""),
@@ -381,6 +390,13 @@ async fn a_debian_vm_joins_through_the_gateway_and_serves_after_restart_and_rebo
     guest.go("restart").await;
     let called = guest.expect("RESTARTED").await;
     assert!(called.contains("sa/billing"), "{called}");
+    assert_eq!(
+        guest.expect("STOPPED").await.trim(),
+        "0",
+        "stopping the unit removes the capture rules"
+    );
+    let direct = guest.expect("STARTED").await;
+    assert!(direct.contains("sa/billing"), "captured again: {direct}");
     api_calls_the_vm(api_proxy).await;
 
     guest.go("reboot").await;
@@ -390,6 +406,11 @@ async fn a_debian_vm_joins_through_the_gateway_and_serves_after_restart_and_rebo
     assert!(
         called.contains("sa/billing"),
         "after a reboot, no rejoin: {called}"
+    );
+    let direct = guest.expect("REBOOTED_DIRECT").await;
+    assert!(
+        direct.contains("sa/billing"),
+        "captured after a reboot: {direct}"
     );
     let answer = api_calls_the_vm(api_proxy).await;
     assert!(answer.contains("sa/api"), "{answer}");

@@ -3,7 +3,7 @@
 #   tests/vm/build-image.sh OUT_DIR
 # OUT_DIR gets root.img (ext4, labelled root, no partition table), vmlinuz
 # and initrd.img. The image has systemd as PID 1, DHCP on its NIC,
-# python3 (the test's app), and a unit that runs /payload/run.sh from a
+# python3 (the test's app), iptables, a `billing` user for the app, and a unit that runs /payload/run.sh from a
 # second disk labelled `payload`, which is how the test drives the guest
 # (no ssh). The root password is empty: the guest only ever talks to the
 # test. Building takes about a minute; the test caches the result.
@@ -18,8 +18,9 @@ trap 'rm -rf "$work"' EXIT
 rootfs="$work/rootfs"
 
 mmdebstrap --variant=minbase --quiet \
-  --include=systemd,systemd-sysv,udev,iproute2,kmod,initramfs-tools,procps,python3,linux-image-cloud-amd64 \
+  --include=systemd,systemd-sysv,udev,iproute2,kmod,initramfs-tools,procps,python3,iptables,passwd,linux-image-cloud-amd64 \
   --customize-hook='chroot "$1" passwd -d root' \
+  --customize-hook='chroot "$1" useradd --system --no-create-home --shell /usr/sbin/nologin billing' \
   --customize-hook='echo "LABEL=root / ext4 rw,relatime 0 1" > "$1/etc/fstab"' \
   --customize-hook='echo meshvm > "$1/etc/hostname"' \
   --customize-hook='mkdir -p "$1/etc/systemd/network" && printf "[Match]\nName=en*\n\n[Network]\nDHCP=ipv4\n" > "$1/etc/systemd/network/10-dhcp.network"' \

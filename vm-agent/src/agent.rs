@@ -41,6 +41,7 @@ pub struct AgentMetrics {
     pub health: HealthMetrics,
     pub dns: crate::dns::DnsMetrics,
     pub workload_api: WorkloadApiMetrics,
+    pub capture: crate::capture::CaptureMetrics,
     pub reenrollments: Counter,
 }
 
@@ -49,6 +50,7 @@ impl AgentMetrics {
         self.health.register(r);
         self.dns.register(r);
         self.workload_api.register(r);
+        self.capture.register(r);
         r.register(
             "mesh_vm_agent_reenrollments",
             "New SVIDs obtained with the enrollment key after the old one expired",
@@ -64,6 +66,8 @@ pub struct Agent {
     pub config: AgentConfig,
     /// Where it serves DNS, when it does.
     pub dns_addr: Option<std::net::SocketAddr>,
+    /// The capture rules in place, when capture is on.
+    capture: Option<mesh_proxy::init::HostRules>,
     tasks: tokio::task::JoinSet<()>,
 }
 
@@ -175,6 +179,27 @@ impl Agent {
                 metrics.workload_api.clone(),
             ),
         ));
+        // Last: the listeners the rules redirect to are bound.
+        let capture = match &config.capture {
+            Some(c) => {
+                let rules = c.rules(&config);
+                let applying = rules.clone();
+                tokio::task::spawn_blocking(move || crate::capture::apply(&applying))
+                    .await?
+                    .map_err(|e| {
+                        anyhow::anyhow!("cannot apply the transparent capture rules: {e}")
+                    })?;
+                metrics.capture.applied.set(1);
+                tracing::info!(
+                    app_uids = ?c.app_uids,
+                    inbound_ports = ?rules.inbound_ports,
+                    "transparent capture on"
+                );
+                tasks.spawn(crate::capture::keep(rules.clone(), metrics.capture.clone()));
+                Some(rules)
+            }
+            None => None,
+        };
         tracing::info!(
             id = %identity,
             inbound = %proxy.inbound_addr,
@@ -187,13 +212,22 @@ impl Agent {
             proxy,
             config,
             dns_addr,
+            capture,
             tasks,
         })
     }
 
-    /// Deregisters, drains the proxy within `grace`, removes the socket.
+    /// Removes the capture rules (the app's traffic goes direct again),
+    /// deregisters, drains the proxy within `grace`, removes the socket.
     pub async fn stop(mut self, grace: Duration) {
         self.tasks.shutdown().await;
+        if self.capture.is_some() {
+            match tokio::task::spawn_blocking(crate::capture::remove).await {
+                Ok(Ok(())) => tracing::info!("transparent capture rules removed"),
+                Ok(Err(e)) => tracing::error!("cannot remove the capture rules: {e}"),
+                Err(e) => tracing::error!("cannot remove the capture rules: {e}"),
+            }
+        }
         self.proxy.shutdown(grace).await;
         let _ = std::fs::remove_file(&self.config.workload_api.socket);
     }

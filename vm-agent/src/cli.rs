@@ -36,6 +36,20 @@ pub enum AgentCommand {
     /// Print the systemd unit that runs the agent (what `join` installs and
     /// the .deb ships).
     Unit(UnitArgs),
+    /// Transparent capture: show the rules and whether they are in place,
+    /// or remove them (the unit does after the agent stops, crashes
+    /// included).
+    #[command(subcommand)]
+    Capture(CaptureCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaptureCommand {
+    /// Print the iptables rules this VM's config gives and whether they are
+    /// in place.
+    Show(ConfigArg),
+    /// Remove the rules (nothing to do is fine).
+    Remove(ConfigArg),
 }
 
 #[derive(Debug, Args)]
@@ -125,6 +139,20 @@ pub struct JoinArgs {
     /// (repeat or comma separate); without: nobody.
     #[arg(long, value_delimiter = ',')]
     pub workload_api_uid: Vec<u32>,
+    /// Capture this user's traffic transparently (a name or uid; repeat or
+    /// comma separate): its outbound TCP goes through the proxy and inbound
+    /// TCP to the granted ports through the inbound proxy, with iptables.
+    /// Without: explicit mode (`HTTP_PROXY`) only.
+    #[arg(long, value_delimiter = ',')]
+    pub capture_user: Vec<String>,
+    /// With --capture-user: granted ports whose inbound traffic is not
+    /// captured.
+    #[arg(long, value_delimiter = ',', requires = "capture_user")]
+    pub capture_skip_inbound_ports: Vec<u16>,
+    /// With --capture-user: destination ports the app reaches directly
+    /// (22, SSH, always).
+    #[arg(long, value_delimiter = ',', requires = "capture_user")]
+    pub capture_skip_outbound_ports: Vec<u16>,
 }
 
 #[derive(Debug, Args)]
@@ -167,6 +195,8 @@ pub fn main(command: AgentCommand) -> ExitCode {
         AgentCommand::Unit(args) => systemd::agent_unit(&args.exe, &args.config.config)
             .map_err(anyhow::Error::msg)
             .and_then(|unit| Ok(std::io::stdout().lock().write_all(unit.as_bytes())?)),
+        AgentCommand::Capture(CaptureCommand::Show(args)) => capture_show(&args.config),
+        AgentCommand::Capture(CaptureCommand::Remove(args)) => capture_remove(&args.config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -191,6 +221,19 @@ async fn join_cmd(args: JoinArgs) -> anyhow::Result<()> {
     if let Some(h) = &health {
         h.check().map_err(anyhow::Error::msg)?;
     }
+    let capture = if args.capture_user.is_empty() {
+        None
+    } else {
+        Some(crate::capture::CaptureConfig {
+            app_uids: args
+                .capture_user
+                .iter()
+                .map(|u| uid_of(u))
+                .collect::<anyhow::Result<_>>()?,
+            skip_inbound_ports: args.capture_skip_inbound_ports.clone(),
+            skip_outbound_ports: args.capture_skip_outbound_ports.clone(),
+        })
+    };
     let opts = JoinOptions {
         config_path: args.config.clone(),
         state_dir: args.state_dir.clone(),
@@ -208,6 +251,7 @@ async fn join_cmd(args: JoinArgs) -> anyhow::Result<()> {
             listen: args.dns_addr,
             cluster_domain: args.cluster_domain.clone(),
         }),
+        capture,
         force: args.force,
     };
     if !args.no_systemd && !systemd::booted() {
@@ -283,11 +327,86 @@ async fn join_cmd(args: JoinArgs) -> anyhow::Result<()> {
     // A rejoin replaces the identity the running agent holds.
     systemd::systemctl(&["restart", systemd::UNIT]).map_err(anyhow::Error::msg)?;
     writeln!(out, "started and enabled {}", systemd::UNIT)?;
+    match &joined.config.capture {
+        Some(c) => writeln!(
+            out,
+            "apps: traffic of uids {:?} is captured while the agent runs (`mesh-vm-agent capture show`); SPIFFE_ENDPOINT_SOCKET=unix://{} for the identity",
+            c.app_uids,
+            joined.config.workload_api.socket.display()
+        )?,
+        None => writeln!(
+            out,
+            "apps: HTTP_PROXY=http://{} for mesh calls; SPIFFE_ENDPOINT_SOCKET=unix://{} for the identity",
+            joined.config.outbound_addr,
+            joined.config.workload_api.socket.display()
+        )?,
+    }
+    Ok(())
+}
+
+/// A user name or uid as the system knows it (`id -u`, so NSS users
+/// resolve too).
+fn uid_of(user: &str) -> anyhow::Result<u32> {
+    if let Ok(uid) = user.parse::<u32>() {
+        return Ok(uid);
+    }
+    if user.is_empty() || user.len() > 256 || user.starts_with('-') {
+        anyhow::bail!("--capture-user {user:?} is not a user name or uid");
+    }
+    let out = std::process::Command::new("id")
+        .args(["-u", "--", user])
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run `id` to look up user {user:?}: {e}"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "--capture-user {user:?}: no such user on this machine ({}); create it or give a uid",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("`id -u {user}` did not print a uid: {e}"))
+}
+
+fn capture_show(path: &Path) -> anyhow::Result<()> {
+    let config = AgentConfig::load(path)?;
+    let mut out = std::io::stdout().lock();
+    let Some(capture) = &config.capture else {
+        writeln!(
+            out,
+            "transparent capture is not configured (explicit mode: HTTP_PROXY=http://{}); join with --capture-user to turn it on",
+            config.outbound_addr
+        )?;
+        return Ok(());
+    };
+    let rules = capture.rules(&config);
+    write!(out, "{}", rules.script())?;
+    match crate::capture::check(&rules) {
+        Ok(()) => writeln!(out, "# in place")?,
+        Err(why) => writeln!(out, "# not in place: {why}")?,
+    }
+    Ok(())
+}
+
+fn capture_remove(path: &Path) -> anyhow::Result<()> {
+    match AgentConfig::load(path) {
+        Ok(config) if config.capture.is_none() => {
+            writeln!(
+                std::io::stdout().lock(),
+                "transparent capture is not configured; nothing to remove"
+            )?;
+            return Ok(());
+        }
+        Ok(_) => {}
+        // The removal needs nothing from the file.
+        Err(e) => eprintln!("warning: {e}; removing the rules anyway"),
+    }
+    crate::capture::remove().map_err(anyhow::Error::msg)?;
     writeln!(
-        out,
-        "apps: HTTP_PROXY=http://{} for mesh calls; SPIFFE_ENDPOINT_SOCKET=unix://{} for the identity",
-        joined.config.outbound_addr,
-        joined.config.workload_api.socket.display()
+        std::io::stdout().lock(),
+        "capture rules removed (iptables chains MESH_INBOUND, MESH_OUTBOUND, and the route to {} the agent added, if any)",
+        crate::dns::MESH_ADDRESS
     )?;
     Ok(())
 }
@@ -420,5 +539,40 @@ fn status(path: &Path) -> anyhow::Result<()> {
             config.admin_addr
         )?,
     }
+    match &config.capture {
+        None => writeln!(
+            out,
+            "capture: explicit (HTTP_PROXY=http://{})",
+            config.outbound_addr
+        )?,
+        Some(c) => match crate::capture::check(&c.rules(&config)) {
+            Ok(()) => writeln!(
+                out,
+                "capture: transparent for uids {:?}, rules in place",
+                c.app_uids
+            )?,
+            Err(why) => writeln!(
+                out,
+                "capture: transparent for uids {:?}, rules not in place ({why})",
+                c.app_uids
+            )?,
+        },
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_users_are_looked_up_never_passed_as_options() {
+        assert_eq!(uid_of("1001").unwrap(), 1001);
+        assert_eq!(uid_of("root").unwrap(), 0);
+        for hostile in ["-u", "--help", "", "a\nb"] {
+            assert!(uid_of(hostile).is_err(), "{hostile:?}");
+        }
+        let err = uid_of("no-such-user-mesh").unwrap_err().to_string();
+        assert!(err.contains("no such user on this machine"), "{err}");
+    }
 }

@@ -19,7 +19,7 @@ use mesh_proxy::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{health::HealthConfig, join_string};
+use crate::{capture::CaptureConfig, health::HealthConfig, join_string};
 
 /// Where `join` writes the config unless told otherwise.
 pub const DEFAULT_CONFIG: &str = "/etc/mesh/vm-agent.json";
@@ -78,6 +78,10 @@ pub struct AgentConfig {
     /// DNS for mesh names; none: not served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsConfig>,
+    /// Transparent capture of the app's traffic; none: explicit
+    /// (`HTTP_PROXY`) only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<CaptureConfig>,
 }
 
 /// Where the agent serves DNS, and which names are the mesh's.
@@ -138,7 +142,7 @@ impl AgentConfig {
         Ok(())
     }
 
-    fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), String> {
         join_string::check_name("cluster", &self.cluster).map_err(|e| e.to_string())?;
         self.trust_domain
             .parse::<TrustDomain>()
@@ -172,6 +176,9 @@ impl AgentConfig {
                 "dns.listen {} is not a loopback address; the agent serves DNS to this VM only",
                 dns.listen
             ));
+        }
+        if let Some(capture) = &self.capture {
+            capture.check(self)?;
         }
         Ok(())
     }
@@ -239,5 +246,47 @@ impl AgentConfig {
                 None => None,
             },
         })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A config as `join` writes it.
+    pub(crate) fn sample() -> AgentConfig {
+        AgentConfig {
+            cluster: "west".into(),
+            trust_domain: "west.mesh.local".into(),
+            identity_addr: "10.0.0.1:8080".into(),
+            api_addr: "10.0.0.1:8086".into(),
+            gateway: None,
+            namespace: "shop".into(),
+            service_account: "billing".into(),
+            workload: "billing-1".into(),
+            labels: BTreeMap::new(),
+            ports: vec![5432],
+            address: "10.0.0.9".parse().unwrap(),
+            app_ip: "127.0.0.1".parse().unwrap(),
+            inbound_addr: "0.0.0.0:4143".parse().unwrap(),
+            outbound_addr: "127.0.0.1:4140".parse().unwrap(),
+            admin_addr: "127.0.0.1:4191".parse().unwrap(),
+            state_dir: "/var/lib/mesh".into(),
+            health: None,
+            workload_api: WorkloadApiConfig {
+                socket: DEFAULT_WORKLOAD_SOCKET.into(),
+                allowed_uids: vec![],
+            },
+            dns: None,
+            capture: None,
+        }
+    }
+
+    #[test]
+    fn the_sample_is_valid_and_round_trips() {
+        let c = sample();
+        c.check().unwrap();
+        let json = serde_json::to_vec(&c).unwrap();
+        assert_eq!(serde_json::from_slice::<AgentConfig>(&json).unwrap(), c);
     }
 }

@@ -52,6 +52,8 @@ pub struct JoinOptions {
     pub health: Option<HealthConfig>,
     pub workload_api: WorkloadApiConfig,
     pub dns: Option<crate::config::DnsConfig>,
+    /// Transparent capture; none: explicit only.
+    pub capture: Option<crate::capture::CaptureConfig>,
     /// Rejoin even when a config exists.
     pub force: bool,
 }
@@ -124,12 +126,6 @@ pub async fn join(js: &JoinString, opts: &JoinOptions) -> Result<Joined, JoinErr
         .trust_domain
         .parse()
         .map_err(|e| JoinError::Other(format!("trust domain: {e}")))?;
-    let bundle = fetch_pinned_bundle(js, &td).await?;
-    let identity = SpiffeId::workload(&td, &js.namespace, &js.service_account)
-        .map_err(|e| JoinError::Other(e.to_string()))?;
-    let enroll = EnrollmentKey::generate().map_err(|e| JoinError::Other(e.to_string()))?;
-    let creds = certify_with_token(js, &identity, &bundle, &enroll).await?;
-
     let address = match opts.address {
         Some(a) => a,
         None => route_source(js.gateway.as_deref().unwrap_or(&js.identity_addr))?,
@@ -154,7 +150,16 @@ pub async fn join(js: &JoinString, opts: &JoinOptions) -> Result<Joined, JoinErr
         health: opts.health.clone(),
         workload_api: opts.workload_api.clone(),
         dns: opts.dns.clone(),
+        capture: opts.capture.clone(),
     };
+    // Refused before the token is spent: a config `run` would refuse.
+    config.check().map_err(JoinError::Other)?;
+    let bundle = fetch_pinned_bundle(js, &td).await?;
+    let identity = SpiffeId::workload(&td, &js.namespace, &js.service_account)
+        .map_err(|e| JoinError::Other(e.to_string()))?;
+    let enroll = EnrollmentKey::generate().map_err(|e| JoinError::Other(e.to_string()))?;
+    let creds = certify_with_token(js, &identity, &bundle, &enroll).await?;
+
     let state = |name: &str| opts.state_dir.join(name);
     write_credentials(&opts.state_dir, &creds)?;
     files::write_private(&state(BUNDLE), bundle.to_pem().as_bytes())?;

@@ -9,13 +9,15 @@
 //! with health from its checks, and serves the SPIFFE Workload API to the
 //! VM's apps; `leave` undoes `join`.
 //!
-//! It also serves DNS for mesh names and reaches the cluster through its
-//! gateway when that is the VM's only route.
+//! It also serves DNS for mesh names, captures the app's traffic
+//! transparently when asked (iptables for the app's users and ports only),
+//! and reaches the cluster through its gateway when that is the VM's only
+//! route.
 //!
-//! What it does not do yet: transparent capture on the VM (explicit
-//! `HTTP_PROXY` works), JWT-SVIDs.
+//! What it does not do yet: JWT-SVIDs.
 
 pub mod agent;
+pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod dns;

@@ -82,6 +82,12 @@ pub fn agent_unit(exe: &Path, config: &Path) -> Result<String, String> {
             "ExecStart",
             &format!("{} run --config {}", quote(exe)?, quote(config)?),
         )
+        // After every stop, crashes included: the capture rules go with the
+        // agent, so the app's ports never point at a dead proxy.
+        .set(
+            "ExecStopPost",
+            &format!("{} capture remove --config {}", quote(exe)?, quote(config)?),
+        )
         .set("Restart", "always")
         .set("RestartSec", "2")
         .set("TimeoutStopSec", "45")
@@ -93,6 +99,8 @@ pub fn agent_unit(exe: &Path, config: &Path) -> Result<String, String> {
         .set("UMask", "0077")
         .set("NoNewPrivileges", "yes")
         .set("ProtectSystem", "strict")
+        // iptables-legacy's lock (iptables-nft takes none).
+        .set("ReadWritePaths", "-/run/xtables.lock")
         .set("ProtectHome", "yes")
         .set("PrivateTmp", "yes")
         .set("PrivateDevices", "yes")
@@ -163,6 +171,9 @@ mod tests {
                 "ExecStart=/usr/bin/mesh-vm-agent run --config /etc/mesh/vm-agent.json\n"
             )
         );
+        assert!(unit.contains(
+            "ExecStopPost=/usr/bin/mesh-vm-agent capture remove --config /etc/mesh/vm-agent.json\n"
+        ));
         for line in [
             "NoNewPrivileges=yes",
             "ProtectSystem=strict",

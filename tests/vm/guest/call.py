@@ -1,9 +1,13 @@
-"""Calls the cluster's api through the agent's outbound proxy (HTTP_PROXY)."""
+"""Calls the cluster's api: through the agent's outbound proxy
+(HTTP_PROXY), or with `direct` as an app that knows nothing of the mesh
+(the agent's DNS and transparent capture take it there)."""
+import sys
+import time
 import urllib.request
 
-opener = urllib.request.build_opener(
-    urllib.request.ProxyHandler({"http": "http://127.0.0.1:4140"})
-)
+direct = sys.argv[1:] == ["direct"]
+proxies = {} if direct else {"http": "http://127.0.0.1:4140"}
+opener = urllib.request.build_opener(urllib.request.ProxyHandler(proxies))
 for _ in range(30):
     try:
         with opener.open("http://api.shop.svc.cluster.local:8080/", timeout=10) as r:
@@ -11,8 +15,6 @@ for _ in range(30):
             break
     except Exception as e:  # retried: discovery may still be arriving
         last = e
-        import time
-
         time.sleep(1)
 else:
     print("error", last)

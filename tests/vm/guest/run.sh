@@ -26,13 +26,18 @@ wait_ready() {
   return 1
 }
 report_call() { say "$1 $(python3 /payload/call.py 2>&1 | tr '\n' ' ')"; }
+# The app's user, no proxy settings: captured transparently.
+report_direct() {
+  say "$1 $(setpriv --reuid=billing --regid=billing --clear-groups python3 /payload/call.py direct 2>&1 | tr '\n' ' ')"
+}
+chains() { iptables -t nat -S 2>/dev/null | grep -c '^-A MESH_' || true; }
 
 if [ ! -f /var/lib/mesh-test/joined ]; then
   mkdir -p /var/lib/mesh-test
   say BOOTED first
   say ISOLATED "$(python3 /payload/isolated.py 2>&1 | tr '\n' ' ')"
   install -m 0755 /payload/billing-app.py /usr/local/bin/billing-app
-  printf '[Unit]\nDescription=billing (the VM app)\n\n[Service]\nExecStart=/usr/bin/python3 /usr/local/bin/billing-app\nRestart=always\n\n[Install]\nWantedBy=multi-user.target\n' \
+  printf '[Unit]\nDescription=billing (the VM app)\n\n[Service]\nUser=billing\nExecStart=/usr/bin/python3 /usr/local/bin/billing-app\nRestart=always\n\n[Install]\nWantedBy=multi-user.target\n' \
     > /etc/systemd/system/billing-app.service
   systemctl enable --now billing-app.service
   if dpkg -i /payload/mesh-vm-agent.deb > /dev/console 2>&1; then say INSTALLED; else say FAILED dpkg; fi
@@ -42,18 +47,26 @@ if [ ! -f /var/lib/mesh-test/joined ]; then
     say FAILED verify
   fi
   # The one line `mesh vm token create` printed, plus this VM's settings.
-  if sh -c "$(cat /payload/join-line) --health-http http://127.0.0.1:18080/health --health-period 1s --workload-api-uid 0" > /dev/console 2>&1; then
+  if sh -c "$(cat /payload/join-line) --health-http http://127.0.0.1:18080/health --health-period 1s --workload-api-uid 0 --capture-user billing" > /dev/console 2>&1; then
     say JOINED
   else
     say FAILED join
   fi
   touch /var/lib/mesh-test/joined
+  # No systemd-resolved here: what join says to do instead.
+  echo "nameserver 127.0.0.153" > /etc/resolv.conf
   say UNIT "$(systemctl is-active mesh-vm-agent.service) $(systemctl is-enabled mesh-vm-agent.service)"
   if wait_ready; then say READY; else say FAILED ready; fi
   report_call CALLED
+  report_direct DIRECT
+  say RULES "$(chains)"
   wait_go restart
   systemctl restart mesh-vm-agent.service
   if wait_ready; then report_call RESTARTED; else say FAILED restart; fi
+  systemctl stop mesh-vm-agent.service
+  say STOPPED "$(chains)"
+  systemctl start mesh-vm-agent.service
+  if wait_ready; then report_direct STARTED; else say FAILED start; fi
   wait_go reboot
   say REBOOTING
   systemctl reboot
@@ -62,6 +75,7 @@ else
   if wait_ready; then
     say UNIT "$(systemctl is-active mesh-vm-agent.service) $(systemctl is-enabled mesh-vm-agent.service)"
     report_call REBOOTED
+    report_direct REBOOTED_DIRECT
   else
     say FAILED reboot
   fi

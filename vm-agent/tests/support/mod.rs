@@ -252,6 +252,7 @@ impl World {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 cluster_domain: "cluster.local".into(),
             }),
+            capture: None,
             force: false,
         }
     }

@@ -1,0 +1,647 @@
+//! Transparent capture on a VM, as root, with two network namespaces as two
+//! hosts: "cluster" (the control plane and `api` with its sidecar) and
+//! "vm" (the agent, its app run as `nobody`, an SSH stand-in on 22), joined
+//! by a veth pair. The agent is joined with `--capture-user nobody` and run
+//! as a process, as the unit would. Needs root, `ip`, `iptables`,
+//! `ip6tables`, `curl`, `setpriv` and `python3`; fails loudly without them.
+#![allow(clippy::print_stdout)] // what the commands printed goes to the test log
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{mesh_exe, workspace_exe};
+
+const CLUSTER_IP: &str = "10.201.0.1";
+const VM_IP: &str = "10.201.0.2";
+/// A host on the cluster's side that is not in the mesh.
+const OUTSIDE_IP: &str = "10.201.0.3";
+const VM_ID: &str = "spiffe://west.mesh.local/ns/shop/sa/billing";
+
+fn require_root_and_tools() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or("?");
+    assert_eq!(
+        uid, "0",
+        "this test needs root (network namespaces and iptables); CI runs it as root"
+    );
+    for (tool, arg, package) in [
+        ("ip", "-V", "iproute2"),
+        ("iptables", "--version", "iptables"),
+        ("ip6tables", "--version", "iptables"),
+        ("curl", "--version", "curl"),
+        ("setpriv", "--version", "util-linux"),
+        ("/usr/bin/python3", "--version", "python3"),
+    ] {
+        if Command::new(tool).arg(arg).output().is_err() {
+            panic!("this test needs `{tool}`: apt-get install -y {package}");
+        }
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn run(cmd: &Path, args: &[&str]) -> Output {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(out.status.success(), "{cmd:?} {args:?}: {}", text(&out));
+    out
+}
+
+/// A network namespace (a host); its processes are killed and it is
+/// deleted when it drops.
+struct Host {
+    name: String,
+    logs: PathBuf,
+    children: Vec<(String, Child)>,
+}
+
+impl Host {
+    fn new(role: &str, logs: &Path) -> Self {
+        let name = format!("mesh-{role}-{}", std::process::id());
+        run(Path::new("ip"), &["netns", "add", &name]);
+        let host = Self {
+            name,
+            logs: logs.to_owned(),
+            children: Vec::new(),
+        };
+        host.ok(&["ip", "link", "set", "lo", "up"]);
+        host
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).args(args);
+        cmd
+    }
+
+    fn exec(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("ip netns exec")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.exec(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn as_nobody(&self, args: &[&str]) -> Output {
+        let mut all = vec![
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ];
+        all.extend_from_slice(args);
+        self.exec(&all)
+    }
+
+    fn spawn(&mut self, name: &str, args: &[&str], envs: &[(&str, String)]) {
+        let log = std::fs::File::create(self.logs.join(format!("{name}.log"))).unwrap();
+        let mut cmd = self.command(args);
+        cmd.envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("MESH_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.children.push((name.to_owned(), cmd.spawn().unwrap()));
+    }
+
+    /// The child called `name`, taken out of the list.
+    fn take(&mut self, name: &str) -> Child {
+        let i = self
+            .children
+            .iter()
+            .position(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no process {name}"));
+        self.children.remove(i).1
+    }
+
+    fn curl(&self, url: &str) -> String {
+        text(&self.exec(&["curl", "-sS", "--max-time", "5", url]))
+    }
+
+    /// Waits for `url` (in this namespace) to answer 200.
+    fn wait_ok(&self, url: &str, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.exec(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url]);
+            if String::from_utf8_lossy(&out.stdout) == "200" {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("{what} not ready at {url}\n{}", self.logs_text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn logs_text(&self) -> String {
+        let mut all = String::new();
+        for entry in std::fs::read_dir(&self.logs).unwrap().flatten() {
+            let p = entry.path();
+            if p.extension().is_some_and(|e| e == "log") {
+                all.push_str(&format!(
+                    "--- {}\n{}\n",
+                    p.display(),
+                    std::fs::read_to_string(&p).unwrap_or_default()
+                ));
+            }
+        }
+        all
+    }
+
+    /// Waits until the agent's rules are in place (it applies them once
+    /// its listeners are bound, after it turns ready).
+    fn wait_captured(&self, agent: &str, config: &str) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let shown = text(&self.exec(&[agent, "capture", "show", "--config", config]));
+            if shown.ends_with("# in place\n") {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "the capture rules are not in place: {shown}\n{}",
+                    self.logs_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn chain_exists(&self, chain: &str) -> bool {
+        self.exec(&["iptables", "-t", "nat", "-L", chain, "-n"])
+            .status
+            .success()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.name));
+    }
+}
+
+/// An HTTP app answering with the caller's verified identity.
+fn http_app(addr: &str, port: u16) -> String {
+    format!(
+        r#"
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("client=%s path=%s\n" % (self.headers.get("mesh-client-id", "-"), self.path)).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("{addr}", {port}), H).serve_forever()
+"#
+    )
+}
+
+/// A TCP server that answers each connection's first line with `word`.
+fn banner(port: u16, word: &str) -> String {
+    format!(
+        r#"
+import socketserver
+class H(socketserver.StreamRequestHandler):
+    def handle(self):
+        self.rfile.readline()
+        self.wfile.write(b"{word}\n")
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+socketserver.ThreadingTCPServer(("0.0.0.0", {port}), H).serve_forever()
+"#
+    )
+}
+
+/// Connects to host:port, says hello and prints the answer (or the error).
+const READ_LINE: &str = r#"
+import socket, sys
+try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+    s.sendall(b"hello\n")
+    print(s.makefile().readline().strip())
+except Exception as e:
+    print("error", e)
+"#;
+
+fn api_proxy_env(dir: &Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("MESH_PROXY_CLUSTER", "west".into()),
+        ("MESH_PROXY_TRUST_DOMAIN", "west.mesh.local".into()),
+        ("MESH_PROXY_NAMESPACE", "shop".into()),
+        ("MESH_PROXY_SERVICE_ACCOUNT", "api".into()),
+        ("MESH_PROXY_WORKLOAD", "api-0".into()),
+        (
+            "MESH_PROXY_CONTROL_IDENTITY_ADDR",
+            format!("{CLUSTER_IP}:8080"),
+        ),
+        ("MESH_PROXY_CONTROL_API_ADDR", format!("{CLUSTER_IP}:8086")),
+        (
+            "MESH_PROXY_TRUST_ANCHORS",
+            dir.join("ca/bundle.json").display().to_string(),
+        ),
+        (
+            "MESH_PROXY_JOIN_TOKEN_FILE",
+            dir.join("api.token").display().to_string(),
+        ),
+        ("MESH_PROXY_INBOUND_ADDR", format!("{CLUSTER_IP}:4143")),
+        ("MESH_PROXY_OUTBOUND_ADDR", "127.0.0.1:4140".into()),
+        ("MESH_PROXY_ADMIN_ADDR", "127.0.0.1:14191".into()),
+        ("MESH_PROXY_APP_IP", CLUSTER_IP.into()),
+        ("MESH_PROXY_APP_PORTS", "http=9000".into()),
+        ("MESH_PROXY_LABELS", "app=api".into()),
+    ]
+}
+
+#[test]
+fn transparent_capture_takes_the_apps_traffic_only_and_never_outlives_the_agent() {
+    require_root_and_tools();
+    let t0 = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let d = |p: &str| dir.join(p).display().to_string();
+    let mesh = mesh_exe();
+    let agent = workspace_exe("mesh-vm-agent");
+    let (mesh_s, agent_s) = (mesh.display().to_string(), agent.display().to_string());
+
+    let mut cluster = Host::new("cl", dir);
+    let mut vm = Host::new("vm", dir);
+    cluster.ok(&[
+        "ip", "link", "add", "c0", "type", "veth", "peer", "name", "v0", "netns", &vm.name,
+    ]);
+    cluster.ok(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{CLUSTER_IP}/24"),
+        "dev",
+        "c0",
+    ]);
+    cluster.ok(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{OUTSIDE_IP}/24"),
+        "dev",
+        "c0",
+    ]);
+    cluster.ok(&["ip", "link", "set", "c0", "up"]);
+    vm.ok(&["ip", "addr", "add", &format!("{VM_IP}/24"), "dev", "v0"]);
+    vm.ok(&["ip", "link", "set", "v0", "up"]);
+    // No default route: like a VM whose only route is its network's, the
+    // address mesh names resolve to is routed nowhere until the agent
+    // routes it (to lo, where the capture rules see it).
+    // The VM's resolver is the agent (`ip netns exec` mounts this file
+    // over /etc/resolv.conf), as join says to do without systemd-resolved.
+    std::fs::create_dir_all(format!("/etc/netns/{}", vm.name)).unwrap();
+    std::fs::write(
+        format!("/etc/netns/{}/resolv.conf", vm.name),
+        "nameserver 127.0.0.153\n",
+    )
+    .unwrap();
+
+    // The cluster: a control plane and `api` behind its sidecar.
+    run(
+        &mesh,
+        &[
+            "identity",
+            "ca",
+            "create",
+            "--trust-domain",
+            "west.mesh.local",
+            "--out",
+            &d("ca"),
+        ],
+    );
+    std::fs::create_dir_all(dir.join("config")).unwrap();
+    std::fs::write(
+        dir.join("config/shop.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\nspec:\n  selector: {app: api}\n  ports: [{port: 9000, appProtocol: http}]\n",
+    )
+    .unwrap();
+    cluster.spawn(
+        "control",
+        &[
+            &mesh_s,
+            "control",
+            "--cluster",
+            "west",
+            "--ca",
+            &d("ca"),
+            "--config-dir",
+            &d("config"),
+            "--data-dir",
+            &d("data"),
+            "--identity-addr",
+            &format!("{CLUSTER_IP}:8080"),
+            "--api-addr",
+            &format!("{CLUSTER_IP}:8086"),
+            "--admin-addr",
+            "127.0.0.1:9990",
+        ],
+        &[],
+    );
+    cluster.wait_ok("http://127.0.0.1:9990/ready", "the control plane");
+    let token = run(
+        &mesh,
+        &[
+            "control",
+            "token",
+            "create",
+            "--ns",
+            "shop",
+            "--sa",
+            "api",
+            "--workload",
+            "api-0",
+            "--labels",
+            "app=api",
+            "--addresses",
+            CLUSTER_IP,
+            "--data-dir",
+            &d("data"),
+        ],
+    );
+    std::fs::write(dir.join("api.token"), token.stdout).unwrap();
+    cluster.spawn("api", &["python3", "-c", &http_app(CLUSTER_IP, 9000)], &[]);
+    cluster.spawn("api-proxy", &[&mesh_s, "proxy"], &api_proxy_env(dir));
+    cluster.wait_ok("http://127.0.0.1:14191/ready", "the api proxy");
+    println!("{:?}: the cluster runs", t0.elapsed());
+    // Two plain TCP servers the VM's app may reach: 2525 is skipped by
+    // the capture, 2626 is not.
+    cluster.spawn("smtp", &["python3", "-c", &banner(2525, "smtp")], &[]);
+    cluster.spawn("plain", &["python3", "-c", &banner(2626, "plain")], &[]);
+
+    // The VM: its app as `nobody` on the granted port, an SSH stand-in on 22.
+    vm.spawn(
+        "billing",
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            &http_app("0.0.0.0", 18080),
+        ],
+        &[],
+    );
+    vm.spawn(
+        "ssh",
+        &["python3", "-c", &banner(22, "SSH-2.0-stand-in")],
+        &[],
+    );
+    let line = run(
+        &mesh,
+        &[
+            "vm",
+            "token",
+            "create",
+            "--namespace",
+            "shop",
+            "--service-account",
+            "billing",
+            "--workload",
+            "billing-1",
+            "--labels",
+            "app=billing",
+            "--ports",
+            "18080",
+            "--control-addr",
+            CLUSTER_IP,
+            "--data-dir",
+            &d("data"),
+        ],
+    );
+    let line = String::from_utf8_lossy(&line.stdout).into_owned();
+    let join_string = line
+        .split_whitespace()
+        .nth(2)
+        .expect("a join line")
+        .to_owned();
+    let config = d("vm/etc/vm-agent.json");
+    let join = vm.exec(&[
+        &agent_s,
+        "join",
+        &join_string,
+        "--no-systemd",
+        "--config",
+        &config,
+        "--state-dir",
+        &d("vm/state"),
+        "--workload-api-socket",
+        &d("vm/run/workload.sock"),
+        "--capture-user",
+        "nobody",
+        "--capture-skip-outbound-ports",
+        "2525",
+    ]);
+    println!("{:?}: {}", t0.elapsed(), text(&join));
+    assert!(join.status.success(), "{}", text(&join));
+
+    // Before the agent runs, nothing is captured: plaintext reaches the app.
+    let read_line = |host: &Host, nobody: bool, ip: &str, port: &str| {
+        let args = ["/usr/bin/python3", "-c", READ_LINE, ip, port];
+        let out = if nobody {
+            host.as_nobody(&args)
+        } else {
+            host.exec(&args)
+        };
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert!(
+        cluster
+            .curl(&format!("http://{VM_IP}:18080/direct"))
+            .contains("client=- path=/direct")
+    );
+
+    vm.spawn("agent", &[&agent_s, "run", "--config", &config], &[]);
+    vm.wait_ok("http://127.0.0.1:4191/ready", "the VM agent");
+    vm.wait_captured(&agent_s, &config);
+    println!("{:?}: the agent runs with its rules in place", t0.elapsed());
+    let rules = vm.ok(&["iptables", "-t", "nat", "-S"]);
+    println!("{rules}");
+    assert!(
+        rules.contains("--uid-owner 65534 -j REDIRECT --to-ports 4140"),
+        "{rules}"
+    );
+    assert!(
+        rules.contains("--dport 18080 -j REDIRECT --to-ports 4143"),
+        "{rules}"
+    );
+    let shown = vm.ok(&[&agent_s, "capture", "show", "--config", &config]);
+    assert!(shown.ends_with("# in place\n"), "{shown}");
+    let route = vm.ok(&["ip", "-4", "route", "show", "240.240.240.240/32"]);
+    assert!(
+        route.contains("dev lo"),
+        "the agent routes the mesh names' address: {route}"
+    );
+    let status = vm.ok(&[&agent_s, "status", "--config", &config]);
+    println!("{status}");
+    assert!(
+        status.contains("capture: transparent for uids [65534], rules in place"),
+        "{status}"
+    );
+
+    // The app, knowing nothing of the mesh: a mesh name (the agent's DNS)
+    // goes through the proxy over mTLS and api sees the VM's identity.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = text(&vm.as_nobody(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "http://api.shop.svc.cluster.local:9000/by-name",
+        ]));
+        if out.contains(&format!("client={VM_ID} path=/by-name")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the app's call was not meshed: {out}\n{}",
+            vm.logs_text()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // By address too: a meshed destination is never reached in plaintext.
+    let by_ip = text(&vm.as_nobody(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        &format!("http://{CLUSTER_IP}:9000/by-ip"),
+    ]));
+    assert!(
+        by_ip.contains(&format!("client={VM_ID} path=/by-ip")),
+        "{by_ip}"
+    );
+    // Root (the agent's user) is not captured: the mesh name's reserved
+    // address leads nowhere for it.
+    let as_root = vm.curl("http://api.shop.svc.cluster.local:9000/as-root");
+    assert!(
+        !as_root.contains("client="),
+        "root's traffic was captured: {as_root}"
+    );
+    // A port the operator skipped goes straight; another one is captured
+    // (and, unknown to discovery, passed through as the app asked).
+    assert_eq!(read_line(&vm, true, OUTSIDE_IP, "2525"), "smtp");
+    assert_eq!(read_line(&vm, true, OUTSIDE_IP, "2626"), "plain");
+    let metrics = vm.ok(&["curl", "-s", "http://127.0.0.1:4191/metrics"]);
+    assert!(
+        metrics.contains(&format!("\"{OUTSIDE_IP}:2626\"")),
+        "2626 went through the proxy: {metrics}"
+    );
+    assert!(
+        !metrics.contains(&format!("\"{OUTSIDE_IP}:2525\"")),
+        "2525 did not: {metrics}"
+    );
+    assert!(
+        metrics.contains("mesh_vm_agent_capture_applied 1"),
+        "{metrics}"
+    );
+
+    // Inbound: plaintext to the app's port now meets the inbound proxy,
+    // which takes mTLS only; SSH is never captured.
+    let plain = cluster.curl(&format!("http://{VM_IP}:18080/plaintext"));
+    assert!(
+        !plain.contains("client="),
+        "plaintext reached the app around the proxy: {plain}"
+    );
+    assert_eq!(read_line(&cluster, false, VM_IP, "22"), "SSH-2.0-stand-in");
+
+    // A firewall reload flushes the rules: the agent puts them back.
+    vm.ok(&["iptables", "-t", "nat", "-F", "MESH_OUTBOUND"]);
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while !vm
+        .ok(&["curl", "-s", "http://127.0.0.1:4191/metrics"])
+        .contains("mesh_vm_agent_capture_repairs_total 1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the rules were not put back\n{}",
+            vm.logs_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        vm.ok(&["iptables", "-t", "nat", "-S", "MESH_OUTBOUND"])
+            .contains("--uid-owner 65534")
+    );
+
+    // SIGTERM: the rules go with the agent; plaintext reaches the app again.
+    let mut child = vm.take("agent");
+    run(Path::new("kill"), &["-TERM", &child.id().to_string()]);
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "the agent stops cleanly: {status:?}\n{}",
+        vm.logs_text()
+    );
+    assert!(!vm.chain_exists("MESH_INBOUND") && !vm.chain_exists("MESH_OUTBOUND"));
+    assert_eq!(
+        vm.ok(&["ip", "-4", "route", "show", "240.240.240.240/32"]),
+        "",
+        "the route goes with the rules"
+    );
+    assert!(
+        cluster
+            .curl(&format!("http://{VM_IP}:18080/after-stop"))
+            .contains("client=- path=/after-stop")
+    );
+
+    // A crash (SIGKILL) leaves the rules, pointing the app's port at a dead
+    // proxy, until the unit's ExecStopPost removes them.
+    vm.spawn("agent", &[&agent_s, "run", "--config", &config], &[]);
+    vm.wait_ok("http://127.0.0.1:4191/ready", "the VM agent, again");
+    vm.wait_captured(&agent_s, &config);
+    let mut child = vm.take("agent");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(vm.chain_exists("MESH_INBOUND"));
+    let dead = cluster.curl(&format!("http://{VM_IP}:18080/dead"));
+    assert!(!dead.contains("client="), "{dead}");
+    let removed = vm.ok(&[&agent_s, "capture", "remove", "--config", &config]);
+    println!("{removed}");
+    assert!(!vm.chain_exists("MESH_INBOUND") && !vm.chain_exists("MESH_OUTBOUND"));
+    assert!(
+        cluster
+            .curl(&format!("http://{VM_IP}:18080/removed"))
+            .contains("client=- path=/removed")
+    );
+
+    // And a start after a crash replaces what was left, rather than
+    // refusing because the chains exist.
+    vm.spawn("agent", &[&agent_s, "run", "--config", &config], &[]);
+    vm.wait_ok("http://127.0.0.1:4191/ready", "the VM agent, a third time");
+    vm.wait_captured(&agent_s, &config);
+    let mut child = vm.take("agent");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    vm.spawn("agent", &[&agent_s, "run", "--config", &config], &[]);
+    vm.wait_ok("http://127.0.0.1:4191/ready", "the VM agent after a crash");
+    vm.wait_captured(&agent_s, &config);
+    let shown = vm.ok(&[&agent_s, "capture", "show", "--config", &config]);
+    assert!(shown.ends_with("# in place\n"), "{shown}");
+}
