@@ -172,6 +172,8 @@ pub struct HostRules {
     pub outbound_port: u16,
     /// The users whose outbound TCP is captured.
     pub app_uids: Vec<u32>,
+    /// And the groups (the app may run as any user with one of them).
+    pub app_gids: Vec<u32>,
     /// Inbound destination ports redirected to the proxy (the app's).
     pub inbound_ports: Vec<u16>,
     /// Outbound destination ports never captured.
@@ -239,8 +241,10 @@ impl HostRules {
                 "RETURN",
             ]);
         }
-        for uid in &self.app_uids {
-            let uid = uid.to_string();
+        let owners = (self.app_uids.iter().map(|u| ("--uid-owner", u)))
+            .chain(self.app_gids.iter().map(|g| ("--gid-owner", g)));
+        for (flag, id) in owners {
+            let id = id.to_string();
             add(&[
                 "-A",
                 OUTBOUND_CHAIN,
@@ -248,8 +252,8 @@ impl HostRules {
                 "tcp",
                 "-m",
                 "owner",
-                "--uid-owner",
-                &uid,
+                flag,
+                &id,
                 "-j",
                 "REDIRECT",
                 "--to-ports",
@@ -454,6 +458,7 @@ mod tests {
             inbound_port: 4143,
             outbound_port: 4140,
             app_uids: vec![1001, 1002],
+            app_gids: vec![1337],
             inbound_ports: vec![5432, 22],
             skip_outbound_ports: vec![25, 22],
         };
@@ -471,6 +476,7 @@ mod tests {
              iptables -t nat -A MESH_OUTBOUND -p tcp --dport 25 -j RETURN\n\
              iptables -t nat -A MESH_OUTBOUND -p tcp -m owner --uid-owner 1001 -j REDIRECT --to-ports 4140\n\
              iptables -t nat -A MESH_OUTBOUND -p tcp -m owner --uid-owner 1002 -j REDIRECT --to-ports 4140\n\
+             iptables -t nat -A MESH_OUTBOUND -p tcp -m owner --gid-owner 1337 -j REDIRECT --to-ports 4140\n\
              iptables -t nat -A OUTPUT -p tcp -j MESH_OUTBOUND\n",
             "22 is never redirected inbound, always skipped outbound; nothing but the app's users"
         );

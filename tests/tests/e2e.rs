@@ -7,22 +7,6 @@ use std::time::{Duration, Instant};
 use mesh_tests::*;
 use mesh_topologies::runner::RunRecord;
 
-/// The demo without its VM (and web's call to it).
-fn without_vm(demo: &str) -> String {
-    let start = demo.find("    vms:\n").expect("the demo has a VM");
-    let end = demo[start..]
-        .find("    resources:")
-        .expect("resources follow")
-        + start;
-    let mut text = demo[..start].to_owned() + &demo[end..];
-    text = text.replacen(
-        ",\n                  --call, \"http://billing.shop.svc.cluster.local:8080/\"]",
-        "]",
-        1,
-    );
-    text
-}
-
 /// The demo with one more west workload, `other`, whose app calls api-east
 /// (which admits only west's web).
 fn demo_with_other() -> String {
@@ -343,11 +327,30 @@ async fn demo_in_network_namespaces_without_http_proxy() {
         is_root(),
         "this test needs root (network namespaces, bridges, iptables); CI runs it as root"
     );
-    // VMs run on loopback only for now: the demo's VM stays out.
-    let text = without_vm(&topology_text("demo.yaml")).replacen(
-        "name: demo\n",
-        "name: demo\nnetwork: namespaces\n",
-        1,
+    // The demo's VM (billing) is a namespace of its own whose only route is
+    // to west's gateway (a link back from east gives west one), and its app
+    // calls catalog knowing nothing of the mesh either.
+    let text = topology_text("demo.yaml")
+        .replacen("name: demo\n", "name: demo\nnetwork: namespaces\n", 1)
+        .replacen(
+            "      - name: billing\n",
+            "      - name: billing\n        behindGateway: true\n",
+            1,
+        )
+        .replacen(
+            "command: [mesh, demo, serve, --http-port, \"8080\"]\n    resources:",
+            "command: [mesh, demo, serve, --http-port, \"8080\", --call, \"http://catalog.shop.svc.cluster.local:8080/\"]\n    resources:",
+            1,
+        )
+        .replacen(
+            "  - {from: west, to: east, transport: tcp}\n",
+            "  - {from: west, to: east, transport: tcp}\n  - {from: east, to: west, transport: tcp}\n",
+            1,
+        );
+    assert!(text.contains("behindGateway: true") && text.contains("from: east"));
+    assert!(
+        text.contains("\"8080\", --call, \"http://catalog"),
+        "{text}"
     );
     let mut s = start(&text, 110).await;
     let record = s.run.snapshot();
@@ -357,6 +360,32 @@ async fn demo_in_network_namespaces_without_http_proxy() {
     let answer = load.last_answer.unwrap();
     assert_eq!(answer["calls"][1]["cluster"], "east");
     assert_eq!(answer["calls"][1]["client_id"], WEB);
+    // web -> billing (the VM, through west's gateway), and billing -> catalog
+    // (captured by the VM agent's rules, through the gateway too).
+    assert_eq!(answer["calls"][2]["workload"], "billing", "{answer}");
+    assert_eq!(answer["calls"][2]["client_id"], WEB);
+    assert_eq!(
+        answer["calls"][2]["calls"][0]["workload"], "catalog-0",
+        "{answer}"
+    );
+    assert_eq!(
+        answer["calls"][2]["calls"][0]["client_id"],
+        "spiffe://west.mesh.local/ns/shop/sa/billing"
+    );
+    let vm = replica(&record, "west", "billing");
+    let vm_ns = vm.netns.clone().expect("the VM has a namespace");
+    let west = record.clusters.iter().find(|c| c.name == "west").unwrap();
+    assert!(
+        mesh_topologies::netns::connects(&vm_ns, west.gateway.unwrap()),
+        "the VM reaches west's gateway"
+    );
+    assert!(
+        !mesh_topologies::netns::connects(&vm_ns, west.control_identity),
+        "and nothing else: not the control plane"
+    );
+    let billing_app = s.run.component("west/billing/app").unwrap();
+    let environ = std::fs::read(format!("/proc/{}/environ", billing_app.pid.unwrap())).unwrap();
+    assert!(!String::from_utf8_lossy(&environ).contains("HTTP_PROXY"));
     // The apps were never told about a proxy.
     let web_app = s.run.component("west/web-0/app").unwrap();
     let environ = std::fs::read(format!("/proc/{}/environ", web_app.pid.unwrap())).unwrap();

@@ -500,7 +500,7 @@ fn transparent_capture_takes_the_apps_traffic_only_and_never_outlives_the_agent(
     let status = vm.ok(&[&agent_s, "status", "--config", &config]);
     println!("{status}");
     assert!(
-        status.contains("capture: transparent for uids [65534], rules in place"),
+        status.contains("capture: transparent for uids [65534] gids [], rules in place"),
         "{status}"
     );
 

@@ -21,6 +21,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::runner::VmRoute;
+
 /// The group apps run with; its TCP is redirected to the proxy.
 pub const APP_GID: u32 = 1337;
 
@@ -126,9 +128,8 @@ pub fn make_bridge(n: u8, made: &mut Made) -> Result<()> {
     Ok(())
 }
 
-/// Makes a replica's namespace: veth into the bridge, address, route,
-/// hosts file, and the proxy's interception rules.
-pub fn make_pod(pod: &Pod, mesh: &std::path::Path, made: &mut Made) -> Result<()> {
+/// The namespace with its veth into the bridge, `lo` up.
+fn make_namespace(pod: &Pod, made: &mut Made) -> Result<()> {
     let ns = pod.namespace.as_str();
     let _ = ip(&["netns", "del", ns]);
     let _ = ip(&["link", "del", &pod.veth]);
@@ -138,15 +139,29 @@ pub fn make_pod(pod: &Pod, mesh: &std::path::Path, made: &mut Made) -> Result<()
         "link", "add", &pod.veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
     ])?;
     ip(&["link", "set", &pod.veth, "master", &pod.bridge, "up"])?;
-    let in_ns = |args: &[&str]| {
-        let mut all = vec!["-n", ns];
-        all.extend_from_slice(args);
-        ip(&all)
-    };
-    in_ns(&["link", "set", "lo", "up"])?;
-    in_ns(&["addr", "add", &format!("{}/16", pod.ip), "dev", "eth0"])?;
-    in_ns(&["link", "set", "eth0", "up"])?;
-    in_ns(&["route", "add", "default", "via", &pod.gateway.to_string()])?;
+    in_ns(ns, &["link", "set", "lo", "up"])?;
+    in_ns(ns, &["link", "set", "eth0", "up"])
+}
+
+fn in_ns(ns: &str, args: &[&str]) -> Result<()> {
+    let mut all = vec!["-n", ns];
+    all.extend_from_slice(args);
+    ip(&all)
+}
+
+/// Makes a replica's namespace: veth into the bridge, address, route,
+/// hosts file, and the proxy's interception rules.
+pub fn make_pod(pod: &Pod, mesh: &std::path::Path, made: &mut Made) -> Result<()> {
+    let ns = pod.namespace.as_str();
+    make_namespace(pod, made)?;
+    in_ns(
+        ns,
+        &["addr", "add", &format!("{}/16", pod.ip), "dev", "eth0"],
+    )?;
+    in_ns(
+        ns,
+        &["route", "add", "default", "via", &pod.gateway.to_string()],
+    )?;
     let dir = hosts_dir(ns);
     std::fs::create_dir_all(&dir)?;
     let mut hosts = String::from("127.0.0.1 localhost\n");
@@ -168,6 +183,42 @@ pub fn make_pod(pod: &Pod, mesh: &std::path::Path, made: &mut Made) -> Result<()
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    Ok(())
+}
+
+/// Makes a VM's namespace: routed as a pod, or with a route to the
+/// gateway only (its address alone, nothing else on the bridge reachable);
+/// its resolver is the VM agent's DNS. No interception rules: the agent
+/// applies its own.
+pub fn make_vm(pod: &Pod, route: VmRoute, made: &mut Made) -> Result<()> {
+    let ns = pod.namespace.as_str();
+    make_namespace(pod, made)?;
+    match route {
+        VmRoute::Default => {
+            in_ns(
+                ns,
+                &["addr", "add", &format!("{}/16", pod.ip), "dev", "eth0"],
+            )?;
+            in_ns(
+                ns,
+                &["route", "add", "default", "via", &pod.gateway.to_string()],
+            )?;
+        }
+        VmRoute::GatewayOnly(gateway) => {
+            in_ns(
+                ns,
+                &["addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"],
+            )?;
+            in_ns(
+                ns,
+                &["route", "add", &format!("{gateway}/32"), "dev", "eth0"],
+            )?;
+        }
+    }
+    let dir = hosts_dir(ns);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("hosts"), "127.0.0.1 localhost\n")?;
+    std::fs::write(dir.join("resolv.conf"), "nameserver 127.0.0.153\n")?;
     Ok(())
 }
 

@@ -284,13 +284,6 @@ impl Topology {
                 let line = vm.referenced.line();
                 let vm = &vm.value;
                 let at = |f: &str| format!("clusters[{i}].vms[{j}].{f}");
-                if self.network == Network::Namespaces {
-                    return Err(fail(
-                        line,
-                        at("name"),
-                        "VMs run with `network: loopback` only for now".into(),
-                    ));
-                }
                 let w = vm.as_workload();
                 check_name(&w.name).map_err(|r| fail(line, at("name"), r))?;
                 check_name(&w.namespace).map_err(|r| fail(line, at("namespace"), r))?;

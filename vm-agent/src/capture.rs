@@ -2,7 +2,8 @@
 //! traffic through the agent's proxy without `HTTP_PROXY`.
 //!
 //! `mesh_proxy::init::HostRules`, not the sidecar's rules: a VM is shared
-//! with other software, so only the app's users' outbound TCP is captured
+//! with other software, so only the app's users' (or groups') outbound TCP
+//! is captured
 //! (never the agent's, which runs as root, nor anyone else's, nor traffic
 //! to the VM itself), and inbound only on the ports the token granted
 //! (never SSH: 22 is never captured, and no other port is touched). The
@@ -27,12 +28,17 @@ use crate::config::AgentConfig;
 /// them) and put back.
 pub const CHECK_PERIOD: Duration = Duration::from_secs(10);
 
-/// Transparent capture, as `join --capture-user` set it.
+/// Transparent capture, as `join --capture-user`/`--capture-group` set it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaptureConfig {
     /// The users the app runs as: their outbound TCP goes to the proxy.
+    #[serde(default)]
     pub app_uids: Vec<u32>,
+    /// Or its groups: the outbound TCP of any process with one of them as
+    /// its group.
+    #[serde(default)]
+    pub app_gids: Vec<u32>,
     /// Granted ports whose inbound traffic reaches the app directly.
     #[serde(default)]
     pub skip_inbound_ports: Vec<u16>,
@@ -48,17 +54,20 @@ const MAX_SKIP_PORTS: usize = 256;
 impl CaptureConfig {
     /// Refuses what would capture the agent itself or miss the proxy.
     pub fn check(&self, config: &AgentConfig) -> Result<(), String> {
-        if self.app_uids.is_empty() {
+        if self.app_uids.is_empty() && self.app_gids.is_empty() {
             return Err(
-                "capture.app_uids is empty: name the app's users with --capture-user".into(),
+                "capture.app_uids and app_gids are empty: name the app's users with --capture-user (or groups with --capture-group)"
+                    .into(),
             );
         }
-        if self.app_uids.len() > MAX_APP_UIDS {
-            return Err(format!("capture.app_uids: more than {MAX_APP_UIDS} users"));
+        if self.app_uids.len() + self.app_gids.len() > MAX_APP_UIDS {
+            return Err(format!(
+                "capture: more than {MAX_APP_UIDS} users and groups"
+            ));
         }
-        if self.app_uids.contains(&0) {
+        if self.app_uids.contains(&0) || self.app_gids.contains(&0) {
             return Err(
-                "capture.app_uids holds 0 (root): the agent runs as root and its own traffic is never captured; run the app as another user"
+                "capture: uid or gid 0 (root): the agent runs as root and its own traffic is never captured; run the app as another user or group"
                     .into(),
             );
         }
@@ -101,6 +110,7 @@ impl CaptureConfig {
             inbound_port: config.inbound_addr.port(),
             outbound_port: config.outbound_addr.port(),
             app_uids: self.app_uids.clone(),
+            app_gids: self.app_gids.clone(),
             inbound_ports: config
                 .ports
                 .iter()
@@ -247,6 +257,7 @@ mod tests {
         c.ports = vec![22, 5432, 8080];
         let capture = CaptureConfig {
             app_uids: vec![1001],
+            app_gids: vec![],
             skip_inbound_ports: vec![8080],
             skip_outbound_ports: vec![],
         };
@@ -260,6 +271,11 @@ mod tests {
             ..capture.clone()
         };
         assert!(root.check(&c).unwrap_err().contains("root"));
+        let root_group = CaptureConfig {
+            app_gids: vec![0],
+            ..capture.clone()
+        };
+        assert!(root_group.check(&c).unwrap_err().contains("root"));
         let nobody = CaptureConfig {
             app_uids: vec![],
             ..capture.clone()

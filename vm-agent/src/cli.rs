@@ -145,13 +145,16 @@ pub struct JoinArgs {
     /// Without: explicit mode (`HTTP_PROXY`) only.
     #[arg(long, value_delimiter = ',')]
     pub capture_user: Vec<String>,
-    /// With --capture-user: granted ports whose inbound traffic is not
-    /// captured.
-    #[arg(long, value_delimiter = ',', requires = "capture_user")]
+    /// Capture the traffic of processes running with this group (a name or
+    /// gid; repeat or comma separate), whatever their user.
+    #[arg(long, value_delimiter = ',')]
+    pub capture_group: Vec<String>,
+    /// With capture: granted ports whose inbound traffic is not captured.
+    #[arg(long, value_delimiter = ',')]
     pub capture_skip_inbound_ports: Vec<u16>,
-    /// With --capture-user: destination ports the app reaches directly
-    /// (22, SSH, always).
-    #[arg(long, value_delimiter = ',', requires = "capture_user")]
+    /// With capture: destination ports the app reaches directly (22, SSH,
+    /// always).
+    #[arg(long, value_delimiter = ',')]
     pub capture_skip_outbound_ports: Vec<u16>,
 }
 
@@ -221,7 +224,14 @@ async fn join_cmd(args: JoinArgs) -> anyhow::Result<()> {
     if let Some(h) = &health {
         h.check().map_err(anyhow::Error::msg)?;
     }
-    let capture = if args.capture_user.is_empty() {
+    let capture = if args.capture_user.is_empty() && args.capture_group.is_empty() {
+        if !(args.capture_skip_inbound_ports.is_empty()
+            && args.capture_skip_outbound_ports.is_empty())
+        {
+            anyhow::bail!(
+                "--capture-skip-*-ports need capture: add --capture-user (or --capture-group)"
+            );
+        }
         None
     } else {
         Some(crate::capture::CaptureConfig {
@@ -229,6 +239,11 @@ async fn join_cmd(args: JoinArgs) -> anyhow::Result<()> {
                 .capture_user
                 .iter()
                 .map(|u| uid_of(u))
+                .collect::<anyhow::Result<_>>()?,
+            app_gids: args
+                .capture_group
+                .iter()
+                .map(|g| gid_of(g))
                 .collect::<anyhow::Result<_>>()?,
             skip_inbound_ports: args.capture_skip_inbound_ports.clone(),
             skip_outbound_ports: args.capture_skip_outbound_ports.clone(),
@@ -330,8 +345,9 @@ async fn join_cmd(args: JoinArgs) -> anyhow::Result<()> {
     match &joined.config.capture {
         Some(c) => writeln!(
             out,
-            "apps: traffic of uids {:?} is captured while the agent runs (`mesh-vm-agent capture show`); SPIFFE_ENDPOINT_SOCKET=unix://{} for the identity",
+            "apps: traffic of uids {:?} and gids {:?} is captured while the agent runs (`mesh-vm-agent capture show`); SPIFFE_ENDPOINT_SOCKET=unix://{} for the identity",
             c.app_uids,
+            c.app_gids,
             joined.config.workload_api.socket.display()
         )?,
         None => writeln!(
@@ -367,6 +383,28 @@ fn uid_of(user: &str) -> anyhow::Result<u32> {
         .trim()
         .parse()
         .map_err(|e| anyhow::anyhow!("`id -u {user}` did not print a uid: {e}"))
+}
+
+/// A group name or gid as the system knows it (`getent group`).
+fn gid_of(group: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    if group.is_empty() || group.len() > 256 || group.starts_with('-') {
+        anyhow::bail!("--capture-group {group:?} is not a group name or gid");
+    }
+    let out = std::process::Command::new("getent")
+        .args(["group", "--", group])
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run `getent` to look up group {group:?}: {e}"))?;
+    // `name:password:gid:members`
+    let line = String::from_utf8_lossy(&out.stdout).into_owned();
+    match line.trim().split(':').nth(2).map(str::parse::<u32>) {
+        Some(Ok(gid)) if out.status.success() => Ok(gid),
+        _ => anyhow::bail!(
+            "--capture-group {group:?}: no such group on this machine; create it or give a gid"
+        ),
+    }
 }
 
 fn capture_show(path: &Path) -> anyhow::Result<()> {
@@ -574,5 +612,10 @@ mod tests {
         }
         let err = uid_of("no-such-user-mesh").unwrap_err().to_string();
         assert!(err.contains("no such user on this machine"), "{err}");
+        assert_eq!(gid_of("root").unwrap(), 0);
+        assert_eq!(gid_of("1337").unwrap(), 1337);
+        for hostile in ["-s", "", "a\nb", "no-such-group-mesh"] {
+            assert!(gid_of(hostile).is_err(), "{hostile:?}");
+        }
     }
 }

@@ -263,17 +263,28 @@ pub(super) fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Resul
                     proxy_admin: SocketAddr::new(place.proxy_ip, 4191),
                     stats,
                     netns: place.netns,
+                    vm: None,
                 });
             }
         }
         for vm in &c.vms {
-            let ip = ip(1 + (next / 250) as u8, (next % 250) as u8 + 1);
-            next += 1;
-            let place = Placement {
-                ip,
-                netns: None,
-                proxy_ip: ip,
+            // A VM is a host of its own: its namespace (with the agent's
+            // capture, not `mesh proxy init`), or a loopback address.
+            let place = if namespaces {
+                Placement {
+                    ip: netns::pod_ip(n, next),
+                    netns: Some(format!("mesh{n}-{}", vm.value.name)),
+                    proxy_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                }
+            } else {
+                let ip = ip(1 + (next / 250) as u8, (next % 250) as u8 + 1);
+                Placement {
+                    ip,
+                    netns: None,
+                    proxy_ip: ip,
+                }
             };
+            next += 1;
             let (parts, replica) = vm_components(
                 &mesh,
                 &c.name,

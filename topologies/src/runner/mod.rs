@@ -45,7 +45,7 @@ mod vms;
 use layout::*;
 pub use processes::process_alive;
 pub use readiness::{fetch_admin, scrape, scrape_in};
-pub use record::{ClusterInfo, Component, Kind, Ready, ReplicaInfo, RunRecord, TokenFor};
+pub use record::{ClusterInfo, Component, Kind, Ready, ReplicaInfo, RunRecord, TokenFor, VmRoute};
 use vms::*;
 
 /// The run record in the state directory, read by `mesh status` and `mesh down`.
@@ -268,8 +268,11 @@ impl Run {
                         gateway: netns::host_ip(n, 1),
                         names: names.clone(),
                     };
-                    netns::make_pod(&pod, &self.opts.mesh_exe, &mut made)
-                        .with_context(|| format!("{}/{}: network namespace", c.name, r.name))?;
+                    match r.vm {
+                        Some(route) => netns::make_vm(&pod, route, &mut made),
+                        None => netns::make_pod(&pod, &self.opts.mesh_exe, &mut made),
+                    }
+                    .with_context(|| format!("{}/{}: network namespace", c.name, r.name))?;
                 }
             }
             Ok(())

@@ -160,6 +160,18 @@ pub struct ReplicaInfo {
     /// listens on that namespace's loopback.
     #[serde(default)]
     pub netns: Option<String>,
+    /// Set for a VM: how its namespace is routed.
+    #[serde(default)]
+    pub vm: Option<VmRoute>,
+}
+
+/// A VM's route out of its namespace (`network: namespaces`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmRoute {
+    /// Through the cluster's host address, as a pod.
+    Default,
+    /// To the cluster's gateway only.
+    GatewayOnly(IpAddr),
 }
 
 impl ClusterInfo {

@@ -3,6 +3,12 @@
 //! the cluster's data directory, then `mesh vm join --no-systemd` with the
 //! line it printed; both run before the agent's first start, and a
 //! restarted agent keeps the identity it already has.
+//!
+//! With `network: namespaces` a VM is a namespace of its own (routed as a
+//! pod, or only to the gateway when it is `behindGateway`), its resolver is
+//! the agent's DNS, and its app, run with group [`netns::APP_GID`], is
+//! captured by the agent's own rules (`--capture-group`), not by `mesh
+//! proxy init`: as on a real VM, the app knows nothing of the mesh.
 
 use super::*;
 use crate::schema::Vm;
@@ -23,6 +29,9 @@ pub struct VmJoin {
     pub workload_api_socket: PathBuf,
     /// Set when it reaches the cluster only through its gateway.
     pub gateway: Option<SocketAddr>,
+    /// Its namespace (`network: namespaces`).
+    #[serde(default)]
+    pub netns: Option<String>,
 }
 
 /// The VM's agent and app, and what the run records of it.
@@ -46,6 +55,17 @@ pub(super) fn vm_components(
     let ip = place.ip;
     let vm_dir = dir.join("vms").join(&vm.name);
     let config = vm_dir.join("etc/vm-agent.json");
+    let run_args = vec![
+        "vm".to_owned(),
+        "run".to_owned(),
+        "--config".to_owned(),
+        config.display().to_string(),
+    ];
+    let (program, args) = match &place.netns {
+        Some(ns) => netns::wrap(ns, mesh, &run_args),
+        None => (mesh.to_owned(), run_args),
+    };
+    let gateway = info.gateway.filter(|_| vm.behind_gateway);
     let agent = Component {
         vm_join: Some(VmJoin {
             namespace: w.namespace.clone(),
@@ -57,20 +77,18 @@ pub(super) fn vm_components(
             config: config.clone(),
             state_dir: vm_dir.join("state"),
             workload_api_socket: vm_dir.join("run/workload.sock"),
-            gateway: info.gateway.filter(|_| vm.behind_gateway),
+            gateway,
+            netns: place.netns.clone(),
         }),
+        netns: place.netns.clone(),
+        exe: mesh.to_owned(),
         ..Component::new(
             format!("{cluster}/{}/agent", vm.name),
             cluster,
             Kind::Proxy,
-            mesh,
-            vec![
-                "vm".into(),
-                "run".into(),
-                "--config".into(),
-                config.display().to_string(),
-            ],
-            Ready::Admin(SocketAddr::new(ip, 4191)),
+            &program,
+            args,
+            Ready::Admin(SocketAddr::new(place.proxy_ip, 4191)),
             state
                 .join("logs")
                 .join(format!("{cluster}-{}-agent.log", vm.name)),
@@ -82,9 +100,13 @@ pub(super) fn vm_components(
         namespace: w.namespace.clone(),
         service_account: w.service_account().to_owned(),
         ip,
-        proxy_admin: SocketAddr::new(ip, 4191),
+        proxy_admin: SocketAddr::new(place.proxy_ip, 4191),
         stats,
-        netns: None,
+        netns: place.netns.clone(),
+        vm: Some(match gateway {
+            Some(g) => VmRoute::GatewayOnly(g.ip()),
+            None => VmRoute::Default,
+        }),
     };
     ([agent, app], replica)
 }
@@ -135,7 +157,15 @@ impl Run {
             use std::os::unix::fs::MetadataExt;
             m.uid()
         });
-        let mut enroll = Command::new(&self.opts.mesh_exe);
+        // The join runs on the VM: in its namespace, when it has one.
+        let mut enroll = match &join.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(&self.opts.mesh_exe);
+                cmd
+            }
+            None => Command::new(&self.opts.mesh_exe),
+        };
         enroll
             .args(["vm", "join", &join_string, "--no-systemd"])
             .arg("--config")
@@ -146,13 +176,20 @@ impl Run {
             .arg(&join.workload_api_socket)
             .args(["--workload-api-uid", &uid.to_string()])
             .args(["--address", &ip.to_string(), "--app-ip", &ip.to_string()])
-            .args(["--inbound-addr", &SocketAddr::new(ip, 4143).to_string()])
-            .args(["--outbound-addr", &SocketAddr::new(ip, 4140).to_string()])
-            .args(["--admin-addr", &SocketAddr::new(ip, 4191).to_string()])
-            // Its own address, and a port that needs no privilege.
-            .args(["--dns-addr", &SocketAddr::new(ip, 1053).to_string()])
             .args(["--health-tcp", &SocketAddr::new(ip, first_port).to_string()])
             .args(["--health-period", "1s"]);
+        if join.netns.is_some() {
+            // A host of its own: the defaults, and the app's traffic
+            // captured by its group.
+            enroll.args(["--capture-group", &netns::APP_GID.to_string()]);
+        } else {
+            enroll
+                .args(["--inbound-addr", &SocketAddr::new(ip, 4143).to_string()])
+                .args(["--outbound-addr", &SocketAddr::new(ip, 4140).to_string()])
+                .args(["--admin-addr", &SocketAddr::new(ip, 4191).to_string()])
+                // Its own address, and a port that needs no privilege.
+                .args(["--dns-addr", &SocketAddr::new(ip, 1053).to_string()]);
+        }
         self.run_logged(c, &mut enroll).await?;
         Ok(())
     }
