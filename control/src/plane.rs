@@ -192,6 +192,7 @@ impl ControlPlane {
                 }
                 index.set_resources(config_dir.resources());
                 trust_links(&index, &local_bundle, &bundles);
+                report_failover_problems(&index, &metrics);
                 // One replica: it is the writer.
                 metrics.leader.set(1);
                 Source::Dir(config_dir)
@@ -234,9 +235,10 @@ impl ControlPlane {
         };
         let shared = Shared::new(index);
         if let Source::Kube(cluster) = &source {
-            let (local, bundles) = (local_bundle.clone(), bundles.clone());
+            let (local, bundles, m) = (local_bundle.clone(), bundles.clone(), metrics.clone());
             cluster.apply(&shared, &td, &metrics, &move |index: &mut Index| {
-                trust_links(index, &local, &bundles)
+                trust_links(index, &local, &bundles);
+                report_failover_problems(index, &m);
             });
         }
         let ca_slot: CaSlot = Arc::new(RwLock::new(Arc::new(ca)));
@@ -382,12 +384,15 @@ impl ControlPlane {
                 ));
             }
             Source::Kube(cluster) => {
-                let bundles = bundles.clone();
+                let (bundles, m) = (bundles.clone(), metrics.clone());
                 tasks.spawn(cluster.follow(
                     shared.clone(),
                     td.clone(),
                     metrics.clone(),
-                    move |index: &mut Index| trust_links(index, &local_bundle, &bundles),
+                    move |index: &mut Index| {
+                        trust_links(index, &local_bundle, &bundles);
+                        report_failover_problems(index, &m);
+                    },
                 ));
             }
         }
@@ -547,6 +552,21 @@ fn report_config_errors(errors: &[crate::resources::ConfigError], metrics: &Metr
     }
 }
 
+/// Logs and counts what the FailoverPolicies name that no Link does
+/// (`config_errors_total{reason="unknown_cluster"}`); the rest of each
+/// policy serves.
+pub fn report_failover_problems(index: &Index, metrics: &Metrics) {
+    for problem in index.failover_problems() {
+        metrics
+            .config_errors
+            .get_or_create(&ReasonLabels {
+                reason: "unknown_cluster".into(),
+            })
+            .inc();
+        tracing::error!("{problem}");
+    }
+}
+
 /// Trusts this cluster's bundle and each linked cluster's, for its own trust
 /// domain only (bundles are never merged). A Link naming this cluster's
 /// trust domain is ignored, loudly.
@@ -593,6 +613,7 @@ async fn watch_config(
                 let changed = index.set_resources(resources);
                 if changed {
                     trust_links(index, &local, &bundles);
+                    report_failover_problems(index, &metrics);
                 }
                 (changed, changed)
             });

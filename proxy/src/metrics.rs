@@ -1,7 +1,7 @@
 //! The proxy's Prometheus metrics. Every refusal is counted with a
 //! `reason` label.
 
-use std::sync::Arc;
+use std::sync::{Arc, atomic::AtomicU64};
 
 use mesh_core::admin::registered;
 use prometheus_client::{
@@ -41,6 +41,28 @@ pub struct OutboundLabels {
     pub classification: &'static str,
     /// `mtls` when the request went to a meshed endpoint, else `none`.
     pub tls: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthorityLabels {
+    pub authority: String,
+}
+
+/// One failover tier of a destination.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabels {
+    pub authority: String,
+    /// 0 is the best tier.
+    pub tier: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailoverEventLabels {
+    pub authority: String,
+    /// `failover` (to a worse tier) or `failback`.
+    pub direction: &'static str,
+    /// `no_endpoints`, `unhealthy`, `tunnel_down` (failover); `recovered`.
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -155,6 +177,15 @@ pub struct Metrics {
     pub tcp_connections: Family<TcpLabels, Counter>,
     pub tcp_open: Family<DirectionLabels, Gauge>,
     pub tcp_bytes: Family<TcpBytesLabels, Counter>,
+    /// The best failover tier taking traffic (-1: none), per destination a
+    /// FailoverPolicy steers.
+    pub failover_tier: Family<AuthorityLabels, Gauge>,
+    pub failover_healthy_share: Family<TierLabels, Gauge<f64, AtomicU64>>,
+    pub failover_load: Family<TierLabels, Gauge<f64, AtomicU64>>,
+    pub failover_events: Family<FailoverEventLabels, Counter>,
+    /// Requests that could not reach their endpoint and went on to the
+    /// next tier.
+    pub failover_next_tier: Counter,
     /// Caps the `authority` label.
     pub authorities: Arc<LabelCap>,
     /// Caps the `client_id` label.
@@ -251,6 +282,36 @@ impl Metrics {
                 "tcp_bytes",
                 "Bytes carried on opaque TCP connections",
                 Family::default(),
+            ),
+            failover_tier: registered(
+                r,
+                "failover_tier",
+                "The best failover tier taking traffic for a destination a FailoverPolicy steers (0 is the first; -1 none)",
+                Family::default(),
+            ),
+            failover_healthy_share: registered(
+                r,
+                "failover_healthy_share",
+                "Each failover tier's healthy share as this proxy sees it (after failback hysteresis)",
+                Family::default(),
+            ),
+            failover_load: registered(
+                r,
+                "failover_load",
+                "The share of a destination's requests each failover tier takes",
+                Family::default(),
+            ),
+            failover_events: registered(
+                r,
+                "failover_events",
+                "Changes of the best failover tier taking traffic, by direction and reason",
+                Family::default(),
+            ),
+            failover_next_tier: registered(
+                r,
+                "failover_next_tier_retries",
+                "Requests that could not reach their endpoint (nothing sent) and went on to the next tier",
+                Counter::default(),
             ),
             authorities: Arc::new(LabelCap::new(LABEL_CAP)),
             client_ids: Arc::new(LabelCap::new(LABEL_CAP)),

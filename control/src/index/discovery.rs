@@ -3,12 +3,15 @@
 use std::{net::SocketAddr, time::Instant};
 
 use mesh_core::api::v1::{
-    DiscoveryUpdate, Endpoint, EndpointSet, NoSuchService, ProtocolHint, ViaGateway,
-    discovery_update,
+    DiscoveryUpdate, Endpoint, EndpointSet, Failover, FailoverTier, NoSuchService, ProtocolHint,
+    ViaGateway, discovery_update,
 };
 
 use super::Index;
-use crate::resources::types::{Object, ServicePort, ServiceSpec};
+use crate::resources::types::{
+    DEFAULT_FAILBACK_DELAY, DEFAULT_THRESHOLD, FailoverPolicySpec, LOCAL_TIER, Object, ServicePort,
+    ServiceSpec, parse_duration,
+};
 
 /// A parsed `<service>.<namespace>.svc.<cluster-domain>:<port>`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,6 +105,19 @@ impl Index {
         if let Ok(addr) = authority.parse::<SocketAddr>() {
             return self.discovery_by_address(authority, addr, now);
         }
+        if let Some(update) = self.discovery_with_failover(authority, now) {
+            return update;
+        }
+        self.discovery_here(authority, now)
+    }
+
+    /// [`Index::discovery`] without failover: this cluster's endpoints of
+    /// a service (or a mirror's). What this cluster exports and what its
+    /// gateway reaches are these, never another cluster's.
+    pub fn discovery_here(&self, authority: &str, now: Instant) -> DiscoveryUpdate {
+        if let Ok(addr) = authority.parse::<SocketAddr>() {
+            return self.discovery_by_address(authority, addr, now);
+        }
         if let Some(update) = self.discovery_of_mirror(authority) {
             return update;
         }
@@ -137,10 +153,143 @@ impl Index {
                 discovery_update::Kind::Endpoints(EndpointSet {
                     authority: authority.to_owned(),
                     endpoints,
+                    failover: None,
                 })
             }
         };
         DiscoveryUpdate { kind: Some(kind) }
+    }
+
+    /// The answer for a service a FailoverPolicy steers: each tier's
+    /// endpoints with the tier as their priority (`local`: this cluster's;
+    /// a linked cluster: its mirror of the service of the same name), and
+    /// the policy's settings. `None` when no policy names the service.
+    fn discovery_with_failover(&self, authority: &str, now: Instant) -> Option<DiscoveryUpdate> {
+        let auth = Authority::parse(authority, &self.cluster_domain).ok()?;
+        let policy = self.failover_policy(&auth.namespace, &auth.service)?;
+        let spec = &policy.spec;
+        let local = self.discovery_here(authority, now);
+        let local_endpoints = match local.kind {
+            Some(discovery_update::Kind::Endpoints(set)) => Some(set.endpoints),
+            // No local Service: a federated name served by mirrors only.
+            _ => None,
+        };
+        let mut endpoints = Vec::new();
+        let mut port_known = local_endpoints.is_some();
+        for (priority, tier) in spec.tiers.iter().enumerate() {
+            let priority = u32::try_from(priority).unwrap_or(u32::MAX);
+            for cluster in &tier.clusters {
+                if cluster == LOCAL_TIER {
+                    for mut e in local_endpoints.iter().flatten().cloned() {
+                        e.priority = priority;
+                        endpoints.push(e);
+                    }
+                    continue;
+                }
+                let Some(mirror) = self.mirror_of(&auth.namespace, &auth.service, cluster) else {
+                    continue;
+                };
+                port_known |= mirror.spec.ports.iter().any(|p| p.port == auth.port);
+                let name = format!(
+                    "{}.{}.svc.{}:{}",
+                    mirror.metadata.name, auth.namespace, self.cluster_domain, auth.port
+                );
+                if let Some(discovery_update::Kind::Endpoints(set)) =
+                    self.discovery_of_mirror(&name).and_then(|u| u.kind)
+                {
+                    for mut e in set.endpoints {
+                        e.priority = priority;
+                        endpoints.push(e);
+                    }
+                }
+            }
+        }
+        let kind = if port_known {
+            discovery_update::Kind::Endpoints(EndpointSet {
+                authority: authority.to_owned(),
+                endpoints,
+                failover: Some(Failover {
+                    policy: format!("{}/{}", policy.metadata.namespace, policy.metadata.name),
+                    threshold: spec.threshold.map_or(DEFAULT_THRESHOLD, |r| r.0),
+                    failback_delay_ms: spec
+                        .failback_delay
+                        .as_deref()
+                        .and_then(|d| parse_duration(d).ok())
+                        .unwrap_or(DEFAULT_FAILBACK_DELAY)
+                        .as_millis()
+                        .try_into()
+                        .unwrap_or(u32::MAX),
+                    tiers: spec
+                        .tiers
+                        .iter()
+                        .map(|t| FailoverTier {
+                            clusters: t.clusters.clone(),
+                        })
+                        .collect(),
+                }),
+            })
+        } else {
+            discovery_update::Kind::NoSuchService(NoSuchService {
+                authority: authority.to_owned(),
+                reason: format!(
+                    "FailoverPolicy {}/{} steers {} but neither a local Service nor a mirror of it has port {}",
+                    policy.metadata.namespace, policy.metadata.name, auth.service, auth.port
+                ),
+            })
+        };
+        Some(DiscoveryUpdate { kind: Some(kind) })
+    }
+
+    /// The FailoverPolicy for `service` in `namespace` (the first by name
+    /// when several name it).
+    pub fn failover_policy(
+        &self,
+        namespace: &str,
+        service: &str,
+    ) -> Option<&Object<FailoverPolicySpec>> {
+        self.failovers
+            .values()
+            .find(|p| p.metadata.namespace == namespace && p.spec.service == service)
+    }
+
+    /// The mirror of `service` that comes from linked cluster `cluster`.
+    fn mirror_of(
+        &self,
+        namespace: &str,
+        service: &str,
+        cluster: &str,
+    ) -> Option<&Object<crate::resources::types::MirroredServiceSpec>> {
+        self.mirrors.values().find(|m| {
+            m.metadata.namespace == namespace
+                && m.spec.remote_name == service
+                && m.spec.link == cluster
+        })
+    }
+
+    /// What is wrong with the FailoverPolicies that the resources alone
+    /// could not tell: clusters no Link names. Each names the field.
+    pub fn failover_problems(&self) -> Vec<String> {
+        let linked: std::collections::BTreeSet<&str> = self
+            .links
+            .values()
+            .map(|l| l.spec.cluster_name.as_str())
+            .collect();
+        let mut problems = Vec::new();
+        for p in self.failovers.values() {
+            for (i, tier) in p.spec.tiers.iter().enumerate() {
+                for (j, cluster) in tier.clusters.iter().enumerate() {
+                    if cluster != LOCAL_TIER && !linked.contains(cluster.as_str()) {
+                        problems.push(format!(
+                            "FailoverPolicy {}/{} spec.tiers[{i}].clusters[{j}]: unknown cluster {cluster:?}: no Link names it (linked: {}); that tier has no endpoints from it",
+                            p.metadata.namespace,
+                            p.metadata.name,
+                            if linked.is_empty() { "none".to_owned() } else { linked.iter().copied().collect::<Vec<_>>().join(", ") }
+                        ));
+                    }
+                }
+            }
+        }
+        problems
     }
 
     /// Whether `w` can be an endpoint: one reached through the gateway
@@ -196,6 +345,7 @@ impl Index {
             kind: Some(discovery_update::Kind::Endpoints(EndpointSet {
                 authority: authority.to_owned(),
                 endpoints,
+                failover: None,
             })),
         })
     }
@@ -269,6 +419,7 @@ impl Index {
             discovery_update::Kind::Endpoints(EndpointSet {
                 authority: authority.to_owned(),
                 endpoints,
+                failover: None,
             })
         };
         DiscoveryUpdate { kind: Some(kind) }
@@ -456,6 +607,123 @@ mod tests {
             )
             .is_empty(),
             "a mirror whose gateway is down has nothing ready"
+        );
+    }
+
+    /// Links to east and north and their mirrors of `api` (ready), as
+    /// YAML, plus `extra`.
+    fn linked(extra: &str) -> String {
+        let root = mesh_core::identity::RootCa::generate(
+            mesh_core::identity::ca::DEFAULT_ROOT_TTL,
+            mesh_core::identity::cert::now(),
+        )
+        .unwrap();
+        let mut docs = Vec::new();
+        for cluster in ["east", "north"] {
+            let td = format!("{cluster}.mesh.local");
+            let mut bundle = mesh_core::identity::TrustBundle::new(td.parse().unwrap());
+            bundle.add_root(root.cert().clone()).unwrap();
+            docs.push(serde_json::json!({
+                "apiVersion": "multicluster.mesh.rs/v1alpha1", "kind": "Link",
+                "metadata": { "name": cluster },
+                "spec": {
+                    "clusterName": cluster, "trustDomain": td,
+                    "gatewayAddresses": [format!("gw.{cluster}:4143")],
+                    "gatewayIdentity": format!("spiffe://{td}/ns/mesh-system/sa/gateway"),
+                    "transport": "tcp", "trustBundle": bundle.to_spiffe_json().unwrap(),
+                },
+            }));
+            docs.push(serde_json::json!({
+                "apiVersion": "multicluster.mesh.rs/v1alpha1", "kind": "MirroredService",
+                "metadata": { "name": format!("api-{cluster}"), "namespace": "shop" },
+                "spec": {
+                    "link": cluster, "remoteName": "api",
+                    "ports": [{ "port": 80, "targetPort": 8080, "appProtocol": "http" }],
+                    "identities": [format!("spiffe://{td}/ns/shop/sa/api")],
+                    "ready": true,
+                },
+            }));
+        }
+        format!(
+            "{}---\n{extra}",
+            serde_saphyr::to_string_multiple(&docs).unwrap()
+        )
+    }
+
+    const POLICY: &str = "apiVersion: multicluster.mesh.rs/v1alpha1\nkind: FailoverPolicy\nmetadata: {name: api, namespace: shop}\nspec:\n  service: api\n  tiers: [{clusters: [local]}, {clusters: [east]}, {clusters: [north]}]\n  threshold: 0.6\n  failbackDelay: 2s\n";
+
+    #[test]
+    fn a_failover_policy_puts_each_tier_in_its_priority() {
+        let now = Instant::now();
+        let mut index = index(&linked(&format!("{API}---\n{POLICY}")));
+        index
+            .register(
+                reg("shop", "api-0", "api", &[("app", "api")], "10.0.0.1"),
+                now,
+            )
+            .unwrap();
+        let update = index.discovery("api.shop.svc.cluster.local:80", now);
+        let Some(discovery_update::Kind::Endpoints(set)) = update.kind else {
+            panic!("{update:?}")
+        };
+        let tiers: Vec<(u32, &str)> = set
+            .endpoints
+            .iter()
+            .map(|e| (e.priority, e.cluster.as_str()))
+            .collect();
+        assert_eq!(tiers, [(0, "west"), (1, "east"), (2, "north")]);
+        assert_eq!(
+            set.endpoints[1]
+                .via_gateway
+                .as_ref()
+                .unwrap()
+                .target_authority,
+            "api.shop.svc.cluster.local:80"
+        );
+        let failover = set.failover.expect("the policy's settings");
+        assert_eq!(failover.policy, "shop/api");
+        assert!((failover.threshold - 0.6).abs() < 1e-9);
+        assert_eq!(failover.failback_delay_ms, 2000);
+        assert_eq!(failover.tiers.len(), 3);
+        // What this cluster exports and its gateway reach stay local.
+        assert_eq!(
+            endpoints(index.discovery_here("api.shop.svc.cluster.local:80", now)).len(),
+            1
+        );
+        assert!(index.failover_problems().is_empty());
+    }
+
+    #[test]
+    fn a_federated_service_is_one_tier_over_clusters_even_without_a_local_service() {
+        let now = Instant::now();
+        let policy = "apiVersion: multicluster.mesh.rs/v1alpha1\nkind: FailoverPolicy\nmetadata: {name: api, namespace: shop}\nspec:\n  service: api\n  tiers: [{clusters: [local, east, north]}]\n";
+        let index = index(&linked(policy));
+        let eps = endpoints(index.discovery("api.shop.svc.cluster.local:80", now));
+        let clusters: Vec<(u32, &str)> = eps
+            .iter()
+            .map(|e| (e.priority, e.cluster.as_str()))
+            .collect();
+        assert_eq!(clusters, [(0, "east"), (0, "north")]);
+        // A port no mirror has is no service.
+        let other = index.discovery("api.shop.svc.cluster.local:81", now);
+        assert!(
+            matches!(other.kind, Some(discovery_update::Kind::NoSuchService(_))),
+            "{other:?}"
+        );
+    }
+
+    #[test]
+    fn a_cluster_no_link_names_is_reported_with_its_field() {
+        let policy = "apiVersion: multicluster.mesh.rs/v1alpha1\nkind: FailoverPolicy\nmetadata: {name: api, namespace: shop}\nspec:\n  service: api\n  tiers: [{clusters: [local]}, {clusters: [east, esat]}]\n";
+        let index = index(&linked(&format!("{API}---\n{policy}")));
+        let problems = index.failover_problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains(
+                "FailoverPolicy shop/api spec.tiers[1].clusters[1]: unknown cluster \"esat\""
+            ) && problems[0].contains("linked: east, north"),
+            "{}",
+            problems[0]
         );
     }
 

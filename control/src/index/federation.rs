@@ -38,7 +38,7 @@ impl Index {
                 if let Some(port) = svc.spec.ports.first() {
                     let authority =
                         format!("{name}.{ns}.svc.{}:{}", self.cluster_domain, port.port);
-                    if let Some(Kind::Endpoints(set)) = self.discovery(&authority, now).kind {
+                    if let Some(Kind::Endpoints(set)) = self.discovery_here(&authority, now).kind {
                         ready = set.endpoints.len();
                         identities.extend(set.endpoints.into_iter().map(|e| e.spiffe_id));
                     }

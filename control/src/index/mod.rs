@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::resources::{
     Resource,
     types::{
-        AuthorizationPolicySpec, HttpRouteSpec, LinkSpec, MeshTlsAuthenticationSpec,
-        MirroredServiceSpec, Object, ServerSpec, ServiceSpec,
+        AuthorizationPolicySpec, FailoverPolicySpec, HttpRouteSpec, LinkSpec,
+        MeshTlsAuthenticationSpec, MirroredServiceSpec, Object, ServerSpec, ServiceSpec,
     },
 };
 
@@ -137,6 +137,7 @@ pub struct Index {
     routes: BTreeMap<Key, Object<HttpRouteSpec>>,
     links: BTreeMap<Key, Object<LinkSpec>>,
     mirrors: BTreeMap<Key, Object<MirroredServiceSpec>>,
+    failovers: BTreeMap<Key, Object<FailoverPolicySpec>>,
     workloads: BTreeMap<Key, Workload>,
     /// This cluster's gateway, for workloads reached through it.
     gateway: Option<LocalGateway>,
@@ -165,6 +166,7 @@ impl Index {
             routes: BTreeMap::new(),
             links: BTreeMap::new(),
             mirrors: BTreeMap::new(),
+            failovers: BTreeMap::new(),
             workloads: BTreeMap::new(),
             gateway: None,
         }
@@ -210,6 +212,7 @@ impl Index {
         let mut routes = BTreeMap::new();
         let mut links = BTreeMap::new();
         let mut mirrors = BTreeMap::new();
+        let mut failovers = BTreeMap::new();
         for res in resources {
             let key = (
                 res.metadata().namespace.clone(),
@@ -223,6 +226,7 @@ impl Index {
                 Resource::HttpRoute(o) => routes.insert(key, o).map(|_| ()),
                 Resource::Link(o) => links.insert(key, o).map(|_| ()),
                 Resource::MirroredService(o) => mirrors.insert(key, o).map(|_| ()),
+                Resource::FailoverPolicy(o) => failovers.insert(key, o).map(|_| ()),
             };
         }
         let changed = services != self.services
@@ -231,7 +235,9 @@ impl Index {
             || authentications != self.authentications
             || routes != self.routes
             || links != self.links
-            || mirrors != self.mirrors;
+            || mirrors != self.mirrors
+            || failovers != self.failovers;
+        self.failovers = failovers;
         self.links = links;
         self.mirrors = mirrors;
         self.services = services;

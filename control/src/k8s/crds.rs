@@ -6,8 +6,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 use crate::resources::types::{
-    AuthorizationPolicy, ExternalWorkload, HttpRoute, Link, MeshTlsAuthentication, MirroredService,
-    Server,
+    AuthorizationPolicy, ExternalWorkload, FailoverPolicy, HttpRoute, Link, MeshTlsAuthentication,
+    MirroredService, Server,
 };
 
 /// Label on every object `mesh install` prints.
@@ -22,6 +22,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         HttpRoute::crd(),
         Link::crd(),
         MirroredService::crd(),
+        FailoverPolicy::crd(),
         ExternalWorkload::crd(),
     ];
     for crd in &mut crds {
@@ -56,7 +57,7 @@ mod tests {
     #[test]
     fn the_crds_are_structural() {
         let yaml = crds_yaml().unwrap();
-        assert_eq!(crds().len(), 7);
+        assert_eq!(crds().len(), 8);
         assert!(!yaml.contains("anyOf"), "{yaml}");
         assert!(yaml.contains("x-kubernetes-int-or-string: true"), "{yaml}");
         assert_eq!(yaml, crds_yaml().unwrap(), "same input, same bytes");

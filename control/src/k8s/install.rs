@@ -293,7 +293,7 @@ fn cluster_rules() -> Value {
         { "apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read },
         { "apiGroups": ["policy.mesh.rs"], "resources": ["servers", "authorizationpolicies", "meshtlsauthentications", "httproutes"], "verbs": read },
         { "apiGroups": ["policy.mesh.rs"], "resources": ["servers/status"], "verbs": status },
-        { "apiGroups": ["multicluster.mesh.rs"], "resources": ["links"], "verbs": read },
+        { "apiGroups": ["multicluster.mesh.rs"], "resources": ["links", "failoverpolicies"], "verbs": read },
         { "apiGroups": ["multicluster.mesh.rs"], "resources": ["links/status"], "verbs": status },
         { "apiGroups": ["multicluster.mesh.rs"], "resources": ["mirroredservices"], "verbs": write },
         { "apiGroups": ["workload.mesh.rs"], "resources": ["externalworkloads"], "verbs": write },

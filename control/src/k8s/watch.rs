@@ -63,6 +63,7 @@ pub struct Cluster {
     routes: reflector::Store<types::HttpRoute>,
     links: reflector::Store<types::Link>,
     mirrors: reflector::Store<types::MirroredService>,
+    failovers: reflector::Store<types::FailoverPolicy>,
     changed: Arc<Notify>,
     /// Objects refused on the last pass (`kind ns/name@version`): each is
     /// logged and counted once, not on every pass.
@@ -167,12 +168,18 @@ impl Cluster {
                 tasks,
             ),
             links: reflect(Api::all(client.clone()), "links", changed.clone(), tasks),
-            mirrors: reflect(Api::all(client), "mirroredservices", changed.clone(), tasks),
+            mirrors: reflect(
+                Api::all(client.clone()),
+                "mirroredservices",
+                changed.clone(),
+                tasks,
+            ),
+            failovers: reflect(Api::all(client), "failoverpolicies", changed.clone(), tasks),
             changed,
             refused: Arc::default(),
         };
         let deadline = tokio::time::Instant::now() + timeout;
-        let waits: [(&str, bool); 9] = [
+        let waits: [(&str, bool); 10] = [
             ("services", wait(&c.services, deadline).await),
             ("endpointslices", wait(&c.slices, deadline).await),
             ("pods", wait(&c.pods, deadline).await),
@@ -190,6 +197,10 @@ impl Cluster {
             (
                 "mirroredservices.multicluster.mesh.rs",
                 wait(&c.mirrors, deadline).await,
+            ),
+            (
+                "failoverpolicies.multicluster.mesh.rs",
+                wait(&c.failovers, deadline).await,
             ),
         ];
         let missing: Vec<&str> = waits
@@ -265,6 +276,10 @@ impl Cluster {
         for o in self.mirrors.state() {
             add(object(&*o, types::MULTICLUSTER_V1ALPHA1, "MirroredService")
                 .map(|(o, v)| (Resource::MirroredService(o), v)));
+        }
+        for o in self.failovers.state() {
+            add(object(&*o, types::MULTICLUSTER_V1ALPHA1, "FailoverPolicy")
+                .map(|(o, v)| (Resource::FailoverPolicy(o), v)));
         }
         *before = refused;
         out
@@ -401,6 +416,7 @@ has_spec! {
     types::HttpRoute => types::HttpRouteSpec,
     types::Link => types::LinkSpec,
     types::MirroredService => types::MirroredServiceSpec,
+    types::FailoverPolicy => types::FailoverPolicySpec,
 }
 
 /// A Service with a selector and TCP ports, as the index reads it. Named

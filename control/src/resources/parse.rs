@@ -1,7 +1,10 @@
 //! Multi-document YAML files into resources, with errors that name the
 //! file, the line and the reason.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use mesh_core::identity::SpiffeId;
 use serde::Deserialize;
@@ -54,12 +57,12 @@ pub fn parse_file(file: &Path, text: &str) -> Result<Vec<(usize, Resource)>, Con
             "Service" => CORE_V1,
             "Server" | "AuthorizationPolicy" | "MeshTLSAuthentication" => POLICY_V1ALPHA1,
             "HTTPRoute" => GATEWAY_V1,
-            "Link" | "MirroredService" => MULTICLUSTER_V1ALPHA1,
+            "Link" | "MirroredService" | "FailoverPolicy" => MULTICLUSTER_V1ALPHA1,
             other => {
                 return Err(err(
                     start,
                     format!(
-                        "unknown kind {other:?}; known kinds: Service, Server, AuthorizationPolicy, MeshTLSAuthentication, HTTPRoute, Link, MirroredService"
+                        "unknown kind {other:?}; known kinds: Service, Server, AuthorizationPolicy, MeshTLSAuthentication, HTTPRoute, Link, MirroredService, FailoverPolicy"
                     ),
                     "unknown_kind",
                 ));
@@ -89,6 +92,9 @@ pub fn parse_file(file: &Path, text: &str) -> Result<Vec<(usize, Resource)>, Con
             "Link" => Resource::Link(serde_saphyr::from_str(&doc).map_err(schema)?),
             "MirroredService" => {
                 Resource::MirroredService(serde_saphyr::from_str(&doc).map_err(schema)?)
+            }
+            "FailoverPolicy" => {
+                Resource::FailoverPolicy(serde_saphyr::from_str(&doc).map_err(schema)?)
             }
             _ => Resource::HttpRoute(serde_saphyr::from_str(&doc).map_err(schema)?),
         };
@@ -214,6 +220,7 @@ pub fn validate(resource: &Resource) -> Result<(), String> {
                     .map_err(|e| format!("MirroredService spec.identities {id:?}: {e}"))?;
             }
         }
+        Resource::FailoverPolicy(p) => check_failover(&p.spec)?,
         Resource::HttpRoute(route) => {
             if route.spec.parent_refs.is_empty() {
                 return Err("HTTPRoute spec.parentRefs is empty".into());
@@ -249,6 +256,65 @@ pub fn validate(resource: &Resource) -> Result<(), String> {
                     }
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// A FailoverPolicy's shape; the clusters it names are checked against
+/// the Links where both are known (the index).
+fn check_failover(spec: &FailoverPolicySpec) -> Result<(), String> {
+    check_name("FailoverPolicy spec.service", &spec.service)?;
+    if spec.tiers.is_empty() {
+        return Err(
+            "FailoverPolicy spec.tiers is empty: list the tiers best first, e.g. [{clusters: [local]}, {clusters: [east]}]"
+                .into(),
+        );
+    }
+    if spec.tiers.len() > MAX_FAILOVER_TIERS {
+        return Err(format!(
+            "FailoverPolicy spec.tiers lists {} tiers; at most {MAX_FAILOVER_TIERS}",
+            spec.tiers.len()
+        ));
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for (i, tier) in spec.tiers.iter().enumerate() {
+        if tier.clusters.is_empty() {
+            return Err(format!(
+                "FailoverPolicy spec.tiers[{i}].clusters is empty: name `local` or linked clusters"
+            ));
+        }
+        if tier.clusters.len() > MAX_TIER_CLUSTERS {
+            return Err(format!(
+                "FailoverPolicy spec.tiers[{i}].clusters lists {}; at most {MAX_TIER_CLUSTERS}",
+                tier.clusters.len()
+            ));
+        }
+        for (j, cluster) in tier.clusters.iter().enumerate() {
+            check_name(
+                &format!("FailoverPolicy spec.tiers[{i}].clusters[{j}]"),
+                cluster,
+            )?;
+            if let Some(before) = seen.insert(cluster.as_str(), i) {
+                return Err(format!(
+                    "FailoverPolicy spec.tiers[{i}].clusters[{j}]: {cluster:?} is already in tier {before}; a cluster belongs to one tier"
+                ));
+            }
+        }
+    }
+    if let Some(Ratio(t)) = spec.threshold
+        && !(0.0..=1.0).contains(&t)
+    {
+        return Err(format!(
+            "FailoverPolicy spec.threshold {t} is outside 0-1 (the healthy share at which a tier stops spilling; e.g. 0.7)"
+        ));
+    }
+    if let Some(d) = &spec.failback_delay {
+        let d = parse_duration(d).map_err(|e| format!("FailoverPolicy spec.failbackDelay: {e}"))?;
+        if d > Duration::from_secs(600) {
+            return Err(format!(
+                "FailoverPolicy spec.failbackDelay {d:?} is over 10 minutes"
+            ));
         }
     }
     Ok(())
@@ -424,5 +490,62 @@ mod tests {
         assert!(err.reason.contains("metadata.name \"Api\""), "{err}");
         let err = parse("apiVersion: policy.mesh.rs/v1alpha1\nkind: MeshTLSAuthentication\nmetadata: {name: a}\nspec: {identities: [\"spiffe://West/x\"]}\n").unwrap_err();
         assert!(err.reason.contains("lower case"), "{err}");
+    }
+
+    #[test]
+    fn failover_policy_errors_name_the_field() {
+        let policy = |spec: &str| {
+            format!(
+                "apiVersion: multicluster.mesh.rs/v1alpha1\nkind: FailoverPolicy\nmetadata: {{name: api, namespace: shop}}\nspec:\n{spec}"
+            )
+        };
+        let ok = policy(
+            "  service: api\n  tiers: [{clusters: [local]}, {clusters: [east, north]}]\n  threshold: 0.5\n  failbackDelay: 5s\n",
+        );
+        assert!(parse(&ok).is_ok(), "{:?}", parse(&ok));
+        for (spec, want) in [
+            ("  service: api\n  tiers: []\n", "spec.tiers is empty"),
+            (
+                "  service: api\n  tiers: [{clusters: []}]\n",
+                "spec.tiers[0].clusters is empty",
+            ),
+            (
+                "  service: api\n  tiers: [{clusters: [local]}]\n  threshold: 1.5\n",
+                "spec.threshold 1.5 is outside 0-1",
+            ),
+            (
+                "  service: api\n  tiers: [{clusters: [local]}]\n  threshold: -0.1\n",
+                "outside 0-1",
+            ),
+            (
+                "  service: api\n  tiers: [{clusters: [local]}, {clusters: [east, local]}]\n",
+                "spec.tiers[1].clusters[1]: \"local\" is already in tier 0",
+            ),
+            (
+                "  service: api\n  tiers: [{clusters: [East]}]\n",
+                "spec.tiers[0].clusters[0]",
+            ),
+            (
+                "  service: Api\n  tiers: [{clusters: [local]}]\n",
+                "spec.service",
+            ),
+            (
+                "  service: api\n  tiers: [{clusters: [local]}]\n  failbackDelay: soon\n",
+                "spec.failbackDelay",
+            ),
+            (
+                "  service: api\n  tiers: [{clusters: [local]}]\n  colour: red\n",
+                "unknown field",
+            ),
+        ] {
+            let e = parse(&policy(spec)).unwrap_err();
+            assert!(e.reason.contains(want), "{spec}: {}", e.reason);
+        }
+        let many = (0..9)
+            .map(|i| format!("{{clusters: [c{i}]}}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let e = parse(&policy(&format!("  service: api\n  tiers: [{many}]\n"))).unwrap_err();
+        assert!(e.reason.contains("at most 8"), "{}", e.reason);
     }
 }

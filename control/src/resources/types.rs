@@ -42,6 +42,7 @@ pub enum Resource {
     HttpRoute(Object<HttpRouteSpec>),
     Link(Object<LinkSpec>),
     MirroredService(Object<MirroredServiceSpec>),
+    FailoverPolicy(Object<FailoverPolicySpec>),
 }
 
 impl Resource {
@@ -54,6 +55,7 @@ impl Resource {
             Self::HttpRoute(_) => "HTTPRoute",
             Self::Link(_) => "Link",
             Self::MirroredService(_) => "MirroredService",
+            Self::FailoverPolicy(_) => "FailoverPolicy",
         }
     }
 
@@ -66,6 +68,7 @@ impl Resource {
             Self::HttpRoute(o) => &o.metadata,
             Self::Link(o) => &o.metadata,
             Self::MirroredService(o) => &o.metadata,
+            Self::FailoverPolicy(o) => &o.metadata,
         }
     }
 }
@@ -378,6 +381,64 @@ pub struct MirroredServiceSpec {
     #[serde(default)]
     pub ready: bool,
 }
+
+/// `multicluster.mesh.rs/v1alpha1/FailoverPolicy`: where callers of a
+/// service go when its home tier is not healthy enough. Tiers are ordered;
+/// each is `local` (this cluster's endpoints) and/or linked clusters (their
+/// mirrors of the service of the same name). Several clusters in one tier
+/// make a federated service: one balancer over all of them.
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[kube(
+    group = "multicluster.mesh.rs",
+    version = "v1alpha1",
+    kind = "FailoverPolicy",
+    namespaced,
+    category = "mesh"
+)]
+pub struct FailoverPolicySpec {
+    /// The service, in the policy's namespace, whose callers it steers.
+    pub service: String,
+    /// Ordered tiers, best first (at most [`MAX_FAILOVER_TIERS`]).
+    pub tiers: Vec<FailoverTier>,
+    /// A tier takes all the traffic that reaches it while its healthy share
+    /// is at least this; below, it takes `share / threshold` of it and the
+    /// rest spills to the next tier. 0 to 1; default [`DEFAULT_THRESHOLD`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<Ratio>,
+    /// How long a better tier must have been healthier before traffic goes
+    /// back to it (hysteresis); default 3s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failback_delay: Option<String>,
+}
+
+/// One tier: `local` and/or linked clusters' names.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FailoverTier {
+    pub clusters: Vec<String>,
+}
+
+/// The name a tier uses for this cluster.
+pub const LOCAL_TIER: &str = "local";
+/// Tiers a policy may list.
+pub const MAX_FAILOVER_TIERS: usize = 8;
+/// Clusters one tier may list.
+pub const MAX_TIER_CLUSTERS: usize = 16;
+/// Envoy's default overprovisioning factor is 1.4: a priority takes all the
+/// load down to 1/1.4 = 71 % healthy. Kuma's zone failover threshold is a
+/// share of healthy endpoints too.
+pub const DEFAULT_THRESHOLD: f64 = 0.7;
+/// The hysteresis before failback.
+pub const DEFAULT_FAILBACK_DELAY: Duration = Duration::from_secs(3);
+
+/// A number from 0 to 1.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, JsonSchema)]
+#[serde(transparent)]
+pub struct Ratio(pub f64);
+
+// Validation refuses NaN, so equality is total on the values served.
+impl Eq for Ratio {}
 
 /// A Service is exported when it carries the export label.
 pub fn is_exported(service: &Object<ServiceSpec>) -> bool {

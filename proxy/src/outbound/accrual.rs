@@ -1,8 +1,13 @@
 //! Failure accrual: an endpoint that fails [`THRESHOLD`] times in a row
-//! (5xx responses or connection errors) leaves the balancer: its
+//! (5xx responses or broken connections), or once when it cannot be reached
+//! at all (refused, timed out: nothing was sent), leaves the balancer: its
 //! `poll_ready` waits on a timer, so p2c stops choosing it. When the timer
 //! fires, one probe request goes through; a success restores the endpoint,
 //! a failure ejects it again for twice as long (1 s up to 60 s).
+//!
+//! [`Health`] is what the rest of the proxy sees: which endpoints are
+//! ejected, and which sit behind a tunnel that is down; a failover tier's
+//! healthy share is read from it.
 
 use std::{
     collections::HashMap,
@@ -18,7 +23,7 @@ use http::Response;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use super::errors::OutboundError;
+use super::{errors::OutboundError, tunnel::Liveness};
 
 /// Consecutive failures before an endpoint is ejected.
 pub const THRESHOLD: u32 = 5;
@@ -31,7 +36,30 @@ const MAX_EJECTION: Duration = Duration::from_secs(60);
 /// path so that a destination with every endpoint ejected fails fast.
 #[derive(Debug)]
 pub struct Health<K> {
-    endpoints: Mutex<HashMap<K, Option<Instant>>>,
+    endpoints: Mutex<HashMap<K, Slot>>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    ejected_until: Option<Instant>,
+    /// The tunnel it is reached through.
+    tunnel: Option<Arc<Liveness>>,
+}
+
+impl Slot {
+    fn healthy(&self, now: Instant) -> bool {
+        self.ejected_until.is_none_or(|u| u <= now)
+            && self.tunnel.as_ref().is_none_or(|t| t.is_up())
+    }
+}
+
+/// One destination's (or tier's) endpoints at a glance.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub total: usize,
+    pub healthy: usize,
+    /// Endpoints unhealthy because their tunnel is down.
+    pub tunnel_down: usize,
 }
 
 impl<K> Default for Health<K> {
@@ -43,8 +71,14 @@ impl<K> Default for Health<K> {
 }
 
 impl<K: Eq + Hash + Clone> Health<K> {
-    pub fn insert(&self, key: K) {
-        self.lock().insert(key, None);
+    pub fn insert(&self, key: K, tunnel: Option<Arc<Liveness>>) {
+        self.lock().insert(
+            key,
+            Slot {
+                ejected_until: None,
+                tunnel,
+            },
+        );
     }
 
     pub fn remove(&self, key: &K) {
@@ -53,18 +87,36 @@ impl<K: Eq + Hash + Clone> Health<K> {
 
     fn set(&self, key: &K, until: Option<Instant>) {
         if let Some(slot) = self.lock().get_mut(key) {
-            *slot = until;
+            slot.ejected_until = until;
         }
     }
 
-    /// Whether there are endpoints and every one is ejected right now.
+    /// Whether there are endpoints and none is healthy right now.
     pub fn all_ejected(&self) -> bool {
         let now = Instant::now();
         let endpoints = self.lock();
-        !endpoints.is_empty() && endpoints.values().all(|u| u.is_some_and(|u| u > now))
+        !endpoints.is_empty() && endpoints.values().all(|s| !s.healthy(now))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Option<Instant>>> {
+    /// How many endpoints there are and how many are healthy now.
+    pub fn counts(&self) -> Counts {
+        let now = Instant::now();
+        let endpoints = self.lock();
+        let mut counts = Counts {
+            total: endpoints.len(),
+            ..Counts::default()
+        };
+        for s in endpoints.values() {
+            if s.healthy(now) {
+                counts.healthy += 1;
+            } else if s.tunnel.as_ref().is_some_and(|t| !t.is_up()) {
+                counts.tunnel_down += 1;
+            }
+        }
+        counts
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Slot>> {
         self.endpoints.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -102,8 +154,13 @@ impl<K: std::fmt::Debug, S> std::fmt::Debug for Accrual<K, S> {
 }
 
 impl<K: Eq + Hash + Clone, S> Accrual<K, S> {
-    pub fn new(key: K, inner: S, health: Arc<Health<K>>, on_eject: OnEject<K>) -> Self {
-        health.insert(key.clone());
+    pub fn new(
+        key: K,
+        inner: S,
+        (health, tunnel): (Arc<Health<K>>, Option<Arc<Liveness>>),
+        on_eject: OnEject<K>,
+    ) -> Self {
+        health.insert(key.clone(), tunnel);
         Self {
             key,
             inner,
@@ -125,10 +182,20 @@ enum Change {
     Restored,
 }
 
+/// How one request to an endpoint ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Success,
+    /// A 5xx, or a connection that broke with the request on it.
+    Failure,
+    /// It could not be reached at all: ejected at once.
+    Unreachable,
+}
+
 /// Records one outcome and says what it changed.
-fn record(state: &Mutex<State>, failed: bool) -> Change {
+fn record(state: &Mutex<State>, outcome: Outcome) -> Change {
     let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
-    if !failed {
+    if outcome == Outcome::Success {
         let was_ejected = s.ejections > 0;
         *s = State::default();
         return if was_ejected {
@@ -138,7 +205,7 @@ fn record(state: &Mutex<State>, failed: bool) -> Change {
         };
     }
     s.consecutive += 1;
-    if !s.probing && s.consecutive < THRESHOLD {
+    if !s.probing && s.consecutive < THRESHOLD && outcome != Outcome::Unreachable {
         return Change::None;
     }
     let backoff = MIN_EJECTION
@@ -218,12 +285,14 @@ where
         );
         Box::pin(async move {
             let result = fut.await;
-            let failed = match &result {
-                Ok(resp) => resp.status().is_server_error(),
-                Err(_) => true,
+            let outcome = match &result {
+                Ok(resp) if resp.status().is_server_error() => Outcome::Failure,
+                Ok(_) => Outcome::Success,
+                Err(OutboundError::Unreachable(_)) => Outcome::Unreachable,
+                Err(_) => Outcome::Failure,
             };
             // The shared health is touched only when something changed.
-            match record(&state, failed) {
+            match record(&state, outcome) {
                 Change::Ejected(until, backoff) => {
                     health.set(&key, Some(until));
                     on_eject(&key, backoff);
@@ -249,10 +318,15 @@ mod tests {
         use tower::Service;
 
         let fail = tower::service_fn(|_req: http::Request<crate::wire::Body>| async {
-            Err::<Response<Incoming>, _>(OutboundError::Connect("refused".into()))
+            Err::<Response<Incoming>, _>(OutboundError::Connect("reset".into()))
         });
         let health = Arc::new(Health::default());
-        let mut svc = Accrual::new("a".to_owned(), fail, health, Arc::new(|_: &String, _| {}));
+        let mut svc = Accrual::new(
+            "a".to_owned(),
+            fail,
+            (health, None),
+            Arc::new(|_: &String, _| {}),
+        );
         let req = || {
             http::Request::new(
                 http_body_util::Empty::new()
@@ -287,22 +361,65 @@ mod tests {
     fn ejects_after_the_threshold_and_backs_off_on_failed_probes() {
         let state = Mutex::new(State::default());
         for _ in 0..THRESHOLD - 1 {
-            assert_eq!(record(&state, true), Change::None);
+            assert_eq!(record(&state, Outcome::Failure), Change::None);
         }
-        let Change::Ejected(_, first) = record(&state, true) else {
+        let Change::Ejected(_, first) = record(&state, Outcome::Failure) else {
             panic!("ejected at the threshold")
         };
         assert_eq!(first, Duration::from_secs(1));
         // A failed probe ejects again at once, for twice as long.
         state.lock().unwrap().probing = true;
-        let Change::Ejected(_, second) = record(&state, true) else {
+        let Change::Ejected(_, second) = record(&state, Outcome::Failure) else {
             panic!("a failed probe ejects again")
         };
         assert_eq!(second, Duration::from_secs(2));
         // A success restores it and resets everything.
-        assert_eq!(record(&state, false), Change::Restored);
+        assert_eq!(record(&state, Outcome::Success), Change::Restored);
         assert_eq!(state.lock().unwrap().ejections, 0);
-        assert_eq!(record(&state, false), Change::None, "healthy stays quiet");
-        assert_eq!(record(&state, true), Change::None, "counting starts over");
+        assert_eq!(
+            record(&state, Outcome::Success),
+            Change::None,
+            "healthy stays quiet"
+        );
+        assert_eq!(
+            record(&state, Outcome::Failure),
+            Change::None,
+            "counting starts over"
+        );
+        // Unreachable (nothing sent: refused, timed out) ejects at once.
+        assert!(matches!(
+            record(&state, Outcome::Unreachable),
+            Change::Ejected(..)
+        ));
+    }
+
+    #[test]
+    fn a_tier_counts_ejected_endpoints_and_those_behind_a_dead_tunnel() {
+        let health = Health::default();
+        let tunnel = Arc::new(Liveness::default());
+        health.insert("a", None);
+        health.insert("b", None);
+        health.insert("c", Some(tunnel.clone()));
+        assert_eq!(
+            health.counts(),
+            Counts {
+                total: 3,
+                healthy: 3,
+                tunnel_down: 0
+            }
+        );
+        health.set(&"a", Some(Instant::now() + Duration::from_secs(5)));
+        tunnel.force_down_for_test();
+        assert_eq!(
+            health.counts(),
+            Counts {
+                total: 3,
+                healthy: 1,
+                tunnel_down: 1
+            }
+        );
+        assert!(!health.all_ejected());
+        health.set(&"b", Some(Instant::now() + Duration::from_secs(5)));
+        assert!(health.all_ejected(), "none healthy");
     }
 }

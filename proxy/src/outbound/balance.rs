@@ -92,8 +92,16 @@ fn keys(update: Option<&DiscoveryUpdate>) -> Vec<Key> {
     let Some(Kind::Endpoints(set)) = update.and_then(|u| u.kind.as_ref()) else {
         return Vec::new();
     };
+    // A whole set with failover tiers (opaque TCP balances it as one): the
+    // best tier discovery lists endpoints for. Requests get per-tier
+    // balancers and health-based spill instead (`failover.rs`).
+    let best = set
+        .failover
+        .as_ref()
+        .and_then(|_| set.endpoints.iter().map(|e| e.priority).min());
     set.endpoints
         .iter()
+        .filter(|e| best.is_none_or(|b| e.priority == b))
         .filter_map(|e| match &e.via_gateway {
             None => Some(Key {
                 addr: e.address.parse().ok()?,
@@ -221,7 +229,13 @@ pub fn balancer(
                 key.via.as_ref(),
                 &dialer,
             );
-            Accrual::new(key.clone(), svc, make_health.clone(), on_eject.clone())
+            let tunnel = svc.liveness();
+            Accrual::new(
+                key.clone(),
+                svc,
+                (make_health.clone(), tunnel),
+                on_eject.clone(),
+            )
         },
         move |key| gone_health.remove(key),
     );

@@ -281,6 +281,8 @@ pub struct EndpointService {
     /// The app port the request is for (sent as `mesh-dst-port`).
     app_addr: SocketAddr,
     transport: Transport,
+    /// The tunnel's liveness, when reached through one.
+    tunnel: Option<Arc<super::tunnel::Liveness>>,
 }
 
 impl EndpointService {
@@ -302,17 +304,24 @@ impl EndpointService {
             via,
         );
         if let Some(via) = &routed {
-            let transport = match via.connector(dialer) {
-                Ok(tunnel) => Transport::Meshed(
-                    Client::builder(TokioExecutor::new())
-                        .http2_only(true)
-                        .build(MeshConnector::Tunnel(tunnel)),
-                ),
-                Err(why) => Transport::Untunnelable(why),
+            let (transport, tunnel) = match via.connector(dialer) {
+                Ok(tunnel) => {
+                    let liveness = tunnel.liveness();
+                    (
+                        Transport::Meshed(
+                            Client::builder(TokioExecutor::new())
+                                .http2_only(true)
+                                .build(MeshConnector::Tunnel(tunnel)),
+                        ),
+                        Some(liveness),
+                    )
+                }
+                Err(why) => (Transport::Untunnelable(why), None),
             };
             return Self {
                 app_addr,
                 transport,
+                tunnel,
             };
         }
         let transport = match identity {
@@ -348,6 +357,18 @@ impl EndpointService {
         Self {
             app_addr,
             transport,
+            tunnel: None,
+        }
+    }
+}
+
+impl EndpointService {
+    /// Whether the tunnel it is reached through is up (`None`: not
+    /// reached through a tunnel).
+    pub fn liveness(&self) -> Option<Arc<super::tunnel::Liveness>> {
+        match &self.transport {
+            Transport::Meshed(_) => self.tunnel.clone(),
+            _ => None,
         }
     }
 }
@@ -367,14 +388,17 @@ impl tower::Service<Request<Body>> for EndpointService {
         Box::pin(async move {
             match transport {
                 Transport::Refused(id) => Err(OutboundError::MeshedWithoutProxy(id)),
-                Transport::Untunnelable(why) => Err(OutboundError::Connect(why)),
+                Transport::Untunnelable(why) => Err(OutboundError::Unreachable(why)),
                 Transport::Plain(client) => {
                     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
                     *req.uri_mut() = format!("http://{app_addr}{path}")
                         .parse()
                         .map_err(|_| OutboundError::BadRequest)?;
                     *req.version_mut() = http::Version::HTTP_11;
-                    let mut resp = client.request(req).await.map_err(OutboundError::connect)?;
+                    let mut resp = client
+                        .request(req)
+                        .await
+                        .map_err(OutboundError::from_client)?;
                     resp.extensions_mut().insert(OnTheWire("none"));
                     Ok(resp)
                 }
@@ -384,7 +408,10 @@ impl tower::Service<Request<Body>> for EndpointService {
                     *req.version_mut() = http::Version::HTTP_2;
                     // The connector only makes mTLS connections (direct or
                     // inside a gateway tunnel).
-                    let mut resp = client.request(req).await.map_err(OutboundError::connect)?;
+                    let mut resp = client
+                        .request(req)
+                        .await
+                        .map_err(OutboundError::from_client)?;
                     resp.extensions_mut().insert(OnTheWire("mtls"));
                     Ok(resp)
                 }

@@ -32,6 +32,10 @@ pub enum OutboundError {
     TooManyDestinations { authority: String, max: usize },
     #[error("connecting to the endpoint failed: {0}")]
     Connect(String),
+    /// Nothing of the request was sent (the connection, its TLS handshake
+    /// or the tunnel stream failed), so another endpoint may always take it.
+    #[error("the endpoint could not be reached (nothing was sent): {0}")]
+    Unreachable(String),
     #[error("the request is malformed")]
     BadRequest,
     #[error("too many requests in flight; retry later")]
@@ -59,6 +63,25 @@ impl OutboundError {
         Self::Connect(message)
     }
 
+    /// [`OutboundError::connect`] for a failure before any request byte
+    /// was sent.
+    pub fn unreachable(e: impl std::error::Error) -> Self {
+        match Self::connect(e) {
+            Self::Connect(message) => Self::Unreachable(message),
+            other => other,
+        }
+    }
+
+    /// A legacy client's error: [`Self::Unreachable`] when it came from
+    /// the connector (nothing sent), else [`Self::Connect`].
+    pub fn from_client(e: hyper_util::client::legacy::Error) -> Self {
+        if e.is_connect() {
+            Self::unreachable(e)
+        } else {
+            Self::connect(e)
+        }
+    }
+
     /// Status and metric reason for this failure.
     pub fn classify(&self) -> (StatusCode, &'static str) {
         match self {
@@ -74,6 +97,7 @@ impl OutboundError {
             }
             Self::NoBackend { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "no_backend"),
             Self::Connect(_) => (StatusCode::BAD_GATEWAY, "connect"),
+            Self::Unreachable(_) => (StatusCode::BAD_GATEWAY, "unreachable"),
             Self::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             Self::Balancer(_) => (StatusCode::BAD_GATEWAY, "balancer"),
@@ -83,7 +107,10 @@ impl OutboundError {
 
     /// Whether another attempt (maybe to another endpoint) could succeed.
     pub fn retryable(&self) -> bool {
-        matches!(self, Self::Connect(_) | Self::Balancer(_))
+        matches!(
+            self,
+            Self::Connect(_) | Self::Unreachable(_) | Self::Balancer(_)
+        )
     }
 
     /// The response the app gets.

@@ -32,6 +32,7 @@ pub mod accrual;
 pub mod balance;
 pub mod endpoint;
 pub mod errors;
+pub mod failover;
 pub mod route;
 pub mod tcp;
 pub mod tunnel;
@@ -63,9 +64,10 @@ use tower::{Service, ServiceExt};
 use crate::detect::{Protocol, detect};
 
 use self::{
-    balance::{Balancer, DestinationHealth, balancer, has_endpoints},
+    balance::has_endpoints,
     endpoint::Dialer,
     errors::OutboundError,
+    failover::Tiers,
     route::{MAX_RETRY_BODY, Plan, Splitter, plan},
     tcp::{Carry, MeshTcp, TcpBalancer, tcp_balancer},
 };
@@ -88,8 +90,9 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
-/// One destination's balancer and the ejection state of its endpoints.
-type Destination = (Balancer, Arc<DestinationHealth>);
+/// One destination: its tiers, each a balancer and its endpoints' health
+/// (one tier unless a FailoverPolicy steers it).
+type Destination = Arc<Tiers>;
 
 #[derive(Clone)]
 pub struct Outbound {
@@ -218,10 +221,11 @@ impl Outbound {
         let mut map = self.balancers.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(authority.to_owned())
             .or_insert_with(|| {
-                balancer(
+                Tiers::new(
                     self.discovery.watch(&authority.to_owned()),
                     self.dialer.clone(),
                     self.metrics.clone(),
+                    authority,
                 )
             })
             .clone()
@@ -689,21 +693,35 @@ async fn to_mesh(
         .size_hint()
         .upper()
         .is_some_and(|n| n <= MAX_RETRY_BODY);
+    // Kept to send again: for the route's retries, and for a tier that
+    // could not be reached (a failover policy's next tier takes it).
+    let tiered = plan
+        .backends
+        .iter()
+        .any(|(backend, _)| outbound.balancer(backend).is_tiered());
     let work = async {
-        let Some(retry) = plan.retry.as_ref().filter(|_| replayable) else {
-            return attempt(outbound, &plan, build(body.boxed())).await;
-        };
+        if !(replayable && (plan.retry.is_some() || tiered)) {
+            let mut once = Some(build(body.boxed()));
+            return attempt(outbound, &plan, &mut || once.take()).await;
+        }
         let bytes = body
             .collect()
             .await
             .map_err(OutboundError::connect)?
             .to_bytes();
+        let mut again = || {
+            Some(build(
+                Full::new(bytes.clone())
+                    .map_err(|never| match never {})
+                    .boxed(),
+            ))
+        };
+        let Some(retry) = plan.retry.as_ref() else {
+            return attempt(outbound, &plan, &mut again).await;
+        };
         let mut retries = 0;
         loop {
-            let body = Full::new(bytes.clone())
-                .map_err(|never| match never {})
-                .boxed();
-            let result = attempt(outbound, &plan, build(body)).await;
+            let result = attempt(outbound, &plan, &mut again).await;
             let again = match &result {
                 Ok(resp) => retry.codes.contains(&u32::from(resp.status().as_u16())),
                 Err(e) => e.retryable(),
@@ -729,21 +747,58 @@ async fn to_mesh(
     }
 }
 
-/// balance + connect: one attempt, to one backend of the plan.
+/// balance + connect: one attempt, to one backend of the plan; with a
+/// failover policy, to the tier its loads pick, and on to the next tier
+/// when the endpoint could not be reached (nothing was sent). `request`
+/// gives the request, again as long as it can be sent again.
 async fn attempt(
     outbound: &Outbound,
     plan: &Plan,
-    req: Request<crate::wire::Body>,
+    request: &mut (dyn FnMut() -> Option<Request<crate::wire::Body>> + Send),
 ) -> Result<Response<Incoming>, OutboundError> {
     let backend = outbound.splitter.pick(plan);
     wait_for_endpoints(outbound, &backend).await?;
-    let (mut balancer, health) = outbound.balancer(&backend);
+    let tiers = outbound.balancer(&backend);
+    let mut tier = tiers.pick();
+    let mut req = request().ok_or(OutboundError::BadRequest)?;
+    loop {
+        let result = attempt_tier(outbound, plan, &backend, &tiers, tier, req).await;
+        if let Err(OutboundError::Unreachable(why)) = &result
+            && let Some(next) = tiers.next_after(tier)
+            && let Some(again) = request()
+        {
+            tracing::debug!(%backend, from = tier, to = next, %why, "unreachable; trying the next tier");
+            outbound.metrics.failover_next_tier.inc();
+            tier = next;
+            req = again;
+            continue;
+        }
+        return result;
+    }
+}
+
+/// One request to tier `tier` of `backend`.
+async fn attempt_tier(
+    outbound: &Outbound,
+    plan: &Plan,
+    backend: &str,
+    tiers: &Tiers,
+    tier: usize,
+    req: Request<crate::wire::Body>,
+) -> Result<Response<Incoming>, OutboundError> {
+    let failover::Tier {
+        mut balancer,
+        health,
+        ..
+    } = tiers.tier(tier);
     // With every endpoint ejected the balancer would hold the request until
     // a probe; wait out the fail-fast time at most, then say so.
     let deadline = tokio::time::Instant::now() + outbound.fail_fast;
     while health.all_ejected() {
         if tokio::time::Instant::now() >= deadline {
-            return Err(OutboundError::AllEjected { authority: backend });
+            return Err(OutboundError::AllEjected {
+                authority: backend.to_owned(),
+            });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -113,6 +113,60 @@ pub enum Inner {
     Http1 = 2,
 }
 
+/// A tunnel connection is checked after this long without a frame from the
+/// gateway: an HTTP/2 PING (QUIC: a keep-alive), so a gateway that went
+/// silent (packets dropped) is known dead in [`PING_EVERY`] +
+/// [`PING_TIMEOUT`], well under a second, not after a probe timeout.
+pub const PING_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+/// A PING not answered within this closes the connection.
+pub const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(400);
+/// While a tunnel is down, how often it is tried again (a probe stream).
+pub const REDIAL_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Whether a tunnel is up, as its connections last showed: shared with the
+/// endpoints behind it, whose tier counts them unhealthy while it is down.
+#[derive(Debug)]
+pub struct Liveness {
+    up: std::sync::atomic::AtomicBool,
+    /// Why it went down, for the error streams get meanwhile.
+    why: std::sync::Mutex<String>,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self {
+            up: std::sync::atomic::AtomicBool::new(true),
+            why: std::sync::Mutex::default(),
+        }
+    }
+}
+
+impl Liveness {
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Marks it down; true when it was up.
+    fn down(&self, why: String) -> bool {
+        *self.why.lock().unwrap_or_else(|p| p.into_inner()) = why;
+        self.up.swap(false, Ordering::AcqRel)
+    }
+
+    /// Marks it up; true when it was down.
+    fn up(&self) -> bool {
+        !self.up.swap(true, Ordering::AcqRel)
+    }
+
+    fn why(&self) -> String {
+        self.why.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn force_down_for_test(&self) {
+        self.down("test".into());
+    }
+}
+
 /// How long TCP is used after QUIC did not open.
 pub const QUIC_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -242,6 +296,12 @@ pub struct Tunnel {
     /// For a new tunnel connection (TCP, TLS, HTTP/2), and for a stream's
     /// setup and its inner handshake.
     connect_timeout: std::time::Duration,
+    /// Up or down, as the connections' PINGs and probes say.
+    liveness: Arc<Liveness>,
+    /// A task is trying the tunnel again.
+    redialing: std::sync::atomic::AtomicBool,
+    /// Itself, for the tasks watching its connections.
+    me: Weak<Tunnel>,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -275,7 +335,7 @@ impl Tunnel {
         quic: bool,
         (creds, bundles): (&CredentialStore, &BundleStore),
         connect_timeout: std::time::Duration,
-    ) -> Result<Self, String> {
+    ) -> Result<Arc<Self>, String> {
         let quic = if quic {
             let tls = tls_config(
                 creds,
@@ -285,27 +345,91 @@ impl Tunnel {
             )?;
             let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
                 .map_err(|e| format!("QUIC TLS: {e}"))?;
+            let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+            // Keep-alives as HTTP/2 PINGs are: silence closes it quickly.
+            let mut transport = quinn::TransportConfig::default();
+            transport.keep_alive_interval(Some(PING_EVERY));
+            transport.max_idle_timeout(Some(
+                quinn::IdleTimeout::try_from(PING_EVERY + PING_TIMEOUT)
+                    .map_err(|e| format!("QUIC idle timeout: {e}"))?,
+            ));
+            config.transport_config(Arc::new(transport));
             Some(QuicTunnel {
-                config: quinn::ClientConfig::new(Arc::new(crypto)),
+                config,
                 conns: Arc::default(),
                 skip_until: Arc::default(),
             })
         } else {
             None
         };
-        Ok(Self {
+        let gateway_tls = Arc::new(tls_config(
+            creds,
+            bundles,
+            ExpectedIdentity::Exact(gateway_id),
+            ALPN_TUNNEL,
+        )?);
+        Ok(Arc::new_cyclic(|me| Self {
             gateway: gateway.to_owned(),
-            gateway_tls: Arc::new(tls_config(
-                creds,
-                bundles,
-                ExpectedIdentity::Exact(gateway_id),
-                ALPN_TUNNEL,
-            )?),
+            gateway_tls,
             tcp: Mutex::default(),
             quic,
             dns: crate::dns::Dns::system(),
             connect_timeout,
-        })
+            liveness: Arc::default(),
+            redialing: std::sync::atomic::AtomicBool::new(false),
+            me: me.clone(),
+        }))
+    }
+
+    /// A connection of this tunnel ended. With an error (a PING not
+    /// answered, a reset) the gateway is taken as down at once; a clean
+    /// end (the gateway going away, or this side letting go) is checked
+    /// with a probe first. Either way it is tried again until it answers.
+    fn lost(&self, error: Option<String>) {
+        match error {
+            Some(why) => self.mark_down(why),
+            None => self.redial(),
+        }
+    }
+
+    fn mark_down(&self, why: String) {
+        if self.liveness.down(why.clone()) {
+            tracing::warn!(gateway = %self.gateway, %why, "tunnel down; endpoints behind it count as unhealthy until it answers again");
+        }
+        self.redial();
+    }
+
+    /// Tries the tunnel (a probe stream) until it answers, every
+    /// [`REDIAL_EVERY`], in one task at a time.
+    fn redial(&self) {
+        if self.redialing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            let mut first = true;
+            loop {
+                if !first {
+                    tokio::time::sleep(REDIAL_EVERY).await;
+                }
+                first = false;
+                let Some(tunnel) = me.upgrade() else { return };
+                match tunnel.open_any(PROBE_TARGET).await {
+                    Ok(_) => {
+                        tunnel.redialing.store(false, Ordering::Release);
+                        if tunnel.liveness.up() {
+                            tracing::info!(gateway = %tunnel.gateway, "tunnel up again");
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        if tunnel.liveness.down(e.to_string()) {
+                            tracing::warn!(gateway = %tunnel.gateway, error = %e, "tunnel down; endpoints behind it count as unhealthy until it answers again");
+                        }
+                    }
+                }
+            }
+        });
     }
 
     /// The gateway's host, for SNI.
@@ -317,6 +441,21 @@ impl Tunnel {
     /// A stream to `target`: over QUIC when the Link prefers it and it
     /// opens in time, else over TCP. Holds its slot while it lives.
     async fn open(&self, target: &str) -> io::Result<Box<dyn Stream>> {
+        if !self.liveness.is_up() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                format!(
+                    "the tunnel to {} is down ({}); retried every {REDIAL_EVERY:?}",
+                    self.gateway,
+                    self.liveness.why()
+                ),
+            ));
+        }
+        self.open_any(target).await
+    }
+
+    /// [`Tunnel::open`] whether or not the tunnel is taken as up.
+    async fn open_any(&self, target: &str) -> io::Result<Box<dyn Stream>> {
         if let Some(quic) = &self.quic {
             let skip = *quic.skip_until.lock().unwrap_or_else(|p| p.into_inner());
             // A handshake that finished late leaves an open connection.
@@ -359,6 +498,7 @@ impl Tunnel {
                     }
                     match self.quic_connect(quic).await {
                         Ok((endpoint, conn)) => {
+                            self.watch_quic(&conn);
                             let slot = pool
                                 .add((endpoint, conn.clone()), true)
                                 .expect("the first stream's slot");
@@ -400,6 +540,20 @@ impl Tunnel {
         })
     }
 
+    /// Tells the tunnel when `conn` ends: an idle timeout (keep-alives not
+    /// answered) or a reset takes the gateway as down.
+    fn watch_quic(&self, conn: &quinn::Connection) {
+        let (conn, me) = (conn.clone(), self.me.clone());
+        tokio::spawn(async move {
+            let reason = conn.closed().await;
+            let Some(tunnel) = me.upgrade() else { return };
+            match reason {
+                quinn::ConnectionError::LocallyClosed => tunnel.lost(None),
+                e => tunnel.lost(Some(format!("QUIC tunnel connection lost: {e}"))),
+            }
+        });
+    }
+
     /// A new QUIC tunnel connection, if it opens within the fallback time.
     async fn quic_connect(&self, quic: &QuicTunnel) -> io::Result<QuicConn> {
         let addr = self.dns.resolve(&self.gateway).await?[0];
@@ -426,8 +580,12 @@ impl Tunnel {
                 // handshake goes on, and if it opens, later streams use
                 // QUIC again without waiting out the retry time.
                 let (conns, skip) = (quic.conns.clone(), quic.skip_until.clone());
+                let me = self.me.clone();
                 tokio::spawn(async move {
                     if let Ok(Ok(conn)) = handshake.await {
+                        if let Some(tunnel) = me.upgrade() {
+                            tunnel.watch_quic(&conn);
+                        }
                         conns.lock().await.add((endpoint, conn), false);
                         *skip.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     }
@@ -516,7 +674,12 @@ impl Tunnel {
                         self.gateway
                     )));
                 }
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .keep_alive_interval(PING_EVERY)
+                    .keep_alive_timeout(PING_TIMEOUT)
+                    .keep_alive_while_idle(true)
+                    .handshake(TokioIo::new(tls))
                     .await
                     .map_err(io::Error::other)
             },
@@ -529,16 +692,36 @@ impl Tunnel {
                 return Err(e);
             }
         };
-        let gateway = self.gateway.clone();
+        let (gateway, me) = (self.gateway.clone(), self.me.clone());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%gateway, error = %e, "tunnel connection ended");
-            }
+            let ended = conn.await;
+            tracing::debug!(%gateway, ?ended, "tunnel connection ended");
+            let Some(tunnel) = me.upgrade() else { return };
+            tunnel.lost(
+                ended
+                    .err()
+                    .map(|e| format!("tunnel connection lost: {}", OutboundErrorText(&e))),
+            );
         });
         let slot = pool
             .add(send.clone(), true)
             .expect("the first stream's slot");
         Ok((send, slot))
+    }
+}
+
+/// An error with its chain of causes (hyper's own message alone is terse).
+struct OutboundErrorText<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for OutboundErrorText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
     }
 }
 
@@ -603,13 +786,13 @@ impl Gateways {
             match tunnels.get(&key).and_then(Weak::upgrade) {
                 Some(tunnel) => tunnel,
                 None => {
-                    let tunnel = Arc::new(Tunnel::new(
+                    let tunnel = Tunnel::new(
                         gateway,
                         key.1.clone(),
                         quic,
                         (creds, bundles),
                         self.connect_timeout,
-                    )?);
+                    )?;
                     tunnels.insert(key, Arc::downgrade(&tunnel));
                     tunnel
                 }
@@ -664,6 +847,11 @@ impl TunnelConnector {
     /// `host:port` of the gateway.
     pub fn gateway(&self) -> &str {
         &self.tunnel.gateway
+    }
+
+    /// Whether the tunnel to the gateway is up.
+    pub fn liveness(&self) -> Arc<Liveness> {
+        self.tunnel.liveness.clone()
     }
 
     /// A stream to the destination proxy for pooled HTTP/2, mTLS done: over
