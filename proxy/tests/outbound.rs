@@ -120,7 +120,7 @@ async fn an_endpoint_with_the_wrong_identity_gets_no_bytes() {
     );
     let m = metrics(web.admin_addr).await;
     assert!(
-        m.contains("mesh_proxy_outbound_failures_total{reason=\"connect\"} 1"),
+        m.contains("mesh_proxy_outbound_failures_total{reason=\"unreachable\"} 1"),
         "{m}"
     );
     // The failure is counted against the destination chosen, with its

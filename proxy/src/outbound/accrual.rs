@@ -30,7 +30,7 @@ pub const THRESHOLD: u32 = 5;
 const MIN_EJECTION: Duration = Duration::from_secs(1);
 /// How often an endpoint whose probe is in flight checks whether it ended.
 const PROBE_WAIT: Duration = Duration::from_millis(10);
-const MAX_EJECTION: Duration = Duration::from_secs(60);
+pub const MAX_EJECTION: Duration = Duration::from_secs(60);
 
 /// Which endpoints of one destination are ejected, shared with the request
 /// path so that a destination with every endpoint ejected fails fast.
@@ -143,6 +143,8 @@ pub struct Accrual<K, S> {
     state: Arc<Mutex<State>>,
     sleep: Option<Pin<Box<Sleep>>>,
     on_eject: OnEject<K>,
+    /// The longest ejection.
+    max_ejection: Duration,
 }
 
 impl<K: std::fmt::Debug, S> std::fmt::Debug for Accrual<K, S> {
@@ -168,7 +170,15 @@ impl<K: Eq + Hash + Clone, S> Accrual<K, S> {
             state: Arc::default(),
             sleep: None,
             on_eject,
+            max_ejection: MAX_EJECTION,
         }
+    }
+
+    /// Ejects for at most `max` (a failover tier's endpoints are probed
+    /// often, so traffic comes back soon after they do).
+    pub fn with_max_ejection(mut self, max: Duration) -> Self {
+        self.max_ejection = max;
+        self
     }
 }
 
@@ -193,7 +203,7 @@ enum Outcome {
 }
 
 /// Records one outcome and says what it changed.
-fn record(state: &Mutex<State>, outcome: Outcome) -> Change {
+fn record(state: &Mutex<State>, outcome: Outcome, max_ejection: Duration) -> Change {
     let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
     if outcome == Outcome::Success {
         let was_ejected = s.ejections > 0;
@@ -210,7 +220,7 @@ fn record(state: &Mutex<State>, outcome: Outcome) -> Change {
     }
     let backoff = MIN_EJECTION
         .saturating_mul(1 << s.ejections.min(6))
-        .min(MAX_EJECTION);
+        .min(max_ejection);
     s.ejections += 1;
     s.consecutive = 0;
     s.probing = false;
@@ -277,11 +287,12 @@ where
             }
         }
         let fut = self.inner.call(req);
-        let (state, health, key, on_eject) = (
+        let (state, health, key, on_eject, max_ejection) = (
             self.state.clone(),
             self.health.clone(),
             self.key.clone(),
             self.on_eject.clone(),
+            self.max_ejection,
         );
         Box::pin(async move {
             let result = fut.await;
@@ -292,7 +303,7 @@ where
                 Err(_) => Outcome::Failure,
             };
             // The shared health is touched only when something changed.
-            match record(&state, outcome) {
+            match record(&state, outcome, max_ejection) {
                 Change::Ejected(until, backoff) => {
                     health.set(&key, Some(until));
                     on_eject(&key, backoff);
@@ -357,38 +368,42 @@ mod tests {
         assert!(!ready(&mut svc), "the probe failed: ejected again");
     }
 
+    fn record_(state: &Mutex<State>, outcome: Outcome) -> Change {
+        record(state, outcome, MAX_EJECTION)
+    }
+
     #[test]
     fn ejects_after_the_threshold_and_backs_off_on_failed_probes() {
         let state = Mutex::new(State::default());
         for _ in 0..THRESHOLD - 1 {
-            assert_eq!(record(&state, Outcome::Failure), Change::None);
+            assert_eq!(record_(&state, Outcome::Failure), Change::None);
         }
-        let Change::Ejected(_, first) = record(&state, Outcome::Failure) else {
+        let Change::Ejected(_, first) = record_(&state, Outcome::Failure) else {
             panic!("ejected at the threshold")
         };
         assert_eq!(first, Duration::from_secs(1));
         // A failed probe ejects again at once, for twice as long.
         state.lock().unwrap().probing = true;
-        let Change::Ejected(_, second) = record(&state, Outcome::Failure) else {
+        let Change::Ejected(_, second) = record_(&state, Outcome::Failure) else {
             panic!("a failed probe ejects again")
         };
         assert_eq!(second, Duration::from_secs(2));
         // A success restores it and resets everything.
-        assert_eq!(record(&state, Outcome::Success), Change::Restored);
+        assert_eq!(record_(&state, Outcome::Success), Change::Restored);
         assert_eq!(state.lock().unwrap().ejections, 0);
         assert_eq!(
-            record(&state, Outcome::Success),
+            record_(&state, Outcome::Success),
             Change::None,
             "healthy stays quiet"
         );
         assert_eq!(
-            record(&state, Outcome::Failure),
+            record_(&state, Outcome::Failure),
             Change::None,
             "counting starts over"
         );
         // Unreachable (nothing sent: refused, timed out) ejects at once.
         assert!(matches!(
-            record(&state, Outcome::Unreachable),
+            record_(&state, Outcome::Unreachable),
             Change::Ejected(..)
         ));
     }

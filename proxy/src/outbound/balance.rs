@@ -47,6 +47,8 @@ pub struct Key {
     spiffe_id: String,
     proxy_port: u16,
     via: Option<Via>,
+    /// The cluster it runs in (what the metrics name).
+    cluster: String,
 }
 
 /// How an endpoint in a linked cluster is reached: its gateway, and what
@@ -108,6 +110,7 @@ fn keys(update: Option<&DiscoveryUpdate>) -> Vec<Key> {
                 spiffe_id: e.spiffe_id.clone(),
                 proxy_port: u16::try_from(e.proxy_port).ok()?,
                 via: None,
+                cluster: e.cluster.clone(),
             }),
             Some(via) => Some(Key {
                 // Only the destination's app port matters (mesh-dst-port).
@@ -121,6 +124,7 @@ fn keys(update: Option<&DiscoveryUpdate>) -> Vec<Key> {
                     target: via.target_authority.clone(),
                     identities: via.destination_identities.clone(),
                 }),
+                cluster: e.cluster.clone(),
             }),
         })
         .collect()
@@ -212,6 +216,7 @@ pub fn balancer(
     updates: watch::Receiver<Option<Arc<DiscoveryUpdate>>>,
     dialer: Dialer,
     metrics: Metrics,
+    max_ejection: std::time::Duration,
 ) -> (Balancer, Arc<DestinationHealth>) {
     let health = Arc::new(DestinationHealth::default());
     let on_eject: super::accrual::OnEject<Key> = Arc::new(move |key: &Key, backoff| {
@@ -229,6 +234,7 @@ pub fn balancer(
                 key.via.as_ref(),
                 &dialer,
             );
+            let svc = svc.serving_cluster(&key.cluster);
             let tunnel = svc.liveness();
             Accrual::new(
                 key.clone(),
@@ -236,6 +242,7 @@ pub fn balancer(
                 (make_health.clone(), tunnel),
                 on_eject.clone(),
             )
+            .with_max_ejection(max_ejection)
         },
         move |key| gone_health.remove(key),
     );
@@ -262,6 +269,7 @@ mod tests {
             spiffe_id: id.to_owned(),
             proxy_port: 4143,
             via: None,
+            cluster: "west".into(),
         };
         assert_eq!(key("").identity(), Ok(None));
         assert!(

@@ -275,6 +275,11 @@ enum Transport {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OnTheWire(pub &'static str);
 
+/// The cluster of the endpoint that answered (a failover tier may be
+/// another cluster than the destination's first endpoint).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServedBy(pub Arc<str>);
+
 /// One endpoint of a destination, as the balancer sees it.
 #[derive(Clone, Debug)]
 pub struct EndpointService {
@@ -283,6 +288,8 @@ pub struct EndpointService {
     transport: Transport,
     /// The tunnel's liveness, when reached through one.
     tunnel: Option<Arc<super::tunnel::Liveness>>,
+    /// The cluster it runs in, put on its responses.
+    cluster: Option<Arc<str>>,
 }
 
 impl EndpointService {
@@ -322,6 +329,7 @@ impl EndpointService {
                 app_addr,
                 transport,
                 tunnel,
+                cluster: None,
             };
         }
         let transport = match identity {
@@ -358,7 +366,14 @@ impl EndpointService {
             app_addr,
             transport,
             tunnel: None,
+            cluster: None,
         }
+    }
+
+    /// Marks its responses as served by `cluster`.
+    pub fn serving_cluster(mut self, cluster: &str) -> Self {
+        self.cluster = (!cluster.is_empty()).then(|| Arc::from(cluster));
+        self
     }
 }
 
@@ -385,6 +400,7 @@ impl tower::Service<Request<Body>> for EndpointService {
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let transport = self.transport.clone();
         let app_addr = self.app_addr;
+        let cluster = self.cluster.clone();
         Box::pin(async move {
             match transport {
                 Transport::Refused(id) => Err(OutboundError::MeshedWithoutProxy(id)),
@@ -400,6 +416,9 @@ impl tower::Service<Request<Body>> for EndpointService {
                         .await
                         .map_err(OutboundError::from_client)?;
                     resp.extensions_mut().insert(OnTheWire("none"));
+                    if let Some(c) = cluster {
+                        resp.extensions_mut().insert(ServedBy(c));
+                    }
                     Ok(resp)
                 }
                 Transport::Meshed(client) => {
@@ -413,6 +432,9 @@ impl tower::Service<Request<Body>> for EndpointService {
                         .await
                         .map_err(OutboundError::from_client)?;
                     resp.extensions_mut().insert(OnTheWire("mtls"));
+                    if let Some(c) = cluster {
+                        resp.extensions_mut().insert(ServedBy(c));
+                    }
                     Ok(resp)
                 }
             }

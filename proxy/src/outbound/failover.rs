@@ -45,6 +45,9 @@ use crate::metrics::Metrics;
 
 /// Tiers one destination may have; discovery's later tiers join the last.
 pub const MAX_TIERS: usize = 8;
+/// The longest ejection of a steered destination's endpoints: each is
+/// probed at least this often, so a recovered tier is seen within it.
+pub const TIER_MAX_EJECTION: Duration = Duration::from_secs(2);
 /// The loads are recomputed at most this often (on the request path).
 const REFRESH: Duration = Duration::from_millis(20);
 /// The golden ratio's fractional part: `frac(n * PHI)` spreads evenly.
@@ -182,8 +185,13 @@ impl Tiers {
                 }
                 None => {
                     let (tx, rx) = watch::channel(mine);
+                    let max_ejection = if settings.is_some() {
+                        TIER_MAX_EJECTION
+                    } else {
+                        super::accrual::MAX_EJECTION
+                    };
                     let (balancer, health) =
-                        balancer(rx, self.dialer.clone(), self.metrics.clone());
+                        balancer(rx, self.dialer.clone(), self.metrics.clone(), max_ejection);
                     tiers.push(Tier {
                         balancer,
                         health,

@@ -546,9 +546,11 @@ async fn handle(
                 .extensions()
                 .get::<endpoint::OnTheWire>()
                 .map_or(tls, |wire| wire.0);
+            // The cluster that answered; a tier may be another one.
+            let served = resp.extensions().get::<endpoint::ServedBy>().cloned();
             outbound.metrics.outbound_response(
                 &authority,
-                cluster_of(&update),
+                served.as_ref().map_or(cluster_of(&update), |c| &c.0),
                 resp.status(),
                 tls,
                 Some(started.elapsed()),
