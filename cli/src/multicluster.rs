@@ -26,6 +26,26 @@ pub(crate) enum MulticlusterCmd {
     /// Check every link (mirror state, bundle expiry, gateway reachability)
     /// and name the fix for each failure.
     Check(CheckArgs),
+    /// Per service a FailoverPolicy steers, as one caller's proxy sees it:
+    /// the tier in use, each tier's healthy share and load, and the
+    /// failover and failback events so far.
+    Failover(FailoverArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct FailoverArgs {
+    /// The calling proxy's admin address (its `/metrics`).
+    #[arg(long, default_value = "127.0.0.1:4191")]
+    proxy_admin: std::net::SocketAddr,
+    /// `text` or `json`.
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    output: Output,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Args)]
@@ -116,7 +136,105 @@ pub(crate) fn run(cmd: MulticlusterCmd, out: &mut impl Write) -> Result<ExitCode
         MulticlusterCmd::Unlink(args) => unlink(&args, out),
         MulticlusterCmd::Gateways(args) => gateways(&args, out),
         MulticlusterCmd::Check(args) => check(&args, out),
+        MulticlusterCmd::Failover(args) => failover(&args, out),
     }
+}
+
+fn failover(args: &FailoverArgs, out: &mut impl Write) -> Result<ExitCode> {
+    let (_, text) = metrics_text::fetch(
+        args.proxy_admin,
+        "/metrics",
+        std::time::Duration::from_secs(5),
+    )
+    .with_context(|| {
+        format!(
+            "cannot reach the proxy's admin at {}; give the calling proxy's --proxy-admin",
+            args.proxy_admin
+        )
+    })?;
+    let samples = metrics_text::parse(&text);
+    let snap = mesh_topologies::view::Snapshot {
+        at: std::time::Instant::now(),
+        proxies: [(String::new(), samples.clone())].into(),
+        links: Default::default(),
+        loads: Default::default(),
+    };
+    let rows = snap.failover();
+    let events = |service: &str| {
+        let mut by: std::collections::BTreeMap<String, f64> = Default::default();
+        for s in samples.iter().filter(|s| {
+            s.name == "mesh_proxy_failover_events_total" && s.label("authority") == service
+        }) {
+            *by.entry(format!("{} {}", s.label("direction"), s.label("reason")))
+                .or_default() += s.value;
+        }
+        by
+    };
+    if args.output == Output::Json {
+        let json: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "service": r.service,
+                    "tier": r.tier,
+                    "tiers": r.tiers.iter().enumerate().map(|(i, (clusters, share, load))| serde_json::json!({
+                        "tier": i, "clusters": clusters, "healthy_share": share, "load": load,
+                    })).collect::<Vec<_>>(),
+                    "events": events(&r.service),
+                })
+            })
+            .collect();
+        serde_json::to_writer_pretty(&mut *out, &json)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if rows.is_empty() {
+        writeln!(
+            out,
+            "This proxy has called no service a FailoverPolicy steers (yet): a policy shows here once its service is called through {}.",
+            args.proxy_admin
+        )?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(
+        out,
+        "{:<36} {:<10} {:>4} {:<14} {:>8} {:>8}",
+        "SERVICE", "ON", "TIER", "CLUSTERS", "HEALTHY", "LOAD"
+    )?;
+    for r in &rows {
+        let on = usize::try_from(r.tier)
+            .ok()
+            .and_then(|i| r.tiers.get(i))
+            .map_or("none", |(name, _, _)| name.as_str());
+        for (i, (clusters, share, load)) in r.tiers.iter().enumerate() {
+            let (service, on) = if i == 0 {
+                (r.service.as_str(), on)
+            } else {
+                ("", "")
+            };
+            writeln!(
+                out,
+                "{service:<36} {on:<10} {i:>4} {clusters:<14} {:>7.1}% {:>7.1}%",
+                share * 100.0,
+                load * 100.0
+            )?;
+        }
+        let events: Vec<String> = events(&r.service)
+            .into_iter()
+            .map(|(k, v)| format!("{k} {v:.0}"))
+            .collect();
+        writeln!(
+            out,
+            "{:<36} events: {}",
+            "",
+            if events.is_empty() {
+                "none".to_owned()
+            } else {
+                events.join(", ")
+            }
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Scrapes the mirror's `/metrics` into per-link state.

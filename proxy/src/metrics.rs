@@ -54,6 +54,9 @@ pub struct TierLabels {
     pub authority: String,
     /// 0 is the best tier.
     pub tier: u32,
+    /// Its clusters as the policy names them, `+`-joined (`local` is the
+    /// proxy's own).
+    pub clusters: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

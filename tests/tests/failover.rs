@@ -272,6 +272,17 @@ fn tier_changes(admin: SocketAddr) -> (f64, f64) {
     (count("failover"), count("failback"))
 }
 
+/// The tier changes web's proxy logged, for a failure's message.
+fn tier_log(s: &mesh_tests::Started) -> String {
+    let log = s.run.component("west/web-0/proxy").unwrap().log;
+    std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("failover") || l.contains("failback") || l.contains("tunnel"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn hold(s: &mesh_tests::Started, names: &[&str]) {
     for name in names {
         s.run.hold(name).unwrap_or_else(|e| panic!("{name}: {e:#}"));
@@ -345,7 +356,8 @@ async fn traffic_moves_to_the_next_tier_in_under_a_second_and_comes_back_once() 
     assert_eq!(
         (failovers - before.0, failbacks - before.1),
         (0.0, 1.0),
-        "one failback to east, and no flapping back"
+        "one failback to east, and no flapping back\n{}",
+        tier_log(&s)
     );
 
     // (c) east's gateway black-holed: nothing refused, nothing answered.
@@ -387,7 +399,8 @@ async fn traffic_moves_to_the_next_tier_in_under_a_second_and_comes_back_once() 
     assert_eq!(
         (failovers - before.0, failbacks - before.1),
         (0.0, 1.0),
-        "one failback to west, and no flapping back"
+        "one failback to west, and no flapping back\n{}",
+        tier_log(&s)
     );
 
     // Proportional spill: east back, then half of west's replicas failing
@@ -445,7 +458,7 @@ async fn traffic_moves_to_the_next_tier_in_under_a_second_and_comes_back_once() 
         })
     };
     println!(
-        "failover events: unhealthy {} tunnel_down {} no_endpoints {}; failback {}",
+        "failover events: unhealthy {:.0} tunnel_down {:.0} no_endpoints {:.0}; failback {:.0}",
         events("failover", "unhealthy"),
         events("failover", "tunnel_down"),
         events("failover", "no_endpoints"),

@@ -25,6 +25,17 @@ pub struct Snapshot {
     pub loads: BTreeMap<String, LoadStats>,
 }
 
+/// A destination a FailoverPolicy steers, as one cluster's callers see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FailoverRow {
+    pub cluster: String,
+    pub service: String,
+    /// The best tier taking traffic (-1: none).
+    pub tier: i64,
+    /// Each tier: its clusters, healthy share, load.
+    pub tiers: Vec<(String, f64, f64)>,
+}
+
 /// One row: requests from one cluster to one destination.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Row {
@@ -86,24 +97,27 @@ impl Snapshot {
 
     /// Totals since the components started.
     pub fn rows(&self) -> Vec<Row> {
-        let mut rows: BTreeMap<(String, String), Row> = BTreeMap::new();
+        // One row per destination cluster: traffic a FailoverPolicy moves
+        // shows as a row that drains and one that fills.
+        let mut rows: BTreeMap<(String, String, String), Row> = BTreeMap::new();
         for (cluster, samples) in &self.proxies {
             for s in samples
                 .iter()
                 .filter(|s| s.name == "mesh_proxy_outbound_requests_total")
             {
                 let authority = s.label("authority").to_owned();
+                let dst = match s.label("dst_cluster") {
+                    "" => "-".to_owned(),
+                    dst => dst.to_owned(),
+                };
                 let row = rows
-                    .entry((cluster.clone(), authority.clone()))
+                    .entry((cluster.clone(), authority.clone(), dst.clone()))
                     .or_insert_with(|| Row {
                         cluster: cluster.clone(),
                         service: authority.clone(),
-                        dst_cluster: "-".into(),
+                        dst_cluster: dst,
                         ..Default::default()
                     });
-                if !s.label("dst_cluster").is_empty() {
-                    row.dst_cluster = s.label("dst_cluster").to_owned();
-                }
                 row.requests += s.value;
                 if s.label("classification") == "success" {
                     row.success += s.value;
@@ -113,7 +127,8 @@ impl Snapshot {
                 }
             }
         }
-        for ((cluster, authority), row) in rows.iter_mut() {
+        // Latency is kept per destination service, not per cluster.
+        for ((cluster, authority, _), row) in rows.iter_mut() {
             row.latency = Histogram::collect(
                 &self.proxies[cluster],
                 "mesh_proxy_response_latency_seconds",
@@ -123,16 +138,69 @@ impl Snapshot {
         rows.into_values().collect()
     }
 
+    /// Per calling cluster and destination a FailoverPolicy steers: the
+    /// tier in use and each tier's healthy share and load, as its callers'
+    /// proxies see them (the first proxy that reports one).
+    pub fn failover(&self) -> Vec<FailoverRow> {
+        let mut out: BTreeMap<(String, String), FailoverRow> = BTreeMap::new();
+        for (cluster, samples) in &self.proxies {
+            for s in samples
+                .iter()
+                .filter(|s| s.name == "mesh_proxy_failover_tier")
+            {
+                let authority = s.label("authority").to_owned();
+                out.entry((cluster.clone(), authority.clone()))
+                    .or_insert_with(|| {
+                        let tier = |name: &str| {
+                            let mut v: Vec<(u32, String, f64)> = samples
+                                .iter()
+                                .filter(|t| t.name == name && t.label("authority") == authority)
+                                .filter_map(|t| {
+                                    Some((
+                                        t.label("tier").parse().ok()?,
+                                        t.label("clusters").to_owned(),
+                                        t.value,
+                                    ))
+                                })
+                                .collect();
+                            v.sort_by_key(|(i, _, _)| *i);
+                            v.dedup_by_key(|(i, _, _)| *i);
+                            v
+                        };
+                        let shares = tier("mesh_proxy_failover_healthy_share");
+                        let loads = tier("mesh_proxy_failover_load");
+                        FailoverRow {
+                            cluster: cluster.clone(),
+                            service: authority.clone(),
+                            tier: s.value as i64,
+                            tiers: shares
+                                .into_iter()
+                                .map(|(i, name, share)| {
+                                    let load = loads
+                                        .iter()
+                                        .find(|(j, _, _)| *j == i)
+                                        .map_or(0.0, |(_, _, l)| *l);
+                                    (name, share, load)
+                                })
+                                .collect(),
+                        }
+                    });
+            }
+        }
+        out.into_values().collect()
+    }
+
     /// What happened between `earlier` and this snapshot.
     pub fn rows_since(&self, earlier: &Snapshot) -> Vec<Row> {
         let before = earlier.rows();
         self.rows()
             .into_iter()
             .map(|row| {
-                let Some(b) = before
-                    .iter()
-                    .find(|b| b.cluster == row.cluster && b.service == row.service)
-                else {
+                let Some(b) = before.iter().find(|b| {
+                    b.cluster == row.cluster
+                        && b.service == row.service
+                        && b.dst_cluster == row.dst_cluster
+                }) else {
                     return row;
                 };
                 Row {
@@ -212,6 +280,38 @@ fn table(out: &mut String, rows: &[Row], seconds: Option<f64>) {
     }
 }
 
+/// Which tier each steered service is on.
+fn failover(out: &mut String, snap: &Snapshot) {
+    let rows = snap.failover();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<10} {:<30} {:<12} TIERS (healthy share, load)",
+        "FAILOVER", "SERVICE", "ON"
+    );
+    for r in rows {
+        let on = usize::try_from(r.tier)
+            .ok()
+            .and_then(|i| r.tiers.get(i))
+            .map_or("none".to_owned(), |(name, _, _)| name.clone());
+        let tiers: Vec<String> = r
+            .tiers
+            .iter()
+            .map(|(name, share, load)| format!("{name} {} {}", pct(Some(*share)), pct(Some(*load))))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<10} {:<30} {:<12} {}",
+            r.cluster,
+            short(&r.service),
+            on,
+            tiers.join(" | ")
+        );
+    }
+}
+
 fn links_and_loads(out: &mut String, snap: &Snapshot) {
     let links: Vec<(&String, &String, &LinkStatus)> = snap
         .links
@@ -283,6 +383,7 @@ pub fn live(record: &RunRecord, now: &Snapshot, before: &Snapshot, elapsed: f64)
         record.clusters.len()
     );
     table(&mut out, &now.rows_since(before), Some(seconds));
+    failover(&mut out, now);
     links_and_loads(&mut out, now);
     out
 }
@@ -311,6 +412,7 @@ pub fn summary(record: &RunRecord, snap: &Snapshot, elapsed: f64) -> String {
     } else {
         let _ = writeln!(out, "\ncross-cluster: no requests");
     }
+    failover(&mut out, snap);
     links_and_loads(&mut out, snap);
     out
 }
@@ -353,5 +455,31 @@ mesh_proxy_response_latency_seconds_bucket{direction=\"outbound\",target=\"api-e
         assert_eq!(delta[0].requests, 100.0);
         assert_eq!(delta[0].success_rate(), Some(1.0));
         assert_eq!(short(&delta[0].service), "api-east.shop:8080");
+    }
+
+    #[test]
+    fn the_tier_each_steered_service_is_on() {
+        let text = "mesh_proxy_failover_tier{authority=\"api.shop.svc.cluster.local:8080\"} 1\n\
+mesh_proxy_failover_healthy_share{authority=\"api.shop.svc.cluster.local:8080\",tier=\"0\",clusters=\"local\"} 0\n\
+mesh_proxy_failover_healthy_share{authority=\"api.shop.svc.cluster.local:8080\",tier=\"1\",clusters=\"east\"} 1\n\
+mesh_proxy_failover_load{authority=\"api.shop.svc.cluster.local:8080\",tier=\"0\",clusters=\"local\"} 0\n\
+mesh_proxy_failover_load{authority=\"api.shop.svc.cluster.local:8080\",tier=\"1\",clusters=\"east\"} 1\n";
+        let rows = snap(text).failover();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].tier, 1);
+        assert_eq!(
+            rows[0].tiers,
+            vec![
+                ("local".to_owned(), 0.0, 0.0),
+                ("east".to_owned(), 1.0, 1.0)
+            ]
+        );
+        let mut out = String::new();
+        failover(&mut out, &snap(text));
+        assert!(out.contains("api.shop:8080"), "{out}");
+        assert!(
+            out.contains("east         local 0.0% 0.0% | east 100.0% 100.0%"),
+            "{out}"
+        );
     }
 }

@@ -47,9 +47,23 @@ struct Slot {
 }
 
 impl Slot {
-    fn healthy(&self, now: Instant) -> bool {
-        self.ejected_until.is_none_or(|u| u <= now)
-            && self.tunnel.as_ref().is_none_or(|t| t.is_up())
+    fn tunnel_up(&self) -> bool {
+        self.tunnel.as_ref().is_none_or(|t| t.is_up())
+    }
+
+    /// Not ejected (an ejected endpoint is healthy again only once a probe
+    /// succeeded), its tunnel (if any) up.
+    fn healthy(&self) -> bool {
+        self.ejected_until.is_none() && self.tunnel_up()
+    }
+
+    /// May take a request now: healthy, or ejected with its probe due.
+    fn eligible(&self, now: Instant) -> bool {
+        self.ejected_until.is_none_or(|u| u <= now) && self.tunnel_up()
+    }
+
+    fn probe_due(&self, now: Instant) -> bool {
+        self.ejected_until.is_some_and(|u| u <= now) && self.tunnel_up()
     }
 }
 
@@ -60,6 +74,8 @@ pub struct Counts {
     pub healthy: usize,
     /// Endpoints unhealthy because their tunnel is down.
     pub tunnel_down: usize,
+    /// Ejected endpoints whose probe is due (one request may go).
+    pub probe_due: usize,
 }
 
 impl<K> Default for Health<K> {
@@ -95,7 +111,7 @@ impl<K: Eq + Hash + Clone> Health<K> {
     pub fn all_ejected(&self) -> bool {
         let now = Instant::now();
         let endpoints = self.lock();
-        !endpoints.is_empty() && endpoints.values().all(|s| !s.healthy(now))
+        !endpoints.is_empty() && endpoints.values().all(|s| !s.eligible(now))
     }
 
     /// How many endpoints there are and how many are healthy now.
@@ -107,10 +123,12 @@ impl<K: Eq + Hash + Clone> Health<K> {
             ..Counts::default()
         };
         for s in endpoints.values() {
-            if s.healthy(now) {
+            if s.healthy() {
                 counts.healthy += 1;
-            } else if s.tunnel.as_ref().is_some_and(|t| !t.is_up()) {
+            } else if !s.tunnel_up() {
                 counts.tunnel_down += 1;
+            } else if s.probe_due(now) {
+                counts.probe_due += 1;
             }
         }
         counts
@@ -299,7 +317,11 @@ where
             let outcome = match &result {
                 Ok(resp) if resp.status().is_server_error() => Outcome::Failure,
                 Ok(_) => Outcome::Success,
-                Err(OutboundError::Unreachable(_)) => Outcome::Unreachable,
+                // Nothing sent, or a connection gone silent: not a bad
+                // answer but an endpoint that is not there.
+                Err(OutboundError::Unreachable(_) | OutboundError::Unresponsive(_)) => {
+                    Outcome::Unreachable
+                }
                 Err(_) => Outcome::Failure,
             };
             // The shared health is touched only when something changed.
@@ -420,7 +442,7 @@ mod tests {
             Counts {
                 total: 3,
                 healthy: 3,
-                tunnel_down: 0
+                ..Counts::default()
             }
         );
         health.set(&"a", Some(Instant::now() + Duration::from_secs(5)));
@@ -430,11 +452,18 @@ mod tests {
             Counts {
                 total: 3,
                 healthy: 1,
-                tunnel_down: 1
+                tunnel_down: 1,
+                probe_due: 0,
             }
         );
         assert!(!health.all_ejected());
         health.set(&"b", Some(Instant::now() + Duration::from_secs(5)));
         assert!(health.all_ejected(), "none healthy");
+        // An ejection that ran out is a probe due, not health: only a
+        // successful probe restores it.
+        health.set(&"b", Some(Instant::now()));
+        let c = health.counts();
+        assert_eq!((c.healthy, c.probe_due), (0, 1));
+        assert!(!health.all_ejected(), "the probe may go");
     }
 }

@@ -353,9 +353,15 @@ impl EndpointService {
                         tls: Arc::new(tls),
                         timeout: dialer.connect_timeout,
                     };
+                    // While requests are on it, a connection that goes
+                    // silent (a frozen or unplugged endpoint) is closed
+                    // after an unanswered PING, as a tunnel's is.
                     Transport::Meshed(
                         Client::builder(TokioExecutor::new())
                             .http2_only(true)
+                            .timer(hyper_util::rt::TokioTimer::new())
+                            .http2_keep_alive_interval(super::tunnel::PING_EVERY)
+                            .http2_keep_alive_timeout(super::tunnel::PING_TIMEOUT)
                             .build(connector),
                     )
                 }

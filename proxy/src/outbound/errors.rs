@@ -36,6 +36,10 @@ pub enum OutboundError {
     /// or the tunnel stream failed), so another endpoint may always take it.
     #[error("the endpoint could not be reached (nothing was sent): {0}")]
     Unreachable(String),
+    /// Its connection went silent (a PING not answered): the endpoint is
+    /// frozen or cut off, not merely slow.
+    #[error("the endpoint stopped answering (its connection's PING timed out): {0}")]
+    Unresponsive(String),
     #[error("the request is malformed")]
     BadRequest,
     #[error("too many requests in flight; retry later")]
@@ -76,9 +80,16 @@ impl OutboundError {
     /// the connector (nothing sent), else [`Self::Connect`].
     pub fn from_client(e: hyper_util::client::legacy::Error) -> Self {
         if e.is_connect() {
-            Self::unreachable(e)
-        } else {
-            Self::connect(e)
+            return Self::unreachable(e);
+        }
+        let silent =
+            std::iter::successors(std::error::Error::source(&e), |s| s.source()).any(|s| {
+                s.downcast_ref::<hyper::Error>()
+                    .is_some_and(hyper::Error::is_timeout)
+            });
+        match Self::connect(e) {
+            Self::Connect(message) if silent => Self::Unresponsive(message),
+            other => other,
         }
     }
 
@@ -98,6 +109,7 @@ impl OutboundError {
             Self::NoBackend { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "no_backend"),
             Self::Connect(_) => (StatusCode::BAD_GATEWAY, "connect"),
             Self::Unreachable(_) => (StatusCode::BAD_GATEWAY, "unreachable"),
+            Self::Unresponsive(_) => (StatusCode::BAD_GATEWAY, "unresponsive"),
             Self::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             Self::Balancer(_) => (StatusCode::BAD_GATEWAY, "balancer"),
@@ -109,7 +121,7 @@ impl OutboundError {
     pub fn retryable(&self) -> bool {
         matches!(
             self,
-            Self::Connect(_) | Self::Unreachable(_) | Self::Balancer(_)
+            Self::Connect(_) | Self::Unreachable(_) | Self::Unresponsive(_) | Self::Balancer(_)
         )
     }
 

@@ -76,10 +76,15 @@ struct State {
     computed_at: Option<Instant>,
     loads: Vec<f64>,
     /// Each tier's healthy share after hysteresis, and since when its raw
-    /// share has been above it.
-    effective: Vec<(f64, Option<Instant>)>,
+    /// share has been above it; `None` until the tier first had endpoints
+    /// (its first share counts at once: there is nothing to fail back from).
+    effective: Vec<Option<(f64, Option<Instant>)>>,
     /// The best tier taking traffic.
     primary: Option<usize>,
+    /// Each tier's counts at the last recompute.
+    counts: Vec<Counts>,
+    /// When a probe was last sent to each tier taking no traffic.
+    probed: Vec<Option<Instant>>,
 }
 
 /// A destination's tiers.
@@ -125,6 +130,44 @@ pub fn loads(shares: &[f64], threshold: f64) -> Vec<f64> {
         }
     }
     loads
+}
+
+/// A tier's share after hysteresis, `effective` updated: the first share
+/// it has counts at once; later it falls at once and rises only after the
+/// raw share has been higher for `delay` without a dip.
+fn hysteresis(
+    effective: &mut Option<(f64, Option<Instant>)>,
+    c: &Counts,
+    now: Instant,
+    delay: Duration,
+) -> f64 {
+    let raw = if c.total == 0 {
+        0.0
+    } else {
+        c.healthy as f64 / c.total as f64
+    };
+    let Some((share, rising)) = effective else {
+        if c.total > 0 {
+            *effective = Some((raw, None));
+        }
+        return raw;
+    };
+    if raw < *share {
+        *share = raw;
+        *rising = None;
+    } else if raw > *share {
+        match rising {
+            Some(since) if now.duration_since(*since) >= delay => {
+                *share = raw;
+                *rising = None;
+            }
+            Some(_) => {}
+            None => *rising = Some(now),
+        }
+    } else {
+        *rising = None;
+    }
+    *share
 }
 
 impl Tiers {
@@ -237,14 +280,38 @@ impl Tiers {
         let n = self.picks.fetch_add(1, Ordering::Relaxed);
         let x = (n as f64 * PHI).fract();
         let mut sum = 0.0;
+        let mut chosen = None;
         for (i, load) in state.loads.iter().enumerate() {
             sum += load;
             if x < sum {
-                return i;
+                chosen = Some(i);
+                break;
             }
         }
         // Nothing healthy anywhere: the best tier, whose balancer probes.
-        state.primary.unwrap_or(0)
+        let chosen = chosen.unwrap_or(state.primary.unwrap_or(0));
+        // A better tier with an ejected endpoint due for its probe gets this
+        // request, one every TIER_MAX_EJECTION: a tier that takes no traffic
+        // learns it recovered only from a probe (an unreachable one sends
+        // the request on to the next tier).
+        let due = (0..chosen).find(|&j| {
+            state.counts.get(j).is_some_and(|c| c.probe_due > 0)
+                && state
+                    .probed
+                    .get(j)
+                    .copied()
+                    .flatten()
+                    .is_none_or(|at| now.duration_since(at) >= TIER_MAX_EJECTION)
+        });
+        if let Some(j) = due {
+            if state.probed.len() <= j {
+                state.probed.resize(j + 1, None);
+            }
+            state.probed[j] = Some(now);
+            state.computed_at = None;
+            return j;
+        }
+        chosen
     }
 
     /// The next tier after `tier` with a healthy endpoint now.
@@ -265,36 +332,29 @@ impl Tiers {
             .map(|t| t.health.counts())
             .collect();
         let delay = Duration::from_millis(u64::from(settings.failback_delay_ms));
-        state.effective.resize(counts.len(), (1.0, None));
+        state.effective.resize(counts.len(), None);
         let mut shares = Vec::with_capacity(counts.len());
-        for (c, (share, rising)) in counts.iter().zip(state.effective.iter_mut()) {
-            let raw = if c.total == 0 {
-                0.0
-            } else {
-                c.healthy as f64 / c.total as f64
-            };
-            if raw < *share {
-                // Down at once.
-                *share = raw;
-                *rising = None;
-            } else if raw > *share {
-                match rising {
-                    Some(since) if now.duration_since(*since) >= delay => {
-                        *share = raw;
-                        *rising = None;
-                    }
-                    Some(_) => {}
-                    None => *rising = Some(now),
-                }
-            } else {
-                *rising = None;
-            }
-            shares.push(*share);
+        for (c, effective) in counts.iter().zip(state.effective.iter_mut()) {
+            shares.push(hysteresis(effective, c, now, delay));
         }
         state.loads = loads(&shares, settings.threshold);
         state.computed_at = Some(now);
         let primary = state.loads.iter().position(|l| *l > 0.0);
-        self.report(state.primary, primary, &counts, &shares, &state.loads);
+        state.counts = counts.clone();
+        let names: Vec<String> = (0..shares.len())
+            .map(|i| {
+                settings
+                    .tiers
+                    .get(i)
+                    .map_or_else(|| format!("tier{i}"), |t| t.clusters.join("+"))
+            })
+            .collect();
+        self.report(
+            state.primary,
+            primary,
+            &counts,
+            (&shares, &state.loads, &names),
+        );
         state.primary = primary;
     }
 
@@ -305,24 +365,18 @@ impl Tiers {
         before: Option<usize>,
         now: Option<usize>,
         counts: &[Counts],
-        shares: &[f64],
-        loads: &[f64],
+        (shares, loads, names): (&[f64], &[f64], &[String]),
     ) {
         let m = &self.metrics;
         let authority = m.authorities.get(&self.authority);
-        for (i, (share, load)) in shares.iter().zip(loads).enumerate() {
-            m.failover_healthy_share
-                .get_or_create(&crate::metrics::TierLabels {
-                    authority: authority.clone(),
-                    tier: i as u32,
-                })
-                .set(*share);
-            m.failover_load
-                .get_or_create(&crate::metrics::TierLabels {
-                    authority: authority.clone(),
-                    tier: i as u32,
-                })
-                .set(*load);
+        for (i, ((share, load), name)) in shares.iter().zip(loads).zip(names).enumerate() {
+            let labels = crate::metrics::TierLabels {
+                authority: authority.clone(),
+                tier: i as u32,
+                clusters: name.clone(),
+            };
+            m.failover_healthy_share.get_or_create(&labels).set(*share);
+            m.failover_load.get_or_create(&labels).set(*load);
         }
         m.failover_tier
             .get_or_create(&crate::metrics::AuthorityLabels {
@@ -357,8 +411,8 @@ impl Tiers {
             .inc();
         tracing::warn!(
             authority = %self.authority,
-            from = before,
-            to = now,
+            from = %names.get(before).map_or("?", String::as_str),
+            to = %names.get(now).map_or("?", String::as_str),
             reason,
             ?loads,
             "{direction}: traffic now starts at tier {now}"
@@ -418,5 +472,33 @@ mod tests {
         }
         let got = f64::from(second) / f64::from(n);
         assert!((got - loads[1]).abs() < 0.01, "{got}");
+    }
+
+    #[test]
+    fn shares_fall_at_once_and_rise_after_the_delay_without_a_dip() {
+        let t0 = Instant::now();
+        let delay = Duration::from_secs(3);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let c = |healthy, total| Counts {
+            total,
+            healthy,
+            ..Counts::default()
+        };
+        let mut e = None;
+        // No endpoints yet: nothing established.
+        assert_eq!(hysteresis(&mut e, &c(0, 0), at(0), delay), 0.0);
+        assert!(e.is_none());
+        // The first share counts at once.
+        assert_eq!(hysteresis(&mut e, &c(2, 2), at(1), delay), 1.0);
+        // Down at once.
+        assert_eq!(hysteresis(&mut e, &c(0, 2), at(2), delay), 0.0);
+        // Up only after the delay...
+        assert_eq!(hysteresis(&mut e, &c(2, 2), at(3), delay), 0.0);
+        assert_eq!(hysteresis(&mut e, &c(2, 2), at(5), delay), 0.0);
+        // ... and a dip starts the wait over.
+        assert_eq!(hysteresis(&mut e, &c(0, 2), at(5), delay), 0.0);
+        assert_eq!(hysteresis(&mut e, &c(2, 2), at(6), delay), 0.0);
+        assert_eq!(hysteresis(&mut e, &c(2, 2), at(8), delay), 0.0);
+        assert_eq!(hysteresis(&mut e, &c(2, 2), at(9), delay), 1.0);
     }
 }
