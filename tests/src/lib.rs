@@ -9,6 +9,7 @@ use std::{
 };
 
 pub mod kube;
+pub mod netns;
 
 use mesh_core::metrics_text::{self, Sample};
 use mesh_topologies::{Options, Run, Topology};

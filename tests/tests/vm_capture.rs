@@ -7,12 +7,15 @@
 #![allow(clippy::print_stdout)] // what the commands printed goes to the test log
 
 use std::{
-    path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    path::Path,
     time::{Duration, Instant},
 };
 
-use mesh_tests::{mesh_exe, workspace_exe};
+use mesh_tests::{
+    mesh_exe,
+    netns::{Host, require_root_and_tools, run, text},
+    workspace_exe,
+};
 
 const CLUSTER_IP: &str = "10.201.0.1";
 const VM_IP: &str = "10.201.0.2";
@@ -20,183 +23,22 @@ const VM_IP: &str = "10.201.0.2";
 const OUTSIDE_IP: &str = "10.201.0.3";
 const VM_ID: &str = "spiffe://west.mesh.local/ns/shop/sa/billing";
 
-fn require_root_and_tools() {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let uid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or("?");
-    assert_eq!(
-        uid, "0",
-        "this test needs root (network namespaces and iptables); CI runs it as root"
-    );
-    for (tool, arg, package) in [
-        ("ip", "-V", "iproute2"),
-        ("iptables", "--version", "iptables"),
-        ("ip6tables", "--version", "iptables"),
-        ("curl", "--version", "curl"),
-        ("setpriv", "--version", "util-linux"),
-        ("/usr/bin/python3", "--version", "python3"),
-    ] {
-        if Command::new(tool).arg(arg).output().is_err() {
-            panic!("this test needs `{tool}`: apt-get install -y {package}");
+/// Waits until the agent's rules are in place (it applies them once
+/// its listeners are bound, after it turns ready).
+fn wait_captured(host: &Host, agent: &str, config: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let shown = text(&host.exec(&[agent, "capture", "show", "--config", config]));
+        if shown.ends_with("# in place\n") {
+            return;
         }
-    }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn run(cmd: &Path, args: &[&str]) -> Output {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(out.status.success(), "{cmd:?} {args:?}: {}", text(&out));
-    out
-}
-
-/// A network namespace (a host); its processes are killed and it is
-/// deleted when it drops.
-struct Host {
-    name: String,
-    logs: PathBuf,
-    children: Vec<(String, Child)>,
-}
-
-impl Host {
-    fn new(role: &str, logs: &Path) -> Self {
-        let name = format!("mesh-{role}-{}", std::process::id());
-        run(Path::new("ip"), &["netns", "add", &name]);
-        let host = Self {
-            name,
-            logs: logs.to_owned(),
-            children: Vec::new(),
-        };
-        host.ok(&["ip", "link", "set", "lo", "up"]);
-        host
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).args(args);
-        cmd
-    }
-
-    fn exec(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("ip netns exec")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.exec(args);
-        assert!(out.status.success(), "{args:?}: {}", text(&out));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn as_nobody(&self, args: &[&str]) -> Output {
-        let mut all = vec![
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-        ];
-        all.extend_from_slice(args);
-        self.exec(&all)
-    }
-
-    fn spawn(&mut self, name: &str, args: &[&str], envs: &[(&str, String)]) {
-        let log = std::fs::File::create(self.logs.join(format!("{name}.log"))).unwrap();
-        let mut cmd = self.command(args);
-        cmd.envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-            .env("MESH_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log);
-        self.children.push((name.to_owned(), cmd.spawn().unwrap()));
-    }
-
-    /// The child called `name`, taken out of the list.
-    fn take(&mut self, name: &str) -> Child {
-        let i = self
-            .children
-            .iter()
-            .position(|(n, _)| n == name)
-            .unwrap_or_else(|| panic!("no process {name}"));
-        self.children.remove(i).1
-    }
-
-    fn curl(&self, url: &str) -> String {
-        text(&self.exec(&["curl", "-sS", "--max-time", "5", url]))
-    }
-
-    /// Waits for `url` (in this namespace) to answer 200.
-    fn wait_ok(&self, url: &str, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = self.exec(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url]);
-            if String::from_utf8_lossy(&out.stdout) == "200" {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!("{what} not ready at {url}\n{}", self.logs_text());
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        if Instant::now() > deadline {
+            panic!(
+                "the capture rules are not in place: {shown}\n{}",
+                host.logs_text()
+            );
         }
-    }
-
-    fn logs_text(&self) -> String {
-        let mut all = String::new();
-        for entry in std::fs::read_dir(&self.logs).unwrap().flatten() {
-            let p = entry.path();
-            if p.extension().is_some_and(|e| e == "log") {
-                all.push_str(&format!(
-                    "--- {}\n{}\n",
-                    p.display(),
-                    std::fs::read_to_string(&p).unwrap_or_default()
-                ));
-            }
-        }
-        all
-    }
-
-    /// Waits until the agent's rules are in place (it applies them once
-    /// its listeners are bound, after it turns ready).
-    fn wait_captured(&self, agent: &str, config: &str) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let shown = text(&self.exec(&[agent, "capture", "show", "--config", config]));
-            if shown.ends_with("# in place\n") {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "the capture rules are not in place: {shown}\n{}",
-                    self.logs_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn chain_exists(&self, chain: &str) -> bool {
-        self.exec(&["iptables", "-t", "nat", "-L", chain, "-n"])
-            .status
-            .success()
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.name));
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -478,7 +320,7 @@ fn transparent_capture_takes_the_apps_traffic_only_and_never_outlives_the_agent(
 
     vm.spawn("agent", &[&agent_s, "run", "--config", &config], &[]);
     vm.wait_ok("http://127.0.0.1:4191/ready", "the VM agent");
-    vm.wait_captured(&agent_s, &config);
+    wait_captured(&vm, &agent_s, &config);
     println!("{:?}: the agent runs with its rules in place", t0.elapsed());
     let rules = vm.ok(&["iptables", "-t", "nat", "-S"]);
     println!("{rules}");
@@ -615,7 +457,7 @@ fn transparent_capture_takes_the_apps_traffic_only_and_never_outlives_the_agent(
     // proxy, until the unit's ExecStopPost removes them.
     vm.spawn("agent", &[&agent_s, "run", "--config", &config], &[]);
     vm.wait_ok("http://127.0.0.1:4191/ready", "the VM agent, again");
-    vm.wait_captured(&agent_s, &config);
+    wait_captured(&vm, &agent_s, &config);
     let mut child = vm.take("agent");
     child.kill().unwrap();
     child.wait().unwrap();
@@ -635,13 +477,13 @@ fn transparent_capture_takes_the_apps_traffic_only_and_never_outlives_the_agent(
     // refusing because the chains exist.
     vm.spawn("agent", &[&agent_s, "run", "--config", &config], &[]);
     vm.wait_ok("http://127.0.0.1:4191/ready", "the VM agent, a third time");
-    vm.wait_captured(&agent_s, &config);
+    wait_captured(&vm, &agent_s, &config);
     let mut child = vm.take("agent");
     child.kill().unwrap();
     child.wait().unwrap();
     vm.spawn("agent", &[&agent_s, "run", "--config", &config], &[]);
     vm.wait_ok("http://127.0.0.1:4191/ready", "the VM agent after a crash");
-    vm.wait_captured(&agent_s, &config);
+    wait_captured(&vm, &agent_s, &config);
     let shown = vm.ok(&[&agent_s, "capture", "show", "--config", &config]);
     assert!(shown.ends_with("# in place\n"), "{shown}");
 }

@@ -586,13 +586,13 @@ fn status(path: &Path) -> anyhow::Result<()> {
         Some(c) => match crate::capture::check(&c.rules(&config)) {
             Ok(()) => writeln!(
                 out,
-                "capture: transparent for uids {:?}, rules in place",
-                c.app_uids
+                "capture: transparent for uids {:?} gids {:?}, rules in place",
+                c.app_uids, c.app_gids
             )?,
             Err(why) => writeln!(
                 out,
-                "capture: transparent for uids {:?}, rules not in place ({why})",
-                c.app_uids
+                "capture: transparent for uids {:?} gids {:?}, rules not in place ({why})",
+                c.app_uids, c.app_gids
             )?,
         },
     }

@@ -226,20 +226,13 @@ pub(super) fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Resul
             let w = &w.value;
             for r in 0..w.replicas {
                 let replica = format!("{}-{r}", w.name);
-                let place = if namespaces {
-                    Placement {
-                        ip: netns::pod_ip(n, next),
-                        netns: Some(format!("mesh{n}-{replica}")),
-                        proxy_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-                    }
-                } else {
-                    let ip = ip(1 + (next / 250) as u8, (next % 250) as u8 + 1);
-                    Placement {
-                        ip,
-                        netns: None,
-                        proxy_ip: ip,
-                    }
-                };
+                let place = placement(
+                    namespaces,
+                    n,
+                    next,
+                    &replica,
+                    ip(1 + (next / 250) as u8, (next % 250) as u8 + 1),
+                );
                 next += 1;
                 let stats = dir.join(format!("stats/{replica}.json"));
                 components.extend(replica_components(
@@ -270,20 +263,13 @@ pub(super) fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Resul
         for vm in &c.vms {
             // A VM is a host of its own: its namespace (with the agent's
             // capture, not `mesh proxy init`), or a loopback address.
-            let place = if namespaces {
-                Placement {
-                    ip: netns::pod_ip(n, next),
-                    netns: Some(format!("mesh{n}-{}", vm.value.name)),
-                    proxy_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-                }
-            } else {
-                let ip = ip(1 + (next / 250) as u8, (next % 250) as u8 + 1);
-                Placement {
-                    ip,
-                    netns: None,
-                    proxy_ip: ip,
-                }
-            };
+            let place = placement(
+                namespaces,
+                n,
+                next,
+                &vm.value.name,
+                ip(1 + (next / 250) as u8, (next % 250) as u8 + 1),
+            );
             next += 1;
             let (parts, replica) = vm_components(
                 &mesh,
@@ -311,6 +297,24 @@ pub(super) fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Resul
         clusters,
         components,
     })
+}
+
+/// Where the `next`th replica (or VM) `name` of cluster `n` runs: a
+/// namespace of its own with `network: namespaces`, else `loopback`.
+fn placement(namespaces: bool, n: u8, next: usize, name: &str, loopback: IpAddr) -> Placement {
+    if namespaces {
+        Placement {
+            ip: netns::pod_ip(n, next),
+            netns: Some(format!("mesh{n}-{name}")),
+            proxy_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        }
+    } else {
+        Placement {
+            ip: loopback,
+            netns: None,
+            proxy_ip: loopback,
+        }
+    }
 }
 
 /// Where a replica runs.

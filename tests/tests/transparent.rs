@@ -5,139 +5,14 @@
 //! `iptables`, `curl`, `setpriv` and `python3`; fails loudly without them.
 
 use std::{
-    path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    path::Path,
     time::{Duration, Instant},
 };
 
-const MESH: &str = env!("CARGO_BIN_EXE_mesh");
-
-fn require_root_and_tools() {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let uid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or("?");
-    assert_eq!(
-        uid, "0",
-        "this test needs root (network namespaces and iptables); CI runs it as root"
-    );
-    for (tool, arg, package) in [
-        ("ip", "-V", "iproute2"),
-        ("iptables", "--version", "iptables"),
-        ("ip6tables", "--version", "iptables"),
-        ("curl", "--version", "curl"),
-        ("setpriv", "--version", "util-linux"),
-        ("/usr/bin/python3", "--version", "python3"),
-    ] {
-        if Command::new(tool).arg(arg).output().is_err() {
-            panic!("this test needs `{tool}`: apt-get install -y {package}");
-        }
-    }
-}
-
-/// A network namespace with the processes started in it; both are gone
-/// when it drops.
-struct Netns {
-    name: String,
-    dir: PathBuf,
-    children: Vec<Child>,
-}
-
-impl Netns {
-    fn new(dir: &Path) -> Self {
-        let name = format!("mesh-test-{}", std::process::id());
-        run("ip", &["netns", "add", &name]);
-        let ns = Self {
-            name,
-            dir: dir.to_owned(),
-            children: Vec::new(),
-        };
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).args(args);
-        cmd
-    }
-
-    fn exec(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("ip netns exec")
-    }
-
-    /// Runs `args` in the namespace as `nobody`, which iptables redirects
-    /// (the proxies run as root, which it leaves alone).
-    fn as_nobody(&self, args: &[&str]) -> Output {
-        let mut all = vec![
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-        ];
-        all.extend_from_slice(args);
-        self.exec(&all)
-    }
-
-    fn spawn(&mut self, name: &str, args: &[&str], envs: &[(&str, String)]) {
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
-        let mut cmd = self.command(args);
-        cmd.envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-            .env("MESH_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log);
-        self.children.push(cmd.spawn().unwrap());
-    }
-
-    /// Waits for `url` (inside the namespace) to answer 200.
-    fn wait_ok(&self, url: &str, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let out = self.exec(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url]);
-            if String::from_utf8_lossy(&out.stdout) == "200" {
-                return;
-            }
-            if Instant::now() > deadline {
-                let logs: String = ["control", "api-proxy", "web-proxy", "app"]
-                    .iter()
-                    .map(|f| {
-                        format!(
-                            "--- {f}.log\n{}\n",
-                            std::fs::read_to_string(self.dir.join(format!("{f}.log")))
-                                .unwrap_or_default()
-                        )
-                    })
-                    .collect();
-                panic!("{what} not ready at {url}\n{logs}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) -> Output {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+use mesh_tests::{
+    mesh_exe,
+    netns::{Host, require_root_and_tools, run},
+};
 
 const APP: &str = r#"
 import http.server
@@ -230,8 +105,11 @@ fn unmodified_curl_reaches_a_service_through_both_proxies() {
     require_root_and_tools();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
+    let mesh = mesh_exe();
+    let mesh_s = mesh.display().to_string();
+    let mesh_str = mesh_s.as_str();
     run(
-        MESH,
+        &mesh,
         &[
             "identity",
             "ca",
@@ -249,12 +127,12 @@ fn unmodified_curl_reaches_a_service_through_both_proxies() {
     )
     .unwrap();
 
-    let mut ns = Netns::new(dir);
+    let mut ns = Host::new("test", dir);
     let (ca, config, data) = (dir.join("ca"), dir.join("config"), dir.join("data"));
     ns.spawn(
         "control",
         &[
-            MESH,
+            mesh_str,
             "control",
             "--cluster",
             "west",
@@ -279,7 +157,7 @@ fn unmodified_curl_reaches_a_service_through_both_proxies() {
         // namespace. Each token grants exactly the workload its proxy
         // registers.
         let out = run(
-            MESH,
+            &mesh,
             &[
                 "control",
                 "token",
@@ -306,7 +184,7 @@ fn unmodified_curl_reaches_a_service_through_both_proxies() {
     ns.wait_ok("http://127.0.0.2:9000/", "the app");
     ns.spawn(
         "api-proxy",
-        &[MESH, "proxy"],
+        &[mesh_str, "proxy"],
         &proxy_env(
             dir,
             "api",
@@ -328,12 +206,12 @@ fn unmodified_curl_reaches_a_service_through_both_proxies() {
         "app=web",
     );
     web_env.push(("MESH_PROXY_OPAQUE_PORTS", "9002".into()));
-    ns.spawn("web-proxy", &[MESH, "proxy"], &web_env);
+    ns.spawn("web-proxy", &[mesh_str, "proxy"], &web_env);
     ns.wait_ok("http://127.0.0.1:14191/ready", "the api proxy");
     ns.wait_ok("http://127.0.0.1:24191/ready", "the web proxy");
 
     // curl as `nobody`, knowing nothing of the mesh: --resolve stands in for DNS.
-    let curl = |ns: &Netns| {
+    let curl = |ns: &Host| {
         let out = ns.as_nobody(&[
             "curl",
             "-sS",
@@ -354,7 +232,7 @@ fn unmodified_curl_reaches_a_service_through_both_proxies() {
     assert!(direct.contains("client=- path=/hello"), "{direct}");
 
     let out = ns.exec(&[
-        MESH,
+        mesh_str,
         "proxy",
         "init",
         "--apply",
@@ -462,7 +340,7 @@ fn unmodified_curl_reaches_a_service_through_both_proxies() {
         "{metrics}"
     );
 
-    let again = ns.exec(&[MESH, "proxy", "init", "--apply", "--proxy-uid", "0"]);
+    let again = ns.exec(&[mesh_str, "proxy", "init", "--apply", "--proxy-uid", "0"]);
     assert!(!again.status.success(), "applying twice is refused");
     assert!(String::from_utf8_lossy(&again.stderr).contains("already applied"));
 }
