@@ -20,7 +20,7 @@ fn crds_and_the_control_plane_apply_to_a_real_api_server() {
     assert!(version.contains("\"gitVersion\": \"v1.34.4\""), "{version}");
 
     let applied = kube.apply(&mesh(&["install", "--crds"]));
-    assert_eq!(applied.lines().count(), 7, "{applied}");
+    assert_eq!(applied.lines().count(), 8, "{applied}");
     kube.kubectl_ok(&[
         "wait",
         "--for=condition=Established",
@@ -1302,6 +1302,22 @@ fn a_linked_cluster_on_kubernetes_is_mirrored_and_reached_through_its_gateway() 
         "jsonpath={.status.mirroredServices}",
     ]);
     assert_eq!(mirrored, "1");
+
+    // A federated `api` in west, which has no api of its own: a
+    // FailoverPolicy object (the CRD, read by the control plane's
+    // reflector) makes plain `api` one service over local and east.
+    west.apply("apiVersion: multicluster.mesh.rs/v1alpha1\nkind: FailoverPolicy\nmetadata: {name: api, namespace: shop}\nspec:\n  service: api\n  tiers: [{clusters: [local, east]}]\n  threshold: 0.7\n  failbackDelay: 2s\n");
+    let (status, body) = mesh_tests::kube::get_until(
+        web.outbound,
+        "http://api.shop.svc.cluster.local:8080/federated",
+        std::time::Duration::from_secs(30),
+        |s, _| s == 200,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"cluster\":\"east\"") && body.contains("api-0"),
+        "east's api answers west's plain api: {body}"
+    );
 
     // Unlink: the mirror goes; the hand-made object stays.
     west.kubectl_ok(&["delete", "link", "east", "-n", "mesh-system"]);
