@@ -174,3 +174,23 @@ impl Drop for Host {
         let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.name));
     }
 }
+
+/// A Python HTTP app on `addr:port` answering with the caller's verified
+/// identity (`mesh-client-id`) and the path.
+pub fn http_app(addr: &str, port: u16) -> String {
+    format!(
+        r#"
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("client=%s path=%s\n" % (self.headers.get("mesh-client-id", "-"), self.path)).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("{addr}", {port}), H).serve_forever()
+"#
+    )
+}

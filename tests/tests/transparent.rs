@@ -11,22 +11,8 @@ use std::{
 
 use mesh_tests::{
     mesh_exe,
-    netns::{Host, require_root_and_tools, run},
+    netns::{Host, http_app, require_root_and_tools, run},
 };
-
-const APP: &str = r#"
-import http.server
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = ("client=%s path=%s\n" % (self.headers.get("mesh-client-id", "-"), self.path)).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-http.server.ThreadingHTTPServer(("127.0.0.2", 9000), H).serve_forever()
-"#;
 
 /// An opaque TCP app: answers each line with `pong <line>`.
 const TCP_APP: &str = r#"
@@ -178,7 +164,7 @@ fn unmodified_curl_reaches_a_service_through_both_proxies() {
         );
         std::fs::write(dir.join(format!("{sa}.token")), out.stdout).unwrap();
     }
-    ns.spawn("app", &["python3", "-c", APP], &[]);
+    ns.spawn("app", &["python3", "-c", &http_app("127.0.0.2", 9000)], &[]);
     ns.spawn("tcp-app", &["python3", "-c", TCP_APP], &[]);
     ns.spawn("banner-app", &["python3", "-c", BANNER_APP], &[]);
     ns.wait_ok("http://127.0.0.2:9000/", "the app");

@@ -13,7 +13,7 @@ use std::{
 
 use mesh_tests::{
     mesh_exe,
-    netns::{Host, require_root_and_tools, run, text},
+    netns::{Host, http_app, require_root_and_tools, run, text},
     workspace_exe,
 };
 
@@ -40,25 +40,6 @@ fn wait_captured(host: &Host, agent: &str, config: &str) {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// An HTTP app answering with the caller's verified identity.
-fn http_app(addr: &str, port: u16) -> String {
-    format!(
-        r#"
-import http.server
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = ("client=%s path=%s\n" % (self.headers.get("mesh-client-id", "-"), self.path)).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-http.server.ThreadingHTTPServer(("{addr}", {port}), H).serve_forever()
-"#
-    )
 }
 
 /// A TCP server that answers each connection's first line with `word`.
@@ -312,11 +293,19 @@ fn transparent_capture_takes_the_apps_traffic_only_and_never_outlives_the_agent(
         };
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
-    assert!(
-        cluster
-            .curl(&format!("http://{VM_IP}:18080/direct"))
-            .contains("client=- path=/direct")
-    );
+    // (Once the app listens: it was started just now.)
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let direct = cluster.curl(&format!("http://{VM_IP}:18080/direct"));
+        if direct.contains("client=- path=/direct") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VM's app never answered directly: {direct}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     vm.spawn("agent", &[&agent_s, "run", "--config", &config], &[]);
     vm.wait_ok("http://127.0.0.1:4191/ready", "the VM agent");
