@@ -261,6 +261,18 @@ fn switches(load: &Load, from: Instant, a: &str, b: &str) -> (usize, usize) {
     (ab, ba)
 }
 
+/// Tier `tier`'s healthy share of `api` as web's proxy sees it.
+fn tier_share(admin: SocketAddr, tier: u32) -> Option<f64> {
+    mesh_tests::metrics(admin)
+        .iter()
+        .find(|s| {
+            s.name == "mesh_proxy_failover_healthy_share"
+                && s.label("authority") == "api.shop.svc.cluster.local:8080"
+                && s.label("tier") == tier.to_string()
+        })
+        .map(|s| s.value)
+}
+
 /// The proxy's failover and failback events so far (its tier decisions).
 fn tier_changes(admin: SocketAddr) -> (f64, f64) {
     let m = mesh_tests::metrics(admin);
@@ -424,9 +436,22 @@ async fn traffic_moves_to_the_next_tier_in_under_a_second_and_comes_back_once() 
         .filter(|c| *c != "east/control")
         .collect();
     release(&s, &rest).await;
-    tokio::time::sleep(FAILBACK_BOUND).await;
+    // The spill is measured once web's proxy sees east whole again and
+    // west at half (a restarted cluster takes its mirror's probe and the
+    // failback delay to count).
+    assert!(
+        mesh_tests::eventually(Duration::from_secs(30), || tier_share(web.proxy_admin, 1)
+            == Some(1.0))
+        .await,
+        "east never counted as healthy again"
+    );
     hold(&s, &["west/api-0/app"]);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        mesh_tests::eventually(Duration::from_secs(15), || tier_share(web.proxy_admin, 0)
+            == Some(0.5))
+        .await,
+        "west never counted as half healthy"
+    );
     let t = Instant::now();
     tokio::time::sleep(Duration::from_secs(6)).await;
     let window = load.since(t);
@@ -459,10 +484,11 @@ async fn traffic_moves_to_the_next_tier_in_under_a_second_and_comes_back_once() 
     };
     println!(
         "failover events: unhealthy {:.0} tunnel_down {:.0} no_endpoints {:.0}; failback {:.0}",
-        events("failover", "unhealthy"),
-        events("failover", "tunnel_down"),
-        events("failover", "no_endpoints"),
-        events("failback", "recovered"),
+        // (+ 0.0: a sum of nothing is -0.0.)
+        events("failover", "unhealthy") + 0.0,
+        events("failover", "tunnel_down") + 0.0,
+        events("failover", "no_endpoints") + 0.0,
+        events("failback", "recovered") + 0.0,
     );
     assert!(events("failover", "tunnel_down") >= 1.0);
     assert!(events("failback", "recovered") >= 3.0);

@@ -154,14 +154,7 @@ fn in_ns(ns: &str, args: &[&str]) -> Result<()> {
 pub fn make_pod(pod: &Pod, mesh: &std::path::Path, made: &mut Made) -> Result<()> {
     let ns = pod.namespace.as_str();
     make_namespace(pod, made)?;
-    in_ns(
-        ns,
-        &["addr", "add", &format!("{}/16", pod.ip), "dev", "eth0"],
-    )?;
-    in_ns(
-        ns,
-        &["route", "add", "default", "via", &pod.gateway.to_string()],
-    )?;
+    address_and_route(pod, VmRoute::Default)?;
     let dir = hosts_dir(ns);
     std::fs::create_dir_all(&dir)?;
     let mut hosts = String::from("127.0.0.1 localhost\n");
@@ -193,6 +186,18 @@ pub fn make_pod(pod: &Pod, mesh: &std::path::Path, made: &mut Made) -> Result<()
 pub fn make_vm(pod: &Pod, route: VmRoute, made: &mut Made) -> Result<()> {
     let ns = pod.namespace.as_str();
     make_namespace(pod, made)?;
+    address_and_route(pod, route)?;
+    let dir = hosts_dir(ns);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("hosts"), "127.0.0.1 localhost\n")?;
+    std::fs::write(dir.join("resolv.conf"), "nameserver 127.0.0.153\n")?;
+    Ok(())
+}
+
+/// The namespace's address and route: a pod's (`/16`, the default route
+/// via the cluster's host address), or the gateway only (`/32`, one route).
+fn address_and_route(pod: &Pod, route: VmRoute) -> Result<()> {
+    let ns = pod.namespace.as_str();
     match route {
         VmRoute::Default => {
             in_ns(
@@ -215,10 +220,6 @@ pub fn make_vm(pod: &Pod, route: VmRoute, made: &mut Made) -> Result<()> {
             )?;
         }
     }
-    let dir = hosts_dir(ns);
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("hosts"), "127.0.0.1 localhost\n")?;
-    std::fs::write(dir.join("resolv.conf"), "nameserver 127.0.0.153\n")?;
     Ok(())
 }
 

@@ -610,9 +610,9 @@ mod tests {
         );
     }
 
-    /// Links to east and north and their mirrors of `api` (ready), as
-    /// YAML, plus `extra`.
-    fn linked(extra: &str) -> String {
+    /// Links to east and north and their mirrors of `api` (ready), plus
+    /// `extra`, serialized as one multi-document YAML.
+    fn linked(extra: &[serde_json::Value]) -> String {
         let root = mesh_core::identity::RootCa::generate(
             mesh_core::identity::ca::DEFAULT_ROOT_TTL,
             mesh_core::identity::cert::now(),
@@ -644,18 +644,44 @@ mod tests {
                 },
             }));
         }
-        format!(
-            "{}---\n{extra}",
-            serde_saphyr::to_string_multiple(&docs).unwrap()
-        )
+        docs.extend_from_slice(extra);
+        serde_saphyr::to_string_multiple(&docs).unwrap()
     }
 
-    const POLICY: &str = "apiVersion: multicluster.mesh.rs/v1alpha1\nkind: FailoverPolicy\nmetadata: {name: api, namespace: shop}\nspec:\n  service: api\n  tiers: [{clusters: [local]}, {clusters: [east]}, {clusters: [north]}]\n  threshold: 0.6\n  failbackDelay: 2s\n";
+    /// `api` in shop: port 80 to 8080, selecting `app: api`.
+    fn api_service() -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "api", "namespace": "shop"},
+            "spec": {"selector": {"app": "api"}, "ports": [{"port": 80, "targetPort": 8080, "appProtocol": "http"}]},
+        })
+    }
+
+    /// A FailoverPolicy for `api` in shop with these tiers, plus `extra`
+    /// spec fields.
+    fn failover_policy(tiers: &[&[&str]], extra: serde_json::Value) -> serde_json::Value {
+        let mut spec = serde_json::json!({
+            "service": "api",
+            "tiers": tiers.iter().map(|c| serde_json::json!({"clusters": c})).collect::<Vec<_>>(),
+        });
+        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+            spec.extend(extra.clone());
+        }
+        serde_json::json!({
+            "apiVersion": "multicluster.mesh.rs/v1alpha1", "kind": "FailoverPolicy",
+            "metadata": {"name": "api", "namespace": "shop"},
+            "spec": spec,
+        })
+    }
 
     #[test]
     fn a_failover_policy_puts_each_tier_in_its_priority() {
         let now = Instant::now();
-        let mut index = index(&linked(&format!("{API}---\n{POLICY}")));
+        let policy = failover_policy(
+            &[&["local"], &["east"], &["north"]],
+            serde_json::json!({"threshold": 0.6, "failbackDelay": "2s"}),
+        );
+        let mut index = index(&linked(&[api_service(), policy]));
         index
             .register(
                 reg("shop", "api-0", "api", &[("app", "api")], "10.0.0.1"),
@@ -696,8 +722,8 @@ mod tests {
     #[test]
     fn a_federated_service_is_one_tier_over_clusters_even_without_a_local_service() {
         let now = Instant::now();
-        let policy = "apiVersion: multicluster.mesh.rs/v1alpha1\nkind: FailoverPolicy\nmetadata: {name: api, namespace: shop}\nspec:\n  service: api\n  tiers: [{clusters: [local, east, north]}]\n";
-        let index = index(&linked(policy));
+        let policy = failover_policy(&[&["local", "east", "north"]], serde_json::json!({}));
+        let index = index(&linked(&[policy]));
         let eps = endpoints(index.discovery("api.shop.svc.cluster.local:80", now));
         let clusters: Vec<(u32, &str)> = eps
             .iter()
@@ -714,8 +740,8 @@ mod tests {
 
     #[test]
     fn a_cluster_no_link_names_is_reported_with_its_field() {
-        let policy = "apiVersion: multicluster.mesh.rs/v1alpha1\nkind: FailoverPolicy\nmetadata: {name: api, namespace: shop}\nspec:\n  service: api\n  tiers: [{clusters: [local]}, {clusters: [east, esat]}]\n";
-        let index = index(&linked(&format!("{API}---\n{policy}")));
+        let policy = failover_policy(&[&["local"], &["east", "esat"]], serde_json::json!({}));
+        let index = index(&linked(&[api_service(), policy]));
         let problems = index.failover_problems();
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(

@@ -494,58 +494,67 @@ mod tests {
 
     #[test]
     fn failover_policy_errors_name_the_field() {
-        let policy = |spec: &str| {
-            format!(
-                "apiVersion: multicluster.mesh.rs/v1alpha1\nkind: FailoverPolicy\nmetadata: {{name: api, namespace: shop}}\nspec:\n{spec}"
-            )
+        use serde_json::json;
+        // Each document serialized, never pasted together.
+        let policy = |spec: serde_json::Value| {
+            serde_saphyr::to_string(&json!({
+                "apiVersion": "multicluster.mesh.rs/v1alpha1",
+                "kind": "FailoverPolicy",
+                "metadata": {"name": "api", "namespace": "shop"},
+                "spec": spec,
+            }))
+            .unwrap()
         };
-        let ok = policy(
-            "  service: api\n  tiers: [{clusters: [local]}, {clusters: [east, north]}]\n  threshold: 0.5\n  failbackDelay: 5s\n",
-        );
+        let tiers = |t: &[&[&str]]| -> Vec<serde_json::Value> {
+            t.iter().map(|c| json!({"clusters": c})).collect()
+        };
+        let ok = policy(json!({
+            "service": "api", "tiers": tiers(&[&["local"], &["east", "north"]]),
+            "threshold": 0.5, "failbackDelay": "5s",
+        }));
         assert!(parse(&ok).is_ok(), "{:?}", parse(&ok));
+        let local = tiers(&[&["local"]]);
         for (spec, want) in [
-            ("  service: api\n  tiers: []\n", "spec.tiers is empty"),
             (
-                "  service: api\n  tiers: [{clusters: []}]\n",
+                json!({"service": "api", "tiers": []}),
+                "spec.tiers is empty",
+            ),
+            (
+                json!({"service": "api", "tiers": tiers(&[&[]])}),
                 "spec.tiers[0].clusters is empty",
             ),
             (
-                "  service: api\n  tiers: [{clusters: [local]}]\n  threshold: 1.5\n",
+                json!({"service": "api", "tiers": local, "threshold": 1.5}),
                 "spec.threshold 1.5 is outside 0-1",
             ),
             (
-                "  service: api\n  tiers: [{clusters: [local]}]\n  threshold: -0.1\n",
+                json!({"service": "api", "tiers": local, "threshold": -0.1}),
                 "outside 0-1",
             ),
             (
-                "  service: api\n  tiers: [{clusters: [local]}, {clusters: [east, local]}]\n",
+                json!({"service": "api", "tiers": tiers(&[&["local"], &["east", "local"]])}),
                 "spec.tiers[1].clusters[1]: \"local\" is already in tier 0",
             ),
             (
-                "  service: api\n  tiers: [{clusters: [East]}]\n",
+                json!({"service": "api", "tiers": tiers(&[&["East"]])}),
                 "spec.tiers[0].clusters[0]",
             ),
+            (json!({"service": "Api", "tiers": local}), "spec.service"),
             (
-                "  service: Api\n  tiers: [{clusters: [local]}]\n",
-                "spec.service",
-            ),
-            (
-                "  service: api\n  tiers: [{clusters: [local]}]\n  failbackDelay: soon\n",
+                json!({"service": "api", "tiers": local, "failbackDelay": "soon"}),
                 "spec.failbackDelay",
             ),
             (
-                "  service: api\n  tiers: [{clusters: [local]}]\n  colour: red\n",
+                json!({"service": "api", "tiers": local, "colour": "red"}),
                 "unknown field",
             ),
         ] {
-            let e = parse(&policy(spec)).unwrap_err();
+            let e = parse(&policy(spec.clone())).unwrap_err();
             assert!(e.reason.contains(want), "{spec}: {}", e.reason);
         }
-        let many = (0..9)
-            .map(|i| format!("{{clusters: [c{i}]}}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let e = parse(&policy(&format!("  service: api\n  tiers: [{many}]\n"))).unwrap_err();
+        let names: Vec<String> = (0..9).map(|i| format!("c{i}")).collect();
+        let many: Vec<serde_json::Value> = names.iter().map(|n| json!({"clusters": [n]})).collect();
+        let e = parse(&policy(json!({"service": "api", "tiers": many}))).unwrap_err();
         assert!(e.reason.contains("at most 8"), "{}", e.reason);
     }
 }

@@ -9,6 +9,19 @@ use mesh_core::identity::SpiffeId;
 
 use crate::wire::Body;
 
+/// `e` and its whole chain of causes, `: `-separated (hyper's own
+/// messages alone say only "client error (Connect)").
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
 /// Why an outbound request failed; says whether a retry could help.
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
@@ -57,14 +70,7 @@ impl OutboundError {
     /// A failure to reach the endpoint, with its whole chain of causes
     /// (hyper's own message alone says only "client error (Connect)").
     pub fn connect(e: impl std::error::Error) -> Self {
-        let mut message = e.to_string();
-        let mut source = e.source();
-        while let Some(cause) = source {
-            message.push_str(": ");
-            message.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        Self::Connect(message)
+        Self::Connect(with_causes(&e))
     }
 
     /// [`OutboundError::connect`] for a failure before any request byte

@@ -697,12 +697,15 @@ async fn to_mesh(
         .is_some_and(|n| n <= MAX_RETRY_BODY);
     // Kept to send again: for the route's retries, and for a tier that
     // could not be reached (a failover policy's next tier takes it).
-    let tiered = plan
-        .backends
-        .iter()
-        .any(|(backend, _)| outbound.balancer(backend).is_tiered());
+    // (Looked up only when it decides: a retry policy buffers anyway.)
+    let keep = replayable
+        && (plan.retry.is_some()
+            || plan
+                .backends
+                .iter()
+                .any(|(backend, _)| outbound.balancer(backend).is_tiered()));
     let work = async {
-        if !(replayable && (plan.retry.is_some() || tiered)) {
+        if !keep {
             let mut once = Some(build(body.boxed()));
             return attempt(outbound, &plan, &mut || once.take()).await;
         }

@@ -700,28 +700,13 @@ impl Tunnel {
             tunnel.lost(
                 ended
                     .err()
-                    .map(|e| format!("tunnel connection lost: {}", OutboundErrorText(&e))),
+                    .map(|e| format!("tunnel connection lost: {}", super::errors::with_causes(&e))),
             );
         });
         let slot = pool
             .add(send.clone(), true)
             .expect("the first stream's slot");
         Ok((send, slot))
-    }
-}
-
-/// An error with its chain of causes (hyper's own message alone is terse).
-struct OutboundErrorText<'a>(&'a dyn std::error::Error);
-
-impl std::fmt::Display for OutboundErrorText<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(cause) = source {
-            write!(f, ": {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
     }
 }
 
