@@ -296,7 +296,13 @@ mod tests {
         let t = Duration::from_secs(2);
         assert_eq!(probe(&Check::Tcp(up), t).await, Ok(()));
         drop(listener);
-        assert_eq!(probe(&Check::Tcp(up), t).await, Err("refused"));
+        // A port held bound but not listening: refused. (A freed port can
+        // be connected to by itself: the kernel may pick it as the source
+        // port, a TCP simultaneous open.)
+        let held = tokio::net::TcpSocket::new_v4().unwrap();
+        held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let down = held.local_addr().unwrap();
+        assert_eq!(probe(&Check::Tcp(down), t).await, Err("refused"));
         assert_eq!(probe(&Check::Command(vec!["true".into()]), t).await, Ok(()));
         assert_eq!(
             probe(&Check::Command(vec!["false".into()]), t).await,
