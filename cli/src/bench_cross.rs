@@ -157,6 +157,7 @@ async fn run_and_measure(args: &BenchArgs, state: &std::path::Path) -> Result<()
             loopback_base: free_base()?,
             ready_timeout: Duration::from_secs(60),
             progress: false,
+            prometheus: None,
         },
     )
     .await?;

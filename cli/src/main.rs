@@ -13,6 +13,7 @@ mod identity;
 mod inject;
 mod install;
 mod multicluster;
+mod viz;
 mod vm;
 
 #[derive(Debug, Parser)]
@@ -70,6 +71,10 @@ enum Command {
     /// The demo workloads `mesh up` runs (HTTP/gRPC service, load generator).
     #[command(subcommand)]
     Demo(mesh_topologies::demo::DemoCmd),
+    /// See every linked cluster: golden metrics, edges, routes, links,
+    /// live requests (`serve` runs a cluster's viz; the rest ask one).
+    #[command(subcommand)]
+    Viz(mesh_viz::cli::VizCommand),
 }
 
 /// Prints an error the way every command does.
@@ -168,6 +173,13 @@ fn main() -> ExitCode {
                 args,
                 &mut std::io::stdout().lock(),
             ))
+        }
+        Command::Viz(cmd) => {
+            mesh_core::telemetry::init(match cmd {
+                mesh_viz::cli::VizCommand::Serve(_) => "info",
+                _ => "warn",
+            });
+            mesh_viz::cli::run(cmd, viz::resolve)
         }
         Command::Demo(cmd) => {
             mesh_core::telemetry::init("info");

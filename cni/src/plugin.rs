@@ -171,7 +171,8 @@ pub fn pod_rules(pod: &Value, config: &Config) -> Result<Option<Rules>, CniError
         .as_u64()
         .and_then(|u| u32::try_from(u).ok())
         .unwrap_or(o.proxy.uid);
-    let mut skip_inbound = vec![config.admin_port];
+    // The admin port, and the metrics-only port Prometheus scrapes.
+    let mut skip_inbound = vec![config.admin_port, mesh_control::inject::pod::METRICS_PORT];
     skip_inbound.extend(o.skip_inbound_ports);
     Ok(Some(Rules {
         inbound_port: config.inbound_port,
@@ -257,7 +258,7 @@ mod tests {
         let rules = pod_rules(&meshed, &config).unwrap().unwrap();
         assert_eq!(rules.proxy, ProxyOwner::Uid(2200));
         assert_eq!(rules.skip_outbound_ports, [5432]);
-        assert_eq!(rules.skip_inbound_ports, [4191]);
+        assert_eq!(rules.skip_inbound_ports, [4191, 4192]);
         let mut bad = meshed.clone();
         bad["metadata"]["annotations"]["config.mesh.rs/skip-inbound-ports"] = json!("x");
         assert_eq!(

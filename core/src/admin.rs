@@ -102,6 +102,41 @@ pub async fn serve_with_tap(
     }
 }
 
+/// Binds a metrics-only listener, which may be on any address: it serves
+/// `GET /metrics` and nothing else (no `/tap`, no readiness), so Prometheus
+/// can scrape a pod from outside its loopback without reaching the admin
+/// endpoints.
+pub async fn bind_metrics(addr: SocketAddr) -> Result<TcpListener, AdminError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AdminError::Bind { addr, source })
+}
+
+/// Serves `GET /metrics` only on `listener` until the task is dropped.
+pub async fn serve_metrics_only(listener: TcpListener, registry: Arc<Registry>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let response = match (req.method(), req.uri().path()) {
+                    (&Method::GET, "/metrics") => metrics(&registry),
+                    _ => text(
+                        StatusCode::NOT_FOUND,
+                        "this listener serves GET /metrics only\n".into(),
+                    ),
+                };
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
 fn route(
     req: &Request<Incoming>,
     registry: &Registry,

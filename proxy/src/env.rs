@@ -97,6 +97,7 @@ impl SystemComponent {
             worker_threads: 1,
             destinations: DestinationLimits::default(),
             via_gateway: None,
+            metrics_addr: None,
         })
     }
 }
@@ -191,6 +192,9 @@ pub struct Config {
     /// whose only route is to the cluster's gateway): the control plane,
     /// every endpoint and every caller are reached through the gateway.
     pub via_gateway: Option<GatewayRoute>,
+    /// A metrics-only listener (`GET /metrics`, nothing else), which may
+    /// be on the pod's address so Prometheus can scrape it; none by default.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// The cluster's own gateway, as a workload behind it reaches it.
@@ -345,6 +349,11 @@ pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
             "{PREFIX}ADMIN_ADDR {a} is not loopback; admin endpoints bind to loopback only"
         ));
     }
+    let metrics_addr = get("METRICS_ADDR").and_then(|text| {
+        text.parse::<SocketAddr>()
+            .map_err(|e| errors.push(format!("{PREFIX}METRICS_ADDR {text:?}: {e}")))
+            .ok()
+    });
     let app_ip = get("APP_IP")
         .unwrap_or_else(|| "127.0.0.1".into())
         .parse::<IpAddr>()
@@ -510,6 +519,7 @@ pub fn parse(vars: &HashMap<String, String>) -> Result<Config, Vec<String>> {
                 max: max_destinations?,
             },
             via_gateway: via_gateway?,
+            metrics_addr,
         })
     })();
     match built {

@@ -41,6 +41,32 @@ pub struct OutboundLabels {
     pub classification: &'static str,
     /// `mtls` when the request went to a meshed endpoint, else `none`.
     pub tls: &'static str,
+    /// The HTTPRoute rule that matched (`<namespace>/<name>#<rule>`),
+    /// `default` without one, empty when no route applied (opaque,
+    /// unmeshed, or failed before routing). Capped.
+    pub route: String,
+    /// The SPIFFE ID of the endpoint that answered; empty when unmeshed
+    /// or unknown. Capped.
+    pub dst_identity: String,
+}
+
+/// Who answered an outbound request: its cluster, its identity and the
+/// route that sent it there. Empty fields are unknown.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Answered<'a> {
+    pub cluster: &'a str,
+    pub identity: &'a str,
+    pub route: &'a str,
+}
+
+/// The proxy's own identity, one series whose value is 1: what Prometheus
+/// joins outbound requests with to name the caller of an edge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    pub cluster: String,
+    pub namespace: String,
+    pub workload: String,
+    pub identity: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,6 +100,8 @@ pub struct LatencyLabels {
     pub direction: &'static str,
     /// The destination authority (outbound) or the app port (inbound).
     pub target: String,
+    /// The HTTPRoute rule (outbound; as on `outbound_requests_total`).
+    pub route: String,
     pub classification: &'static str,
 }
 
@@ -189,6 +217,12 @@ pub struct Metrics {
     /// Requests that could not reach their endpoint and went on to the
     /// next tier.
     pub failover_next_tier: Counter,
+    /// This proxy's identity (`mesh_proxy_identity_info`), set once known.
+    pub identity: Family<IdentityLabels, Gauge>,
+    /// Caps the `route` label.
+    pub routes: Arc<LabelCap>,
+    /// Caps the `dst_identity` label.
+    pub dst_identities: Arc<LabelCap>,
     /// Caps the `authority` label.
     pub authorities: Arc<LabelCap>,
     /// Caps the `client_id` label.
@@ -316,6 +350,14 @@ impl Metrics {
                 "Requests that could not reach their endpoint (nothing sent) and went on to the next tier",
                 Counter::default(),
             ),
+            identity: registered(
+                r,
+                "identity_info",
+                "This proxy's cluster, workload and SPIFFE ID (always 1): joined with request metrics to name an edge's caller",
+                Family::default(),
+            ),
+            routes: Arc::new(LabelCap::new(LABEL_CAP)),
+            dst_identities: Arc::new(LabelCap::new(LABEL_CAP)),
             authorities: Arc::new(LabelCap::new(LABEL_CAP)),
             client_ids: Arc::new(LabelCap::new(LABEL_CAP)),
             tap: tokio::sync::broadcast::channel(1024).0,
@@ -349,18 +391,23 @@ impl Metrics {
     pub fn outbound_response(
         &self,
         authority: &str,
-        dst_cluster: &str,
+        answered: Answered<'_>,
         status: http::StatusCode,
         tls: &'static str,
         latency: Option<std::time::Duration>,
     ) {
         let authority = self.authorities.get(authority);
         let classification = classify(status);
+        let route = match answered.route {
+            "" => String::new(),
+            route => self.routes.get(route),
+        };
         if let Some(latency) = latency {
             self.response_latency
                 .get_or_create(&LatencyLabels {
                     direction: "outbound",
                     target: authority.clone(),
+                    route: route.clone(),
                     classification,
                 })
                 .observe(latency.as_secs_f64());
@@ -368,12 +415,22 @@ impl Metrics {
         self.outbound_requests
             .get_or_create(&OutboundLabels {
                 authority,
-                dst_cluster: dst_cluster.to_owned(),
+                dst_cluster: answered.cluster.to_owned(),
                 status_code: status.as_u16(),
                 classification,
                 tls,
+                route,
+                dst_identity: match answered.identity {
+                    "" => String::new(),
+                    id => self.dst_identities.get(id),
+                },
             })
             .inc();
+    }
+
+    /// Records this proxy's identity (`mesh_proxy_identity_info`).
+    pub fn set_identity(&self, labels: IdentityLabels) {
+        self.identity.get_or_create(&labels).set(1);
     }
 
     /// Counts one inbound response and its latency.
@@ -389,6 +446,7 @@ impl Metrics {
             .get_or_create(&LatencyLabels {
                 direction: "inbound",
                 target: port.to_string(),
+                route: String::new(),
                 classification,
             })
             .observe(latency.as_secs_f64());

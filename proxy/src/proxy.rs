@@ -214,7 +214,20 @@ impl Proxy {
         tracing::info!(?config, "starting proxy");
         let Extras { health, metrics } = extras;
         let metrics = Metrics::with(metrics);
+        metrics.set_identity(crate::metrics::IdentityLabels {
+            cluster: config.cluster.clone(),
+            namespace: config.namespace.clone(),
+            workload: config.workload.clone(),
+            identity: config.identity.to_string(),
+        });
         let mut tasks = JoinSet::new();
+        if let Some(addr) = config.metrics_addr {
+            let listener = admin::bind_metrics(addr).await?;
+            tasks.spawn(admin::serve_metrics_only(
+                listener,
+                metrics.registry.clone(),
+            ));
+        }
         let Joined {
             bundles,
             creds,

@@ -48,7 +48,16 @@ async fn split_timeout_and_retries_follow_the_route() {
     );
     std::fs::write(w.dir.path().join("config").join("routes.yaml"), routes).unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let web = w.proxy("web", "web-0", &[("app", "web")]).await;
+    // The metrics-only listener Prometheus scrapes from outside the pod.
+    let metrics_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let web = w
+        .proxy_with("web", "web-0", &[("app", "web")], |c| {
+            c.metrics_addr = Some(metrics_addr);
+        })
+        .await;
     let authority = format!("api.shop.svc.cluster.local:{p}");
 
     // Traffic split: exactly 75/25 over 100 requests.
@@ -93,6 +102,80 @@ async fn split_timeout_and_retries_follow_the_route() {
     assert!(
         m.contains("mesh_proxy_outbound_failures_total{reason=\"timeout\"} 1"),
         "{m}"
+    );
+    // Per route and per edge: the rule that matched and who answered (api
+    // and api-v2 both run as service account api).
+    let api = id("api");
+    assert!(
+        m.contains(&format!(
+            "status_code=\"200\",classification=\"success\",tls=\"mtls\",route=\"shop/api-routes#2\",dst_identity=\"{api}\"}} 100"
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains("status_code=\"504\",classification=\"failure\",tls=\"mtls\",route=\"shop/api-routes#0\",dst_identity=\"\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("route=\"shop/api-routes#1\",classification=\"success\"}"),
+        "per-route latency: {m}"
+    );
+    assert!(
+        m.contains(&format!(
+            "mesh_proxy_identity_info{{cluster=\"west\",namespace=\"shop\",workload=\"web-0\",identity=\"{}\"}} 1",
+            id("web")
+        )),
+        "{m}"
+    );
+    promtool_accepts(m.split_once("\r\n\r\n").map_or("", |(_, body)| body));
+
+    // The metrics-only listener serves /metrics and nothing else.
+    let get = |path: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(metrics_addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).await.unwrap();
+        raw
+    };
+    let scraped = get("/metrics").await;
+    assert!(
+        scraped.starts_with("HTTP/1.0 200") || scraped.starts_with("HTTP/1.1 200"),
+        "{scraped}"
+    );
+    assert!(
+        scraped.contains("mesh_proxy_outbound_requests_total"),
+        "{scraped}"
+    );
+    for path in ["/tap", "/ready", "/live", "/metrics/../tap"] {
+        let raw = get(path).await;
+        assert!(raw.contains(" 404 "), "{path}: {raw}");
+    }
+}
+
+/// `promtool check metrics` (Prometheus' own linter) accepts `text`.
+fn promtool_accepts(text: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("this test needs promtool (apt-get install prometheus)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 

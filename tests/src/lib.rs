@@ -77,6 +77,19 @@ pub struct Started {
 /// Starts `text` (a topology) on 127.<base>.0.0/16 and up; panics with the
 /// runner's report when it does not start.
 pub async fn start(text: &str, base: u8) -> Started {
+    start_with(text, base, None).await
+}
+
+/// [`start`] with Prometheus and viz in every cluster, as `mesh up` runs
+/// them where Prometheus is installed; fails loudly where it is not.
+pub async fn start_with_viz(text: &str, base: u8) -> Started {
+    let prometheus = mesh_topologies::cli::find_prometheus().unwrap_or_else(|| {
+        panic!("this test needs Prometheus (`prometheus` on PATH): apt-get install prometheus")
+    });
+    start_with(text, base, Some(prometheus)).await
+}
+
+async fn start_with(text: &str, base: u8, prometheus: Option<PathBuf>) -> Started {
     let state = tempfile::tempdir().expect("a temporary directory");
     let file = state.path().join("topology.yaml");
     std::fs::write(&file, text).expect("write the topology");
@@ -87,6 +100,7 @@ pub async fn start(text: &str, base: u8) -> Started {
         loopback_base: base,
         ready_timeout: Duration::from_secs(60),
         progress: false,
+        prometheus,
     };
     let run = Run::start(&topology, &file, opts)
         .await

@@ -38,6 +38,17 @@ pub struct UpArgs {
     /// How often the live view refreshes.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub refresh: Duration,
+    /// Do not run Prometheus and viz (run by default when `prometheus` is
+    /// installed).
+    #[arg(long)]
+    pub no_viz: bool,
+}
+
+/// The `prometheus` binary on `PATH`.
+pub fn find_prometheus() -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join("prometheus"))
+        .find(|p| p.is_file())
 }
 
 #[derive(Debug, Args)]
@@ -70,12 +81,29 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let prometheus = if args.no_viz {
+            None
+        } else {
+            let found = find_prometheus();
+            if found.is_none() {
+                eprintln!(
+                    "mesh up: Prometheus is not installed, so no viz or dashboard this run \
+                     (on Debian or Ubuntu: apt-get install prometheus)"
+                );
+            } else if topology.network == crate::schema::Network::Namespaces {
+                eprintln!(
+                    "mesh up: viz runs with `network: loopback` topologies only; none this run"
+                );
+            }
+            found
+        };
         let opts = Options {
             state_dir: args.state_dir.clone(),
             mesh_exe,
             loopback_base: args.loopback_base,
             ready_timeout: args.ready_timeout,
             progress: true,
+            prometheus,
         };
         let started = Instant::now();
         let mut run = match Run::start(&topology, &args.file, opts).await {
@@ -164,6 +192,11 @@ fn map(record: &RunRecord) -> String {
             out.push_str(&format!(", gateway {gw}"));
         }
         out.push('\n');
+        if let (Some(viz), Some(prom)) = (c.viz, c.prometheus) {
+            out.push_str(&format!(
+                "  dashboard      http://{viz}/   (viz; Prometheus http://{prom}/)\n"
+            ));
+        }
         for r in &c.replicas {
             out.push_str(&format!(
                 "  {:<14} {:<16} spiffe://{}/ns/{}/sa/{}\n",

@@ -245,6 +245,7 @@ impl AgentConfig {
                 }),
                 None => None,
             },
+            metrics_addr: None,
         })
     }
 }

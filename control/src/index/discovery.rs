@@ -298,6 +298,24 @@ impl Index {
         !w.reg.via_gateway || self.gateway.is_some()
     }
 
+    /// The mirror an authority names and its port (no local Service of
+    /// that name).
+    pub(super) fn mirror_port(&self, authority: &str) -> Option<(Authority, &ServicePort)> {
+        let auth = Authority::parse(authority, &self.cluster_domain).ok()?;
+        let key = (auth.namespace.clone(), auth.service.clone());
+        if self.services.contains_key(&key) {
+            return None;
+        }
+        let port = self
+            .mirrors
+            .get(&key)?
+            .spec
+            .ports
+            .iter()
+            .find(|p| p.port == auth.port)?;
+        Some((auth, port))
+    }
+
     /// A mirrored service's answer: one "via gateway" endpoint when the
     /// mirror is ready and its Link is known, else an empty set. `None`
     /// when the authority names no mirror (a local Service wins a name

@@ -148,7 +148,13 @@ impl Index {
 
     /// Outbound policy: the HTTPRoutes attached to the authority's service port.
     pub fn outbound(&self, authority: &str) -> OutboundPolicy {
-        let (auth, _svc, port) = match self.service_port(authority) {
+        // A Service, or a mirror of a linked cluster's (routes attach to
+        // either by name).
+        let found = self
+            .service_port(authority)
+            .map(|(auth, _, port)| (auth, port))
+            .or_else(|e| self.mirror_port(authority).ok_or(e));
+        let (auth, port) = match found {
             Ok(found) => found,
             Err(reason) => {
                 return OutboundPolicy {
@@ -347,6 +353,36 @@ spec:
         let p = index.inbound("shop", "api-0", 8080);
         assert_eq!(p.server, "shop/api-http");
         assert!(p.authorizations.is_empty());
+    }
+
+    #[test]
+    fn a_route_attaches_to_a_mirror_of_a_linked_clusters_service() {
+        let docs = [
+            serde_json::json!({
+                "apiVersion": "multicluster.mesh.rs/v1alpha1", "kind": "MirroredService",
+                "metadata": { "name": "api-east", "namespace": "shop" },
+                "spec": {
+                    "link": "east", "remoteName": "api",
+                    "ports": [{ "port": 8080, "appProtocol": "http" }],
+                    "identities": ["spiffe://east.mesh.local/ns/shop/sa/api"],
+                    "ready": true,
+                },
+            }),
+            serde_json::json!({
+                "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                "metadata": { "name": "api-east-all", "namespace": "shop" },
+                "spec": {
+                    "parentRefs": [{ "name": "api-east", "kind": "Service", "port": 8080 }],
+                    "rules": [{ "backendRefs": [{ "name": "api-east", "port": 8080 }] }],
+                },
+            }),
+        ];
+        let index = index_from(&serde_saphyr::to_string_multiple(&docs).unwrap());
+        let p = index.outbound("api-east.shop.svc.cluster.local:8080");
+        assert_eq!(p.no_such_service, "");
+        assert_eq!(p.routes.len(), 1, "{p:?}");
+        assert_eq!(p.routes[0].name, "shop/api-east-all");
+        assert_eq!(p.protocol, ProtocolHint::Http1 as i32);
     }
 
     #[test]

@@ -21,6 +21,11 @@ pub const INIT: &str = "mesh-init";
 pub const INBOUND_PORT: u16 = 4143;
 pub const OUTBOUND_PORT: u16 = 4140;
 pub const ADMIN_PORT: u16 = 4191;
+/// The proxy's metrics-only listener, on the pod's address, for Prometheus.
+pub const METRICS_PORT: u16 = 4192;
+/// Its container port's name, which `mesh viz install`'s scrape
+/// configuration keeps.
+pub const METRICS_PORT_NAME: &str = "mesh-metrics";
 /// The audience of the token the proxy proves its service account with.
 pub const TOKEN_AUDIENCE: &str = crate::k8s::review::AUDIENCE;
 /// Where the projected token is mounted.
@@ -207,9 +212,9 @@ fn app_ports(spec: &Value) -> Result<Vec<String>, Vec<String>> {
             else {
                 continue;
             };
-            if [INBOUND_PORT, OUTBOUND_PORT, ADMIN_PORT].contains(&port) {
+            if [INBOUND_PORT, OUTBOUND_PORT, ADMIN_PORT, METRICS_PORT].contains(&port) {
                 errors.push(format!(
-                    "container {} port {port} is one of the proxy's ports ({INBOUND_PORT}, {OUTBOUND_PORT}, {ADMIN_PORT}); move the app to another port",
+                    "container {} port {port} is one of the proxy's ports ({INBOUND_PORT}, {OUTBOUND_PORT}, {ADMIN_PORT}, {METRICS_PORT}); move the app to another port",
                     c["name"].as_str().unwrap_or("?")
                 ));
                 continue;
@@ -298,6 +303,10 @@ fn proxy_container(
             &format!("127.0.0.1:{OUTBOUND_PORT}"),
         ),
         value("MESH_PROXY_ADMIN_ADDR", &format!("127.0.0.1:{ADMIN_PORT}")),
+        value(
+            "MESH_PROXY_METRICS_ADDR",
+            &format!("0.0.0.0:{METRICS_PORT}"),
+        ),
         field("MESH_PROXY_APP_IP", "status.podIP"),
         field("MESH_PROXY_WORKLOAD_ADDRESSES", "status.podIPs"),
         value("MESH_PROXY_APP_PORTS", &app_ports.join(",")),
@@ -317,7 +326,10 @@ fn proxy_container(
         "imagePullPolicy": cfg.image_pull_policy,
         "args": ["proxy"],
         "env": env,
-        "ports": [{ "name": crate::k8s::watch::PROXY_INBOUND_PORT, "containerPort": INBOUND_PORT, "protocol": "TCP" }],
+        "ports": [
+            { "name": crate::k8s::watch::PROXY_INBOUND_PORT, "containerPort": INBOUND_PORT, "protocol": "TCP" },
+            { "name": METRICS_PORT_NAME, "containerPort": METRICS_PORT, "protocol": "TCP" },
+        ],
         "readinessProbe": { "periodSeconds": 5, "failureThreshold": 2, "timeoutSeconds": 2 },
         "livenessProbe": { "periodSeconds": 10, "failureThreshold": 3, "timeoutSeconds": 2 },
         "resources": resources(o),
@@ -355,7 +367,9 @@ fn merge(into: &mut Value, more: Value) {
 }
 
 fn init_container(cfg: &InjectConfig, o: &Overrides) -> Value {
-    let skip_in = std::iter::once(ADMIN_PORT).chain(o.skip_inbound_ports.iter().copied());
+    let skip_in = [ADMIN_PORT, METRICS_PORT]
+        .into_iter()
+        .chain(o.skip_inbound_ports.iter().copied());
     let mut args = vec![
         "proxy".to_owned(),
         "init".to_owned(),

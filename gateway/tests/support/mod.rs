@@ -141,6 +141,7 @@ pub async fn proxy(
         worker_threads: 1,
         destinations: Default::default(),
         via_gateway: None,
+        metrics_addr: None,
     })
     .await
     .unwrap()

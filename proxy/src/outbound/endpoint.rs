@@ -275,10 +275,14 @@ enum Transport {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OnTheWire(pub &'static str);
 
-/// The cluster of the endpoint that answered (a failover tier may be
-/// another cluster than the destination's first endpoint).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServedBy(pub Arc<str>);
+/// The endpoint that answered: its cluster (a failover tier may be another
+/// cluster than the destination's first endpoint) and the SPIFFE ID it had
+/// to present, when known.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServedBy {
+    pub cluster: Option<Arc<str>>,
+    pub identity: Option<Arc<str>>,
+}
 
 /// One endpoint of a destination, as the balancer sees it.
 #[derive(Clone, Debug)]
@@ -288,8 +292,8 @@ pub struct EndpointService {
     transport: Transport,
     /// The tunnel's liveness, when reached through one.
     tunnel: Option<Arc<super::tunnel::Liveness>>,
-    /// The cluster it runs in, put on its responses.
-    cluster: Option<Arc<str>>,
+    /// Its cluster and identity, put on its responses.
+    served: ServedBy,
 }
 
 impl EndpointService {
@@ -304,6 +308,14 @@ impl EndpointService {
         via: Option<&Via>,
         dialer: &Dialer,
     ) -> Self {
+        let served = ServedBy {
+            cluster: None,
+            identity: identity
+                .as_ref()
+                .ok()
+                .and_then(Option::as_ref)
+                .map(|id| Arc::from(id.to_string())),
+        };
         let routed = dialer.via_for(
             app_addr,
             identity.as_ref().ok().and_then(Option::as_ref),
@@ -329,7 +341,7 @@ impl EndpointService {
                 app_addr,
                 transport,
                 tunnel,
-                cluster: None,
+                served,
             };
         }
         let transport = match identity {
@@ -372,13 +384,13 @@ impl EndpointService {
             app_addr,
             transport,
             tunnel: None,
-            cluster: None,
+            served,
         }
     }
 
     /// Marks its responses as served by `cluster`.
     pub fn serving_cluster(mut self, cluster: &str) -> Self {
-        self.cluster = (!cluster.is_empty()).then(|| Arc::from(cluster));
+        self.served.cluster = (!cluster.is_empty()).then(|| Arc::from(cluster));
         self
     }
 }
@@ -406,7 +418,7 @@ impl tower::Service<Request<Body>> for EndpointService {
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let transport = self.transport.clone();
         let app_addr = self.app_addr;
-        let cluster = self.cluster.clone();
+        let served = self.served.clone();
         Box::pin(async move {
             match transport {
                 Transport::Refused(id) => Err(OutboundError::MeshedWithoutProxy(id)),
@@ -422,9 +434,7 @@ impl tower::Service<Request<Body>> for EndpointService {
                         .await
                         .map_err(OutboundError::from_client)?;
                     resp.extensions_mut().insert(OnTheWire("none"));
-                    if let Some(c) = cluster {
-                        resp.extensions_mut().insert(ServedBy(c));
-                    }
+                    resp.extensions_mut().insert(served);
                     Ok(resp)
                 }
                 Transport::Meshed(client) => {
@@ -438,9 +448,7 @@ impl tower::Service<Request<Body>> for EndpointService {
                         .await
                         .map_err(OutboundError::from_client)?;
                     resp.extensions_mut().insert(OnTheWire("mtls"));
-                    if let Some(c) = cluster {
-                        resp.extensions_mut().insert(ServedBy(c));
-                    }
+                    resp.extensions_mut().insert(served);
                     Ok(resp)
                 }
             }

@@ -73,7 +73,7 @@ use self::{
 };
 use crate::{
     follow::Follower,
-    metrics::Metrics,
+    metrics::{Answered, Metrics},
     upgrade,
     wire::{Body, DST_PORT, ORIG_PROTO},
 };
@@ -523,15 +523,26 @@ async fn handle(
         if meshed {
             return match connect_mesh_tcp(outbound, dest, Carry::Opaque).await {
                 Ok(conn) => tunnel(outbound, req, conn, dest, "mtls"),
-                Err(e) => fail_to(outbound, &authority, cluster_of(&update), "mtls", e),
+                Err(e) => fail_to(
+                    outbound,
+                    &authority,
+                    Answered {
+                        cluster: cluster_of(&update),
+                        ..Answered::default()
+                    },
+                    "mtls",
+                    e,
+                ),
             };
         }
         return connect_plain(outbound, req, &authority).await;
     }
+    // The HTTPRoute rule that sent it, for the metrics.
+    let mut route = String::new();
     let result = if upgrade::is_upgrade(&req) {
         upgrade(outbound, dest, meshed, redirected, req).await
     } else if meshed {
-        to_mesh(outbound, dest, req).await
+        to_mesh(outbound, dest, req, &mut route).await
     } else {
         // Transparent mode: go where the app was really connecting.
         let target = redirected.map_or_else(|| authority.clone(), |to| to.to_string());
@@ -547,10 +558,17 @@ async fn handle(
                 .get::<endpoint::OnTheWire>()
                 .map_or(tls, |wire| wire.0);
             // The cluster that answered; a tier may be another one.
-            let served = resp.extensions().get::<endpoint::ServedBy>().cloned();
+            let served = resp.extensions().get::<endpoint::ServedBy>();
+            let answered = Answered {
+                cluster: served
+                    .and_then(|s| s.cluster.as_deref())
+                    .unwrap_or(cluster_of(&update)),
+                identity: served.and_then(|s| s.identity.as_deref()).unwrap_or(""),
+                route: &route,
+            };
             outbound.metrics.outbound_response(
                 &authority,
-                served.as_ref().map_or(cluster_of(&update), |c| &c.0),
+                answered,
                 resp.status(),
                 tls,
                 Some(started.elapsed()),
@@ -560,14 +578,19 @@ async fn handle(
         }
         Err(e) => {
             tap(e.classify().0, tls);
-            fail_to(outbound, &authority, cluster_of(&update), tls, e)
+            let answered = Answered {
+                cluster: cluster_of(&update),
+                identity: "",
+                route: &route,
+            };
+            fail_to(outbound, &authority, answered, tls, e)
         }
     }
 }
 
 /// A request that failed before a destination was chosen.
 fn fail(outbound: &Outbound, authority: &str, e: OutboundError) -> Response<Body> {
-    fail_to(outbound, authority, "", "none", e)
+    fail_to(outbound, authority, Answered::default(), "none", e)
 }
 
 /// A request that failed on its way to the destination discovery chose:
@@ -577,7 +600,7 @@ fn fail(outbound: &Outbound, authority: &str, e: OutboundError) -> Response<Body
 fn fail_to(
     outbound: &Outbound,
     authority: &str,
-    cluster: &str,
+    answered: Answered<'_>,
     tls: &'static str,
     e: OutboundError,
 ) -> Response<Body> {
@@ -586,7 +609,7 @@ fn fail_to(
     tracing::info!(%authority, reason, "outbound request failed: {e}");
     outbound
         .metrics
-        .outbound_response(authority, cluster, status, tls, None);
+        .outbound_response(authority, answered, status, tls, None);
     e.response()
 }
 
@@ -653,6 +676,7 @@ async fn to_mesh(
     outbound: &Outbound,
     authority: &str,
     req: Request<Incoming>,
+    route: &mut String,
 ) -> Result<Response<Incoming>, OutboundError> {
     let policy = outbound
         .policies
@@ -666,6 +690,7 @@ async fn to_mesh(
         parts.uri.path(),
         &parts.headers,
     );
+    route.clone_from(&plan.route);
     if plan.backends.is_empty() {
         return Err(OutboundError::NoBackend { route: plan.route });
     }

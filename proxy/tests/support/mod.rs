@@ -331,6 +331,7 @@ pub fn proxy_config(
         worker_threads: 1,
         destinations: Default::default(),
         via_gateway: None,
+        metrics_addr: None,
     }
 }
 

@@ -87,6 +87,8 @@ pub(super) fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Resul
             }
         };
         let linked_to = topology.links.iter().any(|l| l.value.to == c.name);
+        // Viz needs Prometheus to reach every admin endpoint: loopback only.
+        let prometheus_exe = opts.prometheus.as_ref().filter(|_| !namespaces);
         let links_out: BTreeMap<String, usize> = topology
             .links
             .iter()
@@ -95,7 +97,8 @@ pub(super) fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Resul
                 let other = topology.cluster(&l.value.to).expect("validated");
                 (
                     other.name.clone(),
-                    exported_services(other.resources.as_ref().map(|r| r.value.as_str())),
+                    exported_services(other.resources.as_ref().map(|r| r.value.as_str()))
+                        + usize::from(prometheus_exe.is_some()),
                 )
             })
             .collect();
@@ -114,6 +117,8 @@ pub(super) fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Resul
             mirror_admin: (!mirrors.is_empty()).then(|| SocketAddr::new(ip(0, 3), 9991)),
             mirrors,
             replicas: Vec::new(),
+            prometheus: None,
+            viz: None,
         };
         let log = |what: &str| state.join("logs").join(format!("{}-{what}.log", c.name));
         let s = |v: &dyn std::fmt::Display| v.to_string();
@@ -283,6 +288,61 @@ pub(super) fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Resul
             );
             components.extend(parts);
             info.replicas.push(replica);
+        }
+        if let Some(exe) = prometheus_exe {
+            // Viz: a workload of the cluster with its sidecar, so linked
+            // clusters' viz reach it through the mesh.
+            let place = placement(
+                false,
+                n,
+                next,
+                "viz-0",
+                ip(1 + (next / 250) as u8, (next % 250) as u8 + 1),
+            );
+            let prometheus = SocketAddr::new(ip(0, 4), 9090);
+            let w = viz_workload(c, prometheus, place.ip);
+            let stats = dir.join("stats/viz-0.json");
+            components.extend(replica_components(
+                &mesh,
+                &c.name,
+                &c.trust_domain,
+                &info,
+                &w,
+                "viz-0",
+                &place,
+                &dir,
+                &stats,
+                state,
+            ));
+            info.replicas.push(ReplicaInfo {
+                name: "viz-0".into(),
+                workload: w.name.clone(),
+                namespace: w.namespace.clone(),
+                service_account: w.service_account().to_owned(),
+                ip: place.ip,
+                proxy_admin: SocketAddr::new(place.proxy_ip, 4191),
+                stats,
+                netns: None,
+                vm: None,
+            });
+            info.viz = Some(SocketAddr::new(place.ip, mesh_viz::federate::VIZ_PORT));
+            info.prometheus = Some(prometheus);
+            let pdir = dir.join("prometheus");
+            components.push(Component::new(
+                format!("{}/prometheus", c.name),
+                &c.name,
+                Kind::Prometheus,
+                exe,
+                vec![
+                    format!("--config.file={}", pdir.join("prometheus.yml").display()),
+                    format!("--storage.tsdb.path={}", pdir.join("data").display()),
+                    format!("--web.listen-address={prometheus}"),
+                    "--storage.tsdb.retention.time=1d".into(),
+                    "--log.level=warn".into(),
+                ],
+                Ready::Ports(vec![prometheus]),
+                log("prometheus"),
+            ));
         }
         clusters.push(info);
     }
@@ -469,12 +529,66 @@ pub(super) fn replica_components(
     ]
 }
 
-/// Writes each cluster's resources and Links into its config directory.
+/// The viz workload of cluster `c`: `mesh viz serve` on `ip`.
+fn viz_workload(c: &crate::schema::Cluster, prometheus: SocketAddr, ip: IpAddr) -> Workload {
+    let port = mesh_viz::federate::VIZ_PORT;
+    Workload {
+        name: "viz".into(),
+        namespace: "mesh-system".into(),
+        service_account: None,
+        replicas: 1,
+        labels: BTreeMap::new(),
+        ports: vec![crate::schema::AppPort {
+            name: "http".into(),
+            port,
+        }],
+        command: [
+            "mesh",
+            "viz",
+            "serve",
+            "--cluster",
+            &c.name,
+            "--trust-domain",
+            &c.trust_domain,
+            "--prometheus",
+            &prometheus.to_string(),
+            "--addr",
+            &SocketAddr::new(ip, port).to_string(),
+            "--admin-addr",
+            &SocketAddr::new(ip, 9994).to_string(),
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+        env: BTreeMap::new(),
+        traffic: false,
+    }
+}
+
+/// Writes each cluster's resources and Links into its config directory,
+/// and, where viz runs, its resources and Prometheus' configuration.
 pub(super) fn write_configs(topology: &Topology, clusters: &[ClusterInfo]) -> Result<()> {
     let info = |name: &str| clusters.iter().find(|c| c.name == name).expect("validated");
     for (c, decl) in clusters.iter().zip(&topology.clusters) {
         if let Some(resources) = &decl.value.resources {
             std::fs::write(c.config_dir().join("resources.yaml"), &resources.value)?;
+        }
+        if c.viz.is_some() {
+            // Linked clusters' viz (those linking to this one) may ask it.
+            let callers: Vec<&str> = topology
+                .links
+                .iter()
+                .filter(|l| l.value.to == c.name)
+                .map(|l| info(&l.value.from).trust_domain.as_str())
+                .collect();
+            for (file, doc) in super::viz::resources(&callers) {
+                std::fs::write(c.config_dir().join(file), serde_saphyr::to_string(&doc)?)?;
+            }
+            let dir = c.dir.join("prometheus");
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(
+                dir.join("prometheus.yml"),
+                serde_saphyr::to_string(&super::viz::prometheus_config(c))?,
+            )?;
         }
     }
     // `from` mirrors `to` over the link's transport. `to` must admit

@@ -40,6 +40,7 @@ mod layout;
 mod processes;
 mod readiness;
 mod record;
+mod viz;
 mod vms;
 
 use layout::*;
@@ -68,6 +69,9 @@ pub struct Options {
     pub ready_timeout: Duration,
     /// Print progress to stderr while starting.
     pub progress: bool,
+    /// The `prometheus` binary: when set, each cluster runs a Prometheus
+    /// and a viz (loopback topologies only).
+    pub prometheus: Option<PathBuf>,
 }
 
 /// A running topology.

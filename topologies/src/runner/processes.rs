@@ -275,7 +275,12 @@ impl Run {
         let order: [&dyn Fn(&Component) -> bool; 4] = [
             &|c| c.kind == Kind::App,
             &|c| c.kind == Kind::Proxy,
-            &|c| matches!(c.kind, Kind::Gateway | Kind::ServiceMirror),
+            &|c| {
+                matches!(
+                    c.kind,
+                    Kind::Gateway | Kind::ServiceMirror | Kind::Prometheus
+                )
+            },
             &|c| c.kind == Kind::Control,
         ];
         for group in order {

@@ -12,6 +12,8 @@ pub enum Kind {
     ServiceMirror,
     Proxy,
     App,
+    /// The cluster's Prometheus (scraping every admin endpoint for viz).
+    Prometheus,
 }
 
 impl std::fmt::Display for Kind {
@@ -22,6 +24,7 @@ impl std::fmt::Display for Kind {
             Kind::ServiceMirror => "service-mirror",
             Kind::Proxy => "proxy",
             Kind::App => "app",
+            Kind::Prometheus => "prometheus",
         })
     }
 }
@@ -143,6 +146,12 @@ pub struct ClusterInfo {
     /// Linked clusters this one mirrors, with how many services each exports.
     pub mirrors: BTreeMap<String, usize>,
     pub replicas: Vec<ReplicaInfo>,
+    /// The cluster's Prometheus, when viz runs.
+    #[serde(default)]
+    pub prometheus: Option<SocketAddr>,
+    /// Its viz (API and dashboard), when viz runs.
+    #[serde(default)]
+    pub viz: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -327,6 +327,7 @@ impl World {
             worker_threads: 1,
             destinations: Default::default(),
             via_gateway: None,
+            metrics_addr: None,
         })
         .await
         .unwrap()
