@@ -158,6 +158,7 @@ fn failover(args: &FailoverArgs, out: &mut impl Write) -> Result<ExitCode> {
         proxies: [(String::new(), samples.clone())].into(),
         links: Default::default(),
         loads: Default::default(),
+        viz: None,
     };
     let rows = snap.failover();
     let events = |service: &str| {

@@ -143,6 +143,10 @@ pub struct RunArgs {
         default_value = "127.0.0.1:9990"
     )]
     admin_addr: SocketAddr,
+    /// A metrics-only listener (`GET /metrics`, nothing else) Prometheus
+    /// can scrape from outside the pod; none by default.
+    #[arg(long, env = "MESH_CONTROL_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
     /// Admin socket path [default: DATA_DIR/admin.sock].
     #[arg(long, env = "MESH_CONTROL_ADMIN_SOCKET")]
     admin_socket: Option<PathBuf>,
@@ -269,6 +273,7 @@ impl RunArgs {
             identity_addr: self.identity_addr,
             api_addr: self.api_addr,
             admin_addr: self.admin_addr,
+            metrics_addr: self.metrics_addr,
             admin_socket,
             liveness: Liveness {
                 heartbeat_interval: self.heartbeat_interval,

@@ -24,6 +24,8 @@ pub struct Config {
     pub api_addr: SocketAddr,
     /// `/metrics`, `/ready`, `/live`; loopback only.
     pub admin_addr: SocketAddr,
+    /// `GET /metrics` only, on any address (for Prometheus).
+    pub metrics_addr: Option<SocketAddr>,
     /// The admin socket (`mesh control token create`).
     pub admin_socket: PathBuf,
     /// Heartbeat interval, misses before not-ready, removal grace.

@@ -362,6 +362,13 @@ impl ControlPlane {
             metrics.registry.clone(),
             readiness.clone(),
         ));
+        if let Some(addr) = config.metrics_addr {
+            let listener = admin::bind_metrics(addr).await?;
+            tasks.spawn(admin::serve_metrics_only(
+                listener,
+                metrics.registry.clone(),
+            ));
+        }
         tasks.spawn(admin_socket::serve(
             socket_listener,
             config.admin_socket.clone(),

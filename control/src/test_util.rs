@@ -75,6 +75,7 @@ pub fn config_for(root: &Path, cluster: &str, td: &str) -> Config {
         identity_addr: "127.0.0.1:0".parse().expect("addr"),
         api_addr: "127.0.0.1:0".parse().expect("addr"),
         admin_addr: "127.0.0.1:0".parse().expect("addr"),
+        metrics_addr: None,
         liveness: Liveness::default(),
         poll_interval: Duration::from_millis(100),
         leaf_ttl: Duration::from_secs(24 * 3600),

@@ -188,7 +188,12 @@ async fn ttl_is_clamped_and_anchors_are_returned() {
 
 #[tokio::test]
 async fn tls_refusals_are_counted_and_metrics_pass_promtool() {
-    let tp = TestPlane::start().await;
+    // The metrics-only listener Prometheus scrapes from outside the pod.
+    let metrics_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let tp = TestPlane::start_with(|c| c.metrics_addr = Some(metrics_addr)).await;
     // A client from another trust domain is refused in the API handshake.
     let rogue_dir = tempfile::tempdir().unwrap();
     let rca = mesh_core::identity::RootCa::generate(Duration::from_secs(3600 * 24), now()).unwrap();
@@ -222,6 +227,18 @@ async fn tls_refusals_are_counted_and_metrics_pass_promtool() {
     );
 
     let m = tp.metrics().await;
+    let scraped = scrape(metrics_addr).await;
+    assert!(
+        scraped.contains("mesh_control_tls_refused_total"),
+        "{scraped}"
+    );
+    for path in ["/ready", "/live", "/tap"] {
+        let raw = http_get(metrics_addr, path).await;
+        assert!(
+            raw.contains(" 404 "),
+            "{path} on the metrics-only listener: {raw}"
+        );
+    }
     let refused = sample(
         &m,
         "mesh_control_tls_refused_total{listener=\"api\",reason=\"unknown_trust_domain\"}",

@@ -63,6 +63,10 @@ pub struct GatewayArgs {
         default_value = "127.0.0.1:4191"
     )]
     pub admin_addr: SocketAddr,
+    /// A metrics-only listener (`GET /metrics`, nothing else) Prometheus
+    /// can scrape from outside the pod; none by default.
+    #[arg(long, env = "MESH_GATEWAY_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl GatewayArgs {
@@ -88,6 +92,7 @@ impl GatewayArgs {
             )?,
             listen: self.tunnel_addr,
             admin_addr: self.admin_addr,
+            metrics_addr: self.metrics_addr,
         }
         .config()
     }

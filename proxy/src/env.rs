@@ -54,6 +54,8 @@ pub struct SystemComponent {
     /// Where it listens for mesh traffic (registered as its address).
     pub listen: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// `GET /metrics` only, on any address (for Prometheus).
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl SystemComponent {
@@ -97,7 +99,7 @@ impl SystemComponent {
             worker_threads: 1,
             destinations: DestinationLimits::default(),
             via_gateway: None,
-            metrics_addr: None,
+            metrics_addr: self.metrics_addr,
         })
     }
 }

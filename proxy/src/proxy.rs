@@ -121,6 +121,10 @@ pub async fn join(
             addr: config.admin_addr,
             source,
         })?;
+    if let Some(addr) = config.metrics_addr {
+        let listener = admin::bind_metrics(addr).await?;
+        tasks.spawn(admin::serve_metrics_only(listener, registry.clone()));
+    }
     tasks.spawn(admin::serve_with_tap(
         admin_listener,
         registry,
@@ -221,13 +225,6 @@ impl Proxy {
             identity: config.identity.to_string(),
         });
         let mut tasks = JoinSet::new();
-        if let Some(addr) = config.metrics_addr {
-            let listener = admin::bind_metrics(addr).await?;
-            tasks.spawn(admin::serve_metrics_only(
-                listener,
-                metrics.registry.clone(),
-            ));
-        }
         let Joined {
             bundles,
             creds,

@@ -71,6 +71,10 @@ pub struct MirrorArgs {
         default_value = "127.0.0.1:9991"
     )]
     pub admin_addr: SocketAddr,
+    /// A metrics-only listener (`GET /metrics`, nothing else) Prometheus
+    /// can scrape from outside the pod; none by default.
+    #[arg(long, env = "MESH_SERVICE_MIRROR_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl MirrorArgs {
@@ -90,6 +94,7 @@ impl MirrorArgs {
             )?,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_addr: self.admin_addr,
+            metrics_addr: self.metrics_addr,
         }
         .config()
     }

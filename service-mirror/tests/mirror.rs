@@ -79,6 +79,7 @@ async fn federated() -> Federated {
         store: mesh_service_mirror::config::Store::Local,
         kubeconfig: None,
         admin_addr: "127.0.0.1:0".parse().unwrap(),
+        metrics_addr: None,
     })
     .await
     .unwrap();

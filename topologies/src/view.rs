@@ -8,6 +8,11 @@ use std::{collections::BTreeMap, fmt::Write as _, time::Instant};
 use mesh_core::metrics_text::{Histogram, Sample};
 use mesh_service_mirror::metrics::LinkStatus;
 
+use mesh_viz::{
+    federate::{Answer, Unreachable},
+    views::{Edge, StatRow},
+};
+
 use crate::{
     demo::LoadStats,
     runner::{RunRecord, scrape, scrape_in},
@@ -23,6 +28,65 @@ pub struct Snapshot {
     pub links: BTreeMap<String, BTreeMap<String, LinkStatus>>,
     /// Per `<cluster>/<replica>`, what its load generator reports.
     pub loads: BTreeMap<String, LoadStats>,
+    /// What viz says of every cluster, when the run has viz.
+    pub viz: Option<VizView>,
+}
+
+/// viz's answers for the whole run: golden metrics per workload (server
+/// side) and the edges, each cluster's own or through a linked one's viz.
+#[derive(Clone, Debug, Default)]
+pub struct VizView {
+    pub workloads: Answer<Vec<StatRow>>,
+    pub edges: Answer<Vec<Edge>>,
+}
+
+impl VizView {
+    /// Asks each cluster's viz that no earlier answer covered (one viz
+    /// answers for the clusters it links to, through the mesh).
+    pub fn take(record: &RunRecord) -> Option<VizView> {
+        let mut view = VizView::default();
+        let mut asked = false;
+        for c in &record.clusters {
+            let Some(viz) = c.viz else { continue };
+            if view.workloads.clusters.iter().any(|m| m.name == c.name) {
+                continue;
+            }
+            asked = true;
+            let workloads: Option<Answer<Vec<StatRow>>> = ask_viz(viz, "/api/v1/stat?kind=deploy");
+            let edges: Option<Answer<Vec<Edge>>> = ask_viz(viz, "/api/v1/edges");
+            let (Some(w), Some(e)) = (workloads, edges) else {
+                view.workloads.unreachable.push(Unreachable {
+                    cluster: c.name.clone(),
+                    error: format!("its viz at {viz} does not answer"),
+                });
+                continue;
+            };
+            view.workloads.clusters.extend(w.clusters);
+            view.workloads.rows.extend(w.rows);
+            view.workloads.unreachable.extend(w.unreachable);
+            view.edges.rows.extend(e.rows);
+        }
+        let answered: Vec<String> = view
+            .workloads
+            .clusters
+            .iter()
+            .map(|c| c.name.clone())
+            .collect();
+        view.workloads
+            .unreachable
+            .retain(|u| !answered.contains(&u.cluster));
+        view.edges.rows.sort_by(|a, b| {
+            (&a.src_cluster, &a.src, &a.dst).cmp(&(&b.src_cluster, &b.src, &b.dst))
+        });
+        view.edges.rows.dedup();
+        asked.then_some(view)
+    }
+}
+
+fn ask_viz<T: serde::de::DeserializeOwned>(viz: std::net::SocketAddr, path: &str) -> Option<T> {
+    let (status, body) =
+        mesh_core::metrics_text::fetch(viz, path, std::time::Duration::from_secs(3)).ok()?;
+    (status == 200).then(|| serde_json::from_str(&body).ok())?
 }
 
 /// A destination a FailoverPolicy steers, as one cluster's callers see it.
@@ -71,6 +135,7 @@ impl Snapshot {
             proxies: BTreeMap::new(),
             links: BTreeMap::new(),
             loads: BTreeMap::new(),
+            viz: VizView::take(record),
         };
         for c in &record.clusters {
             let mut samples = Vec::new();
@@ -385,7 +450,49 @@ pub fn live(record: &RunRecord, now: &Snapshot, before: &Snapshot, elapsed: f64)
     table(&mut out, &now.rows_since(before), Some(seconds));
     failover(&mut out, now);
     links_and_loads(&mut out, now);
+    viz(&mut out, now);
     out
+}
+
+/// What viz says of every cluster: each workload's golden metrics (its
+/// own proxies', server side) and who calls whom.
+fn viz(out: &mut String, snap: &Snapshot) {
+    let Some(v) = &snap.viz else { return };
+    let _ = writeln!(
+        out,
+        "
+WORKLOAD (viz, last 30s)           CLUSTER    MESHED    RPS   SUCCESS        P50        P99"
+    );
+    for r in &v.workloads.rows {
+        let _ = writeln!(
+            out,
+            "{:<35}{:<11}{:>6}{:>7.1}{:>10}{:>11}{:>11}",
+            format!("{}/{}", r.namespace, r.name),
+            r.cluster,
+            r.meshed.unwrap_or(0),
+            r.rps,
+            pct(r.success),
+            r.p50_ms
+                .map_or_else(|| "-".to_owned(), |m| format!("{m:.1}ms")),
+            r.p99_ms
+                .map_or_else(|| "-".to_owned(), |m| format!("{m:.1}ms")),
+        );
+    }
+    for e in v
+        .edges
+        .rows
+        .iter()
+        .filter(|e| e.src_cluster != e.dst_cluster)
+    {
+        let _ = writeln!(
+            out,
+            "edge {} ({}) -> {} ({}): {:.1} rps, {} -> {}",
+            e.src, e.src_cluster, e.dst, e.dst_cluster, e.rps, e.src_identity, e.dst_identity
+        );
+    }
+    for u in &v.workloads.unreachable {
+        let _ = writeln!(out, "viz: cluster {} unreachable: {}", u.cluster, u.error);
+    }
 }
 
 /// The summary: totals over the whole run.
@@ -414,6 +521,7 @@ pub fn summary(record: &RunRecord, snap: &Snapshot, elapsed: f64) -> String {
     }
     failover(&mut out, snap);
     links_and_loads(&mut out, snap);
+    viz(&mut out, snap);
     out
 }
 
@@ -427,7 +535,64 @@ mod tests {
             proxies: [("west".to_owned(), mesh_core::metrics_text::parse(text))].into(),
             links: BTreeMap::new(),
             loads: BTreeMap::new(),
+            viz: None,
         }
+    }
+
+    #[test]
+    fn the_viz_section_shows_every_clusters_workloads_and_cross_cluster_edges() {
+        let mut s = snap("");
+        let row = |cluster: &str, name: &str, rps| StatRow {
+            cluster: cluster.into(),
+            namespace: "shop".into(),
+            name: name.into(),
+            meshed: Some(1),
+            rps,
+            success: Some(1.0),
+            ..StatRow::default()
+        };
+        let edge = |src: &str, sc: &str, dst: &str, dc: &str| Edge {
+            src: src.into(),
+            src_cluster: sc.into(),
+            dst: dst.into(),
+            dst_cluster: dc.into(),
+            src_identity: format!("spiffe://{sc}.mesh.local/ns/shop/sa/{src}"),
+            dst_identity: format!("spiffe://{dc}.mesh.local/ns/shop/sa/{dst}"),
+            rps: 15.0,
+            ..Edge::default()
+        };
+        s.viz = Some(VizView {
+            workloads: Answer {
+                clusters: Vec::new(),
+                unreachable: vec![Unreachable {
+                    cluster: "north".into(),
+                    error: "no answer".into(),
+                }],
+                rows: vec![row("west", "web", 15.0), row("east", "api", 15.0)],
+            },
+            edges: Answer {
+                rows: vec![
+                    edge("web", "west", "api", "east"),
+                    edge("load", "west", "web", "west"),
+                ],
+                ..Answer::default()
+            },
+        });
+        let mut out = String::new();
+        viz(&mut out, &s);
+        assert!(
+            out.contains("shop/api                           east"),
+            "{out}"
+        );
+        assert!(out.contains("edge web (west) -> api (east): 15.0 rps, spiffe://west.mesh.local/ns/shop/sa/web -> spiffe://east.mesh.local/ns/shop/sa/api"), "{out}");
+        assert!(
+            !out.contains("edge load"),
+            "only cross-cluster edges: {out}"
+        );
+        assert!(
+            out.contains("viz: cluster north unreachable: no answer"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! `mesh viz install`: the Prometheus scrape configuration for a
-//! Kubernetes cluster. Injected proxies serve `GET /metrics` (and nothing
-//! else) on their `mesh-metrics` port (4192, on the pod's address; their
-//! admin port stays on loopback, so `/tap` is never exposed); the
-//! configuration keeps exactly those ports, with the labels viz reads.
+//! Kubernetes cluster. Injected proxies and the control plane serve
+//! `GET /metrics` (and nothing else) on their `mesh-metrics` port (4192,
+//! on the pod's address; admin ports stay on loopback, so `/tap` is never
+//! exposed); the configuration keeps exactly those ports, with the labels
+//! viz reads.
 
 use serde_json::{Value, json};
 
@@ -23,7 +24,7 @@ pub fn scrape_config(args: &InstallArgs) -> Value {
     json!({
         "global": { "scrape_interval": args.scrape_interval },
         "scrape_configs": [{
-            "job_name": "mesh-proxies",
+            "job_name": "mesh",
             "kubernetes_sd_configs": [{ "role": "pod" }],
             "relabel_configs": [
                 {
@@ -33,9 +34,16 @@ pub fn scrape_config(args: &InstallArgs) -> Value {
                 },
                 { "target_label": "mesh_cluster", "replacement": args.cluster },
                 relabel("__meta_kubernetes_namespace", "mesh_namespace"),
-                relabel("__meta_kubernetes_pod_label_app", "mesh_deployment"),
+                // The deployment: `app.kubernetes.io/name` (the control
+                // plane's), overridden by `app` where a pod has one.
+                relabel("__meta_kubernetes_pod_label_app_kubernetes_io_name", "mesh_deployment"),
+                {
+                    "source_labels": ["__meta_kubernetes_pod_label_app"],
+                    "regex": "(.+)",
+                    "target_label": "mesh_deployment",
+                },
                 relabel("__meta_kubernetes_pod_name", "mesh_pod"),
-                { "target_label": "mesh_component", "replacement": "proxy" },
+                relabel("__meta_kubernetes_pod_container_name", "mesh_component"),
             ],
         }],
     })
@@ -59,7 +67,7 @@ pub fn print(args: &InstallArgs) -> anyhow::Result<()> {
         args.cluster
     );
     outln!(
-        "# Proxies' metrics-only port (4192, `mesh-metrics`); `/tap` and admin stay on loopback."
+        "# Every pod's metrics-only port (4192, `mesh-metrics`: injected proxies, the control plane); admin and /tap stay on loopback."
     );
     outln!("{}", yaml.trim_end());
     Ok(())

@@ -412,6 +412,7 @@ pub fn objects(values: &Values, issuer: Option<&IssuerFiles>) -> Vec<Value> {
                 "--identity-addr", "0.0.0.0:8080",
                 "--api-addr", "0.0.0.0:8086",
                 "--webhook-addr", format!("0.0.0.0:{WEBHOOK_PORT}"),
+                "--metrics-addr", format!("0.0.0.0:{}", crate::inject::pod::METRICS_PORT),
             ],
             "env": [
                 { "name": "RUST_LOG", "value": values.log_level },
@@ -421,6 +422,7 @@ pub fn objects(values: &Values, issuer: Option<&IssuerFiles>) -> Vec<Value> {
                 { "name": "identity", "containerPort": 8080, "protocol": "TCP" },
                 { "name": "api", "containerPort": 8086, "protocol": "TCP" },
                 { "name": "webhook", "containerPort": WEBHOOK_PORT, "protocol": "TCP" },
+                { "name": crate::inject::pod::METRICS_PORT_NAME, "containerPort": crate::inject::pod::METRICS_PORT, "protocol": "TCP" },
             ],
             "readinessProbe": { "tcpSocket": { "port": "api" }, "periodSeconds": 2, "failureThreshold": 2 },
             "livenessProbe": { "tcpSocket": { "port": "identity" }, "periodSeconds": 10, "failureThreshold": 3 },

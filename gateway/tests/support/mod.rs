@@ -171,6 +171,7 @@ pub async fn gateway_at(
         credentials_dir: None,
         tunnel_addr,
         admin_addr: "127.0.0.1:0".parse().unwrap(),
+        metrics_addr: None,
     })
     .await
     .unwrap()

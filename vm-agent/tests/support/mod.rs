@@ -227,6 +227,7 @@ impl World {
             credentials_dir: None,
             tunnel_addr: addr,
             admin_addr: "127.0.0.1:0".parse().unwrap(),
+            metrics_addr: None,
         })
         .await
         .unwrap()
