@@ -74,7 +74,7 @@ await check("the services table has rows of both clusters", async () => {
 });
 
 await check("the graph draws the cross-cluster edge " + crossSrc + " -> " + crossDst, async () => {
-  const edges = await page.$$eval("#graph line.edge.cross-cluster", (ls) =>
+  const edges = await page.$$eval("#graph .edge.cross-cluster", (ls) =>
     ls.map((l) => l.getAttribute("data-src") + " -> " + l.getAttribute("data-dst"))
   );
   assert(edges.includes(crossSrc + " -> " + crossDst), "cross-cluster edges: " + JSON.stringify(edges));

@@ -89,7 +89,11 @@ function drawGraph(edges) {
     nodes.set(key(e.src, e.src_cluster), { name: e.src, cluster: e.src_cluster, ns: e.src_namespace });
     nodes.set(key(e.dst, e.dst_cluster), { name: e.dst, cluster: e.dst_cluster, ns: e.dst_namespace });
   }
-  const clusters = [...new Set([...nodes.values()].map((n) => n.cluster))].sort();
+  // The cluster serving the page first, then the others.
+  const home = [...seen.clusters.keys()][0];
+  const clusters = [...new Set([...nodes.values()].map((n) => n.cluster))].sort((x, y) =>
+    x === home ? -1 : y === home ? 1 : x.localeCompare(y)
+  );
   const colWidth = Math.max(260, 900 / Math.max(1, clusters.length));
   const rowsIn = new Map();
   const pos = new Map();
@@ -113,13 +117,22 @@ function drawGraph(edges) {
   const W = 170, H = 30;
   for (const e of edges) {
     const a = pos.get(key(e.src, e.src_cluster)), b = pos.get(key(e.dst, e.dst_cluster));
-    const line = document.createElementNS(SVG, "line");
-    const right = b.x >= a.x;
-    line.setAttribute("x1", String(a.x + (right ? W : 0)));
-    line.setAttribute("y1", String(a.y + H / 2));
-    line.setAttribute("x2", String(b.x + (right ? 0 : W)));
-    line.setAttribute("y2", String(b.y + H / 2));
     const cross = e.src_cluster !== e.dst_cluster;
+    let line;
+    if (a.x === b.x) {
+      // Same column: an arc to the right of the boxes.
+      line = document.createElementNS(SVG, "path");
+      const x = a.x + W, bulge = 30 + Math.abs(b.y - a.y) / 4;
+      line.setAttribute("d", `M${x},${a.y + H / 2} C${x + bulge},${a.y + H / 2} ${x + bulge},${b.y + H / 2} ${x},${b.y + H / 2}`);
+      line.setAttribute("fill", "none");
+    } else {
+      line = document.createElementNS(SVG, "line");
+      const right = b.x > a.x;
+      line.setAttribute("x1", String(a.x + (right ? W : 0)));
+      line.setAttribute("y1", String(a.y + H / 2));
+      line.setAttribute("x2", String(b.x + (right ? 0 : W)));
+      line.setAttribute("y2", String(b.y + H / 2));
+    }
     line.setAttribute("class", "edge" + (cross ? " cross-cluster" : ""));
     line.setAttribute("data-src", e.src + "@" + e.src_cluster);
     line.setAttribute("data-dst", e.dst + "@" + e.dst_cluster);
