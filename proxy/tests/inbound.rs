@@ -90,7 +90,7 @@ async fn inbound_authorizes_and_sets_the_verified_client_id() {
         "{m}"
     );
     assert!(m.contains(&format!("mesh_proxy_inbound_requests_total{{port=\"{}\",status_code=\"200\",classification=\"success\",client_id=\"{}\"}} 1", w.app_port, id("web"))), "{m}");
-    assert!(m.contains(&format!("mesh_proxy_response_latency_seconds_count{{direction=\"inbound\",target=\"{}\",classification=\"success\"}} 2", w.app_port)), "the 200 and the 403: {m}");
+    assert!(m.contains(&format!("mesh_proxy_response_latency_seconds_count{{direction=\"inbound\",target=\"{}\",route=\"\",classification=\"success\"}} 2", w.app_port)), "the 200 and the 403: {m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -51,11 +51,11 @@ async fn an_http1_request_crosses_two_proxies_with_mtls_and_identity() {
     assert_eq!(status, 200);
     let m = metrics(web.admin_addr).await;
     assert!(
-        m.contains(&format!("mesh_proxy_outbound_requests_total{{authority=\"{authority}\",dst_cluster=\"west\",status_code=\"200\",classification=\"success\",tls=\"mtls\"}} 2")),
+        m.contains(&format!("mesh_proxy_outbound_requests_total{{authority=\"{authority}\",dst_cluster=\"west\",status_code=\"200\",classification=\"success\",tls=\"mtls\",route=\"default\",dst_identity=\"{}\"}} 2", id("api"))),
         "{m}"
     );
     assert!(
-        m.contains(&format!("mesh_proxy_response_latency_seconds_count{{direction=\"outbound\",target=\"{authority}\",classification=\"success\"}} 2")),
+        m.contains(&format!("mesh_proxy_response_latency_seconds_count{{direction=\"outbound\",target=\"{authority}\",route=\"default\",classification=\"success\"}} 2")),
         "{m}"
     );
 }
@@ -126,7 +126,7 @@ async fn an_endpoint_with_the_wrong_identity_gets_no_bytes() {
     // The failure is counted against the destination chosen, with its
     // cluster and mTLS, as a success would be.
     assert!(
-        m.contains(&format!("mesh_proxy_outbound_requests_total{{authority=\"{authority}\",dst_cluster=\"west\",status_code=\"502\",classification=\"failure\",tls=\"mtls\"}} 1")),
+        m.contains(&format!("mesh_proxy_outbound_requests_total{{authority=\"{authority}\",dst_cluster=\"west\",status_code=\"502\",classification=\"failure\",tls=\"mtls\",route=\"default\",dst_identity=\"\"}} 1")),
         "{m}"
     );
 }
