@@ -17,10 +17,14 @@ pub(crate) fn resolve(ask: &Ask) -> anyhow::Result<SocketAddr> {
             .parse()
             .with_context(|| format!("--viz {viz:?} is not host:port (e.g. 127.1.1.5:8084)"));
     }
-    let record = mesh_topologies::runner::RunRecord::load(&ask.state_dir).with_context(|| {
+    let state_dir = ask
+        .state_dir
+        .clone()
+        .unwrap_or_else(mesh_topologies::cli::default_state_dir);
+    let record = mesh_topologies::runner::RunRecord::load(&state_dir).with_context(|| {
         format!(
             "no `mesh up` run in {} to find viz in; pass --viz host:port or --state-dir",
-            ask.state_dir.display()
+            state_dir.display()
         )
     })?;
     let clusters: Vec<_> = record
@@ -31,14 +35,14 @@ pub(crate) fn resolve(ask: &Ask) -> anyhow::Result<SocketAddr> {
     if clusters.is_empty() {
         bail!(
             "the run in {} has no cluster {:?}",
-            ask.state_dir.display(),
+            state_dir.display(),
             ask.from.as_deref().unwrap_or("")
         );
     }
     clusters.iter().find_map(|c| c.viz).with_context(|| {
         format!(
             "the run in {} has no viz: install Prometheus (apt-get install prometheus) and run `mesh up` again",
-            ask.state_dir.display()
+            state_dir.display()
         )
     })
 }

@@ -58,9 +58,10 @@ pub struct Ask {
     /// `mesh up` run in --state-dir].
     #[arg(long, env = "MESH_VIZ_URL")]
     pub viz: Option<String>,
-    /// With `mesh up`: its state directory.
-    #[arg(long, default_value = ".mesh")]
-    pub state_dir: PathBuf,
+    /// With `mesh up`: its state directory [default: `mesh up`'s,
+    /// `~/.local/state/mesh/up`].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
     /// With `mesh up`: ask this cluster's viz [default: the first].
     #[arg(long = "from")]
     pub from: Option<String>,
