@@ -169,6 +169,50 @@ async fn the_proxy_renews_at_half_life_and_keeps_serving() {
     );
 }
 
+/// A caller that is not a Mesh proxy (haproxy, say) sends plain HTTP/1.1
+/// over mTLS (ALPN `http/1.1`) without `mesh-orig-proto`: the app gets it
+/// as HTTP/1.1, with the verified caller, not a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http1_over_mtls_reaches_the_app_as_http1() {
+    use std::sync::Arc;
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let caller = w.join("web").await;
+    let mut tls = client_config(
+        CredentialStore::new(caller),
+        w.bundles.clone(),
+        ExpectedIdentity::Exact(id("api")),
+    )
+    .unwrap();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(w.proxy.inbound_addr)
+        .await
+        .unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(
+            rustls::pki_types::ServerName::try_from("mesh").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let port = w.app_port;
+    stream
+        .write_all(
+            format!(
+                "GET /plain HTTP/1.1\r\nHost: api.shop.svc.cluster.local:{port}\r\n{DST_PORT}: {port}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw)).await;
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert!(raw.contains("path=/plain version=HTTP/1.1"), "{raw}");
+    assert!(raw.contains(&format!("client={}", id("web"))), "{raw}");
+    assert_eq!(w.app_hits.load(Ordering::SeqCst), 1);
+}
+
 /// mTLS + the HTTP/2 client preface to `addr` (expecting `server`); returns
 /// the stream and the server's SETTINGS, read off the wire.
 async fn raw_h2(

@@ -34,16 +34,20 @@ pub fn dst_port(headers: &mut HeaderMap) -> Result<u16, Unroutable> {
 
 /// Rewrites `parts` for the app at `app`: sets `mesh-client-id` to the
 /// verified caller, points the URI at the app, and restores HTTP/1.1 (with
-/// Host) when the caller's app spoke it. Returns whether it did.
+/// Host) when the caller's app spoke it: `mesh-orig-proto` says so on
+/// HTTP/2 between proxies, and a request that arrived as HTTP/1.x (a
+/// caller that is not a Mesh proxy, over ALPN `http/1.1`) is HTTP/1.1
+/// itself. Returns whether it did.
 pub fn for_app(
     parts: &mut Parts,
     client_id: &SpiffeId,
     app: SocketAddr,
 ) -> Result<bool, Unroutable> {
-    let was_http1 = parts
-        .headers
-        .get(ORIG_PROTO)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"HTTP/1.1"));
+    let was_http1 = parts.version <= Version::HTTP_11
+        || parts
+            .headers
+            .get(ORIG_PROTO)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"HTTP/1.1"));
     parts.headers.remove(ORIG_PROTO);
     // Whatever the caller claimed, the app sees who was verified.
     let id = HeaderValue::from_str(client_id.as_str()).expect("SPIFFE IDs are valid header values");
@@ -97,6 +101,28 @@ mod tests {
         assert_eq!(parts.headers[header::HOST], "api.shop.svc.cluster.local:80");
         assert_eq!(parts.version, Version::HTTP_11);
         assert!(parts.headers.get(ORIG_PROTO).is_none());
+    }
+
+    #[test]
+    fn a_request_that_arrived_as_http1_goes_on_as_http1_without_the_header() {
+        let req = http::Request::get("/x")
+            .version(Version::HTTP_11)
+            .header(header::HOST, "api.shop.svc.cluster.local:80")
+            .body(())
+            .unwrap();
+        let (mut parts, ()) = req.into_parts();
+        let web: SpiffeId = "spiffe://west.mesh.local/ns/shop/sa/web".parse().unwrap();
+        assert!(for_app(&mut parts, &web, "127.0.0.5:8080".parse().unwrap()).unwrap());
+        assert_eq!(parts.version, Version::HTTP_11);
+        assert_eq!(parts.headers[header::HOST], "api.shop.svc.cluster.local:80");
+        // Between proxies (HTTP/2) without the header: HTTP/2, as before.
+        let req = http::Request::get("http://api:80/x")
+            .version(Version::HTTP_2)
+            .body(())
+            .unwrap();
+        let (mut parts, ()) = req.into_parts();
+        assert!(!for_app(&mut parts, &web, "127.0.0.5:8080".parse().unwrap()).unwrap());
+        assert_eq!(parts.version, Version::HTTP_2);
     }
 
     #[test]
