@@ -82,18 +82,35 @@ pub async fn serve_with_tap(
     readiness: Readiness,
     tap: Option<Tap>,
 ) {
+    serve_http(listener, move |req| {
+        let response = match (req.uri().path(), &tap) {
+            ("/tap", Some(tap)) if req.method() == Method::GET => tap_stream(tap),
+            _ => route(&req, &registry, &readiness).map(|b| b.boxed()),
+        };
+        async move { response }
+    })
+    .await;
+}
+
+/// Serves HTTP/1.1 on `listener` until the task is dropped, answering each
+/// request with `handle`: the loop every admin-style listener shares.
+pub async fn serve_http<F, Fut, B>(listener: TcpListener, handle: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             continue;
         };
-        let (registry, readiness, tap) = (registry.clone(), readiness.clone(), tap.clone());
+        let handle = handle.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let response = match (req.uri().path(), &tap) {
-                    ("/tap", Some(tap)) if req.method() == Method::GET => tap_stream(tap),
-                    _ => route(&req, &registry, &readiness).map(|b| b.boxed()),
-                };
-                async move { Ok::<_, Infallible>(response) }
+                let answer = handle(req);
+                async move { Ok::<_, Infallible>(answer.await) }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), svc)
@@ -114,27 +131,17 @@ pub async fn bind_metrics(addr: SocketAddr) -> Result<TcpListener, AdminError> {
 
 /// Serves `GET /metrics` only on `listener` until the task is dropped.
 pub async fn serve_metrics_only(listener: TcpListener, registry: Arc<Registry>) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
+    serve_http(listener, move |req: Request<Incoming>| {
+        let response = match (req.method(), req.uri().path()) {
+            (&Method::GET, "/metrics") => metrics(&registry),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "this listener serves GET /metrics only\n".into(),
+            ),
         };
-        let registry = registry.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let response = match (req.method(), req.uri().path()) {
-                    (&Method::GET, "/metrics") => metrics(&registry),
-                    _ => text(
-                        StatusCode::NOT_FOUND,
-                        "this listener serves GET /metrics only\n".into(),
-                    ),
-                };
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
+        async move { response }
+    })
+    .await;
 }
 
 fn route(

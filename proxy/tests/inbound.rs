@@ -174,26 +174,9 @@ async fn the_proxy_renews_at_half_life_and_keeps_serving() {
 /// as HTTP/1.1, with the verified caller, not a 502.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http1_over_mtls_reaches_the_app_as_http1() {
-    use std::sync::Arc;
     let w = world(Duration::from_secs(24 * 3600)).await;
     let caller = w.join("web").await;
-    let mut tls = client_config(
-        CredentialStore::new(caller),
-        w.bundles.clone(),
-        ExpectedIdentity::Exact(id("api")),
-    )
-    .unwrap();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(w.proxy.inbound_addr)
-        .await
-        .unwrap();
-    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect(
-            rustls::pki_types::ServerName::try_from("mesh").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
+    let mut stream = mtls(&w, &caller, w.proxy.inbound_addr, "api", b"http/1.1").await;
     let port = w.app_port;
     stream
         .write_all(
@@ -213,6 +196,32 @@ async fn plain_http1_over_mtls_reaches_the_app_as_http1() {
     assert_eq!(w.app_hits.load(Ordering::SeqCst), 1);
 }
 
+/// An mTLS connection as `caller` to `addr`, which must be `server`,
+/// offering ALPN `alpn`.
+async fn mtls(
+    w: &World,
+    caller: &mesh_core::identity::Credentials,
+    addr: std::net::SocketAddr,
+    server: &str,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut tls = client_config(
+        CredentialStore::new(caller.clone()),
+        w.bundles.clone(),
+        ExpectedIdentity::Exact(id(server)),
+    )
+    .unwrap();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(
+            rustls::pki_types::ServerName::try_from("mesh").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap()
+}
+
 /// mTLS + the HTTP/2 client preface to `addr` (expecting `server`); returns
 /// the stream and the server's SETTINGS, read off the wire.
 async fn raw_h2(
@@ -223,23 +232,8 @@ async fn raw_h2(
     tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
     std::collections::HashMap<u16, u32>,
 ) {
-    use std::sync::Arc;
     let caller = w.join("web").await;
-    let mut tls = client_config(
-        CredentialStore::new(caller),
-        w.bundles.clone(),
-        ExpectedIdentity::Exact(id(server)),
-    )
-    .unwrap();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect(
-            rustls::pki_types::ServerName::try_from("mesh").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
+    let mut stream = mtls(w, &caller, addr, server, b"h2").await;
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     stream
         .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
@@ -585,31 +579,7 @@ async fn no_connection_outlives_the_peer_certificate() {
     .await;
     let web = w.join_for("web", Duration::from_secs(5)).await;
     let started = Instant::now();
-    let tls = |alpn: &[u8]| {
-        let mut tls = client_config(
-            CredentialStore::new(web.clone()),
-            w.bundles.clone(),
-            ExpectedIdentity::Exact(id("db")),
-        )
-        .unwrap();
-        tls.alpn_protocols = vec![alpn.to_vec()];
-        tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
-    };
-    let dial = |alpn: &'static [u8]| {
-        let connector = tls(alpn);
-        async move {
-            let tcp = tokio::net::TcpStream::connect(db.inbound_addr)
-                .await
-                .unwrap();
-            connector
-                .connect(
-                    rustls::pki_types::ServerName::try_from("db.shop").unwrap(),
-                    tcp,
-                )
-                .await
-                .unwrap()
-        }
-    };
+    let dial = |alpn: &'static [u8]| mtls(&w, &web, db.inbound_addr, "db", alpn);
 
     // Opaque TCP.
     let mut opaque = dial(mesh_proxy::wire::ALPN_TCP).await;

@@ -105,34 +105,10 @@ pub struct TopArgs {
 
 /// Runs `cmd`; `resolve` finds the viz address a query goes to.
 pub fn run(cmd: VizCommand, resolve: impl Fn(&Ask) -> anyhow::Result<SocketAddr>) -> ExitCode {
-    let result = match cmd {
-        VizCommand::Serve(args) => {
-            return mesh_core::shutdown::run_component(
-                crate::Viz::start(*args),
-                crate::Viz::shutdown,
-            );
-        }
-        VizCommand::Install(args) => crate::install::print(&args),
-        VizCommand::Stat(a) => query(&a.ask, &resolve, "stat", &[("kind", a.kind.clone())])
-            .and_then(|body| show::<Vec<StatRow>>(&a.ask, &body, |rows| stat_table(&a.kind, rows))),
-        VizCommand::Routes(a) => query(&a, &resolve, "routes", &[])
-            .and_then(|body| show::<Vec<StatRow>>(&a, &body, |rows| stat_table("route", rows))),
-        VizCommand::Edges(a) => query(&a, &resolve, "edges", &[])
-            .and_then(|body| show::<Vec<Edge>>(&a, &body, edge_table)),
-        VizCommand::Links(a) => query(&a, &resolve, "links", &[])
-            .and_then(|body| show::<Vec<LinkRow>>(&a, &body, link_table)),
-        VizCommand::Top(a) => {
-            let ms = a.watch.as_millis().clamp(100, 10_000).to_string();
-            query(
-                &a.ask,
-                &resolve,
-                "top",
-                &[("ms", ms), ("max", "1000".into())],
-            )
-            .and_then(|body| show::<Vec<TopRow>>(&a.ask, &body, top_table))
-        }
-        VizCommand::Tap(a) => tap(&a, &resolve),
-    };
+    if let VizCommand::Serve(args) = cmd {
+        return mesh_core::shutdown::run_component(crate::Viz::start(*args), crate::Viz::shutdown);
+    }
+    let result = ask(cmd, resolve);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -142,20 +118,57 @@ pub fn run(cmd: VizCommand, resolve: impl Fn(&Ask) -> anyhow::Result<SocketAddr>
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
+fn ask(
+    cmd: VizCommand,
+    resolve: impl Fn(&Ask) -> anyhow::Result<SocketAddr>,
+) -> anyhow::Result<()> {
+    match cmd {
+        VizCommand::Serve(_) => unreachable!("served above"),
+        VizCommand::Install(args) => crate::install::print(&args),
+        VizCommand::Stat(a) => query(
+            &a.ask,
+            resolve(&a.ask)?,
+            "stat",
+            &[("kind", a.kind.clone())],
+        )
+        .and_then(|body| show::<Vec<StatRow>>(&a.ask, &body, |rows| stat_table(&a.kind, rows))),
+        VizCommand::Routes(a) => query(&a, resolve(&a)?, "routes", &[])
+            .and_then(|body| show::<Vec<StatRow>>(&a, &body, |rows| stat_table("route", rows))),
+        VizCommand::Edges(a) => query(&a, resolve(&a)?, "edges", &[])
+            .and_then(|body| show::<Vec<Edge>>(&a, &body, edge_table)),
+        VizCommand::Links(a) => query(&a, resolve(&a)?, "links", &[])
+            .and_then(|body| show::<Vec<LinkRow>>(&a, &body, link_table)),
+        VizCommand::Top(a) => {
+            let ms = a.watch.as_millis().clamp(100, 10_000).to_string();
+            query(
+                &a.ask,
+                resolve(&a.ask)?,
+                "top",
+                &[("ms", ms), ("max", "1000".into())],
+            )
+            .and_then(|body| show::<Vec<TopRow>>(&a.ask, &body, top_table))
+        }
+        VizCommand::Tap(a) => tap(&a, resolve(&a.ask)?),
+    }
 }
 
-/// `GET /api/v1/<view>` on the resolved viz; the body of a 200.
+/// The one runtime the CLI's queries run on (a tap asks every second).
+fn runtime() -> anyhow::Result<&'static tokio::runtime::Runtime> {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    if let Some(rt) = RUNTIME.get() {
+        return Ok(rt);
+    }
+    let rt = mesh_core::shutdown::runtime_with(1)?;
+    Ok(RUNTIME.get_or_init(|| rt))
+}
+
+/// `GET /api/v1/<view>` on the viz at `addr`; the body of a 200.
 fn query(
     ask: &Ask,
-    resolve: &impl Fn(&Ask) -> anyhow::Result<SocketAddr>,
+    addr: SocketAddr,
     view: &str,
     extra: &[(&str, String)],
 ) -> anyhow::Result<Vec<u8>> {
-    let addr = resolve(ask)?;
     let mut q = form_urlencoded::Serializer::new(String::new());
     for (k, v) in [("namespace", &ask.namespace), ("cluster", &ask.cluster)] {
         if !v.is_empty() {
@@ -379,7 +392,7 @@ fn tap_line(e: &TapEvent) -> String {
     )
 }
 
-fn tap(a: &TapArgs, resolve: &impl Fn(&Ask) -> anyhow::Result<SocketAddr>) -> anyhow::Result<()> {
+fn tap(a: &TapArgs, addr: SocketAddr) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let mut seen = 0usize;
     let mut named = std::collections::BTreeSet::new();
@@ -389,7 +402,7 @@ fn tap(a: &TapArgs, resolve: &impl Fn(&Ask) -> anyhow::Result<SocketAddr>) -> an
         }
         let body = query(
             &a.ask,
-            resolve,
+            addr,
             "tap",
             &[("ms", "1000".into()), ("max", "1000".into())],
         )?;

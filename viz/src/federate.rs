@@ -42,6 +42,17 @@ pub struct Answer<T> {
     pub rows: T,
 }
 
+impl<T> Answer<T> {
+    /// The same answer with its rows turned into other rows.
+    pub fn map_rows<U>(self, f: impl FnOnce(T) -> U) -> Answer<U> {
+        Answer {
+            clusters: self.clusters,
+            unreachable: self.unreachable,
+            rows: f(self.rows),
+        }
+    }
+}
+
 /// Rows that say which cluster measured them, so a peer cannot answer for
 /// another cluster.
 pub trait Rows: Serialize + DeserializeOwned + Default + Send + 'static {

@@ -3,13 +3,12 @@
 //! windows and counts bounded; unknown parameters refused), and nothing a
 //! caller sends reaches a PromQL string: filtering happens on the rows.
 
-use std::{collections::BTreeMap, convert::Infallible, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
@@ -218,21 +217,11 @@ impl Params {
 
 /// Serves the API and dashboard on `listener` until dropped.
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
+    mesh_core::admin::serve_http(listener, move |req| {
         let state = state.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, req).await) }
-            });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
+        async move { handle(&state, req).await }
+    })
+    .await;
 }
 
 const INDEX: &str = include_str!("dashboard/index.html");
@@ -334,16 +323,7 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
                 .iter()
                 .map(|c| (c.trust_domain.clone(), c.name.clone()))
                 .collect();
-            let Answer {
-                clusters,
-                unreachable,
-                rows,
-            } = answer;
-            json(&Answer {
-                clusters,
-                unreachable,
-                rows: views::merge_edges(&[rows], &tds),
-            })
+            json(&answer.map_rows(|rows| views::merge_edges(&[rows], &tds)))
         }
         "tap" | "top" => {
             let answer = federated(state, &params, "tap", |l, p| async move {
@@ -365,16 +345,7 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
             if view == "tap" {
                 return json(&answer);
             }
-            let Answer {
-                clusters,
-                unreachable,
-                rows,
-            } = answer;
-            json(&Answer {
-                clusters,
-                unreachable,
-                rows: tap::top(&rows, 50),
-            })
+            json(&answer.map_rows(|rows| tap::top(&rows, 50)))
         }
         _ => {
             let peers = linked_clusters(state).await.unwrap_or_default();

@@ -474,8 +474,11 @@ mod tests {
             "{err}"
         );
 
-        let err =
-            parse("apiVersion: v1\nkind: Servic\nmetadata: {name: a}\nspec: {}\n").unwrap_err();
+        let misspelled = serde_saphyr::to_string(&serde_json::json!({
+            "apiVersion": "v1", "kind": "Servic", "metadata": { "name": "a" }, "spec": {},
+        }))
+        .unwrap();
+        let err = parse(&misspelled).unwrap_err();
         assert_eq!((err.line, err.kind), (1, "unknown_kind"));
         let err = parse("apiVersion: v2\nkind: Service\nmetadata: {name: a}\nspec: {ports: []}\n")
             .unwrap_err();

@@ -252,17 +252,7 @@ pub(super) fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Resul
                     &stats,
                     state,
                 ));
-                info.replicas.push(ReplicaInfo {
-                    name: replica,
-                    workload: w.name.clone(),
-                    namespace: w.namespace.clone(),
-                    service_account: w.service_account().to_owned(),
-                    ip: place.ip,
-                    proxy_admin: SocketAddr::new(place.proxy_ip, 4191),
-                    stats,
-                    netns: place.netns,
-                    vm: None,
-                });
+                info.replicas.push(replica_info(w, replica, place, stats));
             }
         }
         for vm in &c.vms {
@@ -314,18 +304,9 @@ pub(super) fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Resul
                 &stats,
                 state,
             ));
-            info.replicas.push(ReplicaInfo {
-                name: "viz-0".into(),
-                workload: w.name.clone(),
-                namespace: w.namespace.clone(),
-                service_account: w.service_account().to_owned(),
-                ip: place.ip,
-                proxy_admin: SocketAddr::new(place.proxy_ip, 4191),
-                stats,
-                netns: None,
-                vm: None,
-            });
             info.viz = Some(SocketAddr::new(place.ip, mesh_viz::federate::VIZ_PORT));
+            info.replicas
+                .push(replica_info(&w, "viz-0".into(), place, stats));
             info.prometheus = Some(prometheus);
             let pdir = dir.join("prometheus");
             components.push(Component::new(
@@ -357,6 +338,21 @@ pub(super) fn lay_out(topology: &Topology, file: &Path, opts: &Options) -> Resul
         clusters,
         components,
     })
+}
+
+/// What the run records of replica `name` of workload `w`.
+fn replica_info(w: &Workload, name: String, place: Placement, stats: PathBuf) -> ReplicaInfo {
+    ReplicaInfo {
+        name,
+        workload: w.name.clone(),
+        namespace: w.namespace.clone(),
+        service_account: w.service_account().to_owned(),
+        ip: place.ip,
+        proxy_admin: SocketAddr::new(place.proxy_ip, 4191),
+        stats,
+        netns: place.netns,
+        vm: None,
+    }
 }
 
 /// Where the `next`th replica (or VM) `name` of cluster `n` runs: a
