@@ -5,9 +5,15 @@
 //! process, then runs direct (client -> app) and meshed (client -> client
 //! proxy -> mTLS -> server proxy -> app) rounds interleaved, for HTTP/1.1
 //! and for HTTP/2 with prior knowledge (as gRPC), and prints medians and
-//! ratios.
-//! Proxy CPU time and memory come from `/proc`. The machine is shared and
-//! noisy: compare the ratios of one run, not absolute times across runs.
+//! ratios. With `--peer haproxy` an haproxy pair doing the same job runs
+//! beside the Mesh pair, in the same rounds, and every figure gets the
+//! ratio Mesh / haproxy.
+//!
+//! With two cores or more, the proxies run on one core and the load
+//! generator and the app on another, so the figures do not wander with the
+//! scheduler. Proxy CPU time and memory come from `/proc`. The machine is
+//! shared and noisy: compare the ratios of one run, not absolute times
+//! across runs.
 
 use std::{
     net::{SocketAddr, TcpListener as StdListener},
@@ -29,10 +35,11 @@ use hyper::{client::conn, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_control::admin_socket::{self, AdminRequest};
 use mesh_core::identity::{
-    CertificateAuthority, RootCa,
+    BundleStore, CertificateAuthority, ExpectedIdentity, RootCa, SpiffeId, TrustBundleSet,
     ca::{DEFAULT_ISSUER_TTL, DEFAULT_ROOT_TTL},
     cert::now,
     files,
+    tls::client_config,
 };
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
@@ -53,10 +60,41 @@ pub(crate) struct BenchArgs {
     /// Idle connections opened to measure memory per connection.
     #[arg(long, default_value_t = 500)]
     idle_connections: usize,
+    /// Connections opened at once, then closed, to see that memory goes
+    /// back down.
+    #[arg(long, default_value_t = 1000)]
+    burst: usize,
     /// Measure the gateway hop instead: in-cluster against cross-cluster
     /// (TCP and QUIC tunnels), reused and new connections.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "peer")]
     cross_cluster: bool,
+    /// Run another proxy pair beside Mesh's, with the same load in the same
+    /// interleaved rounds, and print each figure with the ratio
+    /// Mesh / peer. `haproxy` needs Debian's `haproxy` package.
+    #[arg(long, value_enum)]
+    peer: Option<Peer>,
+    /// Do not pin the proxies and the load generator to separate cores.
+    #[arg(long)]
+    no_pin: bool,
+    /// Run these parts only (repeat or separate with commas), for
+    /// profiling one of them: `http1`, `http2`, `memory`, `connections`.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Part>,
+}
+
+/// The parts of a bench run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Part {
+    Http1,
+    Http2,
+    Memory,
+    Connections,
+}
+
+/// A proxy pair to compare Mesh's with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Peer {
+    Haproxy,
 }
 
 /// Kills the processes it holds when dropped, so nothing outlives the bench.
@@ -72,18 +110,106 @@ impl Drop for Procs {
 }
 
 pub(crate) fn run(args: BenchArgs) -> Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     let dir = std::env::temp_dir().join(format!("mesh-bench-{}", std::process::id()));
     if args.cross_cluster {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
         return runtime
             .block_on(crate::bench_cross::cross_cluster(&args))
             .map(|()| ExitCode::SUCCESS);
     }
-    let result = runtime.block_on(bench(&args, &dir));
+    // Before anything else, so the peer's absence costs no setup.
+    let haproxy = match args.peer {
+        Some(Peer::Haproxy) => Some(crate::bench_haproxy::find()?),
+        None => None,
+    };
+    raise_open_files_limit();
+    let cores = if args.no_pin { None } else { choose_cores()? };
+    // The runtime's threads inherit this thread's mask: the load generator
+    // and the app run on the load core.
+    if let Some(cores) = cores {
+        pin_this_thread(cores.load)?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(bench(&args, &dir, cores, haproxy));
     let _ = std::fs::remove_dir_all(&dir);
     result.map(|()| ExitCode::SUCCESS)
+}
+
+/// The cores the proxies and the load run on.
+#[derive(Clone, Copy, Debug)]
+struct Cores {
+    proxies: usize,
+    load: usize,
+}
+
+/// The first two cores this process may run on, or `None` (with a word on
+/// stderr) when it may run on one only.
+fn choose_cores() -> Result<Option<Cores>> {
+    use rustix::thread::{CpuSet, sched_getaffinity};
+    let allowed = sched_getaffinity(None).context("cannot read this process's CPU affinity")?;
+    let cpus: Vec<usize> = (0..CpuSet::MAX_CPU)
+        .filter(|&c| allowed.is_set(c))
+        .collect();
+    match cpus[..] {
+        [proxies, load, ..] => Ok(Some(Cores { proxies, load })),
+        _ => {
+            eprintln!(
+                "note: one core available; the proxies and the load share it (figures wander more)"
+            );
+            Ok(None)
+        }
+    }
+}
+
+fn pin_this_thread(cpu: usize) -> Result<()> {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    rustix::thread::sched_setaffinity(None, &set)
+        .with_context(|| format!("cannot pin the bench to CPU {cpu}"))
+}
+
+/// Starts `cmd` on `cpu`: a child inherits the CPU mask of the thread that
+/// starts it, so this thread takes that mask for the spawn and then puts
+/// its own back. The child runs on `cpu` from its first instruction, with
+/// every thread it ever starts.
+fn spawn_on(cmd: &mut Command, cpu: Option<usize>) -> Result<Child> {
+    let Some(cpu) = cpu else {
+        return Ok(cmd.spawn()?);
+    };
+    let own = rustix::thread::sched_getaffinity(None)?;
+    pin_this_thread(cpu)?;
+    let child = cmd.spawn();
+    rustix::thread::sched_setaffinity(None, &own)?;
+    Ok(child?)
+}
+
+/// The CPUs a process may run on, as the kernel lists them.
+fn cpus_allowed(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| Some(l.strip_prefix("Cpus_allowed_list:")?.trim().to_owned()))
+        .unwrap_or_default()
+}
+
+/// The burst and idle-connection rounds hold over a thousand sockets: take
+/// the hard limit on open files (the soft one is often 1024).
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            rustix::process::Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
+        );
+    }
 }
 
 fn free_port() -> Result<u16> {
@@ -273,14 +399,16 @@ pub(crate) async fn latency(
     Ok((percentile(&took, 0.5), percentile(&took, 0.99)))
 }
 
-/// Requests completed in `run` by `conns` concurrent connections.
+/// Requests completed in `run` by `conns` concurrent connections, and the
+/// RSS (KiB) of `sample` at the end of the run, while they still send.
 async fn throughput(
     to: SocketAddr,
     proto: Proto,
     uri: &str,
     conns: usize,
     run: Duration,
-) -> Result<u64> {
+    sample: Option<u32>,
+) -> Result<(u64, f64)> {
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
@@ -297,29 +425,43 @@ async fn throughput(
         }));
     }
     tokio::time::sleep(run).await;
+    let rss = sample.map_or(0.0, rss_kib);
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await?;
     }
-    Ok(done.load(Ordering::Relaxed))
+    Ok((done.load(Ordering::Relaxed), rss))
 }
 
 /// The proxy as a sidecar runs it: the `mesh-proxy` binary when it was
 /// built next to this one (`cargo build --release -p mesh-proxy`), which is
 /// smaller than `mesh` and so maps less code; `mesh proxy` otherwise.
+///
+/// `MESH_BENCH_PROXY_WRAPPER`, when set, is a command (split on spaces)
+/// the proxies run under, for profiling: `valgrind --tool=callgrind`.
 fn proxy_command(exe: &Path) -> Command {
     let sidecar = exe.with_file_name("mesh-proxy");
-    if sidecar.is_file() {
-        Command::new(sidecar)
+    let (program, first) = if sidecar.is_file() {
+        (sidecar, None)
     } else {
-        let mut cmd = Command::new(exe);
-        cmd.arg("proxy");
-        cmd
-    }
+        (exe.to_owned(), Some("proxy"))
+    };
+    let wrapper = std::env::var("MESH_BENCH_PROXY_WRAPPER").unwrap_or_default();
+    let mut wrapper = wrapper.split_whitespace();
+    let mut cmd = match wrapper.next() {
+        Some(tool) => {
+            let mut cmd = Command::new(tool);
+            cmd.args(wrapper).arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    };
+    cmd.args(first);
+    cmd
 }
 
 struct Setup {
-    _procs: Procs,
+    procs: Procs,
     client_pid: u32,
     server_pid: u32,
     app: SocketAddr,
@@ -327,11 +469,12 @@ struct Setup {
     server_inbound: SocketAddr,
     authority: String,
     bundle: PathBuf,
+    root: PathBuf,
     plane_identity: SocketAddr,
     admin_socket: PathBuf,
 }
 
-async fn setup(dir: &Path) -> Result<Setup> {
+async fn setup(dir: &Path, cores: Option<Cores>) -> Result<Setup> {
     std::fs::create_dir_all(dir)?;
     let exe = std::env::current_exe().context("cannot find the mesh binary to start components")?;
     let ca_dir = dir.join("ca");
@@ -364,7 +507,7 @@ async fn setup(dir: &Path) -> Result<Setup> {
         Ok(std::fs::File::create(dir.join(format!("{name}.log")))?)
     };
     let mut procs = Procs(Vec::new());
-    procs.0.push(
+    procs.0.push(spawn_on(
         Command::new(&exe)
             .args(["control", "--cluster", "bench"])
             .arg("--ca")
@@ -383,9 +526,9 @@ async fn setup(dir: &Path) -> Result<Setup> {
             ])
             .env("MESH_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(log("control")?)
-            .spawn()?,
-    );
+            .stderr(log("control")?),
+        cores.map(|c| c.load),
+    )?);
     wait_ready(admin, "the control plane", &dir.join("control.log")).await?;
     let admin_socket = dir.join("data").join(admin_socket::SOCKET_FILE);
 
@@ -396,30 +539,30 @@ async fn setup(dir: &Path) -> Result<Setup> {
         let token = dir.join(format!("{sa}.token"));
         let (inbound, outbound, padmin) =
             (addr(free_port()?), addr(free_port()?), addr(free_port()?));
-        let child = proxy_command(&exe)
-            .envs([
-                ("MESH_PROXY_CLUSTER", "bench"),
-                ("MESH_PROXY_TRUST_DOMAIN", "bench.mesh.local"),
-                ("MESH_PROXY_NAMESPACE", "bench"),
-                ("MESH_PROXY_SERVICE_ACCOUNT", sa),
-                ("MESH_PROXY_WORKLOAD", &format!("{sa}-0")),
-                ("MESH_PROXY_CONTROL_IDENTITY_ADDR", &identity.to_string()),
-                ("MESH_PROXY_CONTROL_API_ADDR", &api.to_string()),
-                (
-                    "MESH_PROXY_TRUST_ANCHORS",
-                    &ca_dir.join("bundle.json").display().to_string(),
-                ),
-                ("MESH_PROXY_JOIN_TOKEN_FILE", &token.display().to_string()),
-                ("MESH_PROXY_INBOUND_ADDR", &inbound.to_string()),
-                ("MESH_PROXY_OUTBOUND_ADDR", &outbound.to_string()),
-                ("MESH_PROXY_ADMIN_ADDR", &padmin.to_string()),
-                ("MESH_PROXY_APP_PORTS", app_ports),
-                ("MESH_PROXY_LABELS", labels),
-                ("MESH_LOG", "warn"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(log(sa)?)
-            .spawn()?;
+        let mut cmd = proxy_command(&exe);
+        cmd.envs([
+            ("MESH_PROXY_CLUSTER", "bench"),
+            ("MESH_PROXY_TRUST_DOMAIN", "bench.mesh.local"),
+            ("MESH_PROXY_NAMESPACE", "bench"),
+            ("MESH_PROXY_SERVICE_ACCOUNT", sa),
+            ("MESH_PROXY_WORKLOAD", &format!("{sa}-0")),
+            ("MESH_PROXY_CONTROL_IDENTITY_ADDR", &identity.to_string()),
+            ("MESH_PROXY_CONTROL_API_ADDR", &api.to_string()),
+            (
+                "MESH_PROXY_TRUST_ANCHORS",
+                &ca_dir.join("bundle.json").display().to_string(),
+            ),
+            ("MESH_PROXY_JOIN_TOKEN_FILE", &token.display().to_string()),
+            ("MESH_PROXY_INBOUND_ADDR", &inbound.to_string()),
+            ("MESH_PROXY_OUTBOUND_ADDR", &outbound.to_string()),
+            ("MESH_PROXY_ADMIN_ADDR", &padmin.to_string()),
+            ("MESH_PROXY_APP_PORTS", app_ports),
+            ("MESH_PROXY_LABELS", labels),
+            ("MESH_LOG", "warn"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(log(sa)?);
+        let child = spawn_on(&mut cmd, cores.map(|c| c.proxies))?;
         let pid = child.id();
         procs.0.push(child);
         Ok((pid, inbound, outbound, padmin))
@@ -449,24 +592,16 @@ async fn setup(dir: &Path) -> Result<Setup> {
     wait_ready(client_admin, "the client proxy", &dir.join("client.log")).await?;
     let authority = format!("app.bench.svc.cluster.local:{}", app.port());
     // Wait until the meshed path works end to end.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let ok = async {
-            get(
-                &mut connect(client_outbound, Proto::Http1).await?,
-                &format!("http://{authority}/"),
-            )
-            .await
-        }
-        .await;
-        match ok {
-            Ok(()) => break,
-            Err(e) if Instant::now() > deadline => bail!("the meshed path never worked: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
+    wait_for_path(
+        client_outbound,
+        Proto::Http1,
+        &format!("http://{authority}/"),
+        &dir.join("client.log"),
+        client_pid,
+    )
+    .await?;
     Ok(Setup {
-        _procs: procs,
+        procs,
         client_pid,
         server_pid,
         app,
@@ -474,13 +609,249 @@ async fn setup(dir: &Path) -> Result<Setup> {
         server_inbound,
         authority,
         bundle: ca_dir.join("bundle.json"),
+        root: ca_dir.join(files::ROOT_CERT),
         plane_identity: identity,
         admin_socket,
     })
 }
 
+/// A proxy pair under test: where the load enters it and its processes.
+struct Pair {
+    name: &'static str,
+    client_pid: u32,
+    server_pid: u32,
+    /// Where plaintext HTTP/1.1 and HTTP/2 enter the client side.
+    h1: SocketAddr,
+    h2: SocketAddr,
+    /// The server side's mTLS port for HTTP/2 callers, and who it must be.
+    server_tls: SocketAddr,
+    server_id: SpiffeId,
+    /// RSS and private memory (KiB) of client and server right after start.
+    idle_rss: (f64, f64),
+    idle_private: (f64, f64),
+}
+
+impl Pair {
+    fn entry(&self, proto: Proto) -> SocketAddr {
+        match proto {
+            Proto::Http1 => self.h1,
+            Proto::Http2 => self.h2,
+        }
+    }
+
+    fn pids(&self) -> (u32, u32) {
+        (self.client_pid, self.server_pid)
+    }
+}
+
+fn bundles(s: &Setup) -> Result<BundleStore> {
+    let td = "bench.mesh.local".parse()?;
+    let bundle = files::load_bundle(&s.bundle, td)?;
+    Ok(BundleStore::new(
+        [bundle].into_iter().collect::<TrustBundleSet>(),
+    ))
+}
+
+fn control_id() -> Result<SpiffeId> {
+    Ok("spiffe://bench.mesh.local/ns/mesh-system/sa/control".parse()?)
+}
+
+fn bench_id(service_account: &str) -> Result<SpiffeId> {
+    Ok(SpiffeId::workload(
+        &"bench.mesh.local".parse()?,
+        "bench",
+        service_account,
+    )?)
+}
+
+fn mesh_pair(s: &Setup) -> Result<Pair> {
+    Ok(Pair {
+        name: "mesh",
+        client_pid: s.client_pid,
+        server_pid: s.server_pid,
+        h1: s.client_outbound,
+        h2: s.client_outbound,
+        server_tls: s.server_inbound,
+        server_id: bench_id("server")?,
+        idle_rss: (rss_kib(s.client_pid), rss_kib(s.server_pid)),
+        idle_private: (private_kib(s.client_pid), private_kib(s.server_pid)),
+    })
+}
+
+/// Starts the haproxy pair on the proxies' core, with SVIDs from the
+/// bench's control plane, and waits until a request goes through it.
+async fn haproxy_pair(
+    haproxy: &Path,
+    dir: &Path,
+    s: &mut Setup,
+    cores: Option<Cores>,
+) -> Result<Pair> {
+    let bundles = bundles(s)?;
+    let mut creds = Vec::new();
+    for sa in ["haproxy-client", "haproxy-server"] {
+        let store = certify(
+            &s.admin_socket,
+            &s.plane_identity.to_string(),
+            bundles.clone(),
+            control_id()?,
+            ("bench", sa),
+        )
+        .await?;
+        creds.push(store.current());
+    }
+    let ports = crate::bench_haproxy::Ports {
+        client_h1: addr(free_port()?),
+        client_h2: addr(free_port()?),
+        server_h1: addr(free_port()?),
+        server_h2: addr(free_port()?),
+        app: s.app,
+    };
+    let (mut client, mut server) =
+        crate::bench_haproxy::commands(haproxy, dir, &ports, &s.root, &creds[0], &creds[1])?;
+    let log = |name: &str| std::fs::File::create(dir.join(format!("haproxy-{name}.log")));
+    let server = spawn_on(
+        server.stdout(Stdio::null()).stderr(log("server")?),
+        cores.map(|c| c.proxies),
+    )?;
+    let server_pid = server.id();
+    s.procs.0.push(server);
+    let client = spawn_on(
+        client.stdout(Stdio::null()).stderr(log("client")?),
+        cores.map(|c| c.proxies),
+    )?;
+    let client_pid = client.id();
+    s.procs.0.push(client);
+    let uri = format!("http://{}/", s.authority);
+    for (proto, to) in [
+        (Proto::Http1, ports.client_h1),
+        (Proto::Http2, ports.client_h2),
+    ] {
+        for (pid, side) in [(client_pid, "client"), (server_pid, "server")] {
+            let log = dir.join(format!("haproxy-{side}.log"));
+            wait_for_path(to, proto, &uri, &log, pid).await?;
+        }
+    }
+    Ok(Pair {
+        name: "haproxy",
+        client_pid,
+        server_pid,
+        h1: ports.client_h1,
+        h2: ports.client_h2,
+        server_tls: ports.server_h2,
+        server_id: bench_id("haproxy-server")?,
+        idle_rss: (rss_kib(client_pid), rss_kib(server_pid)),
+        idle_private: (private_kib(client_pid), private_kib(server_pid)),
+    })
+}
+
+/// Whether a child process has exited (gone, or a zombie not yet reaped).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
+/// Waits until a request to `to` is answered 2xx, for at most 15 s, or
+/// until `pid` (whose log is `log`) exits.
+async fn wait_for_path(
+    to: SocketAddr,
+    proto: Proto,
+    uri: &str,
+    log: &Path,
+    pid: u32,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let ok = async { get(&mut connect(to, proto).await?, uri).await }.await;
+        match ok {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline || exited(pid) => {
+                let tail = std::fs::read_to_string(log).unwrap_or_default();
+                bail!(
+                    "no answer through {to} ({proto:?}): {e}; {}:\n{tail}",
+                    log.display()
+                )
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// One figure per pair, printed as a row with the ratio of the first pair
+/// to the second.
+struct Row {
+    label: String,
+    values: Vec<f64>,
+    unit: &'static str,
+    decimals: usize,
+    target: &'static str,
+}
+
+impl Row {
+    fn new(label: impl Into<String>, values: Vec<f64>, unit: &'static str) -> Self {
+        Self {
+            label: label.into(),
+            values,
+            unit,
+            decimals: 0,
+            target: "",
+        }
+    }
+
+    fn decimals(mut self, decimals: usize) -> Self {
+        self.decimals = decimals;
+        self
+    }
+
+    fn target(mut self, target: &'static str) -> Self {
+        self.target = target;
+        self
+    }
+}
+
 #[allow(clippy::print_stdout)]
-async fn bench(args: &BenchArgs, dir: &Path) -> Result<()> {
+fn print_table(pairs: &[Pair], rows: &[Row]) {
+    let width = rows.iter().map(|r| r.label.len()).max().unwrap_or(0) + 2;
+    let mut head = format!("  {:width$}", "");
+    for p in pairs {
+        head.push_str(&format!("{:>14}", p.name));
+    }
+    if let [a, b] = pairs {
+        head.push_str(&format!("{:>16}", format!("{}/{}", a.name, b.name)));
+    }
+    println!("{head}");
+    for row in rows {
+        let mut line = format!("  {:width$}", row.label);
+        for v in &row.values {
+            let cell = format!("{v:.prec$} {}", row.unit, prec = row.decimals);
+            line.push_str(&format!("{cell:>14}"));
+        }
+        if let [a, b] = row.values[..] {
+            let ratio = if b.abs() > f64::EPSILON {
+                format!("{:.2}x", a / b)
+            } else {
+                "-".to_owned()
+            };
+            line.push_str(&format!("{ratio:>16}"));
+        }
+        if !row.target.is_empty() {
+            line.push_str("   ");
+            line.push_str(row.target);
+        }
+        println!("{}", line.trim_end());
+    }
+}
+
+#[allow(clippy::print_stdout)]
+async fn bench(
+    args: &BenchArgs,
+    dir: &Path,
+    cores: Option<Cores>,
+    haproxy: Option<PathBuf>,
+) -> Result<()> {
     if cfg!(debug_assertions) {
         eprintln!(
             "note: this is a debug build; run `cargo run --release -p mesh-cli -- bench` for real numbers"
@@ -489,7 +860,7 @@ async fn bench(args: &BenchArgs, dir: &Path) -> Result<()> {
     println!(
         "mesh bench: client -> client proxy -> mTLS (HTTP/2) -> server proxy -> app, against client -> app"
     );
-    let s = setup(dir).await?;
+    let mut s = setup(dir, cores).await?;
     let sidecar = std::env::current_exe()?.with_file_name("mesh-proxy");
     println!(
         "proxies: {}",
@@ -499,58 +870,67 @@ async fn bench(args: &BenchArgs, dir: &Path) -> Result<()> {
             "`mesh proxy` (build mesh-proxy next to mesh to measure the sidecar binary)".to_owned()
         }
     );
-    let meshed_uri = format!("http://{}/", s.authority);
-    let idle = (rss_kib(s.client_pid), rss_kib(s.server_pid));
-    let idle_private = (private_kib(s.client_pid), private_kib(s.server_pid));
-    for proto in [Proto::Http1, Proto::Http2] {
-        http_rounds(args, &s, proto).await?;
+    let mut pairs = vec![mesh_pair(&s)?];
+    if let Some(haproxy) = haproxy {
+        let pair = haproxy_pair(&haproxy, dir, &mut s, cores).await?;
+        println!(
+            "peer: {} (nbthread 1, mTLS with HTTP/2 between the pair, TLS 1.3, client certificates required; it checks the chain, not the SPIFFE ID)",
+            haproxy_version(&haproxy)
+        );
+        pairs.push(pair);
     }
-
-    // Memory: idle, then per idle keep-alive connection.
-    let before = (rss_kib(s.client_pid), rss_kib(s.server_pid));
-    let mut held = Vec::new();
-    for _ in 0..args.idle_connections {
-        let mut send = connect(s.client_outbound, Proto::Http1).await?;
-        get(&mut send, &meshed_uri).await?;
-        held.push(send);
+    match cores {
+        Some(c) => println!(
+            "pinned: proxies on CPU {} (the kernel says {}), load generator and app on CPU {}",
+            c.proxies,
+            cpus_allowed(s.client_pid),
+            c.load
+        ),
+        None => println!("not pinned"),
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = (rss_kib(s.client_pid), rss_kib(s.server_pid));
-    println!("\nmemory:");
-    println!(
-        "  idle RSS: client proxy {:.1} MiB, server proxy {:.1} MiB (target <= 10 MiB); private {:.1} / {:.1} MiB",
-        idle.0 / 1024.0,
-        idle.1 / 1024.0,
-        idle_private.0 / 1024.0,
-        idle_private.1 / 1024.0
-    );
-    println!(
-        "  per app connection to the client proxy: {:.1} KiB ({} keep-alive HTTP/1.1 connections; target <= 16 KiB)",
-        (after.0 - before.0) / args.idle_connections as f64,
-        args.idle_connections
-    );
-    drop(held);
-
-    // New mTLS connections per second against the server proxy.
-    let (handshakes, server_cpu) = handshake_rate(&s, args.duration).await?;
-    println!(
-        "\nnew mTLS connections: {:.0}/s from 4 clients; server proxy CPU {:.2} s -> {:.0} handshakes per core-second (target >= 2500)",
-        handshakes as f64 / args.duration.as_secs_f64(),
-        server_cpu,
-        handshakes as f64 / server_cpu.max(1e-9)
-    );
+    let runs = |part| args.only.is_empty() || args.only.contains(&part);
+    for (part, proto) in [(Part::Http1, Proto::Http1), (Part::Http2, Proto::Http2)] {
+        if runs(part) {
+            http_rounds(args, &s, &pairs, proto).await?;
+        }
+    }
+    if runs(Part::Memory) {
+        memory(args, &s, &pairs).await?;
+    }
+    if runs(Part::Connections) {
+        new_connections(args, &s, &pairs).await?;
+    }
     Ok(())
 }
 
-/// Latency and throughput in `proto`, direct and meshed, interleaved.
+fn haproxy_version(haproxy: &Path) -> String {
+    let out = Command::new(haproxy).arg("-v").output();
+    out.ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            let first = text.lines().next()?.to_owned();
+            Some(
+                first
+                    .split(" - ")
+                    .next()
+                    .unwrap_or(&first)
+                    .trim()
+                    .to_owned(),
+            )
+        })
+        .unwrap_or_else(|| "haproxy".to_owned())
+}
+
+/// Latency and throughput in `proto`, direct and through each pair,
+/// interleaved.
 #[allow(clippy::print_stdout)]
-async fn http_rounds(args: &BenchArgs, s: &Setup, proto: Proto) -> Result<()> {
+async fn http_rounds(args: &BenchArgs, s: &Setup, pairs: &[Pair], proto: Proto) -> Result<()> {
     let direct_uri = match proto {
         // HTTP/1.1 to the app: origin form. HTTP/2 names the authority.
         Proto::Http1 => "/".to_owned(),
         Proto::Http2 => format!("http://{}/", s.app),
     };
-    let meshed_uri = format!("http://{}/", s.authority);
+    let uri = format!("http://{}/", s.authority);
     let name = match proto {
         Proto::Http1 => "HTTP/1.1",
         Proto::Http2 => "HTTP/2 (prior knowledge, as gRPC)",
@@ -558,69 +938,345 @@ async fn http_rounds(args: &BenchArgs, s: &Setup, proto: Proto) -> Result<()> {
     println!("\n== {name}");
 
     // Latency on one connection, interleaved rounds.
-    let (mut d50, mut d99, mut m50, mut m99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut d50, mut d99) = (Vec::new(), Vec::new());
+    let mut p50 = vec![Vec::new(); pairs.len()];
+    let mut p99 = vec![Vec::new(); pairs.len()];
     for _ in 0..args.rounds {
-        let (p50, p99) = latency(s.app, proto, &direct_uri, args.requests).await?;
-        d50.push(p50);
-        d99.push(p99);
-        let (p50, p99) = latency(s.client_outbound, proto, &meshed_uri, args.requests).await?;
-        m50.push(p50);
-        m99.push(p99);
+        let (a, b) = latency(s.app, proto, &direct_uri, args.requests).await?;
+        d50.push(a);
+        d99.push(b);
+        for (i, pair) in pairs.iter().enumerate() {
+            let (a, b) = latency(pair.entry(proto), proto, &uri, args.requests).await?;
+            p50[i].push(a);
+            p99[i].push(b);
+        }
     }
-    let (d50, d99, m50, m99) = (median(d50), median(d99), median(m50), median(m99));
+    let (d50, d99) = (median(d50), median(d99));
+    let p50: Vec<f64> = p50.into_iter().map(median).collect();
+    let p99: Vec<f64> = p99.into_iter().map(median).collect();
     println!(
-        "latency, 1 connection, {} requests x {} rounds (medians):",
+        "latency, 1 connection, {} requests x {} rounds (medians); direct p50 {d50:.0} µs, p99 {d99:.0} µs",
         args.requests, args.rounds
     );
-    println!("  direct  p50 {d50:>8.0} µs   p99 {d99:>8.0} µs");
-    println!("  meshed  p50 {m50:>8.0} µs   p99 {m99:>8.0} µs");
-    println!(
-        "  added p50 {:.0} µs (target <= 250 µs); p99 is shown, never a gate",
-        m50 - d50
+    print_table(
+        pairs,
+        &[
+            Row::new("p50", p50.clone(), "µs"),
+            Row::new("p99 (shown, never a gate)", p99, "µs"),
+            Row::new("added p50", p50.iter().map(|v| v - d50).collect(), "µs")
+                .target("target <= 250 µs, <= 1.00x the peer"),
+        ],
     );
 
     // Throughput at saturation, with proxy CPU from /proc.
-    let (mut direct_rps, mut meshed_rps, mut client_us, mut server_us, mut per_core) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut direct_rps = Vec::new();
+    let n = pairs.len();
+    let (mut rps, mut client_us, mut server_us, mut per_core) = (
+        vec![Vec::new(); n],
+        vec![Vec::new(); n],
+        vec![Vec::new(); n],
+        vec![Vec::new(); n],
+    );
+    let secs = args.duration.as_secs_f64();
     for _ in 0..2 {
-        let n = throughput(s.app, proto, &direct_uri, args.connections, args.duration).await?;
-        direct_rps.push(n as f64 / args.duration.as_secs_f64());
-        let (c0, s0) = (cpu_seconds(s.client_pid), cpu_seconds(s.server_pid));
-        let n = throughput(
-            s.client_outbound,
+        let (done, _) = throughput(
+            s.app,
             proto,
-            &meshed_uri,
+            &direct_uri,
             args.connections,
             args.duration,
+            None,
         )
         .await?;
-        let (c, sv) = (
-            cpu_seconds(s.client_pid) - c0,
-            cpu_seconds(s.server_pid) - s0,
-        );
-        meshed_rps.push(n as f64 / args.duration.as_secs_f64());
-        client_us.push(c * 1e6 / n as f64);
-        server_us.push(sv * 1e6 / n as f64);
-        per_core.push(n as f64 / c.max(sv).max(1e-9));
+        direct_rps.push(done as f64 / secs);
+        for (i, pair) in pairs.iter().enumerate() {
+            let (c, sv) = pair.pids();
+            let (c0, s0) = (cpu_seconds(c), cpu_seconds(sv));
+            let (done, _) = throughput(
+                pair.entry(proto),
+                proto,
+                &uri,
+                args.connections,
+                args.duration,
+                None,
+            )
+            .await?;
+            let (c, sv) = (cpu_seconds(c) - c0, cpu_seconds(sv) - s0);
+            let done = done.max(1) as f64;
+            rps[i].push(done / secs);
+            client_us[i].push(c * 1e6 / done);
+            server_us[i].push(sv * 1e6 / done);
+            per_core[i].push(done / c.max(sv).max(1e-9));
+        }
     }
-    let (dr, mr) = (median(direct_rps), median(meshed_rps));
+    let medians = |v: Vec<Vec<f64>>| v.into_iter().map(median).collect::<Vec<f64>>();
     println!(
-        "throughput, {} connections, {:?} x 2 rounds (medians):",
-        args.connections, args.duration
+        "throughput, {} connections, {:?} x 2 rounds (medians); direct {:.0} req/s",
+        args.connections,
+        args.duration,
+        median(direct_rps)
     );
+    print_table(
+        pairs,
+        &[
+            Row::new("req/s", medians(rps), ""),
+            Row::new("CPU per request, client proxy", medians(client_us), "µs")
+                .decimals(1)
+                .target("target <= 1.10x the peer"),
+            Row::new("CPU per request, server proxy", medians(server_us), "µs")
+                .decimals(1)
+                .target("target <= 1.10x the peer"),
+            Row::new(
+                "max req/s per proxy core (busier proxy)",
+                medians(per_core),
+                "",
+            ),
+        ],
+    );
+    Ok(())
+}
+
+/// Memory: idle, per idle and per busy connection, and what stays after a
+/// burst of connections closes. Connections go to each pair's client side,
+/// which holds one upstream connection per app connection.
+#[allow(clippy::print_stdout)]
+async fn memory(args: &BenchArgs, s: &Setup, pairs: &[Pair]) -> Result<()> {
+    let uri = format!("http://{}/", s.authority);
+    let mib = |kib: f64| kib / 1024.0;
+    let (mut idle_conn, mut busy_conn) = (Vec::new(), Vec::new());
+    let (mut before, mut held, mut after) = (Vec::new(), Vec::new(), Vec::new());
+    for pair in pairs {
+        let pid = pair.client_pid;
+        let n = args.idle_connections.max(1);
+        // Idle keep-alive connections, each after one request.
+        let start = rss_kib(pid);
+        let conns = open(pair.h1, &uri, n).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        idle_conn.push((rss_kib(pid) - start) / n as f64);
+        drop(conns);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The same number sending requests back to back.
+        let start = rss_kib(pid);
+        let (_, during) = throughput(
+            pair.h1,
+            Proto::Http1,
+            &uri,
+            n,
+            args.duration.min(Duration::from_secs(2)),
+            Some(pid),
+        )
+        .await?;
+        busy_conn.push((during - start) / n as f64);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // A burst, then nothing.
+        let start = rss_kib(pid);
+        let conns = open(pair.h1, &uri, args.burst.max(1)).await?;
+        let peak = rss_kib(pid);
+        drop(conns);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        before.push(mib(start));
+        held.push(mib(peak));
+        after.push(mib(rss_kib(pid)));
+    }
+    println!("\n== memory (RSS; per connection: the client side's growth over the connections)");
+    let kept: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    print_table(
+        pairs,
+        &[
+            Row::new(
+                "idle, client proxy",
+                pairs.iter().map(|p| mib(p.idle_rss.0)).collect(),
+                "MiB",
+            )
+            .decimals(1)
+            .target("target <= 10 MiB"),
+            Row::new(
+                "idle, server proxy",
+                pairs.iter().map(|p| mib(p.idle_rss.1)).collect(),
+                "MiB",
+            )
+            .decimals(1)
+            .target("target <= 10 MiB"),
+            Row::new(
+                "idle private, client proxy",
+                pairs.iter().map(|p| mib(p.idle_private.0)).collect(),
+                "MiB",
+            )
+            .decimals(1),
+            Row::new(
+                "idle private, server proxy",
+                pairs.iter().map(|p| mib(p.idle_private.1)).collect(),
+                "MiB",
+            )
+            .decimals(1),
+            Row::new(
+                format!("per idle connection ({} held)", args.idle_connections),
+                idle_conn,
+                "KiB",
+            )
+            .decimals(1)
+            .target("target <= 16 KiB"),
+            Row::new(
+                format!("per busy connection ({} sending)", args.idle_connections),
+                busy_conn,
+                "KiB",
+            )
+            .decimals(1)
+            .target("target <= 16 KiB"),
+            Row::new("before a burst", before, "MiB").decimals(1),
+            Row::new(format!("{} connections open", args.burst), held, "MiB").decimals(1),
+            Row::new("2 s after they closed", after, "MiB").decimals(1),
+            Row::new("kept after the burst", kept, "MiB")
+                .decimals(1)
+                .target("target: back down"),
+        ],
+    );
+    Ok(())
+}
+
+/// `n` keep-alive HTTP/1.1 connections to `to`, opened at once, each after
+/// one answered request.
+async fn open(to: SocketAddr, uri: &str, n: usize) -> Result<Vec<Sender>> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let uri = uri.to_owned();
+        tasks.spawn(async move {
+            let mut send = connect(to, Proto::Http1).await?;
+            get(&mut send, &uri).await?;
+            Ok::<_, anyhow::Error>(send)
+        });
+    }
+    let mut out = Vec::with_capacity(n);
+    while let Some(done) = tasks.join_next().await {
+        out.push(done??);
+    }
+    Ok(out)
+}
+
+/// New mTLS connections to each pair's server side, each carrying one
+/// HTTP/2 request, from 4 concurrent clients with an SVID of their own.
+#[allow(clippy::print_stdout)]
+async fn new_connections(args: &BenchArgs, s: &Setup, pairs: &[Pair]) -> Result<()> {
+    let bundles = bundles(s)?;
+    let creds = certify(
+        &s.admin_socket,
+        &s.plane_identity.to_string(),
+        bundles.clone(),
+        control_id()?,
+        ("bench", "loadgen"),
+    )
+    .await?;
+    let mut connectors = Vec::new();
+    for pair in pairs {
+        let mut config = client_config(
+            creds.clone(),
+            bundles.clone(),
+            ExpectedIdentity::Exact(pair.server_id.clone()),
+        )?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        connectors.push(tokio_rustls::TlsConnector::from(Arc::new(config)));
+    }
+    let n = pairs.len();
+    let (mut rate, mut cpu_us) = (vec![Vec::new(); n], vec![Vec::new(); n]);
+    let secs = args.duration.as_secs_f64();
+    for _ in 0..2 {
+        for (i, pair) in pairs.iter().enumerate() {
+            let cpu0 = cpu_seconds(pair.server_pid);
+            let done = handshakes(
+                &connectors[i],
+                pair.server_tls,
+                &s.authority,
+                s.app.port(),
+                args.duration,
+            )
+            .await?;
+            let cpu = cpu_seconds(pair.server_pid) - cpu0;
+            rate[i].push(done as f64 / secs);
+            cpu_us[i].push(cpu * 1e6 / done.max(1) as f64);
+        }
+    }
+    let cpu_us: Vec<f64> = cpu_us.into_iter().map(median).collect();
     println!(
-        "  direct {dr:>9.0} req/s   meshed {mr:>9.0} req/s   ({:.2}x)",
-        mr / dr
+        "\n== new mTLS connections (full TLS 1.3 handshake with client certificate + one HTTP/2 request), 4 clients, {:?} x 2 rounds (medians)",
+        args.duration
     );
-    println!(
-        "  CPU per request: client proxy {:.1} µs, server proxy {:.1} µs (target <= 45 µs each)",
-        median(client_us),
-        median(server_us)
+    print_table(
+        pairs,
+        &[
+            Row::new(
+                "connections per second",
+                rate.into_iter().map(median).collect(),
+                "",
+            ),
+            Row::new("server CPU per connection", cpu_us.clone(), "µs"),
+            Row::new(
+                "connections per server core-second",
+                cpu_us.iter().map(|us| 1e6 / us.max(1e-9)).collect(),
+                "",
+            )
+            .target("target >= 2500"),
+        ],
     );
-    println!(
-        "  max req/s per proxy core (busier proxy): {:.0}",
-        median(per_core)
-    );
+    Ok(())
+}
+
+/// Connections completed in `run` by 4 concurrent clients, each a new TCP
+/// connection, TLS handshake, HTTP/2 handshake and one request.
+async fn handshakes(
+    connector: &tokio_rustls::TlsConnector,
+    to: SocketAddr,
+    authority: &str,
+    app_port: u16,
+    run: Duration,
+) -> Result<u64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let uri = format!("http://{authority}/");
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (connector, done, stop, uri) =
+            (connector.clone(), done.clone(), stop.clone(), uri.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                one_connection(&connector, to, &uri, app_port).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    tokio::time::sleep(run).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await??;
+    }
+    Ok(done.load(Ordering::Relaxed))
+}
+
+async fn one_connection(
+    connector: &tokio_rustls::TlsConnector,
+    to: SocketAddr,
+    uri: &str,
+    app_port: u16,
+) -> Result<()> {
+    let tcp = TcpStream::connect(to).await?;
+    tcp.set_nodelay(true)?;
+    let tls = connector
+        .connect(rustls::pki_types::ServerName::from(to.ip()), tcp)
+        .await
+        .with_context(|| format!("TLS to {to}"))?;
+    let (mut send, conn) = conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await?;
+    let conn = tokio::spawn(conn);
+    let req = Request::get(uri)
+        .header(mesh_proxy::wire::DST_PORT, app_port)
+        .body(Empty::<Bytes>::new())?;
+    let resp = send.send_request(req).await?;
+    let status = resp.status();
+    resp.into_body().collect().await?;
+    if !status.is_success() {
+        bail!("{to} answered {status} on a new connection");
+    }
+    drop(send);
+    let _ = conn.await;
     Ok(())
 }
 
@@ -674,61 +1330,4 @@ pub(crate) async fn certify(
         resp.chain.into_iter().map(Into::into).collect(),
         key,
     )?))
-}
-
-/// Full TLS 1.3 handshakes to the server proxy's inbound port, with a real
-/// client SVID, from 4 concurrent tasks for `run`.
-async fn handshake_rate(s: &Setup, run: Duration) -> Result<(u64, f64)> {
-    use mesh_core::identity::{
-        BundleStore, ExpectedIdentity, SpiffeId, TrustBundleSet, tls::client_config,
-    };
-    let td = "bench.mesh.local".parse()?;
-    let bundle = files::load_bundle(&s.bundle, td)?;
-    let bundles = BundleStore::new([bundle].into_iter().collect::<TrustBundleSet>());
-    let control: SpiffeId = "spiffe://bench.mesh.local/ns/mesh-system/sa/control".parse()?;
-    let creds = certify(
-        &s.admin_socket,
-        &s.plane_identity.to_string(),
-        bundles.clone(),
-        control,
-        ("bench", "loadgen"),
-    )
-    .await?;
-    let server: SpiffeId = "spiffe://bench.mesh.local/ns/bench/sa/server".parse()?;
-    let mut config = client_config(creds, bundles, ExpectedIdentity::Exact(server))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let done = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let cpu0 = cpu_seconds(s.server_pid);
-    let mut tasks = Vec::new();
-    for _ in 0..4 {
-        let (connector, done, stop, to) = (
-            connector.clone(),
-            done.clone(),
-            stop.clone(),
-            s.server_inbound,
-        );
-        tasks.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let Ok(tcp) = TcpStream::connect(to).await else {
-                    break;
-                };
-                let name = rustls::pki_types::ServerName::from(to.ip());
-                if let Ok(mut tls) = connector.connect(name, tcp).await {
-                    let _ = tls.shutdown().await;
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
-    tokio::time::sleep(run).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await?;
-    }
-    Ok((
-        done.load(Ordering::Relaxed),
-        cpu_seconds(s.server_pid) - cpu0,
-    ))
 }

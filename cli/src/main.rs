@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_cross;
+mod bench_haproxy;
 mod check;
 mod check_proxy;
 mod identity;

@@ -46,8 +46,13 @@ pub struct UpArgs {
 
 /// The `prometheus` binary on `PATH`.
 pub fn find_prometheus() -> Option<PathBuf> {
+    find_on_path("prometheus")
+}
+
+/// The first `name` in a directory of `PATH`.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join("prometheus"))
+        .map(|dir| dir.join(name))
         .find(|p| p.is_file())
 }
 

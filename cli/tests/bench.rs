@@ -1,0 +1,98 @@
+//! `mesh bench --peer haproxy` as a user runs it: both pairs measured in
+//! one run, each figure with its ratio, processes pinned, nothing left
+//! running; and without haproxy, the way to install it.
+
+use std::process::Command;
+
+const MESH: &str = env!("CARGO_BIN_EXE_mesh");
+
+/// Processes whose command line names a bench directory.
+fn bench_processes() -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("mesh-bench-") && cmdline.contains("haproxy") {
+            out.push(cmdline);
+        }
+    }
+    out
+}
+
+#[test]
+fn the_haproxy_pair_runs_beside_mesh_and_every_figure_has_its_ratio() {
+    which_haproxy();
+    let out = Command::new(MESH)
+        .args([
+            "bench",
+            "--peer",
+            "haproxy",
+            "--requests",
+            "50",
+            "--rounds",
+            "1",
+            "--duration",
+            "300ms",
+            "--idle-connections",
+            "20",
+            "--burst",
+            "50",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("peer: HAProxy version"), "{stdout}");
+    if std::thread::available_parallelism().unwrap().get() >= 2 {
+        assert!(stdout.contains("pinned: proxies on CPU"), "{stdout}");
+    }
+    for row in [
+        "added p50",
+        "CPU per request, client proxy",
+        "CPU per request, server proxy",
+        "idle, client proxy",
+        "per idle connection (20 held)",
+        "per busy connection (20 sending)",
+        "kept after the burst",
+        "server CPU per connection",
+    ] {
+        let lines: Vec<&str> = stdout.lines().filter(|l| l.contains(row)).collect();
+        assert!(!lines.is_empty(), "no {row:?} row:\n{stdout}");
+        for line in lines {
+            // mesh's figure, haproxy's figure, and the ratio of the two.
+            let ratio = line
+                .split_whitespace()
+                .find_map(|w| w.strip_suffix('x')?.parse::<f64>().ok());
+            assert!(ratio.is_some(), "no ratio in {line:?}:\n{stdout}");
+        }
+    }
+    // Both HTTP versions went through both pairs.
+    assert_eq!(stdout.matches("mesh/haproxy").count(), 6, "{stdout}");
+    let left = bench_processes();
+    assert!(left.is_empty(), "still running after the bench: {left:?}");
+}
+
+#[test]
+fn without_haproxy_it_says_how_to_install_it() {
+    let empty = tempfile::tempdir().unwrap();
+    let out = Command::new(MESH)
+        .args(["bench", "--peer", "haproxy"])
+        .env("PATH", empty.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("apt-get install haproxy"), "{stderr}");
+}
+
+fn which_haproxy() {
+    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .any(|dir| dir.join("haproxy").is_file());
+    assert!(
+        found,
+        "this test needs haproxy on PATH: apt-get install haproxy (.ci/run installs it)"
+    );
+}
