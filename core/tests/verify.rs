@@ -50,6 +50,25 @@ fn shared_root_verifies_each_domain_but_issuers_cannot_cross() {
         "{err}"
     );
     assert_eq!(err.reason(), "issuer_trust_domain_mismatch");
+
+    // The same with east's issuer remembered (its trust domains come from
+    // the cache, not a parse): still refused.
+    let issuers = mesh_core::identity::verify::VerifiedIssuers::default();
+    let cached = |chain: &[rustls::pki_types::CertificateDer<'static>]| {
+        mesh_core::identity::verify::verify_peer_with(
+            chain,
+            &set,
+            &any,
+            PeerRole::Client,
+            unix_time(now()),
+            Some(&issuers),
+        )
+    };
+    for _ in 0..2 {
+        cached(api.chain()).unwrap();
+    }
+    let err = cached(&forged).unwrap_err();
+    assert_eq!(err.reason(), "issuer_trust_domain_mismatch", "{err}");
 }
 
 #[test]
@@ -232,4 +251,58 @@ fn an_intermediate_off_the_verified_path_is_never_remembered() {
         .unwrap();
     let err = check(&[forged.der().clone(), evil.der().clone()]).unwrap_err();
     assert_eq!(err.reason(), "untrusted_chain", "{err}");
+}
+
+/// A leaf remembered under its issuer skips only its own signature check:
+/// the same bytes with a different signature, the same leaf under rotated
+/// roots, and the same leaf past its expiry are each refused.
+#[test]
+fn a_remembered_leaf_is_only_its_exact_bytes_with_the_same_roots_while_valid() {
+    use mesh_core::identity::verify::{VerifiedIssuers, verify_peer_with};
+    let west = Domain::new("west.mesh.local");
+    let set: TrustBundleSet = [west.bundle()].into_iter().collect();
+    let td = ExpectedIdentity::trust_domain(west.td.clone());
+    let issuers = VerifiedIssuers::default();
+    let check = |chain: &[rustls::pki_types::CertificateDer<'static>],
+                 set: &TrustBundleSet,
+                 at: std::time::SystemTime| {
+        verify_peer_with(
+            chain,
+            set,
+            &td,
+            PeerRole::Client,
+            rustls::pki_types::UnixTime::since_unix_epoch(
+                at.duration_since(std::time::UNIX_EPOCH).unwrap(),
+            ),
+            Some(&issuers),
+        )
+    };
+    let web = west.creds("/ns/shop/sa/web");
+    let now = std::time::SystemTime::now();
+    // Full path (issuer remembered), short path (leaf remembered), cached.
+    for _ in 0..3 {
+        check(web.chain(), &set, now).unwrap();
+    }
+
+    // The same certificate with its signature's last byte changed: another
+    // digest, so the signature is checked, and it fails.
+    let mut tampered = web.chain()[0].to_vec();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0x01;
+    let chain = [tampered.into(), web.chain()[1].clone()];
+    let err = check(&chain, &set, now).unwrap_err();
+    assert_eq!(err.reason(), "untrusted_chain", "{err}");
+
+    // Other roots: the issuer, and the leaves under it, no longer count.
+    let other = Domain::new("west.mesh.local");
+    let rotated: TrustBundleSet = [other.bundle()].into_iter().collect();
+    let err = check(web.chain(), &rotated, now).unwrap_err();
+    assert_eq!(err.reason(), "untrusted_chain", "{err}");
+
+    // Past the leaf's expiry the remembered leaf is refused as expired.
+    let later = now + Duration::from_secs(400 * 24 * 3600);
+    let err = check(web.chain(), &set, later).unwrap_err();
+    assert_eq!(err.reason(), "expired", "{err}");
+    // And it still verifies now.
+    check(web.chain(), &set, now).unwrap();
 }

@@ -5,7 +5,12 @@
 //! the bundle of the **peer's own** trust domain (named by its SVID, never a
 //! merged pool), and last the identity the caller expected.
 
-use std::{collections::BTreeSet, fmt, sync::Mutex, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    fmt,
+    sync::Mutex,
+    time::Duration,
+};
 
 use rustls::pki_types::TrustAnchor;
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -76,7 +81,7 @@ impl fmt::Display for ExpectedIdentity {
 }
 
 /// The role the peer plays in the handshake, which decides the EKU checked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PeerRole {
     Server,
     Client,
@@ -148,9 +153,12 @@ impl VerifyError {
 
 /// Issuers whose chain to a root was fully verified, so that later
 /// handshakes only check the leaf's signature against them: one ECDSA
-/// verification per handshake instead of two. An entry is used only with
-/// the same roots it was verified against and until the issuer expires;
-/// the leaf is always checked in full.
+/// verification instead of two. An entry is used only with the same roots
+/// it was verified against and until the issuer expires. Under each issuer,
+/// the leaves whose signature checked out (by SHA-256 of their DER): a peer
+/// reconnecting with the same certificate costs no chain signature at all.
+/// Every handshake still checks the leaf's validity, SVID rules and
+/// identity, and the peer's proof that it holds the leaf's key.
 #[derive(Debug, Default)]
 pub struct VerifiedIssuers(Mutex<Vec<VerifiedIssuer>>);
 
@@ -160,10 +168,36 @@ struct VerifiedIssuer {
     roots: Vec<CertificateDer<'static>>,
     anchor: TrustAnchor<'static>,
     not_after: u64,
+    /// The trust domains the issuer's URI SANs name.
+    domains: Vec<TrustDomain>,
+    /// Leaves whose signature by this issuer (and key usage for a role)
+    /// checked out: SHA-256 of the leaf's DER and the role -> the leaf's
+    /// expiry. They go with the issuer when its roots change.
+    leaves: HashMap<([u8; 32], PeerRole), u64>,
 }
 
 /// Enough for every issuer a proxy meets (one per linked trust domain).
 const VERIFIED_ISSUERS: usize = 16;
+/// Leaves remembered per issuer: a proxy's distinct peers, with room for
+/// each one's rotation. Past this, expired entries go, then any entry.
+const VERIFIED_LEAVES: usize = 1024;
+
+/// The trust domains an issuer's SPIFFE URI SANs name.
+fn issuer_domains(info: &CertInfo) -> Vec<TrustDomain> {
+    info.uri_sans
+        .iter()
+        .filter_map(|u| SpiffeId::parse(u).ok())
+        .map(|id| id.trust_domain())
+        .collect()
+}
+
+/// What identifies a leaf in the cache: SHA-256 of its exact DER.
+pub fn leaf_digest(leaf: &CertificateDer<'_>) -> [u8; 32] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf.as_ref());
+    let mut out = [0; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
 
 impl VerifiedIssuers {
     fn anchor(
@@ -181,6 +215,64 @@ impl VerifiedIssuers {
                     && now.as_secs() < e.not_after
             })
             .map(|e| e.anchor.clone())
+    }
+
+    /// Whether `leaf` (by digest) was verified for `role` under `issuer`
+    /// with these roots, and both are still within their validity.
+    fn leaf_known(
+        &self,
+        issuer: &CertificateDer<'_>,
+        roots: &[CertificateDer<'static>],
+        leaf: &([u8; 32], PeerRole),
+        now: UnixTime,
+    ) -> bool {
+        let cache = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        cache.iter().any(|e| {
+            e.issuer.as_ref() == issuer.as_ref()
+                && e.roots == roots
+                && now.as_secs() < e.not_after
+                && e.leaves
+                    .get(leaf)
+                    .is_some_and(|&until| now.as_secs() < until)
+        })
+    }
+
+    /// Notes that `leaf` verified under `issuer` (already remembered with
+    /// these roots) for a role, until `not_after`.
+    fn remember_leaf(
+        &self,
+        issuer: &CertificateDer<'_>,
+        roots: &[CertificateDer<'static>],
+        leaf: ([u8; 32], PeerRole),
+        not_after: u64,
+        now: UnixTime,
+    ) {
+        let mut cache = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = cache
+            .iter_mut()
+            .find(|e| e.issuer.as_ref() == issuer.as_ref() && e.roots == roots)
+        else {
+            return;
+        };
+        if entry.leaves.len() >= VERIFIED_LEAVES {
+            entry.leaves.retain(|_, until| now.as_secs() < *until);
+        }
+        if entry.leaves.len() >= VERIFIED_LEAVES
+            && let Some(any) = entry.leaves.keys().next().copied()
+        {
+            entry.leaves.remove(&any);
+        }
+        entry.leaves.insert(leaf, not_after);
+    }
+
+    /// The trust domains a remembered issuer names (a fact of its bytes,
+    /// whatever roots it was verified against), sparing a parse.
+    fn domains(&self, issuer: &CertificateDer<'_>) -> Option<Vec<TrustDomain>> {
+        let cache = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .iter()
+            .find(|e| e.issuer.as_ref() == issuer.as_ref())
+            .map(|e| e.domains.clone())
     }
 
     fn remember(&self, issuer: &CertificateDer<'_>, roots: &[CertificateDer<'static>]) {
@@ -201,6 +293,8 @@ impl VerifiedIssuers {
             roots: roots.to_vec(),
             anchor,
             not_after: u64::try_from(info.not_after.unix_timestamp()).unwrap_or(0),
+            domains: issuer_domains(&info),
+            leaves: HashMap::new(),
         });
     }
 }
@@ -252,18 +346,17 @@ pub fn verify_peer_with(
     // tell their issuers apart. Mesh issuers name their trust domain, so an
     // issuer of one domain cannot vouch for another's IDs.
     for der in intermediates {
-        let issuer = CertInfo::parse(der)?;
-        let named = issuer
-            .uri_sans
-            .iter()
-            .filter_map(|u| SpiffeId::parse(u).ok());
-        if let Some(other) = named
+        let domains = match issuers.and_then(|c| c.domains(der)) {
+            Some(domains) => domains,
+            None => issuer_domains(&CertInfo::parse(der)?),
+        };
+        if let Some(other) = domains
             .into_iter()
-            .find(|i| i.trust_domain_str() != id.trust_domain_str())
+            .find(|d| d.as_str() != id.trust_domain_str())
         {
             return Err(VerifyError::IssuerTrustDomainMismatch {
                 id,
-                issuer_td: other.trust_domain(),
+                issuer_td: other,
             });
         }
     }
@@ -277,28 +370,40 @@ pub fn verify_peer_with(
         td: td.clone(),
         reason,
     };
-    let ee = EndEntityCert::try_from(leaf).map_err(untrusted)?;
     let usage = match role {
         PeerRole::Server => KeyUsage::server_auth(),
         PeerRole::Client => KeyUsage::client_auth(),
     };
     let known = match (issuers, intermediates) {
-        (Some(cache), [issuer]) => cache.anchor(issuer, bundle.roots(), now),
+        (Some(cache), [issuer]) => cache
+            .anchor(issuer, bundle.roots(), now)
+            .map(|anchor| (cache, issuer, anchor)),
         _ => None,
     };
-    if let Some(issuer) = known {
+    if let Some((cache, issuer, anchor)) = known {
         // The issuer's own chain was verified against these same roots.
-        ee.verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
-            &[issuer],
-            &[],
-            now,
-            usage,
-            None,
-            None,
-        )
-        .map_err(untrusted)?;
+        // The leaf's signature and key usage are facts about its exact
+        // bytes: a leaf seen before under this issuer (same DER, same
+        // role) was checked then. Its validity was checked above, now.
+        let seen = (leaf_digest(leaf), role);
+        if !cache.leaf_known(issuer, bundle.roots(), &seen, now) {
+            EndEntityCert::try_from(leaf)
+                .map_err(untrusted)?
+                .verify_for_usage(
+                    webpki::ALL_VERIFICATION_ALGS,
+                    &[anchor],
+                    &[],
+                    now,
+                    usage,
+                    None,
+                    None,
+                )
+                .map_err(untrusted)?;
+            let until = u64::try_from(info.not_after.unix_timestamp()).unwrap_or(0);
+            cache.remember_leaf(issuer, bundle.roots(), seen, until, now);
+        }
     } else {
+        let ee = EndEntityCert::try_from(leaf).map_err(untrusted)?;
         let anchors = bundle
             .roots()
             .iter()
