@@ -697,6 +697,7 @@ async fn haproxy_pair(
     dir: &Path,
     s: &mut Setup,
     cores: Option<Cores>,
+    args: &BenchArgs,
 ) -> Result<Pair> {
     let bundles = bundles(s)?;
     let mut creds = Vec::new();
@@ -717,6 +718,7 @@ async fn haproxy_pair(
         server_h1: addr(free_port()?),
         server_h2: addr(free_port()?),
         app: s.app,
+        max_connections: 4000.max(args.burst + args.idle_connections + args.connections + 100),
     };
     let (mut client, mut server) =
         crate::bench_haproxy::commands(haproxy, dir, &ports, &s.root, &creds[0], &creds[1])?;
@@ -884,7 +886,7 @@ async fn bench(
     );
     let mut pairs = vec![mesh_pair(&s)?];
     if let Some(haproxy) = haproxy {
-        let pair = haproxy_pair(&haproxy, dir, &mut s, cores).await?;
+        let pair = haproxy_pair(&haproxy, dir, &mut s, cores, args).await?;
         println!(
             "peer: {} (nbthread 1, mTLS with HTTP/2 between the pair, TLS 1.3, client certificates required; it checks the chain, not the SPIFFE ID)",
             haproxy_version(&haproxy)

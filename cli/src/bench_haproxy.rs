@@ -39,6 +39,9 @@ pub(crate) struct Ports {
     pub(crate) server_h1: SocketAddr,
     pub(crate) server_h2: SocketAddr,
     pub(crate) app: SocketAddr,
+    /// Connections each side takes at once (haproxy queues the rest, and
+    /// the bench holds its connections open): above what the bench opens.
+    pub(crate) max_connections: usize,
 }
 
 /// Files one side needs: its certificate chain with its key (0600), and the
@@ -84,7 +87,6 @@ const GLOBAL: &str = "global
 
 defaults
     mode http
-    maxconn 4000
     timeout connect 5s
     timeout client 60s
     timeout server 60s
@@ -92,11 +94,15 @@ defaults
     http-reuse always
 ";
 
+fn common(p: &Ports) -> String {
+    format!("{GLOBAL}    maxconn {}\n", p.max_connections)
+}
+
 /// The client side: plaintext in, mTLS (ALPN h2) to the server side, which
 /// must present a certificate chaining to the bench's root.
 fn client_config(p: &Ports, side: &Side) -> Result<String> {
     let (crt, ca) = (quoted(&side.crt)?, quoted(&side.ca)?);
-    let mut out = String::from(GLOBAL);
+    let mut out = common(p);
     for (name, from, to) in [
         ("h1", p.client_h1, p.server_h1),
         ("h2", p.client_h2, p.server_h2),
@@ -119,7 +125,7 @@ backend out_{name}
 /// bench's root), plaintext to the app in the caller's protocol.
 fn server_config(p: &Ports, side: &Side) -> Result<String> {
     let (crt, ca) = (quoted(&side.crt)?, quoted(&side.ca)?);
-    let mut out = String::from(GLOBAL);
+    let mut out = common(p);
     for (name, from, proto) in [("h1", p.server_h1, ""), ("h2", p.server_h2, " proto h2")] {
         out.push_str(&format!(
             "
@@ -209,6 +215,7 @@ mod tests {
             server_h1: "127.0.0.1:3".parse().unwrap(),
             server_h2: "127.0.0.1:4".parse().unwrap(),
             app: "127.0.0.1:5".parse().unwrap(),
+            max_connections: 1600,
         };
         let side = Side {
             crt: "/d/server.pem".into(),
@@ -217,6 +224,7 @@ mod tests {
         let server = server_config(&ports, &side).unwrap();
         assert_eq!(server.matches("verify required").count(), 2, "{server}");
         assert!(server.contains("ssl-min-ver TLSv1.3"), "{server}");
+        assert!(server.contains("    maxconn 1600\n"), "{server}");
         assert!(
             server.contains("server app 127.0.0.1:5 proto h2"),
             "{server}"
