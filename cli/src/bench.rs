@@ -35,7 +35,8 @@ use hyper::{client::conn, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_control::admin_socket::{self, AdminRequest};
 use mesh_core::identity::{
-    BundleStore, CertificateAuthority, ExpectedIdentity, RootCa, SpiffeId, TrustBundleSet,
+    BundleStore, CertificateAuthority, CredentialStore, ExpectedIdentity, RootCa, SpiffeId,
+    TrustBundleSet,
     ca::{DEFAULT_ISSUER_TTL, DEFAULT_ROOT_TTL},
     cert::now,
     files,
@@ -199,13 +200,18 @@ fn spawn_on(cmd: &mut Command, cpu: Option<usize>) -> Result<Child> {
     Ok(child?)
 }
 
+/// One field of `/proc/<pid>/status` (`VmRSS`, `Cpus_allowed_list`, ...).
+fn status_field(pid: u32, name: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| {
+        let value = l.strip_prefix(name)?.strip_prefix(':')?;
+        Some(value.trim().to_owned())
+    })
+}
+
 /// The CPUs a process may run on, as the kernel lists them.
 fn cpus_allowed(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| Some(l.strip_prefix("Cpus_allowed_list:")?.trim().to_owned()))
-        .unwrap_or_default()
+    status_field(pid, "Cpus_allowed_list").unwrap_or_default()
 }
 
 /// The burst and idle-connection rounds hold over a thousand sockets: take
@@ -245,12 +251,7 @@ async fn wait_ready(admin: SocketAddr, what: &str, log: &Path) -> Result<()> {
             }
         }
         if Instant::now() > deadline {
-            let tail = std::fs::read_to_string(log).unwrap_or_default();
-            let tail: Vec<&str> = tail.lines().rev().take(10).collect();
-            bail!(
-                "{what} did not become ready; last log lines:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
+            bail!("{what} did not become ready; {}", log_tail(log));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -367,17 +368,8 @@ fn private_kib(pid: u32) -> f64 {
 
 /// Resident memory of a process in KiB (`VmRSS`).
 fn rss_kib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmRSS:")?
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .ok()
-        })
+    status_field(pid, "VmRSS")
+        .and_then(|v| v.trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0.0)
 }
 
@@ -491,12 +483,8 @@ async fn setup(dir: &Path, cores: Option<Cores>) -> Result<Setup> {
     let exe = std::env::current_exe().context("cannot find the mesh binary to start components")?;
     let ca_dir = dir.join("ca");
     let root = RootCa::generate(DEFAULT_ROOT_TTL, now())?;
-    let ca = CertificateAuthority::generate(
-        "bench.mesh.local".parse()?,
-        &root,
-        DEFAULT_ISSUER_TTL,
-        now(),
-    )?;
+    let ca =
+        CertificateAuthority::generate(TRUST_DOMAIN.parse()?, &root, DEFAULT_ISSUER_TTL, now())?;
     files::write_ca_dir(&ca_dir, &root, &ca, true)?;
     let app = app().await?;
     let config = dir.join("config");
@@ -554,7 +542,7 @@ async fn setup(dir: &Path, cores: Option<Cores>) -> Result<Setup> {
         let mut cmd = proxy_command(&exe);
         cmd.envs([
             ("MESH_PROXY_CLUSTER", "bench"),
-            ("MESH_PROXY_TRUST_DOMAIN", "bench.mesh.local"),
+            ("MESH_PROXY_TRUST_DOMAIN", TRUST_DOMAIN),
             ("MESH_PROXY_NAMESPACE", "bench"),
             ("MESH_PROXY_SERVICE_ACCOUNT", sa),
             ("MESH_PROXY_WORKLOAD", &format!("{sa}-0")),
@@ -608,8 +596,10 @@ async fn setup(dir: &Path, cores: Option<Cores>) -> Result<Setup> {
         client_outbound,
         Proto::Http1,
         &format!("http://{authority}/"),
-        &dir.join("client.log"),
-        client_pid,
+        &[
+            (client_pid, dir.join("client.log")),
+            (server_pid, dir.join("server.log")),
+        ],
     )
     .await?;
     Ok(Setup {
@@ -656,24 +646,36 @@ impl Pair {
     }
 }
 
-fn bundles(s: &Setup) -> Result<BundleStore> {
-    let td = "bench.mesh.local".parse()?;
-    let bundle = files::load_bundle(&s.bundle, td)?;
-    Ok(BundleStore::new(
-        [bundle].into_iter().collect::<TrustBundleSet>(),
-    ))
-}
+/// The bench's trust domain.
+const TRUST_DOMAIN: &str = "bench.mesh.local";
 
-fn control_id() -> Result<SpiffeId> {
-    Ok("spiffe://bench.mesh.local/ns/mesh-system/sa/control".parse()?)
-}
-
-fn bench_id(service_account: &str) -> Result<SpiffeId> {
+fn bench_id(namespace: &str, service_account: &str) -> Result<SpiffeId> {
     Ok(SpiffeId::workload(
-        &"bench.mesh.local".parse()?,
-        "bench",
+        &TRUST_DOMAIN.parse()?,
+        namespace,
         service_account,
     )?)
+}
+
+impl Setup {
+    fn bundles(&self) -> Result<BundleStore> {
+        let bundle = files::load_bundle(&self.bundle, TRUST_DOMAIN.parse()?)?;
+        Ok(BundleStore::new(
+            [bundle].into_iter().collect::<TrustBundleSet>(),
+        ))
+    }
+
+    /// An SVID for `bench/<service_account>` from the bench's control plane.
+    async fn svid(&self, service_account: &str) -> Result<CredentialStore> {
+        certify(
+            &self.admin_socket,
+            &self.plane_identity.to_string(),
+            self.bundles()?,
+            bench_id("mesh-system", "control")?,
+            ("bench", service_account),
+        )
+        .await
+    }
 }
 
 fn mesh_pair(s: &Setup) -> Result<Pair> {
@@ -684,7 +686,7 @@ fn mesh_pair(s: &Setup) -> Result<Pair> {
         h1: s.client_outbound,
         h2: s.client_outbound,
         server_tls: s.server_inbound,
-        server_id: bench_id("server")?,
+        server_id: bench_id("bench", "server")?,
         idle_rss: (rss_kib(s.client_pid), rss_kib(s.server_pid)),
         idle_private: (private_kib(s.client_pid), private_kib(s.server_pid)),
     })
@@ -699,18 +701,9 @@ async fn haproxy_pair(
     cores: Option<Cores>,
     args: &BenchArgs,
 ) -> Result<Pair> {
-    let bundles = bundles(s)?;
     let mut creds = Vec::new();
     for sa in ["haproxy-client", "haproxy-server"] {
-        let store = certify(
-            &s.admin_socket,
-            &s.plane_identity.to_string(),
-            bundles.clone(),
-            control_id()?,
-            ("bench", sa),
-        )
-        .await?;
-        creds.push(store.current());
+        creds.push(s.svid(sa).await?.current());
     }
     let ports = crate::bench_haproxy::Ports {
         client_h1: addr(free_port()?),
@@ -722,28 +715,24 @@ async fn haproxy_pair(
     };
     let (mut client, mut server) =
         crate::bench_haproxy::commands(haproxy, dir, &ports, &s.root, &creds[0], &creds[1])?;
-    let log = |name: &str| std::fs::File::create(dir.join(format!("haproxy-{name}.log")));
-    let server = spawn_on(
-        server.stdout(Stdio::null()).stderr(log("server")?),
-        cores.map(|c| c.proxies),
-    )?;
-    let server_pid = server.id();
-    s.procs.0.push(server);
-    let client = spawn_on(
-        client.stdout(Stdio::null()).stderr(log("client")?),
-        cores.map(|c| c.proxies),
-    )?;
-    let client_pid = client.id();
-    s.procs.0.push(client);
+    let mut started = Vec::new();
+    for (side, cmd) in [("server", &mut server), ("client", &mut client)] {
+        let log = dir.join(format!("haproxy-{side}.log"));
+        let child = spawn_on(
+            cmd.stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log)?),
+            cores.map(|c| c.proxies),
+        )?;
+        started.push((child.id(), log));
+        s.procs.0.push(child);
+    }
+    let (server_pid, client_pid) = (started[0].0, started[1].0);
     let uri = format!("http://{}/", s.authority);
     for (proto, to) in [
         (Proto::Http1, ports.client_h1),
         (Proto::Http2, ports.client_h2),
     ] {
-        for (pid, side) in [(client_pid, "client"), (server_pid, "server")] {
-            let log = dir.join(format!("haproxy-{side}.log"));
-            wait_for_path(to, proto, &uri, &log, pid).await?;
-        }
+        wait_for_path(to, proto, &uri, &started).await?;
     }
     Ok(Pair {
         name: "haproxy",
@@ -752,46 +741,48 @@ async fn haproxy_pair(
         h1: ports.client_h1,
         h2: ports.client_h2,
         server_tls: ports.server_h2,
-        server_id: bench_id("haproxy-server")?,
+        server_id: bench_id("bench", "haproxy-server")?,
         idle_rss: (rss_kib(client_pid), rss_kib(server_pid)),
         idle_private: (private_kib(client_pid), private_kib(server_pid)),
     })
 }
 
-/// Whether a child process has exited (gone, or a zombie not yet reaped).
-fn exited(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => true,
-    }
-}
-
 /// Waits until a request to `to` is answered 2xx, for at most 15 s, or
-/// until `pid` (whose log is `log`) exits.
+/// until one of the processes on the path (`(pid, log)`) exits; the error
+/// carries each one's last log lines.
 async fn wait_for_path(
     to: SocketAddr,
     proto: Proto,
     uri: &str,
-    log: &Path,
-    pid: u32,
+    path: &[(u32, PathBuf)],
 ) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let ok = async { get(&mut connect(to, proto).await?, uri).await }.await;
+        let gone = || {
+            path.iter()
+                .any(|(pid, _)| !mesh_topologies::runner::process_alive(*pid, None))
+        };
         match ok {
             Ok(()) => return Ok(()),
-            Err(e) if Instant::now() > deadline || exited(pid) => {
-                let tail = std::fs::read_to_string(log).unwrap_or_default();
+            Err(e) if Instant::now() > deadline || gone() => {
+                let logs: Vec<String> = path.iter().map(|(_, log)| log_tail(log)).collect();
                 bail!(
-                    "no answer through {to} ({proto:?}): {e}; {}:\n{tail}",
-                    log.display()
+                    "no answer through {to} ({proto:?}): {e}\n{}",
+                    logs.join("\n")
                 )
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
+}
+
+/// The last lines of a component's log, named by its file.
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let last = &lines[lines.len().saturating_sub(10)..];
+    format!("last lines of {}:\n{}", log.display(), last.join("\n"))
 }
 
 /// One figure per pair, printed as a row with the ratio of the first pair
@@ -1101,35 +1092,16 @@ async fn memory(args: &BenchArgs, s: &Setup, pairs: &[Pair]) -> Result<()> {
         .zip(pairs)
         .map(|(a, p)| a - mib(p.idle_rss.0))
         .collect();
+    let idle = |label: &str, of: fn(&Pair) -> f64| {
+        Row::new(label, pairs.iter().map(|p| mib(of(p))).collect(), "MiB").decimals(1)
+    };
     print_table(
         pairs,
         &[
-            Row::new(
-                "idle, client proxy",
-                pairs.iter().map(|p| mib(p.idle_rss.0)).collect(),
-                "MiB",
-            )
-            .decimals(1)
-            .target("target <= 10 MiB"),
-            Row::new(
-                "idle, server proxy",
-                pairs.iter().map(|p| mib(p.idle_rss.1)).collect(),
-                "MiB",
-            )
-            .decimals(1)
-            .target("target <= 10 MiB"),
-            Row::new(
-                "idle private, client proxy",
-                pairs.iter().map(|p| mib(p.idle_private.0)).collect(),
-                "MiB",
-            )
-            .decimals(1),
-            Row::new(
-                "idle private, server proxy",
-                pairs.iter().map(|p| mib(p.idle_private.1)).collect(),
-                "MiB",
-            )
-            .decimals(1),
+            idle("idle, client proxy", |p| p.idle_rss.0).target("target <= 10 MiB"),
+            idle("idle, server proxy", |p| p.idle_rss.1).target("target <= 10 MiB"),
+            idle("idle private, client proxy", |p| p.idle_private.0),
+            idle("idle private, server proxy", |p| p.idle_private.1),
             Row::new(
                 format!("per idle connection ({} held)", args.idle_connections),
                 idle_conn,
@@ -1180,15 +1152,8 @@ async fn open(to: SocketAddr, uri: &str, n: usize, at_once: usize) -> Result<Vec
 /// HTTP/2 request, from 4 concurrent clients with an SVID of their own.
 #[allow(clippy::print_stdout)]
 async fn new_connections(args: &BenchArgs, s: &Setup, pairs: &[Pair]) -> Result<()> {
-    let bundles = bundles(s)?;
-    let creds = certify(
-        &s.admin_socket,
-        &s.plane_identity.to_string(),
-        bundles.clone(),
-        control_id()?,
-        ("bench", "loadgen"),
-    )
-    .await?;
+    let bundles = s.bundles()?;
+    let creds = s.svid("loadgen").await?;
     let mut connectors = Vec::new();
     for pair in pairs {
         let mut config = client_config(

@@ -21,7 +21,7 @@ use mesh_core::identity::{
 };
 
 /// How to install haproxy, for the error when it is missing.
-pub(crate) const INSTALL_HINT: &str = "haproxy is not installed: install it with `sudo apt-get install haproxy` (Debian, Ubuntu) or your system's package manager, or run `mesh bench` without `--peer`";
+const INSTALL_HINT: &str = "haproxy is not installed: install it with `sudo apt-get install haproxy` (Debian, Ubuntu) or your system's package manager, or run `mesh bench` without `--peer`";
 
 /// The haproxy binary on `PATH`.
 pub(crate) fn find() -> Result<PathBuf> {
@@ -44,22 +44,24 @@ pub(crate) struct Ports {
     pub(crate) max_connections: usize,
 }
 
-/// Files one side needs: its certificate chain with its key (0600), and the
-/// root it trusts.
+/// Files one side needs: its certificate chain with its key (written
+/// 0600), and the root it trusts.
 struct Side {
     crt: PathBuf,
     ca: PathBuf,
 }
 
-fn write_side(dir: &Path, name: &str, creds: &Credentials, root: &Path) -> Result<Side> {
-    let crt = dir.join(format!("{name}.pem"));
-    let mut pem = certs_to_pem(creds.chain());
-    pem.push_str(&key_to_pem(creds.key_der()));
-    files::write_private(&crt, pem.as_bytes())?;
-    Ok(Side {
-        crt,
-        ca: root.to_owned(),
-    })
+impl Side {
+    fn write(dir: &Path, name: &str, creds: &Credentials, root: &Path) -> Result<Self> {
+        let crt = dir.join(format!("{name}.pem"));
+        let mut pem = certs_to_pem(creds.chain());
+        pem.push_str(&key_to_pem(creds.key_der()));
+        files::write_private(&crt, pem.as_bytes())?;
+        Ok(Self {
+            crt,
+            ca: root.to_owned(),
+        })
+    }
 }
 
 /// A path as haproxy reads it, in double quotes; refused if it holds a
@@ -154,13 +156,7 @@ pub(crate) fn commands(
 ) -> Result<(Command, Command)> {
     let dir = dir.join("haproxy");
     std::fs::create_dir_all(&dir)?;
-    let client_side = write_side(&dir, "client", client, root)?;
-    let server_side = write_side(&dir, "server", server, root)?;
-    let mut out = Vec::new();
-    for (name, config) in [
-        ("client", client_config(ports, &client_side)?),
-        ("server", server_config(ports, &server_side)?),
-    ] {
+    let prepare = |name: &str, config: String| -> Result<Command> {
         let path = dir.join(format!("{name}.cfg"));
         files::write_private(&path, config.as_bytes())?;
         let check = Command::new(haproxy)
@@ -181,11 +177,14 @@ pub(crate) fn commands(
         let mut cmd = Command::new(haproxy);
         // -db: stay in the foreground, so the bench holds the process.
         cmd.arg("-db").arg("-f").arg(&path).stdin(Stdio::null());
-        out.push(cmd);
-    }
-    let server_cmd = out.pop().context("two commands")?;
-    let client_cmd = out.pop().context("two commands")?;
-    Ok((client_cmd, server_cmd))
+        Ok(cmd)
+    };
+    let client_side = Side::write(&dir, "client", client, root)?;
+    let server_side = Side::write(&dir, "server", server, root)?;
+    Ok((
+        prepare("client", client_config(ports, &client_side)?)?,
+        prepare("server", server_config(ports, &server_side)?)?,
+    ))
 }
 
 #[cfg(test)]

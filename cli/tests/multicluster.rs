@@ -1,18 +1,9 @@
 //! `mesh multicluster link` prints a Link the control plane accepts, and
 //! `unlink` names the files to delete.
 
-use std::process::Command;
+mod support;
 
-const MESH: &str = env!("CARGO_BIN_EXE_mesh");
-
-fn mesh(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(MESH).args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use support::mesh;
 
 /// A CA for `td` in `dir/name`, made with `mesh identity ca create`.
 fn ca(dir: &std::path::Path, name: &str, td: &str) -> std::path::PathBuf {

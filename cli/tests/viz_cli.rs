@@ -4,16 +4,9 @@
 
 use std::process::Command;
 
-const MESH: &str = env!("CARGO_BIN_EXE_mesh");
+mod support;
 
-fn mesh(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(MESH).args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use support::mesh;
 
 #[test]
 fn install_prints_a_scrape_configuration_promtool_accepts() {

@@ -192,49 +192,42 @@ fn issuer_domains(info: &CertInfo) -> Vec<TrustDomain> {
 }
 
 /// What identifies a leaf in the cache: SHA-256 of its exact DER.
-pub fn leaf_digest(leaf: &CertificateDer<'_>) -> [u8; 32] {
+fn leaf_digest(leaf: &CertificateDer<'_>) -> [u8; 32] {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf.as_ref());
     let mut out = [0; 32];
     out.copy_from_slice(digest.as_ref());
     out
 }
 
-impl VerifiedIssuers {
-    fn anchor(
-        &self,
-        issuer: &CertificateDer<'_>,
-        roots: &[CertificateDer<'static>],
-        now: UnixTime,
-    ) -> Option<TrustAnchor<'static>> {
-        let cache = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        cache
-            .iter()
-            .find(|e| {
-                e.issuer.as_ref() == issuer.as_ref()
-                    && e.roots == roots
-                    && now.as_secs() < e.not_after
-            })
-            .map(|e| e.anchor.clone())
-    }
+/// What the cache knows of a leaf and its one issuer.
+enum Known {
+    /// The issuer is not remembered with these roots: verify the chain.
+    Nothing,
+    /// The issuer is: verify the leaf against it.
+    Issuer(TrustAnchor<'static>),
+    /// This very leaf (same DER, same role) verified under that issuer.
+    Leaf,
+}
 
-    /// Whether `leaf` (by digest) was verified for `role` under `issuer`
-    /// with these roots, and both are still within their validity.
-    fn leaf_known(
+impl VerifiedIssuers {
+    /// One look at the cache for `leaf` (by digest and role) under `issuer`
+    /// with these roots, both still within their validity.
+    fn known(
         &self,
         issuer: &CertificateDer<'_>,
         roots: &[CertificateDer<'static>],
         leaf: &([u8; 32], PeerRole),
         now: UnixTime,
-    ) -> bool {
+    ) -> Known {
         let cache = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        cache.iter().any(|e| {
-            e.issuer.as_ref() == issuer.as_ref()
-                && e.roots == roots
-                && now.as_secs() < e.not_after
-                && e.leaves
-                    .get(leaf)
-                    .is_some_and(|&until| now.as_secs() < until)
-        })
+        let entry = cache.iter().find(|e| {
+            e.issuer.as_ref() == issuer.as_ref() && e.roots == roots && now.as_secs() < e.not_after
+        });
+        match entry {
+            None => Known::Nothing,
+            Some(e) if e.leaves.get(leaf).is_some_and(|&t| now.as_secs() < t) => Known::Leaf,
+            Some(e) => Known::Issuer(e.anchor.clone()),
+        }
     }
 
     /// Notes that `leaf` verified under `issuer` (already remembered with
@@ -375,18 +368,21 @@ pub fn verify_peer_with(
         PeerRole::Client => KeyUsage::client_auth(),
     };
     let known = match (issuers, intermediates) {
-        (Some(cache), [issuer]) => cache
-            .anchor(issuer, bundle.roots(), now)
-            .map(|anchor| (cache, issuer, anchor)),
+        (Some(cache), [issuer]) => {
+            let seen = (leaf_digest(leaf), role);
+            match cache.known(issuer, bundle.roots(), &seen, now) {
+                Known::Nothing => None,
+                known => Some((cache, issuer, seen, known)),
+            }
+        }
         _ => None,
     };
-    if let Some((cache, issuer, anchor)) = known {
+    if let Some((cache, issuer, seen, known)) = known {
         // The issuer's own chain was verified against these same roots.
         // The leaf's signature and key usage are facts about its exact
         // bytes: a leaf seen before under this issuer (same DER, same
         // role) was checked then. Its validity was checked above, now.
-        let seen = (leaf_digest(leaf), role);
-        if !cache.leaf_known(issuer, bundle.roots(), &seen, now) {
+        if let Known::Issuer(anchor) = known {
             EndEntityCert::try_from(leaf)
                 .map_err(untrusted)?
                 .verify_for_usage(
