@@ -438,7 +438,7 @@ async fn throughput(
 }
 
 /// The proxy as a sidecar runs it: the `mesh-proxy` binary when it was
-/// built next to this one (`cargo build --release -p mesh-proxy`), which is
+/// built next to this one (`cargo build --profile dist -p mesh-proxy`), which is
 /// smaller than `mesh` and so maps less code; `mesh proxy` otherwise.
 ///
 /// `MESH_BENCH_PROXY_WRAPPER`, when set, is a command (split on spaces)
@@ -859,7 +859,7 @@ async fn bench(
 ) -> Result<()> {
     if cfg!(debug_assertions) {
         eprintln!(
-            "note: this is a debug build; run `cargo run --release -p mesh-cli -- bench` for real numbers"
+            "note: this is a debug build; build with `cargo build --profile dist -p mesh-cli -p mesh-proxy` and run `target/dist/mesh bench` for real numbers"
         );
     }
     println!(
@@ -1060,7 +1060,12 @@ async fn memory(args: &BenchArgs, s: &Setup, pairs: &[Pair]) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(300)).await;
         idle_conn.push((rss_kib(pid) - start) / n as f64);
         drop(conns);
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Each phase starts from what the proxy keeps once the last one's
+        // connections closed: Mesh's proxy gives a burst back within a second
+        // (ARCHITECTURE.md, "Memory after a burst"), so its next phase pays
+        // for its pages afresh rather than reusing the last one's.
+        let settle = Duration::from_millis(1500);
+        tokio::time::sleep(settle).await;
         // The same number sending requests back to back.
         let start = rss_kib(pid);
         let (_, during) = throughput(
@@ -1073,7 +1078,7 @@ async fn memory(args: &BenchArgs, s: &Setup, pairs: &[Pair]) -> Result<()> {
         )
         .await?;
         busy_conn.push((during - start) / n as f64);
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(settle).await;
         // A burst, then nothing.
         let start = rss_kib(pid);
         let conns = open(pair.h1, &uri, args.burst.max(1), args.burst.max(1)).await?;

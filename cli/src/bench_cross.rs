@@ -130,7 +130,7 @@ where
 pub(crate) async fn cross_cluster(args: &BenchArgs) -> Result<()> {
     if cfg!(debug_assertions) {
         eprintln!(
-            "note: this is a debug build; run `cargo run --release -p mesh-cli -- bench --cross-cluster` for real numbers"
+            "note: this is a debug build; build with `cargo build --profile dist -p mesh-cli -p mesh-proxy` and run `target/dist/mesh bench --cross-cluster` for real numbers"
         );
     }
     println!(

@@ -21,6 +21,12 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReleaseLabels {
+    /// `true` when the allocator returned any pages.
+    pub released: bool,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InboundLabels {
     /// The app port.
     pub port: u16,
@@ -200,6 +206,9 @@ pub struct Metrics {
     pub tls_refused: Family<ReasonLabels, Counter>,
     pub identity_expiry: Gauge,
     pub identity_renewals: Counter,
+    /// Releases of free memory to the kernel after a burst of connections
+    /// closed, by whether the allocator gave anything back.
+    pub memory_releases: Family<ReleaseLabels, Counter>,
     pub outbound_requests: Family<OutboundLabels, Counter>,
     pub outbound_failures: Family<ReasonLabels, Counter>,
     pub outbound_retries: Counter,
@@ -271,6 +280,12 @@ impl Metrics {
                 "identity_renewals",
                 "Successful SVID renewals",
                 Counter::default(),
+            ),
+            memory_releases: registered(
+                r,
+                "memory_releases",
+                "Times the proxy asked the allocator to return free memory after a burst of connections closed, by whether any came back",
+                Family::default(),
             ),
             outbound_requests: registered(
                 r,

@@ -10,6 +10,7 @@ use mesh_core::{
     identity::{
         BundleStore, CredentialStore, ExpectedIdentity, TrustBundleSet, files::FileError, tls,
     },
+    memory::Connections,
 };
 use tokio::{net::TcpListener, task::JoinSet};
 use tonic::transport::Channel;
@@ -86,7 +87,8 @@ pub struct Proxy {
     config: Config,
     tasks: JoinSet<()>,
     draining: tokio::sync::watch::Sender<bool>,
-    open_connections: Arc<()>,
+    /// Inbound connections open now.
+    open_connections: Connections,
 }
 
 /// What a component that joins the mesh like a proxy (the proxy, the
@@ -273,7 +275,7 @@ impl Proxy {
         inbound.drain_grace = config.shutdown_grace;
         let inbound = Arc::new(inbound);
         let (draining_tx, draining) = tokio::sync::watch::channel(false);
-        let open_connections = Arc::new(());
+        let open_connections = Connections::default();
         tasks.spawn(inbound::accept(
             listener,
             {
@@ -300,11 +302,17 @@ impl Proxy {
         );
         let outbound = Arc::new(outbound.with_limits(config.destinations));
         tasks.spawn(outbound::evict_idle_forever(outbound.clone()));
+        let outbound_open = Connections::default();
         tasks.spawn(outbound::accept(
             outbound_listener,
             outbound,
             config.detect_timeout,
             config.opaque_ports.clone().into(),
+            outbound_open.clone(),
+        ));
+        tasks.spawn(release_memory_after_bursts(
+            [open_connections.clone(), outbound_open],
+            metrics.clone(),
         ));
 
         tasks.spawn(register::keep_registered(
@@ -355,12 +363,22 @@ impl Proxy {
         let deregister = register::deregister(RegistryClient::new(self.api.clone()), &self.config);
         let _ = tokio::time::timeout(grace, deregister).await;
         let _ = self.draining.send(true);
-        // Our own clone, plus one per open connection.
-        while Arc::strong_count(&self.open_connections) > 1
-            && tokio::time::Instant::now() < deadline
-        {
+        while self.open_connections.open() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.tasks.shutdown().await;
     }
+}
+
+/// Gives free memory back to the kernel once a burst of connections, in
+/// either direction, has closed (ARCHITECTURE.md, "Memory after a burst").
+async fn release_memory_after_bursts(counts: [Connections; 2], metrics: Metrics) {
+    let open = move || counts.iter().map(Connections::open).sum();
+    mesh_core::memory::release_after_bursts(open, Duration::from_secs(1), move |released| {
+        metrics
+            .memory_releases
+            .get_or_create(&crate::metrics::ReleaseLabels { released })
+            .inc();
+    })
+    .await;
 }

@@ -659,3 +659,59 @@ async fn no_connection_outlives_the_peer_certificate() {
         started.elapsed()
     );
 }
+
+/// The allocator's releases the proxy asked for, from its metrics.
+async fn memory_releases(w: &World) -> f64 {
+    w.metrics()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("mesh_proxy_memory_releases_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Once a burst of connections has closed, the proxy asks the allocator to
+/// give the freed memory back, once. Connections opening, staying open, or
+/// a few closing are not a burst (ARCHITECTURE.md, "Memory after a burst").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_is_given_back_once_a_burst_of_connections_closed() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let caller = w.join("web").await;
+    let open = |n: usize| {
+        let (w, caller) = (&w, &caller);
+        async move {
+            let mut conns = Vec::with_capacity(n);
+            for _ in 0..n {
+                conns.push(mtls(w, caller, w.proxy.inbound_addr, "api", b"h2").await);
+            }
+            conns
+        }
+    };
+    // The release check runs once a second: wait past two of them.
+    let checks = Duration::from_millis(2500);
+
+    let few = open(10).await;
+    drop(few);
+    tokio::time::sleep(checks).await;
+    assert_eq!(memory_releases(&w).await, 0.0, "10 closed: not a burst");
+
+    let burst = open(150).await;
+    tokio::time::sleep(checks).await;
+    assert_eq!(
+        memory_releases(&w).await,
+        0.0,
+        "150 open: nothing to give back"
+    );
+
+    drop(burst);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while memory_releases(&w).await == 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no release 10 s after 150 closed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(checks).await;
+    assert_eq!(memory_releases(&w).await, 1.0, "one release per burst");
+}

@@ -28,7 +28,10 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo},
 };
-use mesh_core::identity::{SpiffeId, TrustDomain, tls::peer_leaf};
+use mesh_core::{
+    identity::{SpiffeId, TrustDomain, tls::peer_leaf},
+    memory::Connections,
+};
 use rustls::ServerConfig;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_rustls::TlsAcceptor;
@@ -111,13 +114,13 @@ pub fn max_connection_age(not_after: time::OffsetDateTime, now: time::OffsetDate
 
 /// accept: serves the inbound listener until `draining` turns true; then
 /// stops accepting and sends GOAWAY on every open connection. Each open
-/// connection holds a clone of `open`, so the caller can wait for them.
+/// connection is held in `open`, so the caller can wait for them.
 pub async fn accept(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
     inbound: Arc<Inbound>,
     draining: watch::Receiver<bool>,
-    open: Arc<()>,
+    open: Connections,
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let mut stop = draining.clone();
@@ -136,9 +139,9 @@ pub async fn accept(
         let _ = tcp.set_nodelay(true);
         let (acceptor, inbound, mut draining) =
             (acceptor.clone(), inbound.clone(), draining.clone());
-        let open = open.clone();
+        let held = open.hold();
         tokio::spawn(async move {
-            let _open = open;
+            let _held = held;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => return refused_handshake(&inbound.metrics, peer, &e),

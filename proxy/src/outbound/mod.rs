@@ -53,9 +53,12 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo},
 };
-use mesh_core::api::v1::{
-    DiscoveryUpdate, OutboundPolicy, OutboundRequest, WatchRequest,
-    discovery_client::DiscoveryClient, discovery_update::Kind, policy_client::PolicyClient,
+use mesh_core::{
+    api::v1::{
+        DiscoveryUpdate, OutboundPolicy, OutboundRequest, WatchRequest,
+        discovery_client::DiscoveryClient, discovery_update::Kind, policy_client::PolicyClient,
+    },
+    memory::Connections,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::Channel;
@@ -262,6 +265,7 @@ pub async fn accept(
     outbound: Arc<Outbound>,
     detect_timeout: Duration,
     opaque_ports: Arc<[u16]>,
+    open: Connections,
 ) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
@@ -272,7 +276,9 @@ pub async fn accept(
         let redirected = original_dst(&tcp);
         let outbound = outbound.clone();
         let skip_detect = redirected.is_some_and(|to| opaque_ports.contains(&to.port()));
+        let held = open.hold();
         tokio::spawn(async move {
+            let _held = held;
             let protocol = if skip_detect {
                 Protocol::Opaque
             } else {
