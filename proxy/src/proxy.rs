@@ -373,8 +373,8 @@ impl Proxy {
 /// Gives free memory back to the kernel once a burst of connections, in
 /// either direction, has closed (ARCHITECTURE.md, "Memory after a burst").
 async fn release_memory_after_bursts(counts: [Connections; 2], metrics: Metrics) {
-    let open = move || counts.iter().map(Connections::open).sum();
-    mesh_core::memory::release_after_bursts(open, Duration::from_secs(1), move |released| {
+    let counts = counts.into();
+    mesh_core::memory::release_after_bursts(counts, Duration::from_secs(1), move |released| {
         metrics
             .memory_releases
             .get_or_create(&crate::metrics::ReleaseLabels { released })
