@@ -5,7 +5,9 @@
 //! SPIFFE bundle format and PEM; verification of peer X.509-SVID chains; and
 //! TLS 1.3 rustls configs that authenticate both sides by SPIFFE ID with
 //! credentials that rotate in place. It fixes the one crypto provider
-//! (aws-lc-rs) for the workspace.
+//! (aws-lc-rs) for the workspace. It also decides when a component gives
+//! free memory back to the kernel after a burst of connections (`memory`),
+//! through the workspace's one `unsafe` call (`sys`).
 //!
 //! What it does not do: open sockets, serve APIs, or read the environment.
 //! Those belong to the binaries and the component crates.
