@@ -862,3 +862,99 @@ async fn destinations_are_capped_and_forgotten_when_idle() {
     let (status, raw) = call(format!("127.0.0.23:{port}")).await;
     assert_ne!(status, 503, "{raw}");
 }
+
+/// An app that answers only once it has read the whole request body, so it
+/// sends nothing (and, in delayed-ACK mode, no ACK) while the body is late.
+async fn body_reading_app(addr: SocketAddr) -> SocketAddr {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let body = req.into_body().collect().await?.to_bytes();
+                        Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from(format!("got {}", body.len())),
+                        )))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Reads one HTTP/1.1 response with a `content-length` off `tcp`.
+async fn read_response(tcp: &mut tokio::net::TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = tcp.read(&mut chunk).await.unwrap();
+        assert!(
+            n > 0,
+            "closed mid-response: {}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if body.len() >= len {
+                return text;
+            }
+        }
+    }
+}
+
+/// A request whose body follows its head a moment later (an upload, a
+/// streamed body) reaches a plain destination at once: the proxy's plain
+/// connections disable Nagle, as its mTLS ones do, so the body is not held
+/// until the destination's delayed ACK (40 ms on Linux) for the head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_body_to_a_plain_destination_is_not_held_for_an_ack() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let web = w.proxy("web", "web-0", &[("app", "web")]).await;
+    let app = body_reading_app("127.0.0.9:0".parse().unwrap()).await;
+    let mut tcp = tokio::net::TcpStream::connect(web.outbound_addr)
+        .await
+        .unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let gap = Duration::from_millis(5);
+    let mut slowest = Duration::ZERO;
+    for i in 0..20 {
+        let started = std::time::Instant::now();
+        tcp.write_all(
+            format!("POST http://{app}/upload HTTP/1.1\r\nHost: {app}\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(gap).await;
+        tcp.write_all(b"5\r\nhello\r\n0\r\n\r\n").await.unwrap();
+        let response = read_response(&mut tcp).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.ends_with("got 5"), "{response}");
+        // The first exchanges are ACKed at once (quick-ACK mode) either way.
+        if i >= 3 {
+            slowest = slowest.max(started.elapsed());
+        }
+    }
+    assert!(
+        slowest < gap + Duration::from_millis(25),
+        "a request took {slowest:?}: its body waited for an ACK"
+    );
+}

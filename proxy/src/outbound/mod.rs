@@ -174,7 +174,7 @@ impl Outbound {
             metrics,
             fail_fast,
             limits: crate::env::DestinationLimits::default(),
-            plain: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+            plain: Client::builder(TokioExecutor::new()).build(endpoint::plain_connector()),
         }
     }
 
