@@ -311,7 +311,7 @@ impl Proxy {
             outbound_open.clone(),
         ));
         tasks.spawn(release_memory_after_bursts(
-            [open_connections.clone(), outbound_open],
+            vec![open_connections.clone(), outbound_open],
             metrics.clone(),
         ));
 
@@ -372,8 +372,7 @@ impl Proxy {
 
 /// Gives free memory back to the kernel once a burst of connections, in
 /// either direction, has closed (ARCHITECTURE.md, "Memory after a burst").
-async fn release_memory_after_bursts(counts: [Connections; 2], metrics: Metrics) {
-    let counts = counts.into();
+async fn release_memory_after_bursts(counts: Vec<Connections>, metrics: Metrics) {
     mesh_core::memory::release_after_bursts(counts, Duration::from_secs(1), move |released| {
         metrics
             .memory_releases

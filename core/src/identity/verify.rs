@@ -367,22 +367,22 @@ pub fn verify_peer_with(
         PeerRole::Server => KeyUsage::server_auth(),
         PeerRole::Client => KeyUsage::client_auth(),
     };
-    let known = match (issuers, intermediates) {
+    // A chain of [leaf, issuer]: one look at the cache.
+    let cached = match (issuers, intermediates) {
         (Some(cache), [issuer]) => {
             let seen = (leaf_digest(leaf), role);
-            match cache.known(issuer, bundle.roots(), &seen, now) {
-                Known::Nothing => None,
-                known => Some((cache, issuer, seen, known)),
-            }
+            let known = cache.known(issuer, bundle.roots(), &seen, now);
+            Some((cache, issuer, seen, known))
         }
         _ => None,
     };
-    if let Some((cache, issuer, seen, known)) = known {
-        // The issuer's own chain was verified against these same roots.
+    match cached {
         // The leaf's signature and key usage are facts about its exact
-        // bytes: a leaf seen before under this issuer (same DER, same
-        // role) was checked then. Its validity was checked above, now.
-        if let Known::Issuer(anchor) = known {
+        // bytes: this leaf (same DER, same role) was checked under this
+        // issuer before. Its validity was checked above, now.
+        Some((.., Known::Leaf)) => {}
+        // The issuer's own chain was verified against these same roots.
+        Some((cache, issuer, seen, Known::Issuer(anchor))) => {
             EndEntityCert::try_from(leaf)
                 .map_err(untrusted)?
                 .verify_for_usage(
@@ -398,38 +398,39 @@ pub fn verify_peer_with(
             let until = u64::try_from(info.not_after.unix_timestamp()).unwrap_or(0);
             cache.remember_leaf(issuer, bundle.roots(), seen, until, now);
         }
-    } else {
-        let ee = EndEntityCert::try_from(leaf).map_err(untrusted)?;
-        let anchors = bundle
-            .roots()
-            .iter()
-            .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(untrusted)?;
-        // webpki bounds the work itself: at most 100 signature checks and a
-        // bounded number of path-building steps per call.
-        let path = ee
-            .verify_for_usage(
-                webpki::ALL_VERIFICATION_ALGS,
-                &anchors,
-                intermediates,
-                now,
-                usage,
-                None,
-                None,
-            )
-            .map_err(untrusted)?;
-        // Remember the issuer only when the verified path went through it:
-        // with roots that sign leaves directly (SPIRE's layout), a chain
-        // `[leaf, X]` verifies without ever using `X`, and remembering `X`
-        // would let leaves that `X` signs skip the chain check.
-        if let (Some(cache), [issuer]) = (issuers, intermediates) {
-            let mut used = path.intermediate_certificates();
-            let through_issuer = used
-                .next()
-                .is_some_and(|c| c.der().as_ref() == issuer.as_ref());
-            if through_issuer && used.next().is_none() {
-                cache.remember(issuer, bundle.roots());
+        _ => {
+            let ee = EndEntityCert::try_from(leaf).map_err(untrusted)?;
+            let anchors = bundle
+                .roots()
+                .iter()
+                .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(untrusted)?;
+            // webpki bounds the work itself: at most 100 signature checks and a
+            // bounded number of path-building steps per call.
+            let path = ee
+                .verify_for_usage(
+                    webpki::ALL_VERIFICATION_ALGS,
+                    &anchors,
+                    intermediates,
+                    now,
+                    usage,
+                    None,
+                    None,
+                )
+                .map_err(untrusted)?;
+            // Remember the issuer only when the verified path went through it:
+            // with roots that sign leaves directly (SPIRE's layout), a chain
+            // `[leaf, X]` verifies without ever using `X`, and remembering `X`
+            // would let leaves that `X` signs skip the chain check.
+            if let (Some(cache), [issuer]) = (issuers, intermediates) {
+                let mut used = path.intermediate_certificates();
+                let through_issuer = used
+                    .next()
+                    .is_some_and(|c| c.der().as_ref() == issuer.as_ref());
+                if through_issuer && used.next().is_none() {
+                    cache.remember(issuer, bundle.roots());
+                }
             }
         }
     }
