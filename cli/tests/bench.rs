@@ -56,7 +56,7 @@ fn the_haproxy_pair_runs_beside_mesh_and_every_figure_has_its_ratio() {
         "idle, client proxy",
         "per idle connection (20 held)",
         "per busy connection (20 sending)",
-        "kept over idle after the burst",
+        "kept after the burst, over before it",
         "server CPU per connection",
     ] {
         let lines: Vec<&str> = stdout.lines().filter(|l| l.contains(row)).collect();

@@ -24,3 +24,37 @@ pub fn release_free_memory() -> bool {
 pub fn release_free_memory() -> bool {
     false
 }
+
+/// Drops this process's resident pages of `code` (`MADV_DONTNEED`); they
+/// come back from the page cache when next run. See
+/// [`crate::code_pages`].
+#[cfg(target_os = "linux")]
+pub fn forget_code_pages(code: &crate::code_pages::Code) -> std::io::Result<()> {
+    for range in code.ranges() {
+        // SAFETY: `Code` holds only page-aligned ranges that
+        // `/proc/self/maps` lists as read-only, executable, private mappings
+        // of this process's own executable file, and an executable is never
+        // unmapped while it runs. Nothing writes those pages (Rust binaries
+        // carry no text relocations), so each is an unmodified copy of the
+        // file: dropping it loses no data, and the next instruction fetch
+        // from it faults it back in from the file. No Rust reference points
+        // into code pages, so no reference is invalidated.
+        let rc = unsafe {
+            libc::madvise(
+                range.start as *mut libc::c_void,
+                range.end - range.start,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Only Linux has `/proc/self/maps`; nothing to drop elsewhere.
+#[cfg(not(target_os = "linux"))]
+pub fn forget_code_pages(_code: &crate::code_pages::Code) -> std::io::Result<()> {
+    Ok(())
+}

@@ -209,6 +209,9 @@ pub struct Metrics {
     /// Releases of free memory to the kernel after a burst of connections
     /// closed, by whether the allocator gave anything back.
     pub memory_releases: Family<ReleaseLabels, Counter>,
+    /// Bytes of code mappings whose resident pages were dropped once
+    /// start-up settled; 0 before then, or when it could not be done.
+    pub startup_code_released: Gauge,
     pub outbound_requests: Family<OutboundLabels, Counter>,
     pub outbound_failures: Family<ReasonLabels, Counter>,
     pub outbound_retries: Counter,
@@ -286,6 +289,12 @@ impl Metrics {
                 "memory_releases",
                 "Times the proxy asked the allocator to return free memory after a burst of connections closed, by whether any came back",
                 Family::default(),
+            ),
+            startup_code_released: registered(
+                r,
+                "startup_code_released_bytes",
+                "Bytes of the proxy's own code whose resident pages it dropped once start-up settled (code that runs again comes back from the page cache); 0 until then, or if it could not",
+                Gauge::default(),
             ),
             outbound_requests: registered(
                 r,

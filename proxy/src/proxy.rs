@@ -338,6 +338,7 @@ impl Proxy {
             },
         ));
 
+        tasks.spawn(release_startup_code_once_settled(metrics.clone()));
         readiness.set_ready();
         tracing::info!(%inbound_addr, %outbound_addr, %admin_addr, id = %config.identity, "proxy ready");
         Ok(Self {
@@ -380,4 +381,24 @@ async fn release_memory_after_bursts(counts: Vec<Connections>, metrics: Metrics)
             .inc();
     })
     .await;
+}
+
+/// How long after ready the proxy's start-up work (the first registration,
+/// the control plane's first answers) is given to finish.
+const STARTUP_SETTLES: Duration = Duration::from_secs(2);
+
+/// Drops the resident pages of code that ran only to start, once start-up
+/// has settled (ARCHITECTURE.md, "Code that ran only to start is not kept
+/// resident"). Failing only costs memory, so it is logged, not fatal.
+async fn release_startup_code_once_settled(metrics: Metrics) {
+    tokio::time::sleep(STARTUP_SETTLES).await;
+    match mesh_core::code_pages::release_startup_code() {
+        Ok(bytes) => {
+            tracing::debug!(bytes, "pages of start-up code released");
+            metrics
+                .startup_code_released
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+        Err(why) => tracing::warn!("start-up code stays resident: {why}"),
+    }
 }

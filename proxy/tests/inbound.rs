@@ -660,6 +660,35 @@ async fn no_connection_outlives_the_peer_certificate() {
     );
 }
 
+/// Once start-up has settled, the proxy drops the resident pages of its code
+/// (this test binary's, here), and says how much it covered in a metric
+/// (ARCHITECTURE.md, "Code that ran only to start is not kept resident").
+#[tokio::test]
+async fn the_code_that_ran_only_to_start_is_released_once_settled() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let released = || async {
+        w.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix("mesh_proxy_startup_code_released_bytes "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .expect("the startup_code_released_bytes gauge")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while released().await == 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing released 10 s after ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let code = mesh_core::code_pages::Code::of_this_process().unwrap();
+    assert_eq!(released().await, code.len() as f64);
+    // And the proxy still serves, from code paged back in.
+    let caller = w.join("web").await;
+    let _conn = mtls(&w, &caller, w.proxy.inbound_addr, "api", b"h2").await;
+}
+
 /// The allocator's releases the proxy asked for, from its metrics.
 async fn memory_releases(w: &World) -> f64 {
     w.metrics()
