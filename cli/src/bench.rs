@@ -810,6 +810,8 @@ struct Row {
     unit: &'static str,
     decimals: usize,
     target: &'static str,
+    /// False for a difference, whose ratio means nothing near zero.
+    ratio: bool,
 }
 
 impl Row {
@@ -820,7 +822,14 @@ impl Row {
             unit,
             decimals: 0,
             target: "",
+            ratio: true,
         }
+    }
+
+    /// Prints `-` in the ratio column.
+    fn difference(mut self) -> Self {
+        self.ratio = false;
+        self
     }
 
     fn decimals(mut self, decimals: usize) -> Self {
@@ -852,7 +861,7 @@ fn print_table(pairs: &[Pair], rows: &[Row]) {
             line.push_str(&format!("{cell:>14}"));
         }
         if let [a, b] = row.values[..] {
-            let ratio = if b.abs() > f64::EPSILON {
+            let ratio = if row.ratio && b.abs() > f64::EPSILON {
                 format!("{:.2}x", a / b)
             } else {
                 "-".to_owned()
@@ -1148,6 +1157,7 @@ async fn memory(args: &BenchArgs, s: &Setup, pairs: &[Pair]) -> Result<()> {
             Row::new("2 s after they closed", after, "MiB").decimals(1),
             Row::new("kept after the burst, over before it", kept, "MiB")
                 .decimals(1)
+                .difference()
                 .target("target: back down"),
         ],
     );
