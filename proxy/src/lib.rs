@@ -14,6 +14,7 @@ pub mod detect;
 pub mod dns;
 pub mod env;
 pub mod follow;
+pub mod head;
 pub mod identity;
 pub mod inbound;
 pub mod init;

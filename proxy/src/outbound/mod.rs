@@ -714,6 +714,10 @@ async fn to_mesh(
     let uri: Uri = format!("http://{authority}{path}")
         .parse()
         .map_err(|_| OutboundError::BadRequest)?;
+    // Kept for the whole request, so kept apart from hyper's read buffer:
+    // one still shared costs the connection a second one (`crate::head`).
+    parts.headers = crate::head::detached(&parts.headers);
+    parts.uri = Uri::default();
     let build = |body: crate::wire::Body| {
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
