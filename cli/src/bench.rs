@@ -125,11 +125,17 @@ impl Drop for Procs {
 pub(crate) fn run(args: BenchArgs) -> Result<ExitCode> {
     let dir = std::env::temp_dir().join(format!("mesh-bench-{}", std::process::id()));
     if args.cross_cluster {
+        let cores = if args.no_pin { None } else { choose_cores()? };
+        // Every process the run starts inherits this thread's mask; the
+        // proxies and gateways then move to their core.
+        if let Some(cores) = cores {
+            pin_this_thread(cores.load)?;
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
         return runtime
-            .block_on(crate::bench_cross::cross_cluster(&args))
+            .block_on(crate::bench_cross::cross_cluster(&args, cores))
             .map(|()| ExitCode::SUCCESS);
     }
     // Before anything else, so the peer's absence costs no setup.
@@ -154,9 +160,9 @@ pub(crate) fn run(args: BenchArgs) -> Result<ExitCode> {
 
 /// The cores the proxies and the load run on.
 #[derive(Clone, Copy, Debug)]
-struct Cores {
-    proxies: usize,
-    load: usize,
+pub(crate) struct Cores {
+    pub(crate) proxies: usize,
+    pub(crate) load: usize,
 }
 
 /// The first two cores this process may run on, or `None` (with a word on
@@ -185,6 +191,33 @@ fn pin_this_thread(cpu: usize) -> Result<()> {
         .with_context(|| format!("cannot pin the bench to CPU {cpu}"))
 }
 
+/// Moves every thread of the running process `pid` to `cpu`; threads it
+/// starts later inherit the mask of the thread that starts them.
+pub(crate) fn pin_process(pid: u32, cpu: usize) -> Result<()> {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("cannot list the threads of process {pid}"))?;
+    for task in tasks {
+        let tid = task?.file_name();
+        let Some(tid) = tid
+            .to_str()
+            .and_then(|t| t.parse::<i32>().ok())
+            .and_then(rustix::process::Pid::from_raw)
+        else {
+            continue;
+        };
+        match rustix::thread::sched_setaffinity(Some(tid), &set) {
+            // A thread that ended meanwhile has nothing to move.
+            Ok(()) | Err(rustix::io::Errno::SRCH) => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot pin process {pid} to CPU {cpu}"));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Starts `cmd` on `cpu`: a child inherits the CPU mask of the thread that
 /// starts it, so this thread takes that mask for the spawn and then puts
 /// its own back. The child runs on `cpu` from its first instruction, with
@@ -210,7 +243,7 @@ fn status_field(pid: u32, name: &str) -> Option<String> {
 }
 
 /// The CPUs a process may run on, as the kernel lists them.
-fn cpus_allowed(pid: u32) -> String {
+pub(crate) fn cpus_allowed(pid: u32) -> String {
     status_field(pid, "Cpus_allowed_list").unwrap_or_default()
 }
 

@@ -28,10 +28,15 @@ use mesh_core::identity::{
     tls::client_config,
 };
 use mesh_proxy::outbound::tunnel::Gateways;
-use mesh_topologies::{Options, Run, RunRecord, Topology, runner::ClusterInfo};
+use mesh_topologies::{
+    Options, Run, RunRecord, Topology,
+    runner::{ClusterInfo, Kind},
+};
 use tokio::net::TcpStream;
 
-use crate::bench::{BenchArgs, Proto, certify, latency, median, percentile};
+use crate::bench::{
+    BenchArgs, Cores, Proto, certify, cpus_allowed, latency, median, percentile, pin_process,
+};
 
 /// West: a client's proxy and an in-cluster `api`; east and north: an
 /// exported `api` each, linked from west over TCP and over QUIC.
@@ -127,7 +132,7 @@ where
 }
 
 #[allow(clippy::print_stdout)]
-pub(crate) async fn cross_cluster(args: &BenchArgs) -> Result<()> {
+pub(crate) async fn cross_cluster(args: &BenchArgs, cores: Option<Cores>) -> Result<()> {
     if cfg!(debug_assertions) {
         eprintln!(
             "note: this is a debug build; build with `cargo build --profile dist -p mesh-cli -p mesh-proxy` and run `target/dist/mesh bench --cross-cluster` for real numbers"
@@ -137,13 +142,17 @@ pub(crate) async fn cross_cluster(args: &BenchArgs) -> Result<()> {
         "mesh bench --cross-cluster: client proxy -> server proxy (in-cluster) against client proxy -> gateway -> server proxy (TCP and QUIC tunnels)"
     );
     let state = tempfile_dir()?;
-    let result = run_and_measure(args, &state).await;
+    let result = run_and_measure(args, &state, cores).await;
     let _ = std::fs::remove_dir_all(&state);
     result
 }
 
 /// Starts the topology under `state`, measures, and stops it.
-async fn run_and_measure(args: &BenchArgs, state: &std::path::Path) -> Result<()> {
+async fn run_and_measure(
+    args: &BenchArgs,
+    state: &std::path::Path,
+    cores: Option<Cores>,
+) -> Result<()> {
     let file = state.join("bench-cross.yaml");
     let text = topology();
     std::fs::write(&file, &text)?;
@@ -161,9 +170,47 @@ async fn run_and_measure(args: &BenchArgs, state: &std::path::Path) -> Result<()
         },
     )
     .await?;
-    let result = measure(args, &run.snapshot()).await;
+    let record = run.snapshot();
+    let result = match pin(&record, cores) {
+        Ok(()) => measure(args, &record).await,
+        Err(e) => Err(e),
+    };
     run.stop().await;
     result
+}
+
+/// Moves the run's proxies and gateways to the proxies' core; the rest
+/// (control planes, apps, this load generator) started on the load core.
+#[allow(clippy::print_stdout)]
+fn pin(record: &RunRecord, cores: Option<Cores>) -> Result<()> {
+    let Some(cores) = cores else {
+        println!("not pinned");
+        return Ok(());
+    };
+    let data_plane = record
+        .components
+        .iter()
+        .filter(|c| matches!(c.kind, Kind::Proxy | Kind::Gateway));
+    let mut pinned = Vec::new();
+    for component in data_plane {
+        let pid = component
+            .pid
+            .with_context(|| format!("{} is not running", component.name))?;
+        pin_process(pid, cores.proxies)?;
+        pinned.push(pid);
+    }
+    // What the kernel now says, distinct values only: one, the core, when
+    // every one of them moved.
+    let says: BTreeSet<String> = pinned.iter().map(|&pid| cpus_allowed(pid)).collect();
+    let says: Vec<String> = says.into_iter().collect();
+    println!(
+        "pinned: proxies and gateways on CPU {} (the kernel says {} for all {}), the load generator, apps and control planes on CPU {}",
+        cores.proxies,
+        says.join(" / "),
+        pinned.len(),
+        cores.load
+    );
+    Ok(())
 }
 
 fn tempfile_dir() -> Result<std::path::PathBuf> {

@@ -1,6 +1,7 @@
 //! `mesh bench --peer haproxy` as a user runs it: both pairs measured in
 //! one run, each figure with its ratio, processes pinned, nothing left
-//! running; and without haproxy, the way to install it.
+//! running; and without haproxy, the way to install it. `mesh bench
+//! --cross-cluster`: its proxies and gateways pinned, every path measured.
 
 use std::process::Command;
 
@@ -89,6 +90,45 @@ fn without_haproxy_it_says_how_to_install_it() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("apt-get install haproxy"), "{stderr}");
+}
+
+#[test]
+fn the_cross_cluster_bench_pins_its_proxies_and_gateways() {
+    let out = Command::new(MESH)
+        .args([
+            "bench",
+            "--cross-cluster",
+            "--requests",
+            "50",
+            "--rounds",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for row in ["in-cluster", "via gateway, TCP", "via gateway, QUIC"] {
+        assert!(
+            stdout.matches(row).count() >= 2,
+            "no {row:?} rows:\n{stdout}"
+        );
+    }
+    if std::thread::available_parallelism().unwrap().get() < 2 {
+        return;
+    }
+    // "pinned: proxies and gateways on CPU <n> (the kernel says <n> for all <k>), ..."
+    let pinned = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("pinned: proxies and gateways on CPU "))
+        .unwrap_or_else(|| panic!("no pinned line:\n{stdout}"));
+    let (cpu, rest) = pinned.split_once(' ').unwrap();
+    let says = rest
+        .strip_prefix("(the kernel says ")
+        .and_then(|r| r.split_once(" for all "))
+        .map(|(says, _)| says)
+        .unwrap_or_else(|| panic!("{pinned}"));
+    assert_eq!(says, cpu, "not every proxy and gateway moved: {pinned}");
 }
 
 fn which_haproxy() {
