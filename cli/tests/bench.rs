@@ -22,30 +22,33 @@ fn bench_processes() -> Vec<String> {
     out
 }
 
+/// `mesh <args>` (a bench run), which must succeed; its standard output.
+fn mesh_bench(args: &[&str]) -> String {
+    let out = Command::new(MESH).args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    stdout
+}
+
 #[test]
 fn the_haproxy_pair_runs_beside_mesh_and_every_figure_has_its_ratio() {
     which_haproxy();
-    let out = Command::new(MESH)
-        .args([
-            "bench",
-            "--peer",
-            "haproxy",
-            "--requests",
-            "50",
-            "--rounds",
-            "1",
-            "--duration",
-            "300ms",
-            "--idle-connections",
-            "20",
-            "--burst",
-            "50",
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let stdout = mesh_bench(&[
+        "bench",
+        "--peer",
+        "haproxy",
+        "--requests",
+        "50",
+        "--rounds",
+        "1",
+        "--duration",
+        "300ms",
+        "--idle-connections",
+        "20",
+        "--burst",
+        "50",
+    ]);
     assert!(stdout.contains("peer: HAProxy version"), "{stdout}");
     if std::thread::available_parallelism().unwrap().get() >= 2 {
         assert!(stdout.contains("pinned: proxies on CPU"), "{stdout}");
@@ -94,20 +97,14 @@ fn without_haproxy_it_says_how_to_install_it() {
 
 #[test]
 fn the_cross_cluster_bench_pins_its_proxies_and_gateways() {
-    let out = Command::new(MESH)
-        .args([
-            "bench",
-            "--cross-cluster",
-            "--requests",
-            "50",
-            "--rounds",
-            "1",
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let stdout = mesh_bench(&[
+        "bench",
+        "--cross-cluster",
+        "--requests",
+        "50",
+        "--rounds",
+        "1",
+    ]);
     for row in ["in-cluster", "via gateway, TCP", "via gateway, QUIC"] {
         assert!(
             stdout.matches(row).count() >= 2,
