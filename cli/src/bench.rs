@@ -184,18 +184,22 @@ fn choose_cores() -> Result<Option<Cores>> {
     }
 }
 
-fn pin_this_thread(cpu: usize) -> Result<()> {
+/// The mask of one CPU.
+fn only(cpu: usize) -> rustix::thread::CpuSet {
     let mut set = rustix::thread::CpuSet::new();
     set.set(cpu);
-    rustix::thread::sched_setaffinity(None, &set)
+    set
+}
+
+fn pin_this_thread(cpu: usize) -> Result<()> {
+    rustix::thread::sched_setaffinity(None, &only(cpu))
         .with_context(|| format!("cannot pin the bench to CPU {cpu}"))
 }
 
 /// Moves every thread of the running process `pid` to `cpu`; threads it
 /// starts later inherit the mask of the thread that starts them.
 pub(crate) fn pin_process(pid: u32, cpu: usize) -> Result<()> {
-    let mut set = rustix::thread::CpuSet::new();
-    set.set(cpu);
+    let set = only(cpu);
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
         .with_context(|| format!("cannot list the threads of process {pid}"))?;
     for task in tasks {

@@ -171,10 +171,11 @@ async fn run_and_measure(
     )
     .await?;
     let record = run.snapshot();
-    let result = match pin(&record, cores) {
-        Ok(()) => measure(args, &record).await,
-        Err(e) => Err(e),
-    };
+    let result = async {
+        pin(&record, cores)?;
+        measure(args, &record).await
+    }
+    .await;
     run.stop().await;
     result
 }
