@@ -39,6 +39,7 @@ use mesh_core::identity::{
     TrustBundleSet,
     ca::{DEFAULT_ISSUER_TTL, DEFAULT_ROOT_TTL},
     cert::now,
+    csr::LeafKey,
     files,
     tls::client_config,
 };
@@ -665,6 +666,8 @@ struct Pair {
     /// The server side's mTLS port for HTTP/2 callers, and who it must be.
     server_tls: SocketAddr,
     server_id: SpiffeId,
+    /// The kind of key the pair's own clients and servers hold.
+    leaf_key: LeafKey,
     /// RSS and private memory (KiB) of client and server once start-up
     /// settled ([`read_idle`]).
     idle_rss: (f64, f64),
@@ -703,14 +706,16 @@ impl Setup {
         ))
     }
 
-    /// An SVID for `bench/<service_account>` from the bench's control plane.
-    async fn svid(&self, service_account: &str) -> Result<CredentialStore> {
+    /// An SVID for `bench/<service_account>` from the bench's control
+    /// plane, on a key of `kind`.
+    async fn svid(&self, service_account: &str, kind: LeafKey) -> Result<CredentialStore> {
         certify(
             &self.admin_socket,
             &self.plane_identity.to_string(),
             self.bundles()?,
             bench_id("mesh-system", "control")?,
             ("bench", service_account),
+            kind,
         )
         .await
     }
@@ -725,6 +730,7 @@ fn mesh_pair(s: &Setup) -> Result<Pair> {
         h2: s.client_outbound,
         server_tls: s.server_inbound,
         server_id: bench_id("bench", "server")?,
+        leaf_key: LeafKey::Ed25519,
         idle_rss: (0.0, 0.0),
         idle_private: (0.0, 0.0),
     })
@@ -755,9 +761,11 @@ async fn haproxy_pair(
     cores: Option<Cores>,
     args: &BenchArgs,
 ) -> Result<Pair> {
+    // P-256: OpenSSL signs and verifies it faster than Ed25519, the key
+    // Mesh's own workloads use (each pair gets its best).
     let mut creds = Vec::new();
     for sa in ["haproxy-client", "haproxy-server"] {
-        creds.push(s.svid(sa).await?.current());
+        creds.push(s.svid(sa, LeafKey::EcdsaP256).await?.current());
     }
     let ports = crate::bench_haproxy::Ports {
         client_h1: addr(free_port()?),
@@ -796,6 +804,7 @@ async fn haproxy_pair(
         h2: ports.client_h2,
         server_tls: ports.server_h2,
         server_id: bench_id("bench", "haproxy-server")?,
+        leaf_key: LeafKey::EcdsaP256,
         idle_rss: (0.0, 0.0),
         idle_private: (0.0, 0.0),
     })
@@ -1227,11 +1236,12 @@ async fn open(to: SocketAddr, uri: &str, n: usize, at_once: usize) -> Result<Vec
 #[allow(clippy::print_stdout)]
 async fn new_connections(args: &BenchArgs, s: &Setup, pairs: &[Pair]) -> Result<()> {
     let bundles = s.bundles()?;
-    let creds = s.svid("loadgen").await?;
     let mut connectors = Vec::new();
     for pair in pairs {
+        // The load generator's key is the kind the pair's own clients have.
+        let creds = s.svid("loadgen", pair.leaf_key).await?;
         let mut config = client_config(
-            creds.clone(),
+            creds,
             bundles.clone(),
             ExpectedIdentity::Exact(pair.server_id.clone()),
         )?;
@@ -1373,12 +1383,13 @@ pub(crate) async fn certify(
     bundles: mesh_core::identity::BundleStore,
     control: mesh_core::identity::SpiffeId,
     (namespace, service_account): (&str, &str),
+    kind: LeafKey,
 ) -> Result<mesh_core::identity::CredentialStore> {
     use mesh_core::{
         api::v1::{CertifyRequest, identity_client::IdentityClient},
         grpc,
         identity::{
-            CredentialStore, Credentials, ExpectedIdentity, csr::new_key_and_csr,
+            CredentialStore, Credentials, ExpectedIdentity, csr::new_key_and_csr_of,
             tls::client_config_without_cert,
         },
     };
@@ -1395,7 +1406,7 @@ pub(crate) async fn certify(
         .with_context(|| format!("no join token: {}", answer.error.unwrap_or_default()))?;
     let tls = client_config_without_cert(bundles, ExpectedIdentity::Exact(control.clone()))?;
     let mut identity = IdentityClient::new(grpc::channel(identity_addr, tls)?);
-    let (key, csr) = new_key_and_csr()?;
+    let (key, csr) = new_key_and_csr_of(kind)?;
     let resp = identity
         .certify(CertifyRequest {
             identity: mesh_core::identity::SpiffeId::workload(

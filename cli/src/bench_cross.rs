@@ -275,6 +275,7 @@ async fn measure(args: &BenchArgs, record: &RunRecord) -> Result<()> {
         bundles.clone(),
         "spiffe://west.bench.local/ns/mesh-system/sa/control".parse()?,
         ("bench", "loadgen"),
+        mesh_core::identity::csr::LeafKey::Ed25519,
     )
     .await?;
     let api_west = west

@@ -134,6 +134,8 @@ fn openssl_accepts_an_issued_svid() {
         text.contains("URI:spiffe://west.mesh.local/ns/shop/sa/web"),
         "{text}"
     );
+    // Leaf keys are Ed25519 (ARCHITECTURE.md "Leaf keys are Ed25519").
+    assert!(text.contains("Public Key Algorithm: ED25519"), "{text}");
     let squashed: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(
         squashed.contains("X509v3 Key Usage: critical Digital Signature X509v3"),
@@ -229,6 +231,8 @@ fn inspect_and_bundle_report_what_they_see() {
     for want in [
         "spiffe id:    spiffe://west.mesh.local/ns/shop/sa/web",
         "trust domain: west.mesh.local",
+        "subject:      O=Mesh\n",
+        "issuer:       O=Mesh, CN=Mesh issuer west.mesh.local\n",
         "serial:",
         "not after:",
         "remaining:    23 hours",
