@@ -15,6 +15,7 @@ pub mod dns;
 pub mod env;
 pub mod follow;
 pub mod head;
+pub mod hold;
 pub mod identity;
 pub mod inbound;
 pub mod init;

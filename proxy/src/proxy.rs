@@ -200,9 +200,15 @@ pub fn through_gateway(
 
 /// Binds `addr` and returns the listener with the address it got (the
 /// port is chosen by the OS when `addr` asks for 0).
+///
+/// Nagle is off on the listener: Linux copies TCP_NODELAY to every
+/// connection it accepts, which saves a `setsockopt` per connection.
 async fn listen(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
     let bind_error = |source| StartError::Bind { addr, source };
     let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    socket2::SockRef::from(&listener)
+        .set_tcp_nodelay(true)
+        .map_err(bind_error)?;
     let bound = listener.local_addr().map_err(bind_error)?;
     Ok((listener, bound))
 }
@@ -400,5 +406,21 @@ async fn release_startup_code_once_settled(metrics: Metrics) {
                 .set(i64::try_from(bytes).unwrap_or(i64::MAX));
         }
         Err(why) => tracing::warn!("start-up code stays resident: {why}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connections_accepted_from_the_listeners_have_nagle_off() {
+        let (listener, addr) = listen(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(
+            accepted.nodelay().unwrap(),
+            "TCP_NODELAY inherited from the listener"
+        );
     }
 }

@@ -18,7 +18,7 @@
 pub mod policy;
 pub mod rewrite;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -38,8 +38,9 @@ use tokio_rustls::TlsAcceptor;
 
 use self::policy::{Denied, PolicyCache, Ports, authorize};
 use crate::{
+    hold::HoldFirstFlush,
     metrics::{Metrics, ReasonLabels},
-    wire::{ALPN_TCP, Body, MAX_HEADER_LIST, MESH_MAX_CONCURRENT_STREAMS},
+    wire::{ALPN_H2, ALPN_TCP, Body, MAX_HEADER_LIST, MESH_MAX_CONCURRENT_STREAMS},
 };
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -136,9 +137,8 @@ pub async fn accept(
             },
             () = async { let _ = stop.wait_for(|d| *d).await; } => return,
         };
-        let _ = tcp.set_nodelay(true);
-        let (acceptor, inbound, mut draining) =
-            (acceptor.clone(), inbound.clone(), draining.clone());
+        // Nagle is off: inherited from the listener (`proxy::listen`).
+        let (acceptor, inbound, draining) = (acceptor.clone(), inbound.clone(), draining.clone());
         let held = open.hold();
         tokio::spawn(async move {
             let _held = held;
@@ -165,6 +165,7 @@ pub async fn accept(
                 return opaque(&inbound, tls, &client_id, peer, deadline).await;
             }
             let drain_grace = inbound.drain_grace;
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
             let svc = service_fn(move |req| {
                 let (inbound, client_id) = (inbound.clone(), client_id.clone());
                 // Boxed, so an idle connection does not hold room for it.
@@ -174,41 +175,86 @@ pub async fn accept(
                     )
                 })
             });
-            // HTTP/2 (ALPN h2) for requests; HTTP/1.1 (ALPN http/1.1) for
-            // a connection carrying one upgrade.
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HANDSHAKE_TIMEOUT)
-                .max_buf_size(MAX_HEADER_LIST as usize);
-            builder
-                .http2()
-                .max_concurrent_streams(MESH_MAX_CONCURRENT_STREAMS)
-                .max_header_list_size(MAX_HEADER_LIST);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
-            tokio::pin!(conn);
-            // GOAWAY first; streams still open after the grace are cut.
-            let (why, grace) = tokio::select! {
-                served = conn.as_mut() => {
-                    if let Err(e) = served {
-                        tracing::debug!(%peer, error = %e, "inbound connection ended");
-                    }
-                    return;
-                }
-                () = async { let _ = draining.wait_for(|d| *d).await; } => ("shutting down", drain_grace),
-                () = tokio::time::sleep_until(deadline) => ("the connection reached its maximum age", AGE_GRACE),
+            let ends = Ends {
+                peer,
+                draining,
+                deadline,
+                drain_grace,
             };
-            tracing::debug!(%peer, "{why}; draining");
-            conn.as_mut().graceful_shutdown();
-            match tokio::time::timeout(grace, conn.as_mut()).await {
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "inbound connection ended"),
-                Ok(Ok(())) => {}
-                Err(_) => {
-                    tracing::debug!(%peer, "{why}; streams still open after {grace:?} are closed")
-                }
+            if h2 {
+                // ALPN h2 settles the protocol: no sniffing of the preface,
+                // and the server's SETTINGS leave with their acknowledgement
+                // in one write (`hold`).
+                let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                builder
+                    .max_concurrent_streams(MESH_MAX_CONCURRENT_STREAMS)
+                    .max_header_list_size(MAX_HEADER_LIST);
+                let io = TokioIo::new(HoldFirstFlush::new(tls));
+                let conn = builder.serve_connection(io, svc);
+                serve_until_drained(conn, |c| c.graceful_shutdown(), ends).await;
+            } else {
+                // HTTP/1.1 (ALPN http/1.1): a connection carrying one
+                // upgrade, or a plain HTTP/1.1 caller.
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HANDSHAKE_TIMEOUT)
+                    .max_buf_size(MAX_HEADER_LIST as usize);
+                builder
+                    .http2()
+                    .max_concurrent_streams(MESH_MAX_CONCURRENT_STREAMS)
+                    .max_header_list_size(MAX_HEADER_LIST);
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+                serve_until_drained(conn, |c| c.graceful_shutdown(), ends).await;
             }
         });
+    }
+}
+
+/// What ends a served connection other than its peer: the proxy draining,
+/// or the connection's maximum age.
+struct Ends {
+    peer: SocketAddr,
+    draining: watch::Receiver<bool>,
+    deadline: tokio::time::Instant,
+    drain_grace: Duration,
+}
+
+/// Serves `conn` until it ends, or until draining or its maximum age: then
+/// GOAWAY first (`graceful_shutdown`), and streams still open after the
+/// grace are cut.
+async fn serve_until_drained<C, E>(conn: C, graceful_shutdown: fn(Pin<&mut C>), ends: Ends)
+where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let Ends {
+        peer,
+        mut draining,
+        deadline,
+        drain_grace,
+    } = ends;
+    tokio::pin!(conn);
+    let (why, grace) = tokio::select! {
+        served = conn.as_mut() => {
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "inbound connection ended");
+            }
+            return;
+        }
+        () = async { let _ = draining.wait_for(|d| *d).await; } => ("shutting down", drain_grace),
+        () = tokio::time::sleep_until(deadline) => ("the connection reached its maximum age", AGE_GRACE),
+    };
+    tracing::debug!(%peer, "{why}; draining");
+    graceful_shutdown(conn.as_mut());
+    match tokio::time::timeout(grace, conn.as_mut()).await {
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "inbound connection ended"),
+        Ok(Ok(())) => {}
+        Err(_) => {
+            tracing::debug!(%peer, "{why}; streams still open after {grace:?} are closed")
+        }
     }
 }
 

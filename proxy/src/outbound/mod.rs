@@ -272,7 +272,7 @@ pub async fn accept(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let _ = tcp.set_nodelay(true);
+        // Nagle is off: inherited from the listener (`proxy::listen`).
         let redirected = original_dst(&tcp);
         let outbound = outbound.clone();
         let skip_detect = redirected.is_some_and(|to| opaque_ports.contains(&to.port()));
