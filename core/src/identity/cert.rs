@@ -3,7 +3,10 @@
 //! Everything here is a plain parse: no trust decision is made. The
 //! verifier (`verify.rs`) and the CLI decide what the facts mean.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use rustls::pki_types::{
     CertificateDer, PrivateKeyDer, UnixTime,
@@ -33,8 +36,8 @@ pub enum CertError {
 /// The facts about one certificate that Mesh cares about.
 #[derive(Clone, Debug)]
 pub struct CertInfo {
-    pub subject: String,
-    pub issuer: String,
+    pub subject: Name,
+    pub issuer: Name,
     /// Serial number in lower-case hex, as `openssl x509 -serial` prints it.
     pub serial: String,
     pub not_before: OffsetDateTime,
@@ -49,6 +52,22 @@ pub struct CertInfo {
     /// `(serverAuth, clientAuth)` when the EKU extension is present.
     pub ext_key_usage: Option<(bool, bool)>,
     pub key_algorithm: KeyAlgorithm,
+}
+
+/// A distinguished name, kept as its DER and written out only when shown:
+/// every handshake parses the peer's leaf, and none of them prints it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Name(Vec<u8>);
+
+impl std::fmt::Display for Name {
+    /// As OpenSSL's one-line form (`O=Mesh, CN=...`); the bytes were parsed
+    /// once already, so they parse again.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match x509_parser::x509::X509Name::from_der(&self.0) {
+            Ok((_, name)) => name.fmt(f),
+            Err(_) => f.write_str("(unreadable name)"),
+        }
+    }
 }
 
 /// The key usage bits we check.
@@ -115,8 +134,8 @@ impl CertInfo {
                 .map_err(|e| CertError::Der(format!("validity time out of range: {e}")))
         };
         Ok(Self {
-            subject: cert.subject().to_string(),
-            issuer: cert.issuer().to_string(),
+            subject: Name(cert.subject().as_raw().to_vec()),
+            issuer: Name(cert.issuer().as_raw().to_vec()),
             serial: hex(cert.raw_serial()),
             not_before: time(validity.not_before.timestamp())?,
             not_after: time(validity.not_after.timestamp())?,
@@ -296,6 +315,74 @@ pub fn human_duration(d: Duration) -> String {
     format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
 }
 
+/// Peer leaves parsed before, by the SHA-256 of their DER.
+///
+/// Every mTLS handshake parses the peer's leaf twice (the verifier, then
+/// the connection's identity), and a peer reconnects with the same leaf
+/// until it renews. A parse is a function of the bytes alone, so the memo
+/// answers exactly what a fresh parse would; it decides nothing. Only
+/// leaves that parsed are kept, at most `cap`: when full, the expired go,
+/// and if none had, all go (a flood of new leaves costs speed, not memory).
+#[derive(Debug)]
+pub struct LeafMemo {
+    cap: usize,
+    parsed: std::sync::Mutex<std::collections::HashMap<[u8; 32], Arc<CertInfo>>>,
+}
+
+/// How many peer leaves a process keeps parsed (about 0.5 KiB each).
+pub const MEMO_LEAVES: usize = 256;
+
+impl LeafMemo {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            parsed: Default::default(),
+        }
+    }
+
+    /// The memo the verifier and `tls::peer_leaf` share.
+    pub fn shared() -> &'static LeafMemo {
+        static MEMO: std::sync::OnceLock<LeafMemo> = std::sync::OnceLock::new();
+        MEMO.get_or_init(|| LeafMemo::new(MEMO_LEAVES))
+    }
+
+    /// `CertInfo::parse(der)`, from the memo when these bytes parsed before.
+    pub fn parse(&self, der: &[u8]) -> Result<Arc<CertInfo>, CertError> {
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
+        let mut key = [0u8; 32];
+        key.copy_from_slice(digest.as_ref());
+        if let Some(info) = self.lock().get(&key) {
+            return Ok(info.clone());
+        }
+        let info = Arc::new(CertInfo::parse(der)?);
+        let mut parsed = self.lock();
+        if parsed.len() >= self.cap {
+            let now = now();
+            parsed.retain(|_, i| i.not_after > now);
+            if parsed.len() >= self.cap {
+                parsed.clear();
+            }
+        }
+        parsed.insert(key, info.clone());
+        Ok(info)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<[u8; 32], Arc<CertInfo>>> {
+        // A panic while holding it cannot leave a half-made entry.
+        self.parsed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,5 +408,70 @@ mod tests {
             CertInfo::parse(b"\x30\x03\x02\x01\x01"),
             Err(CertError::Der(_))
         ));
+    }
+
+    /// A self-signed certificate for `uri`, valid until `now + valid_for`
+    /// (in the past when negative).
+    fn cert(uri: &str, valid_for: time::Duration) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+        params.not_before = now() - time::Duration::days(2);
+        params.not_after = now() + valid_for;
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn the_memo_answers_what_a_parse_would_and_parses_once() {
+        let memo = LeafMemo::new(4);
+        let der = cert("spiffe://a.test/x", time::Duration::hours(1));
+        let first = memo.parse(&der).unwrap();
+        let again = memo.parse(&der).unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "the same bytes parse once");
+        let fresh = CertInfo::parse(&der).unwrap();
+        assert_eq!(first.uri_sans, fresh.uri_sans);
+        assert_eq!(first.not_after, fresh.not_after);
+        assert_eq!(first.subject, fresh.subject);
+        // Other bytes are another entry, never the first's answer.
+        let other = cert("spiffe://a.test/y", time::Duration::hours(1));
+        assert_eq!(memo.parse(&other).unwrap().uri_sans, ["spiffe://a.test/y"]);
+        assert_eq!(memo.len(), 2);
+    }
+
+    #[test]
+    fn bytes_that_do_not_parse_are_refused_every_time_and_not_kept() {
+        let memo = LeafMemo::new(4);
+        for _ in 0..2 {
+            assert!(matches!(
+                memo.parse(b"\x30\x03\x02\x01\x01"),
+                Err(CertError::Der(_))
+            ));
+        }
+        assert!(memo.is_empty());
+    }
+
+    #[test]
+    fn a_full_memo_drops_the_expired_first_and_never_grows_past_its_cap() {
+        let memo = LeafMemo::new(2);
+        let expired = cert("spiffe://a.test/old", time::Duration::hours(-1));
+        let valid = cert("spiffe://a.test/valid", time::Duration::hours(1));
+        memo.parse(&expired).unwrap();
+        let kept = memo.parse(&valid).unwrap();
+        memo.parse(&cert("spiffe://a.test/new", time::Duration::hours(1)))
+            .unwrap();
+        assert_eq!(memo.len(), 2);
+        assert!(
+            Arc::ptr_eq(&kept, &memo.parse(&valid).unwrap()),
+            "the valid leaf stayed; the expired one made room"
+        );
+        // A flood of new leaves: the memo stays bounded.
+        for i in 0..6 {
+            memo.parse(&cert(
+                &format!("spiffe://a.test/{i}"),
+                time::Duration::hours(1),
+            ))
+            .unwrap();
+            assert!(memo.len() <= 2);
+        }
     }
 }

@@ -28,7 +28,7 @@ use rustls::{
 
 use super::{
     bundle::TrustBundleSet,
-    cert::{CertError, CertInfo},
+    cert::{CertError, CertInfo, LeafMemo},
     spiffe_id::SpiffeId,
     svid::{SvidError, leaf_spiffe_id},
     verify::{ExpectedIdentity, PeerRole, VerifiedIssuers, VerifyError, verify_peer_with},
@@ -323,7 +323,9 @@ pub fn peer_identity(conn: &CommonState) -> Option<SpiffeId> {
 /// The verified peer's SPIFFE ID and when its certificate expires, from one
 /// parse of the leaf.
 pub fn peer_leaf(conn: &CommonState) -> Option<(SpiffeId, time::OffsetDateTime)> {
-    let leaf = CertInfo::parse(conn.peer_certificates()?.first()?).ok()?;
+    let leaf = LeafMemo::shared()
+        .parse(conn.peer_certificates()?.first()?)
+        .ok()?;
     Some((leaf_spiffe_id(&leaf).ok()?, leaf.not_after))
 }
 

@@ -19,7 +19,7 @@ use webpki::{EndEntityCert, KeyUsage};
 
 use super::{
     bundle::TrustBundleSet,
-    cert::{CertError, CertInfo, human_duration},
+    cert::{CertError, CertInfo, LeafMemo, human_duration},
     spiffe_id::{SpiffeId, TrustDomain},
     svid::{SvidError, leaf_spiffe_id},
 };
@@ -323,7 +323,7 @@ pub fn verify_peer_with(
         return Err(VerifyError::CertTooLarge { len: big.len() });
     }
 
-    let info = CertInfo::parse(leaf)?;
+    let info = LeafMemo::shared().parse(leaf)?;
     let id = leaf_spiffe_id(&info)?;
     let now_dt = OffsetDateTime::from_unix_timestamp(now.as_secs() as i64)
         .unwrap_or(OffsetDateTime::UNIX_EPOCH);
