@@ -257,14 +257,22 @@ mod tests {
         Pin::new(&mut *io).poll_read(cx, &mut ReadBuf::new(&mut space))
     }
 
-    #[test]
-    fn two_flushes_leave_in_one_write_and_then_writes_pass_through() {
+    /// A wrapper that was written `bytes` and flushed once (held).
+    fn flushed_once(bytes: &[u8]) -> (Arc<Wakes>, HoldFirstFlush<Recorder>) {
         let wakes = Arc::new(Wakes::default());
         let mut io = HoldFirstFlush::new(Recorder::default());
         with_cx(&wakes, |cx| {
-            write(&mut io, cx, b"settings");
+            write(&mut io, cx, bytes);
             flush(&mut io, cx);
-            assert!(io.io.writes.is_empty(), "the first flush is held");
+        });
+        assert!(io.io.writes.is_empty(), "the first flush is held");
+        (wakes, io)
+    }
+
+    #[test]
+    fn two_flushes_leave_in_one_write_and_then_writes_pass_through() {
+        let (wakes, mut io) = flushed_once(b"settings");
+        with_cx(&wakes, |cx| {
             write(&mut io, cx, b"+ack");
             flush(&mut io, cx);
             assert_eq!(io.io.writes, vec![b"settings+ack".to_vec()]);
@@ -281,14 +289,9 @@ mod tests {
 
     #[test]
     fn a_read_that_blocks_wakes_the_task_and_the_next_read_sends_what_is_held() {
-        let wakes = Arc::new(Wakes::default());
-        let mut io = HoldFirstFlush::new(Recorder::default());
-        with_cx(&wakes, |cx| {
-            write(&mut io, cx, b"settings");
-            flush(&mut io, cx);
-            // A peer that has sent nothing: the read blocks.
-            assert!(read(&mut io, cx).is_pending());
-        });
+        let (wakes, mut io) = flushed_once(b"settings");
+        // A peer that has sent nothing: the read blocks.
+        with_cx(&wakes, |cx| assert!(read(&mut io, cx).is_pending()));
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "woken to send");
         assert!(io.io.writes.is_empty());
         with_cx(&wakes, |cx| assert!(read(&mut io, cx).is_pending()));
@@ -310,11 +313,8 @@ mod tests {
 
     #[test]
     fn shutdown_sends_what_is_held_first() {
-        let wakes = Arc::new(Wakes::default());
-        let mut io = HoldFirstFlush::new(Recorder::default());
+        let (wakes, mut io) = flushed_once(b"goaway");
         with_cx(&wakes, |cx| {
-            write(&mut io, cx, b"goaway");
-            flush(&mut io, cx);
             assert!(matches!(
                 Pin::new(&mut io).poll_shutdown(cx),
                 Poll::Ready(Ok(()))
