@@ -428,10 +428,13 @@ pub async fn accept(listener: TcpListener, tls: Arc<ServerConfig>, tunnel: Arc<T
                     })
                 })
             };
+            // The server's SETTINGS and its ACK of the client's leave in
+            // one write, as on a proxy's inbound side.
+            let io = TokioIo::new(mesh_proxy::hold::HoldFirstFlush::new(tls));
             let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .max_concurrent_streams(MAX_STREAMS)
                 .max_header_list_size(16 * 1024)
-                .serve_connection(TokioIo::new(tls), svc)
+                .serve_connection(io, svc)
                 .await;
             open.dec();
             if let Err(e) = served {
