@@ -55,10 +55,6 @@ impl<T> HoldFirstFlush<T> {
             held: Some(Held::default()),
         }
     }
-
-    pub fn get_ref(&self) -> &T {
-        &self.io
-    }
 }
 
 impl<T: AsyncWrite + Unpin> HoldFirstFlush<T> {

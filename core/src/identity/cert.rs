@@ -315,6 +315,15 @@ pub fn human_duration(d: Duration) -> String {
     format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
 }
 
+/// The SHA-256 of a certificate's exact DER: what names a leaf in the memo
+/// below and in the verifier's cache of verified leaves.
+pub fn der_digest(der: &[u8]) -> [u8; 32] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
+    let mut out = [0; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
 /// Peer leaves parsed before, by the SHA-256 of their DER.
 ///
 /// Every mTLS handshake parses the peer's leaf twice (the verifier, then
@@ -348,9 +357,11 @@ impl LeafMemo {
 
     /// `CertInfo::parse(der)`, from the memo when these bytes parsed before.
     pub fn parse(&self, der: &[u8]) -> Result<Arc<CertInfo>, CertError> {
-        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
-        let mut key = [0u8; 32];
-        key.copy_from_slice(digest.as_ref());
+        self.parse_digested(der, der_digest(der))
+    }
+
+    /// [`Self::parse`] for a caller that already holds `der_digest(der)`.
+    pub fn parse_digested(&self, der: &[u8], key: [u8; 32]) -> Result<Arc<CertInfo>, CertError> {
         if let Some(info) = self.lock().get(&key) {
             return Ok(info.clone());
         }

@@ -320,8 +320,8 @@ pub fn peer_identity(conn: &CommonState) -> Option<SpiffeId> {
     peer_leaf(conn).map(|(id, _)| id)
 }
 
-/// The verified peer's SPIFFE ID and when its certificate expires, from one
-/// parse of the leaf.
+/// The verified peer's SPIFFE ID and when its certificate expires, from the
+/// parse the verifier already made of the leaf (`LeafMemo`).
 pub fn peer_leaf(conn: &CommonState) -> Option<(SpiffeId, time::OffsetDateTime)> {
     let leaf = LeafMemo::shared()
         .parse(conn.peer_certificates()?.first()?)

@@ -19,7 +19,7 @@ use webpki::{EndEntityCert, KeyUsage};
 
 use super::{
     bundle::TrustBundleSet,
-    cert::{CertError, CertInfo, LeafMemo, human_duration},
+    cert::{CertError, CertInfo, LeafMemo, der_digest, human_duration},
     spiffe_id::{SpiffeId, TrustDomain},
     svid::{SvidError, leaf_spiffe_id},
 };
@@ -191,14 +191,6 @@ fn issuer_domains(info: &CertInfo) -> Vec<TrustDomain> {
         .collect()
 }
 
-/// What identifies a leaf in the cache: SHA-256 of its exact DER.
-fn leaf_digest(leaf: &CertificateDer<'_>) -> [u8; 32] {
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf.as_ref());
-    let mut out = [0; 32];
-    out.copy_from_slice(digest.as_ref());
-    out
-}
-
 /// What the cache knows of a leaf and its one issuer.
 enum Known {
     /// The issuer is not remembered with these roots: verify the chain.
@@ -323,7 +315,9 @@ pub fn verify_peer_with(
         return Err(VerifyError::CertTooLarge { len: big.len() });
     }
 
-    let info = LeafMemo::shared().parse(leaf)?;
+    // One digest names the leaf in the parse memo and in the cache below.
+    let digest = der_digest(leaf);
+    let info = LeafMemo::shared().parse_digested(leaf, digest)?;
     let id = leaf_spiffe_id(&info)?;
     let now_dt = OffsetDateTime::from_unix_timestamp(now.as_secs() as i64)
         .unwrap_or(OffsetDateTime::UNIX_EPOCH);
@@ -370,7 +364,7 @@ pub fn verify_peer_with(
     // A chain of [leaf, issuer]: one look at the cache.
     let cached = match (issuers, intermediates) {
         (Some(cache), [issuer]) => {
-            let seen = (leaf_digest(leaf), role);
+            let seen = (digest, role);
             let known = cache.known(issuer, bundle.roots(), &seen, now);
             Some((cache, issuer, seen, known))
         }
