@@ -92,7 +92,7 @@ impl Kube {
         let slot = Slot::take();
         let dir = tempfile::tempdir().unwrap();
         let started = Instant::now();
-        let (child, stdin, ready) = launch(dir.path());
+        let (child, stdin, ready) = first_launch(dir.path());
         let kube = Self {
             _slot: slot,
             child,
@@ -120,7 +120,7 @@ impl Kube {
 
     /// Starts them again on the same data, ports, keys and certificates.
     pub fn start_again(&mut self) {
-        let (child, stdin, ready) = launch(self.dir.path());
+        let (child, stdin, ready) = launch(self.dir.path()).unwrap_or_else(|why| panic!("{why}"));
         assert_eq!(ready["server"].as_str(), Some(self.server.as_str()));
         self.child = child;
         self._stdin = stdin;
@@ -174,8 +174,31 @@ impl Kube {
     }
 }
 
-/// Runs `mesh-test-kube up` on `dir` and waits for its READY line.
-fn launch(dir: &std::path::Path) -> (Child, ChildStdin, serde_json::Value) {
+/// How many times a first start is tried. Its ports are picked free and
+/// bound a moment later, so a process of another test can take one in
+/// between; the cluster then starts over, fresh, on new ports.
+const FIRST_START_TRIES: usize = 3;
+
+/// [`launch`] on a new cluster directory, starting over on new ports when
+/// one was taken before the API server bound it.
+fn first_launch(dir: &std::path::Path) -> (Child, ChildStdin, serde_json::Value) {
+    let mut tries = 1;
+    loop {
+        match launch(dir) {
+            Ok(started) => return started,
+            Err(why) if tries < FIRST_START_TRIES && why.contains("address already in use") => {
+                eprintln!("the test API server lost a port to another process; starting over");
+                let _ = std::fs::remove_dir_all(dir.join("cluster"));
+                tries += 1;
+            }
+            Err(why) => panic!("{why}"),
+        }
+    }
+}
+
+/// Runs `mesh-test-kube up` on `dir` and waits for its READY line; the
+/// error says why it did not come, with the log's last lines.
+fn launch(dir: &std::path::Path) -> Result<(Child, ChildStdin, serde_json::Value), String> {
     let exe = kube_exe();
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -201,17 +224,24 @@ fn launch(dir: &std::path::Path) -> (Child, ChildStdin, serde_json::Value) {
             }
         }
     });
-    let ready = rx
-        .recv_timeout(Duration::from_secs(180))
-        .unwrap_or_else(|_| {
+    match rx.recv_timeout(Duration::from_secs(180)) {
+        Ok(ready) => Ok((child, stdin, serde_json::from_str(&ready).unwrap())),
+        Err(e) => {
+            // Timed out, or it exited (its stdout closed) before READY.
+            let _ = child.kill();
+            let _ = child.wait();
+            let why = match e {
+                mpsc::RecvTimeoutError::Timeout => "was not ready in 180 s",
+                mpsc::RecvTimeoutError::Disconnected => "exited before it was ready",
+            };
             let log = std::fs::read_to_string(dir.join("kube.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(30).collect();
-            panic!(
-                "the test API server was not ready in 180 s; last log lines:\n{}",
+            Err(format!(
+                "the test API server {why}; last log lines:\n{}",
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            )
-        });
-    (child, stdin, serde_json::from_str(&ready).unwrap())
+            ))
+        }
+    }
 }
 
 impl Drop for Kube {
