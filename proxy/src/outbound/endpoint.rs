@@ -15,14 +15,11 @@ use std::{
     time::Duration,
 };
 
-use http::{HeaderValue, Request, Response, Uri};
-use hyper::body::Incoming;
+use http::{HeaderValue, Request, Response};
+use hyper::{body::Incoming, client::conn::http2};
 use hyper_util::{
-    client::legacy::{
-        Client,
-        connect::{Connected, Connection, HttpConnector},
-    },
-    rt::{TokioExecutor, TokioIo},
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
 };
 use mesh_core::identity::{
     BundleStore, CredentialStore, ExpectedIdentity, SpiffeId, tls::client_config,
@@ -168,7 +165,7 @@ impl<S: tokio::io::AsyncWrite + Unpin, G: Unpin> tokio::io::AsyncWrite for Guard
     }
 }
 
-/// An mTLS stream the pooled client can use.
+/// An mTLS stream hyper's HTTP/2 client can use.
 pub struct MeshIo(TokioIo<Box<dyn Stream>>);
 
 impl MeshIo {
@@ -180,12 +177,6 @@ impl MeshIo {
 impl std::fmt::Debug for MeshIo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("MeshIo")
-    }
-}
-
-impl Connection for MeshIo {
-    fn connected(&self) -> Connected {
-        Connected::new().negotiated_h2()
     }
 }
 
@@ -230,31 +221,170 @@ pub enum MeshConnector {
     Tunnel(TunnelConnector),
 }
 
-impl tower::Service<Uri> for MeshConnector {
-    type Response = MeshIo;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<MeshIo>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Uri) -> Self::Future {
-        match self.clone() {
-            Self::Direct { addr, tls, timeout } => Box::pin(async move {
+impl MeshConnector {
+    /// A new mTLS stream to the endpoint's proxy, ALPN `h2`.
+    async fn dial(&self) -> io::Result<MeshIo> {
+        match self {
+            Self::Direct { addr, tls, timeout } => {
+                let addr = *addr;
                 let stream: TlsStream<TcpStream> =
-                    within(timeout, || format!("mTLS to {addr}"), async {
+                    within(*timeout, || format!("mTLS to {addr}"), async {
                         let tcp = TcpStream::connect(addr).await?;
                         tcp.set_nodelay(true)?;
                         // SNI carries nothing secret: the identity is checked by SPIFFE ID.
                         let name = ServerName::from(addr.ip());
-                        TlsConnector::from(tls).connect(name, tcp).await
+                        TlsConnector::from(tls.clone()).connect(name, tcp).await
                     })
                     .await?;
                 Ok(MeshIo::new(Box::new(stream)))
-            }),
-            Self::Tunnel(tunnel) => Box::pin(async move { tunnel.connect().await }),
+            }
+            Self::Tunnel(tunnel) => tunnel.connect().await,
         }
+    }
+}
+
+/// The one HTTP/2 connection to a meshed endpoint, shared by every request
+/// to it: dialled on first use and again once it has closed (a GOAWAY, the
+/// peer's maximum connection age, a PING left unanswered). Requests wait
+/// for a dial under way rather than each making a connection.
+///
+/// It replaces hyper-util's pooled client, whose per-request pool checkout
+/// (a lock, a hash of the scheme and authority, boxed futures) bought
+/// nothing for one HTTP/2 connection per endpoint.
+#[derive(Clone)]
+pub struct H2Endpoint {
+    connector: MeshConnector,
+    /// Keep-alive PINGs (while requests are on it): `None` for no PINGs.
+    keep_alive: Option<(Duration, Duration)>,
+    shared: Arc<H2Shared>,
+}
+
+#[derive(Default)]
+struct H2Shared {
+    /// The connection's sender, once dialled.
+    current: std::sync::Mutex<Option<http2::SendRequest<Body>>>,
+    /// Held while dialling: one dial at a time.
+    dialing: tokio::sync::Mutex<()>,
+    /// When the last dial failed, and why: requests that were waiting
+    /// for that dial share its failure instead of each dialling in turn.
+    failed: std::sync::Mutex<Option<(tokio::time::Instant, String)>>,
+}
+
+impl std::fmt::Debug for H2Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Endpoint")
+            .field("connector", &self.connector)
+            .finish_non_exhaustive()
+    }
+}
+
+impl H2Endpoint {
+    pub fn new(connector: MeshConnector, keep_alive: Option<(Duration, Duration)>) -> Self {
+        Self {
+            connector,
+            keep_alive,
+            shared: Arc::default(),
+        }
+    }
+
+    /// The open connection's sender, if there is one.
+    fn open(&self) -> Option<http2::SendRequest<Body>> {
+        let current = self
+            .shared
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        current.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    /// The open connection's sender, dialling one when there is none.
+    /// The dial is boxed: it is rare, and its future (a TLS handshake, an
+    /// HTTP/2 one) would otherwise make every request's future as large.
+    async fn sender(&self) -> Result<http2::SendRequest<Body>, OutboundError> {
+        match self.open() {
+            Some(sender) => Ok(sender),
+            None => Box::pin(self.dial_once()).await,
+        }
+    }
+
+    /// Dials unless another request's dial made a connection meanwhile.
+    async fn dial_once(&self) -> Result<http2::SendRequest<Body>, OutboundError> {
+        let asked = tokio::time::Instant::now();
+        let _dialing = self.shared.dialing.lock().await;
+        if let Some(sender) = self.open() {
+            return Ok(sender);
+        }
+        if let Some((at, why)) = &*self.shared.failed.lock().unwrap_or_else(|p| p.into_inner())
+            && *at >= asked
+        {
+            return Err(OutboundError::Unreachable(why.clone()));
+        }
+        match self.dial().await {
+            Ok(sender) => {
+                *self
+                    .shared
+                    .current
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
+                Ok(sender)
+            }
+            Err(e) => {
+                if let OutboundError::Unreachable(why) = &e {
+                    *self.shared.failed.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((tokio::time::Instant::now(), why.clone()));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// A new connection: mTLS, then the HTTP/2 handshake, its driver
+    /// spawned.
+    async fn dial(&self) -> Result<http2::SendRequest<Body>, OutboundError> {
+        let io = self
+            .connector
+            .dial()
+            .await
+            .map_err(OutboundError::unreachable)?;
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder.timer(TokioTimer::new());
+        if let Some((every, timeout)) = self.keep_alive {
+            builder
+                .keep_alive_interval(every)
+                .keep_alive_timeout(timeout);
+        }
+        let (sender, conn) = builder
+            .handshake(io)
+            .await
+            .map_err(OutboundError::unreachable)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection to a meshed endpoint closed");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends `req` on the connection. A request the connection took no
+    /// part of (it closed first) is sent again on a new connection, once.
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, OutboundError> {
+        let mut sender = self.sender().await?;
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok(resp),
+            Err(mut e) => match e.take_message() {
+                Some(req) => Box::pin(self.send_again(req)).await,
+                None => Err(OutboundError::from_hyper(e.into_error())),
+            },
+        }
+    }
+
+    /// [`Self::send`]'s second try, boxed: it is rare.
+    async fn send_again(&self, req: Request<Body>) -> Result<Response<Incoming>, OutboundError> {
+        let mut sender = self.sender().await?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(OutboundError::from_hyper)
     }
 }
 
@@ -271,7 +401,7 @@ pub(crate) fn plain_connector() -> HttpConnector {
 /// How to reach one endpoint.
 #[derive(Clone, Debug)]
 enum Transport {
-    Meshed(Client<MeshConnector, Body>),
+    Meshed(H2Endpoint),
     Plain(Client<HttpConnector, Body>),
     /// Meshed but without a proxy port: refused rather than sent in plaintext.
     Refused(SpiffeId),
@@ -337,11 +467,7 @@ impl EndpointService {
                 Ok(tunnel) => {
                     let liveness = tunnel.liveness();
                     (
-                        Transport::Meshed(
-                            Client::builder(TokioExecutor::new())
-                                .http2_only(true)
-                                .build(MeshConnector::Tunnel(tunnel)),
-                        ),
+                        Transport::Meshed(H2Endpoint::new(MeshConnector::Tunnel(tunnel), None)),
                         Some(liveness),
                     )
                 }
@@ -378,14 +504,10 @@ impl EndpointService {
                     // While requests are on it, a connection that goes
                     // silent (a frozen or unplugged endpoint) is closed
                     // after an unanswered PING, as a tunnel's is.
-                    Transport::Meshed(
-                        Client::builder(TokioExecutor::new())
-                            .http2_only(true)
-                            .timer(hyper_util::rt::TokioTimer::new())
-                            .http2_keep_alive_interval(super::tunnel::PING_EVERY)
-                            .http2_keep_alive_timeout(super::tunnel::PING_TIMEOUT)
-                            .build(connector),
-                    )
+                    Transport::Meshed(H2Endpoint::new(
+                        connector,
+                        Some((super::tunnel::PING_EVERY, super::tunnel::PING_TIMEOUT)),
+                    ))
                 }
                 Err(_) => Transport::Refused(id),
             },
@@ -425,15 +547,23 @@ impl tower::Service<Request<Body>> for EndpointService {
         Poll::Ready(Ok(()))
     }
 
+    /// Each transport's future is its own box, as small as its path: the
+    /// box lives as long as the request does.
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let transport = self.transport.clone();
         let app_addr = self.app_addr;
         let served = self.served.clone();
-        Box::pin(async move {
-            match transport {
-                Transport::Refused(id) => Err(OutboundError::MeshedWithoutProxy(id)),
-                Transport::Untunnelable(why) => Err(OutboundError::Unreachable(why)),
-                Transport::Plain(client) => {
+        match &self.transport {
+            Transport::Refused(id) => {
+                let e = OutboundError::MeshedWithoutProxy(id.clone());
+                Box::pin(std::future::ready(Err(e)))
+            }
+            Transport::Untunnelable(why) => {
+                let e = OutboundError::Unreachable(why.clone());
+                Box::pin(std::future::ready(Err(e)))
+            }
+            Transport::Plain(client) => {
+                let client = client.clone();
+                Box::pin(async move {
                     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
                     *req.uri_mut() = format!("http://{app_addr}{path}")
                         .parse()
@@ -446,22 +576,22 @@ impl tower::Service<Request<Body>> for EndpointService {
                     resp.extensions_mut().insert(OnTheWire("none"));
                     resp.extensions_mut().insert(served);
                     Ok(resp)
-                }
-                Transport::Meshed(client) => {
-                    req.headers_mut()
-                        .insert(DST_PORT, HeaderValue::from(app_addr.port()));
-                    *req.version_mut() = http::Version::HTTP_2;
+                })
+            }
+            Transport::Meshed(endpoint) => {
+                req.headers_mut()
+                    .insert(DST_PORT, HeaderValue::from(app_addr.port()));
+                *req.version_mut() = http::Version::HTTP_2;
+                let endpoint = endpoint.clone();
+                Box::pin(async move {
                     // The connector only makes mTLS connections (direct or
                     // inside a gateway tunnel).
-                    let mut resp = client
-                        .request(req)
-                        .await
-                        .map_err(OutboundError::from_client)?;
+                    let mut resp = endpoint.send(req).await?;
                     resp.extensions_mut().insert(OnTheWire("mtls"));
                     resp.extensions_mut().insert(served);
                     Ok(resp)
-                }
+                })
             }
-        })
+        }
     }
 }

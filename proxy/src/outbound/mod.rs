@@ -827,9 +827,7 @@ async fn attempt_tier(
     req: Request<crate::wire::Body>,
 ) -> Result<Response<Incoming>, OutboundError> {
     let failover::Tier {
-        mut balancer,
-        health,
-        ..
+        balancer, health, ..
     } = tiers.tier(tier);
     // With every endpoint ejected the balancer would hold the request until
     // a probe; wait out the fail-fast time at most, then say so.
@@ -842,13 +840,7 @@ async fn attempt_tier(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let call = async {
-        let svc = balancer
-            .ready()
-            .await
-            .map_err(|e| OutboundError::Balancer(e.to_string()))?;
-        svc.call(req).await.map_err(downcast)
-    };
+    let call = async { balancer.call(req).await.map_err(downcast) };
     match plan.attempt_timeout {
         None => call.await,
         Some(after) => {
