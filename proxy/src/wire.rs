@@ -23,5 +23,9 @@ pub const MESH_MAX_CONCURRENT_STREAMS: u32 = 200;
 /// Header list limit (DESIGN.md section 6).
 pub const MAX_HEADER_LIST: u32 = 16 * 1024;
 
-/// A request or response body, whichever side it came from.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+/// A request or response body, whichever side it came from (hyper's, or
+/// the outbound HTTP/2 client's own: `outbound::h2_client`).
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Any error a body may fail with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -15,7 +15,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_core::identity::{CredentialStore, ExpectedIdentity, tls::server_config};
@@ -47,7 +47,7 @@ async fn peer(w: &World, per_connection: usize) -> (SocketAddr, Arc<AtomicUsize>
                 };
                 let served = Arc::new(AtomicUsize::new(0));
                 let (enough_tx, enough) = tokio::sync::watch::channel(false);
-                let svc = service_fn(move |_req: Request<Incoming>| {
+                let svc = service_fn(move |req: Request<Incoming>| {
                     let n = served.fetch_add(1, Ordering::SeqCst) + 1;
                     if n >= per_connection {
                         let _ = enough_tx.send(true);
@@ -55,7 +55,9 @@ async fn peer(w: &World, per_connection: usize) -> (SocketAddr, Arc<AtomicUsize>
                     async move {
                         // Slow enough for requests to overlap.
                         tokio::time::sleep(Duration::from_millis(50)).await;
-                        Ok::<_, std::convert::Infallible>(Response::new(Empty::<Bytes>::new()))
+                        // The request's body, back.
+                        let body = req.into_body().collect().await?.to_bytes();
+                        Ok::<_, hyper::Error>(Response::new(Full::new(body)))
                     }
                 });
                 let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -81,12 +83,16 @@ fn get() -> Request<mesh_proxy::wire::Body> {
 }
 
 async fn endpoint(w: &World, peer: SocketAddr) -> EndpointService {
+    endpoint_at(w, peer.port()).await
+}
+
+async fn endpoint_at(w: &World, proxy_port: u16) -> EndpointService {
     let web = CredentialStore::new(w.join("web").await);
     let dialer = Dialer::new(web, w.bundles.clone(), Duration::from_secs(5));
     EndpointService::reach(
         SocketAddr::from(([127, 0, 0, 1], 8080)),
         Ok(Some(id("api"))),
-        peer.port(),
+        proxy_port,
         None,
         &dialer,
     )
@@ -143,4 +149,108 @@ async fn an_endpoint_nobody_listens_on_is_unreachable() {
         ),
         "{e}"
     );
+}
+
+/// Bodies larger than HTTP/2's flow-control windows (2 MiB per stream)
+/// cross both ways whole: the request's is sent as the peer's window
+/// allows, the response's window is given back as it is read.
+#[tokio::test]
+async fn bodies_larger_than_the_windows_cross_whole() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let (addr, _) = peer(&w, usize::MAX).await;
+    let svc = endpoint(&w, addr).await;
+    let sent: Vec<u8> = (0..5 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let req = Request::post("http://api.shop:80/echo")
+        .body(
+            Full::new(Bytes::from(sent.clone()))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .unwrap();
+    let resp = svc.oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let got = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(got.len(), sent.len());
+    assert!(got == sent, "the echoed body differs");
+}
+
+/// A relay that carries bytes both ways until frozen, then drops them
+/// while keeping the connection open: an endpoint that went silent
+/// (frozen, or cut off without a reset).
+async fn freezable(to: SocketAddr) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let flag = frozen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (inbound, _) = listener.accept().await.unwrap();
+            let outbound = tokio::net::TcpStream::connect(to).await.unwrap();
+            let (ir, iw) = inbound.into_split();
+            let (or, ow) = outbound.into_split();
+            tokio::spawn(carry(ir, ow, flag.clone()));
+            tokio::spawn(carry(or, iw, flag.clone()));
+        }
+    });
+    (addr, frozen)
+}
+
+/// Copies `from` to `to`, dropping what it reads while `frozen`.
+async fn carry(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if frozen.load(Ordering::SeqCst) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A request on a connection that goes silent fails within a second as
+/// unresponsive (its PING went unanswered), instead of waiting forever,
+/// and the next request gets a new connection.
+#[tokio::test]
+async fn a_connection_that_goes_silent_fails_its_requests_as_unresponsive() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    let (addr, accepted) = peer(&w, usize::MAX).await;
+    let (relay, frozen) = freezable(addr).await;
+    let mut svc = endpoint_at(&w, relay.port()).await;
+    let resp = svc.ready().await.unwrap().call(get()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    frozen.store(true, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let e = tokio::time::timeout(
+        Duration::from_secs(5),
+        svc.ready().await.unwrap().call(get()),
+    )
+    .await
+    .expect("a request on a silent connection must not wait forever")
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            mesh_proxy::outbound::errors::OutboundError::Unresponsive(_)
+        ),
+        "{e}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    frozen.store(false, Ordering::SeqCst);
+    let resp = svc.ready().await.unwrap().call(get()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }

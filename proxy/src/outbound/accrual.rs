@@ -20,10 +20,10 @@ use std::{
 };
 
 use http::Response;
-use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::{errors::OutboundError, tunnel::Liveness};
+use crate::wire::Body;
 
 /// Consecutive failures before an endpoint is ejected.
 pub const THRESHOLD: u32 = 5;
@@ -248,19 +248,22 @@ fn record(state: &Mutex<State>, outcome: Outcome, max_ejection: Duration) -> Cha
     Change::Ejected(until, backoff)
 }
 
-impl<K, S> tower::Service<http::Request<crate::wire::Body>> for Accrual<K, S>
+// The inner future is named `F`, not `S::Future`: rustc cannot prove a
+// projection through the body's boxed error type `Send` for every lifetime.
+impl<K, S, F> tower::Service<http::Request<crate::wire::Body>> for Accrual<K, S>
 where
     K: Eq + Hash + Clone + Send + Sync + 'static,
     S: tower::Service<
             http::Request<crate::wire::Body>,
-            Response = Response<Incoming>,
+            Response = Response<Body>,
             Error = OutboundError,
+            Future = F,
         >,
-    S::Future: Send + 'static,
+    F: Future<Output = Result<Response<Body>, OutboundError>> + Send + 'static,
 {
-    type Response = Response<Incoming>;
+    type Response = Response<Body>;
     type Error = OutboundError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, OutboundError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, OutboundError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), OutboundError>> {
         let (until, probe_in_flight) = {
@@ -351,7 +354,7 @@ mod tests {
         use tower::Service;
 
         let fail = tower::service_fn(|_req: http::Request<crate::wire::Body>| async {
-            Err::<Response<Incoming>, _>(OutboundError::Connect("reset".into()))
+            Err::<Response<Body>, _>(OutboundError::Connect("reset".into()))
         });
         let health = Arc::new(Health::default());
         let mut svc = Accrual::new(

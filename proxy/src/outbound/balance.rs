@@ -11,7 +11,6 @@ use std::{
 };
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use mesh_core::{
     api::v1::{DiscoveryUpdate, discovery_update::Kind},
     identity::SpiffeId,
@@ -42,9 +41,9 @@ const DECAY: Duration = Duration::from_secs(10);
 /// waker behind until then).
 const MAX_WAITERS: usize = 4096;
 
-type Inner = BoxService<Request<Body>, Response<Incoming>, tower::BoxError>;
+type Inner = BoxService<Request<Body>, Response<Body>, tower::BoxError>;
 type Call = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<Response<Incoming>, tower::BoxError>> + Send>,
+    Box<dyn std::future::Future<Output = Result<Response<Body>, tower::BoxError>> + Send>,
 >;
 
 /// One tier's balancer, shared by every request to it. A request picks its
@@ -114,7 +113,7 @@ impl Balancer {
 
     /// Sends `req` to the endpoint the balancer picks, waiting for one to
     /// be ready.
-    pub async fn call(&self, req: Request<Body>) -> Result<Response<Incoming>, tower::BoxError> {
+    pub async fn call(&self, req: Request<Body>) -> Result<Response<Body>, tower::BoxError> {
         let mut req = Some(req);
         let call = std::future::poll_fn(|cx| self.poll_call(cx, &mut req)).await?;
         call.await
@@ -415,7 +414,7 @@ mod tests {
     }
 
     impl Service<Request<Body>> for Gate {
-        type Response = Response<Incoming>;
+        type Response = Response<Body>;
         type Error = tower::BoxError;
         type Future = Call;
 

@@ -16,10 +16,10 @@ use std::{
 };
 
 use http::{HeaderValue, Request, Response};
-use hyper::{body::Incoming, client::conn::http2};
+use http_body_util::BodyExt;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+    rt::{TokioExecutor, TokioIo},
 };
 use mesh_core::identity::{
     BundleStore, CredentialStore, ExpectedIdentity, SpiffeId, tls::client_config,
@@ -31,6 +31,7 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 use super::{
     balance::Via,
     errors::OutboundError,
+    h2_client::{self, SendError},
     tunnel::{Gateways, TunnelConnector},
 };
 use crate::wire::{Body, DST_PORT};
@@ -165,7 +166,8 @@ impl<S: tokio::io::AsyncWrite + Unpin, G: Unpin> tokio::io::AsyncWrite for Guard
     }
 }
 
-/// An mTLS stream hyper's HTTP/2 client can use.
+/// An mTLS stream for hyper's clients (a tonic channel through a gateway's
+/// tunnel).
 pub struct MeshIo(TokioIo<Box<dyn Stream>>);
 
 impl MeshIo {
@@ -223,7 +225,7 @@ pub enum MeshConnector {
 
 impl MeshConnector {
     /// A new mTLS stream to the endpoint's proxy, ALPN `h2`.
-    async fn dial(&self) -> io::Result<MeshIo> {
+    async fn dial(&self) -> io::Result<Box<dyn Stream>> {
         match self {
             Self::Direct { addr, tls, timeout } => {
                 let addr = *addr;
@@ -236,9 +238,9 @@ impl MeshConnector {
                         TlsConnector::from(tls.clone()).connect(name, tcp).await
                     })
                     .await?;
-                Ok(MeshIo::new(Box::new(stream)))
+                Ok(Box::new(stream))
             }
-            Self::Tunnel(tunnel) => tunnel.connect().await,
+            Self::Tunnel(tunnel) => tunnel.connect_carrying(super::tunnel::Inner::H2).await,
         }
     }
 }
@@ -261,8 +263,8 @@ pub struct H2Endpoint {
 
 #[derive(Default)]
 struct H2Shared {
-    /// The connection's sender, once dialled.
-    current: std::sync::Mutex<Option<http2::SendRequest<Body>>>,
+    /// The connection, once dialled.
+    current: std::sync::Mutex<Option<h2_client::Connection>>,
     /// Held while dialling: one dial at a time.
     dialing: tokio::sync::Mutex<()>,
     /// When the last dial failed, and why: requests that were waiting
@@ -287,8 +289,8 @@ impl H2Endpoint {
         }
     }
 
-    /// The open connection's sender, if there is one.
-    fn open(&self) -> Option<http2::SendRequest<Body>> {
+    /// The open connection, if there is one.
+    fn open(&self) -> Option<h2_client::Connection> {
         let current = self
             .shared
             .current
@@ -300,7 +302,7 @@ impl H2Endpoint {
     /// The open connection's sender, dialling one when there is none.
     /// The dial is boxed: it is rare, and its future (a TLS handshake, an
     /// HTTP/2 one) would otherwise make every request's future as large.
-    async fn sender(&self) -> Result<http2::SendRequest<Body>, OutboundError> {
+    async fn sender(&self) -> Result<h2_client::Connection, OutboundError> {
         match self.open() {
             Some(sender) => Ok(sender),
             None => Box::pin(self.dial_once()).await,
@@ -308,7 +310,7 @@ impl H2Endpoint {
     }
 
     /// Dials unless another request's dial made a connection meanwhile.
-    async fn dial_once(&self) -> Result<http2::SendRequest<Body>, OutboundError> {
+    async fn dial_once(&self) -> Result<h2_client::Connection, OutboundError> {
         let asked = tokio::time::Instant::now();
         let _dialing = self.shared.dialing.lock().await;
         if let Some(sender) = self.open() {
@@ -340,51 +342,34 @@ impl H2Endpoint {
 
     /// A new connection: mTLS, then the HTTP/2 handshake, its driver
     /// spawned.
-    async fn dial(&self) -> Result<http2::SendRequest<Body>, OutboundError> {
+    async fn dial(&self) -> Result<h2_client::Connection, OutboundError> {
         let io = self
             .connector
             .dial()
             .await
             .map_err(OutboundError::unreachable)?;
-        let mut builder = http2::Builder::new(TokioExecutor::new());
-        builder.timer(TokioTimer::new());
-        if let Some((every, timeout)) = self.keep_alive {
-            builder
-                .keep_alive_interval(every)
-                .keep_alive_timeout(timeout);
-        }
-        let (sender, conn) = builder
-            .handshake(io)
+        h2_client::Connection::handshake(io, self.keep_alive)
             .await
-            .map_err(OutboundError::unreachable)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection to a meshed endpoint closed");
-            }
-        });
-        Ok(sender)
+            .map_err(OutboundError::unreachable)
     }
 
     /// Sends `req` on the connection. A request the connection took no
-    /// part of (it closed first) is sent again on a new connection, once.
-    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, OutboundError> {
-        let mut sender = self.sender().await?;
-        match sender.try_send_request(req).await {
+    /// part of (it was closing) is sent again on a new connection, once.
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<Body>, OutboundError> {
+        let conn = self.sender().await?;
+        match conn.send(req).await {
             Ok(resp) => Ok(resp),
-            Err(mut e) => match e.take_message() {
-                Some(req) => Box::pin(self.send_again(req)).await,
-                None => Err(OutboundError::from_hyper(e.into_error())),
-            },
+            Err(SendError::NotSent(req, _)) => Box::pin(self.send_again(*req)).await,
+            Err(SendError::Failed(e)) => Err(e),
         }
     }
 
     /// [`Self::send`]'s second try, boxed: it is rare.
-    async fn send_again(&self, req: Request<Body>) -> Result<Response<Incoming>, OutboundError> {
-        let mut sender = self.sender().await?;
-        sender
-            .send_request(req)
-            .await
-            .map_err(OutboundError::from_hyper)
+    async fn send_again(&self, req: Request<Body>) -> Result<Response<Body>, OutboundError> {
+        let conn = self.sender().await?;
+        conn.send(req).await.map_err(|e| match e {
+            SendError::NotSent(_, e) | SendError::Failed(e) => e,
+        })
     }
 }
 
@@ -539,9 +524,9 @@ impl EndpointService {
 }
 
 impl tower::Service<Request<Body>> for EndpointService {
-    type Response = Response<Incoming>;
+    type Response = Response<Body>;
     type Error = OutboundError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, OutboundError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, OutboundError>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), OutboundError>> {
         Poll::Ready(Ok(()))
@@ -572,7 +557,8 @@ impl tower::Service<Request<Body>> for EndpointService {
                     let mut resp = client
                         .request(req)
                         .await
-                        .map_err(OutboundError::from_client)?;
+                        .map_err(OutboundError::from_client)?
+                        .map(|body| body.map_err(Into::into).boxed());
                     resp.extensions_mut().insert(OnTheWire("none"));
                     resp.extensions_mut().insert(served);
                     Ok(resp)

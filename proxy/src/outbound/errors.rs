@@ -99,17 +99,6 @@ impl OutboundError {
         }
     }
 
-    /// An error of a request on an open HTTP/2 connection:
-    /// [`Self::Unresponsive`] when its PING went unanswered, else
-    /// [`Self::Connect`].
-    pub fn from_hyper(e: hyper::Error) -> Self {
-        let silent = e.is_timeout();
-        match Self::connect(e) {
-            Self::Connect(message) if silent => Self::Unresponsive(message),
-            other => other,
-        }
-    }
-
     /// Status and metric reason for this failure.
     pub fn classify(&self) -> (StatusCode, &'static str) {
         match self {

@@ -33,6 +33,7 @@ pub mod balance;
 pub mod endpoint;
 pub mod errors;
 pub mod failover;
+pub mod h2_client;
 pub mod route;
 pub mod tcp;
 pub mod tunnel;
@@ -580,7 +581,7 @@ async fn handle(
                 Some(started.elapsed()),
             );
             tap(resp.status(), tls);
-            resp.map(BodyExt::boxed)
+            resp
         }
         Err(e) => {
             tap(e.classify().0, tls);
@@ -592,6 +593,11 @@ async fn handle(
             fail_to(outbound, &authority, answered, tls, e)
         }
     }
+}
+
+/// A response from hyper's client, its body boxed like every other.
+fn boxed(resp: Response<Incoming>) -> Response<Body> {
+    resp.map(|body| body.map_err(Into::into).boxed())
 }
 
 /// A request that failed before a destination was chosen.
@@ -636,7 +642,7 @@ async fn upgrade(
     meshed: bool,
     redirected: Option<std::net::SocketAddr>,
     mut req: Request<Incoming>,
-) -> Result<Response<Incoming>, OutboundError> {
+) -> Result<Response<Body>, OutboundError> {
     let asked = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
     upgrade::keep_upgrade_headers(&mut parts.headers, strip_hop_by_hop);
@@ -663,6 +669,7 @@ async fn upgrade(
         let req = Request::from_parts(parts, body);
         return upgrade::send(conn, req, asked, splice("mtls"))
             .await
+            .map(boxed)
             .map_err(OutboundError::connect);
     }
     let target = redirected.map_or_else(|| authority.to_owned(), |to| to.to_string());
@@ -674,6 +681,7 @@ async fn upgrade(
     parts.headers.insert(header::HOST, host);
     upgrade::send(tcp, Request::from_parts(parts, body), asked, splice("none"))
         .await
+        .map(boxed)
         .map_err(OutboundError::connect)
 }
 
@@ -683,7 +691,7 @@ async fn to_mesh(
     authority: &str,
     req: Request<Incoming>,
     route: &mut String,
-) -> Result<Response<Incoming>, OutboundError> {
+) -> Result<Response<Body>, OutboundError> {
     let policy = outbound
         .policies
         .get(&authority.to_owned(), outbound.fail_fast)
@@ -741,7 +749,7 @@ async fn to_mesh(
                 .any(|(backend, _)| outbound.balancer(backend).is_tiered()));
     let work = async {
         if !keep {
-            let mut once = Some(build(body.boxed()));
+            let mut once = Some(build(body.map_err(Into::into).boxed()));
             return attempt(outbound, &plan, &mut || once.take()).await;
         }
         let bytes = body
@@ -795,7 +803,7 @@ async fn attempt(
     outbound: &Outbound,
     plan: &Plan,
     request: &mut (dyn FnMut() -> Option<Request<crate::wire::Body>> + Send),
-) -> Result<Response<Incoming>, OutboundError> {
+) -> Result<Response<Body>, OutboundError> {
     let backend = outbound.splitter.pick(plan);
     wait_for_endpoints(outbound, &backend).await?;
     let tiers = outbound.balancer(&backend);
@@ -825,7 +833,7 @@ async fn attempt_tier(
     tiers: &Tiers,
     tier: usize,
     req: Request<crate::wire::Body>,
-) -> Result<Response<Incoming>, OutboundError> {
+) -> Result<Response<Body>, OutboundError> {
     let failover::Tier {
         balancer, health, ..
     } = tiers.tier(tier);
@@ -859,7 +867,7 @@ async fn passthrough(
     outbound: &Outbound,
     authority: &str,
     req: Request<Incoming>,
-) -> Result<Response<Incoming>, OutboundError> {
+) -> Result<Response<Body>, OutboundError> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -868,8 +876,9 @@ async fn passthrough(
         .map_err(|_| OutboundError::BadRequest)?;
     outbound
         .plain
-        .request(Request::from_parts(parts, body.boxed()))
+        .request(Request::from_parts(parts, body.map_err(Into::into).boxed()))
         .await
+        .map(boxed)
         .map_err(OutboundError::connect)
 }
 
