@@ -27,5 +27,11 @@ pub const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// the outbound HTTP/2 client's own: `outbound::h2_client`).
 pub type Body = BoxBody<Bytes, BoxError>;
 
+/// hyper's body as the proxy's own.
+pub fn boxed(body: hyper::body::Incoming) -> Body {
+    use http_body_util::BodyExt;
+    body.map_err(Into::into).boxed()
+}
+
 /// Any error a body may fail with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

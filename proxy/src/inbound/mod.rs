@@ -444,7 +444,7 @@ async fn forward(
         &inbound.http2
     };
     match client.request(req).await {
-        Ok(resp) => resp.map(|body| body.map_err(Into::into).boxed()),
+        Ok(resp) => resp.map(crate::wire::boxed),
         Err(e) => {
             inbound.metrics.refuse_inbound("app_unreachable");
             tracing::warn!(port, error = %e, "the app did not answer");
@@ -486,7 +486,7 @@ async fn forward_upgrade(
         Err(e) => Err(e.to_string()),
     };
     match sent {
-        Ok(resp) => resp.map(|body| body.map_err(Into::into).boxed()),
+        Ok(resp) => resp.map(crate::wire::boxed),
         Err(e) => {
             inbound.metrics.refuse_inbound("app_unreachable");
             tracing::warn!(port, error = %e, "the app did not answer the upgrade");

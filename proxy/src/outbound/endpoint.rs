@@ -16,7 +16,6 @@ use std::{
 };
 
 use http::{HeaderValue, Request, Response};
-use http_body_util::BodyExt;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo},
@@ -558,7 +557,7 @@ impl tower::Service<Request<Body>> for EndpointService {
                         .request(req)
                         .await
                         .map_err(OutboundError::from_client)?
-                        .map(|body| body.map_err(Into::into).boxed());
+                        .map(crate::wire::boxed);
                     resp.extensions_mut().insert(OnTheWire("none"));
                     resp.extensions_mut().insert(served);
                     Ok(resp)

@@ -125,10 +125,11 @@ impl Connection {
 
     /// Sends `req` and waits for its response head. A connection that can
     /// open no more streams (closed, or told to go away) gives the request
-    /// back untouched, and is not used again.
-    pub async fn send(&self, req: Request<Body>) -> Result<Response<Body>, SendError> {
+    /// back untouched, and is not used again. Takes the handle by value
+    /// (the caller's clone), since opening a stream consumes one.
+    pub async fn send(self, req: Request<Body>) -> Result<Response<Body>, SendError> {
         let open = Open::new(&self.state);
-        let mut send = match self.send.clone().ready().await {
+        let mut send = match self.send.ready().await {
             Ok(send) => send,
             Err(e) => {
                 self.state.closed.store(true, Ordering::Relaxed);
@@ -148,23 +149,24 @@ impl Connection {
         }
         let response = response
             .await
-            .map_err(|e| SendError::Failed(self.failed(e)))?;
+            .map_err(|e| SendError::Failed(self.state.failed(e)))?;
         let (head, recv) = response.into_parts();
         let length = content_length(&head.headers);
         let body = RecvBody {
             recv,
             length,
             trailers_next: false,
-            _open: open,
-            state: self.state.clone(),
+            open,
         };
         Ok(Response::from_parts(head, body.boxed()))
     }
+}
 
+impl State {
     /// A failure once the request was sent: unresponsive when the
     /// connection was closed for an unanswered PING.
     fn failed(&self, e: h2::Error) -> OutboundError {
-        if self.state.silent.load(Ordering::Relaxed) {
+        if self.silent.load(Ordering::Relaxed) {
             return OutboundError::Unresponsive(e.to_string());
         }
         OutboundError::connect(e)
@@ -267,13 +269,13 @@ struct RecvBody {
     /// What `content-length` says is left, when it said.
     length: Option<u64>,
     trailers_next: bool,
-    _open: Open,
-    state: Arc<State>,
+    /// Its request, counted open until the body ends.
+    open: Open,
 }
 
 impl RecvBody {
     fn error(&self, e: h2::Error) -> Box<dyn std::error::Error + Send + Sync> {
-        if self.state.silent.load(Ordering::Relaxed) {
+        if self.open.0.silent.load(Ordering::Relaxed) {
             return Box::new(OutboundError::Unresponsive(e.to_string()));
         }
         Box::new(e)

@@ -595,11 +595,6 @@ async fn handle(
     }
 }
 
-/// A response from hyper's client, its body boxed like every other.
-fn boxed(resp: Response<Incoming>) -> Response<Body> {
-    resp.map(|body| body.map_err(Into::into).boxed())
-}
-
 /// A request that failed before a destination was chosen.
 fn fail(outbound: &Outbound, authority: &str, e: OutboundError) -> Response<Body> {
     fail_to(outbound, authority, Answered::default(), "none", e)
@@ -669,7 +664,7 @@ async fn upgrade(
         let req = Request::from_parts(parts, body);
         return upgrade::send(conn, req, asked, splice("mtls"))
             .await
-            .map(boxed)
+            .map(|resp| resp.map(crate::wire::boxed))
             .map_err(OutboundError::connect);
     }
     let target = redirected.map_or_else(|| authority.to_owned(), |to| to.to_string());
@@ -681,7 +676,7 @@ async fn upgrade(
     parts.headers.insert(header::HOST, host);
     upgrade::send(tcp, Request::from_parts(parts, body), asked, splice("none"))
         .await
-        .map(boxed)
+        .map(|resp| resp.map(crate::wire::boxed))
         .map_err(OutboundError::connect)
 }
 
@@ -749,7 +744,7 @@ async fn to_mesh(
                 .any(|(backend, _)| outbound.balancer(backend).is_tiered()));
     let work = async {
         if !keep {
-            let mut once = Some(build(body.map_err(Into::into).boxed()));
+            let mut once = Some(build(crate::wire::boxed(body)));
             return attempt(outbound, &plan, &mut || once.take()).await;
         }
         let bytes = body
@@ -876,9 +871,9 @@ async fn passthrough(
         .map_err(|_| OutboundError::BadRequest)?;
     outbound
         .plain
-        .request(Request::from_parts(parts, body.map_err(Into::into).boxed()))
+        .request(Request::from_parts(parts, crate::wire::boxed(body)))
         .await
-        .map(boxed)
+        .map(|resp| resp.map(crate::wire::boxed))
         .map_err(OutboundError::connect)
 }
 
