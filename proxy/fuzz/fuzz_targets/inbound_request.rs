@@ -1,7 +1,8 @@
 //! The inbound request rewrite on arbitrary requests from a verified peer:
 //! fuzzed method, URI and headers (forged mesh headers included). Whatever
 //! comes in, what goes to the app carries exactly the verified client id,
-//! no mesh header, and a URI pointing at the app.
+//! no mesh header, and a URI for the app (origin form over HTTP/1.1,
+//! absolute and pointing at the app over HTTP/2).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -27,11 +28,18 @@ fuzz_target!(|data: &[u8]| {
     let Ok(port) = port else { return };
     let client: SpiffeId = "spiffe://west.mesh.local/ns/shop/sa/web".parse().unwrap();
     let app = std::net::SocketAddr::from(([127, 0, 0, 5], port));
-    if for_app(&mut parts, &client, app).is_ok() {
+    if let Ok(http1) = for_app(&mut parts, &client, app) {
         let ids: Vec<_> = parts.headers.get_all(CLIENT_ID).iter().collect();
         assert_eq!(ids, vec![client.as_str()], "exactly the verified client id");
         assert!(parts.headers.get(ORIG_PROTO).is_none());
-        assert_eq!(parts.uri.authority().map(|a| a.as_str().to_owned()), Some(app.to_string()));
+        if http1 {
+            // Origin form, on a connection to the app, with a Host.
+            assert!(parts.uri.authority().is_none());
+            assert!(parts.headers.contains_key(http::header::HOST));
+        } else {
+            let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
+            assert_eq!(authority, Some(app.to_string()));
+        }
         assert!(parts.uri.path().starts_with('/'));
     }
 });

@@ -15,10 +15,11 @@
 //! - **forward**: `mesh-client-id` is set to the verified caller (any value
 //!   the caller sent is replaced), and the request goes to the app.
 
+pub mod app;
 pub mod policy;
 pub mod rewrite;
 
-use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -36,7 +37,10 @@ use rustls::ServerConfig;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_rustls::TlsAcceptor;
 
-use self::policy::{Denied, PolicyCache, Ports, authorize};
+use self::{
+    app::Http1Pool,
+    policy::{Denied, PolicyCache, Ports, authorize},
+};
 use crate::{
     hold::HoldFirstFlush,
     metrics::{Metrics, ReasonLabels},
@@ -61,7 +65,8 @@ pub struct Inbound {
     /// they are closed regardless (`MESH_PROXY_SHUTDOWN_GRACE`).
     pub drain_grace: Duration,
     pub metrics: Metrics,
-    http1: Client<HttpConnector, Incoming>,
+    /// HTTP/1.1 to each app port: made once, as the ports are fixed.
+    http1: Arc<BTreeMap<u16, Http1Pool<Incoming>>>,
     http2: Client<HttpConnector, Incoming>,
 }
 
@@ -76,7 +81,11 @@ impl Inbound {
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        let http1 = Client::builder(TokioExecutor::new()).build(connector.clone());
+        let http1 = ports
+            .app
+            .iter()
+            .map(|&port| (port, Http1Pool::new(SocketAddr::new(app_ip, port))))
+            .collect();
         let http2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .build(connector);
@@ -89,7 +98,7 @@ impl Inbound {
             fail_fast,
             drain_grace: Duration::from_secs(120),
             metrics,
-            http1,
+            http1: Arc::new(http1),
             http2,
         }
     }
@@ -438,13 +447,21 @@ async fn forward(
     if was_http1 && crate::upgrade::is_upgrade(&req) {
         return forward_upgrade(inbound, client_id, (port, deadline), req).await;
     }
-    let client = if was_http1 {
-        &inbound.http1
+    let answered = if was_http1 {
+        match inbound.http1.get(&port) {
+            Some(app) => app.send(req).await.map_err(|e| e.to_string()),
+            // `handle` checked the port is declared, and each declared
+            // port has its pool.
+            None => Err(format!("port {port} is not an app port")),
+        }
     } else {
-        &inbound.http2
+        match inbound.http2.request(req).await {
+            Ok(resp) => Ok(resp.map(crate::wire::boxed)),
+            Err(e) => Err(e.to_string()),
+        }
     };
-    match client.request(req).await {
-        Ok(resp) => resp.map(crate::wire::boxed),
+    match answered {
+        Ok(resp) => resp,
         Err(e) => {
             inbound.metrics.refuse_inbound("app_unreachable");
             tracing::warn!(port, error = %e, "the app did not answer");
@@ -464,13 +481,8 @@ async fn forward_upgrade(
     (port, deadline): (u16, tokio::time::Instant),
     mut req: Request<Incoming>,
 ) -> Response<Body> {
+    // The rewrite gave it the origin form and its Host.
     let asked = hyper::upgrade::on(&mut req);
-    // The app gets the origin form; Host was restored by the rewrite.
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let Ok(path) = path.parse() else {
-        return text(StatusCode::BAD_REQUEST, "mesh: invalid request path\n");
-    };
-    *req.uri_mut() = path;
     let splice = crate::upgrade::Splice {
         metrics: inbound.metrics.clone(),
         direction: "inbound",

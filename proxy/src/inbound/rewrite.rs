@@ -33,11 +33,12 @@ pub fn dst_port(headers: &mut HeaderMap) -> Result<u16, Unroutable> {
 }
 
 /// Rewrites `parts` for the app at `app`: sets `mesh-client-id` to the
-/// verified caller, points the URI at the app, and restores HTTP/1.1 (with
-/// Host) when the caller's app spoke it: `mesh-orig-proto` says so on
-/// HTTP/2 between proxies, and a request that arrived as HTTP/1.x (a
-/// caller that is not a Mesh proxy, over ALPN `http/1.1`) is HTTP/1.1
-/// itself. Returns whether it did.
+/// verified caller, points the URI at the app (origin form for HTTP/1.1,
+/// which goes on a connection to the app; absolute for HTTP/2), and
+/// restores HTTP/1.1 (with Host) when the caller's app spoke it:
+/// `mesh-orig-proto` says so on HTTP/2 between proxies, and a request that
+/// arrived as HTTP/1.x (a caller that is not a Mesh proxy, over ALPN
+/// `http/1.1`) is HTTP/1.1 itself. Returns whether it did.
 pub fn for_app(
     parts: &mut Parts,
     client_id: &SpiffeId,
@@ -53,20 +54,28 @@ pub fn for_app(
     let id = HeaderValue::from_str(client_id.as_str()).expect("SPIFFE IDs are valid header values");
     parts.headers.insert(CLIENT_ID, id);
     let authority = parts.uri.authority().cloned();
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let path = if path.starts_with('/') { path } else { "/" };
-    let uri: Uri = format!("http://{app}{path}")
-        .parse()
-        .map_err(|_| Unroutable::BadPath)?;
-    parts.uri = uri;
+    let path = parts
+        .uri
+        .path_and_query()
+        .filter(|p| p.as_str().starts_with('/'))
+        .cloned();
     if was_http1 {
+        // Origin form, as HTTP/1.1 sends it; the connection is the app's.
+        parts.uri = path.map_or_else(|| Uri::from_static("/"), Uri::from);
         parts.version = Version::HTTP_11;
-        if let (false, Some(authority)) = (parts.headers.contains_key(header::HOST), authority)
-            && let Ok(host) = HeaderValue::from_str(authority.as_str())
-        {
+        if !parts.headers.contains_key(header::HOST) {
+            let host = authority
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                .unwrap_or_else(|| {
+                    HeaderValue::from_str(&app.to_string()).expect("an address is a valid Host")
+                });
             parts.headers.insert(header::HOST, host);
         }
     } else {
+        let path = path.as_ref().map_or("/", |p| p.as_str());
+        parts.uri = format!("http://{app}{path}")
+            .parse()
+            .map_err(|_| Unroutable::BadPath)?;
         parts.version = Version::HTTP_2;
     }
     Ok(was_http1)
@@ -97,7 +106,7 @@ mod tests {
         assert!(http1);
         let ids: Vec<_> = parts.headers.get_all(CLIENT_ID).iter().collect();
         assert_eq!(ids, vec![web.as_str()]);
-        assert_eq!(parts.uri.to_string(), "http://127.0.0.5:8080/x?y=1");
+        assert_eq!(parts.uri.to_string(), "/x?y=1", "origin form");
         assert_eq!(parts.headers[header::HOST], "api.shop.svc.cluster.local:80");
         assert_eq!(parts.version, Version::HTTP_11);
         assert!(parts.headers.get(ORIG_PROTO).is_none());
