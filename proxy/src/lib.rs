@@ -14,6 +14,7 @@ pub mod detect;
 pub mod dns;
 pub mod env;
 pub mod follow;
+pub mod h2_client;
 pub mod head;
 pub mod hold;
 pub mod identity;

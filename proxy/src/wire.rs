@@ -23,8 +23,15 @@ pub const MESH_MAX_CONCURRENT_STREAMS: u32 = 200;
 /// Header list limit (DESIGN.md section 6).
 pub const MAX_HEADER_LIST: u32 = 16 * 1024;
 
+/// A byte stream an HTTP/2 client connection runs on: mTLS to a
+/// destination proxy (directly, or inside a gateway tunnel stream), or TCP
+/// to the local app.
+pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Stream for T {}
+
 /// A request or response body, whichever side it came from (hyper's, or
-/// the outbound HTTP/2 client's own: `outbound::h2_client`).
+/// the HTTP/2 client's own: `h2_client`).
 pub type Body = BoxBody<Bytes, BoxError>;
 
 /// hyper's body as the proxy's own.

@@ -1,6 +1,7 @@
-//! The inbound side's HTTP/1.1 connections to the app (`inbound::app`):
+//! The inbound side's connections to the app (`inbound::app`). HTTP/1.1:
 //! reused once a response has ended, never while a body is still coming,
 //! never after the app closed them, bounded in number and idle time.
+//! HTTP/2: one connection, shared.
 
 use std::{
     convert::Infallible,
@@ -17,7 +18,7 @@ use http::{Request, Response, header};
 use http_body_util::{BodyExt, Empty, StreamBody, combinators::BoxBody};
 use hyper::{body::Frame, service::service_fn};
 use hyper_util::rt::TokioIo;
-use mesh_proxy::inbound::app::{AppError, Http1Pool, IDLE_TIMEOUT, MAX_IDLE};
+use mesh_proxy::inbound::app::{self, AppError, Http1Pool, IDLE_TIMEOUT, MAX_IDLE};
 
 /// What the app saw.
 #[derive(Default)]
@@ -240,4 +241,52 @@ async fn an_app_nobody_listens_on_is_named_in_the_error() {
     let err = pool.send(get("/")).await.unwrap_err();
     assert!(matches!(err, AppError::Connect { .. }), "{err:?}");
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
+}
+
+/// An h2c app (prior knowledge, as gRPC servers are) answering after
+/// 50 ms, so that requests overlap.
+async fn h2c_app() -> (SocketAddr, Arc<Seen>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let counts = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            counts.accepted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = service_fn(|_req: Request<hyper::body::Incoming>| async {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let ok = http_body_util::Full::new(Bytes::from_static(b"ok"));
+                    Ok::<_, Infallible>(Response::new(ok))
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn http2_requests_to_the_app_share_one_connection() {
+    let (addr, seen) = h2c_app().await;
+    let app = app::http2(addr);
+    let requests = (0..20).map(|_| {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let req = Request::get(format!("http://{addr}/"))
+                .version(http::Version::HTTP_2)
+                .body(mesh_proxy::wire::Body::default())
+                .unwrap();
+            let resp = app.send(req).await.expect("the app answers");
+            resp.into_body().collect().await.unwrap().to_bytes()
+        })
+    });
+    for answered in answers(requests).await {
+        assert_eq!(answered, "ok");
+    }
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
 }

@@ -1,12 +1,17 @@
-//! forward, over HTTP/1.1: keep-alive connections to one app port, kept by
-//! the proxy itself on hyper's connection API.
+//! forward: the connections to the app, kept per declared app port (the
+//! ports are fixed, so each port's are made once at start).
 //!
-//! It replaces hyper-util's pooled client, whose per-request checkout (a
+//! HTTP/2 (callers that spoke it: gRPC) goes on one connection per port,
+//! an [`H2Endpoint`] over plain TCP, as the outbound side reaches a meshed
+//! endpoint.
+//!
+//! HTTP/1.1 goes on keep-alive connections kept by the proxy itself on
+//! hyper's connection API. It replaces hyper-util's pooled client, whose per-request checkout (a
 //! lock around a map keyed by scheme and authority, a hash of both, boxed
 //! futures, a spawned task to see each connection back) was a sixth of
 //! the server proxy's user time for a map that only ever held one app
-//! address per port. Here each declared app port has its own list of idle
-//! connections, made once at start:
+//! address per port. Here each app port has its own list of idle
+//! connections:
 //!
 //! - a request takes the most recently used idle connection, or dials one;
 //! - a connection goes back to the list once the app's response has ended,
@@ -32,7 +37,10 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use tokio::{net::TcpStream, time::Instant};
 
-use crate::wire::{Body, BoxError};
+use crate::{
+    h2_client::{Dial, H2Endpoint},
+    wire::{Body, BoxError, Stream},
+};
 
 /// Idle connections kept per app port; more are closed when they end.
 pub const MAX_IDLE: usize = 64;
@@ -51,6 +59,41 @@ pub enum AppError {
     },
     #[error("the app's HTTP/1.1 connection failed: {0}")]
     Http(#[from] hyper::Error),
+}
+
+/// TCP to the app, for its HTTP/2 connection.
+#[derive(Clone, Copy, Debug)]
+pub struct AppDial(pub SocketAddr);
+
+impl Dial for AppDial {
+    async fn dial(&self) -> std::io::Result<Box<dyn Stream>> {
+        let tcp = connect(self.0).await.map_err(std::io::Error::other)?;
+        Ok(Box::new(tcp))
+    }
+}
+
+/// HTTP/2 to the app on `addr`: one connection, without keep-alive PINGs
+/// (the app is on this host).
+pub fn http2(addr: SocketAddr) -> H2Endpoint<AppDial> {
+    H2Endpoint::new(AppDial(addr), None)
+}
+
+/// A TCP connection to the app, with Nagle off: a body that follows its
+/// head must not wait for a delayed ACK.
+async fn connect(addr: SocketAddr) -> Result<TcpStream, AppError> {
+    let connect = |source| AppError::Connect { addr, source };
+    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(connected) => connected.map_err(connect)?,
+        Err(_) => {
+            let after = format!("no answer after {CONNECT_TIMEOUT:?}");
+            return Err(connect(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                after,
+            )));
+        }
+    };
+    tcp.set_nodelay(true).map_err(connect)?;
+    Ok(tcp)
 }
 
 /// Keep-alive HTTP/1.1 connections to one app address.
@@ -128,19 +171,7 @@ where
 
     async fn dial(&self) -> Result<SendRequest<B>, AppError> {
         let addr = self.shared.addr;
-        let connect = |source| AppError::Connect { addr, source };
-        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-            Ok(connected) => connected.map_err(connect)?,
-            Err(_) => {
-                let after = format!("no answer after {CONNECT_TIMEOUT:?}");
-                return Err(connect(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    after,
-                )));
-            }
-        };
-        // A body that follows its head must not wait for a delayed ACK.
-        tcp.set_nodelay(true).map_err(connect)?;
+        let tcp = connect(addr).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {

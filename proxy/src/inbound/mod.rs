@@ -25,10 +25,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo},
-};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_core::{
     identity::{SpiffeId, TrustDomain, tls::peer_leaf},
     memory::Connections,
@@ -38,10 +35,11 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_rustls::TlsAcceptor;
 
 use self::{
-    app::Http1Pool,
+    app::{AppDial, Http1Pool},
     policy::{Denied, PolicyCache, Ports, authorize},
 };
 use crate::{
+    h2_client::H2Endpoint,
     hold::HoldFirstFlush,
     metrics::{Metrics, ReasonLabels},
     wire::{ALPN_H2, ALPN_TCP, Body, MAX_HEADER_LIST, MESH_MAX_CONCURRENT_STREAMS},
@@ -67,7 +65,8 @@ pub struct Inbound {
     pub metrics: Metrics,
     /// HTTP/1.1 to each app port: made once, as the ports are fixed.
     http1: Arc<BTreeMap<u16, Http1Pool<Incoming>>>,
-    http2: Client<HttpConnector, Incoming>,
+    /// HTTP/2 to each app port.
+    http2: Arc<BTreeMap<u16, H2Endpoint<AppDial>>>,
 }
 
 impl Inbound {
@@ -79,16 +78,17 @@ impl Inbound {
         max_in_flight: usize,
         metrics: Metrics,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
+        let app = |port| SocketAddr::new(app_ip, port);
         let http1 = ports
             .app
             .iter()
-            .map(|&port| (port, Http1Pool::new(SocketAddr::new(app_ip, port))))
+            .map(|&port| (port, Http1Pool::new(app(port))))
             .collect();
-        let http2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .build(connector);
+        let http2 = ports
+            .app
+            .iter()
+            .map(|&port| (port, app::http2(app(port))))
+            .collect();
         Self {
             policies,
             in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
@@ -99,7 +99,7 @@ impl Inbound {
             drain_grace: Duration::from_secs(120),
             metrics,
             http1: Arc::new(http1),
-            http2,
+            http2: Arc::new(http2),
         }
     }
 }
@@ -455,9 +455,9 @@ async fn forward(
             None => Err(format!("port {port} is not an app port")),
         }
     } else {
-        match inbound.http2.request(req).await {
-            Ok(resp) => Ok(resp.map(crate::wire::boxed)),
-            Err(e) => Err(e.to_string()),
+        match inbound.http2.get(&port) {
+            Some(app) => (app.send(req.map(crate::wire::boxed)).await).map_err(|e| e.to_string()),
+            None => Err(format!("port {port} is not an app port")),
         }
     };
     match answered {

@@ -30,16 +30,14 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 use super::{
     balance::Via,
     errors::OutboundError,
-    h2_client::{self, SendError},
     tunnel::{Gateways, TunnelConnector},
 };
-use crate::wire::{Body, DST_PORT};
+use crate::{
+    h2_client::{Dial, H2Endpoint},
+    wire::{Body, DST_PORT},
+};
 
-/// A byte stream to a destination proxy: mTLS directly, or mTLS inside a
-/// gateway tunnel stream.
-pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
-
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Stream for T {}
+pub use crate::wire::Stream;
 
 /// What the outbound side needs to reach a meshed peer: this proxy's
 /// credentials, the trust bundles, its tunnels to gateways, and how long
@@ -222,7 +220,7 @@ pub enum MeshConnector {
     Tunnel(TunnelConnector),
 }
 
-impl MeshConnector {
+impl Dial for MeshConnector {
     /// A new mTLS stream to the endpoint's proxy, ALPN `h2`.
     async fn dial(&self) -> io::Result<Box<dyn Stream>> {
         match self {
@@ -244,134 +242,6 @@ impl MeshConnector {
     }
 }
 
-/// The one HTTP/2 connection to a meshed endpoint, shared by every request
-/// to it: dialled on first use and again once it has closed (a GOAWAY, the
-/// peer's maximum connection age, a PING left unanswered). Requests wait
-/// for a dial under way rather than each making a connection.
-///
-/// It replaces hyper-util's pooled client, whose per-request pool checkout
-/// (a lock, a hash of the scheme and authority, boxed futures) bought
-/// nothing for one HTTP/2 connection per endpoint.
-#[derive(Clone)]
-pub struct H2Endpoint {
-    connector: MeshConnector,
-    /// Keep-alive PINGs (while requests are on it): `None` for no PINGs.
-    keep_alive: Option<(Duration, Duration)>,
-    shared: Arc<H2Shared>,
-}
-
-#[derive(Default)]
-struct H2Shared {
-    /// The connection, once dialled.
-    current: std::sync::Mutex<Option<h2_client::Connection>>,
-    /// Held while dialling: one dial at a time.
-    dialing: tokio::sync::Mutex<()>,
-    /// When the last dial failed, and why: requests that were waiting
-    /// for that dial share its failure instead of each dialling in turn.
-    failed: std::sync::Mutex<Option<(tokio::time::Instant, String)>>,
-}
-
-impl std::fmt::Debug for H2Endpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("H2Endpoint")
-            .field("connector", &self.connector)
-            .finish_non_exhaustive()
-    }
-}
-
-impl H2Endpoint {
-    pub fn new(connector: MeshConnector, keep_alive: Option<(Duration, Duration)>) -> Self {
-        Self {
-            connector,
-            keep_alive,
-            shared: Arc::default(),
-        }
-    }
-
-    /// The open connection, if there is one.
-    fn open(&self) -> Option<h2_client::Connection> {
-        let current = self
-            .shared
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        current.as_ref().filter(|s| !s.is_closed()).cloned()
-    }
-
-    /// The open connection's sender, dialling one when there is none.
-    /// The dial is boxed: it is rare, and its future (a TLS handshake, an
-    /// HTTP/2 one) would otherwise make every request's future as large.
-    async fn sender(&self) -> Result<h2_client::Connection, OutboundError> {
-        match self.open() {
-            Some(sender) => Ok(sender),
-            None => Box::pin(self.dial_once()).await,
-        }
-    }
-
-    /// Dials unless another request's dial made a connection meanwhile.
-    async fn dial_once(&self) -> Result<h2_client::Connection, OutboundError> {
-        let asked = tokio::time::Instant::now();
-        let _dialing = self.shared.dialing.lock().await;
-        if let Some(sender) = self.open() {
-            return Ok(sender);
-        }
-        if let Some((at, why)) = &*self.shared.failed.lock().unwrap_or_else(|p| p.into_inner())
-            && *at >= asked
-        {
-            return Err(OutboundError::Unreachable(why.clone()));
-        }
-        match self.dial().await {
-            Ok(sender) => {
-                *self
-                    .shared
-                    .current
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
-                Ok(sender)
-            }
-            Err(e) => {
-                if let OutboundError::Unreachable(why) = &e {
-                    *self.shared.failed.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some((tokio::time::Instant::now(), why.clone()));
-                }
-                Err(e)
-            }
-        }
-    }
-
-    /// A new connection: mTLS, then the HTTP/2 handshake, its driver
-    /// spawned.
-    async fn dial(&self) -> Result<h2_client::Connection, OutboundError> {
-        let io = self
-            .connector
-            .dial()
-            .await
-            .map_err(OutboundError::unreachable)?;
-        h2_client::Connection::handshake(io, self.keep_alive)
-            .await
-            .map_err(OutboundError::unreachable)
-    }
-
-    /// Sends `req` on the connection. A request the connection took no
-    /// part of (it was closing) is sent again on a new connection, once.
-    pub async fn send(&self, req: Request<Body>) -> Result<Response<Body>, OutboundError> {
-        let conn = self.sender().await?;
-        match conn.send(req).await {
-            Ok(resp) => Ok(resp),
-            Err(SendError::NotSent(req, _)) => Box::pin(self.send_again(*req)).await,
-            Err(SendError::Failed(e)) => Err(e),
-        }
-    }
-
-    /// [`Self::send`]'s second try, boxed: it is rare.
-    async fn send_again(&self, req: Request<Body>) -> Result<Response<Body>, OutboundError> {
-        let conn = self.sender().await?;
-        conn.send(req).await.map_err(|e| match e {
-            SendError::NotSent(_, e) | SendError::Failed(e) => e,
-        })
-    }
-}
-
 /// Plain TCP to a destination that is not meshed, with Nagle off as on the
 /// proxy's mTLS connections: a request body that follows its head (an
 /// upload, a streamed body) must not wait for the destination's delayed ACK
@@ -385,7 +255,7 @@ pub(crate) fn plain_connector() -> HttpConnector {
 /// How to reach one endpoint.
 #[derive(Clone, Debug)]
 enum Transport {
-    Meshed(H2Endpoint),
+    Meshed(H2Endpoint<MeshConnector>),
     Plain(Client<HttpConnector, Body>),
     /// Meshed but without a proxy port: refused rather than sent in plaintext.
     Refused(SpiffeId),

@@ -33,7 +33,6 @@ pub mod balance;
 pub mod endpoint;
 pub mod errors;
 pub mod failover;
-pub mod h2_client;
 pub mod route;
 pub mod tcp;
 pub mod tunnel;

@@ -1,5 +1,6 @@
-//! h2_client: requests on a meshed endpoint's HTTP/2 connection, through
-//! the h2 crate directly.
+//! h2_client: requests on an endpoint's one HTTP/2 connection, through the
+//! h2 crate directly: a meshed endpoint's proxy on the outbound side, the
+//! app (when its callers spoke HTTP/2) on the inbound side.
 //!
 //! hyper's HTTP/2 client hands each request to a connection task over a
 //! channel, spawns a task per request to wait for the response, and sends
@@ -29,8 +30,10 @@ use http::{HeaderMap, Request, Response, header::CONTENT_LENGTH};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Frame, SizeHint};
 
-use super::{endpoint::Stream, errors::OutboundError};
-use crate::wire::Body;
+use crate::{
+    outbound::errors::OutboundError,
+    wire::{Body, Stream},
+};
 
 /// HTTP/2 settings, as hyper's client had them.
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
@@ -40,7 +43,149 @@ const MAX_SEND_BUFFER: usize = 1024 * 1024;
 const INITIAL_MAX_SEND_STREAMS: usize = 100;
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
-/// One HTTP/2 connection to a meshed endpoint.
+/// How an [`H2Endpoint`] makes a new stream to its endpoint.
+pub trait Dial: std::fmt::Debug + Send + Sync + 'static {
+    fn dial(&self) -> impl Future<Output = std::io::Result<Box<dyn Stream>>> + Send;
+}
+
+/// The one HTTP/2 connection to an endpoint (a meshed endpoint's proxy, or
+/// the app on the inbound side), shared by every request to it: dialled on first use and again once it has closed (a GOAWAY, the
+/// peer's maximum connection age, a PING left unanswered). Requests wait
+/// for a dial under way rather than each making a connection.
+///
+/// It replaces hyper-util's pooled client, whose per-request pool checkout
+/// (a lock, a hash of the scheme and authority, boxed futures) bought
+/// nothing for one HTTP/2 connection per endpoint.
+pub struct H2Endpoint<D> {
+    connector: D,
+    /// Keep-alive PINGs (while requests are on it): `None` for no PINGs.
+    keep_alive: Option<(Duration, Duration)>,
+    shared: Arc<H2Shared>,
+}
+
+#[derive(Default)]
+struct H2Shared {
+    /// The connection, once dialled.
+    current: std::sync::Mutex<Option<Connection>>,
+    /// Held while dialling: one dial at a time.
+    dialing: tokio::sync::Mutex<()>,
+    /// When the last dial failed, and why: requests that were waiting
+    /// for that dial share its failure instead of each dialling in turn.
+    failed: std::sync::Mutex<Option<(tokio::time::Instant, String)>>,
+}
+
+impl<D: Clone> Clone for H2Endpoint<D> {
+    fn clone(&self) -> Self {
+        Self {
+            connector: self.connector.clone(),
+            keep_alive: self.keep_alive,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<D: std::fmt::Debug> std::fmt::Debug for H2Endpoint<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Endpoint")
+            .field("connector", &self.connector)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: Dial> H2Endpoint<D> {
+    pub fn new(connector: D, keep_alive: Option<(Duration, Duration)>) -> Self {
+        Self {
+            connector,
+            keep_alive,
+            shared: Arc::default(),
+        }
+    }
+
+    /// The open connection, if there is one.
+    fn open(&self) -> Option<Connection> {
+        let current = self
+            .shared
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        current.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    /// The open connection's sender, dialling one when there is none.
+    /// The dial is boxed: it is rare, and its future (a TLS handshake, an
+    /// HTTP/2 one) would otherwise make every request's future as large.
+    async fn sender(&self) -> Result<Connection, OutboundError> {
+        match self.open() {
+            Some(sender) => Ok(sender),
+            None => Box::pin(self.dial_once()).await,
+        }
+    }
+
+    /// Dials unless another request's dial made a connection meanwhile.
+    async fn dial_once(&self) -> Result<Connection, OutboundError> {
+        let asked = tokio::time::Instant::now();
+        let _dialing = self.shared.dialing.lock().await;
+        if let Some(sender) = self.open() {
+            return Ok(sender);
+        }
+        if let Some((at, why)) = &*self.shared.failed.lock().unwrap_or_else(|p| p.into_inner())
+            && *at >= asked
+        {
+            return Err(OutboundError::Unreachable(why.clone()));
+        }
+        match self.dial().await {
+            Ok(sender) => {
+                *self
+                    .shared
+                    .current
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
+                Ok(sender)
+            }
+            Err(e) => {
+                if let OutboundError::Unreachable(why) = &e {
+                    *self.shared.failed.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((tokio::time::Instant::now(), why.clone()));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// A new connection: the connector's stream (mTLS, for a meshed
+    /// endpoint), then the HTTP/2 handshake, its driver spawned.
+    async fn dial(&self) -> Result<Connection, OutboundError> {
+        let io = self
+            .connector
+            .dial()
+            .await
+            .map_err(OutboundError::unreachable)?;
+        Connection::handshake(io, self.keep_alive)
+            .await
+            .map_err(OutboundError::unreachable)
+    }
+
+    /// Sends `req` on the connection. A request the connection took no
+    /// part of (it was closing) is sent again on a new connection, once.
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<Body>, OutboundError> {
+        let conn = self.sender().await?;
+        match conn.send(req).await {
+            Ok(resp) => Ok(resp),
+            Err(SendError::NotSent(req, _)) => Box::pin(self.send_again(*req)).await,
+            Err(SendError::Failed(e)) => Err(e),
+        }
+    }
+
+    /// [`Self::send`]'s second try, boxed: it is rare.
+    async fn send_again(&self, req: Request<Body>) -> Result<Response<Body>, OutboundError> {
+        let conn = self.sender().await?;
+        conn.send(req).await.map_err(|e| match e {
+            SendError::NotSent(_, e) | SendError::Failed(e) => e,
+        })
+    }
+}
+
+/// One HTTP/2 connection to an endpoint.
 #[derive(Clone, Debug)]
 pub struct Connection {
     send: h2::client::SendRequest<Bytes>,
