@@ -155,6 +155,39 @@ impl MetricConstructor<Histogram> for LatencyBuckets {
     }
 }
 
+/// The counters the last outbound response on one connection was counted
+/// on, with its labels. Most responses on a connection have the labels of
+/// the one before (one destination, one status): they are counted on these
+/// directly, without capping and hashing their labels into the families
+/// again (a lock, several hashes and allocations per response).
+#[derive(Debug, Default)]
+pub struct OutboundMemo(std::sync::Mutex<Option<OutboundLast>>);
+
+#[derive(Debug)]
+struct OutboundLast {
+    authority: String,
+    cluster: String,
+    identity: String,
+    route: String,
+    status: u16,
+    tls: &'static str,
+    requests: Counter,
+    latency: Histogram,
+}
+
+/// [`OutboundMemo`] for an inbound connection.
+#[derive(Debug, Default)]
+pub struct InboundMemo(std::sync::Mutex<Option<InboundLast>>);
+
+#[derive(Debug)]
+struct InboundLast {
+    port: u16,
+    status: http::StatusCode,
+    client_id: String,
+    requests: Counter,
+    latency: Histogram,
+}
+
 /// Caps how many distinct values a label may take; values past the cap are
 /// reported as `other`, so a flood of names cannot grow memory or the
 /// scrape without bound.
@@ -420,23 +453,82 @@ impl Metrics {
         tls: &'static str,
         latency: Option<std::time::Duration>,
     ) {
+        let (requests, histogram) = self.outbound_handles(authority, answered, status, tls);
+        requests.inc();
+        if let Some(latency) = latency {
+            histogram.observe(latency.as_secs_f64());
+        }
+    }
+
+    /// [`Self::outbound_response`] for a response on the connection that
+    /// `memo` belongs to: when its labels are the last response's there,
+    /// it is counted without looking them up again.
+    pub fn outbound_response_on(
+        &self,
+        memo: &OutboundMemo,
+        (authority, answered): (&str, Answered<'_>),
+        status: http::StatusCode,
+        tls: &'static str,
+        latency: std::time::Duration,
+    ) {
+        let mut last = memo.0.lock().unwrap_or_else(|p| p.into_inner());
+        let status = status.as_u16();
+        let (requests, histogram) = match &*last {
+            Some(l)
+                if l.status == status
+                    && l.tls == tls
+                    && l.authority == authority
+                    && l.cluster == answered.cluster
+                    && l.identity == answered.identity
+                    && l.route == answered.route =>
+            {
+                (&l.requests, &l.latency)
+            }
+            _ => {
+                let code = http::StatusCode::from_u16(status).unwrap_or_default();
+                let (requests, latency) = self.outbound_handles(authority, answered, code, tls);
+                let l = last.insert(OutboundLast {
+                    authority: authority.to_owned(),
+                    cluster: answered.cluster.to_owned(),
+                    identity: answered.identity.to_owned(),
+                    route: answered.route.to_owned(),
+                    status,
+                    tls,
+                    requests,
+                    latency,
+                });
+                (&l.requests, &l.latency)
+            }
+        };
+        requests.inc();
+        histogram.observe(latency.as_secs_f64());
+    }
+
+    /// The counter and the latency histogram of an outbound response.
+    fn outbound_handles(
+        &self,
+        authority: &str,
+        answered: Answered<'_>,
+        status: http::StatusCode,
+        tls: &'static str,
+    ) -> (Counter, Histogram) {
         let authority = self.authorities.get(authority);
         let classification = classify(status);
         let route = match answered.route {
             "" => String::new(),
             route => self.routes.get(route),
         };
-        if let Some(latency) = latency {
-            self.response_latency
-                .get_or_create(&LatencyLabels {
-                    direction: "outbound",
-                    target: authority.clone(),
-                    route: route.clone(),
-                    classification,
-                })
-                .observe(latency.as_secs_f64());
-        }
-        self.outbound_requests
+        let histogram = self
+            .response_latency
+            .get_or_create(&LatencyLabels {
+                direction: "outbound",
+                target: authority.clone(),
+                route: route.clone(),
+                classification,
+            })
+            .clone();
+        let requests = self
+            .outbound_requests
             .get_or_create(&OutboundLabels {
                 authority,
                 dst_cluster: answered.cluster.to_owned(),
@@ -449,7 +541,8 @@ impl Metrics {
                     id => self.dst_identities.get(id),
                 },
             })
-            .inc();
+            .clone();
+        (requests, histogram)
     }
 
     /// Records this proxy's identity (`mesh_proxy_identity_info`).
@@ -457,31 +550,54 @@ impl Metrics {
         self.identity.get_or_create(&labels).set(1);
     }
 
-    /// Counts one inbound response and its latency.
+    /// Counts one inbound response and its latency, on the connection
+    /// `memo` belongs to (one caller): when its port and status are the
+    /// last response's there, it is counted without looking its labels up
+    /// again.
     pub fn inbound_response(
         &self,
-        port: u16,
-        client_id: &str,
+        memo: &InboundMemo,
+        (port, client_id): (u16, &str),
         status: http::StatusCode,
         latency: std::time::Duration,
     ) {
-        let classification = classify(status);
-        self.response_latency
-            .get_or_create(&LatencyLabels {
-                direction: "inbound",
-                target: port.to_string(),
-                route: String::new(),
-                classification,
-            })
-            .observe(latency.as_secs_f64());
-        self.inbound_requests
-            .get_or_create(&InboundLabels {
-                port,
-                status_code: status.as_u16(),
-                classification,
-                client_id: self.client_ids.get(client_id),
-            })
-            .inc();
+        let mut last = memo.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (requests, histogram) = match &*last {
+            Some(l) if l.port == port && l.status == status && l.client_id == client_id => {
+                (&l.requests, &l.latency)
+            }
+            _ => {
+                let classification = classify(status);
+                let histogram = self
+                    .response_latency
+                    .get_or_create(&LatencyLabels {
+                        direction: "inbound",
+                        target: port.to_string(),
+                        route: String::new(),
+                        classification,
+                    })
+                    .clone();
+                let requests = self
+                    .inbound_requests
+                    .get_or_create(&InboundLabels {
+                        port,
+                        status_code: status.as_u16(),
+                        classification,
+                        client_id: self.client_ids.get(client_id),
+                    })
+                    .clone();
+                let l = last.insert(InboundLast {
+                    port,
+                    status,
+                    client_id: client_id.to_owned(),
+                    requests,
+                    latency: histogram,
+                });
+                (&l.requests, &l.latency)
+            }
+        };
+        requests.inc();
+        histogram.observe(latency.as_secs_f64());
     }
 
     /// Splices `a` (the side that connected) to `b` (the destination),
@@ -578,5 +694,103 @@ mod tests {
         assert_eq!(cap.get("b"), "b");
         assert_eq!(cap.get("c"), "other");
         assert_eq!(cap.get("a"), "a", "known values keep their series");
+    }
+
+    fn exposed(m: &Metrics) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &m.registry).unwrap();
+        text
+    }
+
+    /// The value of the series of `family` whose labels include all of
+    /// `labels`.
+    fn series(text: &str, family: &str, labels: &[&str]) -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(family) && labels.iter().all(|x| l.contains(x)))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    }
+
+    /// Responses on one connection whose labels change between them are
+    /// each counted in their own series, not the last one's.
+    #[test]
+    fn a_connection_s_memo_counts_each_response_in_its_own_series() {
+        let m = Metrics::new();
+        let memo = InboundMemo::default();
+        let ms = std::time::Duration::from_millis(1);
+        let web = "spiffe://west.mesh.local/ns/shop/sa/web";
+        for (port, status) in [
+            (8080, 200),
+            (8080, 200),
+            (8080, 503),
+            (9090, 200),
+            (8080, 200),
+        ] {
+            let status = http::StatusCode::from_u16(status).unwrap();
+            m.inbound_response(&memo, (port, web), status, ms);
+        }
+        let text = exposed(&m);
+        let requests = "mesh_proxy_inbound_requests_total";
+        assert_eq!(
+            series(&text, requests, &["port=\"8080\"", "status_code=\"200\""]),
+            3.0
+        );
+        assert_eq!(
+            series(&text, requests, &["port=\"8080\"", "status_code=\"503\""]),
+            1.0
+        );
+        assert_eq!(series(&text, requests, &["port=\"9090\""]), 1.0);
+        let latency = "mesh_proxy_response_latency_seconds_count";
+        assert_eq!(
+            series(
+                &text,
+                latency,
+                &[
+                    "direction=\"inbound\"",
+                    "target=\"8080\"",
+                    "classification=\"success\""
+                ]
+            ),
+            3.0
+        );
+
+        let memo = OutboundMemo::default();
+        let to = |cluster, identity| Answered {
+            cluster,
+            identity,
+            route: "default",
+        };
+        let api = "spiffe://west.mesh.local/ns/shop/sa/api";
+        let answers = [
+            ("api:80", to("west", api), 200),
+            ("api:80", to("west", api), 200),
+            ("api:80", to("east", api), 200),
+            ("db:5432", to("west", api), 200),
+            ("api:80", to("west", api), 500),
+        ];
+        for (authority, answered, status) in answers {
+            let status = http::StatusCode::from_u16(status).unwrap();
+            m.outbound_response_on(&memo, (authority, answered), status, "mtls", ms);
+        }
+        let text = exposed(&m);
+        let requests = "mesh_proxy_outbound_requests_total";
+        let api80 = "authority=\"api:80\"";
+        assert_eq!(
+            series(
+                &text,
+                requests,
+                &[api80, "dst_cluster=\"west\"", "status_code=\"200\""]
+            ),
+            2.0
+        );
+        assert_eq!(
+            series(&text, requests, &[api80, "dst_cluster=\"east\""]),
+            1.0
+        );
+        assert_eq!(series(&text, requests, &["authority=\"db:5432\""]), 1.0);
+        assert_eq!(
+            series(&text, requests, &[api80, "status_code=\"500\""]),
+            1.0
+        );
     }
 }

@@ -41,7 +41,7 @@ use self::{
 use crate::{
     h2_client::H2Endpoint,
     hold::HoldFirstFlush,
-    metrics::{Metrics, ReasonLabels},
+    metrics::{InboundMemo, Metrics, ReasonLabels},
     wire::{ALPN_H2, ALPN_TCP, Body, MAX_HEADER_LIST, MESH_MAX_CONCURRENT_STREAMS},
 };
 
@@ -175,13 +175,15 @@ pub async fn accept(
             }
             let drain_grace = inbound.drain_grace;
             let h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
+            // This connection's last metric labels and counters.
+            let memo = Arc::new(InboundMemo::default());
             let svc = service_fn(move |req| {
                 let (inbound, client_id) = (inbound.clone(), client_id.clone());
+                let memo = memo.clone();
                 // Boxed, so an idle connection does not hold room for it.
                 Box::pin(async move {
-                    Ok::<_, std::convert::Infallible>(
-                        handle(&inbound, &client_id, deadline, req).await,
-                    )
+                    let resp = handle(&inbound, (&client_id, &memo), deadline, req).await;
+                    Ok::<_, std::convert::Infallible>(resp)
                 })
             });
             let ends = Ends {
@@ -326,7 +328,7 @@ fn refused_handshake(metrics: &Metrics, peer: SocketAddr, e: &std::io::Error) {
 /// One request: authorize -> route -> forward.
 async fn handle(
     inbound: &Inbound,
-    client_id: &SpiffeId,
+    (client_id, memo): (&SpiffeId, &InboundMemo),
     deadline: tokio::time::Instant,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
@@ -364,8 +366,8 @@ async fn handle(
         Ok(()) => forward(inbound, client_id, (port, deadline), req).await,
     };
     inbound.metrics.inbound_response(
-        port,
-        client_id.as_str(),
+        memo,
+        (port, client_id.as_str()),
         response.status(),
         started.elapsed(),
     );

@@ -76,7 +76,7 @@ use self::{
 };
 use crate::{
     follow::Follower,
-    metrics::{Answered, Metrics},
+    metrics::{Answered, Metrics, OutboundMemo},
     upgrade,
     wire::{Body, DST_PORT, ORIG_PROTO},
 };
@@ -289,10 +289,13 @@ pub async fn accept(
                 // Boxed: hyper keeps room for the service's future in every
                 // connection, so an inline one would cost each idle
                 // connection its full size.
+                // This connection's last metric labels and counters.
+                let memo = Arc::new(OutboundMemo::default());
                 service_fn(move |req| {
-                    let outbound = outbound.clone();
+                    let (outbound, memo) = (outbound.clone(), memo.clone());
                     Box::pin(async move {
-                        Ok::<_, std::convert::Infallible>(handle(&outbound, req, redirected).await)
+                        let resp = handle(&outbound, &memo, req, redirected).await;
+                        Ok::<_, std::convert::Infallible>(resp)
                     })
                 })
             };
@@ -439,6 +442,7 @@ fn authority_of(req: &Request<Incoming>) -> Option<String> {
 
 async fn handle(
     outbound: &Outbound,
+    memo: &OutboundMemo,
     req: Request<Incoming>,
     redirected: Option<std::net::SocketAddr>,
 ) -> Response<Body> {
@@ -572,12 +576,12 @@ async fn handle(
                 identity: served.and_then(|s| s.identity.as_deref()).unwrap_or(""),
                 route: &route,
             };
-            outbound.metrics.outbound_response(
-                &authority,
-                answered,
+            outbound.metrics.outbound_response_on(
+                memo,
+                (&authority, answered),
                 resp.status(),
                 tls,
-                Some(started.elapsed()),
+                started.elapsed(),
             );
             tap(resp.status(), tls);
             resp
@@ -711,20 +715,35 @@ async fn to_mesh(
             .headers
             .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
     }
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    // The request keeps the authority it was sent to, whichever backend serves it.
-    let uri: Uri = format!("http://{authority}{path}")
-        .parse()
-        .map_err(|_| OutboundError::BadRequest)?;
+    // The request keeps the authority it was sent to, whichever backend
+    // serves it. Made from its parts, not formatted and parsed whole.
+    let uri = {
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(authority.parse().map_err(|_| OutboundError::BadRequest)?);
+        uri.path_and_query = Some(match parts.uri.path_and_query() {
+            None => http::uri::PathAndQuery::from_static("/"),
+            // A copy: the path read points into hyper's read buffer.
+            Some(path) if path.as_str().starts_with('/') => {
+                http::uri::PathAndQuery::try_from(path.as_str())
+                    .map_err(|_| OutboundError::BadRequest)?
+            }
+            // `*` (OPTIONS): no path of the destination's.
+            Some(_) => return Err(OutboundError::BadRequest),
+        });
+        Uri::from_parts(uri).map_err(|_| OutboundError::BadRequest)?
+    };
     // Kept for the whole request, so kept apart from hyper's read buffer:
     // one still shared costs the connection a second one (`crate::head`).
-    parts.headers = crate::head::detached(&parts.headers);
+    // Nothing of the head as read (its headers, its URI) is kept past here.
+    let headers = crate::head::detached(&std::mem::take(&mut parts.headers));
     parts.uri = Uri::default();
-    let build = |body: crate::wire::Body| {
+    let method = std::mem::take(&mut parts.method);
+    let build = |body: crate::wire::Body, headers: http::HeaderMap| {
         let mut req = Request::new(body);
-        *req.method_mut() = parts.method.clone();
+        *req.method_mut() = method.clone();
         *req.uri_mut() = uri.clone();
-        *req.headers_mut() = parts.headers.clone();
+        *req.headers_mut() = headers;
         req
     };
     outbound.splitter.deposit();
@@ -743,7 +762,8 @@ async fn to_mesh(
                 .any(|(backend, _)| outbound.balancer(backend).is_tiered()));
     let work = async {
         if !keep {
-            let mut once = Some(build(crate::wire::boxed(body)));
+            // Sent once: the head moves into the request.
+            let mut once = Some(build(crate::wire::boxed(body), headers));
             return attempt(outbound, &plan, &mut || once.take()).await;
         }
         let bytes = body
@@ -756,6 +776,7 @@ async fn to_mesh(
                 Full::new(bytes.clone())
                     .map_err(|never| match never {})
                     .boxed(),
+                headers.clone(),
             ))
         };
         let Some(retry) = plan.retry.as_ref() else {
@@ -966,6 +987,16 @@ async fn connect_plain(
 }
 
 fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    // Most requests carry none but Host: one look at the names spares
+    // ten removals, each of which parses and hashes its name.
+    let others = headers.keys().any(|name| {
+        name != header::HOST
+            && (name == header::TRANSFER_ENCODING || HOP_BY_HOP.contains(&name.as_str()))
+    });
+    if !others {
+        headers.remove(header::HOST);
+        return;
+    }
     // Headers named by `Connection` are hop-by-hop too.
     let named: Vec<String> = headers
         .get_all(header::CONNECTION)
@@ -982,4 +1013,43 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     }
     headers.remove(header::HOST);
     headers.remove(header::TRANSFER_ENCODING);
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{HeaderMap, HeaderValue, header};
+
+    use super::strip_hop_by_hop;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.append(*name, HeaderValue::from_static(value));
+        }
+        h
+    }
+
+    #[test]
+    fn a_request_with_only_end_to_end_headers_loses_only_its_host() {
+        let mut h = headers(&[("host", "api:80"), ("accept", "*/*"), ("x-b3", "1")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, headers(&[("accept", "*/*"), ("x-b3", "1")]));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut h = headers(&[
+            ("host", "api:80"),
+            ("connection", "keep-alive, X-Secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "for the next hop only"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ("accept", "*/*"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, headers(&[("accept", "*/*")]));
+        assert!(!h.contains_key(header::HOST));
+    }
 }
