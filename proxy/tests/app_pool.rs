@@ -27,10 +27,12 @@ struct Seen {
     closed: AtomicUsize,
 }
 
-/// An HTTP/1.1 app: `/` answers `ok`; `/slow` sends `a`, then `b` after
-/// 500 ms; `/wait` answers after 100 ms. `keep_alive: false` closes each
-/// connection after its response.
-async fn app(keep_alive: bool) -> (SocketAddr, Arc<Seen>) {
+/// Accepts connections on a new port, counting them; `serve` serves each.
+async fn listen<F, Fut>(serve: F) -> (SocketAddr, Arc<Seen>)
+where
+    F: Fn(tokio::net::TcpStream, Arc<Seen>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Seen::default());
@@ -39,36 +41,43 @@ async fn app(keep_alive: bool) -> (SocketAddr, Arc<Seen>) {
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
             counts.accepted.fetch_add(1, Ordering::SeqCst);
-            let counts = counts.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(|req: Request<hyper::body::Incoming>| async move {
-                    let body: BoxBody<Bytes, Infallible> = match req.uri().path() {
-                        "/slow" => {
-                            let (tx, rx) = tokio::sync::mpsc::channel(2);
-                            tokio::spawn(async move {
-                                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"a")))).await;
-                                tokio::time::sleep(Duration::from_millis(500)).await;
-                                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"b")))).await;
-                            });
-                            StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed()
-                        }
-                        "/wait" => {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            http_body_util::Full::new(Bytes::from_static(b"ok")).boxed()
-                        }
-                        _ => http_body_util::Full::new(Bytes::from_static(b"ok")).boxed(),
-                    };
-                    Ok::<_, Infallible>(Response::new(body))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .keep_alive(keep_alive)
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-                counts.closed.fetch_add(1, Ordering::SeqCst);
-            });
+            tokio::spawn(serve(tcp, counts.clone()));
         }
     });
     (addr, seen)
+}
+
+/// An HTTP/1.1 app: `/` answers `ok`; `/slow` sends `a`, then `b` after
+/// 500 ms; `/wait` answers after 100 ms. `keep_alive: false` closes each
+/// connection after its response.
+async fn app(keep_alive: bool) -> (SocketAddr, Arc<Seen>) {
+    listen(move |tcp, seen| async move {
+        let svc = service_fn(|req: Request<hyper::body::Incoming>| async move {
+            let body: BoxBody<Bytes, Infallible> = match req.uri().path() {
+                "/slow" => {
+                    let (tx, rx) = tokio::sync::mpsc::channel(2);
+                    tokio::spawn(async move {
+                        let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"a")))).await;
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"b")))).await;
+                    });
+                    StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed()
+                }
+                "/wait" => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    http_body_util::Full::new(Bytes::from_static(b"ok")).boxed()
+                }
+                _ => http_body_util::Full::new(Bytes::from_static(b"ok")).boxed(),
+            };
+            Ok::<_, Infallible>(Response::new(body))
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .keep_alive(keep_alive)
+            .serve_connection(TokioIo::new(tcp), svc)
+            .await;
+        seen.closed.fetch_add(1, Ordering::SeqCst);
+    })
+    .await
 }
 
 fn get(path: &'static str) -> Request<Empty<Bytes>> {
@@ -101,30 +110,20 @@ async fn requests_one_after_another_share_one_connection() {
 /// connection rather than failing.
 async fn closing_app() -> (SocketAddr, Arc<Seen>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Seen::default());
-    let counts = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut tcp, _) = listener.accept().await.unwrap();
-            counts.accepted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = tcp
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-            });
+    listen(|mut tcp, _| async move {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
         }
-    });
-    (addr, seen)
+        let _ = tcp
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await;
+    })
+    .await
 }
 
 #[tokio::test]
@@ -246,28 +245,17 @@ async fn an_app_nobody_listens_on_is_named_in_the_error() {
 /// An h2c app (prior knowledge, as gRPC servers are) answering after
 /// 50 ms, so that requests overlap.
 async fn h2c_app() -> (SocketAddr, Arc<Seen>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Seen::default());
-    let counts = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            counts.accepted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let svc = service_fn(|_req: Request<hyper::body::Incoming>| async {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    let ok = http_body_util::Full::new(Bytes::from_static(b"ok"));
-                    Ok::<_, Infallible>(Response::new(ok))
-                });
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
-            });
-        }
-    });
-    (addr, seen)
+    listen(|tcp, _| async move {
+        let svc = service_fn(|_req: Request<hyper::body::Incoming>| async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let ok = http_body_util::Full::new(Bytes::from_static(b"ok"));
+            Ok::<_, Infallible>(Response::new(ok))
+        });
+        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(TokioIo::new(tcp), svc)
+            .await;
+    })
+    .await
 }
 
 #[tokio::test]
