@@ -843,7 +843,7 @@ fn a_killed_leader_is_replaced_without_failed_requests() {
         api: mesh_tests::kube::service_vip(replicas.iter().map(|c| c.api).collect()),
     };
     kube.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: api, namespace: shop}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: shop}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\nspec:\n  selector: {app: api}\n  ports: [{name: http, port: 8080, targetPort: 8080, appProtocol: http}]\n");
-    let _api = run_meshed(
+    let api_0 = run_meshed(
         &kube,
         "east",
         control,
@@ -904,8 +904,16 @@ fn a_killed_leader_is_replaced_without_failed_requests() {
         assert!(Instant::now() < deadline, "no replica took over in 30 s");
         std::thread::sleep(Duration::from_millis(100));
     };
+    // The load has seen the takeover; it stops here, as the next step
+    // fails requests on purpose.
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
     // The proxies follow another replica now: a new api replica is
-    // discovered and reached.
+    // discovered and reached. api-0 goes, so that requests must find
+    // api-1: beside a fast api-0, p2c over peak-EWMA would leave the new
+    // endpoint (30 ms assumed until it answers, decaying over 10 s) idle
+    // for up to half a minute, and reaching it would be luck.
     let _api_1 = run_meshed(
         &kube,
         "east",
@@ -917,6 +925,7 @@ fn a_killed_leader_is_replaced_without_failed_requests() {
         "10.244.0.32",
         "app=api",
     );
+    drop(api_0);
     let (_, body) =
         mesh_tests::kube::get_until(web.outbound, url, Duration::from_secs(30), |_, b| {
             b.contains("api-1")
@@ -936,9 +945,6 @@ fn a_killed_leader_is_replaced_without_failed_requests() {
         "server/api-admin",
         "--timeout=20s",
     ]);
-    std::thread::sleep(Duration::from_secs(3));
-    stop.store(true, Ordering::Relaxed);
-    load.join().unwrap();
     let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     eprintln!(
         "leader killed: another replica held the Lease after {takeover:?} (Lease {:?}, renewed every {:?}); {sent} requests during the test, {failed} failed",
