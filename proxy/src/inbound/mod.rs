@@ -447,7 +447,8 @@ async fn forward(
     };
     let req = Request::from_parts(parts, body);
     if was_http1 && crate::upgrade::is_upgrade(&req) {
-        return forward_upgrade(inbound, client_id, (port, deadline), req).await;
+        // Boxed: rare, and 2.3 KiB of future every request would carry.
+        return Box::pin(forward_upgrade(inbound, client_id, (port, deadline), req)).await;
     }
     let answered = if was_http1 {
         match inbound.http1.get(&port) {

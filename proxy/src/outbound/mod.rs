@@ -531,7 +531,9 @@ async fn handle(
     }
     if req.method() == Method::CONNECT {
         if meshed {
-            return match connect_mesh_tcp(outbound, dest, Carry::Opaque).await {
+            // The rare paths are boxed: their futures would make every
+            // request's as large.
+            return match Box::pin(connect_mesh_tcp(outbound, dest, Carry::Opaque)).await {
                 Ok(conn) => tunnel(outbound, req, conn, dest, "mtls"),
                 Err(e) => fail_to(
                     outbound,
@@ -545,18 +547,18 @@ async fn handle(
                 ),
             };
         }
-        return connect_plain(outbound, req, &authority).await;
+        return Box::pin(connect_plain(outbound, req, &authority)).await;
     }
     // The HTTPRoute rule that sent it, for the metrics.
     let mut route = String::new();
     let result = if upgrade::is_upgrade(&req) {
-        upgrade(outbound, dest, meshed, redirected, req).await
+        Box::pin(upgrade(outbound, dest, meshed, redirected, req)).await
     } else if meshed {
         to_mesh(outbound, dest, req, &mut route).await
     } else {
         // Transparent mode: go where the app was really connecting.
         let target = redirected.map_or_else(|| authority.clone(), |to| to.to_string());
-        passthrough(outbound, &target, req).await
+        Box::pin(passthrough(outbound, &target, req)).await
     };
     let tls = if meshed { "mtls" } else { "none" };
     match result {
@@ -760,9 +762,14 @@ async fn to_mesh(
                 .backends
                 .iter()
                 .any(|(backend, _)| outbound.balancer(backend).is_tiered()));
+    if !keep && plan.request_timeout.is_none() {
+        // Sent once, the head moved into the request: the common case,
+        // inline.
+        let mut once = Some(build(crate::wire::boxed(body), headers));
+        return attempt(outbound, &plan, &mut || once.take()).await;
+    }
     let work = async {
         if !keep {
-            // Sent once: the head moves into the request.
             let mut once = Some(build(crate::wire::boxed(body), headers));
             return attempt(outbound, &plan, &mut || once.take()).await;
         }
@@ -797,17 +804,22 @@ async fn to_mesh(
             tokio::time::sleep(Duration::from_millis(retry.backoff_ms)).await;
         }
     };
-    match plan.request_timeout {
-        None => work.await,
-        Some(after) => {
-            tokio::time::timeout(after, work)
-                .await
-                .map_err(|_| OutboundError::Timeout {
-                    what: "request",
-                    after,
-                })?
+    // Boxed: a request kept to send again, or timed, carries the body's
+    // collection, the retries and a timer; the common case above does not.
+    Box::pin(async {
+        match plan.request_timeout {
+            None => work.await,
+            Some(after) => {
+                tokio::time::timeout(after, work)
+                    .await
+                    .map_err(|_| OutboundError::Timeout {
+                        what: "request",
+                        after,
+                    })?
+            }
         }
-    }
+    })
+    .await
 }
 
 /// balance + connect: one attempt, to one backend of the plan; with a
