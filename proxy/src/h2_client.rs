@@ -49,9 +49,10 @@ pub trait Dial: std::fmt::Debug + Send + Sync + 'static {
 }
 
 /// The one HTTP/2 connection to an endpoint (a meshed endpoint's proxy, or
-/// the app on the inbound side), shared by every request to it: dialled on first use and again once it has closed (a GOAWAY, the
-/// peer's maximum connection age, a PING left unanswered). Requests wait
-/// for a dial under way rather than each making a connection.
+/// the app on the inbound side), shared by every request to it: dialled on
+/// first use and again once it has closed (a GOAWAY, the peer's maximum
+/// connection age, a PING left unanswered). Requests wait for a dial under
+/// way rather than each making a connection.
 ///
 /// It replaces hyper-util's pooled client, whose per-request pool checkout
 /// (a lock, a hash of the scheme and authority, boxed futures) bought

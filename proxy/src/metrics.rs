@@ -169,7 +169,7 @@ struct OutboundLast {
     cluster: String,
     identity: String,
     route: String,
-    status: u16,
+    status: http::StatusCode,
     tls: &'static str,
     requests: Counter,
     latency: Histogram,
@@ -472,7 +472,6 @@ impl Metrics {
         latency: std::time::Duration,
     ) {
         let mut last = memo.0.lock().unwrap_or_else(|p| p.into_inner());
-        let status = status.as_u16();
         let (requests, histogram) = match &*last {
             Some(l)
                 if l.status == status
@@ -485,8 +484,7 @@ impl Metrics {
                 (&l.requests, &l.latency)
             }
             _ => {
-                let code = http::StatusCode::from_u16(status).unwrap_or_default();
-                let (requests, latency) = self.outbound_handles(authority, answered, code, tls);
+                let (requests, latency) = self.outbound_handles(authority, answered, status, tls);
                 let l = last.insert(OutboundLast {
                     authority: authority.to_owned(),
                     cluster: answered.cluster.to_owned(),

@@ -459,7 +459,10 @@ async fn forward(
         }
     } else {
         match inbound.http2.get(&port) {
-            Some(app) => (app.send(req.map(crate::wire::boxed)).await).map_err(|e| e.to_string()),
+            Some(app) => app
+                .send(req.map(crate::wire::boxed))
+                .await
+                .map_err(|e| e.to_string()),
             None => Err(format!("port {port} is not an app port")),
         }
     };
