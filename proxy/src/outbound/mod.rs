@@ -762,17 +762,17 @@ async fn to_mesh(
                 .backends
                 .iter()
                 .any(|(backend, _)| outbound.balancer(backend).is_tiered()));
-    if !keep {
+    if !keep && plan.request_timeout.is_none() {
         // Sent once, the head moved into the request: the common case,
         // inline.
         let mut once = Some(build(crate::wire::boxed(body), headers));
-        let mut request = || once.take();
-        let send = attempt(outbound, &plan, &mut request);
-        return timed(plan.request_timeout, "request", send).await;
+        return attempt(outbound, &plan, &mut || once.take()).await;
     }
-    // Kept to send again: boxed, as the body's collection and the retries
-    // would make every request's future larger.
     let work = async {
+        if !keep {
+            let mut once = Some(build(crate::wire::boxed(body), headers));
+            return attempt(outbound, &plan, &mut || once.take()).await;
+        }
         let bytes = body
             .collect()
             .await
@@ -804,22 +804,22 @@ async fn to_mesh(
             tokio::time::sleep(Duration::from_millis(retry.backoff_ms)).await;
         }
     };
-    Box::pin(timed(plan.request_timeout, "request", work)).await
-}
-
-/// `work`, or a timeout naming `what` once `after` (when there is one) has
-/// passed.
-async fn timed<T>(
-    after: Option<Duration>,
-    what: &'static str,
-    work: impl Future<Output = Result<T, OutboundError>>,
-) -> Result<T, OutboundError> {
-    let Some(after) = after else {
-        return work.await;
-    };
-    tokio::time::timeout(after, work)
-        .await
-        .map_err(|_| OutboundError::Timeout { what, after })?
+    // Boxed: a request kept to send again, or timed, carries the body's
+    // collection, the retries and a timer; the common case above does not.
+    Box::pin(async {
+        match plan.request_timeout {
+            None => work.await,
+            Some(after) => {
+                tokio::time::timeout(after, work)
+                    .await
+                    .map_err(|_| OutboundError::Timeout {
+                        what: "request",
+                        after,
+                    })?
+            }
+        }
+    })
+    .await
 }
 
 /// balance + connect: one attempt, to one backend of the plan; with a
@@ -876,7 +876,17 @@ async fn attempt_tier(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let call = async { balancer.call(req).await.map_err(downcast) };
-    timed(plan.attempt_timeout, "backend request", call).await
+    match plan.attempt_timeout {
+        None => call.await,
+        Some(after) => {
+            tokio::time::timeout(after, call)
+                .await
+                .map_err(|_| OutboundError::Timeout {
+                    what: "backend request",
+                    after,
+                })?
+        }
+    }
 }
 
 /// A destination discovery does not know: straight through, as asked.
