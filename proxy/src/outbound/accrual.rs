@@ -155,11 +155,17 @@ pub type OnEject<K> = Arc<dyn Fn(&K, Duration) + Send + Sync>;
 
 /// Wraps one endpoint service with failure accrual.
 pub struct Accrual<K, S> {
-    key: K,
+    ledger: Arc<Ledger<K>>,
     inner: S,
-    health: Arc<Health<K>>,
-    state: Arc<Mutex<State>>,
     sleep: Option<Pin<Box<Sleep>>>,
+}
+
+/// What each request to the endpoint reports its outcome to: one `Arc`
+/// cloned per request, not the key and its strings.
+struct Ledger<K> {
+    key: K,
+    state: Mutex<State>,
+    health: Arc<Health<K>>,
     on_eject: OnEject<K>,
     /// The longest ejection.
     max_ejection: Duration,
@@ -168,35 +174,37 @@ pub struct Accrual<K, S> {
 impl<K: std::fmt::Debug, S> std::fmt::Debug for Accrual<K, S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Accrual")
-            .field("key", &self.key)
+            .field("key", &self.ledger.key)
             .finish_non_exhaustive()
     }
 }
 
 impl<K: Eq + Hash + Clone, S> Accrual<K, S> {
+    /// Ejects for at most `max_ejection` (a failover tier's endpoints are
+    /// probed often, so traffic comes back soon after they do).
     pub fn new(
         key: K,
         inner: S,
         (health, tunnel): (Arc<Health<K>>, Option<Arc<Liveness>>),
         on_eject: OnEject<K>,
+        max_ejection: Duration,
     ) -> Self {
         health.insert(key.clone(), tunnel);
         Self {
-            key,
+            ledger: Arc::new(Ledger {
+                key,
+                state: Mutex::default(),
+                health,
+                on_eject,
+                max_ejection,
+            }),
             inner,
-            health,
-            state: Arc::default(),
             sleep: None,
-            on_eject,
-            max_ejection: MAX_EJECTION,
         }
     }
 
-    /// Ejects for at most `max` (a failover tier's endpoints are probed
-    /// often, so traffic comes back soon after they do).
-    pub fn with_max_ejection(mut self, max: Duration) -> Self {
-        self.max_ejection = max;
-        self
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.ledger.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -259,15 +267,15 @@ where
             Error = OutboundError,
             Future = F,
         >,
-    F: Future<Output = Result<Response<Body>, OutboundError>> + Send + 'static,
+    F: Future<Output = Result<Response<Body>, OutboundError>> + Unpin,
 {
     type Response = Response<Body>;
     type Error = OutboundError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, OutboundError>> + Send>>;
+    type Future = Accounted<K, F>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), OutboundError>> {
         let (until, probe_in_flight) = {
-            let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let s = self.state();
             (s.ejected_until, s.probe_in_flight)
         };
         if probe_in_flight {
@@ -292,9 +300,10 @@ where
                 return Poll::Pending;
             }
             // Time's up: let one probe through.
-            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = self.state();
             s.ejected_until = None;
             s.probing = true;
+            drop(s);
             self.sleep = None;
         }
         self.inner.poll_ready(cx)
@@ -302,42 +311,66 @@ where
 
     fn call(&mut self, req: http::Request<crate::wire::Body>) -> Self::Future {
         {
-            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = self.state();
             if s.probing {
                 s.probe_in_flight = true;
             }
         }
-        let fut = self.inner.call(req);
-        let (state, health, key, on_eject, max_ejection) = (
-            self.state.clone(),
-            self.health.clone(),
-            self.key.clone(),
-            self.on_eject.clone(),
-            self.max_ejection,
-        );
-        Box::pin(async move {
-            let result = fut.await;
-            let outcome = match &result {
-                Ok(resp) if resp.status().is_server_error() => Outcome::Failure,
-                Ok(_) => Outcome::Success,
-                // Nothing sent, or a connection gone silent: not a bad
-                // answer but an endpoint that is not there.
-                Err(OutboundError::Unreachable(_) | OutboundError::Unresponsive(_)) => {
-                    Outcome::Unreachable
-                }
-                Err(_) => Outcome::Failure,
-            };
-            // The shared health is touched only when something changed.
-            match record(&state, outcome, max_ejection) {
-                Change::Ejected(until, backoff) => {
-                    health.set(&key, Some(until));
-                    on_eject(&key, backoff);
-                }
-                Change::Restored => health.set(&key, None),
-                Change::None => {}
+        Accounted {
+            fut: self.inner.call(req),
+            ledger: self.ledger.clone(),
+        }
+    }
+}
+
+/// One request to an accruing endpoint: its outcome is recorded when it
+/// answers. Not boxed: it sits in the request's own future.
+pub struct Accounted<K, F> {
+    fut: F,
+    ledger: Arc<Ledger<K>>,
+}
+
+impl<K: std::fmt::Debug, F> std::fmt::Debug for Accounted<K, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accounted")
+            .field("key", &self.ledger.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, F> Future for Accounted<K, F>
+where
+    K: Eq + Hash + Clone,
+    F: Future<Output = Result<Response<Body>, OutboundError>> + Unpin,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        let Poll::Ready(result) = Pin::new(&mut this.fut).poll(cx) else {
+            return Poll::Pending;
+        };
+        let outcome = match &result {
+            Ok(resp) if resp.status().is_server_error() => Outcome::Failure,
+            Ok(_) => Outcome::Success,
+            // Nothing sent, or a connection gone silent: not a bad
+            // answer but an endpoint that is not there.
+            Err(OutboundError::Unreachable(_) | OutboundError::Unresponsive(_)) => {
+                Outcome::Unreachable
             }
-            result
-        })
+            Err(_) => Outcome::Failure,
+        };
+        let ledger = &this.ledger;
+        // The shared health is touched only when something changed.
+        match record(&ledger.state, outcome, ledger.max_ejection) {
+            Change::Ejected(until, backoff) => {
+                ledger.health.set(&ledger.key, Some(until));
+                (ledger.on_eject)(&ledger.key, backoff);
+            }
+            Change::Restored => ledger.health.set(&ledger.key, None),
+            Change::None => {}
+        }
+        Poll::Ready(result)
     }
 }
 
@@ -353,8 +386,10 @@ mod tests {
         use std::future::poll_fn;
         use tower::Service;
 
-        let fail = tower::service_fn(|_req: http::Request<crate::wire::Body>| async {
-            Err::<Response<Body>, _>(OutboundError::Connect("reset".into()))
+        let fail = tower::service_fn(|_req: http::Request<crate::wire::Body>| {
+            std::future::ready(Err::<Response<Body>, _>(OutboundError::Connect(
+                "reset".into(),
+            )))
         });
         let health = Arc::new(Health::default());
         let mut svc = Accrual::new(
@@ -362,6 +397,7 @@ mod tests {
             fail,
             (health, None),
             Arc::new(|_: &String, _| {}),
+            MAX_EJECTION,
         );
         let req = || {
             http::Request::new(

@@ -11,7 +11,7 @@
 //! - **route**: the first matching HTTPRoute rule picks the backend (weighted
 //!   split), the timeouts, and the retries (within a budget of 20 % + 10/s;
 //!   bodies of unknown size or over 64 KiB are never replayed).
-//! - **balance**: tower's p2c over peak-EWMA among the ready endpoints.
+//! - **balance**: p2c over peak-EWMA among the ready endpoints (`balance.rs`).
 //! - **connect**: mTLS to the endpoint's proxy, expecting the SPIFFE ID
 //!   discovery gave; the HTTP/1 request rides HTTP/2 and is marked
 //!   `mesh-orig-proto: HTTP/1.1` so the other side restores it.
@@ -875,7 +875,7 @@ async fn attempt_tier(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let call = async { balancer.call(req).await.map_err(downcast) };
+    let call = balancer.call(req);
     match plan.attempt_timeout {
         None => call.await,
         Some(after) => {
