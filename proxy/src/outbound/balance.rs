@@ -61,7 +61,7 @@ type Changes<S> = mpsc::Receiver<Result<Change<Key, S>, Infallible>>;
 /// that is not goes to the other list. tower's `p2c::Balance` did the same
 /// through its ready cache, which takes the chosen endpoint out on every
 /// request and puts it back through a boxed future, a oneshot and a
-/// `FuturesUnordered` node: a sixth of the client proxy's user time.
+/// `FuturesUnordered` node: an eighth of the client proxy's user time.
 ///
 /// While no endpoint is ready, waiting requests register their wakers; the
 /// discovery stream and the endpoints not ready are polled with one waker
