@@ -78,13 +78,19 @@ where
 
     /// The updates of `key` (starting its stream on first use). Values are
     /// shared, so reading one on the request path copies nothing.
-    pub fn watch(&self, key: &K) -> Latest<T> {
+    /// The key is copied only when its stream starts.
+    pub fn watch<Q>(&self, key: &Q) -> Latest<T>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let now = tokio::time::Instant::now();
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(followed) = keys.get_mut(key) {
             followed.used = now;
             return followed.latest.clone();
         }
+        let key = key.to_owned();
         let (tx, rx) = watch::channel(None);
         keys.insert(
             key.clone(),

@@ -4,6 +4,7 @@
 //! imports the other.
 
 use bytes::Bytes;
+use http::HeaderName;
 use http_body_util::combinators::BoxBody;
 
 /// ALPN between proxies for HTTP (carried over HTTP/2).
@@ -12,12 +13,14 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// app port (2 bytes, big endian) and the connection carries raw bytes.
 pub const ALPN_TCP: &[u8] = b"mesh-tcp/1";
 
+// Names, not strings: a header inserted by a `&str` name is copied into a
+// new allocation every time.
 /// The header naming the app port a meshed request is for.
-pub const DST_PORT: &str = "mesh-dst-port";
+pub const DST_PORT: HeaderName = HeaderName::from_static("mesh-dst-port");
 /// The header marking a request that was HTTP/1.1 before the client proxy.
-pub const ORIG_PROTO: &str = "mesh-orig-proto";
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("mesh-orig-proto");
 /// The header carrying the verified caller identity to the app.
-pub const CLIENT_ID: &str = "mesh-client-id";
+pub const CLIENT_ID: HeaderName = HeaderName::from_static("mesh-client-id");
 /// Mesh-internal HTTP/2 concurrency (DESIGN.md section 6).
 pub const MESH_MAX_CONCURRENT_STREAMS: u32 = 200;
 /// Header list limit (DESIGN.md section 6).

@@ -225,7 +225,7 @@ impl Outbound {
         map.entry(authority.to_owned())
             .or_insert_with(|| {
                 Tiers::new(
-                    self.discovery.watch(&authority.to_owned()),
+                    self.discovery.watch(authority),
                     self.dialer.clone(),
                     self.metrics.clone(),
                     authority,
@@ -237,12 +237,7 @@ impl Outbound {
     fn tcp_balancer(&self, authority: &str) -> TcpBalancer {
         let mut map = self.tcp_balancers.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(authority.to_owned())
-            .or_insert_with(|| {
-                tcp_balancer(
-                    self.discovery.watch(&authority.to_owned()),
-                    self.dialer.clone(),
-                )
-            })
+            .or_insert_with(|| tcp_balancer(self.discovery.watch(authority), self.dialer.clone()))
             .clone()
     }
 }
@@ -938,7 +933,7 @@ fn downcast(e: tower::BoxError) -> OutboundError {
 /// Returns once `authority` has an endpoint to send to; usually at once,
 /// otherwise (with a timer) within the fail-fast time or never.
 async fn wait_for_endpoints(outbound: &Outbound, authority: &str) -> Result<(), OutboundError> {
-    let mut updates = outbound.discovery.watch(&authority.to_owned());
+    let mut updates = outbound.discovery.watch(authority);
     if has_endpoints(updates.borrow().as_deref()) {
         return Ok(());
     }

@@ -156,11 +156,11 @@ pub async fn app_with(
                     };
                     let body = format!(
                         "client={} host={} path={} version={:?} dst-port={}",
-                        h(CLIENT_ID),
+                        h(CLIENT_ID.as_str()),
                         h("host"),
                         req.uri().path(),
                         req.version(),
-                        h(DST_PORT)
+                        h(DST_PORT.as_str())
                     );
                     let ws = websocket(&mut req, &body);
                     async move {
