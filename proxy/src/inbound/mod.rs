@@ -177,15 +177,14 @@ pub async fn accept(
             let h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
             // This connection's last metric labels and counters.
             let memo = Arc::new(InboundMemo::default());
-            let svc = service_fn(move |req| {
+            let serve = move |req| {
                 let (inbound, client_id) = (inbound.clone(), client_id.clone());
                 let memo = memo.clone();
-                // Boxed, so an idle connection does not hold room for it.
-                Box::pin(async move {
+                async move {
                     let resp = handle(&inbound, (&client_id, &memo), deadline, req).await;
                     Ok::<_, std::convert::Infallible>(resp)
-                })
-            });
+                }
+            };
             let ends = Ends {
                 peer,
                 draining,
@@ -201,7 +200,10 @@ pub async fn accept(
                     .max_concurrent_streams(MESH_MAX_CONCURRENT_STREAMS)
                     .max_header_list_size(MAX_HEADER_LIST);
                 let io = TokioIo::new(HoldFirstFlush::new(tls));
-                let conn = builder.serve_connection(io, svc);
+                // Not boxed: hyper runs each stream in a task of its own,
+                // which holds the request's future; a box would be a second
+                // allocation of its size per request.
+                let conn = builder.serve_connection(io, service_fn(serve));
                 serve_until_drained(conn, |c| c.graceful_shutdown(), ends).await;
             } else {
                 // HTTP/1.1 (ALPN http/1.1): a connection carrying one
@@ -217,6 +219,9 @@ pub async fn accept(
                     .http2()
                     .max_concurrent_streams(MESH_MAX_CONCURRENT_STREAMS)
                     .max_header_list_size(MAX_HEADER_LIST);
+                // Boxed, so an idle connection does not hold room for the
+                // request's future.
+                let svc = service_fn(move |req| Box::pin(serve(req)));
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
                 serve_until_drained(conn, |c| c.graceful_shutdown(), ends).await;
             }

@@ -279,20 +279,17 @@ pub async fn accept(
             } else {
                 detect_protocol(&tcp, detect_timeout).await
             };
-            let svc = {
+            let serve = {
                 let outbound = outbound.clone();
-                // Boxed: hyper keeps room for the service's future in every
-                // connection, so an inline one would cost each idle
-                // connection its full size.
                 // This connection's last metric labels and counters.
                 let memo = Arc::new(OutboundMemo::default());
-                service_fn(move |req| {
+                move |req| {
                     let (outbound, memo) = (outbound.clone(), memo.clone());
-                    Box::pin(async move {
+                    async move {
                         let resp = handle(&outbound, &memo, req, redirected).await;
                         Ok::<_, std::convert::Infallible>(resp)
-                    })
-                })
+                    }
+                }
             };
             // Each arm boxed: the task then holds only the protocol in use.
             match protocol {
@@ -300,13 +297,21 @@ pub async fn accept(
                     let conn = hyper::server::conn::http1::Builder::new()
                         .timer(hyper_util::rt::TokioTimer::new())
                         .header_read_timeout(outbound.header_read_timeout)
-                        .serve_connection(TokioIo::new(tcp), svc)
+                        // Boxed: hyper keeps room for the service's future
+                        // in every HTTP/1.1 connection, so an inline one
+                        // would cost each idle connection its full size.
+                        .serve_connection(
+                            TokioIo::new(tcp),
+                            service_fn(move |req| Box::pin(serve(req))),
+                        )
                         .with_upgrades();
                     let _ = Box::pin(conn).await;
                 }
                 Protocol::Http2 => {
+                    // Not boxed: hyper runs each stream in a task of its
+                    // own, which holds the request's future.
                     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), svc);
+                        .serve_connection(TokioIo::new(tcp), service_fn(serve));
                     let _ = Box::pin(conn).await;
                 }
                 Protocol::Tls | Protocol::Opaque => {
