@@ -254,11 +254,16 @@ impl Drop for Kube {
 
 /// A free loopback port (bound, then released for the process under test).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports::<1>()[0]
+}
+
+/// `N` distinct free loopback ports: each listener is held until all are
+/// picked, so two calls in a row cannot be handed the same port.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
 }
 
 impl Kube {
@@ -566,21 +571,23 @@ impl Control {
     pub fn start_with(kubeconfig: &std::path::Path, cluster: &str, extra: &[&str]) -> Self {
         let data = tempfile::tempdir().unwrap();
         let log = data.path().join("control.log");
-        // Free loopback ports, unless `extra` names the address.
-        let addr = |flag: &str| -> std::net::SocketAddr {
+        // Free loopback ports (three distinct ones), unless `extra` names
+        // the address.
+        let ports = free_ports::<3>();
+        let addr = |flag: &str, port: u16| -> std::net::SocketAddr {
             extra
                 .iter()
                 .position(|a| *a == flag)
                 .and_then(|i| extra.get(i + 1))
                 .map(|a| a.to_string())
-                .unwrap_or_else(|| format!("127.0.0.1:{}", free_port()))
+                .unwrap_or_else(|| format!("127.0.0.1:{port}"))
                 .parse()
                 .unwrap()
         };
         let (api, admin, identity) = (
-            addr("--api-addr"),
-            addr("--admin-addr"),
-            addr("--identity-addr"),
+            addr("--api-addr", ports[0]),
+            addr("--admin-addr", ports[1]),
+            addr("--identity-addr", ports[2]),
         );
         let extra: Vec<&str> = extra
             .chunks(2)

@@ -329,7 +329,7 @@ fn run_meshed(
     ip: &str,
     labels: &str,
 ) -> PodProcesses {
-    use mesh_tests::kube::free_port;
+    use mesh_tests::kube::free_ports;
     let pod_labels: Vec<(&str, &str)> = labels
         .split(',')
         .filter_map(|kv| kv.split_once('='))
@@ -340,8 +340,9 @@ fn run_meshed(
     let token_file = dir.path().join("token");
     let token = kube.token("shop", sa, Some("identity.mesh.rs"), "1h");
     std::fs::write(&token_file, token).unwrap();
-    let outbound: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let [outbound, admin] = free_ports::<2>();
+    let outbound: std::net::SocketAddr = format!("127.0.0.1:{outbound}").parse().unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
     let log = |what: &str| std::fs::File::create(dir.path().join(format!("{what}.log"))).unwrap();
     let app = Command::new(mesh_exe())
         .args([
