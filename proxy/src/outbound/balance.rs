@@ -278,7 +278,7 @@ where
 }
 
 /// An endpoint's identity for the balancer: where, and who it must be.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Key {
     addr: SocketAddr,
     spiffe_id: String,
@@ -286,15 +286,6 @@ pub struct Key {
     via: Option<Via>,
     /// The cluster it runs in (what the metrics name).
     cluster: String,
-    /// The hash of all the above, made once (the health map and the
-    /// discovery follower hash keys).
-    hash: u64,
-}
-
-impl std::hash::Hash for Key {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write_u64(self.hash);
-    }
 }
 
 impl Key {
@@ -305,17 +296,12 @@ impl Key {
         via: Option<Via>,
         cluster: String,
     ) -> Self {
-        use std::hash::{Hash, Hasher};
-        // Fixed keys: the hash only spreads a balancer's own endpoints.
-        let mut h = std::hash::DefaultHasher::new();
-        (addr, &spiffe_id, proxy_port, &via, &cluster).hash(&mut h);
         Self {
             addr,
             spiffe_id,
             proxy_port,
             via,
             cluster,
-            hash: h.finish(),
         }
     }
 }
