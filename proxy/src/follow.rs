@@ -6,7 +6,6 @@
 //! its value either.
 
 use std::{
-    collections::HashMap,
     fmt,
     future::Future,
     hash::Hash,
@@ -31,7 +30,7 @@ type Open<K, T> = Arc<
 pub struct Follower<K, T> {
     what: &'static str,
     open: Open<K, T>,
-    keys: Arc<Mutex<HashMap<K, Followed<T>>>>,
+    keys: Arc<Mutex<crate::FastMap<K, Followed<T>>>>,
 }
 
 /// One followed key: its value, and when it was last asked for.
@@ -138,7 +137,11 @@ where
     }
 
     /// The current value of `key`, waiting up to `wait` for a first one.
-    pub async fn get(&self, key: &K, wait: Duration) -> Option<Arc<T>> {
+    pub async fn get<Q>(&self, key: &Q, wait: Duration) -> Option<Arc<T>>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let mut rx = self.watch(key);
         // On the request path the value is almost always there already:
         // take it without arming a timer.

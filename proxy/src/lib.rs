@@ -30,4 +30,12 @@ pub mod upgrade;
 pub mod wire;
 
 pub use env::{Config, TrustAnchors};
+
+/// The maps looked up on every request (by destination, by port): keyed
+/// with foldhash, seeded per process. Their keys come from the local app
+/// or the control plane and are capped in number
+/// ([`env::DestinationLimits`]).
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// The set kind of [`FastMap`].
+pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 pub use proxy::{Extras, Proxy, StartError};

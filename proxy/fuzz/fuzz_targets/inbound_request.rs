@@ -8,7 +8,7 @@
 use libfuzzer_sys::fuzz_target;
 use mesh_core::identity::SpiffeId;
 use mesh_proxy::{
-    inbound::rewrite::{dst_port, for_app},
+    inbound::rewrite::{Caller, dst_port, for_app},
     wire::{CLIENT_ID, DST_PORT, ORIG_PROTO},
 };
 
@@ -26,11 +26,15 @@ fuzz_target!(|data: &[u8]| {
     let port = dst_port(&mut parts.headers);
     assert!(parts.headers.get(DST_PORT).is_none());
     let Ok(port) = port else { return };
-    let client: SpiffeId = "spiffe://west.mesh.local/ns/shop/sa/web".parse().unwrap();
+    let client = Caller::new(
+        "spiffe://west.mesh.local/ns/shop/sa/web"
+            .parse::<SpiffeId>()
+            .unwrap(),
+    );
     let app = std::net::SocketAddr::from(([127, 0, 0, 5], port));
     if let Ok(http1) = for_app(&mut parts, &client, app) {
         let ids: Vec<_> = parts.headers.get_all(CLIENT_ID).iter().collect();
-        assert_eq!(ids, vec![client.as_str()], "exactly the verified client id");
+        assert_eq!(ids, vec![client.id.as_str()], "exactly the verified client id");
         assert!(parts.headers.get(ORIG_PROTO).is_none());
         if http1 {
             // Origin form, on a connection to the app, with a Host.

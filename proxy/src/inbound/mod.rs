@@ -177,11 +177,13 @@ pub async fn accept(
             let h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
             // This connection's last metric labels and counters.
             let memo = Arc::new(InboundMemo::default());
+            // Shared by the connection's requests: a count, not a copy, each.
+            let caller = Arc::new(rewrite::Caller::new(client_id));
             let serve = move |req| {
-                let (inbound, client_id) = (inbound.clone(), client_id.clone());
+                let (inbound, caller) = (inbound.clone(), caller.clone());
                 let memo = memo.clone();
                 async move {
-                    let resp = handle(&inbound, (&client_id, &memo), deadline, req).await;
+                    let resp = handle(&inbound, (&caller, &memo), deadline, req).await;
                     Ok::<_, std::convert::Infallible>(resp)
                 }
             };
@@ -333,10 +335,11 @@ fn refused_handshake(metrics: &Metrics, peer: SocketAddr, e: &std::io::Error) {
 /// One request: authorize -> route -> forward.
 async fn handle(
     inbound: &Inbound,
-    (client_id, memo): (&SpiffeId, &InboundMemo),
+    (caller, memo): (&rewrite::Caller, &InboundMemo),
     deadline: tokio::time::Instant,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
+    let client_id = &caller.id;
     let started = std::time::Instant::now();
     // Only what `/tap` needs, and only while someone taps.
     let tapped = (inbound.metrics.tap.receiver_count() > 0)
@@ -368,7 +371,7 @@ async fn handle(
             tracing::info!(client = %client_id, port, reason = denied.reason(), "inbound request refused");
             refusal(&denied, client_id, port)
         }
-        Ok(()) => forward(inbound, client_id, (port, deadline), req).await,
+        Ok(()) => forward(inbound, caller, (port, deadline), req).await,
     };
     inbound.metrics.inbound_response(
         memo,
@@ -440,20 +443,19 @@ async fn authorize_request(
 /// route + forward: to the app, as the protocol the caller's app spoke.
 async fn forward(
     inbound: &Inbound,
-    client_id: &SpiffeId,
+    caller: &rewrite::Caller,
     (port, deadline): (u16, tokio::time::Instant),
     req: Request<Incoming>,
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
-    let Ok(was_http1) =
-        rewrite::for_app(&mut parts, client_id, SocketAddr::new(inbound.app_ip, port))
+    let Ok(was_http1) = rewrite::for_app(&mut parts, caller, SocketAddr::new(inbound.app_ip, port))
     else {
         return text(StatusCode::BAD_REQUEST, "mesh: invalid request path\n");
     };
     let req = Request::from_parts(parts, body);
     if was_http1 && crate::upgrade::is_upgrade(&req) {
         // Boxed: rare, and 2.3 KiB of future every request would carry.
-        return Box::pin(forward_upgrade(inbound, client_id, (port, deadline), req)).await;
+        return Box::pin(forward_upgrade(inbound, &caller.id, (port, deadline), req)).await;
     }
     let answered = if was_http1 {
         match inbound.http1.get(&port) {

@@ -22,6 +22,22 @@ pub enum Unroutable {
     BadPath,
 }
 
+/// A connection's verified caller, with `mesh-client-id` as the app
+/// receives it: made once per connection, shared by its requests.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub id: SpiffeId,
+    header: HeaderValue,
+}
+
+impl Caller {
+    pub fn new(id: SpiffeId) -> Self {
+        let header =
+            HeaderValue::from_str(id.as_str()).expect("SPIFFE IDs are valid header values");
+        Self { id, header }
+    }
+}
+
 /// Takes every `mesh-dst-port` off and returns the app port the first named.
 pub fn dst_port(headers: &mut HeaderMap) -> Result<u16, Unroutable> {
     let first = headers.get(DST_PORT).cloned();
@@ -39,11 +55,7 @@ pub fn dst_port(headers: &mut HeaderMap) -> Result<u16, Unroutable> {
 /// `mesh-orig-proto` says so on HTTP/2 between proxies, and a request that
 /// arrived as HTTP/1.x (a caller that is not a Mesh proxy, over ALPN
 /// `http/1.1`) is HTTP/1.1 itself. Returns whether it did.
-pub fn for_app(
-    parts: &mut Parts,
-    client_id: &SpiffeId,
-    app: SocketAddr,
-) -> Result<bool, Unroutable> {
+pub fn for_app(parts: &mut Parts, caller: &Caller, app: SocketAddr) -> Result<bool, Unroutable> {
     let was_http1 = parts.version <= Version::HTTP_11
         || parts
             .headers
@@ -51,8 +63,7 @@ pub fn for_app(
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"HTTP/1.1"));
     parts.headers.remove(ORIG_PROTO);
     // Whatever the caller claimed, the app sees who was verified.
-    let id = HeaderValue::from_str(client_id.as_str()).expect("SPIFFE IDs are valid header values");
-    parts.headers.insert(CLIENT_ID, id);
+    parts.headers.insert(CLIENT_ID, caller.header.clone());
     let authority = parts.uri.authority().cloned();
     let path = parts
         .uri
@@ -101,11 +112,11 @@ mod tests {
             parts.headers.get(DST_PORT).is_none(),
             "every copy is removed"
         );
-        let web: SpiffeId = "spiffe://west.mesh.local/ns/shop/sa/web".parse().unwrap();
+        let web = Caller::new("spiffe://west.mesh.local/ns/shop/sa/web".parse().unwrap());
         let http1 = for_app(&mut parts, &web, "127.0.0.5:8080".parse().unwrap()).unwrap();
         assert!(http1);
         let ids: Vec<_> = parts.headers.get_all(CLIENT_ID).iter().collect();
-        assert_eq!(ids, vec![web.as_str()]);
+        assert_eq!(ids, vec![web.id.as_str()]);
         assert_eq!(parts.uri.to_string(), "/x?y=1", "origin form");
         assert_eq!(parts.headers[header::HOST], "api.shop.svc.cluster.local:80");
         assert_eq!(parts.version, Version::HTTP_11);
@@ -120,7 +131,7 @@ mod tests {
             .body(())
             .unwrap();
         let (mut parts, ()) = req.into_parts();
-        let web: SpiffeId = "spiffe://west.mesh.local/ns/shop/sa/web".parse().unwrap();
+        let web = Caller::new("spiffe://west.mesh.local/ns/shop/sa/web".parse().unwrap());
         assert!(for_app(&mut parts, &web, "127.0.0.5:8080".parse().unwrap()).unwrap());
         assert_eq!(parts.version, Version::HTTP_11);
         assert_eq!(parts.headers[header::HOST], "api.shop.svc.cluster.local:80");

@@ -264,16 +264,14 @@ enum Transport {
     Untunnelable(String),
 }
 
-/// What carried a response on the wire, set by the endpoint that sent
-/// it: `mtls` or `none`. Metrics read this, not what discovery said.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct OnTheWire(pub &'static str);
-
-/// The endpoint that answered: its cluster (a failover tier may be another
-/// cluster than the destination's first endpoint) and the SPIFFE ID it had
-/// to present, when known.
+/// The endpoint that answered, set on its responses (one extension, so
+/// one allocation per response): what carried the response on the wire
+/// (`mtls` or `none`; metrics read this, not what discovery said), its
+/// cluster (a failover tier may be another cluster than the destination's
+/// first endpoint) and the SPIFFE ID it had to present, when known.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServedBy {
+    pub tls: &'static str,
     pub cluster: Option<Arc<str>>,
     pub identity: Option<Arc<str>>,
 }
@@ -281,8 +279,10 @@ pub struct ServedBy {
 /// One endpoint of a destination, as the balancer sees it.
 #[derive(Clone, Debug)]
 pub struct EndpointService {
-    /// The app port the request is for (sent as `mesh-dst-port`).
+    /// The app port the request is for.
     app_addr: SocketAddr,
+    /// Its port as `mesh-dst-port` carries it, made once.
+    dst_port: HeaderValue,
     transport: Transport,
     /// The tunnel's liveness, when reached through one.
     tunnel: Option<Arc<super::tunnel::Liveness>>,
@@ -303,6 +303,8 @@ impl EndpointService {
         dialer: &Dialer,
     ) -> Self {
         let served = ServedBy {
+            // Set per response, by the transport that carried it.
+            tls: "",
             cluster: None,
             identity: identity
                 .as_ref()
@@ -329,6 +331,7 @@ impl EndpointService {
             };
             return Self {
                 app_addr,
+                dst_port: HeaderValue::from(app_addr.port()),
                 transport,
                 tunnel,
                 served,
@@ -368,6 +371,7 @@ impl EndpointService {
         };
         Self {
             app_addr,
+            dst_port: HeaderValue::from(app_addr.port()),
             transport,
             tunnel: None,
             served,
@@ -405,7 +409,7 @@ impl tower::Service<Request<Body>> for EndpointService {
     /// box lives as long as the request does.
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let app_addr = self.app_addr;
-        let served = self.served.clone();
+        let mut served = self.served.clone();
         match &self.transport {
             Transport::Refused(id) => {
                 let e = OutboundError::MeshedWithoutProxy(id.clone());
@@ -428,21 +432,20 @@ impl tower::Service<Request<Body>> for EndpointService {
                         .await
                         .map_err(OutboundError::from_client)?
                         .map(crate::wire::boxed);
-                    resp.extensions_mut().insert(OnTheWire("none"));
+                    served.tls = "none";
                     resp.extensions_mut().insert(served);
                     Ok(resp)
                 })
             }
             Transport::Meshed(endpoint) => {
-                req.headers_mut()
-                    .insert(DST_PORT, HeaderValue::from(app_addr.port()));
+                req.headers_mut().insert(DST_PORT, self.dst_port.clone());
                 *req.version_mut() = http::Version::HTTP_2;
                 let endpoint = endpoint.clone();
                 Box::pin(async move {
                     // The connector only makes mTLS connections (direct or
                     // inside a gateway tunnel).
                     let mut resp = endpoint.send(req).await?;
-                    resp.extensions_mut().insert(OnTheWire("mtls"));
+                    served.tls = "mtls";
                     resp.extensions_mut().insert(served);
                     Ok(resp)
                 })

@@ -38,7 +38,6 @@ pub mod tcp;
 pub mod tunnel;
 
 use std::{
-    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -100,19 +99,19 @@ type Destination = Arc<Tiers>;
 #[derive(Clone)]
 pub struct Outbound {
     /// One connection balancer per destination of opaque TCP.
-    tcp_balancers: Arc<Mutex<HashMap<String, TcpBalancer>>>,
+    tcp_balancers: Arc<Mutex<crate::FastMap<String, TcpBalancer>>>,
     /// Requests being served; none past the limit (shed with 503).
     in_flight: Arc<tokio::sync::Semaphore>,
     header_read_timeout: Duration,
     discovery: Follower<String, DiscoveryUpdate>,
     policies: Follower<String, OutboundPolicy>,
     splitter: Arc<Splitter>,
-    balancers: Arc<Mutex<HashMap<String, Destination>>>,
+    balancers: Arc<Mutex<crate::FastMap<String, Destination>>>,
     /// Authorities discovery once said were meshed: plaintext to them is
     /// refused even when discovery later stops knowing them (a control
     /// plane restarting before it has read its configuration, a dropped
     /// file), since an answer that is missing is not "not meshed".
-    once_meshed: Arc<Mutex<HashSet<String>>>,
+    once_meshed: Arc<Mutex<crate::FastSet<String>>>,
     /// How endpoints are reached (credentials, bundles, tunnels to
     /// gateways, connect timeout).
     dialer: Dialer,
@@ -222,6 +221,10 @@ impl Outbound {
 
     fn balancer(&self, authority: &str) -> Destination {
         let mut map = self.balancers.lock().unwrap_or_else(|p| p.into_inner());
+        // The common case: no key copied to look it up.
+        if let Some(known) = map.get(authority) {
+            return known.clone();
+        }
         map.entry(authority.to_owned())
             .or_insert_with(|| {
                 Tiers::new(
@@ -236,6 +239,9 @@ impl Outbound {
 
     fn tcp_balancer(&self, authority: &str) -> TcpBalancer {
         let mut map = self.tcp_balancers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = map.get(authority) {
+            return known.clone();
+        }
         map.entry(authority.to_owned())
             .or_insert_with(|| tcp_balancer(self.discovery.watch(authority), self.dialer.clone()))
             .clone()
@@ -550,7 +556,7 @@ async fn handle(
         return Box::pin(connect_plain(outbound, req, &authority)).await;
     }
     // The HTTPRoute rule that sent it, for the metrics.
-    let mut route = String::new();
+    let mut route = std::borrow::Cow::Borrowed("");
     let result = if upgrade::is_upgrade(&req) {
         Box::pin(upgrade(outbound, dest, meshed, redirected, req)).await
     } else if meshed {
@@ -565,12 +571,9 @@ async fn handle(
         Ok(resp) => {
             // What the endpoint actually used on the wire; upgrades and
             // passthrough answer for themselves (mTLS splice, plaintext).
-            let tls = resp
-                .extensions()
-                .get::<endpoint::OnTheWire>()
-                .map_or(tls, |wire| wire.0);
             // The cluster that answered; a tier may be another one.
             let served = resp.extensions().get::<endpoint::ServedBy>();
+            let tls = served.map_or(tls, |s| s.tls);
             let answered = Answered {
                 cluster: served
                     .and_then(|s| s.cluster.as_deref())
@@ -690,12 +693,9 @@ async fn to_mesh(
     outbound: &Outbound,
     authority: &str,
     req: Request<Incoming>,
-    route: &mut String,
+    route: &mut std::borrow::Cow<'static, str>,
 ) -> Result<Response<Body>, OutboundError> {
-    let policy = outbound
-        .policies
-        .get(&authority.to_owned(), outbound.fail_fast)
-        .await;
+    let policy = outbound.policies.get(authority, outbound.fail_fast).await;
     let (mut parts, body) = req.into_parts();
     let plan = plan(
         policy.as_deref(),
@@ -706,7 +706,9 @@ async fn to_mesh(
     );
     route.clone_from(&plan.route);
     if plan.backends.is_empty() {
-        return Err(OutboundError::NoBackend { route: plan.route });
+        return Err(OutboundError::NoBackend {
+            route: plan.route.into_owned(),
+        });
     }
     let was_http1 = parts.version <= Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
@@ -828,16 +830,16 @@ async fn to_mesh(
 /// gives the request, again as long as it can be sent again.
 async fn attempt(
     outbound: &Outbound,
-    plan: &Plan,
+    plan: &Plan<'_>,
     request: &mut (dyn FnMut() -> Option<Request<crate::wire::Body>> + Send),
 ) -> Result<Response<Body>, OutboundError> {
     let backend = outbound.splitter.pick(plan);
-    wait_for_endpoints(outbound, &backend).await?;
-    let tiers = outbound.balancer(&backend);
+    wait_for_endpoints(outbound, backend).await?;
+    let tiers = outbound.balancer(backend);
     let mut tier = tiers.pick();
     let mut req = request().ok_or(OutboundError::BadRequest)?;
     loop {
-        let result = attempt_tier(outbound, plan, &backend, &tiers, tier, req).await;
+        let result = attempt_tier(outbound, plan, backend, &tiers, tier, req).await;
         if let Err(OutboundError::Unreachable(why)) = &result
             && let Some(next) = tiers.next_after(tier)
             && let Some(again) = request()
@@ -855,7 +857,7 @@ async fn attempt(
 /// One request to tier `tier` of `backend`.
 async fn attempt_tier(
     outbound: &Outbound,
-    plan: &Plan,
+    plan: &Plan<'_>,
     backend: &str,
     tiers: &Tiers,
     tier: usize,
@@ -865,15 +867,18 @@ async fn attempt_tier(
         balancer, health, ..
     } = tiers.tier(tier);
     // With every endpoint ejected the balancer would hold the request until
-    // a probe; wait out the fail-fast time at most, then say so.
-    let deadline = tokio::time::Instant::now() + outbound.fail_fast;
-    while health.all_ejected() {
-        if tokio::time::Instant::now() >= deadline {
-            return Err(OutboundError::AllEjected {
-                authority: backend.to_owned(),
-            });
+    // a probe; wait out the fail-fast time at most, then say so. (The
+    // clock is read only then.)
+    if health.all_ejected() {
+        let deadline = tokio::time::Instant::now() + outbound.fail_fast;
+        while health.all_ejected() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(OutboundError::AllEjected {
+                    authority: backend.to_owned(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let call = balancer.call(req);
     match plan.attempt_timeout {

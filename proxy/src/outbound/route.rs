@@ -2,6 +2,7 @@
 //! weighted backends (traffic split), timeouts and retries.
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     sync::{Arc, Mutex},
     time::Duration,
@@ -14,19 +15,20 @@ use tower::retry::budget::{Budget, TpsBudget};
 /// Bodies larger than this are sent once, never buffered for a retry.
 pub const MAX_RETRY_BODY: u64 = 64 * 1024;
 
-/// What to do with one request.
+/// What to do with one request; it borrows the policy and the authority,
+/// so the common case (no route, one backend) copies no string.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Plan {
+pub struct Plan<'a> {
     /// `<ns>/<name>#<rule>` of the matched rule, or `default`.
-    pub route: String,
+    pub route: Cow<'static, str>,
     /// Backend authorities with weights. Empty when the matched rule's
     /// backends all weigh 0: Gateway API answers 500 then.
-    pub backends: Vec<(String, u32)>,
+    pub backends: Vec<(&'a str, u32)>,
     /// The whole request, retries included.
     pub request_timeout: Option<Duration>,
     /// Each attempt.
     pub attempt_timeout: Option<Duration>,
-    pub retry: Option<RetryPolicy>,
+    pub retry: Option<&'a RetryPolicy>,
 }
 
 fn matches(m: &RouteMatch, method: &Method, path: &str, headers: &HeaderMap) -> bool {
@@ -50,16 +52,16 @@ fn matches(m: &RouteMatch, method: &Method, path: &str, headers: &HeaderMap) -> 
 }
 
 /// The plan for a request to `authority` under `policy` (absent: default).
-pub fn plan(
-    policy: Option<&OutboundPolicy>,
-    authority: &str,
+pub fn plan<'a>(
+    policy: Option<&'a OutboundPolicy>,
+    authority: &'a str,
     method: &Method,
     path: &str,
     headers: &HeaderMap,
-) -> Plan {
+) -> Plan<'a> {
     let default = Plan {
-        route: "default".into(),
-        backends: vec![(authority.to_owned(), 1)],
+        route: Cow::Borrowed("default"),
+        backends: vec![(authority, 1)],
         request_timeout: None,
         attempt_timeout: None,
         retry: None,
@@ -75,15 +77,15 @@ pub fn plan(
             if !hit {
                 continue;
             }
-            let backends: Vec<(String, u32)> = rule
+            let backends: Vec<(&str, u32)> = rule
                 .backends
                 .iter()
                 .filter(|b| b.weight > 0)
-                .map(|b| (b.authority.clone(), b.weight))
+                .map(|b| (b.authority.as_str(), b.weight))
                 .collect();
             let ms = |v: u64| (v > 0).then(|| Duration::from_millis(v));
             return Plan {
-                route: format!("{}#{i}", route.name),
+                route: Cow::Owned(format!("{}#{i}", route.name)),
                 // A rule that names no backend goes to the parent service;
                 // one whose backends all weigh 0 goes nowhere.
                 backends: if rule.backends.is_empty() {
@@ -93,7 +95,7 @@ pub fn plan(
                 },
                 request_timeout: ms(rule.request_timeout_ms),
                 attempt_timeout: ms(rule.backend_request_timeout_ms),
-                retry: rule.retry.clone().filter(|r| r.attempts > 0),
+                retry: rule.retry.as_ref().filter(|r| r.attempts > 0),
             };
         }
     }
@@ -121,12 +123,12 @@ impl Default for Splitter {
 
 impl Splitter {
     /// `plan.backends` must not be empty.
-    pub fn pick(&self, plan: &Plan) -> String {
+    pub fn pick<'a>(&self, plan: &Plan<'a>) -> &'a str {
         if plan.backends.len() == 1 {
-            return plan.backends[0].0.clone();
+            return plan.backends[0].0;
         }
         let mut all = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        let current = all.entry(plan.route.clone()).or_default();
+        let current = all.entry(plan.route.to_string()).or_default();
         current.resize(plan.backends.len(), 0);
         let total: i64 = plan.backends.iter().map(|(_, w)| i64::from(*w)).sum();
         for (c, (_, w)) in current.iter_mut().zip(&plan.backends) {
@@ -138,7 +140,7 @@ impl Splitter {
             .max_by_key(|(i, c)| (**c, std::cmp::Reverse(*i)))
             .expect("backends are not empty");
         current[best] -= total;
-        plan.backends[best].0.clone()
+        plan.backends[best].0
     }
 
     /// Every request pays into the retry budget.
@@ -235,7 +237,7 @@ mod tests {
         let none = plan(Some(&p), "api:80", &Method::GET, "/", &HeaderMap::new());
         assert_eq!(
             none.backends,
-            vec![("api:80".to_owned(), 1)],
+            vec![("api:80", 1)],
             "no backendRefs: the parent"
         );
     }
@@ -251,7 +253,7 @@ mod tests {
         assert_eq!(canary.attempt_timeout, Some(Duration::from_millis(500)));
         assert_eq!(
             canary.backends,
-            vec![("api-v2.shop.svc.cluster.local:80".to_owned(), 1)]
+            vec![("api-v2.shop.svc.cluster.local:80", 1)]
         );
         // Not /v20, not POST, not without the header: the catch-all rule.
         for (method, path, headers) in [
@@ -267,24 +269,25 @@ mod tests {
         }
         assert_eq!(
             plan(None, "api:80", &Method::GET, "/", &h).backends,
-            vec![("api:80".to_owned(), 1)]
+            vec![("api:80", 1)]
         );
     }
 
     #[test]
     fn weights_split_exactly_and_evenly() {
+        let policy = policy();
         let p = plan(
-            Some(&policy()),
+            Some(&policy),
             "api:80",
             &Method::GET,
             "/",
             &HeaderMap::new(),
         );
         let s = Splitter::default();
-        let picks: Vec<String> = (0..8).map(|_| s.pick(&p)).collect();
-        assert_eq!(picks.iter().filter(|b| *b == "a:80").count(), 6);
+        let picks: Vec<&str> = (0..8).map(|_| s.pick(&p)).collect();
+        assert_eq!(picks.iter().filter(|b| **b == "a:80").count(), 6);
         assert_eq!(
-            picks[..4].iter().filter(|b| *b == "b:80").count(),
+            picks[..4].iter().filter(|b| **b == "b:80").count(),
             1,
             "spread, not bunched: {picks:?}"
         );
