@@ -202,10 +202,12 @@ pub async fn accept(
                     .max_concurrent_streams(MESH_MAX_CONCURRENT_STREAMS)
                     .max_header_list_size(MAX_HEADER_LIST);
                 let io = TokioIo::new(HoldFirstFlush::new(tls));
-                // Not boxed: hyper runs each stream in a task of its own,
-                // which holds the request's future; a box would be a second
-                // allocation of its size per request.
-                let conn = builder.serve_connection(io, service_fn(serve));
+                // Boxed: hyper runs each stream in a task of its own, whose
+                // future is moved whole several times (into the task, at
+                // each change of its stage and of hyper's stream state);
+                // boxed, each move is a pointer's, for one allocation.
+                let conn =
+                    builder.serve_connection(io, service_fn(move |req| Box::pin(serve(req))));
                 serve_until_drained(conn, |c| c.graceful_shutdown(), ends).await;
             } else {
                 // HTTP/1.1 (ALPN http/1.1): a connection carrying one

@@ -314,10 +314,16 @@ pub async fn accept(
                     let _ = Box::pin(conn).await;
                 }
                 Protocol::Http2 => {
-                    // Not boxed: hyper runs each stream in a task of its
-                    // own, which holds the request's future.
+                    // Boxed too: hyper runs each stream in a task of its
+                    // own, and a task's future is moved whole several
+                    // times (into the task, at each change of its stage
+                    // and of hyper's stream state); boxed, each move is a
+                    // pointer's, for one allocation.
                     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), service_fn(serve));
+                        .serve_connection(
+                            TokioIo::new(tcp),
+                            service_fn(move |req| Box::pin(serve(req))),
+                        );
                     let _ = Box::pin(conn).await;
                 }
                 Protocol::Tls | Protocol::Opaque => {
