@@ -268,6 +268,39 @@ fn raise_open_files_limit() {
     }
 }
 
+/// How many times the bench starts its processes when a port it found
+/// free was taken before the process bound it.
+const SETUP_TRIES: usize = 3;
+
+/// [`setup`], again on other ports (and in a directory of its own) when a
+/// process could not bind a port found free a moment before: another
+/// process can take it in between ("Address already in use").
+async fn setup_on_free_ports(dir: &Path, cores: Option<Cores>) -> Result<Setup> {
+    let mut tries = 1;
+    loop {
+        let here = if tries == 1 {
+            dir.to_owned()
+        } else {
+            dir.join(format!("try-{tries}"))
+        };
+        match setup(&here, cores).await {
+            Err(e) if tries < SETUP_TRIES && port_was_taken(&e) => {
+                eprintln!(
+                    "note: a port the bench chose was taken meanwhile; starting again on others"
+                );
+                tries += 1;
+            }
+            started => return started,
+        }
+    }
+}
+
+/// Whether starting failed because a port was taken (the process's log,
+/// which the error quotes, says so).
+fn port_was_taken(e: &anyhow::Error) -> bool {
+    format!("{e:#}").contains("Address already in use")
+}
+
 fn free_port() -> Result<u16> {
     Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -937,7 +970,7 @@ async fn bench(
     println!(
         "mesh bench: client -> client proxy -> mTLS (HTTP/2) -> server proxy -> app, against client -> app"
     );
-    let mut s = setup(dir, cores).await?;
+    let mut s = setup_on_free_ports(dir, cores).await?;
     let sidecar = std::env::current_exe()?.with_file_name("mesh-proxy");
     println!(
         "proxies: {}",
@@ -1426,4 +1459,24 @@ pub(crate) async fn certify(
         resp.chain.into_iter().map(Into::into).collect(),
         key,
     )?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port taken between the bench's choice and the bind is recognised
+    /// from what the process says (here the OS's own error, as the control
+    /// plane's and the proxies' logs quote it); other failures are not.
+    #[test]
+    fn a_taken_port_is_told_apart_from_other_failures() {
+        let held = StdListener::bind("127.0.0.1:0").unwrap();
+        let taken = held.local_addr().unwrap();
+        let e = StdListener::bind(taken).unwrap_err();
+        let failed = anyhow::anyhow!("cannot listen on {taken}: {e}")
+            .context("the control plane did not become ready");
+        assert!(port_was_taken(&failed), "{failed:#}");
+        let other = anyhow::anyhow!("the control plane did not become ready; it exited");
+        assert!(!port_was_taken(&other));
+    }
 }
