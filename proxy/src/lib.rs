@@ -30,6 +30,7 @@ pub mod upgrade;
 pub mod wire;
 
 pub use env::{Config, TrustAnchors};
+pub use proxy::{Extras, Proxy, StartError};
 
 /// The maps looked up on every request (by destination, by port): keyed
 /// with foldhash, seeded per process. Their keys come from the local app
@@ -38,4 +39,3 @@ pub use env::{Config, TrustAnchors};
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 /// The set kind of [`FastMap`].
 pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
-pub use proxy::{Extras, Proxy, StartError};

@@ -220,32 +220,35 @@ impl Outbound {
     }
 
     fn balancer(&self, authority: &str) -> Destination {
-        let mut map = self.balancers.lock().unwrap_or_else(|p| p.into_inner());
-        // The common case: no key copied to look it up.
-        if let Some(known) = map.get(authority) {
-            return known.clone();
-        }
-        map.entry(authority.to_owned())
-            .or_insert_with(|| {
-                Tiers::new(
-                    self.discovery.watch(authority),
-                    self.dialer.clone(),
-                    self.metrics.clone(),
-                    authority,
-                )
-            })
-            .clone()
+        shared(&self.balancers, authority, || {
+            Tiers::new(
+                self.discovery.watch(authority),
+                self.dialer.clone(),
+                self.metrics.clone(),
+                authority,
+            )
+        })
     }
 
     fn tcp_balancer(&self, authority: &str) -> TcpBalancer {
-        let mut map = self.tcp_balancers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(known) = map.get(authority) {
-            return known.clone();
-        }
-        map.entry(authority.to_owned())
-            .or_insert_with(|| tcp_balancer(self.discovery.watch(authority), self.dialer.clone()))
-            .clone()
+        shared(&self.tcp_balancers, authority, || {
+            tcp_balancer(self.discovery.watch(authority), self.dialer.clone())
+        })
     }
+}
+
+/// The value kept for `authority` in `map`, made by `make` the first time.
+/// The common case, a known authority, copies no key to look it up.
+fn shared<V: Clone>(
+    map: &Mutex<crate::FastMap<String, V>>,
+    authority: &str,
+    make: impl FnOnce() -> V,
+) -> V {
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(known) = map.get(authority) {
+        return known.clone();
+    }
+    map.entry(authority.to_owned()).or_insert_with(make).clone()
 }
 
 /// Forgets idle destinations for as long as the proxy runs, checking a
@@ -875,16 +878,16 @@ async fn attempt_tier(
     // With every endpoint ejected the balancer would hold the request until
     // a probe; wait out the fail-fast time at most, then say so. (The
     // clock is read only then.)
-    if health.all_ejected() {
-        let deadline = tokio::time::Instant::now() + outbound.fail_fast;
-        while health.all_ejected() {
-            if tokio::time::Instant::now() >= deadline {
-                return Err(OutboundError::AllEjected {
-                    authority: backend.to_owned(),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut deadline = None;
+    while health.all_ejected() {
+        let deadline =
+            *deadline.get_or_insert_with(|| tokio::time::Instant::now() + outbound.fail_fast);
+        if tokio::time::Instant::now() >= deadline {
+            return Err(OutboundError::AllEjected {
+                authority: backend.to_owned(),
+            });
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let call = balancer.call(req);
     match plan.attempt_timeout {
