@@ -431,6 +431,70 @@ async fn a_failing_endpoint_is_ejected_and_success_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_whose_every_endpoint_fails_is_answered_503_all_ejected() {
+    let w = world(Duration::from_secs(24 * 3600)).await;
+    // fake's only endpoint answers every request with 503.
+    let (_bad, bad_hits) = w
+        .replica(
+            "127.0.0.3",
+            "api",
+            "fake-0",
+            "fake",
+            Duration::ZERO,
+            usize::MAX,
+        )
+        .await;
+    let web = w.proxy("web", "web-0", &[("app", "web")]).await;
+    let authority = format!("fake.shop.svc.cluster.local:{}", w.app_port);
+    let url = format!("http://{authority}/x");
+    // Five failures eject it; each probe that fails ejects it for twice as
+    // long (1 s, 2 s, 4 s), so within a few requests a request waits out
+    // the fail-fast time (3 s) with nothing to send to, and is told so.
+    let started = std::time::Instant::now();
+    let (took, raw) = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no all-ejected answer in 60 s; the endpoint got {} requests",
+            bad_hits.load(Ordering::SeqCst)
+        );
+        let sent = std::time::Instant::now();
+        let (status, raw) = via_proxy(web.outbound_addr, &url, &authority).await;
+        assert_eq!(status, 503, "{raw}");
+        if raw.contains("is failing and ejected") {
+            break (sent.elapsed(), raw);
+        }
+    };
+    eprintln!(
+        "all ejected after {:?}; the endpoint got {} requests; that answer took {took:?}",
+        started.elapsed(),
+        bad_hits.load(Ordering::SeqCst)
+    );
+    assert!(
+        raw.contains(&authority),
+        "the answer names the destination: {raw}"
+    );
+    assert!(
+        took >= Duration::from_millis(2500) && took < Duration::from_secs(10),
+        "it waits out the fail-fast time (3 s), then answers: {took:?}"
+    );
+    // Only the five failures and a probe per ejection reached it.
+    let hits = bad_hits.load(Ordering::SeqCst);
+    assert!(
+        (5..=5 + 3).contains(&hits),
+        "an ejected endpoint gets probes only: {hits} requests"
+    );
+    let m = metrics(web.admin_addr).await;
+    assert!(
+        m.contains("mesh_proxy_outbound_failures_total{reason=\"all_ejected\"} 1"),
+        "{m}"
+    );
+    // The rest keeps serving.
+    let api = format!("api.shop.svc.cluster.local:{}", w.app_port);
+    let (status, raw) = via_proxy(web.outbound_addr, &format!("http://{api}/ok"), &api).await;
+    assert_eq!(status, 200, "{raw}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_prior_knowledge_crosses_the_mesh_as_http2() {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Empty};
