@@ -168,7 +168,32 @@ impl<D: Dial> H2Endpoint<D> {
 
     /// Sends `req` on the connection. A request the connection took no
     /// part of (it was closing) is sent again on a new connection, once.
-    pub async fn send(&self, req: Request<Body>) -> Result<Response<Body>, OutboundError> {
+    ///
+    /// Not an `async fn`: an async fn or block keeps a slot for each value
+    /// it was given beside the inner future that holds it too (its
+    /// argument, a future it awaits), and a request's future lives as long
+    /// as the request, in every busy connection's memory. With a
+    /// connection open (the common case) the inner future is made here and
+    /// combinators wrap it in place; dialling and the second try are boxed.
+    pub fn send(
+        self,
+        req: Request<Body>,
+    ) -> impl Future<Output = Result<Response<Body>, OutboundError>> + Send + 'static {
+        use futures_util::future::{Either, FutureExt, ready};
+        match self.open() {
+            Some(conn) => Either::Left(conn.send(req).then(move |sent| match sent {
+                Ok(resp) => Either::Left(ready(Ok(resp))),
+                Err(SendError::Failed(e)) => Either::Left(ready(Err(e))),
+                Err(SendError::NotSent(req, _)) => {
+                    Either::Right(Box::pin(async move { self.send_again(*req).await }))
+                }
+            })),
+            None => Either::Right(Box::pin(async move { self.dial_and_send(req).await })),
+        }
+    }
+
+    /// [`Self::send`] with no connection open: dialled first.
+    async fn dial_and_send(&self, req: Request<Body>) -> Result<Response<Body>, OutboundError> {
         let conn = self.sender().await?;
         match conn.send(req).await {
             Ok(resp) => Ok(resp),
@@ -273,38 +298,47 @@ impl Connection {
     /// open no more streams (closed, or told to go away) gives the request
     /// back untouched, and is not used again. Takes the handle by value
     /// (the caller's clone), since opening a stream consumes one.
-    pub async fn send(self, req: Request<Body>) -> Result<Response<Body>, SendError> {
-        let open = Open::new(&self.state);
-        let mut send = match self.send.ready().await {
-            Ok(send) => send,
-            Err(e) => {
-                self.state.closed.store(true, Ordering::Relaxed);
-                return Err(SendError::NotSent(
-                    Box::new(req),
-                    OutboundError::unreachable(e),
-                ));
-            }
-        };
+    ///
+    /// Not an `async fn`, for the reason [`H2Endpoint::send`] gives: the
+    /// request is split here, and its parts are held once, by the block.
+    pub fn send(
+        self,
+        req: Request<Body>,
+    ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + 'static {
         let (head, body) = req.into_parts();
-        let end = body.is_end_stream();
-        let (response, stream) = send
-            .send_request(Request::from_parts(head, ()), end)
-            .map_err(|e| SendError::Failed(OutboundError::unreachable(e)))?;
-        if !end {
-            tokio::spawn(send_body(body, stream));
+        let Self { send, state } = self;
+        async move {
+            let open = Open::new(&state);
+            let mut send = match send.ready().await {
+                Ok(send) => send,
+                Err(e) => {
+                    state.closed.store(true, Ordering::Relaxed);
+                    return Err(SendError::NotSent(
+                        Box::new(Request::from_parts(head, body)),
+                        OutboundError::unreachable(e),
+                    ));
+                }
+            };
+            let end = body.is_end_stream();
+            let (response, stream) = send
+                .send_request(Request::from_parts(head, ()), end)
+                .map_err(|e| SendError::Failed(OutboundError::unreachable(e)))?;
+            if !end {
+                tokio::spawn(send_body(body, stream));
+            }
+            let response = response
+                .await
+                .map_err(|e| SendError::Failed(state.failed(e)))?;
+            let (answer, recv) = response.into_parts();
+            let length = content_length(&answer.headers);
+            let body = RecvBody {
+                recv,
+                length,
+                trailers_next: false,
+                open,
+            };
+            Ok(Response::from_parts(answer, body.boxed()))
         }
-        let response = response
-            .await
-            .map_err(|e| SendError::Failed(self.state.failed(e)))?;
-        let (head, recv) = response.into_parts();
-        let length = content_length(&head.headers);
-        let body = RecvBody {
-            recv,
-            length,
-            trailers_next: false,
-            open,
-        };
-        Ok(Response::from_parts(head, body.boxed()))
     }
 }
 

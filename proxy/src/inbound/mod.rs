@@ -469,6 +469,7 @@ async fn forward(
     } else {
         match inbound.http2.get(&port) {
             Some(app) => app
+                .clone()
                 .send(req.map(crate::wire::boxed))
                 .await
                 .map_err(|e| e.to_string()),

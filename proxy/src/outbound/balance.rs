@@ -169,13 +169,18 @@ where
 
     /// Sends `req` to the endpoint the balancer picks, waiting for one to
     /// be ready. The endpoint's future is not boxed: it is this one's.
-    pub async fn call(&self, req: Request<Body>) -> Result<R, E> {
-        let call = {
-            // The lock is held from the pick to the call.
-            let (mut set, chosen) = std::future::poll_fn(|cx| self.poll_pick(cx)).await;
-            set.ready[chosen].1.call(req)
-        };
-        call.await
+    /// (Not an `async fn`, which would hold `req` twice: its argument, and
+    /// the local it is moved into.)
+    #[allow(clippy::manual_async_fn)]
+    pub fn call(&self, req: Request<Body>) -> impl Future<Output = Result<R, E>> + '_ {
+        async move {
+            let call = {
+                // The lock is held from the pick to the call.
+                let (mut set, chosen) = std::future::poll_fn(|cx| self.poll_pick(cx)).await;
+                set.ready[chosen].1.call(req)
+            };
+            call.await
+        }
     }
 
     /// The set, locked, and the index of the ready endpoint picked.

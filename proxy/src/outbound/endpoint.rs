@@ -440,15 +440,18 @@ impl tower::Service<Request<Body>> for EndpointService {
             Transport::Meshed(endpoint) => {
                 req.headers_mut().insert(DST_PORT, self.dst_port.clone());
                 *req.version_mut() = http::Version::HTTP_2;
-                let endpoint = endpoint.clone();
-                Box::pin(async move {
-                    // The connector only makes mTLS connections (direct or
-                    // inside a gateway tunnel).
-                    let mut resp = endpoint.send(req).await?;
-                    served.tls = "mtls";
-                    resp.extensions_mut().insert(served);
-                    Ok(resp)
-                })
+                // The connector only makes mTLS connections (direct or
+                // inside a gateway tunnel). A combinator rather than an
+                // async block: it holds the send's future once
+                // (`H2Endpoint::send`).
+                use futures_util::FutureExt;
+                served.tls = "mtls";
+                Box::pin(endpoint.clone().send(req).map(move |sent| {
+                    sent.map(|mut resp| {
+                        resp.extensions_mut().insert(served);
+                        resp
+                    })
+                }))
             }
         }
     }

@@ -293,11 +293,15 @@ pub async fn accept(
                 // This connection's last metric labels and counters.
                 let memo = Arc::new(OutboundMemo::default());
                 move |req| {
-                    let (outbound, memo) = (outbound.clone(), memo.clone());
-                    async move {
-                        let resp = handle(&outbound, &memo, req, redirected).await;
-                        Ok::<_, std::convert::Infallible>(resp)
-                    }
+                    // The head is copied out of hyper's read buffer now,
+                    // before hyper reads on: a buffer still shared costs a
+                    // new 8 KiB one per request (`crate::head`). The request
+                    // is boxed and passed down as a pointer: a future keeps
+                    // a slot for each value it was given beside the inner
+                    // future that holds it too, and this one lives as long
+                    // as the request (`H2Endpoint::send`).
+                    let req = Box::new(crate::head::detach(req));
+                    answer(outbound.clone(), memo.clone(), req, redirected)
                 }
             };
             // Each arm boxed: the task then holds only the protocol in use.
@@ -455,10 +459,20 @@ fn authority_of(req: &Request<Incoming>) -> Option<String> {
     })
 }
 
+/// [`handle`], as hyper's service answers.
+async fn answer(
+    outbound: Arc<Outbound>,
+    memo: Arc<OutboundMemo>,
+    req: Box<Request<Incoming>>,
+    redirected: Option<std::net::SocketAddr>,
+) -> Result<Response<Body>, std::convert::Infallible> {
+    Ok(handle(&outbound, &memo, req, redirected).await)
+}
+
 async fn handle(
     outbound: &Outbound,
     memo: &OutboundMemo,
-    req: Request<Incoming>,
+    req: Box<Request<Incoming>>,
     redirected: Option<std::net::SocketAddr>,
 ) -> Response<Body> {
     let Ok(_permit) = outbound.in_flight.clone().try_acquire_owned() else {
@@ -549,7 +563,7 @@ async fn handle(
             // The rare paths are boxed: their futures would make every
             // request's as large.
             return match Box::pin(connect_mesh_tcp(outbound, dest, Carry::Opaque)).await {
-                Ok(conn) => tunnel(outbound, req, conn, dest, "mtls"),
+                Ok(conn) => tunnel(outbound, *req, conn, dest, "mtls"),
                 Err(e) => fail_to(
                     outbound,
                     &authority,
@@ -562,18 +576,18 @@ async fn handle(
                 ),
             };
         }
-        return Box::pin(connect_plain(outbound, req, &authority)).await;
+        return Box::pin(connect_plain(outbound, *req, &authority)).await;
     }
     // The HTTPRoute rule that sent it, for the metrics.
     let mut route = std::borrow::Cow::Borrowed("");
     let result = if upgrade::is_upgrade(&req) {
-        Box::pin(upgrade(outbound, dest, meshed, redirected, req)).await
+        Box::pin(upgrade(outbound, dest, meshed, redirected, *req)).await
     } else if meshed {
         to_mesh(outbound, dest, req, &mut route).await
     } else {
         // Transparent mode: go where the app was really connecting.
         let target = redirected.map_or_else(|| authority.clone(), |to| to.to_string());
-        Box::pin(passthrough(outbound, &target, req)).await
+        Box::pin(passthrough(outbound, &target, *req)).await
     };
     let tls = if meshed { "mtls" } else { "none" };
     match result {
@@ -701,17 +715,26 @@ async fn upgrade(
 async fn to_mesh(
     outbound: &Outbound,
     authority: &str,
-    req: Request<Incoming>,
+    req: Box<Request<Incoming>>,
     route: &mut std::borrow::Cow<'static, str>,
 ) -> Result<Response<Body>, OutboundError> {
     let policy = outbound.policies.get(authority, outbound.fail_fast).await;
-    let (mut parts, body) = req.into_parts();
+    let (parts, body) = (*req).into_parts();
+    // Taken apart, so that nothing of the head is held twice while the
+    // request is in flight (the extensions go now).
+    let http::request::Parts {
+        method,
+        uri: uri_read,
+        version,
+        mut headers,
+        ..
+    } = parts;
     let plan = plan(
         policy.as_deref(),
         authority,
-        &parts.method,
-        parts.uri.path(),
-        &parts.headers,
+        &method,
+        uri_read.path(),
+        &headers,
     );
     route.clone_from(&plan.route);
     if plan.backends.is_empty() {
@@ -719,14 +742,12 @@ async fn to_mesh(
             route: plan.route.into_owned(),
         });
     }
-    let was_http1 = parts.version <= Version::HTTP_11;
-    strip_hop_by_hop(&mut parts.headers);
+    let was_http1 = version <= Version::HTTP_11;
+    strip_hop_by_hop(&mut headers);
     // HTTP/2 carries the authority in the URI; the other side restores Host.
-    parts.headers.remove(header::HOST);
+    headers.remove(header::HOST);
     if was_http1 {
-        parts
-            .headers
-            .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+        headers.insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
     }
     // The request keeps the authority it was sent to, whichever backend
     // serves it. Made from its parts, not formatted and parsed whole.
@@ -734,26 +755,21 @@ async fn to_mesh(
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(http::uri::Scheme::HTTP);
         uri.authority = Some(authority.parse().map_err(|_| OutboundError::BadRequest)?);
-        uri.path_and_query = Some(match parts.uri.path_and_query() {
+        // Moved: detached from hyper's read buffer on arrival.
+        uri.path_and_query = Some(match uri_read.into_parts().path_and_query {
             None => http::uri::PathAndQuery::from_static("/"),
-            // A copy: the path read points into hyper's read buffer.
-            Some(path) if path.as_str().starts_with('/') => {
-                http::uri::PathAndQuery::try_from(path.as_str())
-                    .map_err(|_| OutboundError::BadRequest)?
-            }
+            Some(path) if path.as_str().starts_with('/') => path,
             // `*` (OPTIONS): no path of the destination's.
             Some(_) => return Err(OutboundError::BadRequest),
         });
         Uri::from_parts(uri).map_err(|_| OutboundError::BadRequest)?
     };
-    // Kept for the whole request, so kept apart from hyper's read buffer:
-    // one still shared costs the connection a second one (`crate::head`).
-    // Nothing of the head as read (its headers, its URI) is kept past here.
-    let headers = crate::head::detached(&std::mem::take(&mut parts.headers));
-    parts.uri = Uri::default();
-    let method = std::mem::take(&mut parts.method);
+    // The head was detached from hyper's read buffer on arrival
+    // (`accept`), so it is moved, not copied, into the request sent; that
+    // is boxed too, passed down through the attempt, the tier and the
+    // balancer.
     let build = |body: crate::wire::Body, headers: http::HeaderMap| {
-        let mut req = Request::new(body);
+        let mut req = Box::new(Request::new(body));
         *req.method_mut() = method.clone();
         *req.uri_mut() = uri.clone();
         *req.headers_mut() = headers;
@@ -840,7 +856,7 @@ async fn to_mesh(
 async fn attempt(
     outbound: &Outbound,
     plan: &Plan<'_>,
-    request: &mut (dyn FnMut() -> Option<Request<crate::wire::Body>> + Send),
+    request: &mut (dyn FnMut() -> Option<Box<Request<crate::wire::Body>>> + Send),
 ) -> Result<Response<Body>, OutboundError> {
     let backend = outbound.splitter.pick(plan);
     wait_for_endpoints(outbound, backend).await?;
@@ -870,7 +886,7 @@ async fn attempt_tier(
     backend: &str,
     tiers: &Tiers,
     tier: usize,
-    req: Request<crate::wire::Body>,
+    req: Box<Request<crate::wire::Body>>,
 ) -> Result<Response<Body>, OutboundError> {
     let failover::Tier {
         balancer, health, ..
@@ -889,7 +905,7 @@ async fn attempt_tier(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let call = balancer.call(req);
+    let call = balancer.call(*req);
     match plan.attempt_timeout {
         None => call.await,
         Some(after) => {
