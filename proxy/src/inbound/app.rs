@@ -149,23 +149,32 @@ where
 
     /// Sends `req` (origin form, with its Host header) to the app. Its
     /// response body gives the connection back when it ends.
-    pub async fn send(&self, mut req: Request<B>) -> Result<Response<Body>, AppError> {
-        while let Some(mut sender) = self.shared.take() {
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.returning(resp, sender)),
-                // The app closed it before the request was written: the
-                // request goes on another connection.
-                Err(mut e) => match e.take_message() {
-                    Some(back) => req = back,
-                    None => return Err(e.into_error().into()),
-                },
+    ///
+    /// Not an `async fn`, which would hold `req` twice (its argument and
+    /// the local it is moved into) for as long as the request is in flight.
+    #[allow(clippy::manual_async_fn)]
+    pub fn send(
+        &self,
+        mut req: Request<B>,
+    ) -> impl Future<Output = Result<Response<Body>, AppError>> + '_ {
+        async move {
+            while let Some(mut sender) = self.shared.take() {
+                match sender.try_send_request(req).await {
+                    Ok(resp) => return Ok(self.returning(resp, sender)),
+                    // The app closed it before the request was written: the
+                    // request goes on another connection.
+                    Err(mut e) => match e.take_message() {
+                        Some(back) => req = back,
+                        None => return Err(e.into_error().into()),
+                    },
+                }
             }
-        }
-        // Boxed: rare, and its future would make every request's larger.
-        let mut sender = Box::pin(self.dial()).await?;
-        match sender.try_send_request(req).await {
-            Ok(resp) => Ok(self.returning(resp, sender)),
-            Err(e) => Err(e.into_error().into()),
+            // Boxed: rare, and its future would make every request's larger.
+            let mut sender = Box::pin(self.dial()).await?;
+            match sender.try_send_request(req).await {
+                Ok(resp) => Ok(self.returning(resp, sender)),
+                Err(e) => Err(e.into_error().into()),
+            }
         }
     }
 

@@ -179,13 +179,12 @@ pub async fn accept(
             let memo = Arc::new(InboundMemo::default());
             // Shared by the connection's requests: a count, not a copy, each.
             let caller = Arc::new(rewrite::Caller::new(client_id));
+            // The request is boxed and passed down as a pointer: a future
+            // keeps a slot for each value it was given beside the inner
+            // future that holds it too (`h2_client::H2Endpoint::send`).
             let serve = move |req| {
-                let (inbound, caller) = (inbound.clone(), caller.clone());
-                let memo = memo.clone();
-                async move {
-                    let resp = handle(&inbound, (&caller, &memo), deadline, req).await;
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
+                let shared = (inbound.clone(), caller.clone(), memo.clone());
+                answer(shared, deadline, Box::new(req))
             };
             let ends = Ends {
                 peer,
@@ -335,11 +334,20 @@ fn refused_handshake(metrics: &Metrics, peer: SocketAddr, e: &std::io::Error) {
 }
 
 /// One request: authorize -> route -> forward.
+/// [`handle`], as hyper's service answers.
+async fn answer(
+    (inbound, caller, memo): (Arc<Inbound>, Arc<rewrite::Caller>, Arc<InboundMemo>),
+    deadline: tokio::time::Instant,
+    req: Box<Request<Incoming>>,
+) -> Result<Response<Body>, std::convert::Infallible> {
+    Ok(handle(&inbound, (&caller, &memo), deadline, req).await)
+}
+
 async fn handle(
     inbound: &Inbound,
     (caller, memo): (&rewrite::Caller, &InboundMemo),
     deadline: tokio::time::Instant,
-    mut req: Request<Incoming>,
+    mut req: Box<Request<Incoming>>,
 ) -> Response<Body> {
     let client_id = &caller.id;
     let started = std::time::Instant::now();
@@ -447,9 +455,9 @@ async fn forward(
     inbound: &Inbound,
     caller: &rewrite::Caller,
     (port, deadline): (u16, tokio::time::Instant),
-    req: Request<Incoming>,
+    req: Box<Request<Incoming>>,
 ) -> Response<Body> {
-    let (mut parts, body) = req.into_parts();
+    let (mut parts, body) = (*req).into_parts();
     let Ok(was_http1) = rewrite::for_app(&mut parts, caller, SocketAddr::new(inbound.app_ip, port))
     else {
         return text(StatusCode::BAD_REQUEST, "mesh: invalid request path\n");
