@@ -743,9 +743,9 @@ async fn to_mesh(
         });
     }
     let was_http1 = version <= Version::HTTP_11;
+    // Host goes too: HTTP/2 carries the authority in the URI, and the
+    // other side restores Host.
     strip_hop_by_hop(&mut headers);
-    // HTTP/2 carries the authority in the URI; the other side restores Host.
-    headers.remove(header::HOST);
     if was_http1 {
         headers.insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
     }
@@ -1028,6 +1028,7 @@ async fn connect_plain(
     }
 }
 
+/// Removes the hop-by-hop headers (those `Connection` names too) and Host.
 fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     // Most requests carry none but Host: one look at the names spares
     // ten removals, each of which parses and hashes its name.
