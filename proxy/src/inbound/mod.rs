@@ -333,7 +333,6 @@ fn refused_handshake(metrics: &Metrics, peer: SocketAddr, e: &std::io::Error) {
     tracing::info!(%peer, reason, "inbound TLS refused: {e}");
 }
 
-/// One request: authorize -> route -> forward.
 /// [`handle`], as hyper's service answers.
 async fn answer(
     (inbound, caller, memo): (Arc<Inbound>, Arc<rewrite::Caller>, Arc<InboundMemo>),
@@ -343,6 +342,7 @@ async fn answer(
     Ok(handle(&inbound, (&caller, &memo), deadline, req).await)
 }
 
+/// One request: authorize -> route -> forward.
 async fn handle(
     inbound: &Inbound,
     (caller, memo): (&rewrite::Caller, &InboundMemo),
