@@ -509,8 +509,9 @@ async fn throughput(
 }
 
 /// The proxy as a sidecar runs it: the `mesh-proxy` binary when it was
-/// built next to this one (`cargo build --profile dist -p mesh-proxy`), which is
-/// smaller than `mesh` and so maps less code; `mesh proxy` otherwise.
+/// built next to this one (`image/pgo.sh`, or `cargo build --profile dist
+/// -p mesh-proxy`), which is smaller than `mesh` and so maps less code;
+/// `mesh proxy` otherwise.
 ///
 /// `MESH_BENCH_PROXY_WRAPPER`, when set, is a command (split on spaces)
 /// the proxies run under, for profiling: `valgrind --tool=callgrind`.
@@ -964,7 +965,7 @@ async fn bench(
 ) -> Result<()> {
     if cfg!(debug_assertions) {
         eprintln!(
-            "note: this is a debug build; build with `cargo build --profile dist -p mesh-cli -p mesh-proxy` and run `target/dist/mesh bench` for real numbers"
+            "note: this is a debug build; build what ships with `image/pgo.sh` (or, without PGO, `cargo build --profile dist -p mesh-cli -p mesh-proxy`) and run `target/dist/mesh bench` for real numbers"
         );
     }
     println!(

@@ -135,7 +135,7 @@ where
 pub(crate) async fn cross_cluster(args: &BenchArgs, cores: Option<Cores>) -> Result<()> {
     if cfg!(debug_assertions) {
         eprintln!(
-            "note: this is a debug build; build with `cargo build --profile dist -p mesh-cli -p mesh-proxy` and run `target/dist/mesh bench --cross-cluster` for real numbers"
+            "note: this is a debug build; build what ships with `image/pgo.sh` (or, without PGO, `cargo build --profile dist -p mesh-cli -p mesh-proxy`) and run `target/dist/mesh bench --cross-cluster` for real numbers"
         );
     }
     println!(
