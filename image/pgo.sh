@@ -15,7 +15,10 @@
 # The profile is made here from this source and compiler, never checked in:
 # one from other code would only be partly used (LLVM ignores functions that
 # changed). Code the training does not run (trailers, large bodies, the
-# control plane) is optimised as without a profile.
+# Kubernetes store, injection) is optimised as without a profile.
+#
+# The final build goes to target/dist with its own compiler flags: a plain
+# `cargo build --profile dist` after it (or before it) rebuilds everything.
 #
 # Twice a cold `dist` build (about 30 min on 2 cores) plus about a minute of
 # training. llvm-profdata comes from rustup's `llvm-tools` component, which
