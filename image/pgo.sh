@@ -32,7 +32,7 @@ profdata="$sysroot/lib/rustlib/$host/bin/llvm-profdata"
 if [ ! -x "$profdata" ]; then
   echo "== rustup component add llvm-tools (llvm-profdata, to merge the training counters)" >&2
   if ! rustup component add llvm-tools; then
-    echo "error: $profdata is missing and 'rustup component add llvm-tools' failed; install the llvm-tools component for $(rustc -V), or build without PGO: cargo build --profile dist -p mesh-cli -p mesh-proxy" >&2
+    echo "error: $profdata is missing and 'rustup component add llvm-tools' failed; install the llvm-tools component for $(rustc -V), or build without PGO: cargo build --profile dist -p mesh-cli -p mesh-proxy (for the image: MESH_PGO=0 image/build.sh)" >&2
     exit 1
   fi
 fi
